@@ -1,0 +1,5 @@
+import sys
+
+from longgen.cli import main
+
+sys.exit(main())

@@ -1,0 +1,93 @@
+"""The `longgen` command line: parses arguments and calls one library function per subcommand."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import longgen
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def _cmd_patterns(args: argparse.Namespace) -> int:
+    """Show what each built-in pattern keeps at a given length, and run the attention op on each."""
+    import torch
+
+    patterns = {
+        "full": longgen.Full(),
+        "sink_window": longgen.SinkWindow(args.sink, args.window),
+        "block_sparse": longgen.BlockSparse(args.block_size, args.local_blocks, args.stride).resolve(args.kv_heads),
+    }
+    T, hkv = args.seq_len, args.kv_heads
+    print(f"Patterns at seq_len={T}, kv_heads={hkv} (what a sparse layer computes and caches)\n")
+    print(f"{'pattern':<13} {'parameters':<62} {'attn work':>9} {'KV kept':>9} {'KV tokens/head':>15}")
+    for name, p in patterns.items():
+        params = ", ".join(f"{k}={v}" for k, v in p.to_dict().items() if k != "type") or "-"
+        work = p.block_fraction(T, hkv)
+        kept = p.kept_tokens(T, hkv)
+        mean_kept = sum(kept) / len(kept)
+        print(f"{name:<13} {params:<62} {work:>8.1%} {mean_kept / T:>8.1%} {mean_kept:>15,.0f}")
+    print("\nattn work = visited (query block, key block) tiles / causal tiles; KV kept = cached tokens / seq_len")
+
+    n = args.run_len
+    gen = torch.Generator().manual_seed(0)
+    heads = hkv * args.group
+    q = torch.randn(1, n, heads, 64, generator=gen)
+    k = torch.randn(1, n, hkv, 64, generator=gen)
+    v = torch.randn(1, n, hkv, 64, generator=gen)
+    print(f"\nlonggen.sparse_attention on random q (1, {n}, {heads}, 64), k/v (1, {n}, {hkv}, 64), CPU reference:")
+    full = None
+    for name, p in patterns.items():
+        start = time.perf_counter()
+        out = longgen.sparse_attention(q, k, v, p)
+        ms = (time.perf_counter() - start) * 1e3
+        full = out if full is None else full
+        diff = (out - full).abs().max().item()
+        print(f"  {name:<13} {ms:8.1f} ms   max |out - full| = {diff:.3f}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="longgen",
+        description="Cheap long-context LLMs: LongGen hybrids of full and static sparse attention.",
+    )
+    parser.add_argument("--version", action="version", version=f"longgen {longgen.__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("patterns", help="show what the sparse attention patterns keep, and run the op on them")
+    p.add_argument("--seq-len", type=_positive_int, default=32768, help="sequence length to describe (32768)")
+    p.add_argument("--kv-heads", type=_positive_int, default=8, help="number of KV heads (8)")
+    p.add_argument("--group", type=_positive_int, default=1, help="query heads per KV head for the run (1)")
+    p.add_argument("--sink", type=int, default=64, help="SinkWindow sink tokens (64)")
+    p.add_argument("--window", type=_positive_int, default=2048, help="SinkWindow window tokens (2048)")
+    p.add_argument("--block-size", type=_positive_int, default=64, help="BlockSparse block size (64)")
+    p.add_argument("--local-blocks", type=_positive_int, default=16, help="BlockSparse local blocks (16)")
+    p.add_argument("--stride", type=_positive_int, default=None, help="BlockSparse stride (number of KV heads)")
+    p.add_argument("--run-len", type=_positive_int, default=4096, help="tokens in the example run (4096)")
+    p.set_defaults(func=_cmd_patterns)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    try:
+        return args.func(args)
+    except (ValueError, TypeError) as e:
+        print(f"longgen {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

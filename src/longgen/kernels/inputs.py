@@ -1,0 +1,125 @@
+"""Argument checking shared by every attention backend, so they all accept and refuse the same inputs."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import torch
+
+from longgen.patterns import Pattern
+
+
+@dataclass(frozen=True)
+class AttentionShape:
+    """What the backends need to know about a validated call."""
+
+    pattern: Pattern  # resolved for num_kv_heads
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    scale: float
+    varlen: bool
+    seq_lens: tuple[int, ...]  # length of every sequence (batch rows, or packed sequences)
+
+    @property
+    def group(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+
+def check_attention_args(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    pattern: Pattern,
+    cu_seqlens: torch.Tensor | None,
+    scale: float | None,
+) -> AttentionShape:
+    """Validate an attention call and return its shape; raises `TypeError`/`ValueError` on bad input.
+
+    Layouts: ``q (batch, seq, heads, head_dim)``, ``k, v (batch, seq, kv_heads, head_dim)``; or packed
+    ``(total_tokens, heads, head_dim)`` with ``cu_seqlens`` (int32, ``[n_seqs + 1]``, from 0 to total_tokens).
+    """
+    if not isinstance(pattern, Pattern):
+        raise TypeError(
+            f"pattern must be a longgen pattern (Full, SinkWindow, BlockSparse, BlockLayout), got {pattern!r}"
+        )
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+
+    if cu_seqlens is None:
+        if q.dim() != 4 or k.dim() != 4:
+            raise ValueError(
+                "without cu_seqlens, q must be (batch, seq, heads, head_dim) and k, v "
+                f"(batch, seq, kv_heads, head_dim); got q {tuple(q.shape)}, k {tuple(k.shape)} "
+                "(pass cu_seqlens for packed (total_tokens, heads, head_dim) inputs)"
+            )
+        if q.shape[:2] != k.shape[:2]:
+            raise ValueError(
+                f"q and k must have the same batch and sequence length, got q {tuple(q.shape)}, k {tuple(k.shape)}"
+            )
+        seq_lens = (q.shape[1],) * q.shape[0]
+    else:
+        if q.dim() != 3 or k.dim() != 3:
+            raise ValueError(
+                "with cu_seqlens, q must be (total_tokens, heads, head_dim) and k, v "
+                f"(total_tokens, kv_heads, head_dim); got q {tuple(q.shape)}, k {tuple(k.shape)}"
+            )
+        if q.shape[0] != k.shape[0]:
+            raise ValueError(f"q and k must have the same number of tokens, got {q.shape[0]} and {k.shape[0]}")
+        seq_lens = _check_cu_seqlens(cu_seqlens, q.shape[0], q.device)
+
+    num_heads, head_dim = q.shape[-2], q.shape[-1]
+    num_kv_heads = k.shape[-2]
+    if k.shape[-1] != head_dim:
+        raise ValueError(f"q and k must have the same head_dim, got {head_dim} and {k.shape[-1]}")
+    if num_kv_heads == 0 or num_heads % num_kv_heads:
+        raise ValueError(
+            f"the number of query heads ({num_heads}) must be a positive multiple of the number of KV heads "
+            f"({num_kv_heads})"
+        )
+    if scale is None:
+        scale = head_dim**-0.5
+    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
+        raise ValueError(f"scale must be a positive number or None (1/sqrt(head_dim)), got {scale!r}")
+    resolved = pattern.resolve(num_kv_heads)
+    longest = max(seq_lens, default=0)
+    if longest:
+        resolved._check_seq_len(longest)
+    return AttentionShape(
+        pattern=resolved,
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        head_dim=head_dim,
+        scale=float(scale),
+        varlen=cu_seqlens is not None,
+        seq_lens=tuple(seq_lens),
+    )
+
+
+def _check_cu_seqlens(cu_seqlens: torch.Tensor, total: int, device: torch.device) -> tuple[int, ...]:
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1:
+        got = f"{cu_seqlens.dtype} {tuple(cu_seqlens.shape)}" if isinstance(cu_seqlens, torch.Tensor) else cu_seqlens
+        raise TypeError(f"cu_seqlens must be a 1-D int32 tensor [n_seqs + 1], got {got}")
+    if cu_seqlens.numel() < 2:
+        raise ValueError("cu_seqlens must hold at least two offsets ([0, total_tokens] for one sequence)")
+    if cu_seqlens.device != device:
+        raise ValueError(f"cu_seqlens must be on the same device as q ({device}), got {cu_seqlens.device}")
+    offsets = cu_seqlens.tolist()
+    if offsets[0] != 0 or offsets[-1] != total:
+        raise ValueError(
+            f"cu_seqlens must start at 0 and end at total_tokens={total}, got {offsets[0]} ... {offsets[-1]}"
+        )
+    lens = tuple(b - a for a, b in itertools.pairwise(offsets))
+    if min(lens) < 0:
+        raise ValueError("cu_seqlens must be non-decreasing")
+    return lens
