@@ -17,5 +17,5 @@ def test_readme_starts_with_install_and_test_commands():
     text = README.read_text()
     first_block = re.search(r"```bash\n(.*?)```", text, flags=re.S).group(1)
     ci = (README.parent / ".ci" / "run").read_text()
-    test_cmd = [line for line in first_block.splitlines() if "pytest" in line][0].strip()
+    test_cmd = next(line for line in first_block.splitlines() if "pytest" in line).strip()
     assert test_cmd in ci, "the README's test command and .ci/run must agree"
