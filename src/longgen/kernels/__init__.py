@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from longgen.kernels.inputs import check_attention_args
 from longgen.kernels.reference import reference_attention
 from longgen.patterns import Pattern
 
@@ -26,13 +27,24 @@ def sparse_attention(
     """Attention restricted to `pattern`; the op every longgen model calls.
 
     Same arguments and result as `reference_attention`, plus `backend`: ``"reference"`` (plain PyTorch),
-    ``"triton"`` (the Triton kernels) or ``"auto"`` (Triton for CUDA tensors when it is available, the
-    reference elsewhere).
+    ``"triton"`` (the Triton kernels: CUDA float16/bfloat16, or any float32 CPU tensor under
+    ``TRITON_INTERPRET=1``; head_dim 16, 32, 64, 96 or 128) or ``"auto"`` (Triton for CUDA float16/bfloat16
+    tensors with a supported head_dim, the reference for everything else).
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "triton":
-        raise NotImplementedError(
-            "backend='triton' is not available yet in this version of longgen; use backend='reference' or 'auto'"
-        )
-    return reference_attention(q, k, v, pattern, cu_seqlens=cu_seqlens, scale=scale, return_lse=return_lse)
+    if backend == "reference" or (backend == "auto" and not _triton_suits(q)):
+        return reference_attention(q, k, v, pattern, cu_seqlens=cu_seqlens, scale=scale, return_lse=return_lse)
+    from longgen.kernels.triton_attention import triton_attention
+
+    shape = check_attention_args(q, k, v, pattern, cu_seqlens, scale)
+    return triton_attention(q, k, v, shape, cu_seqlens, return_lse)
+
+
+def _triton_suits(q: torch.Tensor) -> bool:
+    """`backend="auto"` runs Triton on CUDA half-precision tensors with a supported head_dim."""
+    from longgen.kernels.inputs import TRITON_HEAD_DIMS
+
+    if not isinstance(q, torch.Tensor) or q.device.type != "cuda":
+        return False
+    return q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] in TRITON_HEAD_DIMS

@@ -9,6 +9,8 @@ import torch
 
 from longgen.patterns import Pattern
 
+TRITON_HEAD_DIMS = (16, 32, 64, 96, 128)  # head dims the Triton kernels are built for
+
 
 @dataclass(frozen=True)
 class AttentionShape:
