@@ -17,15 +17,18 @@ from triton.testing import do_bench
 import longgen
 from longgen.kernels import triton_attention as ta
 
+T_ = ta.Tiles
 CONFIGS = [
-    # fwd BLOCK_M, fwd BLOCK_N, bwd BLOCK_M, bwd BLOCK_N, num_warps, num_stages
-    (128, 64, 64, 64, 8, 3),
-    (128, 128, 64, 128, 8, 3),
-    (128, 64, 64, 128, 8, 2),
-    (64, 64, 32, 64, 4, 3),
-    (128, 32, 32, 64, 4, 3),
-    (128, 64, 128, 64, 8, 2),
+    {"fwd": T_(128, 64, 8, 3), "dq": T_(128, 32, 4, 3), "dkdv": T_(32, 64, 4, 3)},
+    {"fwd": T_(128, 64, 4, 3), "dq": T_(64, 64, 4, 3), "dkdv": T_(64, 64, 4, 3)},
+    {"fwd": T_(128, 128, 8, 2), "dq": T_(128, 64, 8, 2), "dkdv": T_(64, 64, 8, 2)},
+    {"fwd": T_(64, 64, 4, 4), "dq": T_(64, 32, 4, 4), "dkdv": T_(32, 64, 4, 4)},
+    {"fwd": T_(128, 32, 4, 4), "dq": T_(128, 32, 8, 3), "dkdv": T_(64, 32, 4, 3)},
 ]
+
+
+def _fmt(cfg) -> str:
+    return " ".join(f"{k}={t.block_m}x{t.block_n}/w{t.num_warps}s{t.num_stages}" for k, t in cfg.items())
 
 
 def main():
@@ -54,9 +57,9 @@ def sweep(T: int, hkv: int, H: int = 32, d: int = 128) -> None:
             f = lambda p=p: longgen.sparse_attention(q, k, v, p, backend="triton")  # noqa: E731
             ms_f = do_bench(f, return_mode="median")
             ms_fb = do_bench(lambda f=f: f().backward(do), grad_to_none=[q, k, v], return_mode="median")
-            print(f"  {cfg!s:<28} {p!r:<70} fwd {ms_f:8.2f}  fwd+bwd {ms_fb:8.2f}", flush=True)
+            print(f"  {_fmt(cfg):<46} {p!r:<70} fwd {ms_f:8.2f}  fwd+bwd {ms_fb:8.2f}", flush=True)
         except Exception as e:  # a config can exceed shared memory; report and go on
-            print(f"  {cfg!s:<28} {p!r:<70} failed: {type(e).__name__}: {str(e)[:100]}", flush=True)
+            print(f"  {_fmt(cfg):<46} {p!r:<70} failed: {type(e).__name__}: {str(e)[:100]}", flush=True)
 
 
 if __name__ == "__main__":
