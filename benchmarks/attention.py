@@ -171,6 +171,10 @@ def main(argv=None) -> int:
     import triton
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
+    # one compile per (mask, shape); without a higher limit dynamo silently falls back to eager math attention
+    for name in ("cache_size_limit", "recompile_limit", "accumulated_cache_size_limit", "accumulated_recompile_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, 256)
     flex = torch.compile(flex_attention, dynamic=False)
     device_line = f"{torch.cuda.get_device_name()} ({torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} GiB)"
     out = Path(args.out)
