@@ -100,6 +100,21 @@ def test_gqa_equals_repeated_kv(pattern):
     torch.testing.assert_close(grouped, rep)
 
 
+@pytest.mark.parametrize("pattern", PATTERNS[:5], ids=repr)
+def test_padded_batch_equals_each_row_prefix(pattern):
+    q, k, v = (x.requires_grad_() for x in rand(3, 40, 4, 2, 8))
+    lens = torch.tensor([40, 17, 0], dtype=torch.int32)
+    out, lse = reference_attention(q, k, v, pattern, seqlens=lens, return_lse=True)
+    out.sum().backward()
+    for b, n in enumerate(lens.tolist()):
+        if n:
+            o1, l1 = reference_attention(q[b : b + 1, :n], k[b : b + 1, :n], v[b : b + 1, :n], pattern, return_lse=True)
+            torch.testing.assert_close(out[b, :n], o1[0])
+            torch.testing.assert_close(lse[b, :, :n], l1[0])
+        assert (out[b, n:] == 0).all() and (lse[b, :, n:] == float("-inf")).all()
+        assert (q.grad[b, n:] == 0).all() and (k.grad[b, n:] == 0).all() and (v.grad[b, n:] == 0).all()
+
+
 def _single_head(pattern, g, hkv):
     """The pattern KV head `g` of `hkv` follows, as a one-head-per-query BlockLayout."""
     T = 64
@@ -209,6 +224,24 @@ def good():
             ),
             ValueError,
             "exceeds",
+        ),
+        (lambda q, k, v: reference_attention(q, k, v, Full(), seqlens=torch.tensor([3])), TypeError, "int32"),
+        (
+            lambda q, k, v: reference_attention(q, k, v, Full(), seqlens=torch.tensor([17], dtype=torch.int32)),
+            ValueError,
+            r"\[0, seq_len=16\]",
+        ),
+        (
+            lambda q, k, v: reference_attention(
+                q[0],
+                k[0],
+                v[0],
+                Full(),
+                cu_seqlens=torch.tensor([0, 16], dtype=torch.int32),
+                seqlens=torch.tensor([16], dtype=torch.int32),
+            ),
+            ValueError,
+            "not both",
         ),
     ],
 )

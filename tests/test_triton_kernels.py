@@ -29,7 +29,7 @@ def relerr(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-12)).item()
 
 
-def run_both(q, k, v, pattern, cu_seqlens=None, lse_weight=0.5):
+def run_both(q, k, v, pattern, cu_seqlens=None, lse_weight=0.5, seqlens=None):
     """Forward + backward of (out, lse) through both backends; returns (triton results, reference results)."""
     results = []
     g = torch.Generator().manual_seed(1)
@@ -38,7 +38,9 @@ def run_both(q, k, v, pattern, cu_seqlens=None, lse_weight=0.5):
         qq, kk, vv = (x.detach().clone().requires_grad_() for x in (q, k, v))
         if backend == "reference":  # float32 reference on upcast inputs
             qq, kk, vv = (x.detach().float().requires_grad_() for x in (q, k, v))
-        out, lse = sparse_attention(qq, kk, vv, pattern, cu_seqlens=cu_seqlens, return_lse=True, backend=backend)
+        out, lse = sparse_attention(
+            qq, kk, vv, pattern, cu_seqlens=cu_seqlens, seqlens=seqlens, return_lse=True, backend=backend
+        )
         ((out.float() * dout.float()).sum() + lse_weight * lse.sum()).backward()
         results.append([out, lse, qq.grad, kk.grad, vv.grad])
     return results
@@ -88,6 +90,22 @@ def test_varlen_packed_sequences(pattern):
     k = rand((total, 2, 16), torch.float32, 7)
     v = rand((total, 2, 16), torch.float32, 8)
     check(q, k, v, pattern, tol=1e-5, cu_seqlens=cu)
+
+
+@pytest.mark.parametrize(
+    "pattern", [Full(), SinkWindow(4, 9), BlockSparse(16, 1, 2), BlockLayout(LAYOUT[None], 16)], ids=repr
+)
+def test_padded_batch(pattern):
+    q = rand((3, 50, 4, 16), torch.float32, 13)
+    k = rand((3, 50, 2, 16), torch.float32, 14)
+    v = rand((3, 50, 2, 16), torch.float32, 15)
+    lens = torch.tensor([50, 23, 0], dtype=torch.int32)
+    tri, ref = run_both(q, k, v, pattern, seqlens=lens, lse_weight=0.0)
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), tri, ref, strict=True):
+        assert torch.equal(a.isinf(), b.isinf()), name  # -inf lse exactly on the padding
+        fin = ~b.isinf()
+        assert relerr(a[fin], b[fin]) < 1e-5, name
+    assert (tri[0][1, 23:] == 0).all() and (tri[2][1, 23:] == 0).all() and (tri[3][2] == 0).all()
 
 
 def test_non_contiguous_inputs():

@@ -22,6 +22,7 @@ def sparse_attention(
     cu_seqlens: torch.Tensor | None = None,
     scale: float | None = None,
     return_lse: bool = False,
+    seqlens: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention restricted to `pattern`; the op every longgen model calls.
@@ -34,10 +35,12 @@ def sparse_attention(
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "reference" or (backend == "auto" and not _triton_suits(q)):
-        return reference_attention(q, k, v, pattern, cu_seqlens=cu_seqlens, scale=scale, return_lse=return_lse)
+        return reference_attention(
+            q, k, v, pattern, cu_seqlens=cu_seqlens, scale=scale, return_lse=return_lse, seqlens=seqlens
+        )
     from longgen.kernels.triton_attention import triton_attention
 
-    shape = check_attention_args(q, k, v, pattern, cu_seqlens, scale)
+    shape = check_attention_args(q, k, v, pattern, cu_seqlens, scale, seqlens)
     return triton_attention(q, k, v, shape, cu_seqlens, return_lse)
 
 

@@ -22,6 +22,7 @@ class AttentionShape:
     head_dim: int
     scale: float
     varlen: bool
+    padded: bool  # a batch row holds padding after its valid tokens
     seq_lens: tuple[int, ...]  # length of every sequence (batch rows, or packed sequences)
 
     @property
@@ -36,10 +37,12 @@ def check_attention_args(
     pattern: Pattern,
     cu_seqlens: torch.Tensor | None,
     scale: float | None,
+    seqlens: torch.Tensor | None = None,
 ) -> AttentionShape:
     """Validate an attention call and return its shape; raises `TypeError`/`ValueError` on bad input.
 
-    Layouts: ``q (batch, seq, heads, head_dim)``, ``k, v (batch, seq, kv_heads, head_dim)``; or packed
+    Layouts: ``q (batch, seq, heads, head_dim)``, ``k, v (batch, seq, kv_heads, head_dim)``, optionally
+    right-padded with ``seqlens`` (int32 ``[batch]``, valid tokens per row); or packed
     ``(total_tokens, heads, head_dim)`` with ``cu_seqlens`` (int32, ``[n_seqs + 1]``, from 0 to total_tokens).
     """
     if not isinstance(pattern, Pattern):
@@ -70,6 +73,8 @@ def check_attention_args(
                 f"q and k must have the same batch and sequence length, got q {tuple(q.shape)}, k {tuple(k.shape)}"
             )
         seq_lens = (q.shape[1],) * q.shape[0]
+        if seqlens is not None:
+            seq_lens = _check_seqlens(seqlens, q.shape[0], q.shape[1], q.device)
     else:
         if q.dim() != 3 or k.dim() != 3:
             raise ValueError(
@@ -78,6 +83,8 @@ def check_attention_args(
             )
         if q.shape[0] != k.shape[0]:
             raise ValueError(f"q and k must have the same number of tokens, got {q.shape[0]} and {k.shape[0]}")
+        if seqlens is not None:
+            raise ValueError("pass either cu_seqlens (packed sequences) or seqlens (padded batch), not both")
         seq_lens = _check_cu_seqlens(cu_seqlens, q.shape[0], q.device)
 
     num_heads, head_dim = q.shape[-2], q.shape[-1]
@@ -104,8 +111,21 @@ def check_attention_args(
         head_dim=head_dim,
         scale=float(scale),
         varlen=cu_seqlens is not None,
+        padded=seqlens is not None and any(n != q.shape[1] for n in seq_lens),
         seq_lens=tuple(seq_lens),
     )
+
+
+def _check_seqlens(seqlens: torch.Tensor, batch: int, T: int, device: torch.device) -> tuple[int, ...]:
+    if not isinstance(seqlens, torch.Tensor) or seqlens.dtype != torch.int32 or seqlens.shape != (batch,):
+        got = f"{seqlens.dtype} {tuple(seqlens.shape)}" if isinstance(seqlens, torch.Tensor) else seqlens
+        raise TypeError(f"seqlens must be an int32 tensor [batch={batch}] of valid lengths, got {got}")
+    if seqlens.device != device:
+        raise ValueError(f"seqlens must be on the same device as q ({device}), got {seqlens.device}")
+    lens = tuple(seqlens.tolist())
+    if lens and (min(lens) < 0 or max(lens) > T):
+        raise ValueError(f"seqlens must lie in [0, seq_len={T}], got values in [{min(lens)}, {max(lens)}]")
+    return lens
 
 
 def _check_cu_seqlens(cu_seqlens: torch.Tensor, total: int, device: torch.device) -> tuple[int, ...]:

@@ -28,6 +28,7 @@ def reference_attention(
     cu_seqlens: torch.Tensor | None = None,
     scale: float | None = None,
     return_lse: bool = False,
+    seqlens: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention restricted to `pattern`, computed in plain PyTorch.
 
@@ -37,6 +38,8 @@ def reference_attention(
             a multiple of `kv_heads` (GQA: query head ``h`` uses KV head ``h // (heads // kv_heads)``).
         pattern: what each KV head may see; positions restart at 0 in every sequence.
         cu_seqlens: int32 ``[n_seqs + 1]`` offsets of packed sequences; attention never crosses them.
+        seqlens: int32 ``[batch]``: valid (leading) tokens of each row of a right-padded batch. Padded
+            positions attend nothing: their output is 0, their lse -inf, and they receive no gradient.
         scale: softmax scale, default ``1 / sqrt(head_dim)``.
         return_lse: also return the log-sum-exp of the scaled scores, float32 (float64 for float64 inputs),
             ``(batch, heads, seq)`` or ``(heads, total_tokens)``.
@@ -45,9 +48,9 @@ def reference_attention(
         The output, same shape and dtype as `q` (accumulated in float32 or wider); with `return_lse`,
         ``(out, lse)``.
     """
-    shape = check_attention_args(q, k, v, pattern, cu_seqlens, scale)
+    shape = check_attention_args(q, k, v, pattern, cu_seqlens, scale, seqlens)
     if cu_seqlens is None:
-        results = [_attend_sequence(q[b], k[b], v[b], shape) for b in range(q.shape[0])]
+        results = [_attend_padded(q[b], k[b], v[b], n, shape) for b, n in enumerate(shape.seq_lens)]
         out = torch.stack([o for o, _ in results]) if results else torch.empty_like(q)
         lse = torch.stack([lse for _, lse in results]) if results else _empty_lse(q, (0, shape.num_heads, 0))
     else:
@@ -64,6 +67,19 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _empty_lse(q: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
     return torch.empty(size, dtype=_acc_dtype(q.dtype), device=q.device)
+
+
+def _attend_padded(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n: int, shape: AttentionShape
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One batch row whose first `n` tokens are valid."""
+    T = q.shape[0]
+    if n == T:
+        return _attend_sequence(q, k, v, shape)
+    out, lse = _attend_sequence(q[:n], k[:n], v[:n], shape)
+    out = torch.cat([out, out.new_zeros(T - n, *out.shape[1:])])
+    lse = torch.cat([lse, lse.new_full((lse.shape[0], T - n), float("-inf"))], dim=-1)
+    return out, lse
 
 
 def _attend_sequence(

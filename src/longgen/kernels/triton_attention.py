@@ -1255,11 +1255,12 @@ def _layout_index(p: BlockLayout, hkv: int, max_len: int, G: int, tiles: Tiles, 
     return idx.reshape(-1, width).to(device).contiguous(), cnt.reshape(-1).to(device).contiguous()
 
 
-def _seq_tensors(shape: AttentionShape, cu_seqlens: torch.Tensor | None, device) -> tuple[torch.Tensor, torch.Tensor]:
+def _seq_tensors(
+    shape: AttentionShape, cu_seqlens: torch.Tensor | None, row_len: int, device
+) -> tuple[torch.Tensor, torch.Tensor]:
     lens = torch.tensor(shape.seq_lens, dtype=torch.int32)
     if cu_seqlens is None:
-        T = shape.seq_lens[0] if shape.seq_lens else 0
-        starts = torch.arange(len(shape.seq_lens), dtype=torch.int32) * T
+        starts = torch.arange(len(shape.seq_lens), dtype=torch.int32) * row_len
     else:
         starts = cu_seqlens[:-1].to("cpu", torch.int32)
     return starts.to(device), lens.to(device)
@@ -1285,8 +1286,12 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
 
 def _forward(q, k, v, plan: _Plan):
     total, H, _ = q.shape
-    o = torch.empty_like(q)
-    lse2 = torch.empty(total, H, dtype=torch.float32, device=q.device)
+    if plan.shape.padded:  # padded positions are never written by the kernel: output 0, lse -inf
+        o = torch.zeros_like(q)
+        lse2 = torch.full((total, H), float("-inf"), dtype=torch.float32, device=q.device)
+    else:
+        o = torch.empty_like(q)
+        lse2 = torch.empty(total, H, dtype=torch.float32, device=q.device)
     if total == 0 or plan.max_len == 0:
         return o, lse2
     meta = plan.meta("fwd")
@@ -1317,7 +1322,8 @@ def _forward(q, k, v, plan: _Plan):
 
 def _backward(do, dlse, q, k, v, o, lse2, plan: _Plan):
     total, H, _ = q.shape
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    alloc = torch.zeros_like if plan.shape.padded else torch.empty_like  # padding gets no gradient
+    dq, dk, dv = alloc(q), alloc(k), alloc(v)
     if total == 0 or plan.max_len == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     do = do if do.stride(-1) == 1 else do.contiguous()
@@ -1411,7 +1417,7 @@ def triton_attention(q, k, v, shape: AttentionShape, cu_seqlens: torch.Tensor | 
     """Run the Triton kernels on validated inputs (see `longgen.sparse_attention`)."""
     _check_supported(q, shape)
     out_shape = q.shape
-    starts, lens = _seq_tensors(shape, cu_seqlens, q.device)
+    starts, lens = _seq_tensors(shape, cu_seqlens, q.shape[1] if cu_seqlens is None else 0, q.device)
     plan = _Plan(shape, starts, lens, q.dtype)
     o, lse = _TritonAttention.apply(_flat(q), _flat(k), _flat(v), plan)
     o = o.reshape(out_shape)
