@@ -5,6 +5,18 @@ from longgen.patterns import BlockLayout, BlockSparse, Full, Pattern, SinkWindow
 
 __version__ = "0.1.0"
 
+try:  # the Hugging Face integration: `attn_implementation="longgen"` works once longgen is imported
+    from longgen.model import convert, load_model, register
+
+    register()
+except ImportError as _e:  # transformers missing: patterns and kernels still work
+    _missing = str(_e)
+
+    def _needs_transformers(*args, **kwargs):
+        raise ImportError(f"longgen's model functions need transformers ({_missing})")
+
+    convert = load_model = register = _needs_transformers
+
 __all__ = [
     "BlockLayout",
     "BlockSparse",
@@ -12,6 +24,8 @@ __all__ = [
     "Pattern",
     "SinkWindow",
     "__version__",
+    "convert",
+    "load_model",
     "pattern_from_dict",
     "reference_attention",
     "sparse_attention",

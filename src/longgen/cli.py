@@ -54,6 +54,70 @@ def _cmd_patterns(args: argparse.Namespace) -> int:
     return 0
 
 
+def _full_layers(text: str):
+    if text in ("middle", "bottom", "top", "interleave"):
+        return text
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"must be middle, bottom, top, interleave or comma-separated layer indices, got {text!r}"
+        ) from None
+
+
+def _pattern_from_args(args: argparse.Namespace) -> longgen.Pattern:
+    if args.pattern == "sink_window":
+        return longgen.SinkWindow(args.sink, args.window)
+    return longgen.BlockSparse(args.block_size, args.local_blocks, args.stride, args.dense_kv_heads)
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from longgen.model import convert_checkpoint, format_description
+
+    print(f"Converting {args.src} -> {args.dst}")
+    config = convert_checkpoint(
+        args.src,
+        args.dst,
+        force=args.force,
+        full_layers=args.full_layers,
+        full_fraction=args.full_fraction,
+        pattern=_pattern_from_args(args),
+        target_length=args.target_length,
+        rope=args.rope,
+        rope_theta=args.rope_theta,
+        drop_sliding_window=args.drop_sliding_window,
+    )
+    print(format_description(config, config.max_position_embeddings))
+    print(f"Wrote {args.dst}")
+    return 0
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from transformers import AutoConfig
+
+    from longgen.model import format_description
+
+    config = AutoConfig.from_pretrained(args.path)
+    print(format_description(config, args.length or config.max_position_embeddings, args.bytes_per_value))
+    return 0
+
+
+def _add_pattern_args(p: argparse.ArgumentParser, choose: bool = True) -> None:
+    if choose:
+        p.add_argument(
+            "--pattern",
+            choices=["sink_window", "block_sparse"],
+            default="sink_window",
+            help="sparse layers' pattern (sink_window)",
+        )
+    p.add_argument("--sink", type=int, default=64, help="SinkWindow sink tokens (64)")
+    p.add_argument("--window", type=_positive_int, default=2048, help="SinkWindow window tokens (2048)")
+    p.add_argument("--block-size", type=_positive_int, default=64, help="BlockSparse block size (64)")
+    p.add_argument("--local-blocks", type=_positive_int, default=16, help="BlockSparse local blocks (16)")
+    p.add_argument("--stride", type=_positive_int, default=None, help="BlockSparse stride (number of KV heads)")
+    p.add_argument("--dense-kv-heads", type=int, default=0, help="BlockSparse dense KV heads (0)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="longgen",
@@ -66,13 +130,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=_positive_int, default=32768, help="sequence length to describe (32768)")
     p.add_argument("--kv-heads", type=_positive_int, default=8, help="number of KV heads (8)")
     p.add_argument("--group", type=_positive_int, default=1, help="query heads per KV head for the run (1)")
-    p.add_argument("--sink", type=int, default=64, help="SinkWindow sink tokens (64)")
-    p.add_argument("--window", type=_positive_int, default=2048, help="SinkWindow window tokens (2048)")
-    p.add_argument("--block-size", type=_positive_int, default=64, help="BlockSparse block size (64)")
-    p.add_argument("--local-blocks", type=_positive_int, default=16, help="BlockSparse local blocks (16)")
-    p.add_argument("--stride", type=_positive_int, default=None, help="BlockSparse stride (number of KV heads)")
+    _add_pattern_args(p, choose=False)
     p.add_argument("--run-len", type=_positive_int, default=4096, help="tokens in the example run (4096)")
     p.set_defaults(func=_cmd_patterns)
+
+    p = sub.add_parser("convert", help="convert a Hugging Face model folder into a LongGen hybrid")
+    p.add_argument("src", help="local Hugging Face model folder (config.json + safetensors)")
+    p.add_argument("dst", help="new folder to write")
+    p.add_argument(
+        "--full-layers",
+        type=_full_layers,
+        default="middle",
+        help="middle (default), bottom, top, interleave, or comma-separated full-layer indices",
+    )
+    p.add_argument("--full-fraction", type=float, default=1 / 3, help="share of full layers (1/3)")
+    _add_pattern_args(p)
+    p.add_argument("--target-length", type=_positive_int, default=None, help="new maximum context length")
+    p.add_argument(
+        "--rope",
+        choices=["ntk", "yarn", "linear", "none"],
+        default=None,
+        help="RoPE change for --target-length: ntk (base change), yarn, linear, none",
+    )
+    p.add_argument("--rope-theta", type=float, default=None, help="explicit RoPE base for --target-length")
+    p.add_argument(
+        "--drop-sliding-window",
+        action="store_true",
+        help="remove a sliding window the model has of its own (Mistral) instead of refusing",
+    )
+    p.add_argument("--force", action="store_true", help="replace DST if it exists")
+    p.set_defaults(func=_cmd_convert)
+
+    p = sub.add_parser("inspect", help="show a hybrid's layout and KV-cache size")
+    p.add_argument("path", help="converted model folder")
+    p.add_argument("--length", type=_positive_int, default=None, help="tokens (default: max_position_embeddings)")
+    p.add_argument("--bytes-per-value", type=_positive_int, default=2, help="bytes per cached value (2: bf16)")
+    p.set_defaults(func=_cmd_inspect)
     return parser
 
 
@@ -84,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         return args.func(args)
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError, FileExistsError, OSError) as e:
         print(f"longgen {args.command}: error: {e}", file=sys.stderr)
         return 2
 

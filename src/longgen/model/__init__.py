@@ -1,0 +1,33 @@
+"""Hugging Face integration: convert models into LongGen hybrids, the ``"longgen"`` attention, loading."""
+
+from longgen.model.attention import ATTN_IMPLEMENTATION, longgen_attention, register
+from longgen.model.convert import (
+    SUPPORTED_MODEL_TYPES,
+    convert,
+    convert_checkpoint,
+    convert_config,
+    describe,
+    format_description,
+    load_model,
+)
+from longgen.model.layout import build_layout, full_layer_indices, is_hybrid, read_layout
+from longgen.model.rope import extend_rope, ntk_theta
+
+__all__ = [
+    "ATTN_IMPLEMENTATION",
+    "SUPPORTED_MODEL_TYPES",
+    "build_layout",
+    "convert",
+    "convert_checkpoint",
+    "convert_config",
+    "describe",
+    "extend_rope",
+    "format_description",
+    "full_layer_indices",
+    "is_hybrid",
+    "load_model",
+    "longgen_attention",
+    "ntk_theta",
+    "read_layout",
+    "register",
+]

@@ -1,0 +1,168 @@
+"""The ``"longgen"`` attention implementation for Hugging Face models.
+
+Registered with transformers' attention interface (and its mask interface) by `register()`, which
+``import longgen`` calls. Each attention layer of a converted hybrid reads its own pattern from
+``config.longgen`` and calls `longgen.sparse_attention`:
+
+* training / prefill without a cache: batched sequences, right-padded batches (``seqlens``), left/any padding
+  (unpadded into packed sequences), and packed sequences whose ``position_ids`` restart at 0 (``cu_seqlens``);
+  plain causal Full layers go to PyTorch SDPA (FlashAttention/cuDNN kernels), which is faster for them;
+* queries shorter than the keys (decoding with a transformers cache): an exact masked path over the
+  pattern's semantics (`Pattern.allowed`) with SDPA. The compact KV cache of `longgen.infer` replaces this.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from longgen.kernels import sparse_attention
+from longgen.model.layout import LAYOUT_KEY, read_layout
+from longgen.patterns import Full, Pattern
+
+ATTN_IMPLEMENTATION = "longgen"
+
+
+def layer_pattern(module: torch.nn.Module) -> Pattern:
+    """The pattern of attention layer `module` (cached on the module, keyed by its layout entry)."""
+    config = module.config
+    entry = repr(getattr(config, LAYOUT_KEY, {}).get("layers", [None] * (module.layer_idx + 1))[module.layer_idx])
+    cached = getattr(module, "_longgen_pattern", None)
+    if cached is not None and cached[0] == entry:
+        return cached[1]
+    pattern = read_layout(config)[module.layer_idx]
+    module._longgen_pattern = (entry, pattern)
+    return pattern
+
+
+def longgen_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """transformers attention function: q ``(B, H, q_len, d)``, k/v ``(B, Hkv, kv_len, d)`` -> ``(B, q_len, H, d)``.
+
+    `attention_mask` is None or a 2-D boolean padding mask ``(B, kv_len)`` (True = real token).
+    """
+    if dropout and module.training:
+        raise ValueError("longgen attention does not implement attention dropout; set config.attention_dropout = 0.0")
+    if attention_mask is not None and attention_mask.dim() != 2:
+        raise ValueError(
+            f"longgen attention takes a 2-D padding mask (batch, kv_len), got shape {tuple(attention_mask.shape)}"
+        )
+    pattern = layer_pattern(module)
+    q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)  # (B, T, heads, d) views
+    if q.shape[1] == k.shape[1]:
+        out = _attend_prefill(q, k, v, pattern, attention_mask, kwargs.get("position_ids"), scaling)
+    else:
+        out = _attend_masked(q, k, v, pattern, attention_mask, scaling)
+    return out, None
+
+
+def _attend_prefill(q, k, v, pattern: Pattern, mask, position_ids, scale) -> torch.Tensor:
+    B, T = q.shape[:2]
+    if mask is not None and not bool(mask.all()):
+        lens = mask.sum(-1, dtype=torch.int32)
+        right_padded = bool((mask == (torch.arange(T, device=mask.device) < lens[:, None])).all())
+        if right_padded:
+            return sparse_attention(q, k, v, pattern, seqlens=lens, scale=scale)
+        return _attend_unpadded(q, k, v, pattern, mask, scale)
+    cu_seqlens = _packed_offsets(position_ids, B, T)
+    if cu_seqlens is not None:
+        flat = [x.reshape(B * T, *x.shape[2:]) for x in (q, k, v)]
+        return sparse_attention(*flat, pattern, cu_seqlens=cu_seqlens, scale=scale).view(q.shape)
+    if isinstance(pattern, Full):
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            is_causal=True,
+            scale=scale,
+            enable_gqa=k.shape[2] != q.shape[2],
+        )
+        return out.transpose(1, 2)
+    return sparse_attention(q, k, v, pattern, scale=scale)
+
+
+def _packed_offsets(position_ids: torch.Tensor | None, B: int, T: int) -> torch.Tensor | None:
+    """cu_seqlens of the packed sequences in `position_ids`, or None when every row is positions 0..T-1."""
+    if position_ids is None:
+        return None
+    pos = position_ids.expand(B, T)
+    arange = torch.arange(T, device=pos.device)
+    if bool((pos == arange).all()):
+        return None
+    flat = pos.reshape(-1)
+    prev = torch.cat([flat.new_full((1,), -1), flat[:-1]])
+    starts = flat == 0
+    row_start = torch.zeros_like(starts).view(B, T)
+    row_start[:, 0] = True
+    if not bool(((flat == prev + 1) | starts).all()) or not bool((starts | ~row_start.reshape(-1)).all()):
+        raise ValueError(
+            "longgen attention needs position_ids that count 0, 1, 2, ... within each sequence (packed sequences "
+            "restart at 0, and every row starts a sequence); got other position_ids"
+        )
+    offsets = torch.nonzero(starts).flatten()
+    return torch.cat([offsets, offsets.new_tensor([B * T])]).to(torch.int32)
+
+
+def _attend_unpadded(q, k, v, pattern: Pattern, mask: torch.Tensor, scale) -> torch.Tensor:
+    """Any padding: gather each row's real tokens into one packed sequence, attend, scatter back (zeros)."""
+    B, T, H, d = q.shape
+    idx = torch.nonzero(mask.reshape(-1)).flatten()
+    lens = mask.sum(-1)
+    cu = torch.cat([lens.new_zeros(1), lens.cumsum(0)]).to(torch.int32)
+    packed = [x.reshape(B * T, *x.shape[2:]).index_select(0, idx) for x in (q, k, v)]
+    o = sparse_attention(*packed, pattern, cu_seqlens=cu, scale=scale)
+    out = q.new_zeros(B * T, H, d).index_copy(0, idx, o)
+    return out.view(B, T, H, d)
+
+
+def _attend_masked(q, k, v, pattern: Pattern, mask, scale) -> torch.Tensor:
+    """Exact attention for queries that are the last q_len of kv_len keys (decoding with a cache).
+
+    Positions count real tokens only (left padding does not shift them)."""
+    B, q_len, H, _ = q.shape
+    S, hkv = k.shape[1], k.shape[2]
+    valid = torch.ones(B, S, dtype=torch.bool, device=q.device) if mask is None else mask[:, -S:].bool()
+    kpos = valid.long().cumsum(-1) - 1
+    qpos = kpos[:, S - q_len :]
+    g = torch.arange(hkv, device=q.device)
+    allowed = pattern.allowed(qpos[:, None, :, None], kpos[:, None, None, :].clamp(min=0), g[None, :, None, None], hkv)
+    allowed = allowed & valid[:, None, None, :]
+    q_valid = valid[:, S - q_len :]
+    allowed = allowed | ~q_valid[:, None, :, None]  # padding queries: any row (zeroed below), never NaN
+    allowed = allowed.repeat_interleave(H // hkv, dim=1)
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2),
+        k.transpose(1, 2),
+        v.transpose(1, 2),
+        attn_mask=allowed,
+        scale=scale,
+        enable_gqa=hkv != H,
+    )
+    return out.transpose(1, 2) * q_valid[:, :, None, None]
+
+
+_REGISTERED = False
+
+
+def register() -> None:
+    """Make ``attn_implementation="longgen"`` known to transformers (idempotent)."""
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
+
+    AttentionInterface.register(ATTN_IMPLEMENTATION, longgen_attention)
+    # a 2-D padding mask (or None), as for FlashAttention: the patterns are applied inside the op
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, flash_attention_mask)
+    _REGISTERED = True

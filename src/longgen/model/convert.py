@@ -1,0 +1,210 @@
+"""Convert Hugging Face Llama-family models into LongGen hybrids, save them, load them back, describe them.
+
+Conversion changes the configuration only (layout, RoPE, maximum length); the weights are untouched.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from longgen.model.attention import ATTN_IMPLEMENTATION, register
+from longgen.model.layout import LAYOUT_KEY, build_layout, is_hybrid, layout_to_dict, read_layout
+from longgen.model.rope import extend_rope, head_dim
+from longgen.patterns import Full, Pattern
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def convert_config(
+    config: Any,
+    *,
+    full_layers: str | Sequence[int] = "middle",
+    full_fraction: float = 1 / 3,
+    pattern: Pattern | dict[int, Pattern] | None = None,
+    target_length: int | None = None,
+    rope: str | None = None,
+    rope_theta: float | None = None,
+    drop_sliding_window: bool = False,
+) -> Any:
+    """Turn a transformers config into a LongGen hybrid config, in place, and return it.
+
+    Args:
+        full_layers: "middle" (default), "bottom", "top", "interleave", or explicit full-layer indices.
+        full_fraction: share of full-attention layers for the named placements (default 1/3).
+        pattern: the sparse layers' pattern (default ``SinkWindow(64, 2048)``), or ``{layer: Pattern}``.
+        target_length: new maximum context length (>= the current one), or None to keep it.
+        rope: "ntk", "yarn", "linear" or "none" (see `longgen.model.rope`); rope_theta: an explicit base.
+        drop_sliding_window: a model with a sliding window of its own (Mistral, Qwen2 with
+            use_sliding_window) is refused unless this is True; then its window is removed, and the
+            full layers attend fully.
+    """
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(
+            f"unsupported architecture {model_type!r}: longgen converts models whose attention is standard "
+            f"q/k/v/o + RoPE + GQA: {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    if is_hybrid(config):
+        raise ValueError("this model is already a LongGen hybrid (config.longgen exists); convert the original")
+    window = getattr(config, "sliding_window", None)
+    uses_window = window is not None and (model_type != "qwen2" or getattr(config, "use_sliding_window", False))
+    if uses_window and not drop_sliding_window:
+        raise ValueError(
+            f"this {model_type} model has its own sliding window ({window} tokens); longgen will not mix it with "
+            "its patterns. Pass drop_sliding_window=True (CLI: --drop-sliding-window) to remove it"
+        )
+    source = {
+        "max_position_embeddings": config.max_position_embeddings,
+        "rope_parameters": copy.deepcopy(getattr(config, "rope_parameters", None)),
+    }
+    num_kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    layers = build_layout(config.num_hidden_layers, num_kv, full_layers, full_fraction, pattern)
+    extend_rope(config, target_length, rope, rope_theta)
+    if uses_window:
+        source["sliding_window"] = window
+        config.sliding_window = None
+        if hasattr(config, "use_sliding_window"):
+            config.use_sliding_window = False
+        if getattr(config, "layer_types", None):
+            config.layer_types = ["full_attention"] * config.num_hidden_layers
+    record = layout_to_dict(layers, full_layers)
+    record["source"] = source
+    setattr(config, LAYOUT_KEY, record)
+    config.attn_implementation = ATTN_IMPLEMENTATION  # saved in config.json: loading then selects longgen
+    return config
+
+
+def convert(model: Any, **kwargs: Any) -> Any:
+    """Convert a loaded transformers causal LM into a LongGen hybrid, in place; returns the model.
+
+    Takes the keyword arguments of `convert_config`. Rotary embeddings are rebuilt when RoPE changes.
+    """
+    register()
+    old_rope = copy.deepcopy(getattr(model.config, "rope_parameters", None))
+    convert_config(model.config, **kwargs)
+    model.config._attn_implementation = ATTN_IMPLEMENTATION
+    if model.config.rope_parameters != old_rope:
+        _rebuild_rotary(model)
+    return model
+
+
+def _rebuild_rotary(model: Any) -> None:
+    base = getattr(model, "model", model)
+    rotary = getattr(base, "rotary_emb", None)
+    if rotary is None:
+        raise ValueError("cannot find the model's rotary embedding (model.model.rotary_emb) to apply the RoPE change")
+    base.rotary_emb = type(rotary)(config=model.config).to(rotary.inv_freq.device)
+
+
+def load_model(path: str | os.PathLike, **kwargs: Any) -> Any:
+    """Load a converted hybrid from a local folder (kwargs go to ``AutoModelForCausalLM.from_pretrained``)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    register()
+    local = Path(path)
+    if (local.is_absolute() or str(path).startswith(".") or local.exists()) and not (local / "config.json").is_file():
+        raise FileNotFoundError(f"no model folder at {path} (a folder with config.json is needed)")
+    config = AutoConfig.from_pretrained(path)
+    if not is_hybrid(config):
+        raise ValueError(f"{path} is not a LongGen hybrid (its config has no 'longgen' layout); convert it first")
+    return AutoModelForCausalLM.from_pretrained(path, attn_implementation=ATTN_IMPLEMENTATION, **kwargs)
+
+
+def convert_checkpoint(
+    src: str | os.PathLike, dst: str | os.PathLike, *, force: bool = False, progress: bool = True, **kwargs: Any
+) -> Any:
+    """Convert the checkpoint folder `src` into a new folder `dst` (the CLI's ``longgen convert``).
+
+    Only config.json changes; every other file (safetensors weights, tokenizer, generation config) is copied
+    unchanged. `dst` is written beside itself and renamed into place, so it never exists half-written; an
+    existing `dst` is replaced only with ``force=True``. Returns the new config.
+    """
+    from transformers import AutoConfig
+
+    src, dst = Path(src), Path(dst)
+    if not (src / "config.json").is_file():
+        raise ValueError(f"{src} is not a Hugging Face model folder (no config.json)")
+    if dst.exists() and not force:
+        raise FileExistsError(f"{dst} already exists; pass --force (force=True) to replace it")
+    if dst.resolve() == src.resolve():
+        raise ValueError("DST must differ from SRC (conversion writes a new folder)")
+    config = AutoConfig.from_pretrained(src)
+    convert_config(config, **kwargs)
+    tmp = dst.parent / f".{dst.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    files = [p for p in sorted(src.rglob("*")) if p.is_file() and p.relative_to(src) != Path("config.json")]
+    try:
+        tmp.mkdir(parents=True)
+        for i, f in enumerate(files, 1):
+            rel = f.relative_to(src)
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            if progress:
+                print(f"  copying [{i}/{len(files)}] {rel} ({f.stat().st_size / 2**20:.1f} MiB)", flush=True)
+            shutil.copy2(f, tmp / rel)
+        config.save_pretrained(tmp)
+        if dst.exists():
+            old = dst.parent / f".{dst.name}.old-{os.getpid()}"
+            dst.rename(old)
+            tmp.rename(dst)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return config
+
+
+@dataclass(frozen=True)
+class LayerKV:
+    """One layer's KV cache at a given length."""
+
+    layer: int
+    pattern: Pattern
+    kept_tokens_per_kv_head: float
+    kv_bytes: int
+
+
+def describe(config: Any, length: int, bytes_per_value: int = 2) -> tuple[list[LayerKV], int]:
+    """Per-layer KV-cache sizes of a hybrid at `length` tokens (one sequence), and the full-attention total.
+
+    Bytes count K and V for every KV head: ``2 * kept_tokens * head_dim * bytes_per_value`` per head.
+    """
+    layers = read_layout(config)
+    hkv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    d = head_dim(config)
+    rows = []
+    for i, p in enumerate(layers):
+        kept = p.kept_tokens(length, hkv)
+        rows.append(LayerKV(i, p, sum(kept) / hkv, 2 * sum(kept) * d * bytes_per_value))
+    full_total = 2 * len(layers) * hkv * length * d * bytes_per_value
+    return rows, full_total
+
+
+def format_description(config: Any, length: int, bytes_per_value: int = 2) -> str:
+    rows, full_total = describe(config, length, bytes_per_value)
+    total = sum(r.kv_bytes for r in rows)
+    n_full = sum(isinstance(r.pattern, Full) for r in rows)
+    rec = getattr(config, LAYOUT_KEY)
+    lines = [
+        f"{config.model_type}: {len(rows)} layers, {n_full} full ({rec.get('placement')}), "
+        f"{len(rows) - n_full} sparse; max_position_embeddings={config.max_position_embeddings}; "
+        f"rope={getattr(config, 'rope_parameters', None)}",
+        f"KV cache at {length} tokens, batch 1, {bytes_per_value}-byte values:",
+        f"{'layer':>5}  {'attention':<72} {'KV tokens/head':>15} {'KV MiB':>9}",
+    ]
+    for r in rows:
+        desc = "full_attention" if isinstance(r.pattern, Full) else str(r.pattern.to_dict())
+        lines.append(f"{r.layer:>5}  {desc:<72} {r.kept_tokens_per_kv_head:>15,.0f} {r.kv_bytes / 2**20:>9.1f}")
+    lines.append(
+        f"total KV {total / 2**20:,.1f} MiB vs {full_total / 2**20:,.1f} MiB with full attention "
+        f"({1 - total / full_total:.1%} smaller)"
+    )
+    return "\n".join(lines)
