@@ -102,6 +102,20 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from longgen.train import NonFiniteLossError, load_config, train
+
+    overrides = list(args.overrides) + (["train.resume=true"] if args.resume else [])
+    cfg = load_config(args.config, overrides)
+    try:
+        final = train(cfg)
+    except NonFiniteLossError as e:
+        print(f"longgen train: {e}", file=sys.stderr)
+        return 3
+    print(f"done: {final}")
+    return 0
+
+
 def _add_pattern_args(p: argparse.ArgumentParser, choose: bool = True) -> None:
     if choose:
         p.add_argument(
@@ -166,6 +180,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--length", type=_positive_int, default=None, help="tokens (default: max_position_embeddings)")
     p.add_argument("--bytes-per-value", type=_positive_int, default=2, help="bytes per cached value (2: bf16)")
     p.set_defaults(func=_cmd_inspect)
+
+    p = sub.add_parser(
+        "train",
+        help="length-extension training (single process, or FSDP2 under torchrun)",
+        description="Train from a TOML/YAML config; overrides look like train.steps=100 data.seq_len=8192. "
+        "Multi-GPU: torchrun --nproc_per_node N -m longgen train CONFIG",
+    )
+    p.add_argument("config", help="config file (.toml or .yaml), see configs/")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides (TOML literals)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in train.output_dir")
+    p.set_defaults(func=_cmd_train)
     return parser
 
 

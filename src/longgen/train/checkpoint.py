@@ -1,0 +1,112 @@
+"""Atomic, resumable training checkpoints.
+
+A checkpoint is a folder ``<output_dir>/checkpoints/step-00000042``: model and optimizer state through
+`torch.distributed.checkpoint` (sharded under FSDP2, one file per rank), plus ``extra-rank<r>.pt`` with the step,
+scheduler, data-loader position and RNG states of each rank. It is written as ``.step-00000042.tmp`` and renamed
+only when every rank has finished, so a killed run never leaves a checkpoint that looks complete.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+PREFIX = "step-"
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def checkpoints_dir(output_dir: str | Path) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def list_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints, oldest first (unfinished ``.tmp`` folders are ignored)."""
+    root = checkpoints_dir(output_dir)
+    found = []
+    if root.is_dir():
+        for p in root.iterdir():
+            if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX) :].isdigit():
+                found.append((int(p.name[len(PREFIX) :]), p))
+    return sorted(found)
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    found = list_checkpoints(output_dir)
+    return found[-1][1] if found else None
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(
+    output_dir: str | Path,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    extra: dict[str, Any],
+    *,
+    rank: int = 0,
+    keep: int = 2,
+) -> Path:
+    """Write checkpoint `step` atomically (all ranks call this); keeps the newest `keep` checkpoints."""
+    root = checkpoints_dir(output_dir)
+    final = root / f"{PREFIX}{step:08d}"
+    tmp = root / f".{PREFIX}{step:08d}.tmp"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier()
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
+    torch.save(extra, tmp / f"extra-rank{rank}.pt")
+    _barrier()
+    if rank == 0:
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        for _, old in list_checkpoints(output_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+    return final
+
+
+def load_checkpoint(
+    path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, rank: int = 0, world_size: int = 1
+) -> dict[str, Any]:
+    """Restore model and optimizer state from `path` in place; returns this rank's extra state."""
+    path = Path(path)
+    extra_file = path / f"extra-rank{rank}.pt"
+    if not extra_file.is_file():
+        n = len(list(path.glob("extra-rank*.pt")))
+        raise ValueError(
+            f"checkpoint {path} was written by {n} ranks but this run has {world_size}; resume with the same number"
+        )
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, checkpoint_id=path)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    return torch.load(extra_file, weights_only=False)

@@ -1,0 +1,291 @@
+"""The training loop: length-extension fine-tuning of a hybrid (or of a full-attention baseline).
+
+One process on CPU or one GPU, or many processes under ``torchrun`` with FSDP2 (`fully_shard` on every decoder
+layer, then the root). Parameters and AdamW state are float32; compute runs in `model.dtype` (autocast, or
+FSDP's mixed precision). The loss is the token mean over the whole global batch, computed in chunks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from longgen.train.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from longgen.train.config import TrainConfig
+from longgen.train.loss import CausalLMLoss
+
+FAULT_ENV = "LONGGEN_FAULT_KILL_AFTER_STEP"  # testing hook: SIGKILL the process after this step
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss or the gradient norm became NaN/inf; the run stopped and kept its last good checkpoint."""
+
+
+def _dist_setup(cfg: TrainConfig) -> tuple[int, int, torch.device]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    want_cuda = cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available())
+    if cfg.train.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("train.device='cuda' but no CUDA device is available")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if want_cuda else "gloo")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if want_cuda:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return rank, world, torch.device("cuda", local)
+    return rank, world, torch.device("cpu")
+
+
+def _load_model(cfg: TrainConfig, device: torch.device):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from longgen.model import convert, is_hybrid, load_model
+
+    path = Path(cfg.model.path).expanduser()
+    if is_hybrid(AutoConfig.from_pretrained(path)):
+        model = load_model(path, dtype=torch.float32)
+        original_config = None
+    else:
+        # full-attention baseline: all layers Full, so packed documents stay separate exactly as for the hybrid
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        original_config = copy.deepcopy(model.config)
+        convert(model, full_fraction=1.0)
+    model.config.use_cache = False
+    if cfg.model.activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.model.compile:
+        for layer in model.model.layers:
+            layer.compile()
+    return model.to(device), original_config
+
+
+def _shard(wrapped: CausalLMLoss, dtype: torch.dtype) -> None:
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+    for layer in wrapped.lm.model.layers:
+        fully_shard(layer, mp_policy=mp)
+    fully_shard(wrapped, mp_policy=mp)
+
+
+def _optimizer(cfg: TrainConfig, model: torch.nn.Module):
+    o = cfg.optim
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=o.lr,
+        betas=tuple(o.betas),
+        eps=o.eps,
+    )
+
+    def factor(step: int) -> float:  # step counts completed optimizer steps
+        if step < o.warmup_steps:
+            return (step + 1) / (o.warmup_steps + 1)
+        if o.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - o.warmup_steps) / max(1, cfg.train.steps - o.warmup_steps))
+        return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def _all_sum(x: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        dist.all_reduce(x)
+    return x
+
+
+class _Metrics:
+    """JSONL metrics (and TensorBoard when available) on rank 0."""
+
+    def __init__(self, out: Path, start_step: int, tensorboard: bool, enabled: bool):
+        self.enabled = enabled
+        self.path = out / "metrics.jsonl"
+        self.tb = None
+        if not enabled:
+            return
+        if self.path.exists():  # a resumed run replaces what the killed run logged after its checkpoint
+            keep = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= start_step]
+            self.path.write_text("".join(line + "\n" for line in keep))
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(out / "tensorboard"), purge_step=start_step + 1)
+            except ImportError:
+                print("note: tensorboard is not installed; metrics go to metrics.jsonl only")
+
+    def log(self, row: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.tb is not None:
+            for k, v in row.items():
+                if k != "step":
+                    self.tb.add_scalar(k, v, row["step"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def train(cfg: TrainConfig) -> Path:
+    """Run (or resume) training; returns the exported Hugging Face folder ``<output_dir>/final``."""
+    from transformers import AutoTokenizer
+
+    from longgen.train.data import build_loader
+
+    cfg.validate()
+    rank, world, device = _dist_setup(cfg)
+    t = cfg.train
+    out = Path(t.output_dir).expanduser()
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(_config_dict(cfg), indent=1))
+    torch.manual_seed(t.seed)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or cfg.model.path)
+    if rank != 0:  # rank 0 tokenizes into the shared cache first; the others then read it
+        dist.barrier()
+    loader = build_loader(cfg.data, tokenizer, t.batch_size, rank=rank, world_size=world, progress=rank == 0)
+    if rank == 0 and dist.is_initialized():
+        dist.barrier()
+    model, original_config = _load_model(cfg, device)
+    dtype = getattr(torch, cfg.model.dtype)
+    wrapped = CausalLMLoss(model, t.loss_chunk)
+    sharded = dist.is_initialized()
+    if sharded:
+        _shard(wrapped, dtype)
+    optimizer, scheduler = _optimizer(cfg, wrapped)
+
+    start = 0
+    ckpt = latest_checkpoint(out) if t.resume else None
+    if ckpt is not None:
+        extra = load_checkpoint(ckpt, wrapped, optimizer, rank=rank, world_size=world)
+        start = extra["step"]
+        scheduler.load_state_dict(extra["scheduler"])
+        loader.load_state_dict(extra["loader"])
+        set_rng_state(extra["rng"])
+        if rank == 0:
+            print(f"resumed from {ckpt} (step {start})")
+    elif t.resume and rank == 0:
+        print(f"no checkpoint in {out / 'checkpoints'}; starting from step 0")
+
+    autocast = contextlib.nullcontext()
+    if not sharded and dtype != torch.float32:
+        autocast = torch.autocast(device.type, dtype=dtype)
+    metrics = _Metrics(out, start, t.tensorboard, rank == 0)
+    bar = _progress(t, start, rank == 0)
+    batches = iter(loader)
+    kill_after = int(os.environ.get(FAULT_ENV, "0"))
+    tokens_per_step = t.batch_size * t.grad_accum * world * cfg.data.seq_len
+    wrapped.train()
+    tick = time.perf_counter()
+    for step in range(start + 1, t.steps + 1):
+        micro = [next(batches) for _ in range(t.grad_accum)]
+        n_local = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
+        n_global = _all_sum(torch.tensor(float(n_local), device=device)).clamp(min=1)
+        loss_sum = torch.zeros((), device=device)
+        for b in micro:
+            with autocast:
+                part, _ = wrapped(b["input_ids"].to(device), b["position_ids"].to(device), b["labels"].to(device))
+            # FSDP averages gradients over ranks, so scale by world: the gradient is of the global token mean
+            (part * (world / n_global)).backward()
+            loss_sum += part.detach()
+        loss = (_all_sum(loss_sum) / n_global).item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(wrapped.parameters(), _clip_value(cfg))
+        if hasattr(grad_norm, "full_tensor"):
+            grad_norm = grad_norm.full_tensor()
+        grad_norm = float(grad_norm)
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            last = latest_checkpoint(out)
+            raise NonFiniteLossError(
+                f"non-finite loss ({loss}) or gradient norm ({grad_norm}) at step {step}; stopped without updating. "
+                f"Last good checkpoint: {last or 'none'} (resume with train.resume=true after lowering optim.lr)"
+            )
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        now = time.perf_counter()
+        tps = tokens_per_step / (now - tick)
+        tick = now
+        if step % t.log_every == 0 or step == t.steps:
+            metrics.log({"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tps})
+        if bar is not None:
+            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tps:,.0f}", lr=f"{lr:.2e}")
+            bar.update(1)
+        if step % t.save_every == 0 or step == t.steps:
+            extra = {
+                "step": step,
+                "scheduler": scheduler.state_dict(),
+                "loader": loader.state_dict(),
+                "rng": rng_state(),
+            }
+            save_checkpoint(out, step, wrapped, optimizer, extra, rank=rank, keep=t.keep_checkpoints)
+        if kill_after and step == kill_after:
+            os.kill(os.getpid(), signal.SIGKILL)
+    if bar is not None:
+        bar.close()
+    metrics.close()
+    final = _export(out, wrapped, tokenizer, original_config, rank)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return final
+
+
+def _clip_value(cfg: TrainConfig) -> float:
+    return cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
+
+
+def _progress(t, start: int, enabled: bool):
+    if not (enabled and t.progress):
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=t.steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
+
+
+def _export(out: Path, wrapped: CausalLMLoss, tokenizer, original_config, rank: int) -> Path:
+    """Write the trained model as a Hugging Face folder ``out/final`` (atomically, on rank 0)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(wrapped, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    final = out / "final"
+    if rank == 0:
+        tmp = out / ".final.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        sd = {k.removeprefix("lm."): v for k, v in full.items()}
+        lm = wrapped.lm
+        saved_config = lm.config
+        if original_config is not None:  # the baseline leaves as the plain model it came in as
+            lm.config = original_config
+        try:
+            lm.save_pretrained(tmp, state_dict=sd)
+        finally:
+            lm.config = saved_config
+        tokenizer.save_pretrained(tmp)
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        print(f"exported {final}")
+    if dist.is_initialized():
+        dist.barrier()
+    return final
+
+
+def _config_dict(cfg: TrainConfig) -> dict:
+    import dataclasses
+
+    return {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for k, v in vars(cfg).items()}
