@@ -1,0 +1,158 @@
+"""Training-step benchmark: a Llama-2-7B-shaped model, full attention vs LongGen hybrids, one long sequence.
+
+    PYTHONPATH=src python benchmarks/train_step.py [--layers 6] [--seq-lens 32768 65536 131072]
+
+Hidden 4096, 32 heads, head dim 128, MLP 11008, vocab 32000, random weights; `--layers` layers with the 1/3
+full-layer fraction (middle placement). Each step is the real training path: `CausalLMLoss` (chunked loss),
+activation checkpointing, bf16 autocast over float32 parameters, AdamW. Variants: all layers full attention
+(SDPA), hybrid SinkWindow(64, 2048), hybrid BlockSparse(64, 16, 32). Median step time over `--steps` after a
+warm-up step; peak memory. Writes `--out` (JSON) and a markdown table beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import longgen
+from longgen.train.loss import CausalLMLoss
+
+
+def build(layers: int, seq_len: int, variant: str):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    cfg = LlamaConfig(
+        vocab_size=32000,
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=layers,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        max_position_embeddings=seq_len,
+    )
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    patterns = {
+        "full": None,
+        "hybrid_sink_window": longgen.SinkWindow(64, 2048),
+        "hybrid_block_sparse": longgen.BlockSparse(64, 16, 32),
+    }
+    if patterns[variant] is None:
+        longgen.convert(model, full_fraction=1.0)
+    else:
+        longgen.convert(model, pattern=patterns[variant])
+    model.config.use_cache = False
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def run(layers: int, seq_len: int, variant: str, steps: int) -> dict:
+    model = build(layers, seq_len, variant)
+    wrapped = CausalLMLoss(model, chunk=4096).train()
+    opt = torch.optim.AdamW(wrapped.parameters(), lr=1e-5, fused=True)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    ids = torch.randint(0, 32000, (1, seq_len), device="cuda", generator=gen)
+    pos = torch.arange(seq_len, device="cuda")[None]
+    times = []
+    torch.cuda.reset_peak_memory_stats()
+    for i in range(steps + 1):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss_sum, n = wrapped(ids, pos, ids)
+        (loss_sum / n).backward()
+        torch.nn.utils.clip_grad_norm_(wrapped.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        if i > 0:  # the first step compiles kernels and allocates
+            times.append((time.perf_counter() - t0) * 1e3)
+        if not torch.isfinite(loss_sum):
+            raise RuntimeError(f"non-finite loss in {variant}")
+    step_ms = statistics.median(times)
+    row = {
+        "variant": variant,
+        "seq_len": seq_len,
+        "layers": layers,
+        "step_ms": round(step_ms, 1),
+        "tokens_per_s": round(seq_len / step_ms * 1e3, 1),
+        "peak_mem_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+        "step_ms_all": [round(t, 1) for t in times],
+    }
+    del model, wrapped, opt
+    gc.collect()
+    torch.cuda.empty_cache()
+    return row
+
+
+def markdown(res: dict) -> str:
+    lines = [
+        "# Training step: full attention vs LongGen hybrids (Llama-2-7B-shaped layers)",
+        "",
+        f"Device: {res['device']}; torch {res['torch']}, triton {res['triton']}; {res['date']}.",
+        f"Command: `{res['command']}`",
+        "",
+        "One sequence per step; activation checkpointing, bf16 autocast, float32 AdamW; median of the timed steps.",
+        "",
+        "| variant | seq | layers | step ms | tokens/s | peak GB | speedup vs full |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    full = {r["seq_len"]: r["step_ms"] for r in res["rows"] if r["variant"] == "full"}
+    for r in sorted(res["rows"], key=lambda r: (r["seq_len"], r["variant"])):
+        sp = full.get(r["seq_len"])
+        lines.append(
+            f"| {r['variant']} | {r['seq_len']} | {r['layers']} | {r['step_ms']:.0f} | {r['tokens_per_s']:,.0f} | "
+            f"{r['peak_mem_gb']:.1f} | {sp / r['step_ms'] if sp else float('nan'):.2f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--layers", type=int, default=6)
+    ap.add_argument("--seq-lens", type=int, nargs="+", default=[32768, 65536, 131072])
+    ap.add_argument("--variants", nargs="+", default=["full", "hybrid_sink_window", "hybrid_block_sparse"])
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--out", default="benchmarks/results/train_step.json")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("benchmarks/train_step.py needs a CUDA GPU", file=sys.stderr)
+        return 2
+    import triton
+
+    out = Path(args.out)
+    res = json.loads(out.read_text()) if out.exists() else {"rows": []}
+    res.update(
+        command="PYTHONPATH=src python " + " ".join([sys.argv[0], *sys.argv[1:]]),
+        device=f"{torch.cuda.get_device_name()} ({torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} GiB)",
+        torch=torch.__version__,
+        triton=triton.__version__,
+        date=datetime.date.today().isoformat(),
+    )
+    for T in args.seq_lens:
+        for v in args.variants:
+            row = run(args.layers, T, v, args.steps)
+            print(
+                f"{v:<22} T={T:>6}: step {row['step_ms']:9.1f} ms  {row['tokens_per_s']:9,.0f} tok/s  "
+                f"peak {row['peak_mem_gb']:.1f} GB",
+                flush=True,
+            )
+            res["rows"] = [r for r in res["rows"] if (r["variant"], r["seq_len"], r["layers"]) != (v, T, args.layers)]
+            res["rows"].append(row)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(res, indent=1) + "\n")
+            out.with_suffix(".md").write_text(markdown(res))
+    print(markdown(res))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
