@@ -102,6 +102,18 @@ def test_sparse_layers_compute_reference_attention_of_their_pattern(model_type, 
             assert not torch.allclose(out, reference_attention(q, k, v, Full(), scale=scale), atol=1e-3)
 
 
+@pytest.mark.parametrize("pattern", [SinkWindow(4, 16), BlockSparse(16, 1)], ids=repr)
+def test_autocast_bf16_forward_and_backward(pattern):
+    m = convert(tiny(), pattern=pattern).train()
+    x = ids()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = m(x, labels=x).loss
+    loss.backward()
+    with torch.no_grad():
+        ref = m(x, labels=x).loss  # float32
+    assert abs(loss.item() - ref.item()) < 0.05 and torch.isfinite(m.model.layers[0].self_attn.q_proj.weight.grad).all()
+
+
 def test_save_load_round_trip_through_both_loading_paths(tmp_path):
     m = convert(tiny(), pattern=BlockSparse(16, 2), target_length=1024, rope="yarn")
     x = ids()

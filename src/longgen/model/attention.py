@@ -58,6 +58,10 @@ def longgen_attention(
             f"longgen attention takes a 2-D padding mask (batch, kv_len), got shape {tuple(attention_mask.shape)}"
         )
     pattern = layer_pattern(module)
+    device_type = query.device.type
+    if torch.is_autocast_enabled(device_type):  # RoPE hands back float32 q/k under autocast; v is already cast
+        dtype = torch.get_autocast_dtype(device_type)
+        query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)  # (B, T, heads, d) views
     if q.shape[1] == k.shape[1]:
         out = _attend_prefill(q, k, v, pattern, attention_mask, kwargs.get("position_ids"), scaling)
