@@ -12,7 +12,6 @@ sparsity-ideal time = SDPA causal fwd+bwd x (visited 64-blocks / causal 64-block
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
 import sys
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from common import markdown_header, run_metadata
 
 import longgen
 
@@ -66,7 +66,7 @@ def flex_mask_mod(pattern: longgen.Pattern, heads: int, kv_heads: int):
     return mod, True
 
 
-def run_case(T: int, kv_heads: int, flex, create_block_mask, device_line: str) -> list[dict]:
+def run_case(T: int, kv_heads: int, flex, create_block_mask) -> list[dict]:
     gen = torch.Generator(device="cuda").manual_seed(T + kv_heads)
     dt = torch.bfloat16
 
@@ -135,14 +135,12 @@ def run_case(T: int, kv_heads: int, flex, create_block_mask, device_line: str) -
 
 def markdown(result: dict) -> str:
     lines = [
-        "# Attention kernels: longgen (Triton) vs SDPA causal vs FlexAttention",
-        "",
-        f"Device: {result['device']}; torch {result['torch']}, triton {result['triton']}; {result['date']}.",
-        f"Command: `{result['command']}`",
-        "",
-        "bf16, batch 1, 32 query heads, head dim 128; times are medians in ms. ideal = SDPA causal fwd+bwd x "
-        "visited/causal 64-blocks.",
-        "",
+        *markdown_header(
+            "Attention kernels: longgen (Triton) vs SDPA causal vs FlexAttention",
+            result,
+            "bf16, batch 1, 32 query heads, head dim 128; times are medians in ms. ideal = SDPA causal fwd+bwd x "
+            "visited/causal 64-blocks.",
+        ),
         "| pattern | seq | kv | ours fwd | ours f+b | SDPA fwd | SDPA f+b | Flex fwd | Flex f+b | ideal f+b "
         "| ours/ideal | Flex/ours (f+b) | SDPA/ours (f+b) |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
@@ -168,7 +166,6 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("benchmarks/attention.py needs a CUDA GPU", file=sys.stderr)
         return 2
-    import triton
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     # one compile per (mask, shape); without a higher limit dynamo silently falls back to eager math attention
@@ -176,21 +173,14 @@ def main(argv=None) -> int:
         if hasattr(torch._dynamo.config, name):
             setattr(torch._dynamo.config, name, 256)
     flex = torch.compile(flex_attention, dynamic=False)
-    device_line = f"{torch.cuda.get_device_name()} ({torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} GiB)"
     out = Path(args.out)
     result = json.loads(out.read_text()) if out.exists() else {"rows": []}
-    result.update(
-        command="PYTHONPATH=src python " + " ".join([sys.argv[0], *sys.argv[1:]]),
-        device=device_line,
-        torch=torch.__version__,
-        triton=triton.__version__,
-        date=datetime.date.today().isoformat(),
-    )
+    result.update(run_metadata())
     for kv in args.kv_heads:
         for T in args.seq_lens:
             if T % 64 or math.gcd(HEADS, kv) != kv:
                 raise ValueError("seq_len must be a multiple of 64 and kv_heads divide 32")
-            rows = run_case(T, kv, flex, create_block_mask, device_line)
+            rows = run_case(T, kv, flex, create_block_mask)
             keys = {(r["pattern"], r["seq_len"], r["kv_heads"]) for r in rows}
             result["rows"] = [r for r in result["rows"] if (r["pattern"], r["seq_len"], r["kv_heads"]) not in keys]
             result["rows"].extend(rows)

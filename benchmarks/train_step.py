@@ -12,7 +12,6 @@ warm-up step; peak memory. Writes `--out` (JSON) and a markdown table beside it.
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
 import json
 import statistics
@@ -21,6 +20,7 @@ import time
 from pathlib import Path
 
 import torch
+from common import markdown_header, run_metadata
 
 import longgen
 from longgen.train.loss import CausalLMLoss
@@ -95,13 +95,11 @@ def run(layers: int, seq_len: int, variant: str, steps: int) -> dict:
 
 def markdown(res: dict) -> str:
     lines = [
-        "# Training step: full attention vs LongGen hybrids (Llama-2-7B-shaped layers)",
-        "",
-        f"Device: {res['device']}; torch {res['torch']}, triton {res['triton']}; {res['date']}.",
-        f"Command: `{res['command']}`",
-        "",
-        "One sequence per step; activation checkpointing, bf16 autocast, float32 AdamW; median of the timed steps.",
-        "",
+        *markdown_header(
+            "Training step: full attention vs LongGen hybrids (Llama-2-7B-shaped layers)",
+            res,
+            "One sequence per step; activation checkpointing, bf16 autocast, float32 AdamW; median of the timed steps.",
+        ),
         "| variant | seq | layers | step ms | tokens/s | peak GB | speedup vs full |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
@@ -126,17 +124,9 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("benchmarks/train_step.py needs a CUDA GPU", file=sys.stderr)
         return 2
-    import triton
-
     out = Path(args.out)
     res = json.loads(out.read_text()) if out.exists() else {"rows": []}
-    res.update(
-        command="PYTHONPATH=src python " + " ".join([sys.argv[0], *sys.argv[1:]]),
-        device=f"{torch.cuda.get_device_name()} ({torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} GiB)",
-        torch=torch.__version__,
-        triton=triton.__version__,
-        date=datetime.date.today().isoformat(),
-    )
+    res.update(run_metadata())
     for T in args.seq_lens:
         for v in args.variants:
             row = run(args.layers, T, v, args.steps)

@@ -83,16 +83,21 @@ def _attend_prefill(q, k, v, pattern: Pattern, mask, position_ids, scale) -> tor
         flat = [x.reshape(B * T, *x.shape[2:]) for x in (q, k, v)]
         return sparse_attention(*flat, pattern, cu_seqlens=cu_seqlens, scale=scale).view(q.shape)
     if isinstance(pattern, Full):
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2),
-            k.transpose(1, 2),
-            v.transpose(1, 2),
-            is_causal=True,
-            scale=scale,
-            enable_gqa=k.shape[2] != q.shape[2],
-        )
-        return out.transpose(1, 2)
+        return _sdpa(q, k, v, scale, is_causal=True)
     return sparse_attention(q, k, v, pattern, scale=scale)
+
+
+def _sdpa(q, k, v, scale, **kwargs) -> torch.Tensor:
+    """PyTorch SDPA on (B, T, heads, d) tensors, GQA without repeating K/V."""
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2),
+        k.transpose(1, 2),
+        v.transpose(1, 2),
+        scale=scale,
+        enable_gqa=k.shape[2] != q.shape[2],
+        **kwargs,
+    )
+    return out.transpose(1, 2)
 
 
 def _packed_offsets(position_ids: torch.Tensor | None, B: int, T: int) -> torch.Tensor | None:
@@ -144,15 +149,7 @@ def _attend_masked(q, k, v, pattern: Pattern, mask, scale) -> torch.Tensor:
     q_valid = valid[:, S - q_len :]
     allowed = allowed | ~q_valid[:, None, :, None]  # padding queries: any row (zeroed below), never NaN
     allowed = allowed.repeat_interleave(H // hkv, dim=1)
-    out = F.scaled_dot_product_attention(
-        q.transpose(1, 2),
-        k.transpose(1, 2),
-        v.transpose(1, 2),
-        attn_mask=allowed,
-        scale=scale,
-        enable_gqa=hkv != H,
-    )
-    return out.transpose(1, 2) * q_valid[:, :, None, None]
+    return _sdpa(q, k, v, scale, attn_mask=allowed) * q_valid[:, :, None, None]
 
 
 _REGISTERED = False
