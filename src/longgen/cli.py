@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 import longgen
 
@@ -116,6 +117,29 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from longgen.infer import generate_text
+
+    if (args.prompt is None) == (args.prompt_file is None):
+        raise ValueError("give exactly one of --prompt TEXT or --prompt-file FILE (- for stdin)")
+    if args.prompt_file == "-":
+        prompt = sys.stdin.read()
+    elif args.prompt_file is not None:
+        prompt = Path(args.prompt_file).read_text(encoding="utf-8")
+    else:
+        prompt = args.prompt
+    generate_text(
+        args.path,
+        prompt,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+        device=args.device,
+    )
+    return 0
+
+
 def _add_pattern_args(p: argparse.ArgumentParser, choose: bool = True) -> None:
     if choose:
         p.add_argument(
@@ -191,6 +215,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="section.key=value overrides (TOML literals)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in train.output_dir")
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("generate", help="generate text with a hybrid and its compact KV cache (streams to stdout)")
+    p.add_argument("path", help="converted model folder (with tokenizer)")
+    p.add_argument("--prompt", default=None, help="prompt text")
+    p.add_argument("--prompt-file", default=None, help="file with the prompt, or - for stdin")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.set_defaults(func=_cmd_generate)
     return parser
 
 

@@ -24,6 +24,10 @@ from longgen.patterns import Full, Pattern
 
 ATTN_IMPLEMENTATION = "longgen"
 
+# Caches that must see padding and positions (longgen.infer.HybridCache) return the new key tensor from
+# `Cache.update` and register a callable under id(key) here; the attention below hands that call over to them.
+CACHE_HOOKS: dict[int, Any] = {}
+
 
 def layer_pattern(module: torch.nn.Module) -> Pattern:
     """The pattern of attention layer `module` (cached on the module, keyed by its layout entry)."""
@@ -57,6 +61,9 @@ def longgen_attention(
         raise ValueError(
             f"longgen attention takes a 2-D padding mask (batch, kv_len), got shape {tuple(attention_mask.shape)}"
         )
+    hook = CACHE_HOOKS.pop(id(key), None)
+    if hook is not None:
+        return hook(query, key, value, attention_mask, scaling), None
     pattern = layer_pattern(module)
     device_type = query.device.type
     if torch.is_autocast_enabled(device_type):  # RoPE hands back float32 q/k under autocast; v is already cast

@@ -1,0 +1,65 @@
+"""Loading a model for evaluation, and the StreamingLLM baseline applied at inference."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from longgen.model import convert, load_model
+from longgen.model.layout import is_hybrid
+from longgen.patterns import SinkWindow
+
+BASELINES = ("none", "streaming")
+
+
+def streaming_llm(model: Any, sink: int = 4, window: int = 2048) -> Any:
+    """StreamingLLM (Xiao et al.): every layer of a full-attention model attends to `sink` first tokens and the
+    last `window` tokens. Converts the loaded plain model in place (configuration only) and returns it."""
+    if is_hybrid(model.config):
+        raise ValueError("StreamingLLM is applied to a full-attention model; this one is already a LongGen hybrid")
+    return convert(model, full_fraction=0.0, pattern=SinkWindow(sink, window))
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_for_eval(
+    path: str | os.PathLike,
+    *,
+    baseline: str = "none",
+    sink: int = 4,
+    window: int = 2048,
+    device: str | None = None,
+    dtype: str | None = None,
+    tokenizer_path: str | os.PathLike | None = None,
+) -> tuple[Any, Any]:
+    """(model, tokenizer) from a local folder: a LongGen hybrid or a plain Hugging Face model, in eval mode.
+
+    `baseline="streaming"` turns a plain model into StreamingLLM(`sink`, `window`). `dtype`: "float32",
+    "bfloat16", "float16" or None (bfloat16 on CUDA, float32 on CPU).
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    if baseline not in BASELINES:
+        raise ValueError(f"baseline must be one of {BASELINES}, got {baseline!r}")
+    device = device or default_device()
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype is None:
+        dtype = "bfloat16" if str(device).startswith("cuda") else "float32"
+    if dtype not in dtypes:
+        raise ValueError(f"dtype must be one of {sorted(dtypes)}, got {dtype!r}")
+    if not (os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json"))):
+        raise FileNotFoundError(f"no model folder at {path} (a folder with config.json is needed)")
+    if is_hybrid(AutoConfig.from_pretrained(path)):
+        if baseline == "streaming":
+            raise ValueError("--baseline streaming applies to a full-attention model, not to a LongGen hybrid")
+        model = load_model(path, dtype=dtypes[dtype])
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtypes[dtype])
+        if baseline == "streaming":
+            streaming_llm(model, sink, window)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or path)
+    return model.to(device).eval(), tokenizer
