@@ -66,7 +66,9 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.task == "ppl":
         kwargs.update(bucket=args.bucket, num_documents=args.documents, chunk=args.chunk, documents=args.haystack)
     else:
-        kwargs.update(samples=args.samples, chat=args.chat, haystack=args.haystack)
+        kwargs.update(chat=args.chat, haystack=args.haystack)
+        if args.samples:
+            kwargs["samples"] = args.samples
         if args.max_new_tokens:
             kwargs["max_new_tokens"] = (
                 dict.fromkeys(args.ruler_tasks or RULER_TASKS, args.max_new_tokens)
