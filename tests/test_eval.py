@@ -304,7 +304,7 @@ def test_eval_cli_parses_and_runs(workspace, tmp_path, capsys):
             "--cwe-words",
             "3",
             "--lengths",
-            "200",
+            "320",
             "--max-new-tokens",
             "4",
             "--out",
