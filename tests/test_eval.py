@@ -199,6 +199,30 @@ def test_passkey_end_to_end_and_deterministic(workspace, tmp_path):
     assert [r["answers"] for r in other["records"]] != [r["answers"] for r in res["records"]]
     with pytest.raises(ValueError, match="max_position_embeddings"):
         passkey(root / "hybrid", lengths=[1024], out_dir=tmp_path / "d", **FAST)
+    # longgen's hybrid KV cache (the default for hybrids) and transformers' cache generate the same tokens
+    assert res["settings"]["kv_cache"] == "hybrid"
+    dynamic = passkey(root / "hybrid", out_dir=tmp_path / "e", seed=3, kv_cache="dynamic", **kw)
+    assert [r["output"] for r in dynamic["records"]] == [r["output"] for r in res["records"]]
+
+
+def test_oracle_model_scores_one(workspace, tmp_path, monkeypatch):
+    """A 'model' that reads the needle from the prompt scores 1.0: needles reach the prompt, scoring is right."""
+    import re
+
+    import longgen.eval.tasks as tasks
+
+    root, _ = workspace
+
+    def oracle(model, tok, input_ids, max_new_tokens, kv_cache="auto"):
+        text = tok.decode(input_ids)
+        key = re.search(r"pass key is (\d+)", text) or re.search(r"magic number for \w+ is: (\d+)", text)
+        return f" {key.group(1)}. The rest"
+
+    monkeypatch.setattr(tasks, "generate", oracle)
+    res = passkey(root / "plain", lengths=[128, 200], depths=[0.0, 0.3, 1.0], samples=2, out_dir=tmp_path, **FAST)
+    assert res["summary"]["accuracy"] == 1.0
+    res = niah(root / "plain", lengths=[128, 200], depths=[0.0, 0.6, 1.0], out_dir=tmp_path, **FAST)
+    assert res["summary"]["accuracy"] == 1.0
 
 
 def test_niah_end_to_end(workspace, tmp_path):
@@ -237,6 +261,18 @@ def test_ppl_end_to_end(workspace, tmp_path):
     assert all(math.isfinite(v) for v in summary["ppl_by_length"].values())
     # a random model over a 400-token vocabulary: perplexity near the vocabulary size
     assert 100 < summary["ppl_by_length"]["256"] < 1600
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for i in range(3):
+        (docs / f"doc{i}.txt").write_text(f"Document {i}. " + "Some words of a user document. " * (40 + i))
+    (docs / "short.txt").write_text("too short")
+    res = ppl(root / "plain", lengths=[64], bucket=16, documents=[docs], num_documents=5, out_dir=tmp_path, **FAST)
+    assert [r["document"] for r in res["records"]] == [str(docs / f"doc{i}.txt") for i in range(3)]
+    assert res["settings"]["lengths_used"] == [64] and len(res["records"][0]["bucket_loss"]) == 4
+    with pytest.raises(ValueError, match="no document"):
+        ppl(root / "plain", lengths=[500], documents=[docs / "short.txt"], out_dir=tmp_path / "v", **FAST)
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        ppl(root / "plain", lengths=[600], out_dir=tmp_path / "w", **FAST)
 
 
 def test_ppl_segments_match_full_logits(workspace):
@@ -272,6 +308,7 @@ def test_streaming_llm_converts_every_layer(workspace, tmp_path):
     res = passkey(root / "plain", lengths=[96], depths=[0.5], max_new_tokens=3, baseline="streaming", sink=4,
                   window=16, out_dir=tmp_path, **FAST)  # fmt: skip
     assert res["settings"]["baseline"] == "streaming" and res["settings"]["window"] == 16
+    assert res["settings"]["kv_cache"] == "hybrid"  # the cache keeps only sink + window tokens per layer
     assert 0.0 <= res["summary"]["accuracy"] <= 1.0
     with pytest.raises(ValueError, match="hybrid"):
         passkey(root / "hybrid", lengths=[96], baseline="streaming", out_dir=tmp_path, **FAST)

@@ -7,9 +7,10 @@ plain one into StreamingLLM), writes JSON (and PNG figures) to an output folder 
 from longgen.eval.baseline import load_for_eval, streaming_llm
 from longgen.eval.perplexity import ppl, segment_loss_sums
 from longgen.eval.prompts import Haystack, Prompt, build_prompt
+from longgen.eval.results import write_result
 from longgen.eval.ruler import RULER_TASKS, ruler_sample
 from longgen.eval.scoring import first_number, passkey_score, string_match_all, string_match_part
-from longgen.eval.tasks import generate, niah, passkey, ruler, write_result
+from longgen.eval.tasks import generate, niah, passkey, ruler
 
 TASKS = {"passkey": passkey, "niah": niah, "ruler": ruler, "ppl": ppl}
 

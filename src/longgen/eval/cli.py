@@ -66,7 +66,7 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.task == "ppl":
         kwargs.update(bucket=args.bucket, num_documents=args.documents, chunk=args.chunk, documents=args.haystack)
     else:
-        kwargs.update(chat=args.chat, haystack=args.haystack)
+        kwargs.update(chat=args.chat, haystack=args.haystack, kv_cache=args.kv_cache)
         if args.samples:
             kwargs["samples"] = args.samples
         if args.max_new_tokens:
@@ -119,6 +119,12 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     p.add_argument("--sink", type=int, default=4, help="StreamingLLM sink tokens (4)")
     p.add_argument("--window", type=_positive, default=2048, help="StreamingLLM window tokens (2048)")
+    p.add_argument(
+        "--kv-cache",
+        choices=["auto", "hybrid", "dynamic"],
+        default="auto",
+        help="generation cache: auto (longgen's hybrid cache for hybrids and the streaming baseline), hybrid, dynamic",
+    )
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None, help="bf16 CUDA, fp32 CPU")
     p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the model folder)")

@@ -20,8 +20,8 @@ from tqdm.auto import tqdm
 
 from longgen.eval.baseline import load_for_eval
 from longgen.eval.plots import loss_curve
-from longgen.eval.prompts import haystack_texts
-from longgen.eval.tasks import _settings, write_result
+from longgen.eval.prompts import named_texts
+from longgen.eval.results import task_settings, write_result
 from longgen.train.loss import chunked_lm_loss_sum
 
 
@@ -80,7 +80,7 @@ def ppl(
         sources = sorted(Path(os.path.dirname(os.__file__)).glob("*.py"), key=lambda p: -p.stat().st_size)
         texts = ((str(p), p.read_text(encoding="utf-8", errors="replace")) for p in sources)
     else:
-        texts = ((str(i), t) for i, t in enumerate(haystack_texts(documents)))
+        texts = named_texts(documents)
     docs = []
     for name, text in texts:
         ids = tokenizer(text, add_special_tokens=True)["input_ids"]
@@ -113,7 +113,7 @@ def ppl(
                             (p["end"] - p["start"]) for p in by_position]  # fmt: skip
         del r["segments"]
     summary = {"ppl_by_length": by_length, "by_position": by_position, "documents": len(records)}
-    settings = _settings(
+    settings = task_settings(
         "ppl", path, seed, model_options, lengths=list(lengths), bucket=bucket, chunk=chunk,
         num_documents=num_documents, documents=[str(d) for d in documents] if documents else "python standard library",
         lengths_used=[longest],

@@ -35,16 +35,14 @@ def _docstrings(path: Path) -> str:
     return "\n\n".join(d.strip() for d in docs if d and d.strip())
 
 
-def haystack_texts(files: Sequence[str | os.PathLike] | None = None) -> Iterator[str]:
-    """Texts of the haystack: the given text files as they are, or by default the standard library's docstrings.
-
-    A directory among `files` contributes its files (sorted, recursively).
-    """
+def named_texts(files: Sequence[str | os.PathLike] | None = None) -> Iterator[tuple[str, str]]:
+    """(name, text) of each haystack source: the given text files as they are (a directory contributes its files,
+    sorted, recursively), or by default the docstrings of each standard library module."""
     if files is None:
         for path in default_haystack_files():
             text = _docstrings(path)
             if text:
-                yield text
+                yield str(path), text
         return
     for f in files:
         path = Path(f)
@@ -57,7 +55,12 @@ def haystack_texts(files: Sequence[str | os.PathLike] | None = None) -> Iterator
         for p in inner:
             text = p.read_text(encoding="utf-8", errors="replace")
             if text.strip():
-                yield text
+                yield str(p), text
+
+
+def haystack_texts(files: Sequence[str | os.PathLike] | None = None) -> Iterator[str]:
+    """Texts of the haystack (see `named_texts`)."""
+    return (text for _, text in named_texts(files))
 
 
 class Haystack:

@@ -8,7 +8,6 @@ record per sample, and a summary of accuracy per length (and depth). Prompts are
 
 from __future__ import annotations
 
-import json
 import os
 import random
 from collections import defaultdict
@@ -22,8 +21,10 @@ from tqdm.auto import tqdm
 from longgen.eval.baseline import load_for_eval
 from longgen.eval.plots import accuracy_heatmap
 from longgen.eval.prompts import Haystack, build_prompt
+from longgen.eval.results import task_settings, write_result
 from longgen.eval.ruler import RULER_TASKS, ruler_sample
 from longgen.eval.scoring import mean, passkey_score, string_match_all
+from longgen.model.layout import is_hybrid
 
 DEFAULT_LENGTHS = (1024, 2048, 4096)
 DEFAULT_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -42,13 +43,42 @@ def _rng(*parts: object) -> random.Random:
     return random.Random(":".join(map(str, parts)))  # a str seed is hashed with SHA-512: stable across runs
 
 
+KV_CACHES = ("auto", "hybrid", "dynamic")
+
+
+def _cache_kind(model: Any, kv_cache: str) -> str:
+    if kv_cache not in KV_CACHES:
+        raise ValueError(f"kv_cache must be one of {KV_CACHES}, got {kv_cache!r}")
+    hybrid = is_hybrid(model.config)
+    if kv_cache == "hybrid" and not hybrid:
+        raise ValueError("kv_cache='hybrid' needs a LongGen hybrid (or the streaming baseline); this model is plain")
+    if kv_cache == "auto":
+        return "hybrid" if hybrid else "dynamic"
+    return kv_cache
+
+
 @torch.inference_mode()
-def generate(model: Any, tokenizer: Any, input_ids: Sequence[int], max_new_tokens: int) -> str:
-    """Greedy continuation of one prompt given as token ids, decoded (special tokens dropped)."""
+def generate(model: Any, tokenizer: Any, input_ids: Sequence[int], max_new_tokens: int, kv_cache: str = "auto") -> str:
+    """Greedy continuation of one prompt given as token ids, decoded (special tokens dropped).
+
+    `kv_cache`: "hybrid" uses `longgen.infer.HybridCache` (each layer keeps only what its pattern still sees: for
+    the StreamingLLM baseline, sink + window tokens), "dynamic" transformers' default cache, "auto" the hybrid
+    cache for LongGen models and the default one otherwise. Greedy outputs are the same either way.
+    """
     x = torch.tensor([list(input_ids)], device=model.device)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    kwargs: dict[str, Any] = {}
+    if _cache_kind(model, kv_cache) == "hybrid":
+        from longgen.infer.cache import HybridCache
+
+        kwargs["past_key_values"] = HybridCache(model.config, max_length=x.shape[1] + max_new_tokens)
     out = model.generate(
-        input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad
+        input_ids=x,
+        attention_mask=torch.ones_like(x),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=pad,
+        **kwargs,
     )
     return tokenizer.decode(out[0, x.shape[1] :], skip_special_tokens=True)
 
@@ -56,22 +86,6 @@ def generate(model: Any, tokenizer: Any, input_ids: Sequence[int], max_new_token
 def _load(path, model_options: dict[str, Any]):
     model, tokenizer = load_for_eval(path, **model_options)
     return model, tokenizer, model.config.max_position_embeddings
-
-
-def _settings(task: str, path, seed: int, model_options: dict[str, Any], **extra: Any) -> dict[str, Any]:
-    opts = {"baseline": "none", **model_options}
-    if opts["baseline"] != "streaming":
-        opts.pop("sink", None), opts.pop("window", None)
-    return {"task": task, "model": str(path), "seed": seed, **opts, **extra}
-
-
-def write_result(result: dict[str, Any], out_dir: str | os.PathLike, name: str) -> Path:
-    """Write `result` as ``<out_dir>/<name>.json`` (the folder is created) and return the file's path."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{name}.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    return path
 
 
 def _grid_summary(records: list[dict[str, Any]], lengths, depths) -> dict[str, Any]:
@@ -98,17 +112,19 @@ def _needle_grid(
     chat: bool,
     haystack: Sequence[str | os.PathLike] | None,
     progress: bool,
+    kv_cache: str,
     model_options: dict[str, Any],
 ) -> tuple[dict[str, Any], Any]:
     _check_grid(lengths, depths, samples)
     model, tokenizer, max_len = _load(path, model_options)
+    cache = _cache_kind(model, kv_cache)
     hay = Haystack(tokenizer, haystack)
     records = []
     grid = [(n, d, i) for n in lengths for d in depths for i in range(samples)]
     for n, d, i in tqdm(grid, desc=task, disable=not progress):
         needle, question, prefix, answers = make_sample(_rng(seed, task, n, d, i))
         prompt = build_prompt(tokenizer, n, hay, [needle], [d], question, prefix, chat=chat, max_length=max_len)
-        output = generate(model, tokenizer, prompt.input_ids, max_new_tokens)
+        output = generate(model, tokenizer, prompt.input_ids, max_new_tokens, cache)
         score = passkey_score(output, answers[0]) if task == "passkey" else string_match_all(output, answers)
         records.append(
             {
@@ -122,7 +138,7 @@ def _needle_grid(
                 "score": score,
             }
         )
-    settings = _settings(
+    settings = task_settings(
         task,
         path,
         seed,
@@ -132,6 +148,7 @@ def _needle_grid(
         samples=samples,
         max_new_tokens=max_new_tokens,
         chat=chat,
+        kv_cache=cache,
         haystack=hay.files or "python standard library docstrings",
         lengths_used=sorted({r["prompt_tokens"] for r in records}),
     )
@@ -149,6 +166,7 @@ def passkey(
     max_new_tokens: int = 8,
     chat: bool = False,
     haystack: Sequence[str | os.PathLike] | None = None,
+    kv_cache: str = "auto",
     out_dir: str | os.PathLike = "eval_results",
     progress: bool = True,
     **model_options: Any,
@@ -156,7 +174,8 @@ def passkey(
     """Pass-key retrieval: a random 5-digit key hidden at each depth of filler text of each length.
 
     Score: 1 when the first number of the greedy continuation of "... The pass key is" is the key.
-    `model_options` go to `load_for_eval` (baseline, sink, window, device, dtype, tokenizer_path).
+    `model_options` go to `load_for_eval` (baseline, sink, window, device, dtype, tokenizer_path); `kv_cache`
+    to `generate`.
     Writes ``passkey.json``; returns the result dict (settings, summary, records).
     """
 
@@ -167,7 +186,8 @@ def passkey(
 
     result, _ = _needle_grid(
         "passkey", path, make, lengths=lengths, depths=depths, samples=samples, seed=seed,
-        max_new_tokens=max_new_tokens, chat=chat, haystack=haystack, progress=progress, model_options=model_options,
+        max_new_tokens=max_new_tokens, chat=chat, haystack=haystack, progress=progress, kv_cache=kv_cache,
+        model_options=model_options,
     )  # fmt: skip
     result["files"] = [str(write_result(result, out_dir, "passkey"))]
     return result
@@ -183,6 +203,7 @@ def niah(
     max_new_tokens: int = 16,
     chat: bool = False,
     haystack: Sequence[str | os.PathLike] | None = None,
+    kv_cache: str = "auto",
     out_dir: str | os.PathLike = "eval_results",
     progress: bool = True,
     **model_options: Any,
@@ -202,7 +223,8 @@ def niah(
 
     result, _ = _needle_grid(
         "niah", path, make, lengths=lengths, depths=depths, samples=samples, seed=seed,
-        max_new_tokens=max_new_tokens, chat=chat, haystack=haystack, progress=progress, model_options=model_options,
+        max_new_tokens=max_new_tokens, chat=chat, haystack=haystack, progress=progress, kv_cache=kv_cache,
+        model_options=model_options,
     )  # fmt: skip
     table = result["summary"]["accuracy_by_length_depth"]
     acc = [[table[str(n)][f"{d:g}"] for n in lengths] for d in depths]
@@ -224,6 +246,7 @@ def ruler(
     cwe_words: int = 10,
     chat: bool = False,
     haystack: Sequence[str | os.PathLike] | None = None,
+    kv_cache: str = "auto",
     out_dir: str | os.PathLike = "eval_results",
     progress: bool = True,
     **model_options: Any,
@@ -241,12 +264,13 @@ def ruler(
     budgets = {"niah_single": 32, "niah_multikey": 32, "niah_multivalue": 64, "vt": 40, "cwe": 12 * cwe_words}
     budgets.update(max_new_tokens or {})
     model, tokenizer, max_len = _load(path, model_options)
+    cache = _cache_kind(model, kv_cache)
     hay = Haystack(tokenizer, haystack)
     records = []
     grid = [(t, n, i) for t in tasks for n in lengths for i in range(samples)]
     for t, n, i in tqdm(grid, desc="ruler", disable=not progress):
         s = ruler_sample(t, tokenizer, n, hay, _rng(seed, t, n, i), cwe_words=cwe_words, chat=chat, max_length=max_len)
-        output = generate(model, tokenizer, s.prompt.input_ids, budgets[t])
+        output = generate(model, tokenizer, s.prompt.input_ids, budgets[t], cache)
         records.append(
             {
                 "task": t,
@@ -266,9 +290,9 @@ def ruler(
         "score_by_length": {str(n): mean([scores[t][str(n)] for t in tasks]) for n in lengths},
         "score": mean([r["score"] for r in records]),
     }
-    settings = _settings(
+    settings = task_settings(
         "ruler", path, seed, model_options, tasks=list(tasks), lengths=list(lengths), samples=samples,
-        max_new_tokens={t: budgets[t] for t in tasks}, cwe_words=cwe_words, chat=chat,
+        max_new_tokens={t: budgets[t] for t in tasks}, cwe_words=cwe_words, chat=chat, kv_cache=cache,
         haystack=hay.files or "python standard library docstrings",
         lengths_used=sorted({r["prompt_tokens"] for r in records}),
     )  # fmt: skip

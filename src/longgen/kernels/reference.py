@@ -90,7 +90,8 @@ def _attend_sequence(
     if T == 0:
         return torch.empty_like(q), _empty_lse(q, (shape.num_heads, 0))
     rows = max(1, min(T, _CHUNK_ELEMENTS // (T * shape.num_heads)))
-    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    # recompute chunks in the backward only when there are several: one chunk is already within the budget
+    needs_grad = rows < T and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     outs, lses = [], []
     for t0 in range(0, T, rows):
         t1 = min(T, t0 + rows)
