@@ -189,7 +189,7 @@ def test_passkey_end_to_end_and_deterministic(workspace, tmp_path):
     res = passkey(root / "hybrid", out_dir=tmp_path / "a", seed=3, **kw)
     saved = _read(tmp_path / "a" / "passkey.json")
     assert saved["settings"]["model"] == str(root / "hybrid") and saved["settings"]["seed"] == 3
-    assert saved["settings"]["lengths_used"] == [64, 128]
+    assert saved["settings"]["lengths_used"] == [64, 128] and saved["settings"]["dtype"] == "torch.float32"
     assert len(saved["records"]) == 6 and all(r["prompt_tokens"] == r["length"] for r in saved["records"])
     assert 0.0 <= saved["summary"]["accuracy"] <= 1.0
     assert set(saved["summary"]["accuracy_by_length_depth"]["64"]) == {"0", "0.5", "1"}

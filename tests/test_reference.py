@@ -137,9 +137,9 @@ def test_gradcheck_varlen_and_lse():
     )
 
 
-def test_chunked_path_matches_unchunked_forward_and_backward(monkeypatch):
+@pytest.mark.parametrize("pattern", [BlockSparse(16, 1, 2), SinkWindow(3, 9), SinkWindow(0, 5)], ids=repr)
+def test_chunked_path_matches_unchunked_forward_and_backward(monkeypatch, pattern):
     q, k, v = rand(1, 70, 4, 2, 8)
-    pattern = BlockSparse(16, 1, 2)
     grads = []
     outs = []
     for elements in (1 << 26, 4 * 70 * 3):  # one chunk; chunks of 3 query rows

@@ -251,6 +251,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in train.output_dir")
     p.set_defaults(func=_cmd_train)
 
+    from longgen.eval.cli import add_eval_parser
+
+    add_eval_parser(sub)
+
     p = sub.add_parser("generate", help="generate text with a hybrid and its compact KV cache (streams to stdout)")
     p.add_argument("path", help="converted model folder (with tokenizer)")
     p.add_argument("--prompt", default=None, help="prompt text")

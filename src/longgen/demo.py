@@ -258,7 +258,8 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
             progress=False,
             device=cfg.device,
         )
-        lengths = sorted({n for n in (cfg.short_len, long_len // 2, long_len) if n >= 128})  # template: ~80 tokens
+        # prompts from 128 tokens (the template takes ~80) up to the extended length, leaving room for the answer
+        lengths = sorted({n for n in (cfg.short_len, long_len // 2, long_len - 16) if n >= 128})
         k = passkey(
             path,
             lengths=lengths,

@@ -101,6 +101,12 @@ class Pattern(ABC):
     def _check_seq_len(self, seq_len: int) -> None:
         """Raise if the pattern is not defined at this length (only fixed-size layouts are limited)."""
 
+    def _key_candidates(self, t0: int, t1: int) -> torch.Tensor | None:
+        """Key positions that queries ``t0 .. t1 - 1`` may attend, as a superset (None: all of ``0 .. t1 - 1``).
+
+        Only prunes work; `_allowed` still decides every pair."""
+        return None
+
     # ----------------------------------------------------------------------------------------------------
     # block iteration (what the kernels visit)
     @property
@@ -252,6 +258,12 @@ class SinkWindow(Pattern):
         near = (i - j) * block_size - (block_size - 1) < self.window
         bm = (j <= i) & ((j * block_size < self.sink) | near)
         return bm.expand(num_kv_heads, n, n).clone()
+
+    def _key_candidates(self, t0, t1):
+        recent = max(self.sink, t0 - self.window + 1)
+        if recent <= self.sink:
+            return None
+        return torch.cat([torch.arange(min(self.sink, t1)), torch.arange(recent, t1)])
 
     def _kv_retention(self, seq_len, num_kv_heads):
         sink = torch.arange(min(self.sink, seq_len))

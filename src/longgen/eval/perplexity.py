@@ -114,7 +114,7 @@ def ppl(
         del r["segments"]
     summary = {"ppl_by_length": by_length, "by_position": by_position, "documents": len(records)}
     settings = task_settings(
-        "ppl", path, seed, model_options, lengths=list(lengths), bucket=bucket, chunk=chunk,
+        "ppl", path, seed, model, model_options, lengths=list(lengths), bucket=bucket, chunk=chunk,
         num_documents=num_documents, documents=[str(d) for d in documents] if documents else "python standard library",
         lengths_used=[longest],
     )  # fmt: skip

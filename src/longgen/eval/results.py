@@ -8,9 +8,12 @@ from pathlib import Path
 from typing import Any
 
 
-def task_settings(task: str, path: str | os.PathLike, seed: int, model_options: dict[str, Any], **extra: Any):
-    """The settings a task records: task, model path, seed, baseline (with sink/window when streaming), extras."""
-    opts = {"baseline": "none", **model_options}
+def task_settings(
+    task: str, path: str | os.PathLike, seed: int, model: Any, model_options: dict[str, Any], **extra: Any
+) -> dict[str, Any]:
+    """The settings a task records: task, model path, seed, baseline (with sink/window when streaming), the
+    device and dtype the model ran in, and the task's own settings (`extra`)."""
+    opts = {"baseline": "none", **model_options, "device": str(model.device), "dtype": str(model.dtype)}
     if opts["baseline"] != "streaming":
         opts.pop("sink", None)
         opts.pop("window", None)

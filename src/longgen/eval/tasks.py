@@ -114,7 +114,7 @@ def _needle_grid(
     progress: bool,
     kv_cache: str,
     model_options: dict[str, Any],
-) -> tuple[dict[str, Any], Any]:
+) -> dict[str, Any]:
     _check_grid(lengths, depths, samples)
     model, tokenizer, max_len = _load(path, model_options)
     cache = _cache_kind(model, kv_cache)
@@ -142,6 +142,7 @@ def _needle_grid(
         task,
         path,
         seed,
+        model,
         model_options,
         lengths=list(lengths),
         depths=list(depths),
@@ -152,8 +153,7 @@ def _needle_grid(
         haystack=hay.files or "python standard library docstrings",
         lengths_used=sorted({r["prompt_tokens"] for r in records}),
     )
-    result = {"settings": settings, "summary": _grid_summary(records, lengths, depths), "records": records}
-    return result, tokenizer
+    return {"settings": settings, "summary": _grid_summary(records, lengths, depths), "records": records}
 
 
 def passkey(
@@ -184,7 +184,7 @@ def passkey(
         needle = f"\nThe pass key is {key}. Remember it. {key} is the pass key.\n"
         return needle, "\nWhat is the pass key?", "The pass key is", [key]
 
-    result, _ = _needle_grid(
+    result = _needle_grid(
         "passkey", path, make, lengths=lengths, depths=depths, samples=samples, seed=seed,
         max_new_tokens=max_new_tokens, chat=chat, haystack=haystack, progress=progress, kv_cache=kv_cache,
         model_options=model_options,
@@ -221,7 +221,7 @@ def niah(
         question = f"\nWhat is the special magic number for {key} mentioned in the provided text?"
         return needle, question, f"The special magic number for {key} mentioned in the provided text is", [value]
 
-    result, _ = _needle_grid(
+    result = _needle_grid(
         "niah", path, make, lengths=lengths, depths=depths, samples=samples, seed=seed,
         max_new_tokens=max_new_tokens, chat=chat, haystack=haystack, progress=progress, kv_cache=kv_cache,
         model_options=model_options,
@@ -291,7 +291,7 @@ def ruler(
         "score": mean([r["score"] for r in records]),
     }
     settings = task_settings(
-        "ruler", path, seed, model_options, tasks=list(tasks), lengths=list(lengths), samples=samples,
+        "ruler", path, seed, model, model_options, tasks=list(tasks), lengths=list(lengths), samples=samples,
         max_new_tokens={t: budgets[t] for t in tasks}, cwe_words=cwe_words, chat=chat, kv_cache=cache,
         haystack=hay.files or "python standard library docstrings",
         lengths_used=sorted({r["prompt_tokens"] for r in records}),

@@ -27,7 +27,8 @@ from longgen.model.attention import ATTN_IMPLEMENTATION, CACHE_HOOKS, _attend_pr
 from longgen.model.layout import read_layout
 from longgen.patterns import Full, Pattern
 
-STORE_CHUNK = 4096  # tokens appended between evictions while storing a long prompt (bounds the transient)
+STORE_CHUNK = 4096  # tokens appended between evictions while storing a prompt into a growing cache
+PREALLOC_SLACK = 64  # slots beyond the pattern's retention in a preallocated cache (room to append, then evict)
 
 
 class RetainedKVLayer(CacheLayerMixin):
@@ -164,16 +165,21 @@ class RetainedKVLayer(CacheLayerMixin):
         return out.transpose(1, 2) * valid[:, :, None, None]
 
     def _store(self, key, value, pos, valid, evict: bool = True) -> None:
-        """Put the valid new tokens into free slots (in chunks, freeing what the pattern drops in between)."""
-        q_len = key.shape[2]
-        step = q_len if not evict else STORE_CHUNK
-        for s in range(0, q_len, step):
-            k, v = key[:, :, s : s + step], value[:, :, s : s + step]
-            p = torch.where(valid[:, s : s + step], pos[:, s : s + step], -1)
+        """Put the valid new tokens into free slots, in pieces that fit, freeing what the pattern drops between
+        pieces (a preallocated cache never grows past its retention + slack)."""
+        q_len, s = key.shape[2], 0
+        while s < q_len:
+            n = q_len - s
+            if evict:
+                room = int((self.positions < 0).sum(-1).min())
+                n = min(n, room if self.initial_capacity and room > 0 else STORE_CHUNK)
+            k, v = key[:, :, s : s + n], value[:, :, s : s + n]
+            p = torch.where(valid[:, s : s + n], pos[:, s : s + n], -1)
             self._append(k, v, p)
-            self.next_pos = self.next_pos + valid[:, s : s + step].sum(-1)
+            self.next_pos = self.next_pos + valid[:, s : s + n].sum(-1)
             if evict:
                 self._evict()
+            s += n
 
     def _append(self, k, v, p) -> None:
         B, H, n, d = k.shape
@@ -204,7 +210,7 @@ class HybridCache(Cache):
     """A transformers `Cache` for LongGen hybrids: pass it to ``model.generate(past_key_values=...)``.
 
     `max_length` (optional) preallocates every layer at the pattern's largest retention for that length plus
-    one storage chunk, so no memory is reallocated while generating; otherwise layers grow as needed.
+    `PREALLOC_SLACK` slots, so no memory is reallocated while generating; otherwise layers grow as needed.
     """
 
     def __init__(self, config: Any, max_length: int | None = None):
@@ -217,7 +223,7 @@ class HybridCache(Cache):
         for p in read_layout(config):
             cap = 0
             if max_length is not None:
-                cap = max(p.kept_tokens(max_length, hkv)) + min(STORE_CHUNK, max_length)
+                cap = max(p.kept_tokens(max_length, hkv)) + PREALLOC_SLACK
             layers.append(RetainedKVLayer(p, hkv, capacity=cap))
         super().__init__(layers=layers)
 

@@ -95,7 +95,12 @@ def _attend_sequence(
     outs, lses = [], []
     for t0 in range(0, T, rows):
         t1 = min(T, t0 + rows)
-        args = (q[t0:t1], k[:t1], v[:t1], t0, shape)
+        keys = shape.pattern._key_candidates(t0, t1)
+        if keys is None:
+            args = (q[t0:t1], k[:t1], v[:t1], t0, shape, None)
+        else:
+            keys = keys.to(q.device)
+            args = (q[t0:t1], k.index_select(0, keys), v.index_select(0, keys), t0, shape, keys)
         if needs_grad:
             o, lse = checkpoint(_attend_chunk, *args, use_reentrant=False)
         else:
@@ -106,9 +111,9 @@ def _attend_sequence(
 
 
 def _attend_chunk(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, t0: int, shape: AttentionShape
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, t0: int, shape: AttentionShape, key_pos: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Queries at positions ``t0 .. t0 + len(q) - 1`` against keys ``0 .. len(k) - 1``."""
+    """Queries at positions ``t0 .. t0 + len(q) - 1`` against keys at `key_pos` (default ``0 .. len(k) - 1``)."""
     c, S = q.shape[0], k.shape[0]
     hkv, grp, d = shape.num_kv_heads, shape.group, shape.head_dim
     acc = _acc_dtype(q.dtype)
@@ -117,7 +122,7 @@ def _attend_chunk(
     vf = v.to(acc).permute(1, 0, 2)
     scores = torch.matmul(qf, kf.unsqueeze(1).transpose(-1, -2)) * shape.scale  # (Hkv, G, c, S)
     t = torch.arange(t0, t0 + c, device=q.device)
-    s = torch.arange(S, device=q.device)
+    s = torch.arange(S, device=q.device) if key_pos is None else key_pos
     g = torch.arange(hkv, device=q.device)
     allowed = shape.pattern._allowed(t[None, :, None], s[None, None, :], g[:, None, None], hkv)
     scores = scores.masked_fill(~allowed[:, None], float("-inf"))
