@@ -210,3 +210,27 @@ def test_generate_cli_streams_the_greedy_continuation(tmp_path):
         timeout=300,
     )
     assert bad.returncode == 2 and "exceeds the model's maximum length" in bad.stderr
+
+
+def test_streaming_llm_baseline_cache_never_holds_more_than_sink_plus_window():
+    from longgen.eval import streaming_llm
+
+    cfg = LlamaConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=256,
+    )
+    torch.manual_seed(0)
+    m = streaming_llm(AutoModelForCausalLM.from_config(cfg).eval(), sink=4, window=16)  # a plain full model
+    cache = HybridCache(m.config)
+    ids = torch.randint(0, 128, (1, 60), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        logits = m(ids, past_key_values=cache, use_cache=True).logits
+        for _ in range(20):
+            assert max(int(cache.stored_tokens(i).max()) for i in range(3)) <= 4 + 16
+            logits = m(logits[:, -1].argmax(-1, keepdim=True), past_key_values=cache, use_cache=True).logits
