@@ -9,6 +9,7 @@ import random
 import pytest
 import torch
 
+from helpers import bpe_tokenizer, save_tiny_models
 from longgen.eval import (
     RULER_TASKS,
     Haystack,
@@ -35,35 +36,13 @@ CHAT_TEMPLATE = (
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     """A BPE tokenizer trained on the standard library's docstrings, a plain tiny Llama and its hybrid."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
 
-    import longgen
     from longgen.eval.prompts import haystack_texts
 
     root = tmp_path_factory.mktemp("eval")
     texts = [t for _, t in zip(range(40), haystack_texts(), strict=False)]
-    tok = Tokenizer(models.BPE(unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel()
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=400, special_tokens=["[UNK]", "</s>"]))
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="[UNK]")
-    cfg = LlamaConfig(
-        vocab_size=400,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-    )
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(cfg)
-    model.save_pretrained(root / "plain")
-    tokenizer.save_pretrained(root / "plain")
-    longgen.convert(model, pattern=longgen.SinkWindow(4, 32))
-    model.save_pretrained(root / "hybrid")
-    tokenizer.save_pretrained(root / "hybrid")
+    tokenizer = bpe_tokenizer(texts)
+    save_tiny_models(root, tokenizer, max_len=512)
     return root, tokenizer
 
 

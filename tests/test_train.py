@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from helpers import bpe_tokenizer, save_tiny_models
 from longgen.train import NonFiniteLossError, load_config, train
 from longgen.train.checkpoint import latest_checkpoint, list_checkpoints
 from longgen.train.loss import CausalLMLoss
@@ -20,35 +21,12 @@ from longgen.train.loss import CausalLMLoss
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     """A corpus of real documents (the json package's sources), a BPE tokenizer, a hybrid and a plain model."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
-
-    import longgen
 
     root = tmp_path_factory.mktemp("train")
     corpus = root / "corpus"
     shutil.copytree(Path(json.__file__).parent, corpus, ignore=shutil.ignore_patterns("__pycache__"))
     texts = [p.read_text() for p in sorted(corpus.rglob("*.py"))]
-    tok = Tokenizer(models.BPE(unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel()
-    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=400, special_tokens=["[UNK]", "</s>"]))
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="[UNK]")
-    cfg = LlamaConfig(
-        vocab_size=400,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-    )
-    torch.manual_seed(0)
-    plain = AutoModelForCausalLM.from_config(cfg)
-    plain.save_pretrained(root / "plain")
-    tokenizer.save_pretrained(root / "plain")
-    longgen.convert(plain, pattern=longgen.SinkWindow(4, 32), target_length=256, rope="ntk")
-    plain.save_pretrained(root / "hybrid")
-    tokenizer.save_pretrained(root / "hybrid")
+    save_tiny_models(root, bpe_tokenizer(texts), max_len=128, target_length=256, rope="ntk")
     return root
 
 

@@ -28,7 +28,7 @@ SKIP_DIRS = {"site-packages", "test", "tests", "idlelib", "turtledemo", "__pycac
 class DemoConfig:
     out_dir: str = "longgen-demo"
     device: str = "cpu"
-    corpus_mb: float = 4.0  # of standard-library source text
+    corpus_mb: float = 3.0  # of standard-library source text
     vocab_size: int = 2048
     hidden_size: int = 128
     layers: int = 6
@@ -39,8 +39,8 @@ class DemoConfig:
     sink: int = 16
     window: int = 128
     batch_tokens: int = 4096  # tokens per optimizer step (pre-training and extension alike)
-    pretrain_steps: int = 200
-    extend_steps: int = 60
+    pretrain_steps: int = 150
+    extend_steps: int = 40
     lr: float = 2e-3
     seed: int = 0
 

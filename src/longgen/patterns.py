@@ -101,6 +101,10 @@ class Pattern(ABC):
     def _check_seq_len(self, seq_len: int) -> None:
         """Raise if the pattern is not defined at this length (only fixed-size layouts are limited)."""
 
+    def _query_chunk(self) -> int | None:
+        """Preferred query-chunk length for `_key_candidates` to prune well (None: no preference)."""
+        return None
+
     def _key_candidates(self, t0: int, t1: int) -> torch.Tensor | None:
         """Key positions that queries ``t0 .. t1 - 1`` may attend, as a superset (None: all of ``0 .. t1 - 1``).
 
@@ -258,6 +262,9 @@ class SinkWindow(Pattern):
         near = (i - j) * block_size - (block_size - 1) < self.window
         bm = (j <= i) & ((j * block_size < self.sink) | near)
         return bm.expand(num_kv_heads, n, n).clone()
+
+    def _query_chunk(self):
+        return max(64, self.window)
 
     def _key_candidates(self, t0, t1):
         recent = max(self.sink, t0 - self.window + 1)

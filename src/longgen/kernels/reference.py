@@ -90,6 +90,8 @@ def _attend_sequence(
     if T == 0:
         return torch.empty_like(q), _empty_lse(q, (shape.num_heads, 0))
     rows = max(1, min(T, _CHUNK_ELEMENTS // (T * shape.num_heads)))
+    if shape.pattern._query_chunk() is not None:  # chunks the pattern can prune keys for (SinkWindow)
+        rows = min(rows, shape.pattern._query_chunk())
     # recompute chunks in the backward only when there are several: one chunk is already within the budget
     needs_grad = rows < T and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     outs, lses = [], []
