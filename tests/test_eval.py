@@ -178,6 +178,8 @@ def test_passkey_end_to_end_and_deterministic(workspace, tmp_path):
     assert [r["answers"] for r in other["records"]] != [r["answers"] for r in res["records"]]
     with pytest.raises(ValueError, match="max_position_embeddings"):
         passkey(root / "hybrid", lengths=[1024], out_dir=tmp_path / "d", **FAST)
+    with pytest.raises(ValueError, match=r"plus up to 8 generated tokens .* lengths up to 504"):
+        passkey(root / "hybrid", lengths=[510], max_new_tokens=8, out_dir=tmp_path / "d", **FAST)
     # longgen's hybrid KV cache (the default for hybrids) and transformers' cache generate the same tokens
     assert res["settings"]["kv_cache"] == "hybrid"
     dynamic = passkey(root / "hybrid", out_dir=tmp_path / "e", seed=3, kv_cache="dynamic", **kw)

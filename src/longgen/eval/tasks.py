@@ -30,6 +30,16 @@ DEFAULT_LENGTHS = (1024, 2048, 4096)
 DEFAULT_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
+def _check_room(lengths: Sequence[int], new_tokens: int, max_len: int) -> None:
+    """Prompt + answer must fit the model: a prompt is never truncated, and generation never runs past the end."""
+    too_long = [n for n in lengths if n + new_tokens > max_len]
+    if too_long:
+        raise ValueError(
+            f"prompts of {too_long} tokens plus up to {new_tokens} generated tokens exceed the model's "
+            f"max_position_embeddings ({max_len}); ask for lengths up to {max_len - new_tokens}"
+        )
+
+
 def _check_grid(lengths: Sequence[int], depths: Sequence[float] | None, samples: int) -> None:
     if not lengths or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in lengths):
         raise ValueError(f"lengths must be positive ints, got {list(lengths)}")
@@ -117,6 +127,7 @@ def _needle_grid(
 ) -> dict[str, Any]:
     _check_grid(lengths, depths, samples)
     model, tokenizer, max_len = _load(path, model_options)
+    _check_room(lengths, max_new_tokens, max_len)
     cache = _cache_kind(model, kv_cache)
     hay = Haystack(tokenizer, haystack)
     records = []
@@ -264,6 +275,7 @@ def ruler(
     budgets = {"niah_single": 32, "niah_multikey": 32, "niah_multivalue": 64, "vt": 40, "cwe": 12 * cwe_words}
     budgets.update(max_new_tokens or {})
     model, tokenizer, max_len = _load(path, model_options)
+    _check_room(lengths, max(budgets[t] for t in tasks), max_len)
     cache = _cache_kind(model, kv_cache)
     hay = Haystack(tokenizer, haystack)
     records = []
