@@ -20,10 +20,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from longgen.model.attention import ATTN_IMPLEMENTATION, CACHE_HOOKS, _attend_prefill
+from longgen.model.attention import ATTN_IMPLEMENTATION, CACHE_HOOKS, _attend_prefill, attend_at_positions
 from longgen.model.layout import read_layout
 from longgen.patterns import Full, Pattern
 
@@ -146,23 +145,10 @@ class RetainedKVLayer(CacheLayerMixin):
         return out
 
     def _attend_slots(self, query, q_pos, valid, scale) -> torch.Tensor:
-        heads = query.shape[1]
-        g = torch.arange(self.num_kv_heads, device=query.device)
-        slot = self.positions[:, :, None, :]  # (B, Hkv, 1, cap)
-        allowed = self.pattern.allowed(
-            q_pos[:, None, :, None], slot.clamp(min=0), g[None, :, None, None], self.num_kv_heads
-        ) & (slot >= 0)
-        allowed = allowed | ~valid[:, None, :, None]  # padding queries: any row, zeroed below (never NaN)
-        allowed = allowed.repeat_interleave(heads // self.num_kv_heads, dim=1)
-        out = F.scaled_dot_product_attention(
-            query,
-            self.keys.to(query.dtype),
-            self.values.to(query.dtype),
-            attn_mask=allowed,
-            scale=scale,
-            enable_gqa=heads != self.num_kv_heads,
+        keys, values = self.keys.to(query.dtype), self.values.to(query.dtype)
+        return attend_at_positions(
+            query, keys, values, self.pattern, q_pos, self.positions, self.positions >= 0, valid, scale
         )
-        return out.transpose(1, 2) * valid[:, :, None, None]
 
     def _store(self, key, value, pos, valid, evict: bool = True) -> None:
         """Put the valid new tokens into free slots, in pieces that fit, freeing what the pattern drops between

@@ -145,18 +145,48 @@ def _attend_masked(q, k, v, pattern: Pattern, mask, scale) -> torch.Tensor:
     """Exact attention for queries that are the last q_len of kv_len keys (decoding with a cache).
 
     Positions count real tokens only (left padding does not shift them)."""
-    B, q_len, H, _ = q.shape
-    S, hkv = k.shape[1], k.shape[2]
-    valid = torch.ones(B, S, dtype=torch.bool, device=q.device) if mask is None else mask[:, -S:].bool()
+    q_len, S = q.shape[1], k.shape[1]
+    valid = torch.ones(q.shape[0], S, dtype=torch.bool, device=q.device) if mask is None else mask[:, -S:].bool()
     kpos = valid.long().cumsum(-1) - 1
-    qpos = kpos[:, S - q_len :]
-    g = torch.arange(hkv, device=q.device)
-    allowed = pattern.allowed(qpos[:, None, :, None], kpos[:, None, None, :].clamp(min=0), g[None, :, None, None], hkv)
-    allowed = allowed & valid[:, None, None, :]
-    q_valid = valid[:, S - q_len :]
-    allowed = allowed | ~q_valid[:, None, :, None]  # padding queries: any row (zeroed below), never NaN
-    allowed = allowed.repeat_interleave(H // hkv, dim=1)
-    return _sdpa(q, k, v, scale, attn_mask=allowed) * q_valid[:, :, None, None]
+    return attend_at_positions(
+        q.transpose(1, 2),
+        k.transpose(1, 2),
+        v.transpose(1, 2),
+        pattern,
+        kpos[:, S - q_len :],
+        kpos,
+        valid,
+        valid[:, S - q_len :],
+        scale,
+    )
+
+
+def attend_at_positions(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    pattern: Pattern,
+    q_pos: torch.Tensor,
+    k_pos: torch.Tensor,
+    k_valid: torch.Tensor,
+    q_valid: torch.Tensor,
+    scale: float | None,
+) -> torch.Tensor:
+    """Exact attention of queries at absolute positions over keys at absolute positions, in any key order.
+
+    query ``(B, H, q, d)``, key/value ``(B, Hkv, S, d)``; q_pos, q_valid ``(B, q)``; k_pos, k_valid ``(B, S)``, or
+    ``(B, Hkv, S)`` when each KV head holds its own keys. Invalid keys are ignored; invalid queries give 0.
+    Returns ``(B, q, H, d)``."""
+    heads, hkv = query.shape[1], key.shape[1]
+    if k_pos.dim() == 2:
+        k_pos, k_valid = k_pos[:, None], k_valid[:, None]
+    g = torch.arange(hkv, device=query.device)
+    allowed = pattern.allowed(q_pos[:, None, :, None], k_pos[:, :, None, :].clamp(min=0), g[None, :, None, None], hkv)
+    allowed = allowed & k_valid[:, :, None, :]
+    allowed = allowed | ~q_valid[:, None, :, None]  # invalid queries: any row (zeroed below), never NaN
+    allowed = allowed.repeat_interleave(heads // hkv, dim=1)
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=allowed, scale=scale, enable_gqa=heads != hkv)
+    return out.transpose(1, 2) * q_valid[:, :, None, None]
 
 
 _REGISTERED = False
