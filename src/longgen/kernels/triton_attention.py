@@ -1152,6 +1152,28 @@ def _tile_config(head_dim: int, dtype: torch.dtype, interpret: bool) -> dict[str
     }
 
 
+def pattern_constexprs(p, hkv: int) -> dict[str, int]:
+    """The compile-time pattern parameters `_allowed` and the range helpers take, for a resolved pattern."""
+    sink = window = local = step = 0
+    stride = pb = 1
+    dense_from = hkv
+    if isinstance(p, Full):
+        kind = K_FULL
+    elif isinstance(p, SinkWindow):
+        kind, sink, window = K_SINK_WINDOW, p.sink, p.window
+    elif isinstance(p, BlockSparse):
+        kind, pb, local, stride = K_BLOCK_SPARSE, p.block_size, p.local_blocks, p.stride
+        step = max(1, stride // hkv)
+        dense_from = hkv - p.dense_kv_heads
+    elif isinstance(p, BlockLayout):
+        kind, pb = K_LAYOUT, p.block_size
+    else:  # pragma: no cover - every Pattern subclass is listed above
+        raise TypeError(f"no Triton kernel for pattern {p!r}")
+    return dict(
+        PATTERN=kind, SINK=sink, WINDOW=window, PB=pb, LOCAL=local, STRIDE=stride, STEP=step, DENSE_FROM=dense_from
+    )
+
+
 class _Plan:
     """Everything the kernels need about one call: sequences, constexpr pattern parameters, tiles, indices."""
 
@@ -1164,35 +1186,14 @@ class _Plan:
         self.max_len = max(shape.seq_lens, default=0)
         hkv = shape.num_kv_heads
         self.tiles = _tile_config(shape.head_dim, dtype, _interpreting())
-        sink = window = local = step = 0
-        stride = pb = 1
-        dense_from = hkv
-        if isinstance(p, Full):
-            kind = K_FULL
-        elif isinstance(p, SinkWindow):
-            kind, sink, window = K_SINK_WINDOW, p.sink, p.window
-        elif isinstance(p, BlockSparse):
-            kind, pb, local, stride = K_BLOCK_SPARSE, p.block_size, p.local_blocks, p.stride
-            step = max(1, stride // hkv)
-            dense_from = hkv - p.dense_kv_heads
-        elif isinstance(p, BlockLayout):
-            kind, pb = K_LAYOUT, p.block_size
-        else:  # pragma: no cover - every Pattern subclass is listed above
-            raise TypeError(f"no Triton kernel for pattern {p!r}")
+        self.constexprs = pattern_constexprs(p, hkv)
+        kind, pb = self.constexprs["PATTERN"], self.constexprs["PB"]
         if kind in (K_BLOCK_SPARSE, K_LAYOUT):  # key tiles never straddle pattern blocks
             self.tiles = {
                 name: Tiles(t.block_m, min(t.block_n, pb), t.num_warps, t.num_stages) for name, t in self.tiles.items()
             }
         self.kind = kind
-        self.constexprs = dict(
-            PATTERN=kind,
-            SINK=sink,
-            WINDOW=window,
-            PB=pb,
-            LOCAL=local,
-            STRIDE=stride,
-            STEP=step,
-            DENSE_FROM=dense_from,
+        self.constexprs.update(
             G=shape.group,
             HEAD_DIM=shape.head_dim,
             BLOCK_D=max(16, triton.next_power_of_2(shape.head_dim)),
