@@ -1,0 +1,262 @@
+"""Compact per-layer KV storage: every layer holds only the keys and values its pattern can still attend.
+
+One `CompactKV` per attention layer, for a fixed number of rows (sequences) and a maximum length. Each token
+has a slot computed from its absolute position, so storing is a scatter with no bookkeeping on the host and a
+decode step has static shapes (CUDA-graph capturable):
+
+* Full layers (and patterns that keep everything up to `max_len`): slot = position; ``max_len`` slots.
+* SinkWindow: the first `sink` positions in their own slots, then a ring of `window` slots
+  (slot = sink + (position - sink) % window): ``sink + window`` slots.
+* Block patterns (BlockSparse, BlockLayout): a key block is live from its first token until the last query block
+  that sees it (an interval, because the cache only takes KV-cache-efficient patterns). Slot blocks are assigned
+  to key blocks by greedy interval colouring, per KV head, into a table ``(kv_heads, n_blocks)``; the number of
+  slot blocks is the largest number of blocks live at once (local blocks + strided blocks so far, for BlockSparse).
+
+A slot whose block or ring position is reused holds a dead key until it is overwritten; `positions` says which
+token each slot holds and the attention masks by the pattern, so dead keys are never attended. `stored_tokens`
+counts the live ones, which is exactly `Pattern.kv_retention`. One extra slot at the end takes the writes of
+tokens that are not kept (padding, or prompt tokens the pattern already dropped) and never holds a position.
+
+`attend` is the one attention-with-cache path (Hugging Face `generate` through `HybridCache`, and the serving
+runner): a prompt into an empty row runs the sparse kernels over the prompt; one new token is stored first and
+then attends the cache (its slot only ever replaces a key it cannot see); several new tokens attend the cache
+plus themselves, then are stored.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+
+from longgen.patterns import BlockLayout, BlockSparse, Full, Pattern, SinkWindow, _BlockPattern
+
+IDENTITY, RING, TABLE = "identity", "ring", "table"
+
+
+@dataclass(frozen=True)
+class SlotMap:
+    """How one layer's pattern maps positions to slots for sequences of up to `max_len` tokens."""
+
+    kind: str
+    capacity: int
+    sink: int = 0
+    window: int = 0
+    block_size: int = 1
+    table: torch.Tensor | None = None  # (kv_heads, n_blocks) slot block of each key block (TABLE)
+
+    @staticmethod
+    def build(pattern: Pattern, num_kv_heads: int, max_len: int) -> SlotMap:
+        p = pattern.resolve(num_kv_heads)
+        if isinstance(p, SinkWindow) and p.sink + p.window < max_len:
+            return SlotMap(RING, p.sink + p.window, sink=p.sink, window=p.window)
+        if isinstance(p, _BlockPattern):
+            n_blocks = math.ceil(max_len / p.block_size)
+            table, n_slot_blocks = _slot_table(p, num_kv_heads, n_blocks)
+            if n_slot_blocks * p.block_size < max_len:
+                return SlotMap(TABLE, n_slot_blocks * p.block_size, block_size=p.block_size, table=table)
+        return SlotMap(IDENTITY, max_len)
+
+    def slots(self, pos: torch.Tensor) -> torch.Tensor:
+        """Slot of each position: pos ``(B, 1 or kv_heads, n)`` int64 -> ``(B, kv_heads or 1, n)``."""
+        if self.kind == RING:
+            return torch.where(pos < self.sink, pos, self.sink + (pos - self.sink) % self.window)
+        if self.kind == TABLE:
+            heads = torch.arange(self.table.shape[0], device=pos.device)[None, :, None]
+            return self.table[heads, pos // self.block_size] * self.block_size + pos % self.block_size
+        return pos
+
+
+@lru_cache(maxsize=64)
+def _slot_table(p: _BlockPattern, num_kv_heads: int, n_blocks: int) -> tuple[torch.Tensor, int]:
+    """Greedy interval colouring of key blocks by liveness, per KV head -> (table int64 on CPU, slot blocks)."""
+    last = _last_visible_row(p, num_kv_heads, n_blocks).tolist()
+    table = torch.empty(num_kv_heads, n_blocks, dtype=torch.long)
+    used = 0
+    for g in range(num_kv_heads):
+        free: list[int] = []
+        release: dict[int, list[int]] = {}
+        n_colours = 0
+        row = table[g]
+        colours = [0] * n_blocks
+        for j in range(n_blocks):
+            for c in release.pop(j, ()):
+                heapq.heappush(free, c)
+            if free:
+                c = heapq.heappop(free)
+            else:
+                c, n_colours = n_colours, n_colours + 1
+            colours[j] = c
+            release.setdefault(last[g][j] + 1, []).append(c)
+        row.copy_(torch.tensor(colours))
+        used = max(used, n_colours)
+    return table, used
+
+
+def _last_visible_row(p: _BlockPattern, num_kv_heads: int, n_blocks: int) -> torch.Tensor:
+    """``(kv_heads, n_blocks)``: the last query block (< n_blocks) that sees each key block."""
+    j = torch.arange(n_blocks)
+    if isinstance(p, BlockSparse):
+        step = max(1, p.stride // num_kv_heads)
+        g = torch.arange(num_kv_heads)[:, None]
+        forever = ((j[None] + g * step) % p.stride == 0) | (g >= num_kv_heads - p.dense_kv_heads)
+        return torch.where(forever, n_blocks - 1, (j + p.local_blocks - 1).clamp(max=n_blocks - 1)[None])
+    if isinstance(p, BlockLayout):
+        lay = p.layout.expand(num_kv_heads, -1, -1)[:, :n_blocks, :n_blocks]
+        rows = torch.arange(n_blocks)[None, :, None].expand_as(lay)
+        return torch.where(lay, rows, -1).amax(dim=1)
+    raise TypeError(f"no slot table for {p!r}")  # pragma: no cover - every block pattern is listed above
+
+
+class CompactKV:
+    """One layer's compact cache for `batch` rows of up to `max_len` tokens (see the module docstring)."""
+
+    def __init__(
+        self,
+        pattern: Pattern,
+        num_kv_heads: int,
+        head_dim: int,
+        *,
+        max_len: int,
+        batch: int = 1,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+        value_dim: int | None = None,
+    ):
+        if max_len < 1 or batch < 1:
+            raise ValueError(f"max_len and batch must be >= 1, got {max_len} and {batch}")
+        pattern = pattern.resolve(num_kv_heads)
+        pattern.check_kv_cache_efficient(num_kv_heads, max_len if isinstance(pattern, BlockLayout) else None)
+        if isinstance(pattern, BlockLayout) and max_len > pattern.n_blocks * pattern.block_size:
+            raise ValueError(
+                f"max_len {max_len} exceeds the BlockLayout's length {pattern.n_blocks * pattern.block_size}"
+            )
+        self.pattern, self.num_kv_heads, self.max_len = pattern, num_kv_heads, max_len
+        self.map = SlotMap.build(pattern, num_kv_heads, max_len)
+        if self.map.table is not None:
+            self.map = SlotMap(**{**self.map.__dict__, "table": self.map.table.to(device)})
+        cap = self.map.capacity
+        self.keys = torch.zeros(batch, num_kv_heads, cap + 1, head_dim, dtype=dtype, device=device)
+        self.values = torch.zeros(batch, num_kv_heads, cap + 1, value_dim or head_dim, dtype=dtype, device=device)
+        self.positions = torch.full((batch, num_kv_heads, cap + 1), -1, dtype=torch.int32, device=device)
+        self.next_pos = torch.zeros(batch, dtype=torch.long, device=device)  # tokens stored so far per row
+        self._heads = torch.arange(num_kv_heads, device=device)[None, :, None]
+
+    @property
+    def capacity(self) -> int:
+        return self.map.capacity
+
+    def rows(self, start: int, stop: int | None = None) -> CompactKV:
+        """A view of rows [start, stop) sharing this cache's storage (writes go through)."""
+        stop = start + 1 if stop is None else stop
+        view = object.__new__(CompactKV)
+        view.__dict__.update(self.__dict__)
+        for name in ("keys", "values", "positions", "next_pos"):
+            setattr(view, name, getattr(self, name)[start:stop])
+        return view
+
+    def reset(self) -> None:
+        """Empty every row of this cache (or view)."""
+        self.positions.fill_(-1)
+        self.next_pos.zero_()
+
+    # -- what is kept -------------------------------------------------------------------------------------------
+    def _retained(self, pos: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+        """May the token at `last` (``(B,)``) or any later one see keys at `pos` (``(B, 1|H, n)``)?"""
+        if isinstance(self.pattern, Full):
+            return (pos >= 0) & (pos <= last[:, None, None])
+        allowed = self.pattern._allowed(last[:, None, None], pos.clamp(min=0), self._heads, self.num_kv_heads)
+        return allowed & (pos >= 0)
+
+    def stored_tokens(self) -> torch.Tensor:
+        """Live tokens (ones a present or future query can attend) per row and KV head, ``(B, kv_heads)``."""
+        pos = self.positions[..., : self.capacity].long()
+        return self._retained(pos, self.next_pos - 1).sum(-1)
+
+    def stored_positions(self, row: int, head: int) -> torch.Tensor:
+        pos = self.positions[row : row + 1, :, : self.capacity].long()
+        live = self._retained(pos, self.next_pos[row : row + 1] - 1)[0, head]
+        return pos[0, head][live].sort().values
+
+    def allocated_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.keys, self.values))
+
+    # -- storing ------------------------------------------------------------------------------------------------
+    def write(self, key: torch.Tensor, value: torch.Tensor, pos: torch.Tensor, keep: torch.Tensor) -> None:
+        """Store key/value ``(B, kv_heads, n, d)`` of tokens at `pos` where `keep` (both ``(B, 1|kv_heads, n)``).
+
+        Kept tokens must fit at once (at most the pattern's retention): only tokens a later query can see."""
+        slot = torch.where(keep, self.map.slots(pos), self.capacity)
+        slot = slot.expand(key.shape[0], self.num_kv_heads, -1)
+        self.keys.scatter_(2, slot[..., None].expand(-1, -1, -1, key.shape[-1]), key.to(self.keys.dtype))
+        self.values.scatter_(2, slot[..., None].expand(-1, -1, -1, value.shape[-1]), value.to(self.values.dtype))
+        self.positions.scatter_(2, slot, pos.expand_as(slot).to(torch.int32))
+        self.positions[..., self.capacity] = -1
+
+    def copy_from(self, other: CompactKV) -> None:
+        """Take over the live tokens of `other` (same pattern and rows; used when a growing cache is rebuilt)."""
+        pos = other.positions[..., : other.capacity].long()
+        keep = other._retained(pos, other.next_pos - 1)
+        self.write(other.keys[:, :, : other.capacity], other.values[:, :, : other.capacity], pos, keep)
+        self.next_pos.copy_(other.next_pos)
+
+    # -- attention with the cache -------------------------------------------------------------------------------
+    def attend(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        q_pos: torch.Tensor,
+        valid: torch.Tensor | None,
+        scale: float | None,
+        *,
+        empty: bool = False,
+    ) -> torch.Tensor:
+        """New tokens attend the cache and themselves, then are stored. Returns ``(B, n, heads, d)``.
+
+        query ``(B, heads, n, d)``; key/value ``(B, kv_heads, n, d)``, already rotated; q_pos ``(B, n)`` absolute
+        positions; valid ``(B, n)`` bool or None (all real tokens: invalid ones are neither attended nor stored
+        and get zeros); `empty`: the rows hold nothing yet (a prompt: the sparse kernels over it)."""
+        from longgen.kernels.cache_attention import cache_attention
+        from longgen.model.attention import _attend_prefill
+
+        n = query.shape[2]
+        keep = (q_pos >= 0)[:, None] if valid is None else valid[:, None]
+        n_valid = n if valid is None else valid.sum(-1)
+        last = self.next_pos + n_valid - 1
+        pos = q_pos[:, None]
+        if empty and n > 1:
+            out = _attend_prefill(
+                query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), self.pattern, valid, None, scale
+            )
+            self.write(key, value, pos, keep & self._retained(pos, last))
+        elif n == 1 or self.map.kind == IDENTITY:
+            # a stored token only replaces keys the new queries cannot see
+            self.write(key, value, pos, keep)
+            kv_len = (last + 1).to(torch.int32) if self.map.kind == IDENTITY else None
+            out = cache_attention(
+                query.transpose(1, 2), q_pos, self.keys, self.values, self.positions, self.pattern,
+                scale=scale, kv_len=kv_len,
+            )  # fmt: skip
+        else:
+            new_pos = torch.where(keep, pos, -1).to(torch.int32).expand(-1, self.num_kv_heads, -1)
+            out = cache_attention(
+                query.transpose(1, 2),
+                q_pos,
+                torch.cat([self.keys, key.to(self.keys.dtype)], dim=2),
+                torch.cat([self.values, value.to(self.values.dtype)], dim=2),
+                torch.cat([self.positions, new_pos], dim=2),
+                self.pattern,
+                scale=scale,
+            )
+            self.write(key, value, pos, keep & self._retained(pos, last))
+        self.next_pos.copy_(last + 1)
+        if valid is not None:
+            out = out * valid[:, :, None, None]
+        return out
+
+
+__all__ = ["CompactKV", "SlotMap"]
