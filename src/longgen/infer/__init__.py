@@ -1,6 +1,18 @@
-"""Inference: the hybrid KV cache that keeps only what each layer can see, and generation with it."""
+"""Inference: compact KV caches that keep only what each layer can see, generation, and the serving runner."""
 
 from longgen.infer.cache import HybridCache, RetainedKVLayer, analytic_kv_bytes
 from longgen.infer.generate import generate_text
+from longgen.infer.kv import CompactKV
+from longgen.infer.runner import ModelRunner, row_kv_bytes, rows_for_budget, sample_tokens
 
-__all__ = ["HybridCache", "RetainedKVLayer", "analytic_kv_bytes", "generate_text"]
+__all__ = [
+    "CompactKV",
+    "HybridCache",
+    "ModelRunner",
+    "RetainedKVLayer",
+    "analytic_kv_bytes",
+    "generate_text",
+    "row_kv_bytes",
+    "rows_for_budget",
+    "sample_tokens",
+]
