@@ -39,3 +39,42 @@ def test_decode_logits_match_recomputation(pattern):
             nxt = ref.argmax(-1, keepdim=True)
             seq = torch.cat([seq, nxt], dim=1)
             logits = m(nxt, past_key_values=cache, use_cache=True).logits[:, -1]
+
+
+@pytest.mark.parametrize("pattern", [None, SinkWindow(64, 512), BlockSparse(64, 4)], ids=repr)
+def test_runner_cuda_graph_decode_matches_recomputation(pattern):
+    from longgen.infer import ModelRunner
+
+    cfg = LlamaConfig(
+        vocab_size=1000,
+        hidden_size=1024,
+        intermediate_size=2048,
+        num_hidden_layers=6,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        max_position_embeddings=8192,
+    )
+    torch.manual_seed(0)
+    m = AutoModelForCausalLM.from_config(cfg).eval()
+    m = (convert(m, full_fraction=1.0) if pattern is None else convert(m, pattern=pattern)).to("cuda", torch.bfloat16)
+    runner = ModelRunner(m, max_batch=2, max_len=6000, prefill_chunk=None)
+    assert runner.cuda_graph
+    seqs = [torch.randint(0, 1000, (1, n), device="cuda") for n in (4000, 2500)]
+    logits = torch.stack([runner.prefill(r, s[0]) for r, s in enumerate(seqs)])
+    active = torch.tensor([True, True], device="cuda")
+    with torch.no_grad():
+        for step in range(12):
+            if step == 6:
+                active[1] = False
+            for r, s in enumerate(seqs):
+                if step >= 6 and r == 1:
+                    continue
+                ref = m(s).logits[0, -1].float()
+                err = ((logits[r] - ref).norm() / ref.norm()).item()
+                assert err < 2e-2, (step, r, err)
+            nxt = logits.argmax(-1)
+            for r in range(2):
+                if active[r]:
+                    seqs[r] = torch.cat([seqs[r], nxt[r].view(1, 1)], dim=1)
+            logits = runner.decode(nxt, active)
+    assert runner.lengths().tolist() == [s.shape[1] for s in seqs]
