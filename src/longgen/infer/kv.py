@@ -60,12 +60,14 @@ class SlotMap:
                 return SlotMap(TABLE, n_slot_blocks * p.block_size, block_size=p.block_size, table=table)
         return SlotMap(IDENTITY, max_len)
 
-    def slots(self, pos: torch.Tensor) -> torch.Tensor:
-        """Slot of each position: pos ``(B, 1 or kv_heads, n)`` int64 -> ``(B, kv_heads or 1, n)``."""
+    def slots(self, pos: torch.Tensor, heads: torch.Tensor | None = None) -> torch.Tensor:
+        """Slot of each position: pos ``(B, 1 or kv_heads, n)`` int64 -> ``(B, kv_heads or 1, n)``; or, with
+        `heads` (the KV head of each position, same shape), any shape."""
         if self.kind == RING:
             return torch.where(pos < self.sink, pos, self.sink + (pos - self.sink) % self.window)
         if self.kind == TABLE:
-            heads = torch.arange(self.table.shape[0], device=pos.device)[None, :, None]
+            if heads is None:
+                heads = torch.arange(self.table.shape[0], device=pos.device)[None, :, None]
             return self.table[heads, pos // self.block_size] * self.block_size + pos % self.block_size
         return pos
 
@@ -189,6 +191,16 @@ class CompactKV:
         """Store key/value ``(B, kv_heads, n, d)`` of tokens at `pos` where `keep` (both ``(B, 1|kv_heads, n)``).
 
         Kept tokens must fit at once (at most the pattern's retention): only tokens a later query can see."""
+        B, n = key.shape[0], key.shape[2]
+        if n > 1:  # a prompt or a chunk (never inside a CUDA graph): copy only the kept tokens
+            keep = keep.expand(B, self.num_kv_heads, n)
+            pos = pos.expand(B, self.num_kv_heads, n)[keep]
+            rows = torch.arange(B * self.num_kv_heads, device=pos.device).view(B, -1, 1).expand(-1, -1, n)[keep]
+            flat = rows * (self.capacity + 1) + self.map.slots(pos, heads=rows % self.num_kv_heads)
+            for store, new in ((self.keys, key), (self.values, value)):
+                store.view(-1, store.shape[-1]).index_copy_(0, flat, new[keep].to(store.dtype))
+            self.positions.view(-1).index_copy_(0, flat, pos.to(torch.int32))
+            return
         slot = torch.where(keep, self.map.slots(pos), self.capacity)
         slot = slot.expand(key.shape[0], self.num_kv_heads, -1)
         self.keys.scatter_(2, slot[..., None].expand(-1, -1, -1, key.shape[-1]), key.to(self.keys.dtype))
