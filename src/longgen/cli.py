@@ -140,6 +140,27 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from longgen.infer.server import serve
+    except ImportError as e:
+        print(f"longgen serve: error: {e}", file=sys.stderr)
+        return 2
+    if args.kv_budget_gb is not None and args.kv_budget_gb <= 0:
+        raise ValueError(f"--kv-budget-gb must be positive, got {args.kv_budget_gb}")
+    serve(
+        args.path,
+        host=args.host,
+        port=args.port,
+        max_batch=args.max_batch,
+        max_len=args.max_len,
+        kv_budget_bytes=None if args.kv_budget_gb is None else int(args.kv_budget_gb * 1e9),
+        device=args.device,
+        model_name=args.model_name,
+    )
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     import dataclasses
 
@@ -265,6 +286,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.set_defaults(func=_cmd_generate)
+
+    p = sub.add_parser(
+        "serve",
+        help="serve a hybrid over an OpenAI-compatible HTTP API (continuous batching)",
+        description="OpenAI-compatible server: POST /v1/completions and /v1/chat/completions (streaming with SSE), "
+        "GET /v1/models and /health. Needs fastapi and uvicorn: pip install 'longgen[serve]'.",
+    )
+    p.add_argument("path", help="converted model folder (with tokenizer)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (8000)")
+    p.add_argument("--max-batch", type=_positive_int, default=8, help="sequences decoded together at most (8)")
+    p.add_argument("--max-len", type=_positive_int, default=None, help="prompt + completion tokens (model maximum)")
+    p.add_argument(
+        "--kv-budget-gb",
+        type=float,
+        default=None,
+        help="KV-cache memory in GB (1e9 bytes) for all rows; fewer rows than --max-batch if it holds fewer "
+        "(default: every row fits)",
+    )
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--model-name", default=None, help="model id in the API (the folder's name)")
+    p.set_defaults(func=_cmd_serve)
     return parser
 
 
