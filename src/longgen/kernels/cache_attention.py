@@ -1,0 +1,172 @@
+"""Attention of new tokens over a compact KV cache (decoding and short appends): one op, two backends.
+
+The serving cache of a layer holds, per KV head, K/V slots in any order (ring buffers) and the absolute position
+of the token in each slot (``-1``: empty). `cache_attention` computes the pattern's exact attention of queries at
+absolute positions over those slots; ``backend="triton"`` runs the flash-decoding kernels of
+`longgen.kernels.triton_cache_attention` (imported lazily, like `triton_attention`), ``"reference"`` plain PyTorch.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from longgen.kernels.inputs import TRITON_HEAD_DIMS
+from longgen.patterns import Pattern
+
+__all__ = ["cache_attention", "cache_attention_reference"]
+
+BACKENDS = ("auto", "reference", "triton")
+
+
+def cache_attention(
+    query: torch.Tensor,
+    q_pos: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    k_pos: torch.Tensor,
+    pattern: Pattern,
+    *,
+    scale: float | None = None,
+    kv_len: torch.Tensor | None = None,
+    num_splits: int | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Exact attention of queries at absolute positions over a compact KV cache.
+
+    query ``(B, Q, H, d)`` (any strides); q_pos ``(B, Q)`` int32/int64 absolute positions; key_cache, value_cache
+    ``(B, Hkv, S, d)`` with ``H % Hkv == 0`` (query head h reads KV head ``h // (H // Hkv)``); k_pos ``(B, Hkv, S)``
+    int32/int64, the position held in each slot or -1 for an empty slot, in any order. kv_len (optional, int32 or
+    int64 ``(B,)`` on the cache's device): only slots ``[0, kv_len[b])`` of row b are read. Returns
+    ``(B, Q, H, d)`` in query's dtype: softmax(scale * q.k) v over the slots the pattern allows
+    (`Pattern.allowed(q_pos, k_pos, kv_head)`, causality included); a query with no allowed slot gives zeros.
+
+    num_splits: how many programs share one KV head's slots (flash-decoding); default from the cache size, the
+    batch and the GPU's SM count (`triton_cache_attention.default_num_splits`). backend: ``"triton"`` (CUDA
+    float16/bfloat16, or float16/float32 CPU tensors under ``TRITON_INTERPRET=1``; head_dim in TRITON_HEAD_DIMS),
+    ``"reference"`` (PyTorch), ``"auto"`` (Triton where it applies, else the reference). The Triton path makes
+    no host sync and launches a grid that depends only on shapes, so it can be captured in a CUDA graph. Positions
+    past a BlockLayout's span see no key there (zeros); the reference raises instead.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    scale = _check_args(query, q_pos, key_cache, value_cache, k_pos, pattern, scale, kv_len, num_splits)
+    if backend == "reference" or (backend == "auto" and not _triton_suits(query)):
+        return cache_attention_reference(
+            query, q_pos, key_cache, value_cache, k_pos, pattern, scale=scale, kv_len=kv_len
+        )
+    from longgen.kernels.triton_cache_attention import triton_cache_attention
+
+    p = pattern.resolve(key_cache.shape[1])
+    return triton_cache_attention(query, q_pos, key_cache, value_cache, k_pos, p, scale, kv_len, num_splits)
+
+
+def cache_attention_reference(
+    query: torch.Tensor,
+    q_pos: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    k_pos: torch.Tensor,
+    pattern: Pattern,
+    *,
+    scale: float | None = None,
+    kv_len: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`cache_attention` in plain PyTorch: a boolean mask from `Pattern.allowed` over the slots, then SDPA.
+
+    The semantics of `longgen.model.attention.attend_at_positions` with every query valid and
+    ``k_valid = (k_pos >= 0) & (slot < kv_len)``; queries with no allowed slot give exact zeros.
+    """
+    H = query.shape[2]
+    hkv, S = key_cache.shape[1], key_cache.shape[2]
+    valid = k_pos >= 0
+    if kv_len is not None:
+        valid = valid & (torch.arange(S, device=k_pos.device) < kv_len[:, None, None])
+    g = torch.arange(hkv, device=query.device)
+    allowed = pattern.allowed(q_pos[:, None, :, None], k_pos[:, :, None, :].clamp(min=0), g[None, :, None, None], hkv)
+    allowed = allowed & valid[:, :, None, :]  # (B, Hkv, Q, S)
+    seen = allowed.any(-1, keepdim=True)
+    allowed = allowed | ~seen  # a query that sees nothing: any row (zeroed below), never NaN
+    G = H // hkv
+    out = F.scaled_dot_product_attention(
+        query.transpose(1, 2),
+        key_cache,
+        value_cache,
+        attn_mask=allowed.repeat_interleave(G, dim=1),
+        scale=scale,
+        enable_gqa=G > 1,
+    )
+    out = out * seen.repeat_interleave(G, dim=1)
+    return out.transpose(1, 2)
+
+
+def _check_args(query, q_pos, key_cache, value_cache, k_pos, pattern, scale, kv_len, num_splits) -> float:
+    """Validate a call (shared by both backends); returns the scale."""
+    if not isinstance(pattern, Pattern):
+        raise TypeError(
+            f"pattern must be a longgen pattern (Full, SinkWindow, BlockSparse, BlockLayout), got {pattern!r}"
+        )
+    for name, x in (("query", query), ("key_cache", key_cache), ("value_cache", value_cache)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+        if x.dim() != 4:
+            raise ValueError(
+                "query must be (batch, queries, heads, head_dim) and key_cache, value_cache "
+                f"(batch, kv_heads, slots, head_dim); got {name} with shape {tuple(x.shape)}"
+            )
+    if not (query.dtype == key_cache.dtype == value_cache.dtype):
+        raise TypeError(
+            f"query, key_cache, value_cache must share one dtype, got {query.dtype}, {key_cache.dtype}, "
+            f"{value_cache.dtype}"
+        )
+    B, Q, H, d = query.shape
+    if key_cache.shape != value_cache.shape:
+        raise ValueError(
+            f"key_cache and value_cache must have the same shape, got {tuple(key_cache.shape)} and "
+            f"{tuple(value_cache.shape)}"
+        )
+    hkv, S = key_cache.shape[1], key_cache.shape[2]
+    if key_cache.shape[0] != B or key_cache.shape[3] != d:
+        raise ValueError(
+            f"key_cache (batch, kv_heads, slots, head_dim) = {tuple(key_cache.shape)} must match query's batch {B} "
+            f"and head_dim {d} (query {tuple(query.shape)})"
+        )
+    if hkv < 1 or H % hkv:
+        raise ValueError(f"query heads ({H}) must be a multiple of the cache's kv_heads ({hkv})")
+    _check_index(q_pos, "q_pos", (B, Q), "(batch, queries)")
+    _check_index(k_pos, "k_pos", (B, hkv, S), "(batch, kv_heads, slots)")
+    if kv_len is not None:
+        _check_index(kv_len, "kv_len", (B,), "(batch,)")
+    others = {"key_cache": key_cache, "value_cache": value_cache, "q_pos": q_pos, "k_pos": k_pos, "kv_len": kv_len}
+    for name, x in others.items():
+        if x is not None and x.device != query.device:
+            raise ValueError(f"{name} is on {x.device} but query is on {query.device}; put all inputs on one device")
+    if num_splits is not None and (isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 1):
+        raise ValueError(f"num_splits must be a positive int or None (automatic), got {num_splits!r}")
+    if scale is None:
+        return 1.0 / math.sqrt(d)
+    if isinstance(scale, bool) or not isinstance(scale, int | float) or not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"scale must be a positive finite float or None (1/sqrt(head_dim)), got {scale!r}")
+    return float(scale)
+
+
+def _check_index(x, name: str, shape: tuple[int, ...], meaning: str) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{name} must be an int32 or int64 tensor, got dtype {x.dtype}")
+    if tuple(x.shape) != shape:
+        raise ValueError(f"{name} must have shape {meaning} = {shape}, got {tuple(x.shape)}")
+
+
+def _triton_suits(query: torch.Tensor) -> bool:
+    """`backend="auto"` runs Triton on CUDA half-precision tensors with a supported head_dim."""
+    return (
+        query.device.type == "cuda"
+        and query.dtype in (torch.float16, torch.bfloat16)
+        and query.shape[-1] in TRITON_HEAD_DIMS
+    )
