@@ -2,17 +2,14 @@
 checkpoints, non-finite loss, config errors. Real tiny models, a real tokenizer and a real corpus."""
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from helpers import bpe_tokenizer, save_tiny_models
+from helpers import bpe_tokenizer, losses, run_cli, save_tiny_models, weights, write_toml
+from helpers import train_config as config
 from longgen.train import NonFiniteLossError, load_config, train
 from longgen.train.checkpoint import latest_checkpoint, list_checkpoints
 from longgen.train.loss import CausalLMLoss
@@ -28,67 +25,6 @@ def workspace(tmp_path_factory):
     texts = [p.read_text() for p in sorted(corpus.rglob("*.py"))]
     save_tiny_models(root, bpe_tokenizer(texts), max_len=128, target_length=256, rope="ntk")
     return root
-
-
-def config(ws, out, **over):
-    raw = {
-        "model": {"path": str(ws / "hybrid"), "dtype": "float32", "activation_checkpointing": False},
-        "data": {"sources": [str(ws / "corpus")], "seq_len": 128, "cache_dir": str(ws / "cache")},
-        "optim": {"lr": 3e-3, "warmup_steps": 2, "schedule": "constant"},
-        "train": {
-            "steps": 6,
-            "batch_size": 2,
-            "output_dir": str(out),
-            "save_every": 2,
-            "device": "cpu",
-            "tensorboard": False,
-            "progress": False,
-            "loss_chunk": 50,
-        },
-    }
-    for key, value in over.items():
-        section, name = key.split("__")
-        raw[section][name] = value
-    return raw
-
-
-def write_toml(path, raw):
-    def lit(v):
-        return json.dumps(v) if not isinstance(v, bool) else str(v).lower()
-
-    lines = []
-    for section, values in raw.items():
-        lines.append(f"[{section}]")
-        lines += [f"{k} = {lit(v)}" for k, v in values.items()]
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-def losses(out):
-    return [json.loads(line)["loss"] for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
-
-
-def weights(out):
-    return load_file(str(Path(out) / "final" / "model.safetensors"))
-
-
-def run_cli(args, env_extra=None, nproc=None):
-    env = dict(os.environ, OMP_NUM_THREADS="1", **(env_extra or {}))
-    if nproc:
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc_per_node={nproc}",
-            "-m",
-            "longgen",
-            "train",
-            *args,
-        ]
-    else:
-        cmd = [sys.executable, "-m", "longgen", "train", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
 
 
 def test_loss_goes_down_on_a_real_corpus(workspace, tmp_path):

@@ -24,10 +24,17 @@ class AttentionShape:
     varlen: bool
     padded: bool  # a batch row holds padding after its valid tokens
     seq_lens: tuple[int, ...]  # length of every sequence (batch rows, or packed sequences)
+    kv_head_offset: int = 0  # global index of local KV head 0 (a rank holding a slice of the heads)
+    num_kv_heads_total: int | None = None  # KV heads the pattern is resolved for (None: num_kv_heads)
 
     @property
     def group(self) -> int:
         return self.num_heads // self.num_kv_heads
+
+    @property
+    def global_kv_heads(self) -> int:
+        """The number of KV heads the pattern's per-head rules see (all heads, not only the local slice)."""
+        return self.num_kv_heads if self.num_kv_heads_total is None else self.num_kv_heads_total
 
 
 def check_attention_args(
@@ -38,12 +45,17 @@ def check_attention_args(
     cu_seqlens: torch.Tensor | None,
     scale: float | None,
     seqlens: torch.Tensor | None = None,
+    kv_head_offset: int = 0,
+    num_kv_heads_total: int | None = None,
 ) -> AttentionShape:
     """Validate an attention call and return its shape; raises `TypeError`/`ValueError` on bad input.
 
     Layouts: ``q (batch, seq, heads, head_dim)``, ``k, v (batch, seq, kv_heads, head_dim)``, optionally
     right-padded with ``seqlens`` (int32 ``[batch]``, valid tokens per row); or packed
     ``(total_tokens, heads, head_dim)`` with ``cu_seqlens`` (int32, ``[n_seqs + 1]``, from 0 to total_tokens).
+    ``kv_head_offset`` / ``num_kv_heads_total``: the KV heads given are heads ``kv_head_offset ..
+    kv_head_offset + kv_heads - 1`` of ``num_kv_heads_total`` (default: all of them), e.g. one rank's heads
+    under context parallelism; per-head patterns are resolved and evaluated with these global head indices.
     """
     if not isinstance(pattern, Pattern):
         raise TypeError(
@@ -100,7 +112,8 @@ def check_attention_args(
         scale = head_dim**-0.5
     elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
         raise ValueError(f"scale must be a positive number or None (1/sqrt(head_dim)), got {scale!r}")
-    resolved = pattern.resolve(num_kv_heads)
+    total = _check_head_slice(kv_head_offset, num_kv_heads_total, num_kv_heads)
+    resolved = pattern.resolve(total)
     longest = max(seq_lens, default=0)
     if longest:
         resolved._check_seq_len(longest)
@@ -113,7 +126,23 @@ def check_attention_args(
         varlen=cu_seqlens is not None,
         padded=seqlens is not None and any(n != q.shape[1] for n in seq_lens),
         seq_lens=tuple(seq_lens),
+        kv_head_offset=kv_head_offset,
+        num_kv_heads_total=None if num_kv_heads_total is None else total,
     )
+
+
+def _check_head_slice(offset: int, total: int | None, local: int) -> int:
+    """Check that KV heads ``offset .. offset + local - 1`` exist among `total`; returns `total` (default local)."""
+    total = local if total is None else total
+    for name, value in (("kv_head_offset", offset), ("num_kv_heads_total", total)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if offset < 0 or offset + local > total:
+        raise ValueError(
+            f"kv_head_offset={offset} with {local} local KV heads needs heads {offset} .. {offset + local - 1}, "
+            f"but num_kv_heads_total={total}; the offset must lie in [0, {total - local}]"
+        )
+    return total
 
 
 def _check_seqlens(seqlens: torch.Tensor, batch: int, T: int, device: torch.device) -> tuple[int, ...]:

@@ -29,6 +29,8 @@ def reference_attention(
     scale: float | None = None,
     return_lse: bool = False,
     seqlens: torch.Tensor | None = None,
+    kv_head_offset: int = 0,
+    num_kv_heads_total: int | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention restricted to `pattern`, computed in plain PyTorch.
 
@@ -43,12 +45,16 @@ def reference_attention(
         scale: softmax scale, default ``1 / sqrt(head_dim)``.
         return_lse: also return the log-sum-exp of the scaled scores, float32 (float64 for float64 inputs),
             ``(batch, heads, seq)`` or ``(heads, total_tokens)``.
+        kv_head_offset, num_kv_heads_total: `k`, `v` hold KV heads ``kv_head_offset .. kv_head_offset +
+            kv_heads - 1`` of ``num_kv_heads_total`` (default: all heads); per-head patterns (BlockSparse,
+            per-head BlockLayout) are resolved for the total and evaluated at the global head index, so a slice
+            of the heads gives exactly the matching slice of the all-heads result (context parallelism).
 
     Returns:
         The output, same shape and dtype as `q` (accumulated in float32 or wider); with `return_lse`,
         ``(out, lse)``.
     """
-    shape = check_attention_args(q, k, v, pattern, cu_seqlens, scale, seqlens)
+    shape = check_attention_args(q, k, v, pattern, cu_seqlens, scale, seqlens, kv_head_offset, num_kv_heads_total)
     if cu_seqlens is None:
         results = [_attend_padded(q[b], k[b], v[b], n, shape) for b, n in enumerate(shape.seq_lens)]
         out = torch.stack([o for o, _ in results]) if results else torch.empty_like(q)
@@ -125,8 +131,8 @@ def _attend_chunk(
     scores = torch.matmul(qf, kf.unsqueeze(1).transpose(-1, -2)) * shape.scale  # (Hkv, G, c, S)
     t = torch.arange(t0, t0 + c, device=q.device)
     s = torch.arange(S, device=q.device) if key_pos is None else key_pos
-    g = torch.arange(hkv, device=q.device)
-    allowed = shape.pattern._allowed(t[None, :, None], s[None, None, :], g[:, None, None], hkv)
+    g = torch.arange(hkv, device=q.device) + shape.kv_head_offset
+    allowed = shape.pattern._allowed(t[None, :, None], s[None, None, :], g[:, None, None], shape.global_kv_heads)
     scores = scores.masked_fill(~allowed[:, None], float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)  # every row sees at least its own position
     probs = torch.exp(scores - lse.unsqueeze(-1))

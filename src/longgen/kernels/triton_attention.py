@@ -12,6 +12,8 @@ FlashAttention-2 tiling with an online softmax, reading top to bottom:
   computed arithmetically for Full, SinkWindow and BlockSparse; BlockLayout uses a compact tile index built on
   the host. Every tile range is split into masked edges and an unmasked interior (a constexpr MASK flag), so the
   interior loop carries no branch and pipelines; `_allowed` (the formulas of `longgen.patterns`) masks edges.
+  A call may hold a slice of the KV heads (context parallelism): the pattern helpers see the global head
+  ``g + KV_OFF`` (a constexpr), the tensors are indexed with the local ``g``.
 * Load balance. dK/dV programs are launched tile-major with the longest columns first (BlockSparse's strided
   blocks, SinkWindow's sink tile, Full's first tiles), so a few long columns never run last.
 
@@ -304,9 +306,11 @@ def _fwd_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    KV_OFF: tl.constexpr = 0,
 ):
     pid_m = tl.program_id(0)
     g = tl.program_id(1)
+    gp = g + KV_OFF  # the global KV head: what the pattern sees (g indexes the local tensors)
     seq = tl.program_id(2)
     start = tl.load(STARTS + seq).to(tl.int64)
     L = tl.load(LENS + seq)
@@ -334,7 +338,7 @@ def _fwd_kernel(
             l_i,
             q,
             t,
-            g,
+            gp,
             L,
             Kg,
             Vg,
@@ -363,7 +367,7 @@ def _fwd_kernel(
         )
     else:
         n_far, lo, a, b, hi = _key_ranges(
-            g, qs, qe, PATTERN, SINK, WINDOW, PB, LOCAL, STRIDE, STEP, DENSE_FROM, BLOCK_N
+            gp, qs, qe, PATTERN, SINK, WINDOW, PB, LOCAL, STRIDE, STEP, DENSE_FROM, BLOCK_N
         )
         acc, m_i, l_i = _fwd_tiles(
             acc,
@@ -371,7 +375,7 @@ def _fwd_kernel(
             l_i,
             q,
             t,
-            g,
+            gp,
             L,
             Kg,
             Vg,
@@ -404,7 +408,7 @@ def _fwd_kernel(
             l_i,
             q,
             t,
-            g,
+            gp,
             L,
             Kg,
             Vg,
@@ -437,7 +441,7 @@ def _fwd_kernel(
             l_i,
             q,
             t,
-            g,
+            gp,
             L,
             Kg,
             Vg,
@@ -470,7 +474,7 @@ def _fwd_kernel(
             l_i,
             q,
             t,
-            g,
+            gp,
             L,
             Kg,
             Vg,
@@ -611,9 +615,11 @@ def _dq_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    KV_OFF: tl.constexpr = 0,
 ):
     pid_m = tl.program_id(0)
     g = tl.program_id(1)
+    gp = g + KV_OFF  # the global KV head: what the pattern sees (g indexes the local tensors)
     seq = tl.program_id(2)
     start = tl.load(STARTS + seq).to(tl.int64)
     L = tl.load(LENS + seq)
@@ -643,7 +649,7 @@ def _dq_kernel(
             lse,
             delta,
             t,
-            g,
+            gp,
             L,
             Kg,
             Vg,
@@ -672,7 +678,7 @@ def _dq_kernel(
         )
     else:
         n_far, lo, a, b, hi = _key_ranges(
-            g, qs, qe, PATTERN, SINK, WINDOW, PB, LOCAL, STRIDE, STEP, DENSE_FROM, BLOCK_N
+            gp, qs, qe, PATTERN, SINK, WINDOW, PB, LOCAL, STRIDE, STEP, DENSE_FROM, BLOCK_N
         )
         dq = _dq_tiles(
             dq,
@@ -681,7 +687,7 @@ def _dq_kernel(
             lse,
             delta,
             t,
-            g,
+            gp,
             L,
             Kg,
             Vg,
@@ -715,7 +721,7 @@ def _dq_kernel(
             lse,
             delta,
             t,
-            g,
+            gp,
             L,
             Kg,
             Vg,
@@ -749,7 +755,7 @@ def _dq_kernel(
             lse,
             delta,
             t,
-            g,
+            gp,
             L,
             Kg,
             Vg,
@@ -783,7 +789,7 @@ def _dq_kernel(
             lse,
             delta,
             t,
-            g,
+            gp,
             L,
             Kg,
             Vg,
@@ -858,7 +864,8 @@ def _dkdv_tiles(
     qk_scale,
 ):
     """Accumulate dK, dV of one key tile over query row tiles [lo, hi). Rows past the sequence end load
-    q = do = 0, so they add nothing even unmasked."""
+    q = do = 0, so they add nothing even unmasked. Q, DO, LSE, DELTA point at the group's first query head;
+    g is the global KV head the pattern sees."""
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     for u in range(lo, hi):
@@ -868,7 +875,7 @@ def _dkdv_tiles(
             m = u
         rows = m * BLOCK_M + offs_m
         t = rows // G
-        head = g * G + rows % G
+        head = rows % G  # within the KV group: the pointers start at its first query head
         io_mask = (t < L)[:, None] & (offs_d[None, :] < HEAD_DIM)
         q = tl.load(Q + t[:, None] * sqt + head[:, None] * sqh + offs_d[None, :], mask=io_mask, other=0.0)
         lse = tl.load(LSE + t * H + head, mask=t < L, other=0.0)
@@ -934,9 +941,11 @@ def _dkdv_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    KV_OFF: tl.constexpr = 0,
 ):
     # tile-major launch: every head's first (longest) key tiles are scheduled first
     g = tl.program_id(0) % n_kv_heads
+    gp = g + KV_OFF  # the global KV head: what the pattern sees (g indexes the local tensors)
     seq = tl.program_id(0) // n_kv_heads
     start = tl.load(STARTS + seq).to(tl.int64)
     L = tl.load(LENS + seq)
@@ -949,7 +958,7 @@ def _dkdv_kernel(
         n_launch = n_tiles
     if pid >= n_launch:
         return
-    kt = _key_tile_order(pid, g, n_blocks, PATTERN, PB, STRIDE, STEP, DENSE_FROM, BLOCK_N)
+    kt = _key_tile_order(pid, gp, n_blocks, PATTERN, PB, STRIDE, STEP, DENSE_FROM, BLOCK_N)
     if kt >= n_tiles:
         return
     ks = kt * BLOCK_N
@@ -961,10 +970,10 @@ def _dkdv_kernel(
     v = tl.load(V + (start + s)[:, None] * svt + g * svh + offs_d[None, :], mask=kv_mask, other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    Qs = Q + start * sqt
-    DOs = DO + start * sdot
-    LSEs = LSE + start * H
-    DELTAs = DELTA + start * H
+    Qs = Q + start * sqt + g * G * sqh
+    DOs = DO + start * sdot + g * G * sdoh
+    LSEs = LSE + start * H + g * G
+    DELTAs = DELTA + start * H + g * G
     if PATTERN == LAYOUT:
         col = g * n_key_tiles + kt
         dk, dv = _dkdv_tiles(
@@ -973,7 +982,7 @@ def _dkdv_kernel(
             k,
             v,
             s,
-            g,
+            gp,
             L,
             Qs,
             DOs,
@@ -1007,7 +1016,7 @@ def _dkdv_kernel(
         )
     else:
         m_lo, d, e, m_hi = _query_ranges(
-            ks, ke, g, L, PATTERN, SINK, WINDOW, PB, LOCAL, STRIDE, STEP, DENSE_FROM, G, BLOCK_M
+            ks, ke, gp, L, PATTERN, SINK, WINDOW, PB, LOCAL, STRIDE, STEP, DENSE_FROM, G, BLOCK_M
         )
         dk, dv = _dkdv_tiles(
             dk,
@@ -1015,7 +1024,7 @@ def _dkdv_kernel(
             k,
             v,
             s,
-            g,
+            gp,
             L,
             Qs,
             DOs,
@@ -1053,7 +1062,7 @@ def _dkdv_kernel(
             k,
             v,
             s,
-            g,
+            gp,
             L,
             Qs,
             DOs,
@@ -1091,7 +1100,7 @@ def _dkdv_kernel(
             k,
             v,
             s,
-            g,
+            gp,
             L,
             Qs,
             DOs,
@@ -1184,9 +1193,9 @@ class _Plan:
         self.starts, self.lens = starts, lens
         self.n_seqs = len(shape.seq_lens)
         self.max_len = max(shape.seq_lens, default=0)
-        hkv = shape.num_kv_heads
+        hkv, off = shape.num_kv_heads, shape.kv_head_offset
         self.tiles = _tile_config(shape.head_dim, dtype, _interpreting())
-        self.constexprs = pattern_constexprs(p, hkv)
+        self.constexprs = pattern_constexprs(p, shape.global_kv_heads)
         kind, pb = self.constexprs["PATTERN"], self.constexprs["PB"]
         if kind in (K_BLOCK_SPARSE, K_LAYOUT):  # key tiles never straddle pattern blocks
             self.tiles = {
@@ -1197,15 +1206,20 @@ class _Plan:
             G=shape.group,
             HEAD_DIM=shape.head_dim,
             BLOCK_D=max(16, triton.next_power_of_2(shape.head_dim)),
+            KV_OFF=off,
         )
         self.layout = torch.zeros(1, dtype=torch.int8, device=device)
         self.n_lay = 1
         self.index: dict[str, tuple[torch.Tensor, torch.Tensor] | None] = {"fwd": None, "dq": None, "dkdv": None}
         if kind == K_LAYOUT:
-            self.layout = p.layout.expand(hkv, -1, -1).to(device=device, dtype=torch.int8).contiguous()
+            # the kernels read the layout at the global head, the tile index is built for the local heads
+            self.layout = p.layout.expand(shape.global_kv_heads, -1, -1).to(device=device, dtype=torch.int8)
+            self.layout = self.layout.contiguous()
             self.n_lay = p.n_blocks
             for name, t in self.tiles.items():
-                self.index[name] = _layout_index(p, hkv, self.max_len, shape.group, t, device, transpose=name == "dkdv")
+                self.index[name] = _layout_index(
+                    p, hkv, self.max_len, shape.group, t, device, transpose=name == "dkdv", kv_head_offset=off
+                )
 
     def launch_args(self, name: str) -> tuple:
         """(layout, n_lay, index, counts, index width) for kernel `name`."""
@@ -1227,14 +1241,25 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _layout_index(p: BlockLayout, hkv: int, max_len: int, G: int, tiles: Tiles, device, transpose: bool = False):
+def _layout_index(
+    p: BlockLayout,
+    hkv: int,
+    max_len: int,
+    G: int,
+    tiles: Tiles,
+    device,
+    transpose: bool = False,
+    kv_head_offset: int = 0,
+):
     """Compact tile index of a BlockLayout: for each (KV head, query row tile) the key tiles it visits, or with
     `transpose` for each (KV head, key tile) the query row tiles that visit it. Returns (index padded to the
-    longest list, counts), both int32 and flattened over (head, tile)."""
+    longest list, counts), both int32 and flattened over (head, tile). The heads are the `hkv` layout heads from
+    `kv_head_offset` on."""
     B, bm, bn = p.block_size, tiles.block_m, tiles.block_n
     n_m = math.ceil(max_len * G / bm)
     n_k = math.ceil(max_len / bn)
-    lay = p.layout.expand(hkv, -1, -1)
+    lay = p.layout if p.layout.shape[0] == 1 else p.layout[kv_head_offset : kv_head_offset + hkv]
+    lay = lay.expand(hkv, -1, -1)
     m = torch.arange(n_m)
     qs = (m * bm) // G
     qe = torch.clamp(((m + 1) * bm - 1) // G + 1, max=max_len)

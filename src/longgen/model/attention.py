@@ -13,6 +13,7 @@ Registered with transformers' attention interface (and its mask interface) by `r
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -27,6 +28,11 @@ ATTN_IMPLEMENTATION = "longgen"
 # Caches that must see padding and positions (longgen.infer.HybridCache) return the new key tensor from
 # `Cache.update` and register a callable under id(key) here; the attention below hands that call over to them.
 CACHE_HOOKS: dict[int, Any] = {}
+
+# Set by longgen.train.context_parallel while training shards every sequence across ranks: called with this
+# rank's (q, k, v) shards (B, T_local, heads, d), the layer's pattern, the padding mask and the scale, it runs
+# `_attend_prefill` on whole sequences for a slice of the heads and returns the output shard (B, T_local, H, d).
+CONTEXT_PARALLEL: Callable[..., torch.Tensor] | None = None
 
 
 def layer_pattern(module: torch.nn.Module) -> Pattern:
@@ -70,6 +76,8 @@ def longgen_attention(
         dtype = torch.get_autocast_dtype(device_type)
         query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)  # (B, T, heads, d) views
+    if CONTEXT_PARALLEL is not None:
+        return CONTEXT_PARALLEL(q, k, v, pattern, attention_mask, scaling), None
     if q.shape[1] == k.shape[1]:
         out = _attend_prefill(q, k, v, pattern, attention_mask, kwargs.get("position_ids"), scaling)
     else:
@@ -77,21 +85,26 @@ def longgen_attention(
     return out, None
 
 
-def _attend_prefill(q, k, v, pattern: Pattern, mask, position_ids, scale) -> torch.Tensor:
+def _attend_prefill(
+    q, k, v, pattern: Pattern, mask, position_ids, scale, kv_head_offset: int = 0, num_kv_heads_total=None
+) -> torch.Tensor:
+    """q ``(B, T, H, d)``, k/v ``(B, T, Hkv, d)`` -> ``(B, T, H, d)``; the KV heads may be a slice of
+    `num_kv_heads_total` starting at `kv_head_offset` (context parallelism), see `longgen.sparse_attention`."""
     B, T = q.shape[:2]
+    heads = {"kv_head_offset": kv_head_offset, "num_kv_heads_total": num_kv_heads_total}
     if mask is not None and not bool(mask.all()):
         lens = mask.sum(-1, dtype=torch.int32)
         right_padded = bool((mask == (torch.arange(T, device=mask.device) < lens[:, None])).all())
         if right_padded:
-            return sparse_attention(q, k, v, pattern, seqlens=lens, scale=scale)
-        return _attend_unpadded(q, k, v, pattern, mask, scale)
+            return sparse_attention(q, k, v, pattern, seqlens=lens, scale=scale, **heads)
+        return _attend_unpadded(q, k, v, pattern, mask, scale, **heads)
     cu_seqlens = _packed_offsets(position_ids, B, T)
     if cu_seqlens is not None:
         flat = [x.reshape(B * T, *x.shape[2:]) for x in (q, k, v)]
-        return sparse_attention(*flat, pattern, cu_seqlens=cu_seqlens, scale=scale).view(q.shape)
+        return sparse_attention(*flat, pattern, cu_seqlens=cu_seqlens, scale=scale, **heads).view(q.shape)
     if isinstance(pattern, Full):
         return _sdpa(q, k, v, scale, is_causal=True)
-    return sparse_attention(q, k, v, pattern, scale=scale)
+    return sparse_attention(q, k, v, pattern, scale=scale, **heads)
 
 
 def _sdpa(q, k, v, scale, **kwargs) -> torch.Tensor:
@@ -129,14 +142,14 @@ def _packed_offsets(position_ids: torch.Tensor | None, B: int, T: int) -> torch.
     return torch.cat([offsets, offsets.new_tensor([B * T])]).to(torch.int32)
 
 
-def _attend_unpadded(q, k, v, pattern: Pattern, mask: torch.Tensor, scale) -> torch.Tensor:
+def _attend_unpadded(q, k, v, pattern: Pattern, mask: torch.Tensor, scale, **heads) -> torch.Tensor:
     """Any padding: gather each row's real tokens into one packed sequence, attend, scatter back (zeros)."""
     B, T, H, d = q.shape
     idx = torch.nonzero(mask.reshape(-1)).flatten()
     lens = mask.sum(-1)
     cu = torch.cat([lens.new_zeros(1), lens.cumsum(0)]).to(torch.int32)
     packed = [x.reshape(B * T, *x.shape[2:]).index_select(0, idx) for x in (q, k, v)]
-    o = sparse_attention(*packed, pattern, cu_seqlens=cu, scale=scale)
+    o = sparse_attention(*packed, pattern, cu_seqlens=cu, scale=scale, **heads)
     out = q.new_zeros(B * T, H, d).index_copy(0, idx, o)
     return out.view(B, T, H, d)
 

@@ -6,6 +6,8 @@ Every value is checked before any work starts; unknown keys are errors that list
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +53,7 @@ class TrainSection:
     tensorboard: bool = True
     resume: bool = False
     progress: bool = True
+    context_parallel_size: int = 1  # ranks that share each sequence (Ulysses); must divide the world size
 
 
 @dataclass
@@ -96,6 +99,25 @@ class TrainConfig:
         if self.data is None:
             raise ValueError("a [data] section is required (sources, seq_len, ...)")
         self.data.validate()
+        self._validate_context_parallel()
+
+    def _validate_context_parallel(self) -> None:
+        """train.context_parallel_size against the world size (torchrun's WORLD_SIZE), heads and seq_len."""
+        from longgen.train.context_parallel import check_context_parallel
+
+        cp = self.train.context_parallel_size
+        if cp < 1:
+            raise ValueError(f"train.context_parallel_size must be >= 1, got {cp}")
+        if cp == 1:
+            return
+        model_config = json.loads((Path(self.model.path).expanduser() / "config.json").read_text())
+        check_context_parallel(
+            cp,
+            world_size=int(os.environ.get("WORLD_SIZE", "1")),
+            num_heads=model_config.get("num_attention_heads"),
+            num_kv_heads=model_config.get("num_key_value_heads") or model_config.get("num_attention_heads"),
+            seq_len=self.data.seq_len,
+        )
 
 
 def _section(cls, values: dict, name: str):

@@ -1,8 +1,10 @@
 """The training loop: length-extension fine-tuning of a hybrid (or of a full-attention baseline).
 
 One process on CPU or one GPU, or many processes under ``torchrun`` with FSDP2 (`fully_shard` on every decoder
-layer, then the root). Parameters and AdamW state are float32; compute runs in `model.dtype` (autocast, or
-FSDP's mixed precision). The loss is the token mean over the whole global batch, computed in chunks.
+layer, then the root), optionally with context parallelism (`train.context_parallel_size` ranks share each
+sequence: `longgen.train.context_parallel`). Parameters and AdamW state are float32; compute runs in
+`model.dtype` (autocast, or FSDP's mixed precision). The loss is the token mean over the whole global batch,
+computed in chunks.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ import torch.distributed as dist
 
 from longgen.train.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from longgen.train.config import TrainConfig
-from longgen.train.loss import CausalLMLoss
+from longgen.train.context_parallel import context_parallel_attention, setup_context_parallel, shard_batch
+from longgen.train.loss import IGNORE_INDEX, CausalLMLoss
 
 FAULT_ENV = "LONGGEN_FAULT_KILL_AFTER_STEP"  # testing hook: SIGKILL the process after this step
 
@@ -151,6 +154,7 @@ def train(cfg: TrainConfig) -> Path:
     cfg.validate()
     rank, world, device = _dist_setup(cfg)
     t = cfg.train
+    cp = setup_context_parallel(t.context_parallel_size, device.type)
     out = Path(t.output_dir).expanduser()
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
@@ -159,7 +163,8 @@ def train(cfg: TrainConfig) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or cfg.model.path)
     if rank != 0:  # rank 0 tokenizes into the shared cache first; the others then read it
         dist.barrier()
-    loader = build_loader(cfg.data, tokenizer, t.batch_size, rank=rank, world_size=world, progress=rank == 0)
+    # the context ranks of one data-parallel rank share its batches (and each takes its shard of the sequences)
+    loader = build_loader(cfg.data, tokenizer, t.batch_size, rank=cp.dp_rank, world_size=cp.dp_size, progress=rank == 0)
     if rank == 0 and dist.is_initialized():
         dist.barrier()
     model, original_config = _load_model(cfg, device)
@@ -190,19 +195,22 @@ def train(cfg: TrainConfig) -> Path:
     bar = _progress(t, start, rank == 0)
     batches = iter(loader)
     kill_after = int(os.environ.get(FAULT_ENV, "0"))
-    tokens_per_step = t.batch_size * t.grad_accum * world * cfg.data.seq_len
+    tokens_per_step = t.batch_size * t.grad_accum * cp.dp_size * cfg.data.seq_len
     wrapped.train()
     tick = time.perf_counter()
     for step in range(start + 1, t.steps + 1):
-        micro = [next(batches) for _ in range(t.grad_accum)]
-        n_local = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
+        micro = [shard_batch(next(batches), cp.rank, cp.size) for _ in range(t.grad_accum)]
+        n_local = sum(int((b["targets"] != IGNORE_INDEX).sum()) for b in micro)
         n_global = _all_sum(torch.tensor(float(n_local), device=device)).clamp(min=1)
         loss_sum = torch.zeros((), device=device)
         for b in micro:
-            with autocast:
-                part, _ = wrapped(b["input_ids"].to(device), b["position_ids"].to(device), b["labels"].to(device))
-            # FSDP averages gradients over ranks, so scale by world: the gradient is of the global token mean
-            (part * (world / n_global)).backward()
+            # backward inside too: activation checkpointing recomputes the attention there
+            with context_parallel_attention(cp.group, b["full_position_ids"].to(device)):
+                with autocast:
+                    ids, pos, targets = (b[k].to(device) for k in ("input_ids", "position_ids", "targets"))
+                    part, _ = wrapped(ids, pos, targets, True)
+                # FSDP averages gradients over ranks, so scale by world: the gradient is of the global token mean
+                (part * (world / n_global)).backward()
             loss_sum += part.detach()
         loss = (_all_sum(loss_sum) / n_global).item()
         grad_norm = torch.nn.utils.clip_grad_norm_(wrapped.parameters(), _clip_value(cfg))
