@@ -11,7 +11,9 @@ values during a decode step:
   tokens (each piece attends the cache filled by the earlier ones), which bounds activation memory by the piece.
   Each layer keeps only the keys/values its pattern retains.
 * `decode(tokens, active)`: one new token for every row (rows not `active` store nothing and do not advance),
-  logits ``(max_batch, vocab)``. On CUDA the step is captured once in a CUDA graph and replayed.
+  logits ``(max_batch, vocab)``. On CUDA the pieces of a layer around attention (norms, projections, RoPE, MLP)
+  are compiled with `torch.compile` (one graph shared by all layers: the small element-wise kernels fuse), and
+  the whole step is captured once in a CUDA graph and replayed.
 
 Attention with the cache is `CompactKV.attend` (the same path Hugging Face `generate` takes through
 `HybridCache`), which runs `longgen.kernels.cache_attention` for new tokens.
@@ -19,13 +21,14 @@ Attention with the cache is `CompactKV.attend` (the same path Hugging Face `gene
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 from longgen.infer.kv import CompactKV, SlotMap
-from longgen.model.attention import ATTN_IMPLEMENTATION, CACHE_HOOKS
+from longgen.model.attention import ATTN_IMPLEMENTATION
 from longgen.model.layout import read_layout
 
 MLP_CHUNK = 8192
@@ -44,7 +47,18 @@ def _parts(model: Any) -> tuple[Any, Any]:
         for n in ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp"):
             if not hasattr(layer, n):
                 raise TypeError(f"decoder layer {type(layer).__name__} has no {n}: not a Llama-family layer")
+        for n in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "scaling"):
+            if not hasattr(layer.self_attn, n):
+                raise TypeError(f"attention {type(layer.self_attn).__name__} has no {n}: not a Llama-family attention")
     return inner, model.lm_head
+
+
+def _rope_function(attn: Any) -> Any:
+    """The model family's own ``apply_rotary_pos_emb`` (defined in its modeling module)."""
+    rope = getattr(sys.modules[type(attn).__module__], "apply_rotary_pos_emb", None)
+    if rope is None:
+        raise TypeError(f"{type(attn).__name__}'s module has no apply_rotary_pos_emb: not a Llama-family attention")
+    return rope
 
 
 def _kv_geometry(config: Any) -> tuple[int, int]:
@@ -65,21 +79,23 @@ def rows_for_budget(config: Any, max_len: int, budget_bytes: int, dtype: torch.d
     return budget_bytes // row_kv_bytes(config, max_len, dtype)
 
 
-class _CacheHooks:
-    """What the model's attention layers see as ``past_key_values``: `update` hands the attention of layer i over
-    to its compact cache (via `CACHE_HOOKS`), with the step's positions."""
+def _qkv(attn: Any, norm: Any, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rope: Any):
+    """The attention block up to attention: norm, q/k/v projections (+ per-head q/k norms where the family has
+    them), RoPE. Returns q ``(B, H, T, d)`` and k, v ``(B, Hkv, T, d)``."""
+    h = norm(x)
+    shape = (*x.shape[:-1], -1, attn.head_dim)
+    q, k = attn.q_proj(h).view(shape), attn.k_proj(h).view(shape)
+    if hasattr(attn, "q_norm"):
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    v = attn.v_proj(h).view(shape).transpose(1, 2)
+    q, k = rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+    return q, k, v
 
-    def __init__(self, kvs: Sequence[CompactKV], q_pos: torch.Tensor, valid: torch.Tensor | None, empty: bool):
-        self.kvs, self.q_pos, self.valid, self.empty = kvs, q_pos, valid, empty
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
-        kv = self.kvs[layer_idx]
-
-        def attend(query, key, value, mask, scale):
-            return kv.attend(query, key, value, self.q_pos, self.valid, scale, empty=self.empty)
-
-        CACHE_HOOKS[id(key_states)] = attend
-        return key_states, value_states
+def _finish(attn: Any, norm: Any, mlp: Any, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+    """The rest of a decoder layer: output projection, residual, norm, MLP, residual. o ``(B, T, H, d)``."""
+    x = x + attn.o_proj(o.reshape(*o.shape[:2], -1))
+    return x + mlp(norm(x))
 
 
 class ModelRunner:
@@ -92,6 +108,7 @@ class ModelRunner:
         max_batch: int = 1,
         max_len: int | None = None,
         cuda_graph: bool | None = None,
+        compile: bool | None = None,
         prefill_chunk: int | None = None,
         mlp_chunk: int = MLP_CHUNK,
     ):
@@ -126,6 +143,11 @@ class ModelRunner:
         if self.cuda_graph and self.device.type != "cuda":
             raise ValueError("cuda_graph=True needs the model on a CUDA device")
         self._graph: torch.cuda.CUDAGraph | None = None
+        self._rope = _rope_function(self.inner.layers[0].self_attn)
+        self.compile = self.device.type == "cuda" if compile is None else compile
+        # the decode step's pieces around attention, compiled once for all layers (fused norms, RoPE, SiLU)
+        wrap = torch.compile if self.compile else (lambda f, **kw: f)
+        self._qkv_step, self._finish_step = wrap(_qkv, dynamic=False), wrap(_finish, dynamic=False)
         self._tokens = torch.zeros(max_batch, dtype=torch.long, device=self.device)
         self._active = torch.zeros(max_batch, dtype=torch.bool, device=self.device)
         self._logits: torch.Tensor | None = None
@@ -150,21 +172,22 @@ class ModelRunner:
             raise ValueError(f"row must be in [0, {self.max_batch}), got {row}")
 
     # -- the model, layer by layer ------------------------------------------------------------------------------
-    def _forward(self, ids: torch.Tensor, q_pos: torch.Tensor, hooks: _CacheHooks, chunk_mlp: bool) -> torch.Tensor:
-        """Hidden states after the final norm of the last position, ``(B, hidden)``."""
+    def _forward(self, ids, q_pos, kvs, valid, empty: bool, step: bool = False) -> torch.Tensor:
+        """Hidden states after the final norm of the last position, ``(B, hidden)``. `step`: the decode step
+        (compiled pieces, no MLP chunking)."""
+        qkv, finish = (self._qkv_step, self._finish_step) if step else (_qkv, None)
         x = self.inner.embed_tokens(ids)
-        cos_sin = self.inner.rotary_emb(x, q_pos)
-        for layer in self.inner.layers:
-            h = layer.self_attn(
-                hidden_states=layer.input_layernorm(x),
-                position_embeddings=cos_sin,
-                attention_mask=None,
-                past_key_values=hooks,
-            )[0]
-            x = x + h
-            step = self.mlp_chunk if chunk_mlp else x.shape[1]
-            for s in range(0, x.shape[1], step):
-                part = x[:, s : s + step]
+        cos, sin = self.inner.rotary_emb(x, q_pos)
+        for layer, kv in zip(self.inner.layers, kvs, strict=True):
+            attn = layer.self_attn
+            q, k, v = qkv(attn, layer.input_layernorm, x, cos, sin, self._rope)
+            o = kv.attend(q, k, v, q_pos, valid, attn.scaling, empty=empty)
+            if finish is not None:
+                x = finish(attn, layer.post_attention_layernorm, layer.mlp, x, o)
+                continue
+            x = x + attn.o_proj(o.reshape(*o.shape[:2], -1))
+            for s in range(0, x.shape[1], self.mlp_chunk):
+                part = x[:, s : s + self.mlp_chunk]
                 part += layer.mlp(layer.post_attention_layernorm(part))
         return self.inner.norm(x[:, -1])
 
@@ -183,7 +206,7 @@ class ModelRunner:
         for s in range(0, n, piece):
             part = ids[s : s + piece][None]
             q_pos = torch.arange(s, s + part.shape[1], device=self.device)[None]
-            h = self._forward(part, q_pos, _CacheHooks(views, q_pos, None, empty=s == 0), chunk_mlp=True)
+            h = self._forward(part, q_pos, views, None, empty=s == 0)
         return self.lm_head(h)[0].float()
 
     @torch.inference_mode()
@@ -209,8 +232,7 @@ class ModelRunner:
     def _step(self) -> None:
         q_pos = self.kv[0].next_pos[:, None].clone()
         valid = self._active[:, None]
-        hooks = _CacheHooks(self.kv, q_pos, valid, empty=False)
-        h = self._forward(self._tokens[:, None], q_pos, hooks, chunk_mlp=False)
+        h = self._forward(self._tokens[:, None], q_pos, self.kv, valid, empty=False, step=True)
         logits = self.lm_head(h).float()
         if self._logits is None:
             self._logits = logits
