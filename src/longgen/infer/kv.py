@@ -208,6 +208,15 @@ class CompactKV:
         self.positions.scatter_(2, slot, pos.expand_as(slot).to(torch.int32))
         self.positions[..., self.capacity] = -1
 
+    def _write_new(self, key, value, pos, keep, start: int | None) -> None:
+        if start is None or self.map.kind != IDENTITY:
+            self.write(key, value, pos, keep)
+            return
+        n = key.shape[2]
+        self.keys[:, :, start : start + n] = key
+        self.values[:, :, start : start + n] = value
+        self.positions[:, :, start : start + n] = torch.arange(start, start + n, device=pos.device, dtype=torch.int32)
+
     def copy_from(self, other: CompactKV) -> None:
         """Take over the live tokens of `other` (same pattern and rows; used when a growing cache is rebuilt)."""
         pos = other.positions[..., : other.capacity].long()
@@ -226,12 +235,14 @@ class CompactKV:
         scale: float | None,
         *,
         empty: bool = False,
+        start: int | None = None,
     ) -> torch.Tensor:
         """New tokens attend the cache and themselves, then are stored. Returns ``(B, n, heads, d)``.
 
         query ``(B, heads, n, d)``; key/value ``(B, kv_heads, n, d)``, already rotated; q_pos ``(B, n)`` absolute
         positions; valid ``(B, n)`` bool or None (all real tokens: invalid ones are neither attended nor stored
-        and get zeros); `empty`: the rows hold nothing yet (a prompt: the sparse kernels over it)."""
+        and get zeros); `empty`: the rows hold nothing yet (a prompt: the sparse kernels over it); `start`: every
+        row's new tokens are the real tokens at positions start, start + 1, ... (lets a Full layer copy a slice)."""
         from longgen.kernels.cache_attention import cache_attention
         from longgen.model.attention import _attend_prefill
 
@@ -244,10 +255,10 @@ class CompactKV:
             out = _attend_prefill(
                 query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), self.pattern, valid, None, scale
             )
-            self.write(key, value, pos, keep & self._retained(pos, last))
+            self._write_new(key, value, pos, keep & self._retained(pos, last), start)
         elif n == 1 or self.map.kind == IDENTITY:
             # a stored token only replaces keys the new queries cannot see
-            self.write(key, value, pos, keep)
+            self._write_new(key, value, pos, keep, start)
             kv_len = (last + 1).to(torch.int32) if self.map.kind == IDENTITY else None
             out = cache_attention(
                 query.transpose(1, 2), q_pos, self.keys, self.values, self.positions, self.pattern,

@@ -13,7 +13,8 @@ values during a decode step:
 * `decode(tokens, active)`: one new token for every row (rows not `active` store nothing and do not advance),
   logits ``(max_batch, vocab)``. On CUDA the pieces of a layer around attention (norms, projections, RoPE, MLP)
   are compiled with `torch.compile` (one graph shared by all layers: the small element-wise kernels fuse), and
-  the whole step is captured once in a CUDA graph and replayed.
+  the whole step is captured once in a CUDA graph and replayed. Prefill uses the same pieces compiled for any
+  length (fewer passes over the prompt's activations).
 
 Attention with the cache is `CompactKV.attend` (the same path Hugging Face `generate` takes through
 `HybridCache`), which runs `longgen.kernels.cache_attention` for new tokens.
@@ -92,6 +93,10 @@ def _qkv(attn: Any, norm: Any, x: torch.Tensor, cos: torch.Tensor, sin: torch.Te
     return q, k, v
 
 
+def _norm_mlp(norm: Any, mlp: Any, x: torch.Tensor) -> torch.Tensor:
+    return mlp(norm(x))
+
+
 def _finish(attn: Any, norm: Any, mlp: Any, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
     """The rest of a decoder layer: output projection, residual, norm, MLP, residual. o ``(B, T, H, d)``."""
     x = x + attn.o_proj(o.reshape(*o.shape[:2], -1))
@@ -148,6 +153,8 @@ class ModelRunner:
         # the decode step's pieces around attention, compiled once for all layers (fused norms, RoPE, SiLU)
         wrap = torch.compile if self.compile else (lambda f, **kw: f)
         self._qkv_step, self._finish_step = wrap(_qkv, dynamic=False), wrap(_finish, dynamic=False)
+        # prefill: the same pieces for any prompt length (fused norms, RoPE and SiLU save memory passes)
+        self._qkv_prefill, self._mlp_prefill = wrap(_qkv, dynamic=True), wrap(_norm_mlp, dynamic=True)
         self._tokens = torch.zeros(max_batch, dtype=torch.long, device=self.device)
         self._active = torch.zeros(max_batch, dtype=torch.bool, device=self.device)
         self._logits: torch.Tensor | None = None
@@ -172,23 +179,23 @@ class ModelRunner:
             raise ValueError(f"row must be in [0, {self.max_batch}), got {row}")
 
     # -- the model, layer by layer ------------------------------------------------------------------------------
-    def _forward(self, ids, q_pos, kvs, valid, empty: bool, step: bool = False) -> torch.Tensor:
+    def _forward(self, ids, q_pos, kvs, valid, empty: bool, step: bool = False, start=None) -> torch.Tensor:
         """Hidden states after the final norm of the last position, ``(B, hidden)``. `step`: the decode step
         (compiled pieces, no MLP chunking)."""
-        qkv, finish = (self._qkv_step, self._finish_step) if step else (_qkv, None)
+        qkv, finish = (self._qkv_step, self._finish_step) if step else (self._qkv_prefill, None)
         x = self.inner.embed_tokens(ids)
         cos, sin = self.inner.rotary_emb(x, q_pos)
         for layer, kv in zip(self.inner.layers, kvs, strict=True):
             attn = layer.self_attn
             q, k, v = qkv(attn, layer.input_layernorm, x, cos, sin, self._rope)
-            o = kv.attend(q, k, v, q_pos, valid, attn.scaling, empty=empty)
+            o = kv.attend(q, k, v, q_pos, valid, attn.scaling, empty=empty, start=start)
             if finish is not None:
                 x = finish(attn, layer.post_attention_layernorm, layer.mlp, x, o)
                 continue
             x = x + attn.o_proj(o.reshape(*o.shape[:2], -1))
             for s in range(0, x.shape[1], self.mlp_chunk):
                 part = x[:, s : s + self.mlp_chunk]
-                part += layer.mlp(layer.post_attention_layernorm(part))
+                part += self._mlp_prefill(layer.post_attention_layernorm, layer.mlp, part)
         return self.inner.norm(x[:, -1])
 
     @torch.inference_mode()
@@ -206,7 +213,7 @@ class ModelRunner:
         for s in range(0, n, piece):
             part = ids[s : s + piece][None]
             q_pos = torch.arange(s, s + part.shape[1], device=self.device)[None]
-            h = self._forward(part, q_pos, views, None, empty=s == 0)
+            h = self._forward(part, q_pos, views, None, empty=s == 0, start=s)
         return self.lm_head(h)[0].float()
 
     @torch.inference_mode()
