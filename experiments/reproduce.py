@@ -1,0 +1,174 @@
+"""Reproduce the LongGen paper's comparisons, scaled down, on one GPU (issue #8).
+
+A Llama-style model is pre-trained from scratch at a short context on the Python source and documentation found
+on the machine itself (the standard library and site-packages: nothing is downloaded). Copies of it are extended
+to 8x the context, each with the same token budget:
+
+    1. full attention                      full
+    2. LongGen hybrid, SinkWindow          hybrid_sinkwindow   (1/3 full layers in the middle)
+    3. LongGen hybrid, BlockSparse         hybrid_blocksparse
+    4. all layers sparse, no full layer    all_sparse          (SinkWindow)
+    5. full layers at the bottom           hybrid_bottom       (SinkWindow)
+
+and these five plus 6. StreamingLLM applied at inference to model 1 (streaming_llm) are evaluated: pass-key and
+needle-in-a-haystack retrieval over prompt lengths and needle depths, and perplexity by position. The report
+compares them with what the paper leads us to expect.
+
+Stages write into --work-dir and skip what is finished for the same settings; a stage stopped half-way (killed,
+or by --deadline-minutes) resumes where it stopped (training from its last checkpoint):
+
+    prepare   corpus, held-out documents, BPE tokenizer, token caches, synthetic retrieval documents
+    pretrain  the base model at --short-len
+    extend    every trained variant (or --variant X) at --long-len
+    eval      every variant (or --variant X): perplexity, pass key, needle in a haystack
+    report    tables, JSON and plots in --out-dir; prints the comparison
+    all       the stages above, in order
+    plan      sizes, the time plan and which stages are done (starts nothing)
+
+    PYTHONPATH=src python experiments/reproduce.py all --deadline-minutes 9    # GPU: see experiments/README.md
+    PYTHONPATH=src python experiments/reproduce.py all --tiny                  # CPU, about a minute
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+if importlib.util.find_spec("longgen") is None:  # a checkout that is not installed: use its src/
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from reproduction.report import build_report
+from reproduction.settings import DEFAULT, TASKS, TINY, VARIANTS, Settings
+from reproduction.stages import Deadline, DeadlineReached, Experiment, interactive, log
+
+STAGES = ("plan", "prepare", "pretrain", "extend", "eval", "report", "all")
+EXIT_UNFINISHED = 75  # stopped at --deadline-minutes: run the same command again to continue
+
+
+def _list_of(kind: type) -> Callable[[str], tuple]:
+    def parse(text: str) -> tuple:
+        try:
+            return tuple(kind(x) for x in text.split(",") if x.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__}s, got {text!r}") from None
+
+    return parse
+
+
+def _bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="reproduce.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("stage", choices=STAGES, help="what to run")
+    p.add_argument("--tiny", action="store_true", help="tiny sizes: the whole pipeline on a CPU in about a minute")
+    p.add_argument("--variant", action="append", choices=VARIANTS, help="extend/eval: only this one (repeatable)")
+    p.add_argument("--force", action="store_true", help="redo the stages run now even if they finished")
+    p.add_argument("--deadline-minutes", type=float, help=f"stop after this long (exit code {EXIT_UNFINISHED})")
+    group = p.add_argument_group("settings (defaults: the GPU preset; --tiny has its own)")
+    for f in dataclasses.fields(Settings):
+        default = getattr(DEFAULT, f.name)
+        if isinstance(default, tuple):
+            parse, shown = _list_of(str if f.name == "variants" else type(default[0])), ",".join(map(str, default))
+        else:
+            parse, shown = _bool if isinstance(default, bool) else type(default), default
+        text = f"{f.metadata.get('help', '')} (default {shown})".strip()
+        group.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=parse, default=None, help=text)
+    return p
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(Settings) if getattr(args, f.name) is not None}
+    s = dataclasses.replace(TINY if args.tiny else DEFAULT, **given)
+    s.validate()
+    return s
+
+
+def print_plan(exp: Experiment) -> None:
+    s, p = exp.s, exp.plan
+    sec = p["seconds"]
+    pre, ext = p["pretrain"], p["extend"]
+    given = s.pretrain_steps and s.extend_steps
+    log(f"plan ({'steps given' if given else f'--budget-minutes {s.budget_minutes:g}'}; times at the assumed "
+        f"throughput; work {exp.work}; results {exp.out}):")  # fmt: skip
+    log(f"  pre-train {p['pretrain_steps']} steps x {pre['tokens_per_step']:,} tokens at {s.short_len} "
+        f"= {p['pretrain_tokens'] / 1e6:.1f}M tokens, ~{sec['pretrain'] / 60:.1f} min at "
+        f"{s.assume_pretrain_tps:,.0f} tokens/s")  # fmt: skip
+    log(f"  extend {len(s.trained)} variants x {p['extend_steps']} steps x {ext['tokens_per_step']:,} tokens at "
+        f"{s.long_len} = {p['extend_tokens_per_variant'] / 1e6:.1f}M tokens each, ~{sec['extend_each'] / 60:.1f} "
+        f"min each at {s.assume_extend_tps:,.0f} tokens/s")  # fmt: skip
+    log(f"  evaluate {len(s.variants)} variants x {p['eval_prompts_per_variant']} prompts + perplexity, "
+        f"~{sec['eval_each'] / 60:.1f} min each; prepare ~{sec['prepare'] / 60:.1f} min; "
+        f"total ~{sec['total'] / 60:.1f} min")  # fmt: skip
+    names = exp.stage_names()
+    pending = [n for n in names if not exp.current(n)]
+    status = f"  finished: {len(names) - len(pending)}/{len(names)} stages"
+    if pending:
+        status += f"; next: {pending[0]}; ~{exp.remaining_seconds() / 60:.1f} min of planned work left"
+    log(status)
+
+
+def run(exp: Experiment, stage: str, picked: Sequence[str] | None) -> None:
+    s = exp.s
+    if stage in ("prepare", "all"):
+        exp.run("prepare")
+    if stage in ("pretrain", "all"):
+        exp.run("pretrain")
+    if stage in ("extend", "all"):
+        for v in picked or s.trained:
+            if v == "streaming_llm":
+                raise ValueError("streaming_llm is not trained: it is model 1 (`full`) with StreamingLLM at inference")
+            exp.run(f"extend-{v}")
+    if stage in ("eval", "all"):
+        for task in TASKS:
+            for v in picked or s.variants:
+                exp.run(f"eval-{v}-{task}")
+    if stage in ("report", "all"):
+        build_report(exp)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        exp = Experiment(settings_from_args(args), force=args.force)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print_plan(exp)
+    if args.stage == "plan":
+        return 0
+    if not interactive():  # a log, not a terminal: no loading bars from transformers
+        from transformers.utils import logging
+
+        logging.disable_progress_bar()
+    t0 = time.perf_counter()
+    try:
+        with Deadline(args.deadline_minutes):
+            run(exp, args.stage, args.variant)
+    except DeadlineReached:
+        log(f"\nstopped at the deadline after {time.perf_counter() - t0:.0f} s; finished stages are kept: run the "
+            "same command again to continue")  # fmt: skip
+        if args.stage == "all" and exp.current("pretrain"):  # a partial report, in case no call follows
+            build_report(exp)
+        print_plan(exp)
+        return EXIT_UNFINISHED
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
