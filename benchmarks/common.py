@@ -32,3 +32,18 @@ def markdown_header(title: str, result: dict, note: str) -> list[str]:
         note,
         "",
     ]
+
+
+def llama2_7b_config(layers: int, max_len: int):
+    """The Llama-2-7B shape every benchmark uses: hidden 4096, 32 heads (= KV heads), head dim 128, MLP 11008."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=32000,
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=layers,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        max_position_embeddings=max_len,
+    )

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from common import markdown_header
+from common import llama2_7b_config, markdown_header
 
 import longgen
 from longgen.train.context_parallel import context_parallel_attention, setup_context_parallel, shard_batch
@@ -50,15 +50,7 @@ def model_config(tiny: bool, layers: int, seq_len: int):
             num_key_value_heads=4,
             max_position_embeddings=seq_len,
         )
-    return LlamaConfig(
-        vocab_size=32000,
-        hidden_size=4096,
-        intermediate_size=11008,
-        num_hidden_layers=layers,
-        num_attention_heads=32,
-        num_key_value_heads=32,
-        max_position_embeddings=seq_len,
-    )
+    return llama2_7b_config(layers, seq_len)
 
 
 def patterns(tiny: bool) -> dict:

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import markdown_header, run_metadata
+from common import llama2_7b_config, markdown_header, run_metadata
 
 import longgen
 from longgen.infer import ModelRunner, analytic_kv_bytes, rows_for_budget
@@ -42,17 +42,9 @@ HF = "hf_generate_sdpa_static"
 
 
 def build(layers: int, max_len: int):
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers import AutoModelForCausalLM
 
-    cfg = LlamaConfig(
-        vocab_size=32000,
-        hidden_size=4096,
-        intermediate_size=11008,
-        num_hidden_layers=layers,
-        num_attention_heads=32,
-        num_key_value_heads=32,
-        max_position_embeddings=max_len,
-    )
+    cfg = llama2_7b_config(layers, max_len)
     with torch.device("cuda"):
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16, attn_implementation="sdpa")
     return model.eval()

@@ -20,24 +20,16 @@ import time
 from pathlib import Path
 
 import torch
-from common import markdown_header, run_metadata
+from common import llama2_7b_config, markdown_header, run_metadata
 
 import longgen
 from longgen.train.loss import CausalLMLoss
 
 
 def build(layers: int, seq_len: int, variant: str):
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers import AutoModelForCausalLM
 
-    cfg = LlamaConfig(
-        vocab_size=32000,
-        hidden_size=4096,
-        intermediate_size=11008,
-        num_hidden_layers=layers,
-        num_attention_heads=32,
-        num_key_value_heads=32,
-        max_position_embeddings=seq_len,
-    )
+    cfg = llama2_7b_config(layers, seq_len)
     with torch.device("cuda"):
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     patterns = {
