@@ -8,7 +8,6 @@ import torch
 
 from longgen import BlockLayout, BlockSparse, Full, SinkWindow
 from longgen.kernels import cache_attention
-from longgen.model.attention import attend_at_positions
 
 interpret = pytest.mark.skipif(
     os.environ.get("TRITON_INTERPRET") != "1",
@@ -66,20 +65,6 @@ def test_reference_matches_brute_force_on_a_contiguous_cache(pattern):
                 m = mask[h // G, t]
                 p = torch.softmax((k[b, h // G] @ q[b, i, h]) / math.sqrt(d) + torch.where(m, 0.0, -math.inf), 0)
                 torch.testing.assert_close(out[b, i, h], p @ v[b, h // G], rtol=1e-10, atol=1e-12)
-
-
-def test_reference_is_attend_at_positions():
-    B, Q, H, hkv, d, S = 2, 4, 4, 2, 16, 40
-    k, v, k_pos = slot_cache(B, hkv, S, d, torch.float64, 3)
-    q = rand((B, Q, H, d), torch.float64, 4)
-    q_pos = torch.tensor([[120, 121, 122, 123], [100, 101, 102, 103]])
-    kv_len = torch.tensor([S, 30])
-    pattern = BlockSparse(16, 2, 2)
-    out = cache_attention(q, q_pos, k, v, k_pos, pattern, kv_len=kv_len, backend="reference")
-    k_valid = (k_pos >= 0) & (torch.arange(S) < kv_len[:, None, None])
-    q_valid = torch.ones(B, Q, dtype=torch.bool)
-    expected = attend_at_positions(q.transpose(1, 2), k, v, pattern, q_pos, k_pos, k_valid, q_valid, None)
-    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
 
 
 # ---------------------------------------------------------------------------------------------------------------

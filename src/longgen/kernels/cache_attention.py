@@ -76,8 +76,8 @@ def cache_attention_reference(
 ) -> torch.Tensor:
     """`cache_attention` in plain PyTorch: a boolean mask from `Pattern.allowed` over the slots, then SDPA.
 
-    The semantics of `longgen.model.attention.attend_at_positions` with every query valid and
-    ``k_valid = (k_pos >= 0) & (slot < kv_len)``; queries with no allowed slot give exact zeros.
+    Slots with ``k_pos < 0`` or at or past ``kv_len`` are ignored; queries with no allowed slot give exact
+    zeros.
     """
     H = query.shape[2]
     hkv, S = key_cache.shape[1], key_cache.shape[2]

@@ -7,8 +7,8 @@ Registered with transformers' attention interface (and its mask interface) by `r
 * training / prefill without a cache: batched sequences, right-padded batches (``seqlens``), left/any padding
   (unpadded into packed sequences), and packed sequences whose ``position_ids`` restart at 0 (``cu_seqlens``);
   plain causal Full layers go to PyTorch SDPA (FlashAttention/cuDNN kernels), which is faster for them;
-* queries shorter than the keys (decoding with a transformers cache): an exact masked path over the
-  pattern's semantics (`Pattern.allowed`) with SDPA. The compact KV cache of `longgen.infer` replaces this.
+* queries shorter than the keys (decoding with a transformers cache): `longgen.kernels.cache_attention` over
+  all the keys. The compact KV cache of `longgen.infer` keeps only the keys the pattern still needs.
 """
 
 from __future__ import annotations
@@ -155,51 +155,17 @@ def _attend_unpadded(q, k, v, pattern: Pattern, mask: torch.Tensor, scale, **hea
 
 
 def _attend_masked(q, k, v, pattern: Pattern, mask, scale) -> torch.Tensor:
-    """Exact attention for queries that are the last q_len of kv_len keys (decoding with a cache).
+    """Exact attention for queries that are the last q_len of kv_len keys (decoding with a cache):
+    `cache_attention` with every key's position (padding: -1). Positions count real tokens only (left padding
+    does not shift them); padding queries get zeros."""
+    from longgen.kernels import cache_attention
 
-    Positions count real tokens only (left padding does not shift them)."""
-    q_len, S = q.shape[1], k.shape[1]
+    q_len, S, hkv = q.shape[1], k.shape[1], k.shape[2]
     valid = torch.ones(q.shape[0], S, dtype=torch.bool, device=q.device) if mask is None else mask[:, -S:].bool()
     kpos = valid.long().cumsum(-1) - 1
-    return attend_at_positions(
-        q.transpose(1, 2),
-        k.transpose(1, 2),
-        v.transpose(1, 2),
-        pattern,
-        kpos[:, S - q_len :],
-        kpos,
-        valid,
-        valid[:, S - q_len :],
-        scale,
-    )
-
-
-def attend_at_positions(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    pattern: Pattern,
-    q_pos: torch.Tensor,
-    k_pos: torch.Tensor,
-    k_valid: torch.Tensor,
-    q_valid: torch.Tensor,
-    scale: float | None,
-) -> torch.Tensor:
-    """Exact attention of queries at absolute positions over keys at absolute positions, in any key order.
-
-    query ``(B, H, q, d)``, key/value ``(B, Hkv, S, d)``; q_pos, q_valid ``(B, q)``; k_pos, k_valid ``(B, S)``, or
-    ``(B, Hkv, S)`` when each KV head holds its own keys. Invalid keys are ignored; invalid queries give 0.
-    Returns ``(B, q, H, d)``."""
-    heads, hkv = query.shape[1], key.shape[1]
-    if k_pos.dim() == 2:
-        k_pos, k_valid = k_pos[:, None], k_valid[:, None]
-    g = torch.arange(hkv, device=query.device)
-    allowed = pattern.allowed(q_pos[:, None, :, None], k_pos[:, :, None, :].clamp(min=0), g[None, :, None, None], hkv)
-    allowed = allowed & k_valid[:, :, None, :]
-    allowed = allowed | ~q_valid[:, None, :, None]  # invalid queries: any row (zeroed below), never NaN
-    allowed = allowed.repeat_interleave(heads // hkv, dim=1)
-    out = F.scaled_dot_product_attention(query, key, value, attn_mask=allowed, scale=scale, enable_gqa=heads != hkv)
-    return out.transpose(1, 2) * q_valid[:, :, None, None]
+    k_pos = torch.where(valid, kpos, -1).to(torch.int32)[:, None].expand(-1, hkv, -1)
+    out = cache_attention(q, kpos[:, S - q_len :], k.transpose(1, 2), v.transpose(1, 2), k_pos, pattern, scale=scale)
+    return out * valid[:, S - q_len :, None, None]
 
 
 _REGISTERED = False
