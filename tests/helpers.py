@@ -21,8 +21,9 @@ def bpe_tokenizer(texts, vocab_size=400):
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="[UNK]")
 
 
-def save_tiny_models(root: Path, tokenizer, max_len: int, **convert_kwargs):
-    """A tiny random Llama saved with `tokenizer` as ``root/plain`` and, converted, as ``root/hybrid``."""
+def save_tiny_models(root: Path, tokenizer, max_len: int, pattern=None, **convert_kwargs):
+    """A tiny random Llama saved with `tokenizer` as ``root/plain`` and, converted (default pattern
+    ``SinkWindow(4, 32)``), as ``root/hybrid``."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     import longgen
@@ -40,7 +41,7 @@ def save_tiny_models(root: Path, tokenizer, max_len: int, **convert_kwargs):
     model = AutoModelForCausalLM.from_config(cfg)
     model.save_pretrained(root / "plain")
     tokenizer.save_pretrained(root / "plain")
-    longgen.convert(model, pattern=longgen.SinkWindow(4, 32), **convert_kwargs)
+    longgen.convert(model, pattern=pattern or longgen.SinkWindow(4, 32), **convert_kwargs)
     model.save_pretrained(root / "hybrid")
     tokenizer.save_pretrained(root / "hybrid")
 

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from helpers import bpe_tokenizer, losses, run_cli, train_config, weights, write_toml
+from helpers import bpe_tokenizer, losses, run_cli, save_tiny_models, train_config, weights, write_toml
 from longgen import BlockLayout, BlockSparse, Full, SinkWindow, sparse_attention
 from longgen.train import load_config
 from longgen.train.context_parallel import check_context_parallel, kv_head_split, shard_batch
@@ -161,28 +161,11 @@ def test_ulysses_attention_equals_one_process(world, cp_size, tmp_path):
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     """A corpus, a BPE tokenizer and a tiny hybrid with BlockSparse layers (a dense KV head) and a full layer."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    import longgen
-
     root = tmp_path_factory.mktemp("cp")
     corpus = root / "corpus"
     shutil.copytree(Path(json.__file__).parent, corpus, ignore=shutil.ignore_patterns("__pycache__"))
     tokenizer = bpe_tokenizer([p.read_text() for p in sorted(corpus.rglob("*.py"))])
-    cfg = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-    )
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(cfg)
-    longgen.convert(model, pattern=BlockSparse(16, 2, None, dense_kv_heads=1))
-    model.save_pretrained(root / "hybrid")
-    tokenizer.save_pretrained(root / "hybrid")
+    save_tiny_models(root, tokenizer, max_len=128, pattern=BlockSparse(16, 2, None, dense_kv_heads=1))
     return root
 
 

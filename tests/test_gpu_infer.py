@@ -11,19 +11,26 @@ from longgen.model import read_layout
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
-@pytest.mark.parametrize("pattern", [SinkWindow(64, 512), BlockSparse(64, 4)], ids=repr)
-def test_decode_logits_match_recomputation(pattern):
+def bf16_model(pattern, hidden: int, kv_heads: int):
+    """A random 6-layer Llama (8 heads, 1000 tokens) converted with `pattern` (None: every layer Full), bf16 on CUDA."""
     cfg = LlamaConfig(
         vocab_size=1000,
-        hidden_size=512,
-        intermediate_size=1024,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
         num_hidden_layers=6,
         num_attention_heads=8,
-        num_key_value_heads=4,
+        num_key_value_heads=kv_heads,
         max_position_embeddings=8192,
     )
     torch.manual_seed(0)
-    m = convert(AutoModelForCausalLM.from_config(cfg).eval(), pattern=pattern).to("cuda", torch.bfloat16)
+    m = AutoModelForCausalLM.from_config(cfg).eval()
+    m = convert(m, full_fraction=1.0) if pattern is None else convert(m, pattern=pattern)
+    return m.to("cuda", torch.bfloat16)
+
+
+@pytest.mark.parametrize("pattern", [SinkWindow(64, 512), BlockSparse(64, 4)], ids=repr)
+def test_decode_logits_match_recomputation(pattern):
+    m = bf16_model(pattern, hidden=512, kv_heads=4)
     seq = torch.randint(0, 1000, (1, 4000), device="cuda")
     cache = HybridCache(m.config, max_length=4016)
     layers = read_layout(m.config)
@@ -45,18 +52,7 @@ def test_decode_logits_match_recomputation(pattern):
 def test_runner_cuda_graph_decode_matches_recomputation(pattern):
     from longgen.infer import ModelRunner
 
-    cfg = LlamaConfig(
-        vocab_size=1000,
-        hidden_size=1024,
-        intermediate_size=2048,
-        num_hidden_layers=6,
-        num_attention_heads=8,
-        num_key_value_heads=2,
-        max_position_embeddings=8192,
-    )
-    torch.manual_seed(0)
-    m = AutoModelForCausalLM.from_config(cfg).eval()
-    m = (convert(m, full_fraction=1.0) if pattern is None else convert(m, pattern=pattern)).to("cuda", torch.bfloat16)
+    m = bf16_model(pattern, hidden=1024, kv_heads=2)
     runner = ModelRunner(m, max_batch=2, max_len=6000, prefill_chunk=None)
     assert runner.cuda_graph
     seqs = [torch.randint(0, 1000, (1, n), device="cuda") for n in (4000, 2500)]

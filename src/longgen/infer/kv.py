@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import heapq
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 
 import torch
@@ -139,7 +139,7 @@ class CompactKV:
         self.pattern, self.num_kv_heads, self.max_len = pattern, num_kv_heads, max_len
         self.map = SlotMap.build(pattern, num_kv_heads, max_len)
         if self.map.table is not None:
-            self.map = SlotMap(**{**self.map.__dict__, "table": self.map.table.to(device)})
+            self.map = replace(self.map, table=self.map.table.to(device))
         cap = self.map.capacity
         self.keys = torch.zeros(batch, num_kv_heads, cap + 1, head_dim, dtype=dtype, device=device)
         self.values = torch.zeros(batch, num_kv_heads, cap + 1, value_dim or head_dim, dtype=dtype, device=device)
