@@ -122,6 +122,21 @@ def test_custom_scale_and_no_lse():
     assert relerr(a, b) < 1e-5
 
 
+@pytest.mark.parametrize("used", ["out", "lse"])
+def test_gradient_through_one_output(used):
+    """Only the output or only the lse reaches the loss: the other gets no gradient tensor at all."""
+    q, k, v = (rand((1, 37, 4, 16), torch.float32, s) for s in (13, 14, 15))
+    grads = []
+    for backend in ("triton", "reference"):
+        qq, kk, vv = (x.clone().requires_grad_() for x in (q, k, v))
+        out, lse = sparse_attention(qq, kk, vv, SinkWindow(3, 9), return_lse=True, backend=backend)
+        (out.sin().sum() if used == "out" else lse.cos().sum()).backward()
+        grads.append((qq.grad, kk.grad, vv.grad))
+    for a, b in zip(*grads, strict=True):
+        b = torch.zeros_like(a) if b is None else b  # the lse does not depend on v
+        assert (a - b).abs().max() < 1e-5 * max(1.0, b.abs().max().item())
+
+
 def test_unsupported_inputs_are_clear_errors():
     q = rand((1, 16, 2, 24), torch.float32, 0)
     with pytest.raises(ValueError, match="head_dim"):

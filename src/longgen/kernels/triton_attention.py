@@ -249,22 +249,23 @@ def _fwd_tiles(
         if BLOCK_D != HEAD_DIM:
             kv_mask = kv_mask & (offs_d[None, :] < HEAD_DIM)
         k = tl.load(K + s[:, None] * skt + offs_d[None, :], mask=kv_mask, other=0.0)
-        qk = tl.dot(q, tl.trans(k)) * qk_scale
+        qk = tl.dot(q, tl.trans(k))
         if MASK:
             ok = _allowed(
                 t[:, None], s[None, :], g, L, LAY, n_lay, PATTERN, SINK, WINDOW, PB, LOCAL, STRIDE, STEP, DENSE_FROM
             )
-            qk = tl.where(ok, qk, float("-inf"))
+            qk = tl.where(ok, qk * qk_scale, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(qk, 1))
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
-        else:
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            p = tl.math.exp2(qk - m_use[:, None])
+        else:  # the scale is applied to the row max, then once per score inside one multiply-add
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
             m_use = m_new
-        p = tl.math.exp2(qk - m_use[:, None])
+            p = tl.math.exp2(qk * qk_scale - m_use[:, None])
         alpha = tl.math.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(V + s[:, None] * svt + offs_d[None, :], mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
         m_i = m_new
     return acc, m_i, l_i
 
@@ -570,7 +571,7 @@ def _dq_tiles(
             p = tl.where(ok, p, 0.0)
         dp = tl.dot(do, tl.trans(v))
         ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k)
+        dq = tl.dot(ds.to(k.dtype), k, dq)
     return dq
 
 
@@ -581,7 +582,9 @@ def _dq_kernel(
     V,
     DO,
     DQ,
+    O,
     LSE,
+    DLSE,
     DELTA,
     STARTS,
     LENS,
@@ -600,8 +603,11 @@ def _dq_kernel(
     sdoh,
     sdqt,
     sdqh,
+    sot,
+    soh,
     qk_scale,
     H,
+    HAS_DLSE: tl.constexpr,
     PATTERN: tl.constexpr,
     SINK: tl.constexpr,
     WINDOW: tl.constexpr,
@@ -636,7 +642,12 @@ def _dq_kernel(
     q = tl.load(Q + (start + t)[:, None] * sqt + head[:, None] * sqh + offs_d[None, :], mask=io_mask, other=0.0)
     do = tl.load(DO + (start + t)[:, None] * sdot + head[:, None] * sdoh + offs_d[None, :], mask=io_mask, other=0.0)
     lse = tl.load(LSE + (start + t) * H + head, mask=t < L, other=0.0)
-    delta = tl.load(DELTA + (start + t) * H + head, mask=t < L, other=0.0)
+    # delta = rowsum(o * do) (minus the gradient of the returned lse), written for the dK/dV kernel
+    o = tl.load(O + (start + t)[:, None] * sot + head[:, None] * soh + offs_d[None, :], mask=io_mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    if HAS_DLSE:
+        delta -= tl.load(DLSE + (start + t) * H + head, mask=t < L, other=0.0)
+    tl.store(DELTA + (start + t) * H + head, delta, mask=t < L)
     Kg = K + start * skt + g * skh
     Vg = V + start * svt + g * svh
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -887,11 +898,11 @@ def _dkdv_tiles(
             )
             pT = tl.where(ok, pT, 0.0)
         do = tl.load(DO + t[:, None] * sdot + head[:, None] * sdoh + offs_d[None, :], mask=io_mask, other=0.0)
-        dv += tl.dot(pT.to(do.dtype), do)
+        dv = tl.dot(pT.to(do.dtype), do, dv)
         delta = tl.load(DELTA + t * H + head, mask=t < L, other=0.0)
         dpT = tl.dot(v, tl.trans(do))
         dsT = pT * (dpT - delta[None, :])
-        dk += tl.dot(dsT.to(q.dtype), q)
+        dk = tl.dot(dsT.to(q.dtype), q, dk)
     return dk, dv
 
 
@@ -1156,8 +1167,8 @@ def _tile_config(head_dim: int, dtype: torch.dtype, interpret: bool) -> dict[str
         return {"fwd": t, "dq": t, "dkdv": t}
     return {
         "fwd": Tiles(128, 64, 8, 3),
-        "dq": Tiles(128, 32, 4, 3) if head_dim > 64 else Tiles(128, 64, 4, 3),
-        "dkdv": Tiles(32, 64, 4, 3),
+        "dq": Tiles(128, 64, 8, 3) if head_dim > 64 else Tiles(128, 64, 4, 3),
+        "dkdv": Tiles(32, 64, 4, 4),
     }
 
 
@@ -1352,10 +1363,13 @@ def _backward(do, dlse, q, k, v, o, lse2, plan: _Plan):
     dq, dk, dv = alloc(q), alloc(k), alloc(v)
     if total == 0 or plan.max_len == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
+    if do is None:  # only the lse was used
+        do = torch.zeros_like(o)
     do = do if do.stride(-1) == 1 else do.contiguous()
-    delta = (o.float() * do.float()).sum(-1)  # (total, H)
-    if dlse is not None:  # d lse / d score = p, so a gradient on lse shifts delta
-        delta = delta - dlse
+    # d lse / d score = p, so a gradient on the lse shifts delta (the dQ kernel computes delta and subtracts it)
+    has_dlse = dlse is not None
+    dlse = dlse.float().contiguous() if has_dlse else torch.zeros(1, dtype=torch.float32, device=q.device)
+    delta = torch.empty(total, H, dtype=torch.float32, device=q.device)
     qk_scale = plan.shape.scale * LOG2E
     hkv = plan.shape.num_kv_heads
     meta = plan.meta("dq")
@@ -1366,7 +1380,9 @@ def _backward(do, dlse, q, k, v, o, lse2, plan: _Plan):
         v,
         do,
         dq,
+        o,
         lse2,
+        dlse,
         delta,
         plan.starts,
         plan.lens,
@@ -1381,8 +1397,11 @@ def _backward(do, dlse, q, k, v, o, lse2, plan: _Plan):
         do.stride(1),
         dq.stride(0),
         dq.stride(1),
+        o.stride(0),
+        o.stride(1),
         qk_scale,
         H,
+        has_dlse,
         **meta,
     )
     meta = plan.meta("dkdv")
@@ -1428,6 +1447,7 @@ class _TritonAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, plan):
         o, lse2 = _forward(q, k, v, plan)
+        ctx.set_materialize_grads(False)  # an unused lse gets no gradient tensor (and no kernel work)
         ctx.save_for_backward(q, k, v, o, lse2)
         ctx.plan = plan
         return o, lse2 / LOG2E
