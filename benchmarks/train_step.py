@@ -26,7 +26,7 @@ import longgen
 from longgen.train.loss import CausalLMLoss
 
 
-def build(layers: int, seq_len: int, variant: str):
+def build(layers: int, seq_len: int, variant: str, compile: bool = False):
     from transformers import AutoModelForCausalLM
 
     cfg = llama2_7b_config(layers, seq_len)
@@ -43,11 +43,14 @@ def build(layers: int, seq_len: int, variant: str):
         longgen.convert(model, pattern=patterns[variant])
     model.config.use_cache = False
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if compile:  # what the train loop's `model.compile: true` does
+        for layer in model.model.layers:
+            layer.compile()
     return model
 
 
-def run(layers: int, seq_len: int, variant: str, steps: int) -> dict:
-    model = build(layers, seq_len, variant)
+def run(layers: int, seq_len: int, variant: str, steps: int, compile: bool = False) -> dict:
+    model = build(layers, seq_len, variant, compile)
     wrapped = CausalLMLoss(model, chunk=4096).train()
     opt = torch.optim.AdamW(wrapped.parameters(), lr=1e-5, fused=True)
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -74,6 +77,7 @@ def run(layers: int, seq_len: int, variant: str, steps: int) -> dict:
         "variant": variant,
         "seq_len": seq_len,
         "layers": layers,
+        "compile": compile,
         "step_ms": round(step_ms, 1),
         "tokens_per_s": round(seq_len / step_ms * 1e3, 1),
         "peak_mem_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2),
@@ -85,6 +89,10 @@ def run(layers: int, seq_len: int, variant: str, steps: int) -> dict:
     return row
 
 
+def _key(row: dict) -> tuple:
+    return row["variant"], row["seq_len"], row["layers"], row.get("compile", False)
+
+
 def markdown(res: dict) -> str:
     lines = [
         *markdown_header(
@@ -92,14 +100,16 @@ def markdown(res: dict) -> str:
             res,
             "One sequence per step; activation checkpointing, bf16 autocast, float32 AdamW; median of the timed steps.",
         ),
-        "| variant | seq | layers | step ms | tokens/s | peak GB | speedup vs full |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| variant | seq | layers | compiled | step ms | tokens/s | peak GB | speedup vs full |",
+        "|---|---:|---:|---|---:|---:|---:|---:|",
     ]
-    full = {r["seq_len"]: r["step_ms"] for r in res["rows"] if r["variant"] == "full"}
-    for r in sorted(res["rows"], key=lambda r: (r["seq_len"], r["variant"])):
-        sp = full.get(r["seq_len"])
+    full = {_key(r)[1:]: r["step_ms"] for r in res["rows"] if r["variant"] == "full"}
+    for r in sorted(res["rows"], key=lambda r: (_key(r)[1:], r["variant"])):
+        sp = full.get(_key(r)[1:])
+        compiled = "yes" if r.get("compile") else "no"
         lines.append(
-            f"| {r['variant']} | {r['seq_len']} | {r['layers']} | {r['step_ms']:.0f} | {r['tokens_per_s']:,.0f} | "
+            f"| {r['variant']} | {r['seq_len']} | {r['layers']} | {compiled} | {r['step_ms']:.0f} | "
+            f"{r['tokens_per_s']:,.0f} | "
             f"{r['peak_mem_gb']:.1f} | {sp / r['step_ms'] if sp else float('nan'):.2f} |"
         )
     return "\n".join(lines) + "\n"
@@ -111,6 +121,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seq-lens", type=int, nargs="+", default=[32768, 65536, 131072])
     ap.add_argument("--variants", nargs="+", default=["full", "hybrid_sink_window", "hybrid_block_sparse"])
     ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--compile", action="store_true", help="torch.compile each decoder layer (train loop option)")
     ap.add_argument("--out", default="benchmarks/results/train_step.json")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -121,13 +132,14 @@ def main(argv=None) -> int:
     res.update(run_metadata())
     for T in args.seq_lens:
         for v in args.variants:
-            row = run(args.layers, T, v, args.steps)
+            row = run(args.layers, T, v, args.steps, args.compile)
             print(
                 f"{v:<22} T={T:>6}: step {row['step_ms']:9.1f} ms  {row['tokens_per_s']:9,.0f} tok/s  "
                 f"peak {row['peak_mem_gb']:.1f} GB",
                 flush=True,
             )
-            res["rows"] = [r for r in res["rows"] if (r["variant"], r["seq_len"], r["layers"]) != (v, T, args.layers)]
+            key = (v, T, args.layers, args.compile)
+            res["rows"] = [r for r in res["rows"] if (*_key(r),) != key]
             res["rows"].append(row)
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps(res, indent=1) + "\n")

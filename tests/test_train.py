@@ -41,6 +41,19 @@ def test_loss_goes_down_on_a_real_corpus(workspace, tmp_path):
     assert m.config.longgen["layers"][1] == "full_attention"
 
 
+def test_compiled_layers_train_like_eager_ones(workspace, tmp_path):
+    """`model.compile` (torch.compile per decoder layer; attention runs between the compiled graphs) with
+    activation checkpointing gives the eager run's losses."""
+    runs = {}
+    for compiled in (False, True):
+        out = tmp_path / f"compile-{compiled}"
+        over = dict(model__compile=compiled, model__activation_checkpointing=True, train__steps=3)
+        train(load_config(raw=config(workspace, out, train__save_every=3, **over)))
+        runs[compiled] = losses(out)
+    assert len(runs[True]) == 3
+    torch.testing.assert_close(torch.tensor(runs[True]), torch.tensor(runs[False]), rtol=1e-4, atol=1e-4)
+
+
 def test_chunked_loss_equals_transformers_loss(workspace):
     import longgen
 
