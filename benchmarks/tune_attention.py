@@ -1,65 +1,143 @@
-"""Sweep tile configurations of the Triton attention kernels at one size (GPU; a tuning aid, not a target check).
+"""Tile configurations of the Triton attention kernels: time per kernel (GPU; a tuning aid, not a target check).
 
-    PYTHONPATH=src python benchmarks/tune_attention.py [--seq-len 32768] [--kv-heads 32 8]
+    PYTHONPATH=src python benchmarks/tune_attention.py [--cases full:32768:32 sink_window:131072:32 ...]
+        [--configs "fwd=128x64/w8s3 dq=128x64/w8s3 dkdv=32x64/w4s4" ...] [--baseline OLD_triton_attention.py]
+        [--repeats 1] [--out results.json]
 
-Prints forward and backward (dq + dkdv) median ms per config and pattern, next to SDPA causal.
+For every config and case (pattern:seq_len:kv_heads; bf16, batch 1, 32 query heads, head dim 128) it prints the
+median forward and forward+backward time (`triton.testing.do_bench`) and the CUDA time of each kernel (forward, dQ,
+dK/dV, everything else) from torch.profiler over 5 forward+backward calls, so one run tunes the three kernels
+independently. A tile is BLOCK_MxBLOCK_N/wWARPSsSTAGES; BlockSparse clamps BLOCK_N to its block size.
+`--baseline` also runs an older copy of `triton_attention.py` with its own default tiles (A/B of a kernel change).
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
+import importlib.util
+import json
+import re
+import sys
+from collections import defaultdict
 
 import torch
-import torch.nn.functional as F
 from triton.testing import do_bench
 
 import longgen
-from longgen.kernels import triton_attention as ta
+from longgen.kernels import triton_attention as current
 
-T_ = ta.Tiles
-CONFIGS = [
-    {"fwd": T_(128, 64, 8, 3), "dq": T_(128, 32, 4, 3), "dkdv": T_(32, 64, 4, 3)},
-    {"fwd": T_(128, 64, 8, 4), "dq": T_(128, 32, 4, 4), "dkdv": T_(32, 128, 4, 3)},
-    {"fwd": T_(128, 64, 8, 3), "dq": T_(128, 64, 8, 3), "dkdv": T_(64, 128, 8, 3)},
-    {"fwd": T_(128, 32, 4, 3), "dq": T_(64, 32, 4, 3), "dkdv": T_(32, 128, 8, 2)},
-]
-
-
-def _fmt(cfg) -> str:
-    return " ".join(f"{k}={t.block_m}x{t.block_n}/w{t.num_warps}s{t.num_stages}" for k, t in cfg.items())
+PATTERNS = {
+    "full": lambda kv: longgen.Full(),
+    "sink_window": lambda kv: longgen.SinkWindow(64, 2048),
+    "block_sparse": lambda kv: longgen.BlockSparse(64, 16, kv),
+}
+KERNELS = ("_fwd_kernel", "_dq_kernel", "_dkdv_kernel")
+MODULE = "longgen.kernels.triton_attention"
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--seq-len", type=int, default=32768)
-    ap.add_argument("--kv-heads", type=int, nargs="+", default=[32, 8])
-    args = ap.parse_args()
-    for hkv in args.kv_heads:
-        sweep(args.seq_len, hkv)
+def parse_config(text: str) -> dict:
+    cfg = {}
+    for part in text.split():
+        name, tile = part.split("=")
+        m = re.fullmatch(r"(\d+)x(\d+)/w(\d+)s(\d+)", tile)
+        if name not in ("fwd", "dq", "dkdv") or m is None:
+            raise ValueError(f"bad tile {part!r}: expected fwd|dq|dkdv=BMxBN/wWARPSsSTAGES")
+        cfg[name] = current.Tiles(*map(int, m.groups()))
+    return cfg
 
 
-def sweep(T: int, hkv: int, H: int = 32, d: int = 128) -> None:
-    q = torch.randn(1, T, H, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    k = torch.randn(1, T, hkv, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    v = torch.randn(1, T, hkv, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    do = torch.randn_like(q)
-    qt, kt, vt = (x.detach().transpose(1, 2).contiguous().requires_grad_() for x in (q, k, v))
-    sd = lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=hkv != H)  # noqa: E731
-    sdpa_f = do_bench(sd, return_mode="median")
-    sdpa_fb = do_bench(lambda: sd().backward(do.transpose(1, 2)), grad_to_none=[qt, kt, vt], return_mode="median")
-    print(f"T={T} kv={hkv}: SDPA fwd {sdpa_f:.2f} fwd+bwd {sdpa_fb:.2f}", flush=True)
-    pats = [longgen.Full(), longgen.SinkWindow(64, 2048), longgen.BlockSparse(64, 16, hkv)]
-    for cfg, p in itertools.product(CONFIGS, pats):
-        ta._tile_config = lambda *a, cfg=cfg: cfg
-        try:
-            f = lambda p=p: longgen.sparse_attention(q, k, v, p, backend="triton")  # noqa: E731
-            ms_f = do_bench(f, return_mode="median")
-            ms_fb = do_bench(lambda f=f: f().backward(do), grad_to_none=[q, k, v], return_mode="median")
-            print(f"  {_fmt(cfg):<46} {p!r:<70} fwd {ms_f:8.2f}  fwd+bwd {ms_fb:8.2f}", flush=True)
-        except Exception as e:  # a config can exceed shared memory; report and go on
-            print(f"  {_fmt(cfg):<46} {p!r:<70} failed: {type(e).__name__}: {str(e)[:100]}", flush=True)
+def kernel_times(fn, iters: int = 5) -> dict[str, float]:
+    """ms per call of each attention kernel (and of everything else) over `iters` calls of fn."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    out: dict[str, float] = defaultdict(float)
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            name = next((k for k in KERNELS if k in e.name), "other")
+            out[name] += e.device_time / 1e3 / iters
+    return dict(out)
+
+
+def measure(module, cfg: dict | None, pattern, T: int, hkv: int, H: int = 32, d: int = 128) -> dict:
+    """Time one case with `module` standing in for longgen's kernel module (tiles `cfg`, or its defaults)."""
+    saved_tiles = module._tile_config
+    if cfg is not None:
+        module._tile_config = lambda *a: cfg
+    sys.modules[MODULE] = module  # longgen.sparse_attention imports the kernels lazily from here
+    try:
+        q = torch.randn(1, T, H, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        k = torch.randn(1, T, hkv, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        v = torch.randn(1, T, hkv, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        do = torch.randn_like(q)
+
+        def fwd():
+            return longgen.sparse_attention(q, k, v, pattern, backend="triton")
+
+        def fwd_bwd():
+            q.grad = k.grad = v.grad = None
+            fwd().backward(do)
+
+        return {
+            "ms_fwd": do_bench(fwd, return_mode="median"),
+            "ms_fwd_bwd": do_bench(fwd_bwd, return_mode="median"),
+            "kernels_ms": kernel_times(fwd_bwd),
+        }
+    finally:
+        module._tile_config = saved_tiles
+        sys.modules[MODULE] = current
+
+
+def load_baseline(path: str):
+    spec = importlib.util.spec_from_file_location("triton_attention_baseline", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up while the file executes
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--cases", nargs="+", default=["full:32768:32", "sink_window:131072:32", "block_sparse:131072:32"])
+    ap.add_argument("--configs", nargs="*", default=[], help="tile sets; none = the current defaults")
+    ap.add_argument("--baseline", default=None, help="an older triton_attention.py to A/B against")
+    ap.add_argument("--repeats", type=int, default=1, help="run the whole sweep this many times (noise check)")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("benchmarks/tune_attention.py needs a CUDA GPU", file=sys.stderr)
+        return 2
+    runs = [("current", current, parse_config(c), c) for c in args.configs] or [("current", current, None, "defaults")]
+    if args.baseline:
+        runs.insert(0, ("baseline", load_baseline(args.baseline), None, "defaults"))
+    rows = []
+    for rep in range(args.repeats):
+        for label, module, cfg, cfg_text in runs:
+            for case in args.cases:
+                kind, T, hkv = case.split(":")
+                T, hkv = int(T), int(hkv)
+                pattern = PATTERNS[kind](hkv)
+                try:
+                    r = measure(module, cfg, pattern, T, hkv)
+                except Exception as e:  # a config can exceed shared memory: report it and go on
+                    print(f"{label} [{cfg_text}] {case}: failed: {type(e).__name__}: {str(e)[:120]}", flush=True)
+                    continue
+                parts = " ".join(f"{k.strip('_')}={v:.2f}" for k, v in sorted(r["kernels_ms"].items()))
+                print(
+                    f"{label} [{cfg_text}] {case}: fwd {r['ms_fwd']:.2f} fwd+bwd {r['ms_fwd_bwd']:.2f} | {parts}",
+                    flush=True,
+                )
+                rows.append(dict(module=label, config=cfg_text, case=case, repeat=rep, **r))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"command": " ".join(sys.argv), "rows": rows}, f, indent=1)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -43,15 +43,20 @@ def test_loss_goes_down_on_a_real_corpus(workspace, tmp_path):
 
 def test_compiled_layers_train_like_eager_ones(workspace, tmp_path):
     """`model.compile` (torch.compile per decoder layer; attention runs between the compiled graphs) with
-    activation checkpointing gives the eager run's losses."""
-    runs = {}
-    for compiled in (False, True):
-        out = tmp_path / f"compile-{compiled}"
-        over = dict(model__compile=compiled, model__activation_checkpointing=True, train__steps=3)
-        train(load_config(raw=config(workspace, out, train__save_every=3, **over)))
-        runs[compiled] = losses(out)
-    assert len(runs[True]) == 3
-    torch.testing.assert_close(torch.tensor(runs[True]), torch.tensor(runs[False]), rtol=1e-4, atol=1e-4)
+    activation checkpointing gives the eager run's losses, in one process and under FSDP2 over 2 processes."""
+    over = dict(model__activation_checkpointing=True, train__steps=3, train__save_every=3)
+    train(load_config(raw=config(workspace, tmp_path / "eager", model__compile=False, **over)))
+    train(load_config(raw=config(workspace, tmp_path / "compiled", model__compile=True, **over)))
+    two = write_toml(
+        tmp_path / "two.toml",
+        config(workspace, tmp_path / "two", model__compile=True, train__batch_size=1, **over),
+    )
+    r = run_cli([str(two)], nproc=2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    eager = torch.tensor(losses(tmp_path / "eager"))
+    assert len(eager) == 3
+    for run in ("compiled", "two"):
+        torch.testing.assert_close(torch.tensor(losses(tmp_path / run)), eager, rtol=1e-4, atol=1e-4)
 
 
 def test_chunked_loss_equals_transformers_loss(workspace):
