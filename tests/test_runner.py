@@ -1,5 +1,7 @@
 """The serving runner: compact caches for several rows, layer-wise and chunked prefill, static decode steps."""
 
+import itertools
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
@@ -31,6 +33,32 @@ def test_chunked_prefill_gives_the_same_tokens(name):
     whole = ModelRunner(m, max_len=100).generate(ps, 10)
     for chunk in (1, 7, 16):
         assert ModelRunner(m, max_len=100, prefill_chunk=chunk).generate(ps, 10) == whole, chunk
+
+
+@pytest.mark.parametrize("name", ["sink_window", "block_sparse_dense_head", "block_layout"])
+def test_prefill_in_slices_between_decode_steps_equals_one_prefill(name):
+    """A scheduler's view: row 1's prompt goes in as slices (`start`) while row 0 decodes in between."""
+    m = tiny_hybrid(PATTERNS[name])
+    a, b = prompts((12, 47), seed=11)
+    alone = ModelRunner(m, max_batch=2, max_len=100).generate([a, b], 6)
+    r = ModelRunner(m, max_batch=2, max_len=100)
+    logits, got_a = r.prefill(0, a), []
+    cuts = [0, 5, 6, 30, 47]
+    for lo, hi in itertools.pairwise(cuts):
+        last = r.prefill(1, b[lo:hi], start=lo)
+        tok = int(logits.argmax())
+        got_a.append(tok)
+        logits = r.decode([tok, 0], [True, False])[0]
+    got_b = []
+    for _ in range(6):
+        tok = int(last.argmax())
+        got_b.append(tok)
+        last = r.decode([0, tok], [False, True])[1]
+    assert got_a == alone[0][:4] and got_b == alone[1]
+    with pytest.raises(ValueError, match="row 1 holds 53 tokens: a prefill that goes on must start there, not at 40"):
+        r.prefill(1, [1, 2], start=40)
+    with pytest.raises(ValueError, match="got 60 tokens from position 47"):
+        r.prefill(1, list(range(60)), start=47)
 
 
 @pytest.mark.parametrize("name", list(PATTERNS))

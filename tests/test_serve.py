@@ -36,7 +36,7 @@ CHAT_TEMPLATE = (
     "{% for m in messages %}{{ {'system': 'w1', 'user': 'w3', 'assistant': 'w4'}[m['role']] }} {{ m['content'] }} "
     "{% endfor %}{% if add_generation_prompt %}w4{% endif %}"
 )
-ROWS = ["--max-batch", "2"]
+ROWS = ["--max-batch", "2", "--prefill-chunk", "4"]  # 2 rows; prompts enter in slices of 4 tokens
 EOS = 2  # the tiny model's generation config (its tokenizer has no EOS)
 
 
@@ -113,7 +113,8 @@ class ScriptedRunner:
         out[script[step] if step < len(script) else 0] = 1.0
         return out
 
-    def prefill(self, row, ids):
+    def prefill(self, row, ids, start=0):
+        assert start == 0  # the engine here prefills whole prompts
         self.prefills.append(ids[0])
         if ids[0] in self.fail_on:
             raise RuntimeError("boom")
@@ -325,6 +326,42 @@ def reference(hybrid):
 
     greedy.tokenizer = tok
     return greedy
+
+
+def test_engine_prefills_a_long_prompt_in_slices_between_decode_steps(hybrid, reference):
+    """`prefill_chunk`: a long prompt enters its row in slices while the other row keeps decoding; both requests
+    give exactly the tokens they give alone."""
+    tok = reference.tokenizer
+    runner = ModelRunner(load_model(hybrid, dtype=torch.float32).eval(), max_batch=2, max_len=200)
+    calls = []  # (what, row or active rows, start): the real runner, its calls recorded
+    real_prefill, real_decode = runner.prefill, runner.decode
+
+    def prefill(row, ids, start=0):
+        calls.append(("prefill", row, start))
+        return real_prefill(row, ids, start)
+
+    def decode(tokens, active):
+        calls.append(("decode", [i for i, a in enumerate(active) if a], None))
+        return real_decode(tokens, active)
+
+    runner.prefill, runner.decode = prefill, decode
+    short = tok("w5 w6 w7").input_ids
+    long = tok(" ".join(f"w{(5 * j) % 97}" for j in range(40))).input_ids
+    engine = Engine(runner, tok, eos_token_ids=[EOS], prefill_chunk=16)
+    greedy = SamplingParams(temperature=0.0, max_tokens=12)
+    (d_short, o_short), (d_long, o_long) = run_all(engine, [(short, greedy), (long, greedy)])
+    for (deltas, out), ids in (((d_short, o_short), short), ((d_long, o_long), long)):
+        text, finish, _ = reference(ids, 12)
+        assert out.error is None and "".join(deltas) == text and out.finish_reason == finish
+    long_row = next(row for what, row, start in calls if what == "prefill" and start > 0)
+    slices = [start for what, row, start in calls if what == "prefill" and row == long_row]
+    # 16 prompt tokens per turn, first come first served: the first turn also holds the whole short prompt
+    assert slices == [0, *range(16 - len(short), len(long), 16)]
+    between = calls[calls.index(("prefill", long_row, 0)) : calls.index(("prefill", long_row, slices[-1]))]
+    assert any(what == "decode" and 1 - long_row in rows for what, rows, _ in between)  # the short one went on
+    assert all(long_row not in rows for what, rows, _ in between if what == "decode")  # the long one waited
+    with pytest.raises(ValueError, match="prefill_chunk must be >= 1"):
+        Engine(runner, tok, prefill_chunk=0)
 
 
 def client(base):

@@ -157,6 +157,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         kv_budget_bytes=None if args.kv_budget_gb is None else int(args.kv_budget_gb * 1e9),
         device=args.device,
         model_name=args.model_name,
+        prefill_chunk=args.prefill_chunk,
     )
     return 0
 
@@ -307,6 +308,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--model-name", default=None, help="model id in the API (the folder's name)")
+    p.add_argument(
+        "--prefill-chunk",
+        type=_positive_int,
+        default=None,
+        help="prefill long prompts in slices of this many tokens between the other rows' decode steps, so their "
+        "streams keep flowing (default: whole prompts at once)",
+    )
     p.set_defaults(func=_cmd_serve)
     return parser
 

@@ -4,9 +4,11 @@ The runner holds a fixed number of rows (sequences), each with room for `max_len
 One background worker thread owns the runner (it is not thread-safe) and repeats:
 
 1. drop requests whose client went away (`cancel`), releasing their rows;
-2. admit waiting requests first come, first served while a row is free: prefill the prompt into the row and
-   sample the first token (a long prompt holds up the decode steps of the others while it is prefilled);
-3. one `decode` step for every active row, then sample each row's next token with its own parameters;
+2. admit waiting requests first come, first served while a row is free, and prefill admitted prompts into their
+   rows: whole prompts, or with `prefill_chunk` at most that many prompt tokens per turn (a long prompt is then
+   prefilled in slices between the decode steps of the other rows, so it does not stall their streams); a
+   request whose prompt is complete samples its first token;
+3. one `decode` step for every row past its prompt, then sample each row's next token with its own parameters;
 4. detokenize each new token incrementally, cut at stop strings, hand the new text to the request's consumer,
    and finish a request on EOS or a stop string (``finish_reason="stop"``) or at `max_tokens` (``"length"``),
    releasing its row for the next waiting request.
@@ -157,6 +159,7 @@ class Request:
     params: SamplingParams
     deliver: Callable[[Output], None]
     row: int | None = None
+    prefilled: int = 0  # prompt tokens in the row's cache so far
     last_token: int = 0
     completion_tokens: int = 0
     cancelled: bool = False
@@ -164,6 +167,11 @@ class Request:
     generator: torch.Generator | None = None
     detokenizer: IncrementalDetokenizer | None = None
     stops: StopStrings = field(default_factory=lambda: StopStrings(()))
+
+
+def _check_prefill_chunk(prefill_chunk: int | None) -> None:
+    if prefill_chunk is not None and prefill_chunk < 1:
+        raise ValueError(f"prefill_chunk must be >= 1 (or None for whole prompts), got {prefill_chunk}")
 
 
 def admission_rows(
@@ -188,11 +196,19 @@ def admission_rows(
 class Engine:
     """Continuous batching of generation requests over `runner` (see the module docstring).
 
-    `tokenizer` detokenizes; generation stops at `eos_token_ids` (default: the tokenizer's EOS). Call `start`
-    before submitting and `shutdown` at the end."""
+    `tokenizer` detokenizes; generation stops at `eos_token_ids` (default: the tokenizer's EOS); `prefill_chunk`:
+    prompt tokens prefilled per scheduler turn (None: whole prompts). Call `start` before submitting and
+    `shutdown` at the end."""
 
-    def __init__(self, runner: ModelRunner, tokenizer: Any, eos_token_ids: Sequence[int] | None = None):
-        self.runner, self.tokenizer = runner, tokenizer
+    def __init__(
+        self,
+        runner: ModelRunner,
+        tokenizer: Any,
+        eos_token_ids: Sequence[int] | None = None,
+        prefill_chunk: int | None = None,
+    ):
+        _check_prefill_chunk(prefill_chunk)
+        self.runner, self.tokenizer, self.prefill_chunk = runner, tokenizer, prefill_chunk
         if eos_token_ids is None:
             eos_token_ids = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
         self.eos_token_ids = frozenset(eos_token_ids)
@@ -201,7 +217,8 @@ class Engine:
         self.kv_bytes_per_row = row_kv_bytes(runner.config, runner.max_len, runner.dtype)
         self._cond = threading.Condition()
         self._waiting: deque[Request] = deque()
-        self._running: dict[int, Request] = {}  # row -> request; the worker's alone
+        self._running: dict[int, Request] = {}  # row -> request (prefilling or decoding); the worker's alone
+        self._prefilling: deque[Request] = deque()  # admitted, prompt not complete yet, first come first
         self._free = list(range(self.rows))
         self._ids = itertools.count()
         self._stopping = False
@@ -281,13 +298,14 @@ class Engine:
             self.cancel(req)
 
     def stats(self) -> dict[str, int]:
-        """Counters for health checks: requests running and waiting now, requests ended so far (finished,
-        cancelled, failed), rows, KV-cache bytes."""
+        """Counters for health checks: requests running (of them, still prefilling their prompt) and waiting now,
+        requests ended so far (finished, cancelled, failed), rows, KV-cache bytes."""
         with self._cond:
             waiting = len(self._waiting)
             totals = {f"{k}_total": v for k, v in self._totals.items()}
         return {
             "running": len(self._running),
+            "prefilling": len(self._prefilling),
             "waiting": waiting,
             **totals,
             "rows": self.rows,
@@ -311,8 +329,9 @@ class Engine:
                 for req in [r for r in self._running.values() if r.cancelled]:
                     self._end(req, "cancelled")
                 for req in admitted:
-                    self._prefill(req)
-                if self._running:
+                    self._admit(req)
+                self._prefill()
+                if len(self._running) > len(self._prefilling):
                     self._decode()
             except Exception as e:  # a bug of ours: fail what is in flight, keep serving
                 for req in [*self._running.values(), *admitted]:
@@ -323,7 +342,8 @@ class Engine:
         for req in pending:
             self._fail(req, RuntimeError("the server is shutting down"))
 
-    def _prefill(self, req: Request) -> None:
+    def _admit(self, req: Request) -> None:
+        """Give `req` a row; its prompt waits in `_prefilling`."""
         if req.cancelled:
             return self._end(req, "cancelled")
         req.row = self._free.pop()
@@ -335,24 +355,42 @@ class Engine:
                 req.generator = torch.Generator(device=self.runner.device).manual_seed(seed)
             req.detokenizer = IncrementalDetokenizer(self.tokenizer, req.prompt_ids)
             req.stops = StopStrings(p.stop)
-            logits = self.runner.prefill(req.row, req.prompt_ids)
-            self._advance(req, self._sample(req, logits[None])[0])
         except Exception as e:
-            self._fail(req, e)
+            return self._fail(req, e)
+        self._prefilling.append(req)
+
+    def _prefill(self) -> None:
+        """This turn's prefill: whole prompts, or `prefill_chunk` prompt tokens (first come, first served)."""
+        budget = self.prefill_chunk
+        while self._prefilling and (budget is None or budget > 0):
+            req = self._prefilling[0]
+            lo = req.prefilled
+            hi = len(req.prompt_ids) if budget is None else min(len(req.prompt_ids), lo + budget)
+            try:
+                logits = self.runner.prefill(req.row, req.prompt_ids[lo:hi], start=lo)
+                req.prefilled = hi
+                if hi == len(req.prompt_ids):
+                    self._prefilling.popleft()
+                    self._advance(req, self._sample(req, logits[None])[0])
+            except Exception as e:
+                self._fail(req, e)
+            if budget is not None:
+                budget -= hi - lo
 
     def _decode(self) -> None:
         tokens = [0] * self.rows
         active = [False] * self.rows
-        for row, req in self._running.items():
+        decoding = {row: req for row, req in self._running.items() if req.prefilled == len(req.prompt_ids)}
+        for row, req in decoding.items():
             tokens[row], active[row] = req.last_token, True
         try:
             logits = self.runner.decode(tokens, active)
         except Exception as e:  # the whole step failed: every row in it
-            for req in list(self._running.values()):
+            for req in decoding.values():
                 self._fail(req, e)
             return
         greedy = logits.argmax(-1).tolist()
-        for row, req in list(self._running.items()):
+        for row, req in decoding.items():
             try:
                 token = greedy[row] if req.generator is None else self._sample(req, logits[row : row + 1])[0]
                 self._advance(req, token)
@@ -402,6 +440,8 @@ class Engine:
         req.done = True
         with self._cond:
             self._totals[outcome] += 1
+        if req in self._prefilling:
+            self._prefilling.remove(req)
         if req.row is not None and self._running.get(req.row) is req:
             del self._running[req.row]
             self._free.append(req.row)
@@ -426,15 +466,18 @@ def load_engine(
     max_len: int | None = None,
     kv_budget_bytes: int | None = None,
     device: str = "auto",
+    prefill_chunk: int | None = None,
 ) -> Engine:
     """Load the hybrid at `path` (bfloat16 on CUDA, float32 on CPU) with its tokenizer into a (not started)
-    `Engine` of `admission_rows` rows of up to `max_len` tokens (default: the model's maximum). On CUDA the decode
-    step is captured in a CUDA graph here, before the first request. Generation stops at the tokenizer's EOS and
-    the model's generation-config EOS tokens."""
+    `Engine` of `admission_rows` rows of up to `max_len` tokens (default: the model's maximum), prefilling at most
+    `prefill_chunk` prompt tokens between decode steps (None: whole prompts). On CUDA the decode step is captured in
+    a CUDA graph here, before the first request. Generation stops at the tokenizer's EOS and the model's
+    generation-config EOS tokens."""
     from transformers import AutoTokenizer
 
     from longgen.model import load_model
 
+    _check_prefill_chunk(prefill_chunk)  # before the model loads
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
@@ -451,7 +494,7 @@ def load_engine(
     eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
     if tokenizer.eos_token_id is not None:
         eos.append(tokenizer.eos_token_id)
-    return Engine(runner, tokenizer, eos_token_ids=eos)
+    return Engine(runner, tokenizer, eos_token_ids=eos, prefill_chunk=prefill_chunk)
 
 
 __all__ = [

@@ -9,7 +9,8 @@ values during a decode step:
   the sparse kernels (Full layers: PyTorch SDPA); the MLP runs in token chunks of `mlp_chunk`; logits are computed
   for the last token only. With `prefill_chunk`, the prompt itself goes through the model in pieces of that many
   tokens (each piece attends the cache filled by the earlier ones), which bounds activation memory by the piece.
-  Each layer keeps only the keys/values its pattern retains.
+  Each layer keeps only the keys/values its pattern retains. `prefill(row, ids, start)` goes on with a row that
+  holds `start` tokens (a scheduler's prompt slices between decode steps).
 * `decode(tokens, active)`: one new token for every row (rows not `active` store nothing and do not advance),
   logits ``(max_batch, vocab)``. On CUDA the pieces of a layer around attention (norms, projections, RoPE, MLP)
   are compiled with `torch.compile` (one graph shared by all layers: the small element-wise kernels fuse), and
@@ -199,21 +200,31 @@ class ModelRunner:
         return self.inner.norm(x[:, -1])
 
     @torch.inference_mode()
-    def prefill(self, row: int, ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
-        """Start row `row` with prompt `ids`; returns the next-token logits ``(vocab,)`` in float32."""
+    def prefill(self, row: int, ids: Sequence[int] | torch.Tensor, start: int = 0) -> torch.Tensor:
+        """Start row `row` with prompt `ids`; returns the next-token logits ``(vocab,)`` in float32.
+
+        With `start` > 0 the row goes on instead: `ids` are the prompt's tokens from position `start`, which must be
+        the number of tokens the row holds (a scheduler can prefill a long prompt in slices between decode steps;
+        the result equals one call with the whole prompt)."""
         self._check_row(row)
         ids = torch.as_tensor(ids, dtype=torch.long, device=self.device).flatten()
         n = ids.numel()
-        if not 1 <= n <= self.max_len:
-            raise ValueError(f"a prompt must have 1 to {self.max_len} tokens (the runner's max_len), got {n}")
+        if n < 1 or start < 0 or start + n > self.max_len:
+            raise ValueError(
+                f"a prompt must have 1 to {self.max_len} tokens (the runner's max_len): got {n} tokens from "
+                f"position {start}"
+            )
         views = [kv.rows(row) for kv in self.kv]
-        for v in views:
-            v.reset()
+        if start == 0:
+            for v in views:
+                v.reset()
+        elif (held := int(self.lengths()[row])) != start:
+            raise ValueError(f"row {row} holds {held} tokens: a prefill that goes on must start there, not at {start}")
         piece = self.prefill_chunk or n
         for s in range(0, n, piece):
             part = ids[s : s + piece][None]
-            q_pos = torch.arange(s, s + part.shape[1], device=self.device)[None]
-            h = self._forward(part, q_pos, views, None, empty=s == 0, start=s)
+            q_pos = torch.arange(start + s, start + s + part.shape[1], device=self.device)[None]
+            h = self._forward(part, q_pos, views, None, empty=start + s == 0, start=start + s)
         return self.lm_head(h)[0].float()
 
     @torch.inference_mode()

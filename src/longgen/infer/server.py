@@ -363,19 +363,28 @@ def serve(
     kv_budget_bytes: int | None = None,
     device: str = "auto",
     model_name: str | None = None,
+    prefill_chunk: int | None = None,
 ) -> None:
     """Load the hybrid at `path` and serve it over HTTP until interrupted (the ``longgen serve`` command)."""
     import uvicorn
 
     from longgen.infer.engine import load_engine
 
-    engine = load_engine(path, max_batch=max_batch, max_len=max_len, kv_budget_bytes=kv_budget_bytes, device=device)
+    engine = load_engine(
+        path,
+        max_batch=max_batch,
+        max_len=max_len,
+        kv_budget_bytes=kv_budget_bytes,
+        device=device,
+        prefill_chunk=prefill_chunk,
+    )
     name = model_name or Path(path).resolve().name
     budget = "" if kv_budget_bytes is None else f", KV budget {kv_budget_bytes:,} bytes"
     print(
         f"longgen serve: {name} on {engine.runner.device}: {engine.rows} rows (max_batch {max_batch}{budget}) of up "
         f"to {engine.max_len} tokens; KV cache {engine.kv_bytes_per_row:,} bytes per row, "
-        f"{engine.runner.allocated_bytes():,} bytes allocated",
+        f"{engine.runner.allocated_bytes():,} bytes allocated; prompts prefilled "
+        + ("whole" if prefill_chunk is None else f"in slices of {prefill_chunk} tokens between decode steps"),
         flush=True,
     )
     print(f"OpenAI-compatible API at http://{host}:{port}/v1 (model {name!r})", flush=True)
