@@ -20,7 +20,8 @@ tokens that are not kept (padding, or prompt tokens the pattern already dropped)
 `attend` is the one attention-with-cache path (Hugging Face `generate` through `HybridCache`, and the serving
 runner): a prompt into an empty row runs the sparse kernels over the prompt; one new token is stored first and
 then attends the cache (its slot only ever replaces a key it cannot see); several new tokens attend the cache
-plus themselves, then are stored.
+plus themselves, then are stored (a Full layer's prompt slice: stored first, then SDPA with a bottom-right causal
+mask over the slots in position order).
 """
 
 from __future__ import annotations
@@ -256,6 +257,12 @@ class CompactKV:
                 query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), self.pattern, valid, None, scale
             )
             self._write_new(key, value, pos, keep & self._retained(pos, last), start)
+        elif n > 1 and start is not None and valid is None and isinstance(self.pattern, Full):
+            # a prompt slice of a Full layer: keys 0 .. start + n - 1 sit in order in their slots, so this is causal
+            # attention aligned at the bottom right, which SDPA's fused kernels run (cache_attention would visit
+            # every slot for every query tile)
+            self._write_new(key, value, pos, keep, start)
+            out = _sdpa_lower_right(query, self.keys[:, :, : start + n], self.values[:, :, : start + n], scale)
         elif n == 1 or self.map.kind == IDENTITY:
             # a stored token only replaces keys the new queries cannot see
             self._write_new(key, value, pos, keep, start)
@@ -280,6 +287,19 @@ class CompactKV:
         if valid is not None:
             out = out * valid[:, :, None, None]
         return out
+
+
+def _sdpa_lower_right(query, key, value, scale) -> torch.Tensor:
+    """query ``(B, H, n, d)`` at the last n of the ``L`` key positions, causal: ``(B, n, H, d)``."""
+    import torch.nn.functional as F
+    from torch.nn.attention.bias import causal_lower_right
+
+    mask = causal_lower_right(query.shape[2], key.shape[2])
+    out = F.scaled_dot_product_attention(
+        query, key.to(query.dtype), value.to(query.dtype), attn_mask=mask, scale=scale,
+        enable_gqa=key.shape[1] != query.shape[1],
+    )  # fmt: skip
+    return out.transpose(1, 2)
 
 
 __all__ = ["CompactKV", "SlotMap"]
