@@ -179,3 +179,31 @@ def test_bad_arguments_are_clear_errors():
             call(query=q.double(), key_cache=k.double(), value_cache=k.double(), backend="triton")
     out = call(query=q.double(), key_cache=k.double(), value_cache=k.double(), backend="auto")  # CPU: reference
     assert out.dtype == torch.float64
+
+
+@interpret
+@pytest.mark.parametrize("pattern", PATTERNS[:4], ids=repr)
+@pytest.mark.parametrize("case", [(2, 4, 2, 45, 13, torch.float32), (1, 2, 2, 70, 64, torch.float16)])
+def test_suffix_attention_equals_the_last_rows_of_full_attention(pattern, case):
+    """Queries at the last n positions (a prompt slice after cached keys in position order): the prefill kernels
+    with a query offset, against the same rows of attention over all L positions."""
+    from longgen import sparse_attention
+    from longgen.kernels import suffix_attention
+
+    B, H, hkv, L, n, dtype = case
+    q, k, v = rand((B, L, H, 32), dtype, 1), rand((B, L, hkv, 32), dtype, 2), rand((B, L, hkv, 32), dtype, 3)
+    want = sparse_attention(q.float(), k.float(), v.float(), pattern, backend="reference")[:, L - n :]
+    for backend in ("triton", "reference"):
+        got = suffix_attention(q[:, L - n :], k, v, pattern, backend=backend)
+        assert got.shape == (B, n, H, 32) and got.dtype == dtype
+        torch.testing.assert_close(got.float(), want, rtol=2e-3, atol=2e-3)
+
+
+def test_suffix_attention_errors():
+    from longgen.kernels import suffix_attention
+
+    q, k = rand((1, 9, 2, 16), torch.float32, 0), rand((1, 5, 2, 16), torch.float32, 1)
+    with pytest.raises(ValueError, match="9 queries must be the last positions of the 5 keys"):
+        suffix_attention(q, k, k, Full())
+    with pytest.raises(ValueError, match="no Triton path for BlockLayout"):
+        suffix_attention(q[:, :3], k, k, PATTERNS[4], backend="triton")

@@ -31,8 +31,11 @@ def test_chunked_prefill_gives_the_same_tokens(name):
     m = tiny_hybrid(PATTERNS[name])
     ps = prompts((53,), seed=5)
     whole = ModelRunner(m, max_len=100).generate(ps, 10)
+    logits = ModelRunner(m, max_len=100).prefill(0, ps[0])
     for chunk in (1, 7, 16):
         assert ModelRunner(m, max_len=100, prefill_chunk=chunk).generate(ps, 10) == whole, chunk
+        sliced = ModelRunner(m, max_len=100, prefill_chunk=chunk).prefill(0, ps[0])
+        torch.testing.assert_close(sliced, logits, rtol=1e-4, atol=1e-4)  # every key each slice needs, no other
 
 
 @pytest.mark.parametrize("name", ["sink_window", "block_sparse_dense_head", "block_layout"])

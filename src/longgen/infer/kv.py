@@ -20,8 +20,10 @@ tokens that are not kept (padding, or prompt tokens the pattern already dropped)
 `attend` is the one attention-with-cache path (Hugging Face `generate` through `HybridCache`, and the serving
 runner): a prompt into an empty row runs the sparse kernels over the prompt; one new token is stored first and
 then attends the cache (its slot only ever replaces a key it cannot see); several new tokens attend the cache
-plus themselves, then are stored (a Full layer's prompt slice: stored first, then SDPA with a bottom-right causal
-mask over the slots in position order).
+plus themselves, then are stored. A prompt slice of a row (the serving runner's chunked prefill) whose keys can be
+laid out in position order (Full and SinkWindow layers) attends them with the prefill kernels instead
+(`_attend_slice`): SDPA with a bottom-right causal mask for Full layers, the sparse kernels with a query offset for
+SinkWindow.
 """
 
 from __future__ import annotations
@@ -226,6 +228,35 @@ class CompactKV:
         self.next_pos.copy_(other.next_pos)
 
     # -- attention with the cache -------------------------------------------------------------------------------
+    def _slices_in_order(self) -> bool:
+        """Whether a prompt slice can attend this layer's keys laid out in position order (`_attend_slice`)."""
+        return self.map.kind == RING or (self.map.kind == IDENTITY and not isinstance(self.pattern, BlockLayout))
+
+    def _attend_slice(self, query, key, value, pos, keep, last, start: int, scale) -> torch.Tensor:
+        """A prompt slice (positions start .. start + n - 1 of every row, no padding) attends the keys before it and
+        itself, then is stored. The keys go in position order and the queries are the last positions: Full layers
+        run SDPA with a bottom-right causal mask, other patterns the prefill kernels with a query offset
+        (`suffix_attention`), so only the key tiles the pattern keeps are visited."""
+        from longgen.kernels.cache_attention import suffix_attention
+
+        n = query.shape[2]
+        if self.map.kind == IDENTITY:  # slot = position: keys 0 .. start + n - 1 in order once the slice is stored
+            self._write_new(key, value, pos, keep, start)
+            k, v = self.keys[:, :, : start + n], self.values[:, :, : start + n]
+            if isinstance(self.pattern, Full):
+                return _sdpa_lower_right(query, k, v, scale)
+        else:  # a ring (SinkWindow): the sink and the window - 1 keys before `start` that the slice can see, in
+            # position order; past the sink the pattern only depends on position differences, so the gap closes
+            sink, window = self.map.sink, self.map.window
+            prev = torch.cat([torch.arange(min(sink, start)), torch.arange(max(sink, start - window + 1), start)])
+            slots = self.map.slots(prev.to(self.keys.device))
+            k = torch.cat([self.keys[:, :, slots], key.to(self.keys.dtype)], dim=2)
+            v = torch.cat([self.values[:, :, slots], value.to(self.values.dtype)], dim=2)
+        out = suffix_attention(query.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.pattern, scale=scale)
+        if self.map.kind == RING:
+            self.write(key, value, pos, keep & self._retained(pos, last))
+        return out
+
     def attend(
         self,
         query: torch.Tensor,
@@ -257,12 +288,8 @@ class CompactKV:
                 query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), self.pattern, valid, None, scale
             )
             self._write_new(key, value, pos, keep & self._retained(pos, last), start)
-        elif n > 1 and start is not None and valid is None and isinstance(self.pattern, Full):
-            # a prompt slice of a Full layer: keys 0 .. start + n - 1 sit in order in their slots, so this is causal
-            # attention aligned at the bottom right, which SDPA's fused kernels run (cache_attention would visit
-            # every slot for every query tile)
-            self._write_new(key, value, pos, keep, start)
-            out = _sdpa_lower_right(query, self.keys[:, :, : start + n], self.values[:, :, : start + n], scale)
+        elif n > 1 and start is not None and valid is None and self._slices_in_order():
+            out = self._attend_slice(query, key, value, pos, keep, last, start, scale)
         elif n == 1 or self.map.kind == IDENTITY:
             # a stored token only replaces keys the new queries cannot see
             self._write_new(key, value, pos, keep, start)

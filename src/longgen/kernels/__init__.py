@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from longgen.kernels.cache_attention import cache_attention
+from longgen.kernels.cache_attention import cache_attention, suffix_attention
 from longgen.kernels.inputs import check_attention_args
 from longgen.kernels.reference import reference_attention
 from longgen.patterns import Pattern
 
-__all__ = ["BACKENDS", "cache_attention", "reference_attention", "sparse_attention"]
+__all__ = ["BACKENDS", "cache_attention", "reference_attention", "sparse_attention", "suffix_attention"]
 
 BACKENDS = ("auto", "reference", "triton")
 

@@ -4,6 +4,10 @@ The serving cache of a layer holds, per KV head, K/V slots in any order (ring bu
 of the token in each slot (``-1``: empty). `cache_attention` computes the pattern's exact attention of queries at
 absolute positions over those slots; ``backend="triton"`` runs the flash-decoding kernels of
 `longgen.kernels.triton_cache_attention` (imported lazily, like `triton_attention`), ``"reference"`` plain PyTorch.
+
+`suffix_attention` is the long-append case (a prompt slice after the cached part of the prompt) when the keys can
+be laid out in position order: the queries are the last positions of the key sequence, and the Triton prefill
+kernels run it with a query offset (only the key tiles the pattern keeps are visited).
 """
 
 from __future__ import annotations
@@ -14,9 +18,9 @@ import torch
 import torch.nn.functional as F
 
 from longgen.kernels.inputs import TRITON_HEAD_DIMS
-from longgen.patterns import Pattern
+from longgen.patterns import BlockLayout, Pattern
 
-__all__ = ["cache_attention", "cache_attention_reference"]
+__all__ = ["cache_attention", "cache_attention_reference", "suffix_attention"]
 
 BACKENDS = ("auto", "reference", "triton")
 
@@ -61,6 +65,60 @@ def cache_attention(
 
     p = pattern.resolve(key_cache.shape[1])
     return triton_cache_attention(query, q_pos, key_cache, value_cache, k_pos, p, scale, kv_len, num_splits)
+
+
+def suffix_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    pattern: Pattern,
+    *,
+    scale: float | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Attention of the last positions of a sequence over the whole of it (forward only).
+
+    query ``(B, n, H, d)`` holds positions ``L - n .. L - 1`` of key, value ``(B, L, Hkv, d)`` (positions
+    ``0 .. L - 1``); returns ``(B, n, H, d)``: the pattern's causal attention, exactly as the same rows of a full
+    `sparse_attention` over the L positions. backend: ``"triton"`` (the prefill kernels with a query offset; CUDA
+    float16/bfloat16 or float32 under ``TRITON_INTERPRET=1``; not BlockLayout), ``"reference"`` (`cache_attention`'s
+    reference with the positions in order), ``"auto"`` (Triton where it applies)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if not (isinstance(query, torch.Tensor) and isinstance(key, torch.Tensor) and query.dim() == key.dim() == 4):
+        raise ValueError("query must be (batch, n, heads, head_dim) and key, value (batch, L, kv_heads, head_dim)")
+    B, n, L = query.shape[0], query.shape[1], key.shape[1]
+    if not 1 <= n <= L:
+        raise ValueError(f"the {n} queries must be the last positions of the {L} keys (1 <= n <= L)")
+    if key.shape[0] != B:
+        raise ValueError(f"query and key must have the same batch size, got {B} and {key.shape[0]}")
+    dev = query.device
+    q_pos = torch.arange(L - n, L, device=dev).expand(B, n)
+    k_pos = torch.arange(L, device=dev).expand(B, key.shape[2], L)
+    kc, vc = key.transpose(1, 2), value.transpose(1, 2)
+    scale = _check_args(query, q_pos, kc, vc, k_pos, pattern, scale, None, None)
+    layout = isinstance(pattern, BlockLayout)
+    if backend == "triton" and layout:
+        raise ValueError("suffix_attention has no Triton path for BlockLayout patterns; use backend='reference'")
+    if backend == "reference" or (backend == "auto" and (layout or not _triton_suits(query))):
+        return cache_attention_reference(query, q_pos, kc, vc, k_pos, pattern, scale=scale)
+    from longgen.kernels.inputs import AttentionShape
+    from longgen.kernels.triton_attention import triton_suffix_attention
+
+    hkv = key.shape[2]
+    resolved = pattern.resolve(hkv)
+    resolved._check_seq_len(L)
+    shape = AttentionShape(
+        pattern=resolved,
+        num_heads=query.shape[2],
+        num_kv_heads=hkv,
+        head_dim=query.shape[3],
+        scale=scale,
+        varlen=False,
+        padded=False,
+        seq_lens=(L,) * B,
+    )
+    return triton_suffix_attention(query, key, value, shape)
 
 
 def cache_attention_reference(

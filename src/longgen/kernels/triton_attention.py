@@ -278,7 +278,9 @@ def _fwd_kernel(
     O,
     LSE,
     STARTS,
+    QSTARTS,
     LENS,
+    QOFF,
     LAY,
     n_lay,
     IDX,
@@ -314,18 +316,20 @@ def _fwd_kernel(
     gp = g + KV_OFF  # the global KV head: what the pattern sees (g indexes the local tensors)
     seq = tl.program_id(2)
     start = tl.load(STARTS + seq).to(tl.int64)
+    qstart = tl.load(QSTARTS + seq).to(tl.int64)  # the queries are positions QOFF .. L - 1 of the sequence
     L = tl.load(LENS + seq)
     row0 = pid_m * BLOCK_M
-    if row0 >= L * G:
+    if row0 >= (L - QOFF) * G:
         return
     rows = row0 + tl.arange(0, BLOCK_M)
-    t = rows // G
+    tq = rows // G
+    t = QOFF + tq
     head = g * G + rows % G
     offs_d = tl.arange(0, BLOCK_D)
     io_mask = (t < L)[:, None] & (offs_d[None, :] < HEAD_DIM)
-    qs = row0 // G
-    qe = tl.minimum((row0 + BLOCK_M - 1) // G + 1, L)
-    q = tl.load(Q + (start + t)[:, None] * sqt + head[:, None] * sqh + offs_d[None, :], mask=io_mask, other=0.0)
+    qs = QOFF + row0 // G
+    qe = tl.minimum(QOFF + (row0 + BLOCK_M - 1) // G + 1, L)
+    q = tl.load(Q + (qstart + tq)[:, None] * sqt + head[:, None] * sqh + offs_d[None, :], mask=io_mask, other=0.0)
     Kg = K + start * skt + g * skh
     Vg = V + start * svt + g * svh
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -505,9 +509,11 @@ def _fwd_kernel(
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
     tl.store(
-        O + (start + t)[:, None] * sot + head[:, None] * soh + offs_d[None, :], out.to(O.dtype.element_ty), mask=io_mask
+        O + (qstart + tq)[:, None] * sot + head[:, None] * soh + offs_d[None, :],
+        out.to(O.dtype.element_ty),
+        mask=io_mask,
     )
-    tl.store(LSE + (start + t) * H + head, m_i + tl.math.log2(l_safe), mask=t < L)
+    tl.store(LSE + (qstart + tq) * H + head, m_i + tl.math.log2(l_safe), mask=t < L)
 
 
 # -------------------------------------------------------------------------------------------------------------
@@ -1202,6 +1208,7 @@ class _Plan:
         device = starts.device
         self.shape = shape
         self.starts, self.lens = starts, lens
+        self.q_starts, self.q_offset = starts, 0  # queries = whole sequences (see `triton_suffix_attention`)
         self.n_seqs = len(shape.seq_lens)
         self.max_len = max(shape.seq_lens, default=0)
         hkv, off = shape.num_kv_heads, shape.kv_head_offset
@@ -1332,7 +1339,8 @@ def _forward(q, k, v, plan: _Plan):
     if total == 0 or plan.max_len == 0:
         return o, lse2
     meta = plan.meta("fwd")
-    grid = (triton.cdiv(plan.max_len * plan.shape.group, meta["BLOCK_M"]), plan.shape.num_kv_heads, plan.n_seqs)
+    n_rows = (plan.max_len - plan.q_offset) * plan.shape.group
+    grid = (triton.cdiv(n_rows, meta["BLOCK_M"]), plan.shape.num_kv_heads, plan.n_seqs)
     _fwd_kernel[grid](
         q,
         k,
@@ -1340,7 +1348,9 @@ def _forward(q, k, v, plan: _Plan):
         o,
         lse2,
         plan.starts,
+        plan.q_starts,
         plan.lens,
+        plan.q_offset,
         *plan.launch_args("fwd"),
         q.stride(0),
         q.stride(1),
@@ -1457,6 +1467,20 @@ class _TritonAttention(torch.autograd.Function):
         q, k, v, o, lse2 = ctx.saved_tensors
         dq, dk, dv = _backward(do, dlse, q, k, v, o, lse2, ctx.plan)
         return dq, dk, dv, None
+
+
+def triton_suffix_attention(q, k, v, shape: AttentionShape) -> torch.Tensor:
+    """Forward only: q ``(B, n, H, d)`` are positions ``L - n .. L - 1`` of k, v ``(B, L, Hkv, d)`` (see
+    `longgen.kernels.cache_attention.suffix_attention`); not for BlockLayout (its tile index starts at 0)."""
+    _check_supported(q, shape)
+    B, n = q.shape[:2]
+    L = k.shape[1]
+    starts, lens = _seq_tensors(shape, None, L, q.device)
+    plan = _Plan(shape, starts, lens, q.dtype)
+    plan.q_starts = torch.arange(B, dtype=torch.int32, device=q.device) * n
+    plan.q_offset = L - n
+    o, _ = _forward(_flat(q), _flat(k), _flat(v), plan)
+    return o.reshape(q.shape)
 
 
 def triton_attention(q, k, v, shape: AttentionShape, cu_seqlens: torch.Tensor | None, return_lse: bool):
