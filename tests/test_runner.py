@@ -26,7 +26,7 @@ def test_batched_greedy_generation_equals_recomputation(name):
         assert o == greedy_recompute(m, torch.tensor([p]), 12)[0, len(p) :].tolist()
 
 
-@pytest.mark.parametrize("name", ["sink_window", "block_sparse_dense_head", "block_layout"])
+@pytest.mark.parametrize("name", list(PATTERNS))
 def test_chunked_prefill_gives_the_same_tokens(name):
     m = tiny_hybrid(PATTERNS[name])
     ps = prompts((53,), seed=5)
@@ -38,7 +38,7 @@ def test_chunked_prefill_gives_the_same_tokens(name):
         torch.testing.assert_close(sliced, logits, rtol=1e-4, atol=1e-4)  # every key each slice needs, no other
 
 
-@pytest.mark.parametrize("name", ["sink_window", "block_sparse_dense_head", "block_layout"])
+@pytest.mark.parametrize("name", list(PATTERNS))
 def test_prefill_in_slices_between_decode_steps_equals_one_prefill(name):
     """A scheduler's view: row 1's prompt goes in as slices (`start`) while row 0 decodes in between."""
     m = tiny_hybrid(PATTERNS[name])

@@ -20,10 +20,9 @@ tokens that are not kept (padding, or prompt tokens the pattern already dropped)
 `attend` is the one attention-with-cache path (Hugging Face `generate` through `HybridCache`, and the serving
 runner): a prompt into an empty row runs the sparse kernels over the prompt; one new token is stored first and
 then attends the cache (its slot only ever replaces a key it cannot see); several new tokens attend the cache
-plus themselves, then are stored. A prompt slice of a row (the serving runner's chunked prefill) whose keys can be
-laid out in position order (Full and SinkWindow layers) attends them with the prefill kernels instead
-(`_attend_slice`): SDPA with a bottom-right causal mask for Full layers, the sparse kernels with a query offset for
-SinkWindow.
+plus themselves, then are stored. A prompt slice of a row (the serving runner's chunked prefill) attends its keys
+laid out in position order with the prefill kernels instead (`_attend_slice`; all patterns but BlockLayout): SDPA
+with a bottom-right causal mask for Full layers, the sparse kernels with a query offset for the others.
 """
 
 from __future__ import annotations
@@ -229,8 +228,9 @@ class CompactKV:
 
     # -- attention with the cache -------------------------------------------------------------------------------
     def _slices_in_order(self) -> bool:
-        """Whether a prompt slice can attend this layer's keys laid out in position order (`_attend_slice`)."""
-        return self.map.kind == RING or (self.map.kind == IDENTITY and not isinstance(self.pattern, BlockLayout))
+        """Whether a prompt slice can attend this layer's keys laid out in position order (`_attend_slice`): every
+        pattern but BlockLayout (the prefill kernels take no query offset for it)."""
+        return not isinstance(self.pattern, BlockLayout)
 
     def _attend_slice(self, query, key, value, pos, keep, last, start: int, scale) -> torch.Tensor:
         """A prompt slice (positions start .. start + n - 1 of every row, no padding) attends the keys before it and
@@ -245,17 +245,32 @@ class CompactKV:
             k, v = self.keys[:, :, : start + n], self.values[:, :, : start + n]
             if isinstance(self.pattern, Full):
                 return _sdpa_lower_right(query, k, v, scale)
-        else:  # a ring (SinkWindow): the sink and the window - 1 keys before `start` that the slice can see, in
-            # position order; past the sink the pattern only depends on position differences, so the gap closes
+        elif self.map.kind == RING:  # SinkWindow: the sink and the window - 1 keys before `start` that the slice
+            # can see, in position order; past the sink the pattern only depends on position differences, so the
+            # gap between them closes
             sink, window = self.map.sink, self.map.window
             prev = torch.cat([torch.arange(min(sink, start)), torch.arange(max(sink, start - window + 1), start)])
             slots = self.map.slots(prev.to(self.keys.device))
             k = torch.cat([self.keys[:, :, slots], key.to(self.keys.dtype)], dim=2)
             v = torch.cat([self.values[:, :, slots], value.to(self.values.dtype)], dim=2)
+        else:  # slot tables (BlockSparse): every stored key at its position in zero-filled keys 0 .. start + n - 1;
+            # the kernels visit only the key blocks the slice can see, which are all stored (or in the slice)
+            k, v = (self._by_position(store, new, start) for store, new in ((self.keys, key), (self.values, value)))
         out = suffix_attention(query.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.pattern, scale=scale)
-        if self.map.kind == RING:
+        if self.map.kind != IDENTITY:
             self.write(key, value, pos, keep & self._retained(pos, last))
         return out
+
+    def _by_position(self, store: torch.Tensor, new: torch.Tensor, start: int) -> torch.Tensor:
+        """``(B, Hkv, start + n, d)``: the stored entries of `store` at their positions before `start` (zeros
+        elsewhere), then `new` ``(B, Hkv, n, d)``."""
+        B, hkv, _, d = store.shape
+        end = start + new.shape[2]
+        out = store.new_zeros(B, hkv, end + 1, d)  # the last row takes the slots that hold nothing before start
+        dest = torch.where((self.positions >= 0) & (self.positions < start), self.positions, end).long()
+        out.scatter_(2, dest[..., None].expand(-1, -1, -1, d), store)
+        out[:, :, start:end] = new.to(store.dtype)
+        return out[:, :, :end]
 
     def attend(
         self,
