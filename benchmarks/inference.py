@@ -213,7 +213,7 @@ def main(argv=None) -> int:
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--variants", nargs="+", default=[*PATTERNS, HF], choices=[*PATTERNS, HF])
     ap.add_argument("--decode-tokens", type=int, default=256)
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3, help="timed prefills per variant and length (median)")
     ap.add_argument("--prefill-chunk", type=int, default=None, help="also time chunked prefill at the longest length")
     ap.add_argument("--seq-lens", type=int, nargs="*", default=[8192, 32768, 65536, 131072])
     ap.add_argument("--concurrency-len", type=int, nargs="*", default=[32768])
