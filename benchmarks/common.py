@@ -22,6 +22,17 @@ def run_metadata() -> dict:
     }
 
 
+def cuda_kernel_table(prof) -> dict[str, tuple[float, int]]:
+    """kernel name -> (total ms, launches) over the CUDA kernels a `torch.profiler.profile` saw."""
+    out: dict[str, list] = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            entry = out.setdefault(e.name, [0.0, 0])
+            entry[0] += e.device_time / 1e3
+            entry[1] += 1
+    return {k: (ms, n) for k, (ms, n) in out.items()}
+
+
 def markdown_header(title: str, result: dict, note: str) -> list[str]:
     return [
         f"# {title}",

@@ -15,6 +15,7 @@ import sys
 from collections import defaultdict
 
 import torch
+from common import cuda_kernel_table
 from train_step import build
 
 from longgen.train.loss import CausalLMLoss
@@ -30,16 +31,6 @@ def category(kernel: str) -> str:
     if any(k in name for k in GEMM):
         return "gemm"
     return "other"
-
-
-def kernel_table(prof) -> dict[str, tuple[float, int]]:
-    """kernel name -> (total ms, launches) over the CUDA kernels the profiler saw."""
-    out: dict[str, list] = defaultdict(lambda: [0.0, 0])
-    for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA:
-            out[e.name][0] += e.device_time / 1e3
-            out[e.name][1] += 1
-    return {k: (v[0], v[1]) for k, v in out.items()}
 
 
 def report(phase: str, table: dict[str, tuple[float, int]], rows: int) -> None:
@@ -92,15 +83,15 @@ def main(argv=None) -> int:
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         loss = forward()
         torch.cuda.synchronize()
-    tables["forward"] = kernel_table(prof)
+    tables["forward"] = cuda_kernel_table(prof)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         loss.backward()
         torch.cuda.synchronize()
-    tables["backward (with the checkpointed recomputation)"] = kernel_table(prof)
+    tables["backward (with the checkpointed recomputation)"] = cuda_kernel_table(prof)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         optimizer()
         torch.cuda.synchronize()
-    tables["optimizer (clip + AdamW)"] = kernel_table(prof)
+    tables["optimizer (clip + AdamW)"] = cuda_kernel_table(prof)
     for phase, table in tables.items():
         report(phase, table, args.rows)
     return 0

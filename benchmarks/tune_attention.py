@@ -21,6 +21,7 @@ import sys
 from collections import defaultdict
 
 import torch
+from common import cuda_kernel_table
 from triton.testing import do_bench
 
 import longgen
@@ -57,10 +58,8 @@ def kernel_times(fn, iters: int = 5) -> dict[str, float]:
             fn()
         torch.cuda.synchronize()
     out: dict[str, float] = defaultdict(float)
-    for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA:
-            name = next((k for k in KERNELS if k in e.name), "other")
-            out[name] += e.device_time / 1e3 / iters
+    for name, (ms, _) in cuda_kernel_table(prof).items():
+        out[next((k for k in KERNELS if k in name), "other")] += ms / iters
     return dict(out)
 
 

@@ -234,17 +234,15 @@ class CompactKV:
 
     def _attend_slice(self, query, key, value, pos, keep, last, start: int, scale) -> torch.Tensor:
         """A prompt slice (positions start .. start + n - 1 of every row, no padding) attends the keys before it and
-        itself, then is stored. The keys go in position order and the queries are the last positions: Full layers
-        run SDPA with a bottom-right causal mask, other patterns the prefill kernels with a query offset
-        (`suffix_attention`), so only the key tiles the pattern keeps are visited."""
+        itself, then is stored. The keys go in position order and the queries are the last positions
+        (`suffix_attention`: SDPA with a bottom-right causal mask for Full, else the prefill kernels with a query
+        offset, which visit only the key tiles the pattern keeps)."""
         from longgen.kernels.cache_attention import suffix_attention
 
         n = query.shape[2]
         if self.map.kind == IDENTITY:  # slot = position: keys 0 .. start + n - 1 in order once the slice is stored
             self._write_new(key, value, pos, keep, start)
             k, v = self.keys[:, :, : start + n], self.values[:, :, : start + n]
-            if isinstance(self.pattern, Full):
-                return _sdpa_lower_right(query, k, v, scale)
         elif self.map.kind == RING:  # SinkWindow: the sink and the window - 1 keys before `start` that the slice
             # can see, in position order; past the sink the pattern only depends on position differences, so the
             # gap between them closes
@@ -329,19 +327,6 @@ class CompactKV:
         if valid is not None:
             out = out * valid[:, :, None, None]
         return out
-
-
-def _sdpa_lower_right(query, key, value, scale) -> torch.Tensor:
-    """query ``(B, H, n, d)`` at the last n of the ``L`` key positions, causal: ``(B, n, H, d)``."""
-    import torch.nn.functional as F
-    from torch.nn.attention.bias import causal_lower_right
-
-    mask = causal_lower_right(query.shape[2], key.shape[2])
-    out = F.scaled_dot_product_attention(
-        query, key.to(query.dtype), value.to(query.dtype), attn_mask=mask, scale=scale,
-        enable_gqa=key.shape[1] != query.shape[1],
-    )  # fmt: skip
-    return out.transpose(1, 2)
 
 
 __all__ = ["CompactKV", "SlotMap"]

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from longgen.kernels.inputs import TRITON_HEAD_DIMS
-from longgen.patterns import BlockLayout, Pattern
+from longgen.patterns import BlockLayout, Full, Pattern
 
 __all__ = ["cache_attention", "cache_attention_reference", "suffix_attention"]
 
@@ -82,7 +82,8 @@ def suffix_attention(
     ``0 .. L - 1``); returns ``(B, n, H, d)``: the pattern's causal attention, exactly as the same rows of a full
     `sparse_attention` over the L positions. backend: ``"triton"`` (the prefill kernels with a query offset; CUDA
     float16/bfloat16 or float32 under ``TRITON_INTERPRET=1``; not BlockLayout), ``"reference"`` (`cache_attention`'s
-    reference with the positions in order), ``"auto"`` (Triton where it applies)."""
+    reference with the positions in order), ``"auto"`` (Full: PyTorch SDPA with a bottom-right causal mask, its fused
+    kernels; other patterns: Triton where it applies, else the reference)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if not (isinstance(query, torch.Tensor) and isinstance(key, torch.Tensor) and query.dim() == key.dim() == 4):
@@ -97,6 +98,14 @@ def suffix_attention(
     k_pos = torch.arange(L, device=dev).expand(B, key.shape[2], L)
     kc, vc = key.transpose(1, 2), value.transpose(1, 2)
     scale = _check_args(query, q_pos, kc, vc, k_pos, pattern, scale, None, None)
+    if backend == "auto" and isinstance(pattern, Full):
+        from torch.nn.attention.bias import causal_lower_right
+
+        out = F.scaled_dot_product_attention(
+            query.transpose(1, 2), kc.to(query.dtype), vc.to(query.dtype), attn_mask=causal_lower_right(n, L),
+            scale=scale, enable_gqa=kc.shape[1] != query.shape[2],
+        )  # fmt: skip
+        return out.transpose(1, 2)
     layout = isinstance(pattern, BlockLayout)
     if backend == "triton" and layout:
         raise ValueError("suffix_attention has no Triton path for BlockLayout patterns; use backend='reference'")

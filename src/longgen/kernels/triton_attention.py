@@ -1203,14 +1203,20 @@ def pattern_constexprs(p, hkv: int) -> dict[str, int]:
 class _Plan:
     """Everything the kernels need about one call: sequences, constexpr pattern parameters, tiles, indices."""
 
-    def __init__(self, shape: AttentionShape, starts: torch.Tensor, lens: torch.Tensor, dtype: torch.dtype):
+    def __init__(
+        self, shape: AttentionShape, starts: torch.Tensor, lens: torch.Tensor, dtype: torch.dtype, q_offset: int = 0
+    ):
         p = shape.pattern
         device = starts.device
         self.shape = shape
         self.starts, self.lens = starts, lens
-        self.q_starts, self.q_offset = starts, 0  # queries = whole sequences (see `triton_suffix_attention`)
         self.n_seqs = len(shape.seq_lens)
         self.max_len = max(shape.seq_lens, default=0)
+        # queries: whole sequences, or (forward only, equal lengths) positions q_offset .. max_len - 1 of each
+        self.q_offset = q_offset
+        self.q_starts = starts
+        if q_offset:
+            self.q_starts = torch.arange(self.n_seqs, dtype=torch.int32, device=device) * (self.max_len - q_offset)
         hkv, off = shape.num_kv_heads, shape.kv_head_offset
         self.tiles = _tile_config(shape.head_dim, dtype, _interpreting())
         self.constexprs = pattern_constexprs(p, shape.global_kv_heads)
@@ -1473,12 +1479,9 @@ def triton_suffix_attention(q, k, v, shape: AttentionShape) -> torch.Tensor:
     """Forward only: q ``(B, n, H, d)`` are positions ``L - n .. L - 1`` of k, v ``(B, L, Hkv, d)`` (see
     `longgen.kernels.cache_attention.suffix_attention`); not for BlockLayout (its tile index starts at 0)."""
     _check_supported(q, shape)
-    B, n = q.shape[:2]
-    L = k.shape[1]
+    n, L = q.shape[1], k.shape[1]
     starts, lens = _seq_tensors(shape, None, L, q.device)
-    plan = _Plan(shape, starts, lens, q.dtype)
-    plan.q_starts = torch.arange(B, dtype=torch.int32, device=q.device) * n
-    plan.q_offset = L - n
+    plan = _Plan(shape, starts, lens, q.dtype, q_offset=L - n)
     o, _ = _forward(_flat(q), _flat(k), _flat(v), plan)
     return o.reshape(q.shape)
 
