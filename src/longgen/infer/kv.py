@@ -247,7 +247,8 @@ class CompactKV:
             # can see, in position order; past the sink the pattern only depends on position differences, so the
             # gap between them closes
             sink, window = self.map.sink, self.map.window
-            prev = torch.cat([torch.arange(min(sink, start)), torch.arange(max(sink, start - window + 1), start)])
+            lo = max(sink, start - window + 1)
+            prev = torch.cat([torch.arange(min(sink, start)), torch.arange(lo, max(lo, start))])
             slots = self.map.slots(prev.to(self.keys.device))
             k = torch.cat([self.keys[:, :, slots], key.to(self.keys.dtype)], dim=2)
             v = torch.cat([self.values[:, :, slots], value.to(self.values.dtype)], dim=2)
