@@ -53,6 +53,9 @@ CASES = [
     (BlockSparse(128, 4, 8), 10000, 16, 16, 64, torch.bfloat16),
     (BlockSparse(32, 2, 3), 3000, 12, 4, 96, torch.bfloat16),
     ("layout", 8192, 8, 4, 128, torch.bfloat16),
+    # whole tiles (the kernels' EVEN path) with a padded head dim and GQA
+    (SinkWindow(64, 512), 4096, 8, 4, 96, torch.float16),
+    (BlockSparse(64, 4), 8192, 16, 4, 96, torch.bfloat16),
 ]
 
 
@@ -84,10 +87,10 @@ def test_matches_float32_reference(pattern, T, H, hkv, d, dtype):
         assert err < 1e-2, f"{name}: relative error {err:.2e}"
 
 
+@pytest.mark.parametrize("lens", [[3000, 1, 65, 5000, 777], [1024, 4096, 256]], ids=["ragged", "whole_tiles"])
 @pytest.mark.parametrize("pattern", [Full(), SinkWindow(64, 512), BlockSparse(64, 4)], ids=repr)
-def test_varlen_matches_reference(pattern):
+def test_varlen_matches_reference(pattern, lens):
     gen = torch.Generator().manual_seed(torch.seed() % (2**31))
-    lens = [3000, 1, 65, 5000, 777]
     cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
     total = sum(lens)
     q = torch.randn(total, 16, 128, generator=gen).to("cuda", torch.bfloat16)

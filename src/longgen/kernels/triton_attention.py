@@ -12,6 +12,8 @@ FlashAttention-2 tiling with an online softmax, reading top to bottom:
   computed arithmetically for Full, SinkWindow and BlockSparse; BlockLayout uses a compact tile index built on
   the host. Every tile range is split into masked edges and an unmasked interior (a constexpr MASK flag), so the
   interior loop carries no branch and pipelines; `_allowed` (the formulas of `longgen.patterns`) masks edges.
+  Unmasked tiles lie inside the sequence, so their loads skip length tests; when every length is a whole number
+  of tiles (constexpr EVEN) no load does.
   A call may hold a slice of the KV heads (context parallelism): the pattern helpers see the global head
   ``g + KV_OFF`` (a constexpr), the tensors are indexed with the local ``g``.
 * Load balance. dK/dV programs are launched tile-major with the longest columns first (BlockSparse's strided
@@ -198,6 +200,30 @@ def _key_tile_order(
     return kt
 
 
+@triton.jit
+def _load_rows(ptrs, s, L, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CHECK_LEN: tl.constexpr):
+    """Load a (rows, BLOCK_D) tile at positions s (0 past the sequence end when CHECK_LEN, 0 past HEAD_DIM). Only
+    the edge tiles of a range can run past the end: unmasked tiles lie inside the sequence, and with EVEN lengths
+    (every one a multiple of 128) all of them do, so those loads skip the length test."""
+    if CHECK_LEN:
+        x = tl.load(ptrs, mask=(s[:, None] < L) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    elif BLOCK_D != HEAD_DIM:
+        x = tl.load(ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+    else:
+        x = tl.load(ptrs)
+    return x
+
+
+@triton.jit
+def _load_vec(ptrs, t, L, CHECK_LEN: tl.constexpr):
+    """Load one float per row at positions t (0 past the sequence end when CHECK_LEN)."""
+    if CHECK_LEN:
+        x = tl.load(ptrs, mask=t < L, other=0.0)
+    else:
+        x = tl.load(ptrs)
+    return x
+
+
 # -------------------------------------------------------------------------------------------------------------
 # forward
 @triton.jit
@@ -233,8 +259,10 @@ def _fwd_tiles(
     MASK: tl.constexpr,
     FAR: tl.constexpr,
     INDEXED: tl.constexpr,
+    EVEN: tl.constexpr,
 ):
     """Online-softmax accumulation over key tiles u in [lo, hi) (far tiles via `_far_tile`, or an index)."""
+    CHECK_LEN: tl.constexpr = MASK and (INDEXED or not EVEN)  # edge tiles may pass the end
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     for u in range(lo, hi):
@@ -245,10 +273,7 @@ def _fwd_tiles(
         else:
             kt = u
         s = kt * BLOCK_N + offs_n
-        kv_mask = s[:, None] < L
-        if BLOCK_D != HEAD_DIM:
-            kv_mask = kv_mask & (offs_d[None, :] < HEAD_DIM)
-        k = tl.load(K + s[:, None] * skt + offs_d[None, :], mask=kv_mask, other=0.0)
+        k = _load_rows(K + s[:, None] * skt + offs_d[None, :], s, L, offs_d, HEAD_DIM, BLOCK_D, CHECK_LEN)
         qk = tl.dot(q, tl.trans(k))
         if MASK:
             ok = _allowed(
@@ -264,7 +289,7 @@ def _fwd_tiles(
             p = tl.math.exp2(qk * qk_scale - m_use[:, None])
         alpha = tl.math.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V + s[:, None] * svt + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = _load_rows(V + s[:, None] * svt + offs_d[None, :], s, L, offs_d, HEAD_DIM, BLOCK_D, CHECK_LEN)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
         m_i = m_new
     return acc, m_i, l_i
@@ -310,6 +335,7 @@ def _fwd_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     KV_OFF: tl.constexpr = 0,
+    EVEN: tl.constexpr = False,
 ):
     pid_m = tl.program_id(0)
     g = tl.program_id(1)
@@ -369,6 +395,7 @@ def _fwd_kernel(
             True,
             False,
             True,
+            EVEN,
         )
     else:
         n_far, lo, a, b, hi = _key_ranges(
@@ -406,6 +433,7 @@ def _fwd_kernel(
             PATTERN == SINK_WINDOW,
             True,
             False,
+            EVEN,
         )
         acc, m_i, l_i = _fwd_tiles(
             acc,
@@ -439,6 +467,7 @@ def _fwd_kernel(
             True,
             False,
             False,
+            EVEN,
         )
         acc, m_i, l_i = _fwd_tiles(
             acc,
@@ -472,6 +501,7 @@ def _fwd_kernel(
             False,
             False,
             False,
+            EVEN,
         )
         acc, m_i, l_i = _fwd_tiles(
             acc,
@@ -505,6 +535,7 @@ def _fwd_kernel(
             True,
             False,
             False,
+            EVEN,
         )
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
@@ -552,7 +583,9 @@ def _dq_tiles(
     FAR: tl.constexpr,
     INDEXED: tl.constexpr,
     qk_scale,
+    EVEN: tl.constexpr,
 ):
+    CHECK_LEN: tl.constexpr = MASK and (INDEXED or not EVEN)  # edge tiles may pass the end
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     for u in range(lo, hi):
@@ -563,11 +596,8 @@ def _dq_tiles(
         else:
             kt = u
         s = kt * BLOCK_N + offs_n
-        kv_mask = s[:, None] < L
-        if BLOCK_D != HEAD_DIM:
-            kv_mask = kv_mask & (offs_d[None, :] < HEAD_DIM)
-        k = tl.load(K + s[:, None] * skt + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(V + s[:, None] * svt + offs_d[None, :], mask=kv_mask, other=0.0)
+        k = _load_rows(K + s[:, None] * skt + offs_d[None, :], s, L, offs_d, HEAD_DIM, BLOCK_D, CHECK_LEN)
+        v = _load_rows(V + s[:, None] * svt + offs_d[None, :], s, L, offs_d, HEAD_DIM, BLOCK_D, CHECK_LEN)
         qk = tl.dot(q, tl.trans(k)) * qk_scale
         p = tl.math.exp2(qk - lse[:, None])
         if MASK:
@@ -628,6 +658,7 @@ def _dq_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     KV_OFF: tl.constexpr = 0,
+    EVEN: tl.constexpr = False,
 ):
     pid_m = tl.program_id(0)
     g = tl.program_id(1)
@@ -692,6 +723,7 @@ def _dq_kernel(
             False,
             True,
             qk_scale,
+            EVEN,
         )
     else:
         n_far, lo, a, b, hi = _key_ranges(
@@ -730,6 +762,7 @@ def _dq_kernel(
             True,
             False,
             qk_scale,
+            EVEN,
         )
         dq = _dq_tiles(
             dq,
@@ -764,6 +797,7 @@ def _dq_kernel(
             False,
             False,
             qk_scale,
+            EVEN,
         )
         dq = _dq_tiles(
             dq,
@@ -798,6 +832,7 @@ def _dq_kernel(
             False,
             False,
             qk_scale,
+            EVEN,
         )
         dq = _dq_tiles(
             dq,
@@ -832,6 +867,7 @@ def _dq_kernel(
             False,
             False,
             qk_scale,
+            EVEN,
         )
     dq = dq * (qk_scale * LN2)  # back from log2 units: d(score)/dq = scale * k
     tl.store(
@@ -879,10 +915,14 @@ def _dkdv_tiles(
     MASK: tl.constexpr,
     INDEXED: tl.constexpr,
     qk_scale,
+    EVEN: tl.constexpr,
 ):
     """Accumulate dK, dV of one key tile over query row tiles [lo, hi). Rows past the sequence end load
     q = do = 0, so they add nothing even unmasked. Q, DO, LSE, DELTA point at the group's first query head;
     g is the global KV head the pattern sees."""
+    # with EVEN lengths the row tiles a key tile sees lie inside the sequence (an index built for the longest
+    # sequence may list tiles past a shorter one's end)
+    CHECK_LEN: tl.constexpr = INDEXED or not EVEN
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     for u in range(lo, hi):
@@ -893,9 +933,10 @@ def _dkdv_tiles(
         rows = m * BLOCK_M + offs_m
         t = rows // G
         head = rows % G  # within the KV group: the pointers start at its first query head
-        io_mask = (t < L)[:, None] & (offs_d[None, :] < HEAD_DIM)
-        q = tl.load(Q + t[:, None] * sqt + head[:, None] * sqh + offs_d[None, :], mask=io_mask, other=0.0)
-        lse = tl.load(LSE + t * H + head, mask=t < L, other=0.0)
+        q = _load_rows(
+            Q + t[:, None] * sqt + head[:, None] * sqh + offs_d[None, :], t, L, offs_d, HEAD_DIM, BLOCK_D, CHECK_LEN
+        )
+        lse = _load_vec(LSE + t * H + head, t, L, CHECK_LEN)
         qkT = tl.dot(k, tl.trans(q)) * qk_scale  # (keys, rows)
         pT = tl.math.exp2(qkT - lse[None, :])
         if MASK:
@@ -903,9 +944,11 @@ def _dkdv_tiles(
                 t[None, :], s[:, None], g, L, LAY, n_lay, PATTERN, SINK, WINDOW, PB, LOCAL, STRIDE, STEP, DENSE_FROM
             )
             pT = tl.where(ok, pT, 0.0)
-        do = tl.load(DO + t[:, None] * sdot + head[:, None] * sdoh + offs_d[None, :], mask=io_mask, other=0.0)
+        do = _load_rows(
+            DO + t[:, None] * sdot + head[:, None] * sdoh + offs_d[None, :], t, L, offs_d, HEAD_DIM, BLOCK_D, CHECK_LEN
+        )
         dv = tl.dot(pT.to(do.dtype), do, dv)
-        delta = tl.load(DELTA + t * H + head, mask=t < L, other=0.0)
+        delta = _load_vec(DELTA + t * H + head, t, L, CHECK_LEN)
         dpT = tl.dot(v, tl.trans(do))
         dsT = pT * (dpT - delta[None, :])
         dk = tl.dot(dsT.to(q.dtype), q, dk)
@@ -959,6 +1002,7 @@ def _dkdv_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     KV_OFF: tl.constexpr = 0,
+    EVEN: tl.constexpr = False,
 ):
     # tile-major launch: every head's first (longest) key tiles are scheduled first
     g = tl.program_id(0) % n_kv_heads
@@ -1030,6 +1074,7 @@ def _dkdv_kernel(
             True,
             True,
             qk_scale,
+            EVEN,
         )
     else:
         m_lo, d, e, m_hi = _query_ranges(
@@ -1072,6 +1117,7 @@ def _dkdv_kernel(
             True,
             False,
             qk_scale,
+            EVEN,
         )
         dk, dv = _dkdv_tiles(
             dk,
@@ -1110,6 +1156,7 @@ def _dkdv_kernel(
             False,
             False,
             qk_scale,
+            EVEN,
         )
         dk, dv = _dkdv_tiles(
             dk,
@@ -1148,6 +1195,7 @@ def _dkdv_kernel(
             True,
             False,
             qk_scale,
+            EVEN,
         )
     dk = dk * (qk_scale * LN2)
     tl.store(DK + (start + s)[:, None] * sdkt + g * sdkh + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=kv_mask)
@@ -1226,7 +1274,11 @@ class _Plan:
                 name: Tiles(t.block_m, min(t.block_n, pb), t.num_warps, t.num_stages) for name, t in self.tiles.items()
             }
         self.kind = kind
+        # EVEN: every sequence (and the query count) is a whole number of tiles, so no load needs a length test
+        tile = max(max(t.block_m, t.block_n) for t in self.tiles.values())
+        even = all(n % tile == 0 for n in (*shape.seq_lens, self.max_len - q_offset))
         self.constexprs.update(
+            EVEN=even,
             G=shape.group,
             HEAD_DIM=shape.head_dim,
             BLOCK_D=max(16, triton.next_power_of_2(shape.head_dim)),
