@@ -60,7 +60,7 @@ def rand(shape, dtype, seed):
 
 
 @pytest.mark.parametrize("pattern", PATTERNS, ids=repr)
-@pytest.mark.parametrize("heads,kv_heads", [(2, 2), (4, 2), (8, 2)])
+@pytest.mark.parametrize("heads,kv_heads", [(2, 2), (4, 2), (8, 2), (6, 2)])
 def test_batched_matches_reference_float32(pattern, heads, kv_heads):
     if isinstance(pattern, BlockLayout) and pattern.layout.shape[0] not in (1, kv_heads):
         pytest.skip("layout head count")

@@ -265,6 +265,8 @@ def _fwd_tiles(
     CHECK_LEN: tl.constexpr = MASK and (INDEXED or not EVEN)  # edge tiles may pass the end
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
+    k_rel = offs_n[:, None] * skt + offs_d[None, :]  # a tile's element offsets: the loop adds a scalar
+    v_rel = offs_n[:, None] * svt + offs_d[None, :]
     for u in range(lo, hi):
         if INDEXED:
             kt = tl.load(IDX + u)
@@ -273,7 +275,7 @@ def _fwd_tiles(
         else:
             kt = u
         s = kt * BLOCK_N + offs_n
-        k = _load_rows(K + s[:, None] * skt + offs_d[None, :], s, L, offs_d, HEAD_DIM, BLOCK_D, CHECK_LEN)
+        k = _load_rows(K + kt * BLOCK_N * skt + k_rel, s, L, offs_d, HEAD_DIM, BLOCK_D, CHECK_LEN)
         qk = tl.dot(q, tl.trans(k))
         if MASK:
             ok = _allowed(
@@ -289,7 +291,7 @@ def _fwd_tiles(
             p = tl.math.exp2(qk * qk_scale - m_use[:, None])
         alpha = tl.math.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_rows(V + s[:, None] * svt + offs_d[None, :], s, L, offs_d, HEAD_DIM, BLOCK_D, CHECK_LEN)
+        v = _load_rows(V + kt * BLOCK_N * svt + v_rel, s, L, offs_d, HEAD_DIM, BLOCK_D, CHECK_LEN)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
         m_i = m_new
     return acc, m_i, l_i
@@ -588,6 +590,8 @@ def _dq_tiles(
     CHECK_LEN: tl.constexpr = MASK and (INDEXED or not EVEN)  # edge tiles may pass the end
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
+    k_rel = offs_n[:, None] * skt + offs_d[None, :]  # a tile's element offsets: the loop adds a scalar
+    v_rel = offs_n[:, None] * svt + offs_d[None, :]
     for u in range(lo, hi):
         if INDEXED:
             kt = tl.load(IDX + u)
@@ -596,8 +600,8 @@ def _dq_tiles(
         else:
             kt = u
         s = kt * BLOCK_N + offs_n
-        k = _load_rows(K + s[:, None] * skt + offs_d[None, :], s, L, offs_d, HEAD_DIM, BLOCK_D, CHECK_LEN)
-        v = _load_rows(V + s[:, None] * svt + offs_d[None, :], s, L, offs_d, HEAD_DIM, BLOCK_D, CHECK_LEN)
+        k = _load_rows(K + kt * BLOCK_N * skt + k_rel, s, L, offs_d, HEAD_DIM, BLOCK_D, CHECK_LEN)
+        v = _load_rows(V + kt * BLOCK_N * svt + v_rel, s, L, offs_d, HEAD_DIM, BLOCK_D, CHECK_LEN)
         qk = tl.dot(q, tl.trans(k)) * qk_scale
         p = tl.math.exp2(qk - lse[:, None])
         if MASK:
@@ -925,18 +929,32 @@ def _dkdv_tiles(
     CHECK_LEN: tl.constexpr = INDEXED or not EVEN
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
+    # row r of a tile: position r // G, head r % G within the KV group (the pointers start at its first query
+    # head). When a tile holds whole positions (WHOLE) the element offsets are the same for every tile, so the
+    # loop adds one scalar per tile.
+    WHOLE: tl.constexpr = BLOCK_M % G == 0
+    t_rel = offs_m // G
+    q_rel = t_rel[:, None] * sqt + (offs_m % G)[:, None] * sqh + offs_d[None, :]
+    do_rel = t_rel[:, None] * sdot + (offs_m % G)[:, None] * sdoh + offs_d[None, :]
+    r_rel = t_rel * H + offs_m % G
     for u in range(lo, hi):
         if INDEXED:
             m = tl.load(IDX + u)
         else:
             m = u
-        rows = m * BLOCK_M + offs_m
-        t = rows // G
-        head = rows % G  # within the KV group: the pointers start at its first query head
-        q = _load_rows(
-            Q + t[:, None] * sqt + head[:, None] * sqh + offs_d[None, :], t, L, offs_d, HEAD_DIM, BLOCK_D, CHECK_LEN
-        )
-        lse = _load_vec(LSE + t * H + head, t, L, CHECK_LEN)
+        if WHOLE:
+            t0 = (m * BLOCK_M) // G
+            t = t0 + t_rel
+            q_ptrs, do_ptrs, r_off = Q + t0 * sqt + q_rel, DO + t0 * sdot + do_rel, t0 * H + r_rel
+        else:
+            rows = m * BLOCK_M + offs_m
+            t = rows // G
+            head = rows % G
+            q_ptrs = Q + t[:, None] * sqt + head[:, None] * sqh + offs_d[None, :]
+            do_ptrs = DO + t[:, None] * sdot + head[:, None] * sdoh + offs_d[None, :]
+            r_off = t * H + head
+        q = _load_rows(q_ptrs, t, L, offs_d, HEAD_DIM, BLOCK_D, CHECK_LEN)
+        lse = _load_vec(LSE + r_off, t, L, CHECK_LEN)
         qkT = tl.dot(k, tl.trans(q)) * qk_scale  # (keys, rows)
         pT = tl.math.exp2(qkT - lse[None, :])
         if MASK:
@@ -944,11 +962,9 @@ def _dkdv_tiles(
                 t[None, :], s[:, None], g, L, LAY, n_lay, PATTERN, SINK, WINDOW, PB, LOCAL, STRIDE, STEP, DENSE_FROM
             )
             pT = tl.where(ok, pT, 0.0)
-        do = _load_rows(
-            DO + t[:, None] * sdot + head[:, None] * sdoh + offs_d[None, :], t, L, offs_d, HEAD_DIM, BLOCK_D, CHECK_LEN
-        )
+        do = _load_rows(do_ptrs, t, L, offs_d, HEAD_DIM, BLOCK_D, CHECK_LEN)
         dv = tl.dot(pT.to(do.dtype), do, dv)
-        delta = _load_vec(DELTA + t * H + head, t, L, CHECK_LEN)
+        delta = _load_vec(DELTA + r_off, t, L, CHECK_LEN)
         dpT = tl.dot(v, tl.trans(do))
         dsT = pT * (dpT - delta[None, :])
         dk = tl.dot(dsT.to(q.dtype), q, dk)
