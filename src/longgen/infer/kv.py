@@ -211,13 +211,31 @@ class CompactKV:
         self.positions[..., self.capacity] = -1
 
     def _write_new(self, key, value, pos, keep, start: int | None) -> None:
-        if start is None or self.map.kind != IDENTITY:
+        """Store new tokens. With `start` (every row's tokens are positions start .. start + n - 1, none padded, and
+        the rows hold `start` tokens) the slots come from host arithmetic: a copy for IDENTITY, and for RING the sink
+        and the last `window` tokens — no boolean indexing, so no host sync."""
+        if start is None or self.map.kind == TABLE:
             self.write(key, value, pos, keep)
             return
-        n = key.shape[2]
-        self.keys[:, :, start : start + n] = key
-        self.values[:, :, start : start + n] = value
-        self.positions[:, :, start : start + n] = torch.arange(start, start + n, device=pos.device, dtype=torch.int32)
+        n, dev = key.shape[2], key.device
+        if self.map.kind == IDENTITY:
+            self.keys[:, :, start : start + n] = key
+            self.values[:, :, start : start + n] = value
+            self.positions[:, :, start : start + n] = torch.arange(start, start + n, device=dev, dtype=torch.int32)
+            return
+        last, sink = start + n - 1, self.map.sink
+        lo = max(start, sink, last - self.map.window + 1)
+        kept = torch.cat(
+            [
+                torch.arange(start, max(start, min(sink, last + 1)), device=dev),
+                torch.arange(lo, max(lo, last + 1), device=dev),
+            ]
+        )
+        slots = self.map.slots(kept)
+        for store, new in ((self.keys, key), (self.values, value)):
+            store.index_copy_(2, slots, new.index_select(2, kept - start).to(store.dtype))
+        B, hkv = self.positions.shape[:2]
+        self.positions.index_copy_(2, slots, kept.to(torch.int32).expand(B, hkv, -1).contiguous())
 
     def copy_from(self, other: CompactKV) -> None:
         """Take over the live tokens of `other` (same pattern and rows; used when a growing cache is rebuilt)."""
@@ -248,8 +266,9 @@ class CompactKV:
             # gap between them closes
             sink, window = self.map.sink, self.map.window
             lo = max(sink, start - window + 1)
-            prev = torch.cat([torch.arange(min(sink, start)), torch.arange(lo, max(lo, start))])
-            slots = self.map.slots(prev.to(self.keys.device))
+            dev = self.keys.device
+            prev = torch.cat([torch.arange(min(sink, start), device=dev), torch.arange(lo, max(lo, start), device=dev)])
+            slots = self.map.slots(prev)
             k = torch.cat([self.keys[:, :, slots], key.to(self.keys.dtype)], dim=2)
             v = torch.cat([self.values[:, :, slots], value.to(self.values.dtype)], dim=2)
         else:  # slot tables (BlockSparse): every stored key at its position in zero-filled keys 0 .. start + n - 1;
@@ -257,7 +276,7 @@ class CompactKV:
             k, v = (self._by_position(store, new, start) for store, new in ((self.keys, key), (self.values, value)))
         out = suffix_attention(query.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.pattern, scale=scale)
         if self.map.kind != IDENTITY:
-            self.write(key, value, pos, keep & self._retained(pos, last))
+            self._write_new(key, value, pos, keep & self._retained(pos, last), start)
         return out
 
     def _by_position(self, store: torch.Tensor, new: torch.Tensor, start: int) -> torch.Tensor:
