@@ -79,11 +79,19 @@ def test_float16_and_head_dim_32(pattern):
     check(q, k, v, pattern, tol=5e-3)
 
 
-@pytest.mark.parametrize(
-    "pattern", [Full(), SinkWindow(4, 9), BlockSparse(16, 1, 2), BlockLayout(LAYOUT[None], 16)], ids=repr
-)
-def test_varlen_packed_sequences(pattern):
-    lens = [17, 1, 0, 64, 30]
+RAGGED = [17, 1, 0, 64, 30]
+# every length a whole number of tiles (16 under the interpreter): the kernels' EVEN path, whose loads skip the
+# length tests; the last sequence is shorter than the longest, so a tile index built for the longest must not send
+# the dK/dV kernel past the end of the tensor
+WHOLE_TILES = [32, 0, 64, 16]
+VARLEN_CASES = [
+    *((p, RAGGED) for p in (Full(), SinkWindow(4, 9), BlockSparse(16, 1, 2), BlockLayout(LAYOUT[None], 16))),
+    *((p, WHOLE_TILES) for p in PATTERNS),
+]
+
+
+@pytest.mark.parametrize("pattern,lens", VARLEN_CASES, ids=lambda x: repr(x)[:48])
+def test_varlen_packed_sequences(pattern, lens):
     cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
     total = int(cu[-1])
     q = rand((total, 4, 16), torch.float32, 6)
@@ -92,18 +100,31 @@ def test_varlen_packed_sequences(pattern):
     check(q, k, v, pattern, tol=1e-5, cu_seqlens=cu)
 
 
+@pytest.mark.parametrize("lens", [WHOLE_TILES, RAGGED], ids=["whole_tiles", "ragged"])
 @pytest.mark.parametrize("pattern", PATTERNS, ids=repr)
-def test_varlen_whole_tiles(pattern):
-    """Every length a whole number of tiles (16 under the interpreter): the kernels' EVEN path, whose loads skip
-    the length tests. The last sequence is shorter than the longest, so a tile index built for the longest
-    must not send the dK/dV kernel past the end of the tensor."""
-    lens = [32, 0, 64, 16]
+def test_nothing_read_past_the_inputs(pattern, lens):
+    """q, k, v and the output gradient end right before NaN rows: a kernel that loads a tile past the last sequence
+    (e.g. a BlockLayout index built for the longest sequence, followed without a length test) gets NaN."""
     cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
     total = int(cu[-1])
-    q = rand((total, 4, 16), torch.float32, 16)
-    k = rand((total, 2, 16), torch.float32, 17)
-    v = rand((total, 2, 16), torch.float32, 18)
-    check(q, k, v, pattern, tol=1e-5, cu_seqlens=cu)
+
+    def poisoned_tail(x):  # a view of the first rows of a buffer whose remaining rows are NaN
+        buf = torch.full((total + 64, *x.shape[1:]), float("nan"))
+        buf[:total] = x
+        return buf[:total]
+
+    q, k, v = (poisoned_tail(rand((total, h, 16), torch.float32, 20 + h)) for h in (4, 2, 2))
+    for x in (q, k, v):
+        x.requires_grad_()
+    dout = poisoned_tail(rand((total, 4, 16), torch.float32, 30))
+    out = sparse_attention(q, k, v, pattern, cu_seqlens=cu, backend="triton")
+    out.backward(dout)
+    ref_in = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+    ref = reference_attention(*ref_in, pattern, cu_seqlens=cu)
+    ref.backward(dout.clone())
+    for a, b in zip((out, q.grad, k.grad, v.grad), (ref, *(x.grad for x in ref_in)), strict=True):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize(
