@@ -73,6 +73,13 @@ class SlotMap:
             return self.table[heads, pos // self.block_size] * self.block_size + pos % self.block_size
         return pos
 
+    def ring_positions(self, first: int, end: int, last: int, device) -> torch.Tensor:
+        """RING: the positions in [first, end) that a query at `last` (or later) can see — the sink, then the last
+        window — in increasing order; built on the device from host integers (no host sync)."""
+        lo = max(first, self.sink, last - self.window + 1)
+        sink_end = max(first, min(self.sink, end))
+        return torch.cat([torch.arange(first, sink_end, device=device), torch.arange(lo, max(lo, end), device=device)])
+
 
 @lru_cache(maxsize=64)
 def _slot_table(p: _BlockPattern, num_kv_heads: int, n_blocks: int) -> tuple[torch.Tensor, int]:
@@ -210,12 +217,14 @@ class CompactKV:
         self.positions.scatter_(2, slot, pos.expand_as(slot).to(torch.int32))
         self.positions[..., self.capacity] = -1
 
-    def _write_new(self, key, value, pos, keep, start: int | None) -> None:
-        """Store new tokens. With `start` (every row's tokens are positions start .. start + n - 1, none padded, and
-        the rows hold `start` tokens) the slots come from host arithmetic: a copy for IDENTITY, and for RING the sink
-        and the last `window` tokens — no boolean indexing, so no host sync."""
+    def _write_new(self, key, value, pos, keep, start: int | None, last: torch.Tensor | None = None) -> None:
+        """Store the new tokens `keep` selects; with `last` only those a query at `last` or later can see.
+
+        With `start` (every row's tokens are positions start .. start + n - 1, none padded, and the rows hold `start`
+        tokens) the slots come from host arithmetic: a copy for IDENTITY, and for RING the sink and the last `window`
+        tokens — no boolean indexing, so no host sync."""
         if start is None or self.map.kind == TABLE:
-            self.write(key, value, pos, keep)
+            self.write(key, value, pos, keep if last is None else keep & self._retained(pos, last))
             return
         n, dev = key.shape[2], key.device
         if self.map.kind == IDENTITY:
@@ -223,14 +232,7 @@ class CompactKV:
             self.values[:, :, start : start + n] = value
             self.positions[:, :, start : start + n] = torch.arange(start, start + n, device=dev, dtype=torch.int32)
             return
-        last, sink = start + n - 1, self.map.sink
-        lo = max(start, sink, last - self.map.window + 1)
-        kept = torch.cat(
-            [
-                torch.arange(start, max(start, min(sink, last + 1)), device=dev),
-                torch.arange(lo, max(lo, last + 1), device=dev),
-            ]
-        )
+        kept = self.map.ring_positions(start, start + n, start + n - 1, dev)
         slots = self.map.slots(kept)
         for store, new in ((self.keys, key), (self.values, value)):
             store.index_copy_(2, slots, new.index_select(2, kept - start).to(store.dtype))
@@ -264,11 +266,7 @@ class CompactKV:
         elif self.map.kind == RING:  # SinkWindow: the sink and the window - 1 keys before `start` that the slice
             # can see, in position order; past the sink the pattern only depends on position differences, so the
             # gap between them closes
-            sink, window = self.map.sink, self.map.window
-            lo = max(sink, start - window + 1)
-            dev = self.keys.device
-            prev = torch.cat([torch.arange(min(sink, start), device=dev), torch.arange(lo, max(lo, start), device=dev)])
-            slots = self.map.slots(prev)
+            slots = self.map.slots(self.map.ring_positions(0, start, start, self.keys.device))
             k = torch.cat([self.keys[:, :, slots], key.to(self.keys.dtype)], dim=2)
             v = torch.cat([self.values[:, :, slots], value.to(self.values.dtype)], dim=2)
         else:  # slot tables (BlockSparse): every stored key at its position in zero-filled keys 0 .. start + n - 1;
@@ -276,7 +274,7 @@ class CompactKV:
             k, v = (self._by_position(store, new, start) for store, new in ((self.keys, key), (self.values, value)))
         out = suffix_attention(query.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.pattern, scale=scale)
         if self.map.kind != IDENTITY:
-            self._write_new(key, value, pos, keep & self._retained(pos, last), start)
+            self._write_new(key, value, pos, keep, start, last)
         return out
 
     def _by_position(self, store: torch.Tensor, new: torch.Tensor, start: int) -> torch.Tensor:
@@ -320,7 +318,7 @@ class CompactKV:
             out = _attend_prefill(
                 query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), self.pattern, valid, None, scale
             )
-            self._write_new(key, value, pos, keep & self._retained(pos, last), start)
+            self._write_new(key, value, pos, keep, start, last)
         elif n > 1 and start is not None and valid is None and self._slices_in_order():
             out = self._attend_slice(query, key, value, pos, keep, last, start, scale)
         elif n == 1 or self.map.kind == IDENTITY:

@@ -204,7 +204,7 @@ def _key_tile_order(
 def _load_rows(ptrs, s, L, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CHECK_LEN: tl.constexpr):
     """Load a (rows, BLOCK_D) tile at positions s (0 past the sequence end when CHECK_LEN, 0 past HEAD_DIM). Only
     the edge tiles of a range can run past the end: unmasked tiles lie inside the sequence, and with EVEN lengths
-    (every one a multiple of 128) all of them do, so those loads skip the length test."""
+    (every one a whole number of tiles) all of them do, so those loads skip the length test."""
     if CHECK_LEN:
         x = tl.load(ptrs, mask=(s[:, None] < L) & (offs_d[None, :] < HEAD_DIM), other=0.0)
     elif BLOCK_D != HEAD_DIM:
@@ -1376,17 +1376,18 @@ def _layout_index(
 def _seq_tensors(
     shape: AttentionShape, cu_seqlens: torch.Tensor | None, row_len: int, device
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    # built on the device where possible: a blocking host-to-device copy synchronises the stream (~2 stalls per
+    # layer of a prefill)
     n = len(shape.seq_lens)
-    if cu_seqlens is None and len(set(shape.seq_lens)) <= 1:  # equal lengths: built on the device (a blocking
-        # host-to-device copy would synchronise the stream: ~2 stalls per layer of a prefill)
-        starts = torch.arange(n, dtype=torch.int32, device=device) * row_len
-        return starts, torch.full((n,), shape.seq_lens[0] if n else 0, dtype=torch.int32, device=device)
-    lens = torch.tensor(shape.seq_lens, dtype=torch.int32)
     if cu_seqlens is None:
-        starts = torch.arange(n, dtype=torch.int32) * row_len
+        starts = torch.arange(n, dtype=torch.int32, device=device) * row_len
     else:
-        starts = cu_seqlens[:-1].to("cpu", torch.int32)
-    return starts.to(device), lens.to(device)
+        starts = cu_seqlens[:-1].to(device, torch.int32)
+    if len(set(shape.seq_lens)) <= 1:
+        lens = torch.full((n,), shape.seq_lens[0] if n else 0, dtype=torch.int32, device=device)
+    else:
+        lens = torch.tensor(shape.seq_lens, dtype=torch.int32).to(device)
+    return starts, lens
 
 
 def _check_supported(q: torch.Tensor, shape: AttentionShape) -> None:
