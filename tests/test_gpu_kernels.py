@@ -132,3 +132,85 @@ def test_padded_batch_matches_reference(pattern):
         assert not torch.isnan(a).any()
         assert relerr(a, b) < 1e-2
     assert (out[1, 1000:] == 0).all() and (q.grad[2, 3:] == 0).all()
+
+
+def _hopper() -> bool:
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+
+
+GLUON_CASES = [
+    # (pattern, seq_len, heads, kv_heads, head_dim, dtype, batch): shapes in the Hopper forward's scope
+    (Full(), 1024, 4, 4, 128, torch.bfloat16, 1),
+    (Full(), 4096, 8, 2, 64, torch.float16, 2),
+    (SinkWindow(64, 2048), 8192, 8, 8, 128, torch.bfloat16, 1),
+    (SinkWindow(0, 100), 2048, 4, 2, 128, torch.bfloat16, 2),
+    (SinkWindow(100, 300), 2048, 4, 4, 64, torch.float16, 1),
+    (SinkWindow(1, 3), 1024, 4, 4, 128, torch.bfloat16, 1),
+    (BlockSparse(64, 16), 16384, 8, 8, 128, torch.bfloat16, 1),
+    (BlockSparse(64, 4, 8), 8192, 16, 4, 128, torch.bfloat16, 1),
+    (BlockSparse(128, 2, 3), 4096, 8, 8, 64, torch.float16, 2),
+    (BlockSparse(64, 16, None, 1), 8192, 8, 4, 128, torch.bfloat16, 1),
+]
+
+
+@pytest.mark.skipif(not _hopper(), reason="the Gluon forward runs on CUDA capability 9.0 only")
+@pytest.mark.parametrize("pattern,T,H,hkv,d,dtype,B", GLUON_CASES, ids=lambda x: repr(x)[:40])
+def test_gluon_forward_matches_reference_and_triton(pattern, T, H, hkv, d, dtype, B, monkeypatch):
+    """The Hopper forward takes these calls (checked), matches the float32 reference, and its LSE feeds the Triton
+    backward correctly; the Triton forward (LONGGEN_GLUON=0) gives the same output."""
+    from longgen.kernels import gluon_attention
+
+    calls = []
+    real = gluon_attention.forward
+    monkeypatch.setattr(gluon_attention, "forward", lambda *a: calls.append(1) or real(*a))
+    gen = torch.Generator().manual_seed(torch.seed() % (2**31))
+    q, k, v, dout = (
+        torch.randn(shape, generator=gen).to("cuda", dtype)
+        for shape in ((B, T, H, d), (B, T, hkv, d), (B, T, hkv, d), (B, T, H, d))
+    )
+    poison_allocator()
+    qq, kk, vv = (x.clone().requires_grad_() for x in (q, k, v))
+    out, lse = sparse_attention(qq, kk, vv, pattern, backend="triton", return_lse=True)
+    assert calls, "the Gluon forward did not take a call in its scope"
+    (out * dout).sum().backward()
+    rq, rk, rv = (x.float().requires_grad_() for x in (q, k, v))
+    ref, ref_lse = reference_attention(rq, rk, rv, pattern, return_lse=True)
+    (ref * dout.float()).sum().backward()
+    for name, a, b in (
+        ("out", out, ref),
+        ("lse", lse, ref_lse),
+        ("dq", qq.grad, rq.grad),
+        ("dk", kk.grad, rk.grad),
+        ("dv", vv.grad, rv.grad),
+    ):
+        assert not torch.isnan(a).any(), f"{name} has NaN (unwritten or invalid)"
+        err = relerr(a, b)
+        assert err < 1e-2, f"{name}: relative error {err:.2e}"
+    monkeypatch.setenv("LONGGEN_GLUON", "0")
+    n = len(calls)
+    with torch.no_grad():
+        tri = sparse_attention(q, k, v, pattern, backend="triton")
+    assert len(calls) == n
+    assert relerr(out, tri) < 1e-2
+
+
+@pytest.mark.skipif(not _hopper(), reason="the Gluon forward runs on CUDA capability 9.0 only")
+def test_full_layer_forward_without_grad_uses_hopper_kernel(monkeypatch):
+    """A Full layer's forward with no gradient to compute runs the Hopper kernel (equal to SDPA); training keeps
+    SDPA."""
+    from longgen.kernels import gluon_attention
+    from longgen.model.attention import _attend_prefill
+
+    calls = []
+    real = gluon_attention.forward
+    monkeypatch.setattr(gluon_attention, "forward", lambda *a: calls.append(1) or real(*a))
+    q, k, v = (torch.randn(2, 2048, h, 128, device="cuda", dtype=torch.bfloat16) for h in (8, 2, 2))
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2).float(), k.transpose(1, 2).float(), v.transpose(1, 2).float(), is_causal=True, enable_gqa=True
+    ).transpose(1, 2)
+    with torch.no_grad():
+        out = _attend_prefill(q, k, v, Full(), None, None, None)
+    assert len(calls) == 1 and relerr(out, ref) < 1e-2
+    qq = q.clone().requires_grad_()
+    _attend_prefill(qq, k, v, Full(), None, None, None)
+    assert len(calls) == 1

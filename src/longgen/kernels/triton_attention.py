@@ -1300,6 +1300,7 @@ class _Plan:
             BLOCK_D=max(16, triton.next_power_of_2(shape.head_dim)),
             KV_OFF=off,
         )
+        self.gluon_forward = False  # set by triton_attention where the Hopper Gluon forward takes the call
         self.layout = torch.zeros(1, dtype=torch.int8, device=device)
         self.n_lay = 1
         self.index: dict[str, tuple[torch.Tensor, torch.Tensor] | None] = {"fwd": None, "dq": None, "dkdv": None}
@@ -1418,6 +1419,10 @@ def _forward(q, k, v, plan: _Plan):
         lse2 = torch.empty(total, H, dtype=torch.float32, device=q.device)
     if total == 0 or plan.max_len == 0:
         return o, lse2
+    if plan.gluon_forward:
+        from longgen.kernels import gluon_attention
+
+        return gluon_attention.forward(q, k, v, plan)
     meta = plan.meta("fwd")
     n_rows = (plan.max_len - plan.q_offset) * plan.shape.group
     grid = (triton.cdiv(n_rows, meta["BLOCK_M"]), plan.shape.num_kv_heads, plan.n_seqs)
@@ -1549,6 +1554,17 @@ class _TritonAttention(torch.autograd.Function):
         return dq, dk, dv, None
 
 
+def _gluon_suits(q, k, v, plan: _Plan, batched: bool) -> bool:
+    """Whether the Hopper forward (`longgen.kernels.gluon_attention`) takes this call."""
+    if not q.is_cuda:
+        return False
+    try:
+        from longgen.kernels import gluon_attention
+    except ImportError:  # a Triton without Gluon
+        return False
+    return gluon_attention.suits(q, k, v, plan, batched)
+
+
 def triton_suffix_attention(q, k, v, shape: AttentionShape) -> torch.Tensor:
     """Forward only: q ``(B, n, H, d)`` are positions ``L - n .. L - 1`` of k, v ``(B, L, Hkv, d)`` (see
     `longgen.kernels.cache_attention.suffix_attention`); not for BlockLayout (its tile index starts at 0)."""
@@ -1566,7 +1582,9 @@ def triton_attention(q, k, v, shape: AttentionShape, cu_seqlens: torch.Tensor | 
     out_shape = q.shape
     starts, lens = _seq_tensors(shape, cu_seqlens, q.shape[1] if cu_seqlens is None else 0, q.device)
     plan = _Plan(shape, starts, lens, q.dtype)
-    o, lse = _TritonAttention.apply(_flat(q), _flat(k), _flat(v), plan)
+    q, k, v = _flat(q), _flat(k), _flat(v)
+    plan.gluon_forward = _gluon_suits(q, k, v, plan, batched=cu_seqlens is None)
+    o, lse = _TritonAttention.apply(q, k, v, plan)
     o = o.reshape(out_shape)
     if not return_lse:
         return o

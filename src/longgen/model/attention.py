@@ -6,7 +6,9 @@ Registered with transformers' attention interface (and its mask interface) by `r
 
 * training / prefill without a cache: batched sequences, right-padded batches (``seqlens``), left/any padding
   (unpadded into packed sequences), and packed sequences whose ``position_ids`` restart at 0 (``cu_seqlens``);
-  plain causal Full layers go to PyTorch SDPA (FlashAttention/cuDNN kernels), which is faster for them;
+  plain causal Full layers go to PyTorch SDPA (FlashAttention/cuDNN kernels), which is faster for them in
+  training; without gradients on an H100/H200 they run longgen's Hopper forward (`longgen.kernels.gluon_attention`),
+  which is faster than cuDNN's;
 * queries shorter than the keys (decoding with a transformers cache): `longgen.kernels.cache_attention` over
   all the keys. The compact KV cache of `longgen.infer` keeps only the keys the pattern still needs.
 """
@@ -103,9 +105,20 @@ def _attend_prefill(
     if cu_seqlens is not None:
         flat = [x.reshape(B * T, *x.shape[2:]) for x in (q, k, v)]
         return sparse_attention(*flat, pattern, cu_seqlens=cu_seqlens, scale=scale, **heads).view(q.shape)
-    if isinstance(pattern, Full):
+    if isinstance(pattern, Full) and not _hopper_causal_forward(q, k, v):
         return _sdpa(q, k, v, scale, is_causal=True)
     return sparse_attention(q, k, v, pattern, scale=scale, **heads)
+
+
+def _hopper_causal_forward(q, k, v) -> bool:
+    """Whether a Full layer's forward without gradients runs longgen's Hopper kernel instead of SDPA."""
+    if not q.is_cuda:
+        return False
+    try:
+        from longgen.kernels import gluon_attention
+    except ImportError:  # a Triton without Gluon
+        return False
+    return gluon_attention.takes_causal_forward(q, k, v)
 
 
 def _sdpa(q, k, v, scale, **kwargs) -> torch.Tensor:
