@@ -182,3 +182,13 @@ def test_unsupported_inputs_are_clear_errors():
     # auto never picks Triton for CPU tensors: float64 runs on the reference
     out = sparse_attention(q, q, q, Full())
     assert out.dtype == torch.float64
+
+
+def test_hopper_forward_module_imports_and_declines_cpu_calls():
+    """The Gluon module imports with this Triton (the CI one), and only CUDA capability 9.0 calls reach it."""
+    from longgen.kernels import gluon_attention
+    from longgen.model.attention import _hopper_causal_forward
+
+    q = torch.randn(1, 256, 2, 64)
+    assert not gluon_attention.takes_causal_forward(q, q, q)
+    assert not _hopper_causal_forward(q, q, q)
