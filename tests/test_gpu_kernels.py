@@ -27,6 +27,29 @@ def relerr(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
 
 
+def check_forward_backward(pattern, q, k, v, dout):
+    """Run the Triton backend (poisoned allocator) and compare output, LSE and gradients with the float32
+    reference: relative error < 1e-2, no NaN. Returns the output."""
+    poison_allocator()
+    qq, kk, vv = (x.clone().requires_grad_() for x in (q, k, v))
+    out, lse = sparse_attention(qq, kk, vv, pattern, backend="triton", return_lse=True)
+    (out * dout).sum().backward()
+    rq, rk, rv = (x.float().requires_grad_() for x in (q, k, v))
+    ref, ref_lse = reference_attention(rq, rk, rv, pattern, return_lse=True)
+    (ref * dout.float()).sum().backward()
+    for name, a, b in (
+        ("out", out, ref),
+        ("lse", lse, ref_lse),
+        ("dq", qq.grad, rq.grad),
+        ("dk", kk.grad, rk.grad),
+        ("dv", vv.grad, rv.grad),
+    ):
+        assert not torch.isnan(a).any(), f"{name} has NaN (unwritten or invalid)"
+        err = relerr(a, b)
+        assert err < 1e-2, f"{name}: relative error {err:.2e}"
+    return out
+
+
 def random_layout(hkv, n, gen):
     """Random causal, KV-cache-efficient layout: each column is a run from the diagonal, plus a few strided."""
     lay = torch.zeros(hkv, n, n, dtype=torch.bool)
@@ -68,23 +91,7 @@ def test_matches_float32_reference(pattern, T, H, hkv, d, dtype):
         torch.randn(shape, generator=gen).to("cuda", dtype)
         for shape in ((1, T, H, d), (1, T, hkv, d), (1, T, hkv, d), (1, T, H, d))
     )
-    poison_allocator()
-    qq, kk, vv = (x.clone().requires_grad_() for x in (q, k, v))
-    out, lse = sparse_attention(qq, kk, vv, pattern, backend="triton", return_lse=True)
-    (out * dout).sum().backward()
-    rq, rk, rv = (x.float().requires_grad_() for x in (q, k, v))
-    ref, ref_lse = reference_attention(rq, rk, rv, pattern, return_lse=True)
-    (ref * dout.float()).sum().backward()
-    for name, a, b in (
-        ("out", out, ref),
-        ("lse", lse, ref_lse),
-        ("dq", qq.grad, rq.grad),
-        ("dk", kk.grad, rk.grad),
-        ("dv", vv.grad, rv.grad),
-    ):
-        assert not torch.isnan(a).any(), f"{name} has NaN (unwritten or invalid)"
-        err = relerr(a, b)
-        assert err < 1e-2, f"{name}: relative error {err:.2e}"
+    check_forward_backward(pattern, q, k, v, dout)
 
 
 @pytest.mark.parametrize("lens", [[3000, 1, 65, 5000, 777], [1024, 4096, 256]], ids=["ragged", "whole_tiles"])
@@ -168,24 +175,8 @@ def test_gluon_forward_matches_reference_and_triton(pattern, T, H, hkv, d, dtype
         torch.randn(shape, generator=gen).to("cuda", dtype)
         for shape in ((B, T, H, d), (B, T, hkv, d), (B, T, hkv, d), (B, T, H, d))
     )
-    poison_allocator()
-    qq, kk, vv = (x.clone().requires_grad_() for x in (q, k, v))
-    out, lse = sparse_attention(qq, kk, vv, pattern, backend="triton", return_lse=True)
+    out = check_forward_backward(pattern, q, k, v, dout)
     assert calls, "the Gluon forward did not take a call in its scope"
-    (out * dout).sum().backward()
-    rq, rk, rv = (x.float().requires_grad_() for x in (q, k, v))
-    ref, ref_lse = reference_attention(rq, rk, rv, pattern, return_lse=True)
-    (ref * dout.float()).sum().backward()
-    for name, a, b in (
-        ("out", out, ref),
-        ("lse", lse, ref_lse),
-        ("dq", qq.grad, rq.grad),
-        ("dk", kk.grad, rk.grad),
-        ("dv", vv.grad, rv.grad),
-    ):
-        assert not torch.isnan(a).any(), f"{name} has NaN (unwritten or invalid)"
-        err = relerr(a, b)
-        assert err < 1e-2, f"{name}: relative error {err:.2e}"
     monkeypatch.setenv("LONGGEN_GLUON", "0")
     n = len(calls)
     with torch.no_grad():
