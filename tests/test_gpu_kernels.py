@@ -146,7 +146,7 @@ def _hopper() -> bool:
 
 
 GLUON_CASES = [
-    # (pattern, seq_len, heads, kv_heads, head_dim, dtype, batch): shapes in the Hopper forward's scope
+    # (pattern, seq_len, heads, kv_heads, head_dim, dtype, batch): shapes in the Hopper kernels' scope
     (Full(), 1024, 4, 4, 128, torch.bfloat16, 1),
     (Full(), 4096, 8, 2, 64, torch.float16, 2),
     (SinkWindow(64, 2048), 8192, 8, 8, 128, torch.bfloat16, 1),
@@ -155,33 +155,51 @@ GLUON_CASES = [
     (SinkWindow(1, 3), 1024, 4, 4, 128, torch.bfloat16, 1),
     (BlockSparse(64, 16), 16384, 8, 8, 128, torch.bfloat16, 1),
     (BlockSparse(64, 4, 8), 8192, 16, 4, 128, torch.bfloat16, 1),
+    (BlockSparse(64, 2, 8), 4224, 8, 8, 128, torch.bfloat16, 1),  # local ranges of paired tiles apart
+    (BlockSparse(64, 3, 5), 3200, 4, 4, 64, torch.float16, 2),  # odd stride, far tiles not a whole pair
     (BlockSparse(128, 2, 3), 4096, 8, 8, 64, torch.float16, 2),
     (BlockSparse(64, 16, None, 1), 8192, 8, 4, 128, torch.bfloat16, 1),
+    (BlockSparse(256, 1, 2), 2304, 4, 2, 128, torch.bfloat16, 1),  # key tiles of one block in one pair
 ]
 
 
-@pytest.mark.skipif(not _hopper(), reason="the Gluon forward runs on CUDA capability 9.0 only")
+def _count_calls(monkeypatch, module, name):
+    calls = []
+    real = getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *a: calls.append(1) or real(*a))
+    return calls
+
+
+@pytest.mark.skipif(not _hopper(), reason="the Gluon kernels run on CUDA capability 9.0 only")
 @pytest.mark.parametrize("pattern,T,H,hkv,d,dtype,B", GLUON_CASES, ids=lambda x: repr(x)[:40])
-def test_gluon_forward_matches_reference_and_triton(pattern, T, H, hkv, d, dtype, B, monkeypatch):
-    """The Hopper forward takes these calls (checked), matches the float32 reference, and its LSE feeds the Triton
-    backward correctly; the Triton forward (LONGGEN_GLUON=0) gives the same output."""
+def test_gluon_kernels_match_reference_and_triton(pattern, T, H, hkv, d, dtype, B, monkeypatch):
+    """The Hopper forward and dK/dV kernels take these calls (checked) and match the float32 reference (outputs
+    and all gradients); the Triton dK/dV (LONGGEN_GLUON=fwd) and forward (LONGGEN_GLUON=0) give the same."""
     from longgen.kernels import gluon_attention
 
-    calls = []
-    real = gluon_attention.forward
-    monkeypatch.setattr(gluon_attention, "forward", lambda *a: calls.append(1) or real(*a))
+    fwd_calls = _count_calls(monkeypatch, gluon_attention, "forward")
+    bwd_calls = _count_calls(monkeypatch, gluon_attention, "dkdv")
     gen = torch.Generator().manual_seed(torch.seed() % (2**31))
     q, k, v, dout = (
         torch.randn(shape, generator=gen).to("cuda", dtype)
         for shape in ((B, T, H, d), (B, T, hkv, d), (B, T, hkv, d), (B, T, H, d))
     )
     out = check_forward_backward(pattern, q, k, v, dout)
-    assert calls, "the Gluon forward did not take a call in its scope"
+    assert fwd_calls and bwd_calls, "the Gluon kernels did not take a call in their scope"
+    grads = []
+    for flag in ("1", "fwd"):
+        monkeypatch.setenv("LONGGEN_GLUON", flag)
+        kk, vv = k.clone().requires_grad_(), v.clone().requires_grad_()
+        (sparse_attention(q, kk, vv, pattern, backend="triton") * dout).sum().backward()
+        grads.append((kk.grad, vv.grad))
+    assert len(bwd_calls) == 2, "LONGGEN_GLUON=fwd still ran the Gluon dK/dV kernel"
+    for a, b in zip(*grads, strict=True):
+        assert relerr(a, b) < 1e-2
     monkeypatch.setenv("LONGGEN_GLUON", "0")
-    n = len(calls)
+    n = len(fwd_calls)
     with torch.no_grad():
         tri = sparse_attention(q, k, v, pattern, backend="triton")
-    assert len(calls) == n
+    assert len(fwd_calls) == n
     assert relerr(out, tri) < 1e-2
 
 
@@ -192,9 +210,7 @@ def test_full_layer_forward_without_grad_uses_hopper_kernel(monkeypatch):
     from longgen.kernels import gluon_attention
     from longgen.model.attention import _attend_prefill
 
-    calls = []
-    real = gluon_attention.forward
-    monkeypatch.setattr(gluon_attention, "forward", lambda *a: calls.append(1) or real(*a))
+    calls = _count_calls(monkeypatch, gluon_attention, "forward")
     q, k, v = (torch.randn(2, 2048, h, 128, device="cuda", dtype=torch.bfloat16) for h in (8, 2, 2))
     ref = torch.nn.functional.scaled_dot_product_attention(
         q.transpose(1, 2).float(), k.transpose(1, 2).float(), v.transpose(1, 2).float(), is_causal=True, enable_gqa=True

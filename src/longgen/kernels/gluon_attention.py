@@ -35,6 +35,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     mbarrier,
     tma,
     warpgroup_mma,
+    warpgroup_mma_init,
     warpgroup_mma_wait,
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
@@ -48,6 +49,8 @@ _tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_globa
 _NEW_WS_API = "functions_and_args" in inspect.signature(gl.warp_specialize).parameters
 
 ROWS = 64  # query rows per consumer warpgroup; a program covers 2 * ROWS
+BWD_TILE = 64  # dK/dV kernel: keys per consumer warpgroup, and queries per streamed Q / dO tile
+BWD_STAGES = 3  # Q / dO tiles in flight
 HEAD_DIMS = (64, 128)
 GL_SINK_WINDOW = gl.constexpr(K_SINK_WINDOW)
 GL_BLOCK_SPARSE = gl.constexpr(K_BLOCK_SPARSE)
@@ -102,8 +105,7 @@ def _tile_of(
 
 @gluon.jit
 def _needs_mask(
-    i,
-    n_far,
+    far,
     k0,
     g,
     mc,
@@ -116,15 +118,40 @@ def _needs_mask(
     DENSE_FROM: gl.constexpr,
     BN: gl.constexpr,
 ):
-    """Whether some (query in [mc, mc + MR), key in the tile at k0) pair of the i-th visit is not allowed."""
+    """Whether some (query in [mc, mc + MR), key in the BN keys at k0) pair is not allowed; `far`: the key tile
+    is a BlockSparse strided block of this head (seen whole by every later query)."""
     last = mc + MR - 1
     masked = k0 + BN - 1 > mc  # the causal diagonal
     if PATTERN == GL_SINK_WINDOW:
         masked = masked | ((k0 + BN > SINK) & (last - k0 >= WINDOW))
     elif PATTERN == GL_BLOCK_SPARSE:
         local_edge = (last // PB - k0 // PB >= LOCAL) & (g < DENSE_FROM)
-        masked = masked | ((i >= n_far) & local_edge)  # far (strided) tiles are seen whole
+        masked = masked | (local_edge & (far == 0))
     return masked
+
+
+@gluon.jit
+def _allowed(
+    t,
+    c,
+    g,
+    PATTERN: gl.constexpr,
+    SINK: gl.constexpr,
+    WINDOW: gl.constexpr,
+    PB: gl.constexpr,
+    LOCAL: gl.constexpr,
+    STRIDE: gl.constexpr,
+    STEP: gl.constexpr,
+    DENSE_FROM: gl.constexpr,
+):
+    """Whether query positions `t` may attend key positions `c` (broadcast tensors) of KV head g."""
+    ok = c <= t
+    if PATTERN == GL_SINK_WINDOW:
+        ok = ok & ((c < SINK) | (t - c < WINDOW))
+    elif PATTERN == GL_BLOCK_SPARSE:
+        j = c // PB
+        ok = ok & (((t // PB - j) < LOCAL) | (((j + g * STEP) % STRIDE) == 0) | (g >= DENSE_FROM))
+    return ok
 
 
 @gluon.jit
@@ -143,14 +170,20 @@ def _apply_mask(
     STEP: gl.constexpr,
     DENSE_FROM: gl.constexpr,
 ):
-    t = gl.expand_dims(rows, 1)
-    c = gl.expand_dims(k0 + cols, 0)
-    ok = c <= t
-    if PATTERN == GL_SINK_WINDOW:
-        ok = ok & ((c < SINK) | (t - c < WINDOW))
-    elif PATTERN == GL_BLOCK_SPARSE:
-        j = c // PB
-        ok = ok & (((t // PB - j) < LOCAL) | (((j + g * STEP) % STRIDE) == 0) | (g >= DENSE_FROM))
+    """Scores s (query rows, keys k0 + cols) with the pairs the pattern forbids set to -inf."""
+    ok = _allowed(
+        gl.expand_dims(rows, 1),
+        gl.expand_dims(k0 + cols, 0),
+        g,
+        PATTERN,
+        SINK,
+        WINDOW,
+        PB,
+        LOCAL,
+        STRIDE,
+        STEP,
+        DENSE_FROM,
+    )
     return gl.where(ok, s, -float("inf"))
 
 
@@ -214,7 +247,7 @@ def _consume(
     mbarrier.wait(full.index(0), 0)
     s = warpgroup_mma(qs, k_smem.index(0).permute((1, 0)), zero_s, use_acc=False)
     k0 = _tile_of(0, g, n_far, lo, PATTERN, PB, STRIDE, STEP, BN) * BN
-    if _needs_mask(0, n_far, k0, g, mc, BM, PATTERN, SINK, WINDOW, PB, LOCAL, DENSE_FROM, BN):
+    if _needs_mask(n_far > 0, k0, g, mc, BM, PATTERN, SINK, WINDOW, PB, LOCAL, DENSE_FROM, BN):
         s = _apply_mask(s, k0, g, rows, cols, PATTERN, SINK, WINDOW, PB, LOCAL, STRIDE, STEP, DENSE_FROM)
     m_i = gl.max(s, axis=1) * qk_scale
     m_use = gl.where(m_i > -float("inf"), m_i, 0.0)  # a row may see nothing in a tile (exp2(-inf) = 0)
@@ -232,7 +265,7 @@ def _consume(
         acc_tok = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
         s = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok,))
         k0 = _tile_of(i, g, n_far, lo, PATTERN, PB, STRIDE, STEP, BN) * BN
-        if _needs_mask(i, n_far, k0, g, mc, BM, PATTERN, SINK, WINDOW, PB, LOCAL, DENSE_FROM, BN):
+        if _needs_mask(i < n_far, k0, g, mc, BM, PATTERN, SINK, WINDOW, PB, LOCAL, DENSE_FROM, BN):
             s = _apply_mask(s, k0, g, rows, cols, PATTERN, SINK, WINDOW, PB, LOCAL, STRIDE, STEP, DENSE_FROM)
         m_new = gl.maximum(m_i, gl.max(s, axis=1) * qk_scale)
         m_use = gl.where(m_new > -float("inf"), m_new, 0.0)
@@ -447,9 +480,469 @@ def _fwd_ws_kernel(
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# backward: dK and dV (the Triton dQ kernel runs first and writes delta = rowsum(o * do))
+@gluon.jit
+def _class_tile(m, far, j0, PB: gl.constexpr, STRIDE: gl.constexpr, TL: gl.constexpr):
+    """The m-th key tile (ascending) among the strided (`far`) or the local-only BlockSparse tiles of a KV head
+    whose strided blocks are the blocks j = j0 (mod STRIDE)."""
+    SUB: gl.constexpr = PB // TL
+    mb = m // SUB
+    rel = mb - j0
+    local = gl.where(rel < 0, mb, j0 + (rel // (STRIDE - 1)) * STRIDE + 1 + rel % (STRIDE - 1))
+    return gl.where(far, j0 + mb * STRIDE, local) * SUB + m % SUB
+
+
+@gluon.jit
+def _key_tile_pair(
+    lid,
+    g,
+    n_tiles,
+    PB: gl.constexpr,
+    STRIDE: gl.constexpr,
+    STEP: gl.constexpr,
+    DENSE_FROM: gl.constexpr,
+    BY_KIND: gl.constexpr,
+    TL: gl.constexpr,
+):
+    """The two key tiles of launch index `lid`: consecutive tiles (a, a + 1), or with BY_KIND (BlockSparse
+    with stride > 1) consecutive tiles of one kind, strided pairs first: both tiles of a pair then see nearly the
+    same query tiles (a strided block is seen by every later query, a local-only one by `local_blocks`), and the
+    long pairs are scheduled first. A tile past the sequence (a list's end) means "nothing to do"."""
+    a = 2 * lid
+    b = a + 1
+    if BY_KIND:
+        SUB: gl.constexpr = PB // TL
+        j0 = (STRIDE - (g * STEP) % STRIDE) % STRIDE
+        n_blocks = (n_tiles + SUB - 1) // SUB
+        n_far_pairs = (gl.maximum((n_blocks - j0 + STRIDE - 1) // STRIDE, 0) * SUB + 1) // 2
+        far = lid < n_far_pairs
+        m = gl.where(far, 2 * lid, 2 * (lid - n_far_pairs))
+        sparse = g < DENSE_FROM
+        a = gl.where(sparse, _class_tile(m, far, j0, PB, STRIDE, TL), a)
+        b = gl.where(sparse, _class_tile(m + 1, far, j0, PB, STRIDE, TL), b)
+    return a, b
+
+
+@gluon.jit
+def _query_range(
+    kt,
+    g,
+    n_tiles,
+    PATTERN: gl.constexpr,
+    SINK: gl.constexpr,
+    WINDOW: gl.constexpr,
+    PB: gl.constexpr,
+    LOCAL: gl.constexpr,
+    STRIDE: gl.constexpr,
+    STEP: gl.constexpr,
+    DENSE_FROM: gl.constexpr,
+    TL: gl.constexpr,
+):
+    """(lo, hi, far): the query tiles [lo, hi) that see key tile kt (TL keys; queries in tiles of TL), and whether
+    it is a strided BlockSparse block of head g. An empty range for a tile past the sequence."""
+    k0 = kt * TL
+    hi = n_tiles + kt * 0
+    far = kt < 0
+    if PATTERN == GL_SINK_WINDOW:
+        hi = gl.where(k0 < SINK, n_tiles, gl.minimum(n_tiles, (k0 + TL + WINDOW - 2) // TL + 1))
+    elif PATTERN == GL_BLOCK_SPARSE:
+        j = k0 // PB
+        far = (((j + g * STEP) % STRIDE) == 0) | (g >= DENSE_FROM)
+        hi = gl.where(far, n_tiles, gl.minimum(n_tiles, ((j + LOCAL) * PB - 1) // TL + 1))
+    valid = kt < n_tiles
+    return gl.where(valid, kt, 0), gl.where(valid, hi, 0), far
+
+
+@gluon.jit
+def _query_tile(i, lo_a, n1, start2, G: gl.constexpr):
+    """Query tile of the i-th visit: the first key tile's range [lo_a, lo_a + n1), then the second's remainder
+    from start2; each tile once per query head of the group (heads innermost)."""
+    u = i // G
+    return gl.where(u < n1, lo_a + u, start2 + (u - n1))
+
+
+@gluon.jit
+def _pass_visits(full, empty, v0, v1, STAGES: gl.constexpr):
+    """Hand visits [v0, v1), which this consumer has no part in, back to the loader (after the loader filled them,
+    so that each release counts towards its own buffer phase)."""
+    for i in range(v0, v1):
+        mbarrier.wait(full.index(i % STAGES), (i // STAGES) & 1)
+        mbarrier.arrive(empty.index(i % STAGES), count=1)
+
+
+@gluon.jit
+def _bwd_consume(
+    WHICH: gl.constexpr,
+    q_desc,
+    k_desc,
+    v_desc,
+    dk_desc,
+    dv_desc,
+    q_smem,
+    do_smem,
+    lse_smem,
+    delta_smem,
+    k_smem,
+    v_smem,
+    full,
+    empty,
+    kv_bars,
+    p_smem,
+    ds_smem,
+    qk_scale,
+    sm_scale,
+    g,
+    H,
+    row0,
+    kt,
+    far,
+    v0,
+    v1,
+    lo_a,
+    n1,
+    start2,
+    n_visit,
+    PATTERN: gl.constexpr,
+    SINK: gl.constexpr,
+    WINDOW: gl.constexpr,
+    PB: gl.constexpr,
+    LOCAL: gl.constexpr,
+    STRIDE: gl.constexpr,
+    STEP: gl.constexpr,
+    DENSE_FROM: gl.constexpr,
+    G: gl.constexpr,
+    TL: gl.constexpr,
+    D: gl.constexpr,
+    STAGES: gl.constexpr,
+):
+    """One consumer warpgroup: dK, dV of key tile kt (TL keys) over its visits [v0, v1) of the streamed
+    (query tile, head) visits. Transposed scores S^T = K Q^T (keys x queries), so that P^T and dS^T are register
+    operands of dV += P^T dO and dK += dS^T Q. Per visit the four products are issued asynchronously: S^T and
+    dP^T = V dO^T together, dV once P^T is known, dK once dS^T is; dV and dK of one visit complete while the next
+    visit's S^T and dP^T are issued, and its buffers go back to the loader then."""
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, TL, 16])
+    acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, D, 16])
+    dt: gl.constexpr = q_desc.dtype
+    k0 = kt * TL
+    ks = k_smem.index(WHICH)
+    vs = v_smem.index(WHICH)
+    kvb = kv_bars.index(WHICH)
+    mine = v0 < v1
+    if mine:
+        mbarrier.expect(kvb, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
+        _tma_load(k_desc, [row0 + k0, g * D], kvb, ks)
+        _tma_load(v_desc, [row0 + k0, g * D], kvb, vs)
+    _pass_visits(full, empty, 0, v0, STAGES)
+    col_layout: gl.constexpr = gl.SliceLayout(0, s_layout)
+    keys = gl.arange(0, TL, layout=gl.SliceLayout(1, s_layout))
+    cols = gl.arange(0, TL, layout=col_layout)
+    zero_s = gl.zeros([TL, TL], gl.float32, s_layout)
+    # the accumulators are loop-carried as asynchronous results (the previous visit's dK, dV in flight)
+    dk = warpgroup_mma_init(gl.zeros([TL, D], gl.float32, acc_layout))
+    dv = warpgroup_mma_init(gl.zeros([TL, D], gl.float32, acc_layout))
+    ps = p_smem.index(WHICH)
+    dss = ds_smem.index(WHICH)
+    if mine:
+        mbarrier.wait(kvb, 0)
+    for i in range(v0, v1):
+        st = i % STAGES
+        q0 = _query_tile(i, lo_a, n1, start2, G) * TL
+        qs = q_smem.index(st)
+        dos = do_smem.index(st)
+        mbarrier.wait(full.index(st), (i // STAGES) & 1)
+        s_tok = warpgroup_mma(ks, qs.permute((1, 0)), zero_s, use_acc=False, is_async=True)
+        dp_tok = warpgroup_mma(vs, dos.permute((1, 0)), zero_s, use_acc=False, is_async=True)
+        # all but dP^T done: S^T, and the previous visit's dV and dK (in-order completion)
+        s, dk, dv = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok, dk, dv))
+        if i > v0:
+            mbarrier.arrive(empty.index((i - 1) % STAGES), count=1)
+        if _needs_mask(far, k0, g, q0, TL, PATTERN, SINK, WINDOW, PB, LOCAL, DENSE_FROM, TL):
+            ok = _allowed(
+                gl.expand_dims(q0 + cols, 0),
+                gl.expand_dims(k0 + keys, 1),
+                g,
+                PATTERN,
+                SINK,
+                WINDOW,
+                PB,
+                LOCAL,
+                STRIDE,
+                STEP,
+                DENSE_FROM,
+            )
+            s = gl.where(ok, s, -float("inf"))
+        p = gl.exp2(s * qk_scale - gl.expand_dims(lse_smem.index(st).load(col_layout), 0))
+        ps.store(p.to(dt))
+        fence_async_shared()
+        dv = warpgroup_mma(ps, dos, dv, is_async=True)
+        dp = warpgroup_mma_wait(num_outstanding=1, deps=(dp_tok,))
+        ds = p * (dp - gl.expand_dims(delta_smem.index(st).load(col_layout), 0))
+        dss.store(ds.to(dt))
+        fence_async_shared()
+        dk = warpgroup_mma(dss, qs, dk, is_async=True)
+    dk, dv = warpgroup_mma_wait(num_outstanding=0, deps=(dk, dv))
+    if mine:
+        mbarrier.arrive(empty.index((v1 - 1) % STAGES), count=1)
+    _pass_visits(full, empty, v1, n_visit, STAGES)
+    if mine:
+        ks.store((dk * sm_scale).to(dk_desc.dtype))  # K and V are no longer needed: their buffers stage dK, dV
+        vs.store(dv.to(dv_desc.dtype))
+        fence_async_shared()
+        _tma_store(dk_desc, [row0 + k0, g * D], ks)
+        _tma_store(dv_desc, [row0 + k0, g * D], vs)
+        tma.store_wait(pendings=0)
+
+
+@gluon.jit
+def _bwd_loader(
+    q_desc,
+    do_desc,
+    lse_ptr,
+    delta_ptr,
+    q_smem,
+    do_smem,
+    lse_smem,
+    delta_smem,
+    full,
+    empty,
+    g,
+    H,
+    row0,
+    lo_a,
+    n1,
+    start2,
+    n_visit,
+    G: gl.constexpr,
+    TL: gl.constexpr,
+    D: gl.constexpr,
+    STAGES: gl.constexpr,
+):
+    """Streams the (query tile, head) visits into the ring: Q and dO tiles with TMA, and the tile's LSE and delta
+    (strided by the head count in memory, so not TMA-able) loaded coalesced and stored to shared memory; a buffer
+    is full once the TMA bytes have landed and this warp has arrived after its stores."""
+    offs = gl.arange(0, TL, layout=gl.BlockedLayout([TL // 32], [32], [1], [0]))
+    # the vectors are loaded one visit ahead, so that their latency overlaps the wait for a free buffer
+    r = (row0 + _query_tile(0, lo_a, n1, start2, G) * TL + offs) * H + g * G
+    lse = gl.load(lse_ptr + r)
+    delta = gl.load(delta_ptr + r)
+    for i in range(n_visit):
+        st = i % STAGES
+        mbarrier.wait(empty.index(st), ((i // STAGES) & 1) ^ 1)  # a fresh barrier passes parity 1 at once
+        row = row0 + _query_tile(i, lo_a, n1, start2, G) * TL
+        h = g * G + i % G
+        bar = full.index(st)
+        mbarrier.expect(bar, q_desc.block_type.nbytes + do_desc.block_type.nbytes)
+        _tma_load(q_desc, [row, h * D], bar, q_smem.index(st))
+        _tma_load(do_desc, [row, h * D], bar, do_smem.index(st))
+        j = gl.minimum(i + 1, n_visit - 1)
+        r = (row0 + _query_tile(j, lo_a, n1, start2, G) * TL + offs) * H + g * G + j % G
+        lse_next = gl.load(lse_ptr + r)
+        delta_next = gl.load(delta_ptr + r)
+        lse_smem.index(st).store(lse)
+        delta_smem.index(st).store(delta)
+        mbarrier.arrive(bar, count=1)
+        lse = lse_next
+        delta = delta_next
+
+
+@gluon.jit
+def _dkdv_ws_kernel(
+    q_desc,
+    do_desc,
+    k_desc,
+    v_desc,
+    dk_desc,
+    dv_desc,
+    lse_ptr,
+    delta_ptr,
+    T,
+    H,
+    HKV,
+    qk_scale,
+    sm_scale,
+    PATTERN: gl.constexpr,
+    SINK: gl.constexpr,
+    WINDOW: gl.constexpr,
+    PB: gl.constexpr,
+    LOCAL: gl.constexpr,
+    STRIDE: gl.constexpr,
+    STEP: gl.constexpr,
+    DENSE_FROM: gl.constexpr,
+    G: gl.constexpr,
+    BY_KIND: gl.constexpr,
+    TL: gl.constexpr,
+    D: gl.constexpr,
+    STAGES: gl.constexpr,
+    num_warps: gl.constexpr,
+):
+    g = gl.program_id(0) % HKV  # head-major launch: every head's long key tiles are scheduled first
+    row0 = (gl.program_id(0) // HKV) * T
+    n_tiles = T // TL
+    a, b = _key_tile_pair(gl.program_id(1), g, n_tiles, PB, STRIDE, STEP, DENSE_FROM, BY_KIND, TL)
+    lo_a, hi_a, far_a = _query_range(a, g, n_tiles, PATTERN, SINK, WINDOW, PB, LOCAL, STRIDE, STEP, DENSE_FROM, TL)
+    lo_b, hi_b, far_b = _query_range(b, g, n_tiles, PATTERN, SINK, WINDOW, PB, LOCAL, STRIDE, STEP, DENSE_FROM, TL)
+    n1 = hi_a - lo_a
+    start2 = gl.maximum(hi_a, lo_b)
+    n_visit = (n1 + gl.maximum(hi_b - start2, 0)) * G
+    # visits: tile a's query tiles, then those of tile b past them (b's own visits are one contiguous run)
+    valid_b = lo_b < hi_b
+    v0_b = gl.where(valid_b, (gl.minimum(lo_b, hi_a) - lo_a) * G, 0)
+    v1_b = gl.where(valid_b, gl.where(hi_b <= hi_a, (hi_b - lo_a) * G, n_visit), 0)
+    q_smem = gl.allocate_shared_memory(q_desc.dtype, [STAGES, TL, D], q_desc.layout)
+    do_smem = gl.allocate_shared_memory(do_desc.dtype, [STAGES, TL, D], do_desc.layout)
+    k_smem = gl.allocate_shared_memory(k_desc.dtype, [2, TL, D], k_desc.layout)
+    v_smem = gl.allocate_shared_memory(v_desc.dtype, [2, TL, D], v_desc.layout)
+    full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    kv_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    # P^T and dS^T of each consumer go to its dV / dK products through shared memory (as register operands they
+    # would keep 32 more registers per thread in flight, and ptxas then serialises the wgmma chain)
+    pds_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([TL, TL], q_desc.dtype)
+    p_smem = gl.allocate_shared_memory(q_desc.dtype, [2, TL, TL], pds_layout)
+    ds_smem = gl.allocate_shared_memory(q_desc.dtype, [2, TL, TL], pds_layout)
+    vec_layout: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0])
+    lse_smem = gl.allocate_shared_memory(gl.float32, [STAGES, TL], vec_layout)
+    delta_smem = gl.allocate_shared_memory(gl.float32, [STAGES, TL], vec_layout)
+    for si in gl.static_range(STAGES):
+        mbarrier.init(full.index(si), count=2)  # the TMA transaction and the loader's LSE / delta stores
+        mbarrier.init(empty.index(si), count=2)
+    mbarrier.init(kv_bars.index(0), count=1)
+    mbarrier.init(kv_bars.index(1), count=1)
+    gl.warp_specialize(
+        [
+            (
+                _bwd_consume,
+                (
+                    0,
+                    q_desc,
+                    k_desc,
+                    v_desc,
+                    dk_desc,
+                    dv_desc,
+                    q_smem,
+                    do_smem,
+                    lse_smem,
+                    delta_smem,
+                    k_smem,
+                    v_smem,
+                    full,
+                    empty,
+                    kv_bars,
+                    p_smem,
+                    ds_smem,
+                    qk_scale,
+                    sm_scale,
+                    g,
+                    H,
+                    row0,
+                    a,
+                    far_a,
+                    0,
+                    n1 * G,
+                    lo_a,
+                    n1,
+                    start2,
+                    n_visit,
+                    PATTERN,
+                    SINK,
+                    WINDOW,
+                    PB,
+                    LOCAL,
+                    STRIDE,
+                    STEP,
+                    DENSE_FROM,
+                    G,
+                    TL,
+                    D,
+                    STAGES,
+                ),
+            ),
+            (
+                _bwd_consume,
+                (
+                    1,
+                    q_desc,
+                    k_desc,
+                    v_desc,
+                    dk_desc,
+                    dv_desc,
+                    q_smem,
+                    do_smem,
+                    lse_smem,
+                    delta_smem,
+                    k_smem,
+                    v_smem,
+                    full,
+                    empty,
+                    kv_bars,
+                    p_smem,
+                    ds_smem,
+                    qk_scale,
+                    sm_scale,
+                    g,
+                    H,
+                    row0,
+                    b,
+                    far_b,
+                    v0_b,
+                    v1_b,
+                    lo_a,
+                    n1,
+                    start2,
+                    n_visit,
+                    PATTERN,
+                    SINK,
+                    WINDOW,
+                    PB,
+                    LOCAL,
+                    STRIDE,
+                    STEP,
+                    DENSE_FROM,
+                    G,
+                    TL,
+                    D,
+                    STAGES,
+                ),
+            ),
+            (
+                _bwd_loader,
+                (
+                    q_desc,
+                    do_desc,
+                    lse_ptr,
+                    delta_ptr,
+                    q_smem,
+                    do_smem,
+                    lse_smem,
+                    delta_smem,
+                    full,
+                    empty,
+                    g,
+                    H,
+                    row0,
+                    lo_a,
+                    n1,
+                    start2,
+                    n_visit,
+                    G,
+                    TL,
+                    D,
+                    STAGES,
+                ),
+            ),
+        ],
+        [4, 1],
+        [240, 24],
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # host side
-def enabled() -> bool:
-    return os.environ.get("LONGGEN_GLUON", "1") != "0"
+def enabled(part: str = "fwd") -> bool:
+    """Whether the Hopper kernel `part` ("fwd" or "dkdv") may run: ``LONGGEN_GLUON=0`` turns both off,
+    ``LONGGEN_GLUON=fwd`` keeps only the forward (A/B of the backward)."""
+    flag = os.environ.get("LONGGEN_GLUON", "1")
+    return flag != "0" and (part == "fwd" or flag != "fwd")
 
 
 def _in_scope(q: torch.Tensor, head_dim: int, kind: int, block_size: int, seq_len: int) -> bool:
@@ -485,29 +978,29 @@ def takes_causal_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> b
     return _in_scope(q, q.shape[-1], K_FULL, 1, q.shape[1])
 
 
+def _desc(x: torch.Tensor, rows: int) -> TensorDescriptor:
+    """TMA descriptor of a (total, heads, head_dim) tensor viewed as (total, heads * head_dim), tiles (rows, d)."""
+    total, heads, d = x.shape
+    dt = gl.bfloat16 if x.dtype == torch.bfloat16 else gl.float16
+    x2 = x.view(total, heads * d)
+    layout = gl.NVMMASharedLayout.get_default_for([rows, d], dt)
+    return TensorDescriptor(x2, list(x2.shape), list(x2.stride()), [rows, d], layout)
+
+
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: _Plan) -> tuple[torch.Tensor, torch.Tensor]:
     """(o, lse in log2 units ``(total, H)``) for inputs `suits` accepted."""
     total, H, D = q.shape
-    hkv = k.shape[1]
     T = plan.max_len
     cx = plan.constexprs
     BN = 128 if cx["PATTERN"] != K_BLOCK_SPARSE else min(128, cx["PB"])
     stages = 3 if BN == 128 else 4
-    dt = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
     o = torch.empty_like(q)
     lse2 = torch.empty(total, H, dtype=torch.float32, device=q.device)
-    q_layout = gl.NVMMASharedLayout.get_default_for([ROWS, D], dt)
-    kv_layout = gl.NVMMASharedLayout.get_default_for([BN, D], dt)
-
-    def desc(x, heads, block, layout):
-        x2 = x.view(total, heads * D)
-        return TensorDescriptor(x2, list(x2.shape), list(x2.stride()), block, layout)
-
     _fwd_ws_kernel[(T // (2 * ROWS), plan.n_seqs * H)](
-        desc(q, H, [ROWS, D], q_layout),
-        desc(k, hkv, [BN, D], kv_layout),
-        desc(v, hkv, [BN, D], kv_layout),
-        desc(o, H, [ROWS, D], q_layout),
+        _desc(q, ROWS),
+        _desc(k, BN),
+        _desc(v, BN),
+        _desc(o, ROWS),
         lse2,
         T,
         H,
@@ -530,4 +1023,55 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: _Plan) -> t
     return o, lse2
 
 
-__all__ = ["HEAD_DIMS", "enabled", "forward", "suits", "takes_causal_forward"]
+def dkdv(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    do: torch.Tensor,
+    lse2: torch.Tensor,
+    delta: torch.Tensor,
+    dk: torch.Tensor,
+    dv: torch.Tensor,
+    plan: _Plan,
+) -> None:
+    """Writes dK, dV (like k, v) of a call whose forward `suits` accepted: q, do ``(total, H, d)``, k, v
+    ``(total, Hkv, d)``, contiguous and 16-byte aligned; ``lse2`` (log2 units) and ``delta`` = rowsum(o * do)
+    ``(total, H)`` float32, as the Triton dQ kernel leaves them."""
+    H, D = q.shape[1:]
+    hkv = k.shape[1]
+    cx = plan.constexprs
+    n_tiles = plan.max_len // BWD_TILE
+    by_kind = cx["PATTERN"] == K_BLOCK_SPARSE and cx["STRIDE"] > 1
+    # pairs of key tiles per program; sorting tiles by kind can leave one pair more than half the tiles
+    _dkdv_ws_kernel[(plan.n_seqs * hkv, (n_tiles + 1) // 2 + int(by_kind))](
+        _desc(q, BWD_TILE),
+        _desc(do, BWD_TILE),
+        _desc(k, BWD_TILE),
+        _desc(v, BWD_TILE),
+        _desc(dk, BWD_TILE),
+        _desc(dv, BWD_TILE),
+        lse2,
+        delta,
+        plan.max_len,
+        H,
+        hkv,
+        plan.shape.scale * 1.4426950408889634,
+        plan.shape.scale,
+        PATTERN=cx["PATTERN"],
+        SINK=cx["SINK"],
+        WINDOW=cx["WINDOW"],
+        PB=cx["PB"],
+        LOCAL=cx["LOCAL"],
+        STRIDE=cx["STRIDE"],
+        STEP=cx["STEP"],
+        DENSE_FROM=cx["DENSE_FROM"],
+        G=plan.shape.group,
+        BY_KIND=by_kind,
+        TL=BWD_TILE,
+        D=D,
+        STAGES=BWD_STAGES,
+        num_warps=4,
+    )
+
+
+__all__ = ["HEAD_DIMS", "dkdv", "enabled", "forward", "suits", "takes_causal_forward"]

@@ -1300,7 +1300,8 @@ class _Plan:
             BLOCK_D=max(16, triton.next_power_of_2(shape.head_dim)),
             KV_OFF=off,
         )
-        self.gluon_forward = False  # set by triton_attention where the Hopper Gluon forward takes the call
+        # set by triton_attention where the Hopper Gluon kernels take the call (forward; dK/dV of the backward)
+        self.gluon_forward = self.gluon_dkdv = False
         self.layout = torch.zeros(1, dtype=torch.int8, device=device)
         self.n_lay = 1
         self.index: dict[str, tuple[torch.Tensor, torch.Tensor] | None] = {"fwd": None, "dq": None, "dkdv": None}
@@ -1499,6 +1500,13 @@ def _backward(do, dlse, q, k, v, o, lse2, plan: _Plan):
         has_dlse,
         **meta,
     )
+    if plan.gluon_dkdv:
+        from longgen.kernels import gluon_attention
+
+        if not (do.is_contiguous() and do.data_ptr() % 16 == 0):  # TMA reads whole aligned rows
+            do = do.clone(memory_format=torch.contiguous_format)
+        gluon_attention.dkdv(q, k, v, do, lse2, delta, dk, dv, plan)
+        return dq, dk, dv
     meta = plan.meta("dkdv")
     n_key_tiles = triton.cdiv(plan.max_len, meta["BLOCK_N"])
     n_launch = n_key_tiles
@@ -1555,7 +1563,7 @@ class _TritonAttention(torch.autograd.Function):
 
 
 def _gluon_suits(q, k, v, plan: _Plan, batched: bool) -> bool:
-    """Whether the Hopper forward (`longgen.kernels.gluon_attention`) takes this call."""
+    """Whether the Hopper kernels (`longgen.kernels.gluon_attention`) take this call."""
     if not q.is_cuda:
         return False
     try:
@@ -1584,6 +1592,10 @@ def triton_attention(q, k, v, shape: AttentionShape, cu_seqlens: torch.Tensor | 
     plan = _Plan(shape, starts, lens, q.dtype)
     q, k, v = _flat(q), _flat(k), _flat(v)
     plan.gluon_forward = _gluon_suits(q, k, v, plan, batched=cu_seqlens is None)
+    if plan.gluon_forward:
+        from longgen.kernels import gluon_attention
+
+        plan.gluon_dkdv = gluon_attention.enabled("dkdv")
     o, lse = _TritonAttention.apply(q, k, v, plan)
     o = o.reshape(out_shape)
     if not return_lse:
