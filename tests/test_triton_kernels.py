@@ -192,3 +192,26 @@ def test_hopper_forward_module_imports_and_declines_cpu_calls():
     q = torch.randn(1, 256, 2, 64)
     assert not gluon_attention.takes_causal_forward(q, q, q)
     assert not _hopper_causal_forward(q, q, q)
+
+
+@pytest.mark.parametrize(
+    "flag,fwd,dkdv", [(None, True, True), ("1", True, True), ("fwd", True, False), ("0", False, False)]
+)
+def test_hopper_kernels_switch(flag, fwd, dkdv, monkeypatch):
+    """LONGGEN_GLUON: unset or 1 = forward and dK/dV kernels, fwd = forward only, 0 = neither."""
+    from longgen.kernels import gluon_attention
+
+    if flag is None:
+        monkeypatch.delenv("LONGGEN_GLUON", raising=False)
+    else:
+        monkeypatch.setenv("LONGGEN_GLUON", flag)
+    assert gluon_attention.enabled("fwd") is fwd
+    assert gluon_attention.enabled("dkdv") is dkdv
+
+
+def test_hopper_kernels_switch_rejects_unknown_values(monkeypatch):
+    from longgen.kernels import gluon_attention
+
+    monkeypatch.setenv("LONGGEN_GLUON", "off")
+    with pytest.raises(ValueError, match=r"LONGGEN_GLUON must be 1 .*, fwd or 0, got 'off'"):
+        gluon_attention.enabled()

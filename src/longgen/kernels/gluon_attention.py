@@ -1,25 +1,30 @@
-"""Hopper (sm_90) forward kernel in Gluon: warp-specialised, FlashAttention-3 style.
+"""Hopper (sm_90) attention kernels in Gluon: warp-specialised, FlashAttention-3 style.
 
-The Triton forward (`triton_attention._fwd_kernel`) runs every warp through load, matmul and softmax in turn; on
-an H100 that leaves the tensor cores idle during the softmax. This kernel splits a program into three partitions
-(Gluon's `warp_specialize`):
+The Triton kernels (`triton_attention`) run every warp through load, matmul and softmax in turn; on an H100 that
+leaves the tensor cores idle during the softmax. These kernels split a program into three partitions (Gluon's
+`warp_specialize`): a loader warp that streams tiles with TMA into a ring of `STAGES` shared-memory buffers (a
+"full" mbarrier per buffer for the loader -> consumers hand-off, an "empty" one for the way back), and two
+consumer warpgroups that issue their products as asynchronous wgmma and do the elementwise work while they run;
+registers are rebalanced with `setmaxnreg` (consumers 240, loader 24).
 
-* a loader warp that streams the visited K/V tiles with TMA into a ring of `STAGES` shared-memory buffers
-  (a "full" mbarrier per buffer for the loader -> consumers hand-off, an "empty" one for the way back);
-* two consumer warpgroups, each owning 64 query rows of the program's 128: per key tile, S = Q K^T and the
-  previous tile's O += P V are issued as asynchronous wgmma together, the softmax of S runs while the P V
-  product is in flight, and the two warpgroups drift into alternating matmul / softmax phases on their own.
-  Registers are rebalanced with `setmaxnreg` (consumers 240, loader 24).
+* Forward (`_fwd_ws_kernel`): 128 query rows per program (64 per consumer) against the visited K/V tiles; per
+  key tile, S = Q K^T and the previous tile's O += P V are issued together, the softmax of S runs while P V is in
+  flight, and the two warpgroups drift into alternating matmul / softmax phases on their own.
+* dK/dV of the backward (`_dkdv_ws_kernel`): two key tiles of 64 per program (one per consumer) against the
+  streamed (query tile, head) visits: Q and dO by TMA, the LSE and delta rows (strided by the head count, so not
+  TMA-able) loaded by the loader warp into shared memory. S^T = K Q^T and dP^T = V dO^T are issued together,
+  then dV += P^T dO and dK += dS^T Q with P^T and dS^T staged in shared memory; one visit's dV and dK complete
+  while the next visit's S^T and dP^T are issued. The Triton dQ kernel runs first (it writes delta).
 
-Visited key tiles, tile masks and the exact in-tile masks follow the Triton kernels (`_key_ranges`,
-`_allowed`): far tiles (SinkWindow's sink, BlockSparse's strided blocks) first, then the contiguous range; a
-tile is masked only where some pair in it is not allowed. Scores are in log2 units; the LSE is written in log2
-units, (total, H), as the Triton forward writes it, so the Triton backward runs unchanged on its output.
+Visited tiles, tile masks and the exact in-tile masks follow the Triton kernels (`_key_ranges`, `_query_ranges`,
+`_allowed`). Scores are in log2 units; the LSE is written in log2 units, (total, H), as the Triton forward writes
+it, so the Triton dQ kernel runs unchanged on the Gluon forward's output.
 
-Scope (everything else runs the Triton forward): CUDA capability 9.0, float16/bfloat16, head_dim 64 or 128,
+Scope (everything else runs the Triton kernels): CUDA capability 9.0, float16/bfloat16, head_dim 64 or 128,
 Full / SinkWindow / BlockSparse with block_size >= 64, batches of equal-length sequences (no padding, no
 cu_seqlens, no query offset) whose length is a multiple of 128, contiguous (total, heads, head_dim) tensors.
-``LONGGEN_GLUON=0`` turns it off. Measured choices and timings: docs/kernels/attention.md.
+``LONGGEN_GLUON=0`` turns both kernels off, ``LONGGEN_GLUON=fwd`` keeps only the forward. Measured choices and
+timings: docs/kernels/attention.md.
 """
 
 from __future__ import annotations
@@ -942,6 +947,8 @@ def enabled(part: str = "fwd") -> bool:
     """Whether the Hopper kernel `part` ("fwd" or "dkdv") may run: ``LONGGEN_GLUON=0`` turns both off,
     ``LONGGEN_GLUON=fwd`` keeps only the forward (A/B of the backward)."""
     flag = os.environ.get("LONGGEN_GLUON", "1")
+    if flag not in ("0", "1", "fwd"):
+        raise ValueError(f"LONGGEN_GLUON must be 1 (default), fwd or 0, got {flag!r}")
     return flag != "0" and (part == "fwd" or flag != "fwd")
 
 
