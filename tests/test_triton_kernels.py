@@ -215,3 +215,25 @@ def test_hopper_kernels_switch_rejects_unknown_values(monkeypatch):
     monkeypatch.setenv("LONGGEN_GLUON", "off")
     with pytest.raises(ValueError, match=r"LONGGEN_GLUON must be 1 .*, fwd or 0, got 'off'"):
         gluon_attention.enabled()
+
+
+def test_hopper_kernels_compile_for_sm90_without_serialised_wgmma():
+    """Both Gluon kernels compile for sm_90a on this (GPU-less) machine, and ptxas keeps their wgmma chains
+    asynchronous: a register budget overrun serialises them (every HGMMA waited for), as the first dK/dV version
+    did. Uses benchmarks/gluon_resources.py."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gluon_resources.py"
+    spec = importlib.util.spec_from_file_location("gluon_resources", path)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    try:
+        tool._ptxas()
+    except Exception as e:  # a Triton build without its bundled ptxas
+        pytest.skip(f"no ptxas for sm_90: {e}")
+    for kernel, pattern, G in (("fwd", "sink_window", 1), ("dkdv", "block_sparse", 4)):
+        r = tool.resources(tool.compile_case(kernel, pattern, 128, G))
+        assert not r["serialised"], (kernel, r)
+        assert r["hgmma"] > 0 and r["waits"] < r["hgmma"], (kernel, r)
+        assert r["shared_kb"] <= 227, (kernel, r)  # the H100/H200 per-block limit
