@@ -13,6 +13,7 @@ its bundled ptxas and cuobjdump. Timings still need the GPU (benchmarks/tune_att
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import subprocess
@@ -59,7 +60,7 @@ def _compile(kernel, descs: dict[str, tuple[int, int]], scalars: dict[str, str],
 
 
 def compile_case(kernel: str, pattern: str, d: int, G: int):
-    """Compiled kernel ("fwd" or "dkdv") for one case, launched as longgen launches it."""
+    """Compiled kernel ("fwd", "dq" or "dkdv") for one case, launched as longgen launches it."""
     cx = dict(PATTERNS[pattern], DENSE_FROM=32, G=G, D=d, num_warps=4)
     if kernel == "fwd":
         bn = 128 if pattern != "block_sparse" else 64
@@ -67,6 +68,12 @@ def compile_case(kernel: str, pattern: str, d: int, G: int):
         descs = {"q_desc": (ga.ROWS, d), "k_desc": (bn, d), "v_desc": (bn, d), "o_desc": (ga.ROWS, d)}
         scalars = {"lse_ptr": "*fp32", "T": "i32", "H": "i32", "qk_scale": "fp32"}
         return _compile(ga._fwd_ws_kernel, descs, scalars, cx)
+    if kernel == "dq":
+        cx |= dict(HAS_DLSE=False, BM=ga.ROWS, BN=ga.DQ_BLOCK_N, STAGES=ga.DQ_STAGES)
+        names = ("q_desc", "k_desc", "v_desc", "do_desc", "dq_desc")
+        scalars = {"o_ptr": "*bf16", "do_ptr": "*bf16", "lse_ptr": "*fp32", "dlse_ptr": "*fp32", "delta_ptr": "*fp32"}
+        scalars |= {"T": "i32", "H": "i32", "qk_scale": "fp32", "sm_scale": "fp32"}
+        return _compile(ga._dq_ws_kernel, dict.fromkeys(names, (ga.ROWS, d)), scalars, cx)
     cx |= dict(BY_KIND=pattern == "block_sparse", TL=ga.BWD_TILE, STAGES=ga.BWD_STAGES)
     names = ("q_desc", "do_desc", "k_desc", "v_desc", "dk_desc", "dv_desc")
     scalars = {"lse_ptr": "*fp32", "delta_ptr": "*fp32", "T": "i32", "H": "i32", "HKV": "i32"}
@@ -106,16 +113,20 @@ def resources(compiled) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--kernels", nargs="+", default=["fwd", "dkdv"], choices=["fwd", "dkdv"])
+    ap.add_argument("--kernels", nargs="+", default=["fwd", "dq", "dkdv"], choices=["fwd", "dq", "dkdv"])
     ap.add_argument("--patterns", nargs="+", default=list(PATTERNS), choices=list(PATTERNS))
     ap.add_argument("--head-dims", type=int, nargs="+", default=[128, 64], choices=list(ga.HEAD_DIMS))
     ap.add_argument("--groups", type=int, nargs="+", default=[1, 4], help="query heads per KV head")
+    ap.add_argument("--json", action="store_true", help="one JSON object per case instead of a table")
     args = ap.parse_args(argv)
     for kernel in args.kernels:
         for pattern in args.patterns:
             for d in args.head_dims:
                 for G in args.groups:
                     r = resources(compile_case(kernel, pattern, d, G))
+                    if args.json:
+                        print(json.dumps(dict(kernel=kernel, pattern=pattern, head_dim=d, group=G, **r)), flush=True)
+                        continue
                     print(
                         f"{kernel:<5} {pattern:<13} d {d:<3} G {G}: {r['regs']} regs (launch), "
                         f"spills {r['spill_stores']} B stored / {r['spill_loads']} B loaded, "

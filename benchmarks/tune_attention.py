@@ -2,7 +2,7 @@
 
     PYTHONPATH=src python benchmarks/tune_attention.py [--cases full:32768:32 sink_window:131072:32 ...]
         [--configs "fwd=128x64/w8s3 dq=128x64/w8s3 dkdv=32x64/w4s4" ...] [--baseline OLD_triton_attention.py]
-        [--gluon 1 fwd 0] [--repeats 1] [--out results.json]
+        [--gluon 1 all fwd 0] [--repeats 1] [--out results.json]
 
 For every config and case (pattern:seq_len:kv_heads; bf16, batch 1, 32 query heads, head dim 128) it prints the
 median forward and forward+backward time (`triton.testing.do_bench`) and the CUDA time of each kernel (forward, dQ,
@@ -10,7 +10,7 @@ dK/dV, everything else) from torch.profiler over 5 forward+backward calls, so on
 independently. A tile is BLOCK_MxBLOCK_N/wWARPSsSTAGES; BlockSparse clamps BLOCK_N to its block size.
 `--baseline` also runs an older copy of `triton_attention.py` with its own default tiles (A/B of a kernel change);
 `--gluon` runs every case under each LONGGEN_GLUON setting (1: the Hopper forward and dK/dV kernels where they
-apply, fwd: the Hopper forward only, 0: Triton only).
+apply, all: also the experimental Hopper dQ kernel, fwd: the Hopper forward only, 0: Triton only).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ PATTERNS = {
     "sink_window": lambda kv: longgen.SinkWindow(64, 2048),
     "block_sparse": lambda kv: longgen.BlockSparse(64, 16, kv),
 }
-KERNELS = ("_fwd_kernel", "_dq_kernel", "_dkdv_kernel", "_fwd_ws_kernel", "_dkdv_ws_kernel")
+KERNELS = ("_fwd_kernel", "_dq_kernel", "_dkdv_kernel", "_fwd_ws_kernel", "_dq_ws_kernel", "_dkdv_ws_kernel")
 MODULE = "longgen.kernels.triton_attention"
 
 
@@ -108,7 +108,9 @@ def main(argv=None) -> int:
     ap.add_argument("--cases", nargs="+", default=["full:32768:32", "sink_window:131072:32", "block_sparse:131072:32"])
     ap.add_argument("--configs", nargs="*", default=[], help="tile sets; none = the current defaults")
     ap.add_argument("--baseline", default=None, help="an older triton_attention.py to A/B against")
-    ap.add_argument("--gluon", nargs="+", default=[os.environ.get("LONGGEN_GLUON", "1")], choices=["1", "fwd", "0"])
+    ap.add_argument(
+        "--gluon", nargs="+", default=[os.environ.get("LONGGEN_GLUON", "1")], choices=["1", "all", "fwd", "0"]
+    )
     ap.add_argument("--repeats", type=int, default=1, help="run the whole sweep this many times (noise check)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)

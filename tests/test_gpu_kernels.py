@@ -203,6 +203,50 @@ def test_gluon_kernels_match_reference_and_triton(pattern, T, H, hkv, d, dtype, 
     assert relerr(out, tri) < 1e-2
 
 
+@pytest.mark.skipif(not _hopper(), reason="the Gluon kernels run on CUDA capability 9.0 only")
+@pytest.mark.parametrize("lse_grad", [False, True])
+@pytest.mark.parametrize("pattern,T,H,hkv,d,dtype,B", GLUON_CASES, ids=lambda x: repr(x)[:40])
+def test_gluon_dq_matches_reference_and_triton(pattern, T, H, hkv, d, dtype, B, lse_grad, monkeypatch):
+    """The opt-in Hopper dQ kernel (LONGGEN_GLUON=all) takes these calls, matches the float32 reference (dq, and
+    dk, dv through the delta it writes), with and without a gradient on the returned LSE, and equals the
+    Triton dQ kernel (LONGGEN_GLUON=1)."""
+    from longgen.kernels import gluon_attention
+
+    calls = _count_calls(monkeypatch, gluon_attention, "dq_delta")
+    gen = torch.Generator().manual_seed(torch.seed() % (2**31))
+    q, k, v, dout = (
+        torch.randn(shape, generator=gen).to("cuda", dtype)
+        for shape in ((B, T, H, d), (B, T, hkv, d), (B, T, hkv, d), (B, T, H, d))
+    )
+    dl = torch.randn(B, H, T, generator=gen).to("cuda") if lse_grad else None
+
+    def grads(backend, x, y, z, flag=None):
+        if flag is not None:
+            monkeypatch.setenv("LONGGEN_GLUON", flag)
+        xs = [t.detach().clone().requires_grad_() for t in (x, y, z)]
+        out, lse = (
+            sparse_attention(*xs, pattern, backend="triton", return_lse=True)
+            if backend == "triton"
+            else reference_attention(*xs, pattern, return_lse=True)
+        )
+        loss = (out.float() * dout.float()).sum() + ((lse.float() * dl).sum() if lse_grad else 0.0)
+        loss.backward()
+        return [t.grad for t in xs]
+
+    poison_allocator()
+    got = grads("triton", q, k, v, "all")
+    assert calls, "the Gluon dQ kernel did not take a call in its scope"
+    ref = grads("reference", q.float(), k.float(), v.float())
+    for name, a, b in zip(("dq", "dk", "dv"), got, ref, strict=True):
+        assert not torch.isnan(a).any(), f"{name} has NaN"
+        assert relerr(a, b) < 1e-2, f"{name}: relative error {relerr(a, b):.2e}"
+    n = len(calls)
+    tri = grads("triton", q, k, v, "1")
+    assert len(calls) == n, "LONGGEN_GLUON=1 ran the opt-in Gluon dQ kernel"
+    for a, b in zip(got, tri, strict=True):
+        assert relerr(a, b) < 1e-2
+
+
 @pytest.mark.skipif(not _hopper(), reason="the Gluon forward runs on CUDA capability 9.0 only")
 def test_full_layer_forward_without_grad_uses_hopper_kernel(monkeypatch):
     """A Full layer's forward with no gradient to compute runs the Hopper kernel (equal to SDPA); training keeps

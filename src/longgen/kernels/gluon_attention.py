@@ -14,7 +14,10 @@ registers are rebalanced with `setmaxnreg` (consumers 240, loader 24).
   streamed (query tile, head) visits: Q and dO by TMA, the LSE and delta rows (strided by the head count, so not
   TMA-able) loaded by the loader warp into shared memory. S^T = K Q^T and dP^T = V dO^T are issued together,
   then dV += P^T dO and dK += dS^T Q with P^T and dS^T staged in shared memory; one visit's dV and dK complete
-  while the next visit's S^T and dP^T are issued. The Triton dQ kernel runs first (it writes delta).
+  while the next visit's S^T and dP^T are issued. The dQ kernel runs first (it writes delta).
+* dQ of the backward (`_dq_ws_kernel`, opt-in with ``LONGGEN_GLUON=all`` until checked on a GPU): the forward's
+  program and loader; a consumer computes delta for its 64 rows, then per key tile S = Q K^T and dP = dO V^T
+  together, dS = P (dP - delta), dQ += dS K. Otherwise the Triton dQ kernel runs.
 
 Visited tiles, tile masks and the exact in-tile masks follow the Triton kernels (`_key_ranges`, `_query_ranges`,
 `_allowed`). Scores are in log2 units; the LSE is written in log2 units, (total, H), as the Triton forward writes
@@ -23,8 +26,8 @@ it, so the Triton dQ kernel runs unchanged on the Gluon forward's output.
 Scope (everything else runs the Triton kernels): CUDA capability 9.0, float16/bfloat16, head_dim 64 or 128,
 Full / SinkWindow / BlockSparse with block_size >= 64, batches of equal-length sequences (no padding, no
 cu_seqlens, no query offset) whose length is a multiple of 128, contiguous (total, heads, head_dim) tensors.
-``LONGGEN_GLUON=0`` turns both kernels off, ``LONGGEN_GLUON=fwd`` keeps only the forward. Measured choices and
-timings: docs/kernels/attention.md.
+``LONGGEN_GLUON``: 1 (default) forward and dK/dV, ``all`` also dQ, ``fwd`` only the forward, 0 none. Measured
+choices and timings: docs/kernels/attention.md.
 """
 
 from __future__ import annotations
@@ -56,6 +59,8 @@ _NEW_WS_API = "functions_and_args" in inspect.signature(gl.warp_specialize).para
 ROWS = 64  # query rows per consumer warpgroup; a program covers 2 * ROWS
 BWD_TILE = 64  # dK/dV kernel: keys per consumer warpgroup, and queries per streamed Q / dO tile
 BWD_STAGES = 3  # Q / dO tiles in flight
+DQ_BLOCK_N = 64  # dQ kernel: keys per streamed K / V tile (64 query rows per consumer, as in the forward)
+DQ_STAGES = 4
 HEAD_DIMS = (64, 128)
 GL_SINK_WINDOW = gl.constexpr(K_SINK_WINDOW)
 GL_BLOCK_SPARSE = gl.constexpr(K_BLOCK_SPARSE)
@@ -942,14 +947,301 @@ def _dkdv_ws_kernel(
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# backward: dQ (and delta = rowsum(o * do) for the dK/dV kernel); query rows per program as in the forward
+@gluon.jit
+def _dq_consume(
+    WHICH: gl.constexpr,
+    q_desc,
+    k_desc,
+    do_desc,
+    dq_desc,
+    o_ptr,
+    do_ptr,
+    lse_ptr,
+    dlse_ptr,
+    delta_ptr,
+    q_smem,
+    do_smem,
+    k_smem,
+    v_smem,
+    full,
+    empty,
+    q_bars,
+    qk_scale,
+    sm_scale,
+    m0,
+    g,
+    h,
+    H,
+    q_row,
+    q_col,
+    n_far,
+    lo,
+    n_visit,
+    PATTERN: gl.constexpr,
+    SINK: gl.constexpr,
+    WINDOW: gl.constexpr,
+    PB: gl.constexpr,
+    LOCAL: gl.constexpr,
+    STRIDE: gl.constexpr,
+    STEP: gl.constexpr,
+    DENSE_FROM: gl.constexpr,
+    HAS_DLSE: gl.constexpr,
+    BM: gl.constexpr,
+    BN: gl.constexpr,
+    D: gl.constexpr,
+    STAGES: gl.constexpr,
+):
+    """One consumer warpgroup: dQ of query rows [m0 + WHICH * BM, + BM) over every visited key tile. Per tile
+    S = Q K^T and dP = dO V^T are issued together, P = exp2(S - lse) once S is in, dS = P (dP - delta), and
+    dQ += dS K with dS as a register operand; the tile's buffers go back to the loader once it is done. (Keeping
+    dQ in flight into the next tile, as the dK/dV kernel does with dK and dV, makes ptxas serialise this kernel's
+    wgmma chain: benchmarks/gluon_resources.py.) First computes delta (minus the LSE gradient) of its rows
+    and writes it for the dK/dV kernel."""
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BN, 16])
+    acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, D, 16])
+    row_l: gl.constexpr = gl.SliceLayout(1, s_layout)
+    io_l: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])  # coalesced 16-byte loads of a tile
+    op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
+    dt: gl.constexpr = q_desc.dtype
+    row0 = q_row + WHICH * BM  # first flattened row of this warpgroup
+    mc = m0 + WHICH * BM  # its first position in the sequence
+    qs = q_smem.index(WHICH)
+    dos = do_smem.index(WHICH)
+    qb = q_bars.index(WHICH)
+    mbarrier.expect(qb, q_desc.block_type.nbytes + do_desc.block_type.nbytes)
+    _tma_load(q_desc, [row0, q_col], qb, qs)
+    _tma_load(do_desc, [row0, q_col], qb, dos)
+    r_io = row0 + gl.arange(0, BM, layout=gl.SliceLayout(1, io_l))
+    offs = gl.expand_dims(r_io * (H * D) + q_col, 1) + gl.expand_dims(
+        gl.arange(0, D, layout=gl.SliceLayout(0, io_l)), 0
+    )
+    delta = gl.sum(gl.load(o_ptr + offs).to(gl.float32) * gl.load(do_ptr + offs).to(gl.float32), axis=1)
+    if HAS_DLSE:  # d lse / d score = p: a gradient on the returned LSE shifts delta
+        delta -= gl.load(dlse_ptr + r_io * H + h)
+    gl.store(delta_ptr + r_io * H + h, delta)
+    delta = gl.convert_layout(delta, row_l)
+    offs_r = gl.arange(0, BM, layout=row_l)
+    lse = gl.load(lse_ptr + (row0 + offs_r) * H + h)
+    rows = mc + offs_r
+    cols = gl.arange(0, BN, layout=gl.SliceLayout(0, s_layout))
+    zero_s = gl.zeros([BM, BN], gl.float32, s_layout)
+    dq = gl.zeros([BM, D], gl.float32, acc_layout)
+    mbarrier.wait(qb, 0)
+    for i in range(n_visit):
+        st = i % STAGES
+        mbarrier.wait(full.index(st), (i // STAGES) & 1)
+        s_tok = warpgroup_mma(qs, k_smem.index(st).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+        dp_tok = warpgroup_mma(dos, v_smem.index(st).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+        s = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok,))
+        k0 = _tile_of(i, g, n_far, lo, PATTERN, PB, STRIDE, STEP, BN) * BN
+        if _needs_mask(i < n_far, k0, g, mc, BM, PATTERN, SINK, WINDOW, PB, LOCAL, DENSE_FROM, BN):
+            s = _apply_mask(s, k0, g, rows, cols, PATTERN, SINK, WINDOW, PB, LOCAL, STRIDE, STEP, DENSE_FROM)
+        p = gl.exp2(s * qk_scale - gl.expand_dims(lse, 1))
+        dp = warpgroup_mma_wait(num_outstanding=0, deps=(dp_tok,))
+        ds_op = gl.convert_layout((p * (dp - gl.expand_dims(delta, 1))).to(dt), op_layout)
+        dq_tok = warpgroup_mma(ds_op, k_smem.index(st), dq, is_async=True)
+        dq, ds_op = warpgroup_mma_wait(num_outstanding=0, deps=(dq_tok, ds_op))
+        mbarrier.arrive(empty.index(st), count=1)
+    qs.store((dq * sm_scale).to(dq_desc.dtype))  # Q is no longer needed: its buffer stages dQ
+    fence_async_shared()
+    _tma_store(dq_desc, [row0, q_col], qs)
+    tma.store_wait(pendings=0)
+
+
+@gluon.jit
+def _dq_ws_kernel(
+    q_desc,
+    k_desc,
+    v_desc,
+    do_desc,
+    dq_desc,
+    o_ptr,
+    do_ptr,
+    lse_ptr,
+    dlse_ptr,
+    delta_ptr,
+    T,
+    H,
+    qk_scale,
+    sm_scale,
+    PATTERN: gl.constexpr,
+    SINK: gl.constexpr,
+    WINDOW: gl.constexpr,
+    PB: gl.constexpr,
+    LOCAL: gl.constexpr,
+    STRIDE: gl.constexpr,
+    STEP: gl.constexpr,
+    DENSE_FROM: gl.constexpr,
+    G: gl.constexpr,
+    HAS_DLSE: gl.constexpr,
+    BM: gl.constexpr,
+    BN: gl.constexpr,
+    D: gl.constexpr,
+    STAGES: gl.constexpr,
+    num_warps: gl.constexpr,
+):
+    MR: gl.constexpr = 2 * BM
+    pid_m = T // MR - 1 - gl.program_id(0)  # longest key ranges first
+    bh = gl.program_id(1)
+    b = bh // H
+    h = bh % H
+    g = h // G
+    m0 = pid_m * MR
+    q_row = b * T + m0
+    q_col = h * D
+    q_smem = gl.allocate_shared_memory(q_desc.dtype, [2, BM, D], q_desc.layout)
+    do_smem = gl.allocate_shared_memory(do_desc.dtype, [2, BM, D], do_desc.layout)
+    k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES, BN, D], k_desc.layout)
+    v_smem = gl.allocate_shared_memory(v_desc.dtype, [STAGES, BN, D], v_desc.layout)
+    full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    q_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    for si in gl.static_range(STAGES):
+        mbarrier.init(full.index(si), count=1)
+        mbarrier.init(empty.index(si), count=2)  # both consumers release a buffer
+    mbarrier.init(q_bars.index(0), count=1)
+    mbarrier.init(q_bars.index(1), count=1)
+    n_far, lo, n_visit = _visit_plan(g, m0, MR, PATTERN, SINK, WINDOW, PB, LOCAL, STRIDE, STEP, DENSE_FROM, BN)
+    # the two consumers' argument tuples differ only in WHICH; they are written in place (a tuple held in a
+    # variable loses its constexpr entries)
+    gl.warp_specialize(
+        [
+            (
+                _dq_consume,
+                (
+                    0,
+                    q_desc,
+                    k_desc,
+                    do_desc,
+                    dq_desc,
+                    o_ptr,
+                    do_ptr,
+                    lse_ptr,
+                    dlse_ptr,
+                    delta_ptr,
+                    q_smem,
+                    do_smem,
+                    k_smem,
+                    v_smem,
+                    full,
+                    empty,
+                    q_bars,
+                    qk_scale,
+                    sm_scale,
+                    m0,
+                    g,
+                    h,
+                    H,
+                    q_row,
+                    q_col,
+                    n_far,
+                    lo,
+                    n_visit,
+                    PATTERN,
+                    SINK,
+                    WINDOW,
+                    PB,
+                    LOCAL,
+                    STRIDE,
+                    STEP,
+                    DENSE_FROM,
+                    HAS_DLSE,
+                    BM,
+                    BN,
+                    D,
+                    STAGES,
+                ),
+            ),
+            (
+                _dq_consume,
+                (
+                    1,
+                    q_desc,
+                    k_desc,
+                    do_desc,
+                    dq_desc,
+                    o_ptr,
+                    do_ptr,
+                    lse_ptr,
+                    dlse_ptr,
+                    delta_ptr,
+                    q_smem,
+                    do_smem,
+                    k_smem,
+                    v_smem,
+                    full,
+                    empty,
+                    q_bars,
+                    qk_scale,
+                    sm_scale,
+                    m0,
+                    g,
+                    h,
+                    H,
+                    q_row,
+                    q_col,
+                    n_far,
+                    lo,
+                    n_visit,
+                    PATTERN,
+                    SINK,
+                    WINDOW,
+                    PB,
+                    LOCAL,
+                    STRIDE,
+                    STEP,
+                    DENSE_FROM,
+                    HAS_DLSE,
+                    BM,
+                    BN,
+                    D,
+                    STAGES,
+                ),
+            ),
+            (
+                _loader,
+                (
+                    k_desc,
+                    v_desc,
+                    k_smem,
+                    v_smem,
+                    full,
+                    empty,
+                    g,
+                    b * T,
+                    g * D,
+                    n_far,
+                    lo,
+                    n_visit,
+                    PATTERN,
+                    PB,
+                    STRIDE,
+                    STEP,
+                    BN,
+                    STAGES,
+                ),
+            ),
+        ],
+        [4, 1],
+        [240, 24],
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # host side
+# LONGGEN_GLUON -> the Hopper kernels that may run. The dQ kernel is opt-in ("all") until it has been checked and
+# timed on a GPU (it was written and compile-checked in a session without GPU time: docs/kernels/attention.md).
+_PARTS = {"1": ("fwd", "dkdv"), "all": ("fwd", "dkdv", "dq"), "fwd": ("fwd",), "0": ()}
+
+
 def enabled(part: str = "fwd") -> bool:
-    """Whether the Hopper kernel `part` ("fwd" or "dkdv") may run: ``LONGGEN_GLUON=0`` turns both off,
-    ``LONGGEN_GLUON=fwd`` keeps only the forward (A/B of the backward)."""
+    """Whether the Hopper kernel `part` ("fwd", "dkdv" or "dq") may run. ``LONGGEN_GLUON``: 1 (default) forward
+    and dK/dV, ``all`` also dQ (experimental), ``fwd`` only the forward (A/B of the backward), 0 none."""
     flag = os.environ.get("LONGGEN_GLUON", "1")
-    if flag not in ("0", "1", "fwd"):
-        raise ValueError(f"LONGGEN_GLUON must be 1 (default), fwd or 0, got {flag!r}")
-    return flag != "0" and (part == "fwd" or flag != "fwd")
+    if flag not in _PARTS:
+        raise ValueError(f"LONGGEN_GLUON must be 1 (default), all, fwd or 0, got {flag!r}")
+    return part in _PARTS[flag]
 
 
 def _in_scope(q: torch.Tensor, head_dim: int, kind: int, block_size: int, seq_len: int) -> bool:
@@ -1030,6 +1322,56 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: _Plan) -> t
     return o, lse2
 
 
+def dq_delta(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    o: torch.Tensor,
+    do: torch.Tensor,
+    lse2: torch.Tensor,
+    dlse: torch.Tensor | None,
+    delta: torch.Tensor,
+    dq: torch.Tensor,
+    plan: _Plan,
+) -> None:
+    """Writes dQ (like q) and delta = rowsum(o * do) - dlse ``(total, H)`` float32 (for `dkdv`) of a call whose
+    forward `suits` accepted: q, o, do ``(total, H, d)``, k, v ``(total, Hkv, d)``, contiguous and 16-byte aligned;
+    ``lse2`` the forward's LSE in log2 units, ``dlse`` the LSE gradient (natural units) or None."""
+    H, D = q.shape[1:]
+    cx = plan.constexprs
+    _dq_ws_kernel[(plan.max_len // (2 * ROWS), plan.n_seqs * H)](
+        _desc(q, ROWS),
+        _desc(k, DQ_BLOCK_N),
+        _desc(v, DQ_BLOCK_N),
+        _desc(do, ROWS),
+        _desc(dq, ROWS),
+        o,
+        do,
+        lse2,
+        delta if dlse is None else dlse,  # not read without an LSE gradient
+        delta,
+        plan.max_len,
+        H,
+        plan.shape.scale * 1.4426950408889634,
+        plan.shape.scale,
+        PATTERN=cx["PATTERN"],
+        SINK=cx["SINK"],
+        WINDOW=cx["WINDOW"],
+        PB=cx["PB"],
+        LOCAL=cx["LOCAL"],
+        STRIDE=cx["STRIDE"],
+        STEP=cx["STEP"],
+        DENSE_FROM=cx["DENSE_FROM"],
+        G=plan.shape.group,
+        HAS_DLSE=dlse is not None,
+        BM=ROWS,
+        BN=DQ_BLOCK_N,
+        D=D,
+        STAGES=DQ_STAGES,
+        num_warps=4,
+    )
+
+
 def dkdv(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -1081,4 +1423,4 @@ def dkdv(
     )
 
 
-__all__ = ["HEAD_DIMS", "dkdv", "enabled", "forward", "suits", "takes_causal_forward"]
+__all__ = ["HEAD_DIMS", "dkdv", "dq_delta", "enabled", "forward", "suits", "takes_causal_forward"]

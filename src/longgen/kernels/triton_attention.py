@@ -1300,8 +1300,8 @@ class _Plan:
             BLOCK_D=max(16, triton.next_power_of_2(shape.head_dim)),
             KV_OFF=off,
         )
-        # set by triton_attention where the Hopper Gluon kernels take the call (forward; dK/dV of the backward)
-        self.gluon_forward = self.gluon_dkdv = False
+        # set by triton_attention where the Hopper Gluon kernels take the call (forward; dQ, dK/dV of the backward)
+        self.gluon_forward = self.gluon_dq = self.gluon_dkdv = False
         self.layout = torch.zeros(1, dtype=torch.int8, device=device)
         self.n_lay = 1
         self.index: dict[str, tuple[torch.Tensor, torch.Tensor] | None] = {"fwd": None, "dq": None, "dkdv": None}
@@ -1468,43 +1468,48 @@ def _backward(do, dlse, q, k, v, o, lse2, plan: _Plan):
     delta = torch.empty(total, H, dtype=torch.float32, device=q.device)
     qk_scale = plan.shape.scale * LOG2E
     hkv = plan.shape.num_kv_heads
-    meta = plan.meta("dq")
-    grid = (triton.cdiv(plan.max_len * plan.shape.group, meta["BLOCK_M"]), hkv, plan.n_seqs)
-    _dq_kernel[grid](
-        q,
-        k,
-        v,
-        do,
-        dq,
-        o,
-        lse2,
-        dlse,
-        delta,
-        plan.starts,
-        plan.lens,
-        *plan.launch_args("dq"),
-        q.stride(0),
-        q.stride(1),
-        k.stride(0),
-        k.stride(1),
-        v.stride(0),
-        v.stride(1),
-        do.stride(0),
-        do.stride(1),
-        dq.stride(0),
-        dq.stride(1),
-        o.stride(0),
-        o.stride(1),
-        qk_scale,
-        H,
-        has_dlse,
-        **meta,
-    )
+    if (plan.gluon_dq or plan.gluon_dkdv) and not (do.is_contiguous() and do.data_ptr() % 16 == 0):
+        do = do.clone(memory_format=torch.contiguous_format)  # TMA reads whole aligned rows
+    if plan.gluon_dq:
+        from longgen.kernels import gluon_attention
+
+        gluon_attention.dq_delta(q, k, v, o, do, lse2, dlse if has_dlse else None, delta, dq, plan)
+    else:
+        meta = plan.meta("dq")
+        grid = (triton.cdiv(plan.max_len * plan.shape.group, meta["BLOCK_M"]), hkv, plan.n_seqs)
+        _dq_kernel[grid](
+            q,
+            k,
+            v,
+            do,
+            dq,
+            o,
+            lse2,
+            dlse,
+            delta,
+            plan.starts,
+            plan.lens,
+            *plan.launch_args("dq"),
+            q.stride(0),
+            q.stride(1),
+            k.stride(0),
+            k.stride(1),
+            v.stride(0),
+            v.stride(1),
+            do.stride(0),
+            do.stride(1),
+            dq.stride(0),
+            dq.stride(1),
+            o.stride(0),
+            o.stride(1),
+            qk_scale,
+            H,
+            has_dlse,
+            **meta,
+        )
     if plan.gluon_dkdv:
         from longgen.kernels import gluon_attention
 
-        if not (do.is_contiguous() and do.data_ptr() % 16 == 0):  # TMA reads whole aligned rows
-            do = do.clone(memory_format=torch.contiguous_format)
         gluon_attention.dkdv(q, k, v, do, lse2, delta, dk, dv, plan)
         return dq, dk, dv
     meta = plan.meta("dkdv")
@@ -1595,7 +1600,7 @@ def triton_attention(q, k, v, shape: AttentionShape, cu_seqlens: torch.Tensor | 
     if plan.gluon_forward:
         from longgen.kernels import gluon_attention
 
-        plan.gluon_dkdv = gluon_attention.enabled("dkdv")
+        plan.gluon_dq, plan.gluon_dkdv = gluon_attention.enabled("dq"), gluon_attention.enabled("dkdv")
     o, lse = _TritonAttention.apply(q, k, v, plan)
     o = o.reshape(out_shape)
     if not return_lse:
