@@ -160,6 +160,7 @@ GLUON_CASES = [
     (BlockSparse(128, 2, 3), 4096, 8, 8, 64, torch.float16, 2),
     (BlockSparse(64, 16, None, 1), 8192, 8, 4, 128, torch.bfloat16, 1),
     (BlockSparse(256, 1, 2), 2304, 4, 2, 128, torch.bfloat16, 1),  # key tiles of one block in one pair
+    (BlockSparse(512, 1, 2), 1664, 4, 2, 64, torch.bfloat16, 1),  # a last block past the sequence end
 ]
 
 

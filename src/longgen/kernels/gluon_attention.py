@@ -1391,8 +1391,11 @@ def dkdv(
     cx = plan.constexprs
     n_tiles = plan.max_len // BWD_TILE
     by_kind = cx["PATTERN"] == K_BLOCK_SPARSE and cx["STRIDE"] > 1
-    # pairs of key tiles per program; sorting tiles by kind can leave one pair more than half the tiles
-    _dkdv_ws_kernel[(plan.n_seqs * hkv, (n_tiles + 1) // 2 + int(by_kind))](
+    # pairs of key tiles per program; pairing by kind needs more than half the tiles: one pair per odd-length list,
+    # and the strided list counts the tiles of a last block past the sequence end (fewer than PB / 64 tiles;
+    # programs left over find only tiles past the end and exit)
+    extra = cx["PB"] // BWD_TILE if by_kind else 0
+    _dkdv_ws_kernel[(plan.n_seqs * hkv, (n_tiles + 1) // 2 + extra)](
         _desc(q, BWD_TILE),
         _desc(do, BWD_TILE),
         _desc(k, BWD_TILE),
