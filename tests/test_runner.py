@@ -151,3 +151,36 @@ def test_sample_tokens_greedy_and_nucleus():
         assert tok[0] == 1  # token 1 alone holds more than half the mass
         seen.add(int(tok[1]))
     assert seen == {0, 1, 2, 3}  # top_p 1: every token can be drawn
+
+
+@pytest.mark.parametrize(
+    "pattern,hkv",
+    [
+        (BlockSparse(16, 2, 4), 2),
+        (BlockSparse(16, 1, 3), 4),
+        (BlockSparse(32, 2, 2), 2),
+        (BlockSparse(16, 2, None), 4),
+    ],
+)
+@pytest.mark.parametrize("cuts", [(0, 300), (0, 37, 120, 121, 300), (0, 16, 47, 48, 260, 300)])
+def test_slot_table_prompt_write_without_host_sync_equals_the_masked_write(pattern, hkv, cuts):
+    """A BlockSparse prompt (or prompt slices) stored with a known start (`_write_new`, built from host arithmetic)
+    leaves every slot as the boolean-masked write does: same keys, values and positions, slices starting and ending
+    inside blocks included."""
+    gen = torch.Generator().manual_seed(3)
+    fast, masked = (CompactKV(pattern, hkv, 8, max_len=320, batch=2) for _ in range(2))
+    assert fast.map.kind == "table"
+    for lo, hi in itertools.pairwise(cuts):
+        n = hi - lo
+        key, value = torch.randn(2, hkv, n, 8, generator=gen), torch.randn(2, hkv, n, 8, generator=gen)
+        pos = torch.arange(lo, hi).view(1, 1, n).expand(2, 1, n)
+        keep = torch.ones(2, 1, n, dtype=torch.bool)
+        last = torch.full((2,), hi - 1)
+        fast._write_new(key, value, pos, keep, lo, last)
+        masked._write_new(key, value, pos, keep, None, last)
+        cap = fast.capacity
+        assert torch.equal(fast.positions[..., :cap], masked.positions[..., :cap])
+        assert torch.equal(fast.keys[..., :cap, :], masked.keys[..., :cap, :])
+        assert torch.equal(fast.values[..., :cap, :], masked.values[..., :cap, :])
+        assert (fast.positions[..., cap] == -1).all()
+        assert torch.equal(fast.stored_tokens(), masked.stored_tokens())

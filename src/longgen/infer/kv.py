@@ -221,12 +221,24 @@ class CompactKV:
         """Store the new tokens `keep` selects; with `last` only those a query at `last` or later can see.
 
         With `start` (every row's tokens are positions start .. start + n - 1, none padded, and the rows hold `start`
-        tokens) the slots come from host arithmetic: a copy for IDENTITY, and for RING the sink and the last `window`
-        tokens — no boolean indexing, so no host sync."""
+        tokens) the slots come from host arithmetic: a copy for IDENTITY, for RING the sink and the last `window`
+        tokens, and for BlockSparse slot tables each head's kept blocks (`_table_kept`) — no boolean indexing, so
+        no host sync."""
+        n, dev = key.shape[2], key.device
+        if start is not None and last is not None and self.map.kind == TABLE and isinstance(self.pattern, BlockSparse):
+            kept, slots = self._table_kept(start, n)
+            B = key.shape[0]
+            src = (kept - start).clamp(0, n - 1)[None, :, :, None]
+            for store, new in ((self.keys, key), (self.values, value)):
+                d = new.shape[-1]
+                picked = new.gather(2, src.expand(B, -1, -1, d)).to(store.dtype)
+                store.scatter_(2, slots[None, :, :, None].expand(B, -1, -1, d), picked)
+            self.positions.scatter_(2, slots[None].expand(B, -1, -1), kept.to(torch.int32)[None].expand(B, -1, -1))
+            self.positions[..., self.capacity] = -1  # the spare slot took the padding of the kept lists
+            return
         if start is None or self.map.kind == TABLE:
             self.write(key, value, pos, keep if last is None else keep & self._retained(pos, last))
             return
-        n, dev = key.shape[2], key.device
         if self.map.kind == IDENTITY:
             self.keys[:, :, start : start + n] = key
             self.values[:, :, start : start + n] = value
@@ -238,6 +250,30 @@ class CompactKV:
             store.index_copy_(2, slots, new.index_select(2, kept - start).to(store.dtype))
         B, hkv = self.positions.shape[:2]
         self.positions.index_copy_(2, slots, kept.to(torch.int32).expand(B, hkv, -1).contiguous())
+
+    def _table_kept(self, start: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """BlockSparse slot tables: the positions among start .. start + n - 1 that a query at start + n - 1 or later
+        still sees, per KV head, and their slots, both ``(kv_heads, K)`` int64, padded to one length K (known on the
+        host) with the spare slot `capacity`. Built on the device from host integers: no host sync.
+
+        A later query sees key block j of head g forever when j is one of g's strided blocks, else only from query
+        blocks less than `local_blocks` after it; so the kept blocks are g's strided blocks before the last query's
+        local range, then every block of that range. (A dense head keeps everything, so its layer gets the
+        position-indexed map, not a slot table.)"""
+        p, bs, hkv, dev = self.pattern, self.map.block_size, self.num_kv_heads, self.keys.device
+        last = start + n - 1
+        first, end = start // bs, last // bs  # blocks of the new tokens
+        local = max(first, end - p.local_blocks + 1)  # blocks first .. local - 1: strided ones only
+        g = self._heads.view(-1)
+        s0 = first + (-(first + g * max(1, p.stride // hkv))) % p.stride  # each head's first strided block >= first
+        n_far = ((local - s0).clamp(min=0) + p.stride - 1) // p.stride
+        k = torch.arange(-(-(local - first) // p.stride) + end - local + 1, device=dev)[None]
+        blocks = torch.where(k < n_far[:, None], s0[:, None] + k * p.stride, local + k - n_far[:, None])
+        kept = (blocks[:, :, None] * bs + torch.arange(bs, device=dev)).view(hkv, -1)
+        ok = ((blocks <= end)[:, :, None].expand(-1, -1, bs).reshape(hkv, -1)) & (kept >= start) & (kept <= last)
+        table = self.map.table[g[:, None], blocks.clamp(max=self.map.table.shape[1] - 1)]
+        slots = (table[:, :, None] * bs + torch.arange(bs, device=dev)).view(hkv, -1)
+        return kept, torch.where(ok, slots, self.capacity)
 
     def copy_from(self, other: CompactKV) -> None:
         """Take over the live tokens of `other` (same pattern and rows; used when a growing cache is rebuilt)."""
