@@ -63,8 +63,8 @@ def compile_case(kernel: str, pattern: str, d: int, G: int):
     """Compiled kernel ("fwd", "dq" or "dkdv") for one case, launched as longgen launches it."""
     cx = dict(PATTERNS[pattern], DENSE_FROM=32, G=G, D=d, num_warps=4)
     if kernel == "fwd":
-        bn = 128 if pattern != "block_sparse" else 64
-        cx |= dict(BM=ga.ROWS, BN=bn, STAGES=3 if bn == 128 else 4)
+        bn, stages = ga.forward_tiles(cx["PATTERN"], cx["PB"])
+        cx |= dict(BM=ga.ROWS, BN=bn, STAGES=stages)
         descs = {"q_desc": (ga.ROWS, d), "k_desc": (bn, d), "v_desc": (bn, d), "o_desc": (ga.ROWS, d)}
         scalars = {"lse_ptr": "*fp32", "T": "i32", "H": "i32", "qk_scale": "fp32"}
         return _compile(ga._fwd_ws_kernel, descs, scalars, cx)

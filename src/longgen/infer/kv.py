@@ -111,7 +111,7 @@ def _last_visible_row(p: _BlockPattern, num_kv_heads: int, n_blocks: int) -> tor
     """``(kv_heads, n_blocks)``: the last query block (< n_blocks) that sees each key block."""
     j = torch.arange(n_blocks)
     if isinstance(p, BlockSparse):
-        step = max(1, p.stride // num_kv_heads)
+        step = p.step(num_kv_heads)
         g = torch.arange(num_kv_heads)[:, None]
         forever = ((j[None] + g * step) % p.stride == 0) | (g >= num_kv_heads - p.dense_kv_heads)
         return torch.where(forever, n_blocks - 1, (j + p.local_blocks - 1).clamp(max=n_blocks - 1)[None])
@@ -265,7 +265,7 @@ class CompactKV:
         first, end = start // bs, last // bs  # blocks of the new tokens
         local = max(first, end - p.local_blocks + 1)  # blocks first .. local - 1: strided ones only
         g = self._heads.view(-1)
-        s0 = first + (-(first + g * max(1, p.stride // hkv))) % p.stride  # each head's first strided block >= first
+        s0 = first + (-(first + g * p.step(hkv))) % p.stride  # each head's first strided block >= first
         n_far = ((local - s0).clamp(min=0) + p.stride - 1) // p.stride
         k = torch.arange(-(-(local - first) // p.stride) + end - local + 1, device=dev)[None]
         blocks = torch.where(k < n_far[:, None], s0[:, None] + k * p.stride, local + k - n_far[:, None])

@@ -48,7 +48,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from longgen.kernels.triton_attention import K_BLOCK_SPARSE, K_FULL, K_SINK_WINDOW, _Plan
+from longgen.kernels.triton_attention import K_BLOCK_SPARSE, K_FULL, K_SINK_WINDOW, LOG2E, _Plan
 
 # Triton 3.6 (the GPU machines) and later versions spell these differently; warp_specialize takes a list of
 # (function, arguments) from 3.6 on (older Tritons run the Triton forward)
@@ -1286,13 +1286,26 @@ def _desc(x: torch.Tensor, rows: int) -> TensorDescriptor:
     return TensorDescriptor(x2, list(x2.shape), list(x2.stride()), [rows, d], layout)
 
 
+_PATTERN_ARGS = ("PATTERN", "SINK", "WINDOW", "PB", "LOCAL", "STRIDE", "STEP", "DENSE_FROM")
+
+
+def _pattern_args(plan: _Plan) -> dict[str, int]:
+    """The pattern's compile-time parameters, as every kernel here takes them."""
+    return {name: plan.constexprs[name] for name in _PATTERN_ARGS}
+
+
+def forward_tiles(kind: int, block_size: int) -> tuple[int, int]:
+    """(keys per K/V tile, ring stages) of the forward: 128-key tiles, or the pattern block (64) for BlockSparse
+    (a key tile never straddles two blocks), with one stage more for the smaller tiles."""
+    bn = 128 if kind != K_BLOCK_SPARSE else min(128, block_size)
+    return bn, 3 if bn == 128 else 4
+
+
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: _Plan) -> tuple[torch.Tensor, torch.Tensor]:
     """(o, lse in log2 units ``(total, H)``) for inputs `suits` accepted."""
     total, H, D = q.shape
     T = plan.max_len
-    cx = plan.constexprs
-    BN = 128 if cx["PATTERN"] != K_BLOCK_SPARSE else min(128, cx["PB"])
-    stages = 3 if BN == 128 else 4
+    BN, stages = forward_tiles(plan.kind, plan.constexprs["PB"])
     o = torch.empty_like(q)
     lse2 = torch.empty(total, H, dtype=torch.float32, device=q.device)
     _fwd_ws_kernel[(T // (2 * ROWS), plan.n_seqs * H)](
@@ -1303,15 +1316,8 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: _Plan) -> t
         lse2,
         T,
         H,
-        plan.shape.scale * 1.4426950408889634,
-        PATTERN=cx["PATTERN"],
-        SINK=cx["SINK"],
-        WINDOW=cx["WINDOW"],
-        PB=cx["PB"],
-        LOCAL=cx["LOCAL"],
-        STRIDE=cx["STRIDE"],
-        STEP=cx["STEP"],
-        DENSE_FROM=cx["DENSE_FROM"],
+        plan.shape.scale * LOG2E,
+        **_pattern_args(plan),
         G=plan.shape.group,
         BM=ROWS,
         BN=BN,
@@ -1338,7 +1344,6 @@ def dq_delta(
     forward `suits` accepted: q, o, do ``(total, H, d)``, k, v ``(total, Hkv, d)``, contiguous and 16-byte aligned;
     ``lse2`` the forward's LSE in log2 units, ``dlse`` the LSE gradient (natural units) or None."""
     H, D = q.shape[1:]
-    cx = plan.constexprs
     _dq_ws_kernel[(plan.max_len // (2 * ROWS), plan.n_seqs * H)](
         _desc(q, ROWS),
         _desc(k, DQ_BLOCK_N),
@@ -1352,16 +1357,9 @@ def dq_delta(
         delta,
         plan.max_len,
         H,
-        plan.shape.scale * 1.4426950408889634,
+        plan.shape.scale * LOG2E,
         plan.shape.scale,
-        PATTERN=cx["PATTERN"],
-        SINK=cx["SINK"],
-        WINDOW=cx["WINDOW"],
-        PB=cx["PB"],
-        LOCAL=cx["LOCAL"],
-        STRIDE=cx["STRIDE"],
-        STEP=cx["STEP"],
-        DENSE_FROM=cx["DENSE_FROM"],
+        **_pattern_args(plan),
         G=plan.shape.group,
         HAS_DLSE=dlse is not None,
         BM=ROWS,
@@ -1407,16 +1405,9 @@ def dkdv(
         plan.max_len,
         H,
         hkv,
-        plan.shape.scale * 1.4426950408889634,
+        plan.shape.scale * LOG2E,
         plan.shape.scale,
-        PATTERN=cx["PATTERN"],
-        SINK=cx["SINK"],
-        WINDOW=cx["WINDOW"],
-        PB=cx["PB"],
-        LOCAL=cx["LOCAL"],
-        STRIDE=cx["STRIDE"],
-        STEP=cx["STEP"],
-        DENSE_FROM=cx["DENSE_FROM"],
+        **_pattern_args(plan),
         G=plan.shape.group,
         BY_KIND=by_kind,
         TL=BWD_TILE,

@@ -1468,11 +1468,12 @@ def _backward(do, dlse, q, k, v, o, lse2, plan: _Plan):
     delta = torch.empty(total, H, dtype=torch.float32, device=q.device)
     qk_scale = plan.shape.scale * LOG2E
     hkv = plan.shape.num_kv_heads
-    if (plan.gluon_dq or plan.gluon_dkdv) and not (do.is_contiguous() and do.data_ptr() % 16 == 0):
-        do = do.clone(memory_format=torch.contiguous_format)  # TMA reads whole aligned rows
-    if plan.gluon_dq:
+    if plan.gluon_dq or plan.gluon_dkdv:
         from longgen.kernels import gluon_attention
 
+        if not (do.is_contiguous() and do.data_ptr() % 16 == 0):
+            do = do.clone(memory_format=torch.contiguous_format)  # TMA reads whole aligned rows
+    if plan.gluon_dq:
         gluon_attention.dq_delta(q, k, v, o, do, lse2, dlse if has_dlse else None, delta, dq, plan)
     else:
         meta = plan.meta("dq")
@@ -1508,8 +1509,6 @@ def _backward(do, dlse, q, k, v, o, lse2, plan: _Plan):
             **meta,
         )
     if plan.gluon_dkdv:
-        from longgen.kernels import gluon_attention
-
         gluon_attention.dkdv(q, k, v, do, lse2, delta, dk, dv, plan)
         return dq, dk, dv
     meta = plan.meta("dkdv")
