@@ -2,15 +2,15 @@
 
     PYTHONPATH=src python benchmarks/tune_attention.py [--cases full:32768:32 sink_window:131072:32 ...]
         [--configs "fwd=128x64/w8s3 dq=128x64/w8s3 dkdv=32x64/w4s4" ...] [--baseline OLD_triton_attention.py]
-        [--gluon 1 all fwd 0] [--repeats 1] [--out results.json]
+        [--gluon 1 fwd,dkdv fwd 0] [--repeats 1] [--out results.json]
 
 For every config and case (pattern:seq_len:kv_heads; bf16, batch 1, 32 query heads, head dim 128) it prints the
 median forward and forward+backward time (`triton.testing.do_bench`) and the CUDA time of each kernel (forward, dQ,
 dK/dV, everything else) from torch.profiler over 5 forward+backward calls, so one run tunes the three kernels
 independently. A tile is BLOCK_MxBLOCK_N/wWARPSsSTAGES; BlockSparse clamps BLOCK_N to its block size.
 `--baseline` also runs an older copy of `triton_attention.py` with its own default tiles (A/B of a kernel change);
-`--gluon` runs every case under each LONGGEN_GLUON setting (1: the Hopper forward and dK/dV kernels where they
-apply, all: also the experimental Hopper dQ kernel, fwd: the Hopper forward only, 0: Triton only).
+`--gluon` runs every case under each LONGGEN_GLUON setting (1: the Hopper forward, dK/dV and dQ kernels where they
+apply, 0: Triton only, or a comma-separated subset of fwd,dkdv,dq).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from common import cuda_kernel_table
 from triton.testing import do_bench
 
 import longgen
+from longgen.kernels import gluon_attention
 from longgen.kernels import triton_attention as current
 
 PATTERNS = {
@@ -109,11 +110,20 @@ def main(argv=None) -> int:
     ap.add_argument("--configs", nargs="*", default=[], help="tile sets; none = the current defaults")
     ap.add_argument("--baseline", default=None, help="an older triton_attention.py to A/B against")
     ap.add_argument(
-        "--gluon", nargs="+", default=[os.environ.get("LONGGEN_GLUON", "1")], choices=["1", "all", "fwd", "0"]
+        "--gluon",
+        nargs="+",
+        default=[os.environ.get("LONGGEN_GLUON", "1")],
+        help="LONGGEN_GLUON settings: 1 (all Hopper kernels), 0 (none), or subsets such as fwd,dkdv",
     )
     ap.add_argument("--repeats", type=int, default=1, help="run the whole sweep this many times (noise check)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
+    for gluon in args.gluon:
+        os.environ["LONGGEN_GLUON"] = gluon
+        try:
+            gluon_attention.enabled()
+        except ValueError as e:
+            ap.error(str(e))
     if not torch.cuda.is_available():
         print("benchmarks/tune_attention.py needs a CUDA GPU", file=sys.stderr)
         return 2

@@ -175,7 +175,7 @@ def _count_calls(monkeypatch, module, name):
 @pytest.mark.parametrize("pattern,T,H,hkv,d,dtype,B", GLUON_CASES, ids=lambda x: repr(x)[:40])
 def test_gluon_kernels_match_reference_and_triton(pattern, T, H, hkv, d, dtype, B, monkeypatch):
     """The Hopper forward and dK/dV kernels take these calls (checked) and match the float32 reference (outputs
-    and all gradients); the Triton dK/dV (LONGGEN_GLUON=fwd) and forward (LONGGEN_GLUON=0) give the same."""
+    and all gradients); the Triton backward (LONGGEN_GLUON=fwd) and forward (LONGGEN_GLUON=0) give the same."""
     from longgen.kernels import gluon_attention
 
     fwd_calls = _count_calls(monkeypatch, gluon_attention, "forward")
@@ -208,9 +208,9 @@ def test_gluon_kernels_match_reference_and_triton(pattern, T, H, hkv, d, dtype, 
 @pytest.mark.parametrize("lse_grad", [False, True])
 @pytest.mark.parametrize("pattern,T,H,hkv,d,dtype,B", GLUON_CASES, ids=lambda x: repr(x)[:40])
 def test_gluon_dq_matches_reference_and_triton(pattern, T, H, hkv, d, dtype, B, lse_grad, monkeypatch):
-    """The opt-in Hopper dQ kernel (LONGGEN_GLUON=all) takes these calls, matches the float32 reference (dq, and
+    """The Hopper dQ kernel takes these calls (default LONGGEN_GLUON=1), matches the float32 reference (dq, and
     dk, dv through the delta it writes), with and without a gradient on the returned LSE, and equals the
-    Triton dQ kernel (LONGGEN_GLUON=1)."""
+    Triton dQ kernel (LONGGEN_GLUON=fwd,dkdv)."""
     from longgen.kernels import gluon_attention
 
     calls = _count_calls(monkeypatch, gluon_attention, "dq_delta")
@@ -235,15 +235,15 @@ def test_gluon_dq_matches_reference_and_triton(pattern, T, H, hkv, d, dtype, B, 
         return [t.grad for t in xs]
 
     poison_allocator()
-    got = grads("triton", q, k, v, "all")
+    got = grads("triton", q, k, v, "1")
     assert calls, "the Gluon dQ kernel did not take a call in its scope"
     ref = grads("reference", q.float(), k.float(), v.float())
     for name, a, b in zip(("dq", "dk", "dv"), got, ref, strict=True):
         assert not torch.isnan(a).any(), f"{name} has NaN"
         assert relerr(a, b) < 1e-2, f"{name}: relative error {relerr(a, b):.2e}"
     n = len(calls)
-    tri = grads("triton", q, k, v, "1")
-    assert len(calls) == n, "LONGGEN_GLUON=1 ran the opt-in Gluon dQ kernel"
+    tri = grads("triton", q, k, v, "fwd,dkdv")
+    assert len(calls) == n, "LONGGEN_GLUON=fwd,dkdv ran the Gluon dQ kernel"
     for a, b in zip(got, tri, strict=True):
         assert relerr(a, b) < 1e-2
 

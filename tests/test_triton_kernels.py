@@ -196,24 +196,32 @@ def test_hopper_forward_module_imports_and_declines_cpu_calls():
 
 @pytest.mark.parametrize(
     "flag,parts",
-    [(None, {"fwd", "dkdv"}), ("1", {"fwd", "dkdv"}), ("all", {"fwd", "dkdv", "dq"}), ("fwd", {"fwd"}), ("0", set())],
+    [
+        (None, {"fwd", "dkdv", "dq"}),
+        ("1", {"fwd", "dkdv", "dq"}),
+        ("0", set()),
+        ("fwd", {"fwd"}),
+        ("fwd,dkdv", {"fwd", "dkdv"}),
+        ("dq,dkdv", {"dq", "dkdv"}),
+    ],
 )
 def test_hopper_kernels_switch(flag, parts, monkeypatch):
-    """LONGGEN_GLUON: unset or 1 = forward and dK/dV kernels, all = also dQ, fwd = forward only, 0 = none."""
+    """LONGGEN_GLUON: unset or 1 = all three Hopper kernels, 0 = none, else the comma-separated subset."""
     from longgen.kernels import gluon_attention
 
     if flag is None:
         monkeypatch.delenv("LONGGEN_GLUON", raising=False)
     else:
         monkeypatch.setenv("LONGGEN_GLUON", flag)
-    assert {p for p in ("fwd", "dq", "dkdv") if gluon_attention.enabled(p)} == parts
+    assert {p for p in gluon_attention.PARTS if gluon_attention.enabled(p)} == parts
 
 
-def test_hopper_kernels_switch_rejects_unknown_values(monkeypatch):
+@pytest.mark.parametrize("flag", ["off", "all", "fwd,", "fwd,fwd", "dk"])
+def test_hopper_kernels_switch_rejects_unknown_values(flag, monkeypatch):
     from longgen.kernels import gluon_attention
 
-    monkeypatch.setenv("LONGGEN_GLUON", "off")
-    with pytest.raises(ValueError, match=r"LONGGEN_GLUON must be 1 .*, all, fwd or 0, got 'off'"):
+    monkeypatch.setenv("LONGGEN_GLUON", flag)
+    with pytest.raises(ValueError, match=rf"LONGGEN_GLUON must be 1 .* subset of fwd,dkdv,dq, got '{flag}'"):
         gluon_attention.enabled()
 
 

@@ -15,7 +15,7 @@ registers are rebalanced with `setmaxnreg` (consumers 240, loader 24).
   TMA-able) loaded by the loader warp into shared memory. S^T = K Q^T and dP^T = V dO^T are issued together,
   then dV += P^T dO and dK += dS^T Q with P^T and dS^T staged in shared memory; one visit's dV and dK complete
   while the next visit's S^T and dP^T are issued. The dQ kernel runs first (it writes delta).
-* dQ of the backward (`_dq_ws_kernel`, opt-in with ``LONGGEN_GLUON=all`` until checked on a GPU): the forward's
+* dQ of the backward (`_dq_ws_kernel`): the forward's
   program and loader; a consumer computes delta for its 64 rows, then per key tile S = Q K^T and dP = dO V^T
   together, dS = P (dP - delta), dQ += dS K. Otherwise the Triton dQ kernel runs.
 
@@ -26,7 +26,7 @@ it, so the Triton dQ kernel runs unchanged on the Gluon forward's output.
 Scope (everything else runs the Triton kernels): CUDA capability 9.0, float16/bfloat16, head_dim 64 or 128,
 Full / SinkWindow / BlockSparse with block_size >= 64, batches of equal-length sequences (no padding, no
 cu_seqlens, no query offset) whose length is a multiple of 128, contiguous (total, heads, head_dim) tensors.
-``LONGGEN_GLUON``: 1 (default) forward and dK/dV, ``all`` also dQ, ``fwd`` only the forward, 0 none. Measured
+``LONGGEN_GLUON``: 1 (default) all three kernels, 0 none, or a comma-separated subset of fwd,dkdv,dq. Measured
 choices and timings: docs/kernels/attention.md.
 """
 
@@ -1230,23 +1230,33 @@ def _dq_ws_kernel(
 
 # ---------------------------------------------------------------------------------------------------------------
 # host side
-# LONGGEN_GLUON -> the Hopper kernels that may run. The dQ kernel is opt-in ("all") until it has been checked and
-# timed on a GPU (it was written and compile-checked in a session without GPU time: docs/kernels/attention.md).
-_PARTS = {"1": ("fwd", "dkdv"), "all": ("fwd", "dkdv", "dq"), "fwd": ("fwd",), "0": ()}
+# LONGGEN_GLUON -> the Hopper kernels that may run: 1 (default) all three, 0 none, or a comma-separated subset
+# (A/B of one kernel against its Triton counterpart, e.g. "fwd,dkdv" runs the Triton dQ kernel).
+PARTS = ("fwd", "dkdv", "dq")
+
+
+def _parts(flag: str) -> frozenset[str]:
+    if flag == "1":
+        return frozenset(PARTS)
+    if flag == "0":
+        return frozenset()
+    parts = flag.split(",")
+    if not all(p in PARTS for p in parts) or len(set(parts)) != len(parts):
+        raise ValueError(
+            f"LONGGEN_GLUON must be 1 (default: all Hopper kernels), 0 (none) or a comma-separated subset of "
+            f"{','.join(PARTS)}, got {flag!r}"
+        )
+    return frozenset(parts)
 
 
 def enabled(part: str = "fwd") -> bool:
-    """Whether the Hopper kernel `part` ("fwd", "dkdv" or "dq") may run. ``LONGGEN_GLUON``: 1 (default) forward
-    and dK/dV, ``all`` also dQ (experimental), ``fwd`` only the forward (A/B of the backward), 0 none."""
-    flag = os.environ.get("LONGGEN_GLUON", "1")
-    if flag not in _PARTS:
-        raise ValueError(f"LONGGEN_GLUON must be 1 (default), all, fwd or 0, got {flag!r}")
-    return part in _PARTS[flag]
+    """Whether the Hopper kernel `part` ("fwd", "dkdv" or "dq") may run (``LONGGEN_GLUON``, see `_parts`)."""
+    return part in _parts(os.environ.get("LONGGEN_GLUON", "1"))
 
 
 def _in_scope(q: torch.Tensor, head_dim: int, kind: int, block_size: int, seq_len: int) -> bool:
     """The device, dtype, head_dim, pattern and length conditions of the module docstring."""
-    if not (enabled() and _NEW_WS_API and q.is_cuda) or torch.cuda.get_device_capability(q.device) != (9, 0):
+    if not (_NEW_WS_API and q.is_cuda) or torch.cuda.get_device_capability(q.device) != (9, 0):
         return False
     if q.dtype not in (torch.float16, torch.bfloat16) or head_dim not in HEAD_DIMS:
         return False
@@ -1256,8 +1266,8 @@ def _in_scope(q: torch.Tensor, head_dim: int, kind: int, block_size: int, seq_le
 
 
 def suits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: _Plan, batched: bool) -> bool:
-    """Whether this forward call is in the kernel's scope (see the module docstring); flattened inputs
-    ``(total, heads, head_dim)``."""
+    """Whether this call is in the kernels' scope (see the module docstring; `enabled` says which of them run);
+    flattened inputs ``(total, heads, head_dim)``."""
     shape, cx = plan.shape, plan.constexprs
     if not batched or shape.padded or plan.q_offset != 0:
         return False
@@ -1274,7 +1284,7 @@ def takes_causal_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> b
     forward on H100 and H200; training keeps SDPA, whose backward is faster than the Triton one)."""
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return False
-    return _in_scope(q, q.shape[-1], K_FULL, 1, q.shape[1])
+    return enabled("fwd") and _in_scope(q, q.shape[-1], K_FULL, 1, q.shape[1])
 
 
 def _desc(x: torch.Tensor, rows: int) -> TensorDescriptor:
@@ -1417,4 +1427,4 @@ def dkdv(
     )
 
 
-__all__ = ["HEAD_DIMS", "dkdv", "dq_delta", "enabled", "forward", "suits", "takes_causal_forward"]
+__all__ = ["HEAD_DIMS", "PARTS", "dkdv", "dq_delta", "enabled", "forward", "suits", "takes_causal_forward"]

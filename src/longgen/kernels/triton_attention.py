@@ -1595,11 +1595,10 @@ def triton_attention(q, k, v, shape: AttentionShape, cu_seqlens: torch.Tensor | 
     starts, lens = _seq_tensors(shape, cu_seqlens, q.shape[1] if cu_seqlens is None else 0, q.device)
     plan = _Plan(shape, starts, lens, q.dtype)
     q, k, v = _flat(q), _flat(k), _flat(v)
-    plan.gluon_forward = _gluon_suits(q, k, v, plan, batched=cu_seqlens is None)
-    if plan.gluon_forward:
+    if _gluon_suits(q, k, v, plan, batched=cu_seqlens is None):
         from longgen.kernels import gluon_attention
 
-        plan.gluon_dq, plan.gluon_dkdv = gluon_attention.enabled("dq"), gluon_attention.enabled("dkdv")
+        plan.gluon_forward, plan.gluon_dkdv, plan.gluon_dq = map(gluon_attention.enabled, gluon_attention.PARTS)
     o, lse = _TritonAttention.apply(q, k, v, plan)
     o = o.reshape(out_shape)
     if not return_lse:
