@@ -65,8 +65,7 @@ def _compile(kernel, descs: dict[str, tuple[int, int]], scalars: dict[str, str],
 
 
 def compile_case(kernel: str, pattern: str, d: int, G: int):
-    """Compiled kernel ("fwd", "dq", "dkdv" or "fused": dK/dV with the dQ atomics) for one case, launched as longgen
-    launches it."""
+    """Compiled kernel ("fwd", "dq" or "dkdv") for one case, launched as longgen launches it."""
     cx = dict(PATTERNS[pattern], DENSE_FROM=32, G=G, D=d, num_warps=4)
     if kernel == "fwd":
         bn, stages = ga.forward_tiles(cx["PATTERN"], cx["PB"])
@@ -80,9 +79,9 @@ def compile_case(kernel: str, pattern: str, d: int, G: int):
         scalars = {"o_ptr": "*bf16", "do_ptr": "*bf16", "lse_ptr": "*fp32", "dlse_ptr": "*fp32", "delta_ptr": "*fp32"}
         scalars |= {"T": "i32", "H": "i32", "qk_scale": "fp32", "sm_scale": "fp32"}
         return _compile(ga._dq_ws_kernel, dict.fromkeys(names, (ga.ROWS, d)), scalars, cx)
-    cx |= dict(BY_KIND=pattern == "block_sparse", TL=ga.BWD_TILE, STAGES=ga.BWD_STAGES, FUSED_DQ=kernel == "fused")
+    cx |= dict(BY_KIND=pattern == "block_sparse", TL=ga.BWD_TILE, STAGES=ga.BWD_STAGES)
     names = ("q_desc", "do_desc", "k_desc", "v_desc", "dk_desc", "dv_desc")
-    scalars = {"lse_ptr": "*fp32", "delta_ptr": "*fp32", "dq_ptr": "*fp32", "T": "i32", "H": "i32", "HKV": "i32"}
+    scalars = {"lse_ptr": "*fp32", "delta_ptr": "*fp32", "T": "i32", "H": "i32", "HKV": "i32"}
     scalars |= {"qk_scale": "fp32", "sm_scale": "fp32"}
     return _compile(ga._dkdv_ws_kernel, dict.fromkeys(names, (ga.BWD_TILE, d)), scalars, cx)
 
@@ -119,8 +118,7 @@ def resources(compiled) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    kernels = ["fwd", "dq", "dkdv", "fused"]
-    ap.add_argument("--kernels", nargs="+", default=kernels, choices=kernels)
+    ap.add_argument("--kernels", nargs="+", default=["fwd", "dq", "dkdv"], choices=["fwd", "dq", "dkdv"])
     ap.add_argument("--patterns", nargs="+", default=list(PATTERNS), choices=list(PATTERNS))
     ap.add_argument("--head-dims", type=int, nargs="+", default=[128, 64], choices=list(ga.HEAD_DIMS))
     ap.add_argument("--groups", type=int, nargs="+", default=[1, 4], help="query heads per KV head")
@@ -135,7 +133,7 @@ def main(argv=None) -> int:
                         print(json.dumps(dict(kernel=kernel, pattern=pattern, head_dim=d, group=G, **r)), flush=True)
                         continue
                     print(
-                        f"{kernel:<6} {pattern:<13} d {d:<3} G {G}: {r['regs']} regs (launch), "
+                        f"{kernel:<5} {pattern:<13} d {d:<3} G {G}: {r['regs']} regs (launch), "
                         f"spills {r['spill_stores']} B stored / {r['spill_loads']} B loaded, "
                         f"smem {r['shared_kb']} KiB, "
                         f"HGMMA {r['hgmma']}, waits {r['waits']}{', SERIALISED' if r['serialised'] else ''}",

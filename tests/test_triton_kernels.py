@@ -203,12 +203,10 @@ def test_hopper_forward_module_imports_and_declines_cpu_calls():
         ("fwd", {"fwd"}),
         ("fwd,dkdv", {"fwd", "dkdv"}),
         ("dq,dkdv", {"dq", "dkdv"}),
-        ("fwd,fused", {"fwd", "fused"}),
     ],
 )
 def test_hopper_kernels_switch(flag, parts, monkeypatch):
-    """LONGGEN_GLUON: unset or 1 = forward, dK/dV and dQ kernels (not the experimental fused backward), 0 = none,
-    else the comma-separated subset."""
+    """LONGGEN_GLUON: unset or 1 = all three Hopper kernels, 0 = none, else the comma-separated subset."""
     from longgen.kernels import gluon_attention
 
     if flag is None:
@@ -223,7 +221,7 @@ def test_hopper_kernels_switch_rejects_unknown_values(flag, monkeypatch):
     from longgen.kernels import gluon_attention
 
     monkeypatch.setenv("LONGGEN_GLUON", flag)
-    with pytest.raises(ValueError, match=rf"LONGGEN_GLUON must be 1 .* subset of fwd,dkdv,dq,fused, got '{flag}'"):
+    with pytest.raises(ValueError, match=rf"LONGGEN_GLUON must be 1 .* subset of fwd,dkdv,dq, got '{flag}'"):
         gluon_attention.enabled()
 
 

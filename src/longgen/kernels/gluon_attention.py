@@ -599,7 +599,6 @@ def _bwd_consume(
     kv_bars,
     p_smem,
     ds_smem,
-    dq_ptr,
     qk_scale,
     sm_scale,
     g,
@@ -625,15 +624,12 @@ def _bwd_consume(
     TL: gl.constexpr,
     D: gl.constexpr,
     STAGES: gl.constexpr,
-    FUSED_DQ: gl.constexpr,
 ):
     """One consumer warpgroup: dK, dV of key tile kt (TL keys) over its visits [v0, v1) of the streamed
     (query tile, head) visits. Transposed scores S^T = K Q^T (keys x queries), so that P^T and dS^T are register
     operands of dV += P^T dO and dK += dS^T Q. Per visit the four products are issued asynchronously: S^T and
     dP^T = V dO^T together, dV once P^T is known, dK once dS^T is; dV and dK of one visit complete while the next
-    visit's S^T and dP^T are issued, and its buffers go back to the loader then. With FUSED_DQ the visit's dQ share
-    over these keys, dS K, is issued with dK and added into the float32 (total, H, D) accumulator at dq_ptr with
-    relaxed atomics while dK completes (dq_ptr is unused otherwise)."""
+    visit's S^T and dP^T are issued, and its buffers go back to the loader then."""
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, TL, 16])
     acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, D, 16])
     dt: gl.constexpr = q_desc.dtype
@@ -654,8 +650,6 @@ def _bwd_consume(
     # the accumulators are loop-carried as asynchronous results (the previous visit's dK, dV in flight)
     dk = warpgroup_mma_init(gl.zeros([TL, D], gl.float32, acc_layout))
     dv = warpgroup_mma_init(gl.zeros([TL, D], gl.float32, acc_layout))
-    dq_rows = gl.arange(0, TL, layout=gl.SliceLayout(1, acc_layout))
-    dq_cols = gl.expand_dims(gl.arange(0, D, layout=gl.SliceLayout(0, acc_layout)), 0)
     ps = p_smem.index(WHICH)
     dss = ds_smem.index(WHICH)
     if mine:
@@ -695,16 +689,7 @@ def _bwd_consume(
         ds = p * (dp - gl.expand_dims(delta_smem.index(st).load(col_layout), 0))
         dss.store(ds.to(dt))
         fence_async_shared()
-        if FUSED_DQ:
-            dq_tok = warpgroup_mma(
-                dss.permute((1, 0)), ks, gl.zeros([TL, D], gl.float32, acc_layout), use_acc=False, is_async=True
-            )
-            dk = warpgroup_mma(dss, qs, dk, is_async=True)
-            dq = warpgroup_mma_wait(num_outstanding=1, deps=(dq_tok,))  # dV and dQ done, dK in flight
-            rows = (row0 + q0 + dq_rows).to(gl.int64) * (H * D) + (g * G + i % G) * D
-            gl.atomic_add(dq_ptr + (gl.expand_dims(rows, 1) + dq_cols), dq, sem="relaxed")
-        else:
-            dk = warpgroup_mma(dss, qs, dk, is_async=True)
+        dk = warpgroup_mma(dss, qs, dk, is_async=True)
     dk, dv = warpgroup_mma_wait(num_outstanding=0, deps=(dk, dv))
     if mine:
         mbarrier.arrive(empty.index((v1 - 1) % STAGES), count=1)
@@ -780,7 +765,6 @@ def _dkdv_ws_kernel(
     dv_desc,
     lse_ptr,
     delta_ptr,
-    dq_ptr,
     T,
     H,
     HKV,
@@ -799,7 +783,6 @@ def _dkdv_ws_kernel(
     TL: gl.constexpr,
     D: gl.constexpr,
     STAGES: gl.constexpr,
-    FUSED_DQ: gl.constexpr,
     num_warps: gl.constexpr,
 ):
     g = gl.program_id(0) % HKV  # head-major launch: every head's long key tiles are scheduled first
@@ -857,7 +840,6 @@ def _dkdv_ws_kernel(
                     kv_bars,
                     p_smem,
                     ds_smem,
-                    dq_ptr,
                     qk_scale,
                     sm_scale,
                     g,
@@ -883,7 +865,6 @@ def _dkdv_ws_kernel(
                     TL,
                     D,
                     STAGES,
-                    FUSED_DQ,
                 ),
             ),
             (
@@ -906,7 +887,6 @@ def _dkdv_ws_kernel(
                     kv_bars,
                     p_smem,
                     ds_smem,
-                    dq_ptr,
                     qk_scale,
                     sm_scale,
                     g,
@@ -932,7 +912,6 @@ def _dkdv_ws_kernel(
                     TL,
                     D,
                     STAGES,
-                    FUSED_DQ,
                 ),
             ),
             (
@@ -1251,29 +1230,27 @@ def _dq_ws_kernel(
 
 # ---------------------------------------------------------------------------------------------------------------
 # host side
-# LONGGEN_GLUON -> the Hopper kernels that may run: 1 (default) forward, dK/dV and dQ, 0 none, or a comma-separated
-# subset of PARTS (A/B of one kernel against its Triton counterpart, e.g. "fwd,dkdv" runs the Triton dQ kernel).
-# "fused" (experimental, not in the default) is the one-pass backward of `fused_backward`, in place of dq and dkdv.
-PARTS = ("fwd", "dkdv", "dq", "fused")
-DEFAULT_PARTS = ("fwd", "dkdv", "dq")
+# LONGGEN_GLUON -> the Hopper kernels that may run: 1 (default) all three, 0 none, or a comma-separated subset
+# (A/B of one kernel against its Triton counterpart, e.g. "fwd,dkdv" runs the Triton dQ kernel).
+PARTS = ("fwd", "dkdv", "dq")
 
 
 def _parts(flag: str) -> frozenset[str]:
     if flag == "1":
-        return frozenset(DEFAULT_PARTS)
+        return frozenset(PARTS)
     if flag == "0":
         return frozenset()
     parts = flag.split(",")
     if not all(p in PARTS for p in parts) or len(set(parts)) != len(parts):
         raise ValueError(
-            f"LONGGEN_GLUON must be 1 (default: {','.join(DEFAULT_PARTS)}), 0 (none) or a comma-separated subset of "
+            f"LONGGEN_GLUON must be 1 (default: all Hopper kernels), 0 (none) or a comma-separated subset of "
             f"{','.join(PARTS)}, got {flag!r}"
         )
     return frozenset(parts)
 
 
 def enabled(part: str = "fwd") -> bool:
-    """Whether the Hopper kernel `part` (one of PARTS) may run (``LONGGEN_GLUON``, see `_parts`)."""
+    """Whether the Hopper kernel `part` ("fwd", "dkdv" or "dq") may run (``LONGGEN_GLUON``, see `_parts`)."""
     return part in _parts(os.environ.get("LONGGEN_GLUON", "1"))
 
 
@@ -1413,12 +1390,10 @@ def dkdv(
     dk: torch.Tensor,
     dv: torch.Tensor,
     plan: _Plan,
-    dq_acc: torch.Tensor | None = None,
 ) -> None:
     """Writes dK, dV (like k, v) of a call whose forward `suits` accepted: q, do ``(total, H, d)``, k, v
     ``(total, Hkv, d)``, contiguous and 16-byte aligned; ``lse2`` (log2 units) and ``delta`` = rowsum(o * do)
-    ``(total, H)`` float32, as the dQ kernels leave them. With ``dq_acc`` (float32 like q, zeroed) the kernel also
-    adds dS K into it (dQ without the softmax scale; `fused_backward`)."""
+    ``(total, H)`` float32, as the Triton dQ kernel leaves them."""
     H, D = q.shape[1:]
     hkv = k.shape[1]
     cx = plan.constexprs
@@ -1437,7 +1412,6 @@ def dkdv(
         _desc(dv, BWD_TILE),
         lse2,
         delta,
-        delta if dq_acc is None else dq_acc,  # not read without dq_acc
         plan.max_len,
         H,
         hkv,
@@ -1449,45 +1423,8 @@ def dkdv(
         TL=BWD_TILE,
         D=D,
         STAGES=BWD_STAGES,
-        FUSED_DQ=dq_acc is not None,
         num_warps=4,
     )
 
 
-def fused_backward(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    o: torch.Tensor,
-    do: torch.Tensor,
-    lse2: torch.Tensor,
-    dlse: torch.Tensor | None,
-    dq: torch.Tensor,
-    dk: torch.Tensor,
-    dv: torch.Tensor,
-    plan: _Plan,
-) -> None:
-    """The whole backward in one pass over the visited tiles (LONGGEN_GLUON part "fused"; experimental): the
-    dK/dV kernel also accumulates dQ with float32 atomics, 5 products per visited tile pair instead of the 7 of
-    the dQ + dK/dV kernels. Inputs as `dq_delta` and `dkdv`; writes dq, dk, dv."""
-    delta = (o.float() * do.float()).sum(-1)
-    if dlse is not None:
-        delta -= dlse
-    dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-    dkdv(q, k, v, do, lse2, delta, dk, dv, plan, dq_acc=dq_acc)
-    torch.mul(dq_acc, plan.shape.scale, out=dq_acc)
-    dq.copy_(dq_acc)
-
-
-__all__ = [
-    "DEFAULT_PARTS",
-    "HEAD_DIMS",
-    "PARTS",
-    "dkdv",
-    "dq_delta",
-    "enabled",
-    "forward",
-    "fused_backward",
-    "suits",
-    "takes_causal_forward",
-]
+__all__ = ["HEAD_DIMS", "PARTS", "dkdv", "dq_delta", "enabled", "forward", "suits", "takes_causal_forward"]
