@@ -18,6 +18,9 @@ registers are rebalanced with `setmaxnreg` (consumers 240, loader 24).
 * dQ of the backward (`_dq_ws_kernel`): the forward's
   program and loader; a consumer computes delta for its 64 rows, then per key tile S = Q K^T and dP = dO V^T
   together, dS = P (dP - delta), dQ += dS K. Otherwise the Triton dQ kernel runs.
+* One-pass backward (`fused_backward`, experimental, ``LONGGEN_GLUON=fwd,fused``; not yet run on a GPU): the dK/dV
+  kernel with FUSED_DQ also issues each visit's dQ share dS K and adds it into a float32 accumulator by TMA
+  reduce-add from a staging tile: 5 products per visited tile pair instead of 7.
 
 Visited tiles, tile masks and the exact in-tile masks follow the Triton kernels (`_key_ranges`, `_query_ranges`,
 `_allowed`). Scores are in log2 units; the LSE is written in log2 units, (total, H), as the Triton forward writes
@@ -26,7 +29,7 @@ it, so the Triton dQ kernel runs unchanged on the Gluon forward's output.
 Scope (everything else runs the Triton kernels): CUDA capability 9.0, float16/bfloat16, head_dim 64 or 128,
 Full / SinkWindow / BlockSparse with block_size >= 64, batches of equal-length sequences (no padding, no
 cu_seqlens, no query offset) whose length is a multiple of 128, contiguous (total, heads, head_dim) tensors.
-``LONGGEN_GLUON``: 1 (default) all three kernels, 0 none, or a comma-separated subset of fwd,dkdv,dq. Measured
+``LONGGEN_GLUON``: 1 (default) forward, dK/dV and dQ, 0 none, or a comma-separated subset of PARTS. Measured
 choices and timings: docs/kernels/attention.md.
 """
 
@@ -38,6 +41,7 @@ import os
 import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language._core import builtin
 from triton.experimental.gluon.language.nvidia.hopper import (
     fence_async_shared,
     mbarrier,
@@ -55,6 +59,19 @@ from longgen.kernels.triton_attention import K_BLOCK_SPARSE, K_FULL, K_SINK_WIND
 _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 _tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
 _NEW_WS_API = "functions_and_args" in inspect.signature(gl.warp_specialize).parameters
+
+
+@builtin
+def _tma_reduce_add_shim(tensor_desc, coord, src, _semantic=None):
+    """TMA reduce-add of a shared-memory tile into global memory (`cp.reduce.async.bulk.tensor ... add`): Triton 3.6
+    has the operation but no Gluon wrapper for it (later versions: `tma.async_atomic_add`)."""
+    from triton._C.libtriton import ir
+
+    coord = _semantic._convert_to_ir_values(coord, require_i64=False)
+    _semantic.builder.create_async_tma_reduce(ir.DESCRIPTOR_REDUCE_KIND.ADD, tensor_desc.handle, coord, src.handle)
+
+
+_tma_reduce_add = getattr(tma, "async_atomic_add", None) or _tma_reduce_add_shim
 
 ROWS = 64  # query rows per consumer warpgroup; a program covers 2 * ROWS
 BWD_TILE = 64  # dK/dV kernel: keys per consumer warpgroup, and queries per streamed Q / dO tile
@@ -599,6 +616,8 @@ def _bwd_consume(
     kv_bars,
     p_smem,
     ds_smem,
+    dq_desc,
+    dq_smem,
     qk_scale,
     sm_scale,
     g,
@@ -624,12 +643,16 @@ def _bwd_consume(
     TL: gl.constexpr,
     D: gl.constexpr,
     STAGES: gl.constexpr,
+    FUSED_DQ: gl.constexpr,
 ):
     """One consumer warpgroup: dK, dV of key tile kt (TL keys) over its visits [v0, v1) of the streamed
     (query tile, head) visits. Transposed scores S^T = K Q^T (keys x queries), so that P^T and dS^T are register
     operands of dV += P^T dO and dK += dS^T Q. Per visit the four products are issued asynchronously: S^T and
     dP^T = V dO^T together, dV once P^T is known, dK once dS^T is; dV and dK of one visit complete while the next
-    visit's S^T and dP^T are issued, and its buffers go back to the loader then."""
+    visit's S^T and dP^T are issued, and its buffers go back to the loader then. With FUSED_DQ the visit's dQ share
+    over these keys, dS K (scaled), is issued with dK, staged in this consumer's float32 buffer and added into the
+    float32 (total, H * D) accumulator of dq_desc by a TMA reduce-add while dK completes; the buffer is reused one
+    visit later, after that reduce has read it (dq_desc / dq_smem are unused otherwise)."""
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, TL, 16])
     acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, D, 16])
     dt: gl.constexpr = q_desc.dtype
@@ -650,6 +673,7 @@ def _bwd_consume(
     # the accumulators are loop-carried as asynchronous results (the previous visit's dK, dV in flight)
     dk = warpgroup_mma_init(gl.zeros([TL, D], gl.float32, acc_layout))
     dv = warpgroup_mma_init(gl.zeros([TL, D], gl.float32, acc_layout))
+    dqs = dq_smem.index(WHICH)
     ps = p_smem.index(WHICH)
     dss = ds_smem.index(WHICH)
     if mine:
@@ -689,7 +713,18 @@ def _bwd_consume(
         ds = p * (dp - gl.expand_dims(delta_smem.index(st).load(col_layout), 0))
         dss.store(ds.to(dt))
         fence_async_shared()
-        dk = warpgroup_mma(dss, qs, dk, is_async=True)
+        if FUSED_DQ:
+            dq_tok = warpgroup_mma(
+                dss.permute((1, 0)), ks, gl.zeros([TL, D], gl.float32, acc_layout), use_acc=False, is_async=True
+            )
+            dk = warpgroup_mma(dss, qs, dk, is_async=True)
+            dq = warpgroup_mma_wait(num_outstanding=1, deps=(dq_tok,))  # dV and dQ done, dK in flight
+            tma.store_wait(pendings=0)  # the previous visit's reduce has read the buffer
+            dqs.store(dq * sm_scale)
+            fence_async_shared()
+            _tma_reduce_add(dq_desc, [row0 + q0, (g * G + i % G) * D], dqs)
+        else:
+            dk = warpgroup_mma(dss, qs, dk, is_async=True)
     dk, dv = warpgroup_mma_wait(num_outstanding=0, deps=(dk, dv))
     if mine:
         mbarrier.arrive(empty.index((v1 - 1) % STAGES), count=1)
@@ -763,6 +798,7 @@ def _dkdv_ws_kernel(
     v_desc,
     dk_desc,
     dv_desc,
+    dq_desc,
     lse_ptr,
     delta_ptr,
     T,
@@ -783,6 +819,7 @@ def _dkdv_ws_kernel(
     TL: gl.constexpr,
     D: gl.constexpr,
     STAGES: gl.constexpr,
+    FUSED_DQ: gl.constexpr,
     num_warps: gl.constexpr,
 ):
     g = gl.program_id(0) % HKV  # head-major launch: every head's long key tiles are scheduled first
@@ -810,6 +847,9 @@ def _dkdv_ws_kernel(
     pds_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([TL, TL], q_desc.dtype)
     p_smem = gl.allocate_shared_memory(q_desc.dtype, [2, TL, TL], pds_layout)
     ds_smem = gl.allocate_shared_memory(q_desc.dtype, [2, TL, TL], pds_layout)
+    # FUSED_DQ: each consumer's float32 dQ tile on its way to the TMA reduce (a tiny unused tile otherwise)
+    dq_block: gl.constexpr = dq_desc.block_type.shape
+    dq_smem = gl.allocate_shared_memory(dq_desc.dtype, [2, dq_block[0], dq_block[1]], dq_desc.layout)
     vec_layout: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0])
     lse_smem = gl.allocate_shared_memory(gl.float32, [STAGES, TL], vec_layout)
     delta_smem = gl.allocate_shared_memory(gl.float32, [STAGES, TL], vec_layout)
@@ -840,6 +880,8 @@ def _dkdv_ws_kernel(
                     kv_bars,
                     p_smem,
                     ds_smem,
+                    dq_desc,
+                    dq_smem,
                     qk_scale,
                     sm_scale,
                     g,
@@ -865,6 +907,7 @@ def _dkdv_ws_kernel(
                     TL,
                     D,
                     STAGES,
+                    FUSED_DQ,
                 ),
             ),
             (
@@ -887,6 +930,8 @@ def _dkdv_ws_kernel(
                     kv_bars,
                     p_smem,
                     ds_smem,
+                    dq_desc,
+                    dq_smem,
                     qk_scale,
                     sm_scale,
                     g,
@@ -912,6 +957,7 @@ def _dkdv_ws_kernel(
                     TL,
                     D,
                     STAGES,
+                    FUSED_DQ,
                 ),
             ),
             (
@@ -1230,27 +1276,29 @@ def _dq_ws_kernel(
 
 # ---------------------------------------------------------------------------------------------------------------
 # host side
-# LONGGEN_GLUON -> the Hopper kernels that may run: 1 (default) all three, 0 none, or a comma-separated subset
-# (A/B of one kernel against its Triton counterpart, e.g. "fwd,dkdv" runs the Triton dQ kernel).
-PARTS = ("fwd", "dkdv", "dq")
+# LONGGEN_GLUON -> the Hopper kernels that may run: 1 (default) forward, dK/dV and dQ, 0 none, or a comma-separated
+# subset of PARTS (A/B of one kernel against its Triton counterpart, e.g. "fwd,dkdv" runs the Triton dQ kernel).
+# "fused" (experimental, not in the default) is the one-pass backward of `fused_backward`, in place of dq and dkdv.
+PARTS = ("fwd", "dkdv", "dq", "fused")
+DEFAULT_PARTS = ("fwd", "dkdv", "dq")
 
 
 def _parts(flag: str) -> frozenset[str]:
     if flag == "1":
-        return frozenset(PARTS)
+        return frozenset(DEFAULT_PARTS)
     if flag == "0":
         return frozenset()
     parts = flag.split(",")
     if not all(p in PARTS for p in parts) or len(set(parts)) != len(parts):
         raise ValueError(
-            f"LONGGEN_GLUON must be 1 (default: all Hopper kernels), 0 (none) or a comma-separated subset of "
+            f"LONGGEN_GLUON must be 1 (default: {','.join(DEFAULT_PARTS)}), 0 (none) or a comma-separated subset of "
             f"{','.join(PARTS)}, got {flag!r}"
         )
     return frozenset(parts)
 
 
 def enabled(part: str = "fwd") -> bool:
-    """Whether the Hopper kernel `part` ("fwd", "dkdv" or "dq") may run (``LONGGEN_GLUON``, see `_parts`)."""
+    """Whether the Hopper kernel `part` (one of PARTS) may run (``LONGGEN_GLUON``, see `_parts`)."""
     return part in _parts(os.environ.get("LONGGEN_GLUON", "1"))
 
 
@@ -1290,7 +1338,7 @@ def takes_causal_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> b
 def _desc(x: torch.Tensor, rows: int) -> TensorDescriptor:
     """TMA descriptor of a (total, heads, head_dim) tensor viewed as (total, heads * head_dim), tiles (rows, d)."""
     total, heads, d = x.shape
-    dt = gl.bfloat16 if x.dtype == torch.bfloat16 else gl.float16
+    dt = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16, torch.float32: gl.float32}[x.dtype]
     x2 = x.view(total, heads * d)
     layout = gl.NVMMASharedLayout.get_default_for([rows, d], dt)
     return TensorDescriptor(x2, list(x2.shape), list(x2.stride()), [rows, d], layout)
@@ -1390,10 +1438,12 @@ def dkdv(
     dk: torch.Tensor,
     dv: torch.Tensor,
     plan: _Plan,
+    dq_acc: torch.Tensor | None = None,
 ) -> None:
     """Writes dK, dV (like k, v) of a call whose forward `suits` accepted: q, do ``(total, H, d)``, k, v
     ``(total, Hkv, d)``, contiguous and 16-byte aligned; ``lse2`` (log2 units) and ``delta`` = rowsum(o * do)
-    ``(total, H)`` float32, as the Triton dQ kernel leaves them."""
+    ``(total, H)`` float32, as the dQ kernels leave them. With ``dq_acc`` (float32 like q, zeroed) the kernel also
+    adds the visits' dQ shares into it (`fused_backward`)."""
     H, D = q.shape[1:]
     hkv = k.shape[1]
     cx = plan.constexprs
@@ -1403,6 +1453,9 @@ def dkdv(
     # and the strided list counts the tiles of a last block past the sequence end (fewer than PB / 64 tiles;
     # programs left over find only tiles past the end and exit)
     extra = cx["PB"] // BWD_TILE if by_kind else 0
+    fused = dq_acc is not None
+    if not fused:  # the kernel's dQ staging tile shrinks to this unused one
+        dq_acc = torch.empty(8, 1, 16, dtype=torch.float32, device=q.device)
     _dkdv_ws_kernel[(plan.n_seqs * hkv, (n_tiles + 1) // 2 + extra)](
         _desc(q, BWD_TILE),
         _desc(do, BWD_TILE),
@@ -1410,6 +1463,7 @@ def dkdv(
         _desc(v, BWD_TILE),
         _desc(dk, BWD_TILE),
         _desc(dv, BWD_TILE),
+        _desc(dq_acc, BWD_TILE if fused else 8),
         lse2,
         delta,
         plan.max_len,
@@ -1422,9 +1476,46 @@ def dkdv(
         BY_KIND=by_kind,
         TL=BWD_TILE,
         D=D,
-        STAGES=BWD_STAGES,
+        # the two float32 dQ staging tiles (64 KiB at head dim 128) fit beside two Q / dO stages, not three
+        STAGES=BWD_STAGES if not fused or D < 128 else 2,
+        FUSED_DQ=fused,
         num_warps=4,
     )
 
 
-__all__ = ["HEAD_DIMS", "PARTS", "dkdv", "dq_delta", "enabled", "forward", "suits", "takes_causal_forward"]
+def fused_backward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    o: torch.Tensor,
+    do: torch.Tensor,
+    lse2: torch.Tensor,
+    dlse: torch.Tensor | None,
+    dq: torch.Tensor,
+    dk: torch.Tensor,
+    dv: torch.Tensor,
+    plan: _Plan,
+) -> None:
+    """The whole backward in one pass over the visited tiles (LONGGEN_GLUON part "fused"; experimental, not yet
+    run on a GPU): the dK/dV kernel also accumulates dQ in float32 with TMA reduce-adds, 5 products per visited
+    tile pair instead of the 7 of the dQ + dK/dV kernels. Inputs as `dq_delta` and `dkdv`; writes dq, dk, dv."""
+    from longgen.kernels.triton_attention import attention_delta
+
+    delta = attention_delta(o, do, dlse)
+    dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    dkdv(q, k, v, do, lse2, delta, dk, dv, plan, dq_acc=dq_acc)
+    dq.copy_(dq_acc)
+
+
+__all__ = [
+    "DEFAULT_PARTS",
+    "HEAD_DIMS",
+    "PARTS",
+    "dkdv",
+    "dq_delta",
+    "enabled",
+    "forward",
+    "fused_backward",
+    "suits",
+    "takes_causal_forward",
+]
