@@ -205,7 +205,11 @@ def test_gluon_kernels_match_reference_and_triton(pattern, T, H, hkv, d, dtype, 
 
 
 # backward variant -> (LONGGEN_GLUON setting, the gluon_attention entry point that must take the call)
-GLUON_BACKWARDS = {"dq": ("1", "dq_delta"), "fused": ("fwd,fused", "fused_backward")}
+GLUON_BACKWARDS = {
+    "dq": ("1", "dq_delta"),
+    "fused": ("fwd,fused", "fused_backward"),
+    "fused_pair": ("fwd,fused_pair", "fused_backward"),
+}
 
 
 @pytest.mark.skipif(not _hopper(), reason="the Gluon kernels run on CUDA capability 9.0 only")
@@ -213,10 +217,10 @@ GLUON_BACKWARDS = {"dq": ("1", "dq_delta"), "fused": ("fwd,fused", "fused_backwa
 @pytest.mark.parametrize("lse_grad", [False, True])
 @pytest.mark.parametrize("pattern,T,H,hkv,d,dtype,B", GLUON_CASES, ids=lambda x: repr(x)[:40])
 def test_gluon_backward_matches_reference_and_triton(pattern, T, H, hkv, d, dtype, B, lse_grad, backward, monkeypatch):
-    """The Hopper dQ kernel (default LONGGEN_GLUON=1) and the experimental one-pass backward (fused: dQ by TMA
-    reduce-adds from the dK/dV kernel) take these calls, match the float32 reference (dq; dk, dv through the delta
-    they compute), with and without a gradient on the returned LSE, and equal the Triton backward
-    (LONGGEN_GLUON=fwd)."""
+    """The Hopper dQ kernel (default LONGGEN_GLUON=1) and the experimental one-pass backwards (fused: dQ by TMA
+    reduce-adds from the dK/dV kernel; fused_pair: one reduce per visit for both key tiles) take these calls,
+    match the float32 reference (dq; dk, dv through the delta they compute), with and without a gradient on the
+    returned LSE, and equal the Triton backward (LONGGEN_GLUON=fwd)."""
     from longgen.kernels import gluon_attention
 
     flag, entry = GLUON_BACKWARDS[backward]

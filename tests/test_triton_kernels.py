@@ -204,6 +204,7 @@ def test_hopper_forward_module_imports_and_declines_cpu_calls():
         ("fwd,dkdv", {"fwd", "dkdv"}),
         ("dq,dkdv", {"dq", "dkdv"}),
         ("fwd,fused", {"fwd", "fused"}),
+        ("fwd,fused_pair", {"fwd", "fused_pair"}),
     ],
 )
 def test_hopper_kernels_switch(flag, parts, monkeypatch):
@@ -223,7 +224,9 @@ def test_hopper_kernels_switch_rejects_unknown_values(flag, monkeypatch):
     from longgen.kernels import gluon_attention
 
     monkeypatch.setenv("LONGGEN_GLUON", flag)
-    with pytest.raises(ValueError, match=rf"LONGGEN_GLUON must be 1 .* subset of fwd,dkdv,dq,fused, got '{flag}'"):
+    with pytest.raises(
+        ValueError, match=rf"LONGGEN_GLUON must be 1 .* subset of fwd,dkdv,dq,fused,fused_pair, got '{flag}'"
+    ):
         gluon_attention.enabled()
 
 
@@ -241,7 +244,7 @@ def test_hopper_kernels_compile_for_sm90_without_serialised_wgmma():
     root = Path(__file__).resolve().parents[1]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(root / "src"), env.get("PYTHONPATH", "")])
-    kernels = ["fwd", "dq", "dkdv", "fused"]
+    kernels = ["fwd", "dq", "dkdv", "fused", "fused_pair"]
     args = ["--kernels", *kernels, "--patterns", "block_sparse", "--head-dims", "128", "--groups", "4"]
     run = subprocess.run(
         [sys.executable, str(root / "benchmarks" / "gluon_resources.py"), *args, "--json"],

@@ -18,9 +18,10 @@ registers are rebalanced with `setmaxnreg` (consumers 240, loader 24).
 * dQ of the backward (`_dq_ws_kernel`): the forward's
   program and loader; a consumer computes delta for its 64 rows, then per key tile S = Q K^T and dP = dO V^T
   together, dS = P (dP - delta), dQ += dS K. Otherwise the Triton dQ kernel runs.
-* One-pass backward (`fused_backward`, experimental, ``LONGGEN_GLUON=fwd,fused``; not yet run on a GPU): the dK/dV
-  kernel with FUSED_DQ also issues each visit's dQ share dS K and adds it into a float32 accumulator by TMA
-  reduce-add from a staging tile: 5 products per visited tile pair instead of 7.
+* One-pass backward (`fused_backward`, experimental, ``LONGGEN_GLUON=fwd,fused`` or ``fwd,fused_pair``; not yet
+  run on a GPU): the dK/dV kernel with FUSED_DQ also issues each visit's dQ share dS K and adds it into a float32
+  accumulator by TMA reduce-add from a staging tile: 5 products per visited tile pair instead of 7 (fused_pair:
+  one reduce per visit for both consumers' key tiles).
 
 Visited tiles, tile masks and the exact in-tile masks follow the Triton kernels (`_key_ranges`, `_query_ranges`,
 `_allowed`). Scores are in log2 units; the LSE is written in log2 units, (total, H), as the Triton forward writes
@@ -598,6 +599,16 @@ def _pass_visits(full, empty, v0, v1, STAGES: gl.constexpr):
 
 
 @gluon.jit
+def _reduce_dq(dq, dqs, dq_desc, row, col):
+    """Add a float32 dQ tile into the accumulator at (row, col) by TMA reduce-add through the staging buffer dqs,
+    once the previous reduce from it has read it."""
+    tma.store_wait(pendings=0)
+    dqs.store(dq)
+    fence_async_shared()
+    _tma_reduce_add(dq_desc, [row, col], dqs)
+
+
+@gluon.jit
 def _bwd_consume(
     WHICH: gl.constexpr,
     q_desc,
@@ -618,6 +629,7 @@ def _bwd_consume(
     ds_smem,
     dq_desc,
     dq_smem,
+    hand_bars,
     qk_scale,
     sm_scale,
     g,
@@ -627,6 +639,8 @@ def _bwd_consume(
     far,
     v0,
     v1,
+    ov0,
+    ov1,
     lo_a,
     n1,
     start2,
@@ -652,7 +666,11 @@ def _bwd_consume(
     visit's S^T and dP^T are issued, and its buffers go back to the loader then. With FUSED_DQ the visit's dQ share
     over these keys, dS K (scaled), is issued with dK, staged in this consumer's float32 buffer and added into the
     float32 (total, H * D) accumulator of dq_desc by a TMA reduce-add while dK completes; the buffer is reused one
-    visit later, after that reduce has read it (dq_desc / dq_smem are unused otherwise)."""
+    visit later, after that reduce has read it (dq_desc / dq_smem are unused otherwise). FUSED_DQ == 2 halves the
+    reduce traffic: in a visit both consumers take part in ([ov0, ov1) is the other's range), one of them in turn
+    (visit parity) computes the whole dQ share over both key tiles, dS_0 K_0 + dS_1 K_1, from the other's dS^T and K
+    in shared memory, and reduces it; the other hands its dS^T over (hand_bars: "ready" and "free" per consumer)
+    and may overwrite it only once the reducer's product has read it."""
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, TL, 16])
     acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, D, 16])
     dt: gl.constexpr = q_desc.dtype
@@ -678,6 +696,16 @@ def _bwd_consume(
     dss = ds_smem.index(WHICH)
     if mine:
         mbarrier.wait(kvb, 0)
+    # FUSED_DQ == 2: the other consumer's dS^T and K, my hand-overs so far, my waits for the other's, and whether
+    # my last hand-over may still be read
+    dss_o = ds_smem.index(1 - WHICH)
+    ks_o = k_smem.index(1 - WHICH)
+    n_hand = v0 * 0
+    n_took = v0 * 0
+    pending = v0 * 0
+    if FUSED_DQ == 2:  # noqa: SIM102 (compile-time test around a runtime one)
+        if mine & (ov0 < ov1):
+            mbarrier.wait(kv_bars.index(1 - WHICH), 0)
     for i in range(v0, v1):
         st = i % STAGES
         q0 = _query_tile(i, lo_a, n1, start2, G) * TL
@@ -711,21 +739,50 @@ def _bwd_consume(
         dv = warpgroup_mma(ps, dos, dv, is_async=True)
         dp = warpgroup_mma_wait(num_outstanding=1, deps=(dp_tok,))
         ds = p * (dp - gl.expand_dims(delta_smem.index(st).load(col_layout), 0))
+        if FUSED_DQ == 2:  # noqa: SIM102 (compile-time test around a runtime one)
+            if pending != 0:  # the reducer has read my last hand-over
+                mbarrier.wait(hand_bars.index(2 * WHICH + 1), (n_hand - 1) & 1)
+                pending = n_hand * 0
         dss.store(ds.to(dt))
         fence_async_shared()
-        if FUSED_DQ:
+        if FUSED_DQ == 2:
+            # (an asynchronous dK cannot be redefined inside a runtime branch: it is issued after the branches,
+            # and the reducer's dQ products are waited for inside them)
+            both = (i >= ov0) & (i < ov1)
+            if both & ((i % 2) != WHICH):  # hand dS^T over; the other consumer reduces this visit's dQ
+                mbarrier.arrive(hand_bars.index(2 * WHICH), count=1)
+                n_hand += 1
+                pending = n_hand * 0 + 1
+            elif both:
+                mbarrier.wait(hand_bars.index(2 * (1 - WHICH)), n_took & 1)
+                n_took += 1
+                dq_tok = warpgroup_mma(
+                    dss.permute((1, 0)), ks, gl.zeros([TL, D], gl.float32, acc_layout), use_acc=False, is_async=True
+                )
+                dq_tok = warpgroup_mma(dss_o.permute((1, 0)), ks_o, dq_tok, is_async=True)
+                dq = warpgroup_mma_wait(num_outstanding=0, deps=(dq_tok,))
+                mbarrier.arrive(hand_bars.index(2 * (1 - WHICH) + 1), count=1)
+                _reduce_dq(dq * sm_scale, dqs, dq_desc, row0 + q0, (g * G + i % G) * D)
+            else:
+                dq_tok = warpgroup_mma(
+                    dss.permute((1, 0)), ks, gl.zeros([TL, D], gl.float32, acc_layout), use_acc=False, is_async=True
+                )
+                dq = warpgroup_mma_wait(num_outstanding=0, deps=(dq_tok,))
+                _reduce_dq(dq * sm_scale, dqs, dq_desc, row0 + q0, (g * G + i % G) * D)
+            dk = warpgroup_mma(dss, qs, dk, is_async=True)
+        elif FUSED_DQ == 1:
             dq_tok = warpgroup_mma(
                 dss.permute((1, 0)), ks, gl.zeros([TL, D], gl.float32, acc_layout), use_acc=False, is_async=True
             )
             dk = warpgroup_mma(dss, qs, dk, is_async=True)
             dq = warpgroup_mma_wait(num_outstanding=1, deps=(dq_tok,))  # dV and dQ done, dK in flight
-            tma.store_wait(pendings=0)  # the previous visit's reduce has read the buffer
-            dqs.store(dq * sm_scale)
-            fence_async_shared()
-            _tma_reduce_add(dq_desc, [row0 + q0, (g * G + i % G) * D], dqs)
+            _reduce_dq(dq * sm_scale, dqs, dq_desc, row0 + q0, (g * G + i % G) * D)
         else:
             dk = warpgroup_mma(dss, qs, dk, is_async=True)
     dk, dv = warpgroup_mma_wait(num_outstanding=0, deps=(dk, dv))
+    if FUSED_DQ == 2:  # noqa: SIM102 (compile-time test around a runtime one)
+        if pending != 0:  # K and dS^T are read by the other consumer until it frees my last hand-over
+            mbarrier.wait(hand_bars.index(2 * WHICH + 1), (n_hand - 1) & 1)
     if mine:
         mbarrier.arrive(empty.index((v1 - 1) % STAGES), count=1)
     _pass_visits(full, empty, v1, n_visit, STAGES)
@@ -858,6 +915,9 @@ def _dkdv_ws_kernel(
         mbarrier.init(empty.index(si), count=2)
     mbarrier.init(kv_bars.index(0), count=1)
     mbarrier.init(kv_bars.index(1), count=1)
+    hand_bars = gl.allocate_shared_memory(gl.int64, [4, 1], mbarrier.MBarrierLayout())  # FUSED_DQ == 2
+    for hi in gl.static_range(4):
+        mbarrier.init(hand_bars.index(hi), count=1)
     gl.warp_specialize(
         [
             (
@@ -882,6 +942,7 @@ def _dkdv_ws_kernel(
                     ds_smem,
                     dq_desc,
                     dq_smem,
+                    hand_bars,
                     qk_scale,
                     sm_scale,
                     g,
@@ -891,6 +952,8 @@ def _dkdv_ws_kernel(
                     far_a,
                     0,
                     n1 * G,
+                    v0_b,
+                    v1_b,
                     lo_a,
                     n1,
                     start2,
@@ -932,6 +995,7 @@ def _dkdv_ws_kernel(
                     ds_smem,
                     dq_desc,
                     dq_smem,
+                    hand_bars,
                     qk_scale,
                     sm_scale,
                     g,
@@ -941,6 +1005,8 @@ def _dkdv_ws_kernel(
                     far_b,
                     v0_b,
                     v1_b,
+                    0,
+                    n1 * G,
                     lo_a,
                     n1,
                     start2,
@@ -1278,8 +1344,9 @@ def _dq_ws_kernel(
 # host side
 # LONGGEN_GLUON -> the Hopper kernels that may run: 1 (default) forward, dK/dV and dQ, 0 none, or a comma-separated
 # subset of PARTS (A/B of one kernel against its Triton counterpart, e.g. "fwd,dkdv" runs the Triton dQ kernel).
-# "fused" (experimental, not in the default) is the one-pass backward of `fused_backward`, in place of dq and dkdv.
-PARTS = ("fwd", "dkdv", "dq", "fused")
+# "fused" and "fused_pair" (experimental, not in the default) are the one-pass backwards of `fused_backward`, in
+# place of dq and dkdv.
+PARTS = ("fwd", "dkdv", "dq", "fused", "fused_pair")
 DEFAULT_PARTS = ("fwd", "dkdv", "dq")
 
 
@@ -1439,11 +1506,12 @@ def dkdv(
     dv: torch.Tensor,
     plan: _Plan,
     dq_acc: torch.Tensor | None = None,
+    paired: bool = False,
 ) -> None:
     """Writes dK, dV (like k, v) of a call whose forward `suits` accepted: q, do ``(total, H, d)``, k, v
     ``(total, Hkv, d)``, contiguous and 16-byte aligned; ``lse2`` (log2 units) and ``delta`` = rowsum(o * do)
     ``(total, H)`` float32, as the dQ kernels leave them. With ``dq_acc`` (float32 like q, zeroed) the kernel also
-    adds the visits' dQ shares into it (`fused_backward`)."""
+    adds the visits' dQ shares into it (`fused_backward`; ``paired``: one reduce per visit for both key tiles)."""
     H, D = q.shape[1:]
     hkv = k.shape[1]
     cx = plan.constexprs
@@ -1478,7 +1546,7 @@ def dkdv(
         D=D,
         # the two float32 dQ staging tiles (64 KiB at head dim 128) fit beside two Q / dO stages, not three
         STAGES=BWD_STAGES if not fused or D < 128 else 2,
-        FUSED_DQ=fused,
+        FUSED_DQ=(2 if paired else 1) if fused else 0,
         num_warps=4,
     )
 
@@ -1495,15 +1563,18 @@ def fused_backward(
     dk: torch.Tensor,
     dv: torch.Tensor,
     plan: _Plan,
+    paired: bool = False,
 ) -> None:
-    """The whole backward in one pass over the visited tiles (LONGGEN_GLUON part "fused"; experimental, not yet
-    run on a GPU): the dK/dV kernel also accumulates dQ in float32 with TMA reduce-adds, 5 products per visited
-    tile pair instead of the 7 of the dQ + dK/dV kernels. Inputs as `dq_delta` and `dkdv`; writes dq, dk, dv."""
+    """The whole backward in one pass over the visited tiles (LONGGEN_GLUON part "fused", or "fused_pair" for
+    ``paired``; experimental, not yet run on a GPU): the dK/dV kernel also accumulates dQ in float32 with TMA
+    reduce-adds, 5 products per visited tile pair instead of the 7 of the dQ + dK/dV kernels; paired, the two
+    consumer warpgroups of a program reduce one dQ share per visit between them (half the reduce traffic).
+    Inputs as `dq_delta` and `dkdv`; writes dq, dk, dv."""
     from longgen.kernels.triton_attention import attention_delta
 
     delta = attention_delta(o, do, dlse)
     dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-    dkdv(q, k, v, do, lse2, delta, dk, dv, plan, dq_acc=dq_acc)
+    dkdv(q, k, v, do, lse2, delta, dk, dv, plan, dq_acc=dq_acc, paired=paired)
     dq.copy_(dq_acc)
 
 

@@ -1301,7 +1301,7 @@ class _Plan:
             KV_OFF=off,
         )
         # set by triton_attention where the Hopper Gluon kernels take the call (forward; dQ, dK/dV of the backward)
-        self.gluon_forward = self.gluon_dq = self.gluon_dkdv = self.gluon_fused = False
+        self.gluon_forward = self.gluon_dq = self.gluon_dkdv = self.gluon_fused = self.gluon_fused_pair = False
         self.layout = torch.zeros(1, dtype=torch.int8, device=device)
         self.n_lay = 1
         self.index: dict[str, tuple[torch.Tensor, torch.Tensor] | None] = {"fwd": None, "dq": None, "dkdv": None}
@@ -1513,13 +1513,14 @@ def _backward(do, dlse, q, k, v, o, lse2, plan: _Plan):
     delta = torch.empty(total, H, dtype=torch.float32, device=q.device)
     qk_scale = plan.shape.scale * LOG2E
     hkv = plan.shape.num_kv_heads
-    if plan.gluon_dq or plan.gluon_dkdv or plan.gluon_fused:
+    if plan.gluon_dq or plan.gluon_dkdv or plan.gluon_fused or plan.gluon_fused_pair:
         from longgen.kernels import gluon_attention
 
         if not (do.is_contiguous() and do.data_ptr() % 16 == 0):
             do = do.clone(memory_format=torch.contiguous_format)  # TMA reads whole aligned rows
-    if plan.gluon_fused:
-        gluon_attention.fused_backward(q, k, v, o, do, lse2, dlse if has_dlse else None, dq, dk, dv, plan)
+    if plan.gluon_fused or plan.gluon_fused_pair:
+        paired = plan.gluon_fused_pair
+        gluon_attention.fused_backward(q, k, v, o, do, lse2, dlse if has_dlse else None, dq, dk, dv, plan, paired)
         return dq, dk, dv
     if plan.gluon_dq:
         gluon_attention.dq_delta(q, k, v, o, do, lse2, dlse if has_dlse else None, delta, dq, plan)
@@ -1646,7 +1647,7 @@ def triton_attention(q, k, v, shape: AttentionShape, cu_seqlens: torch.Tensor | 
     if _gluon_suits(q, k, v, plan, batched=cu_seqlens is None):
         from longgen.kernels import gluon_attention
 
-        plan.gluon_forward, plan.gluon_dkdv, plan.gluon_dq, plan.gluon_fused = map(
+        plan.gluon_forward, plan.gluon_dkdv, plan.gluon_dq, plan.gluon_fused, plan.gluon_fused_pair = map(
             gluon_attention.enabled, gluon_attention.PARTS
         )
     o, lse = _TritonAttention.apply(q, k, v, plan)
