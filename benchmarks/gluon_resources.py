@@ -81,10 +81,10 @@ def compile_case(kernel: str, pattern: str, d: int, G: int):
         scalars = {"o_ptr": "*bf16", "do_ptr": "*bf16", "lse_ptr": "*fp32", "dlse_ptr": "*fp32", "delta_ptr": "*fp32"}
         scalars |= {"T": "i32", "H": "i32", "qk_scale": "fp32", "sm_scale": "fp32"}
         return _compile(ga._dq_ws_kernel, dict.fromkeys(names, (ga.ROWS, d)), scalars, cx)
-    fused = kernel.startswith("fused")
-    stages = ga.BWD_STAGES if not fused or d < 128 else 2  # as ga.dkdv chooses
-    cx |= dict(BY_KIND=pattern == "block_sparse", TL=ga.BWD_TILE, STAGES=stages)
-    cx["FUSED_DQ"] = {"fused": 1, "fused_pair": 2}.get(kernel, 0)
+    fused_dq = ga.FUSED_MODES.get(kernel, 0)
+    fused = fused_dq > 0
+    stages = ga.dkdv_stages(fused_dq, d)
+    cx |= dict(BY_KIND=pattern == "block_sparse", TL=ga.BWD_TILE, STAGES=stages, FUSED_DQ=fused_dq)
     names = ("q_desc", "do_desc", "k_desc", "v_desc", "dk_desc", "dv_desc")
     descs = dict.fromkeys(names, (ga.BWD_TILE, d)) | {"dq_desc": (ga.BWD_TILE, d) if fused else (8, 16)}
     descs["dq_desc"] += (torch.float32,)
@@ -125,7 +125,7 @@ def resources(compiled) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    kernels = ["fwd", "dq", "dkdv", "fused", "fused_pair"]
+    kernels = ["fwd", "dq", "dkdv", *ga.FUSED_MODES]
     ap.add_argument("--kernels", nargs="+", default=kernels, choices=kernels)
     ap.add_argument("--patterns", nargs="+", default=list(PATTERNS), choices=list(PATTERNS))
     ap.add_argument("--head-dims", type=int, nargs="+", default=[128, 64], choices=list(ga.HEAD_DIMS))

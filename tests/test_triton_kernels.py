@@ -279,3 +279,14 @@ def test_attention_delta(d, with_dlse):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
     with pytest.raises(ValueError, match="contiguous"):
         attention_delta(o.transpose(0, 1), do.transpose(0, 1))
+
+
+@pytest.mark.parametrize(
+    "flag,mode", [("1", 0), ("0", 0), ("fwd,fused", 1), ("fused_pair", 2), ("fused,fused_pair", 2)]
+)
+def test_one_pass_backward_mode(flag, mode, monkeypatch):
+    """The dK/dV kernel's FUSED_DQ that LONGGEN_GLUON selects (the experimental one-pass backwards are opt-in)."""
+    from longgen.kernels import gluon_attention
+
+    monkeypatch.setenv("LONGGEN_GLUON", flag)
+    assert gluon_attention.fused_mode() == mode

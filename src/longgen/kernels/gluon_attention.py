@@ -1348,6 +1348,7 @@ def _dq_ws_kernel(
 # place of dq and dkdv.
 PARTS = ("fwd", "dkdv", "dq", "fused", "fused_pair")
 DEFAULT_PARTS = ("fwd", "dkdv", "dq")
+FUSED_MODES = {"fused": 1, "fused_pair": 2}  # one-pass backward part -> the dK/dV kernel's FUSED_DQ
 
 
 def _parts(flag: str) -> frozenset[str]:
@@ -1367,6 +1368,17 @@ def _parts(flag: str) -> frozenset[str]:
 def enabled(part: str = "fwd") -> bool:
     """Whether the Hopper kernel `part` (one of PARTS) may run (``LONGGEN_GLUON``, see `_parts`)."""
     return part in _parts(os.environ.get("LONGGEN_GLUON", "1"))
+
+
+def fused_mode() -> int:
+    """FUSED_DQ of the enabled one-pass backward (FUSED_MODES; "fused_pair" if both are set), 0 for none."""
+    return max((mode for part, mode in FUSED_MODES.items() if enabled(part)), default=0)
+
+
+def dkdv_stages(fused_dq: int, head_dim: int) -> int:
+    """Q / dO stages of the dK/dV kernel: the one-pass backward's two float32 dQ staging tiles (64 KiB at head
+    dim 128) fit beside two stages there, not three."""
+    return 2 if fused_dq and head_dim >= 128 else BWD_STAGES
 
 
 def _in_scope(q: torch.Tensor, head_dim: int, kind: int, block_size: int, seq_len: int) -> bool:
@@ -1506,12 +1518,12 @@ def dkdv(
     dv: torch.Tensor,
     plan: _Plan,
     dq_acc: torch.Tensor | None = None,
-    paired: bool = False,
+    fused_dq: int = 1,
 ) -> None:
     """Writes dK, dV (like k, v) of a call whose forward `suits` accepted: q, do ``(total, H, d)``, k, v
     ``(total, Hkv, d)``, contiguous and 16-byte aligned; ``lse2`` (log2 units) and ``delta`` = rowsum(o * do)
     ``(total, H)`` float32, as the dQ kernels leave them. With ``dq_acc`` (float32 like q, zeroed) the kernel also
-    adds the visits' dQ shares into it (`fused_backward`; ``paired``: one reduce per visit for both key tiles)."""
+    adds the visits' dQ shares into it, as one-pass mode ``fused_dq`` (FUSED_MODES; `fused_backward`)."""
     H, D = q.shape[1:]
     hkv = k.shape[1]
     cx = plan.constexprs
@@ -1522,6 +1534,7 @@ def dkdv(
     # programs left over find only tiles past the end and exit)
     extra = cx["PB"] // BWD_TILE if by_kind else 0
     fused = dq_acc is not None
+    fused_dq = fused_dq if fused else 0
     if not fused:  # the kernel's dQ staging tile shrinks to this unused one
         dq_acc = torch.empty(8, 1, 16, dtype=torch.float32, device=q.device)
     _dkdv_ws_kernel[(plan.n_seqs * hkv, (n_tiles + 1) // 2 + extra)](
@@ -1544,9 +1557,8 @@ def dkdv(
         BY_KIND=by_kind,
         TL=BWD_TILE,
         D=D,
-        # the two float32 dQ staging tiles (64 KiB at head dim 128) fit beside two Q / dO stages, not three
-        STAGES=BWD_STAGES if not fused or D < 128 else 2,
-        FUSED_DQ=(2 if paired else 1) if fused else 0,
+        STAGES=dkdv_stages(fused_dq, D),
+        FUSED_DQ=fused_dq,
         num_warps=4,
     )
 
@@ -1563,30 +1575,33 @@ def fused_backward(
     dk: torch.Tensor,
     dv: torch.Tensor,
     plan: _Plan,
-    paired: bool = False,
+    fused_dq: int = 1,
 ) -> None:
-    """The whole backward in one pass over the visited tiles (LONGGEN_GLUON part "fused", or "fused_pair" for
-    ``paired``; experimental, not yet run on a GPU): the dK/dV kernel also accumulates dQ in float32 with TMA
-    reduce-adds, 5 products per visited tile pair instead of the 7 of the dQ + dK/dV kernels; paired, the two
-    consumer warpgroups of a program reduce one dQ share per visit between them (half the reduce traffic).
+    """The whole backward in one pass over the visited tiles (LONGGEN_GLUON part "fused": ``fused_dq`` 1, or
+    "fused_pair": 2; experimental, not yet run on a GPU): the dK/dV kernel also accumulates dQ in float32 with TMA
+    reduce-adds, 5 products per visited tile pair instead of the 7 of the dQ + dK/dV kernels; with "fused_pair" the
+    two consumer warpgroups of a program reduce one dQ share per visit between them (half the reduce traffic).
     Inputs as `dq_delta` and `dkdv`; writes dq, dk, dv."""
     from longgen.kernels.triton_attention import attention_delta
 
     delta = attention_delta(o, do, dlse)
     dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-    dkdv(q, k, v, do, lse2, delta, dk, dv, plan, dq_acc=dq_acc, paired=paired)
+    dkdv(q, k, v, do, lse2, delta, dk, dv, plan, dq_acc=dq_acc, fused_dq=fused_dq)
     dq.copy_(dq_acc)
 
 
 __all__ = [
     "DEFAULT_PARTS",
+    "FUSED_MODES",
     "HEAD_DIMS",
     "PARTS",
     "dkdv",
+    "dkdv_stages",
     "dq_delta",
     "enabled",
     "forward",
     "fused_backward",
+    "fused_mode",
     "suits",
     "takes_causal_forward",
 ]

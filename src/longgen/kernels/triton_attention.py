@@ -1301,7 +1301,8 @@ class _Plan:
             KV_OFF=off,
         )
         # set by triton_attention where the Hopper Gluon kernels take the call (forward; dQ, dK/dV of the backward)
-        self.gluon_forward = self.gluon_dq = self.gluon_dkdv = self.gluon_fused = self.gluon_fused_pair = False
+        self.gluon_forward = self.gluon_dq = self.gluon_dkdv = False
+        self.gluon_fused = 0  # the one-pass backward's mode (gluon_attention.FUSED_MODES), 0 for none
         self.layout = torch.zeros(1, dtype=torch.int8, device=device)
         self.n_lay = 1
         self.index: dict[str, tuple[torch.Tensor, torch.Tensor] | None] = {"fwd": None, "dq": None, "dkdv": None}
@@ -1510,18 +1511,18 @@ def _backward(do, dlse, q, k, v, o, lse2, plan: _Plan):
     # d lse / d score = p, so a gradient on the lse shifts delta (the dQ kernel computes delta and subtracts it)
     has_dlse = dlse is not None
     dlse = dlse.float().contiguous() if has_dlse else torch.zeros(1, dtype=torch.float32, device=q.device)
-    delta = torch.empty(total, H, dtype=torch.float32, device=q.device)
-    qk_scale = plan.shape.scale * LOG2E
-    hkv = plan.shape.num_kv_heads
-    if plan.gluon_dq or plan.gluon_dkdv or plan.gluon_fused or plan.gluon_fused_pair:
+    if plan.gluon_dq or plan.gluon_dkdv or plan.gluon_fused:
         from longgen.kernels import gluon_attention
 
         if not (do.is_contiguous() and do.data_ptr() % 16 == 0):
             do = do.clone(memory_format=torch.contiguous_format)  # TMA reads whole aligned rows
-    if plan.gluon_fused or plan.gluon_fused_pair:
-        paired = plan.gluon_fused_pair
-        gluon_attention.fused_backward(q, k, v, o, do, lse2, dlse if has_dlse else None, dq, dk, dv, plan, paired)
+    if plan.gluon_fused:
+        dl = dlse if has_dlse else None
+        gluon_attention.fused_backward(q, k, v, o, do, lse2, dl, dq, dk, dv, plan, plan.gluon_fused)
         return dq, dk, dv
+    delta = torch.empty(total, H, dtype=torch.float32, device=q.device)
+    qk_scale = plan.shape.scale * LOG2E
+    hkv = plan.shape.num_kv_heads
     if plan.gluon_dq:
         gluon_attention.dq_delta(q, k, v, o, do, lse2, dlse if has_dlse else None, delta, dq, plan)
     else:
@@ -1647,9 +1648,8 @@ def triton_attention(q, k, v, shape: AttentionShape, cu_seqlens: torch.Tensor | 
     if _gluon_suits(q, k, v, plan, batched=cu_seqlens is None):
         from longgen.kernels import gluon_attention
 
-        plan.gluon_forward, plan.gluon_dkdv, plan.gluon_dq, plan.gluon_fused, plan.gluon_fused_pair = map(
-            gluon_attention.enabled, gluon_attention.PARTS
-        )
+        plan.gluon_forward, plan.gluon_dkdv, plan.gluon_dq = map(gluon_attention.enabled, ("fwd", "dkdv", "dq"))
+        plan.gluon_fused = gluon_attention.fused_mode()
     o, lse = _TritonAttention.apply(q, k, v, plan)
     o = o.reshape(out_shape)
     if not return_lse:
