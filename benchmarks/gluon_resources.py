@@ -85,6 +85,7 @@ def compile_case(kernel: str, pattern: str, d: int, G: int):
     fused = fused_dq > 0
     stages = ga.dkdv_stages(fused_dq, d)
     cx |= dict(BY_KIND=pattern == "block_sparse", TL=ga.BWD_TILE, STAGES=stages, FUSED_DQ=fused_dq)
+    cx["DESCEND"] = cx["G"] == 1
     names = ("q_desc", "do_desc", "k_desc", "v_desc", "dk_desc", "dv_desc")
     descs = dict.fromkeys(names, (ga.BWD_TILE, d)) | {"dq_desc": (ga.BWD_TILE, d) if fused else (8, 16)}
     descs["dq_desc"] += (torch.float32,)

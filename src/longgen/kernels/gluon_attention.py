@@ -582,11 +582,12 @@ def _query_range(
 
 
 @gluon.jit
-def _query_tile(i, lo_a, n1, start2, G: gl.constexpr):
-    """Query tile of the i-th visit: the first key tile's range [lo_a, lo_a + n1), then the second's remainder
-    from start2; each tile once per query head of the group (heads innermost)."""
+def _query_tile(i, t1, n_first, t2, G: gl.constexpr, DESCEND: gl.constexpr):
+    """Query tile of the i-th visit: n_first tiles from t1, then the rest from t2, ascending (or with DESCEND
+    descending from t1 and t2); each tile once per query head of the group (heads innermost)."""
     u = i // G
-    return gl.where(u < n1, lo_a + u, start2 + (u - n1))
+    d: gl.constexpr = -1 if DESCEND else 1
+    return gl.where(u < n_first, t1 + d * u, t2 + d * (u - n_first))
 
 
 @gluon.jit
@@ -641,9 +642,9 @@ def _bwd_consume(
     v1,
     ov0,
     ov1,
-    lo_a,
-    n1,
-    start2,
+    t1,
+    n_first,
+    t2,
     n_visit,
     PATTERN: gl.constexpr,
     SINK: gl.constexpr,
@@ -658,6 +659,7 @@ def _bwd_consume(
     D: gl.constexpr,
     STAGES: gl.constexpr,
     FUSED_DQ: gl.constexpr,
+    DESCEND: gl.constexpr,
 ):
     """One consumer warpgroup: dK, dV of key tile kt (TL keys) over its visits [v0, v1) of the streamed
     (query tile, head) visits. Transposed scores S^T = K Q^T (keys x queries), so that P^T and dS^T are register
@@ -708,7 +710,7 @@ def _bwd_consume(
             mbarrier.wait(kv_bars.index(1 - WHICH), 0)
     for i in range(v0, v1):
         st = i % STAGES
-        q0 = _query_tile(i, lo_a, n1, start2, G) * TL
+        q0 = _query_tile(i, t1, n_first, t2, G, DESCEND) * TL
         qs = q_smem.index(st)
         dos = do_smem.index(st)
         mbarrier.wait(full.index(st), (i // STAGES) & 1)
@@ -810,34 +812,35 @@ def _bwd_loader(
     g,
     H,
     row0,
-    lo_a,
-    n1,
-    start2,
+    t1,
+    n_first,
+    t2,
     n_visit,
     G: gl.constexpr,
     TL: gl.constexpr,
     D: gl.constexpr,
     STAGES: gl.constexpr,
+    DESCEND: gl.constexpr,
 ):
     """Streams the (query tile, head) visits into the ring: Q and dO tiles with TMA, and the tile's LSE and delta
     (strided by the head count in memory, so not TMA-able) loaded coalesced and stored to shared memory; a buffer
     is full once the TMA bytes have landed and this warp has arrived after its stores."""
     offs = gl.arange(0, TL, layout=gl.BlockedLayout([TL // 32], [32], [1], [0]))
     # the vectors are loaded one visit ahead, so that their latency overlaps the wait for a free buffer
-    r = (row0 + _query_tile(0, lo_a, n1, start2, G) * TL + offs) * H + g * G
+    r = (row0 + _query_tile(0, t1, n_first, t2, G, DESCEND) * TL + offs) * H + g * G
     lse = gl.load(lse_ptr + r)
     delta = gl.load(delta_ptr + r)
     for i in range(n_visit):
         st = i % STAGES
         mbarrier.wait(empty.index(st), ((i // STAGES) & 1) ^ 1)  # a fresh barrier passes parity 1 at once
-        row = row0 + _query_tile(i, lo_a, n1, start2, G) * TL
+        row = row0 + _query_tile(i, t1, n_first, t2, G, DESCEND) * TL
         h = g * G + i % G
         bar = full.index(st)
         mbarrier.expect(bar, q_desc.block_type.nbytes + do_desc.block_type.nbytes)
         _tma_load(q_desc, [row, h * D], bar, q_smem.index(st))
         _tma_load(do_desc, [row, h * D], bar, do_smem.index(st))
         j = gl.minimum(i + 1, n_visit - 1)
-        r = (row0 + _query_tile(j, lo_a, n1, start2, G) * TL + offs) * H + g * G + j % G
+        r = (row0 + _query_tile(j, t1, n_first, t2, G, DESCEND) * TL + offs) * H + g * G + j % G
         lse_next = gl.load(lse_ptr + r)
         delta_next = gl.load(delta_ptr + r)
         lse_smem.index(st).store(lse)
@@ -877,6 +880,7 @@ def _dkdv_ws_kernel(
     D: gl.constexpr,
     STAGES: gl.constexpr,
     FUSED_DQ: gl.constexpr,
+    DESCEND: gl.constexpr,
     num_warps: gl.constexpr,
 ):
     g = gl.program_id(0) % HKV  # head-major launch: every head's long key tiles are scheduled first
@@ -887,11 +891,27 @@ def _dkdv_ws_kernel(
     lo_b, hi_b, far_b = _query_range(b, g, n_tiles, PATTERN, SINK, WINDOW, PB, LOCAL, STRIDE, STEP, DENSE_FROM, TL)
     n1 = hi_a - lo_a
     start2 = gl.maximum(hi_a, lo_b)
-    n_visit = (n1 + gl.maximum(hi_b - start2, 0)) * G
-    # visits: tile a's query tiles, then those of tile b past them (b's own visits are one contiguous run)
+    n2 = gl.maximum(hi_b - start2, 0)
+    n_visit = (n1 + n2) * G
+    # visits: tile a's query tiles [lo_a, hi_a), then tile b's past them [start2, hi_b), or with DESCEND the same
+    # tiles from the top down; each consumer's visits are one contiguous run, b's [v0_b, v1_b)
     valid_b = lo_b < hi_b
-    v0_b = gl.where(valid_b, (gl.minimum(lo_b, hi_a) - lo_a) * G, 0)
-    v1_b = gl.where(valid_b, gl.where(hi_b <= hi_a, (hi_b - lo_a) * G, n_visit), 0)
+    if DESCEND:
+        t1 = start2 + n2 - 1
+        n_first = n2
+        t2 = hi_a - 1
+        v0_a = n2 * G
+        v1_a = n_visit
+        v0_b = gl.where(valid_b, gl.maximum(hi_a - hi_b, 0) * G, 0)
+        v1_b = gl.where(valid_b, (n2 + gl.maximum(hi_a - lo_b, 0)) * G, 0)
+    else:
+        t1 = lo_a
+        n_first = n1
+        t2 = start2
+        v0_a = n1 * 0
+        v1_a = n1 * G
+        v0_b = gl.where(valid_b, (gl.minimum(lo_b, hi_a) - lo_a) * G, 0)
+        v1_b = gl.where(valid_b, gl.where(hi_b <= hi_a, (hi_b - lo_a) * G, n_visit), 0)
     q_smem = gl.allocate_shared_memory(q_desc.dtype, [STAGES, TL, D], q_desc.layout)
     do_smem = gl.allocate_shared_memory(do_desc.dtype, [STAGES, TL, D], do_desc.layout)
     k_smem = gl.allocate_shared_memory(k_desc.dtype, [2, TL, D], k_desc.layout)
@@ -950,13 +970,13 @@ def _dkdv_ws_kernel(
                     row0,
                     a,
                     far_a,
-                    0,
-                    n1 * G,
+                    v0_a,
+                    v1_a,
                     v0_b,
                     v1_b,
-                    lo_a,
-                    n1,
-                    start2,
+                    t1,
+                    n_first,
+                    t2,
                     n_visit,
                     PATTERN,
                     SINK,
@@ -971,6 +991,7 @@ def _dkdv_ws_kernel(
                     D,
                     STAGES,
                     FUSED_DQ,
+                    DESCEND,
                 ),
             ),
             (
@@ -1005,11 +1026,11 @@ def _dkdv_ws_kernel(
                     far_b,
                     v0_b,
                     v1_b,
-                    0,
-                    n1 * G,
-                    lo_a,
-                    n1,
-                    start2,
+                    v0_a,
+                    v1_a,
+                    t1,
+                    n_first,
+                    t2,
                     n_visit,
                     PATTERN,
                     SINK,
@@ -1024,6 +1045,7 @@ def _dkdv_ws_kernel(
                     D,
                     STAGES,
                     FUSED_DQ,
+                    DESCEND,
                 ),
             ),
             (
@@ -1042,14 +1064,15 @@ def _dkdv_ws_kernel(
                     g,
                     H,
                     row0,
-                    lo_a,
-                    n1,
-                    start2,
+                    t1,
+                    n_first,
+                    t2,
                     n_visit,
                     G,
                     TL,
                     D,
                     STAGES,
+                    DESCEND,
                 ),
             ),
         ],
@@ -1559,6 +1582,7 @@ def dkdv(
         D=D,
         STAGES=dkdv_stages(fused_dq, D),
         FUSED_DQ=fused_dq,
+        DESCEND=plan.shape.group == 1,  # measured: 7% faster at Full 128K without GQA, 3-4% slower with G 4
         num_warps=4,
     )
 
