@@ -46,14 +46,13 @@ def _ptxas() -> str:
     return get_ptxas(90).path
 
 
-def _desc_type(rows: int, d: int, dtype: torch.dtype = torch.bfloat16) -> str:
-    gl_dtype = {torch.bfloat16: gl.bfloat16, torch.float32: gl.float32}[dtype]
-    layout = gl.NVMMASharedLayout.get_default_for([rows, d], gl_dtype)
-    t = torch.empty(1024, 4096, dtype=dtype)
+def _desc_type(rows: int, d: int) -> str:
+    layout = gl.NVMMASharedLayout.get_default_for([rows, d], gl.bfloat16)
+    t = torch.empty(1024, 4096, dtype=torch.bfloat16)
     return mangle_type(TensorDescriptor(t, list(t.shape), list(t.stride()), [rows, d], layout))
 
 
-def _compile(kernel, descs: dict[str, tuple], scalars: dict[str, str], constexprs: dict):
+def _compile(kernel, descs: dict[str, tuple[int, int]], scalars: dict[str, str], constexprs: dict):
     sig = {name: _desc_type(*shape) for name, shape in descs.items()} | scalars
     sig |= dict.fromkeys(constexprs, "constexpr")
     # the launcher's specialisation at the benchmark shapes: pointers (torch allocations) and the integer
@@ -66,8 +65,7 @@ def _compile(kernel, descs: dict[str, tuple], scalars: dict[str, str], constexpr
 
 
 def compile_case(kernel: str, pattern: str, d: int, G: int):
-    """Compiled kernel ("fwd", "dq", "dkdv", "fused": dK/dV with the dQ reduce-adds, or "fused_pair": one reduce
-    per visit for both consumers) for one case, launched as longgen launches it."""
+    """Compiled kernel ("fwd", "dq" or "dkdv") for one case, launched as longgen launches it."""
     cx = dict(PATTERNS[pattern], DENSE_FROM=32, G=G, D=d, num_warps=4)
     if kernel == "fwd":
         bn, stages = ga.forward_tiles(cx["PATTERN"], cx["PB"])
@@ -81,17 +79,11 @@ def compile_case(kernel: str, pattern: str, d: int, G: int):
         scalars = {"o_ptr": "*bf16", "do_ptr": "*bf16", "lse_ptr": "*fp32", "dlse_ptr": "*fp32", "delta_ptr": "*fp32"}
         scalars |= {"T": "i32", "H": "i32", "qk_scale": "fp32", "sm_scale": "fp32"}
         return _compile(ga._dq_ws_kernel, dict.fromkeys(names, (ga.ROWS, d)), scalars, cx)
-    fused_dq = ga.FUSED_MODES.get(kernel, 0)
-    fused = fused_dq > 0
-    stages = ga.dkdv_stages(fused_dq, d)
-    cx |= dict(BY_KIND=pattern == "block_sparse", TL=ga.BWD_TILE, STAGES=stages, FUSED_DQ=fused_dq)
-    cx["DESCEND"] = cx["G"] == 1
+    cx |= dict(BY_KIND=pattern == "block_sparse", TL=ga.BWD_TILE, STAGES=ga.BWD_STAGES, DESCEND=G == 1)
     names = ("q_desc", "do_desc", "k_desc", "v_desc", "dk_desc", "dv_desc")
-    descs = dict.fromkeys(names, (ga.BWD_TILE, d)) | {"dq_desc": (ga.BWD_TILE, d) if fused else (8, 16)}
-    descs["dq_desc"] += (torch.float32,)
     scalars = {"lse_ptr": "*fp32", "delta_ptr": "*fp32", "T": "i32", "H": "i32", "HKV": "i32"}
     scalars |= {"qk_scale": "fp32", "sm_scale": "fp32"}
-    return _compile(ga._dkdv_ws_kernel, descs, scalars, cx)
+    return _compile(ga._dkdv_ws_kernel, dict.fromkeys(names, (ga.BWD_TILE, d)), scalars, cx)
 
 
 def resources(compiled) -> dict:
@@ -126,8 +118,7 @@ def resources(compiled) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    kernels = ["fwd", "dq", "dkdv", *ga.FUSED_MODES]
-    ap.add_argument("--kernels", nargs="+", default=kernels, choices=kernels)
+    ap.add_argument("--kernels", nargs="+", default=["fwd", "dq", "dkdv"], choices=["fwd", "dq", "dkdv"])
     ap.add_argument("--patterns", nargs="+", default=list(PATTERNS), choices=list(PATTERNS))
     ap.add_argument("--head-dims", type=int, nargs="+", default=[128, 64], choices=list(ga.HEAD_DIMS))
     ap.add_argument("--groups", type=int, nargs="+", default=[1, 4], help="query heads per KV head")
@@ -142,7 +133,7 @@ def main(argv=None) -> int:
                         print(json.dumps(dict(kernel=kernel, pattern=pattern, head_dim=d, group=G, **r)), flush=True)
                         continue
                     print(
-                        f"{kernel:<6} {pattern:<13} d {d:<3} G {G}: {r['regs']} regs (launch), "
+                        f"{kernel:<5} {pattern:<13} d {d:<3} G {G}: {r['regs']} regs (launch), "
                         f"spills {r['spill_stores']} B stored / {r['spill_loads']} B loaded, "
                         f"smem {r['shared_kb']} KiB, "
                         f"HGMMA {r['hgmma']}, waits {r['waits']}{', SERIALISED' if r['serialised'] else ''}",

@@ -203,13 +203,10 @@ def test_hopper_forward_module_imports_and_declines_cpu_calls():
         ("fwd", {"fwd"}),
         ("fwd,dkdv", {"fwd", "dkdv"}),
         ("dq,dkdv", {"dq", "dkdv"}),
-        ("fwd,fused", {"fwd", "fused"}),
-        ("fwd,fused_pair", {"fwd", "fused_pair"}),
     ],
 )
 def test_hopper_kernels_switch(flag, parts, monkeypatch):
-    """LONGGEN_GLUON: unset or 1 = forward, dK/dV and dQ kernels (not the experimental fused backward), 0 = none,
-    else the comma-separated subset."""
+    """LONGGEN_GLUON: unset or 1 = all three Hopper kernels, 0 = none, else the comma-separated subset."""
     from longgen.kernels import gluon_attention
 
     if flag is None:
@@ -224,9 +221,7 @@ def test_hopper_kernels_switch_rejects_unknown_values(flag, monkeypatch):
     from longgen.kernels import gluon_attention
 
     monkeypatch.setenv("LONGGEN_GLUON", flag)
-    with pytest.raises(
-        ValueError, match=rf"LONGGEN_GLUON must be 1 .* subset of fwd,dkdv,dq,fused,fused_pair, got '{flag}'"
-    ):
+    with pytest.raises(ValueError, match=rf"LONGGEN_GLUON must be 1 .* subset of fwd,dkdv,dq, got '{flag}'"):
         gluon_attention.enabled()
 
 
@@ -244,8 +239,7 @@ def test_hopper_kernels_compile_for_sm90_without_serialised_wgmma():
     root = Path(__file__).resolve().parents[1]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(root / "src"), env.get("PYTHONPATH", "")])
-    kernels = ["fwd", "dq", "dkdv", "fused", "fused_pair"]
-    args = ["--kernels", *kernels, "--patterns", "block_sparse", "--head-dims", "128", "--groups", "4"]
+    args = ["--kernels", "fwd", "dq", "dkdv", "--patterns", "block_sparse", "--head-dims", "128", "--groups", "4"]
     run = subprocess.run(
         [sys.executable, str(root / "benchmarks" / "gluon_resources.py"), *args, "--json"],
         capture_output=True,
@@ -257,36 +251,8 @@ def test_hopper_kernels_compile_for_sm90_without_serialised_wgmma():
         pytest.skip(f"no ptxas for sm_90: {run.stderr[-300:]}")
     assert run.returncode == 0, run.stderr[-3000:]
     rows = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
-    assert [r["kernel"] for r in rows] == kernels
+    assert [r["kernel"] for r in rows] == ["fwd", "dq", "dkdv"]
     for r in rows:
         assert not r["serialised"], r
         assert r["hgmma"] > 0 and r["waits"] < r["hgmma"], r
         assert r["shared_kb"] <= 227, r  # the H100/H200 per-block limit
-
-
-@pytest.mark.parametrize("d", [64, 96])
-@pytest.mark.parametrize("with_dlse", [False, True])
-def test_attention_delta(d, with_dlse):
-    """delta = rowsum(o * do) - dlse (the one-pass backward's input), rows not a multiple of the block, head dims
-    not a power of two; a non-contiguous input is an error."""
-    from longgen.kernels.triton_attention import attention_delta
-
-    o, do = rand((37, 3, d), torch.float16, 1), rand((37, 3, d), torch.float16, 2)
-    dlse = rand((37, 3), torch.float32, 3) if with_dlse else None
-    want = (o.float() * do.float()).sum(-1) - (dlse if with_dlse else 0.0)
-    got = attention_delta(o, do, dlse)
-    assert got.dtype == torch.float32 and got.shape == (37, 3)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
-    with pytest.raises(ValueError, match="contiguous"):
-        attention_delta(o.transpose(0, 1), do.transpose(0, 1))
-
-
-@pytest.mark.parametrize(
-    "flag,mode", [("1", 0), ("0", 0), ("fwd,fused", 1), ("fused_pair", 2), ("fused,fused_pair", 2)]
-)
-def test_one_pass_backward_mode(flag, mode, monkeypatch):
-    """The dK/dV kernel's FUSED_DQ that LONGGEN_GLUON selects (the experimental one-pass backwards are opt-in)."""
-    from longgen.kernels import gluon_attention
-
-    monkeypatch.setenv("LONGGEN_GLUON", flag)
-    assert gluon_attention.fused_mode() == mode

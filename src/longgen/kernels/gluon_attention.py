@@ -14,14 +14,11 @@ registers are rebalanced with `setmaxnreg` (consumers 240, loader 24).
   streamed (query tile, head) visits: Q and dO by TMA, the LSE and delta rows (strided by the head count, so not
   TMA-able) loaded by the loader warp into shared memory. S^T = K Q^T and dP^T = V dO^T are issued together,
   then dV += P^T dO and dK += dS^T Q with P^T and dS^T staged in shared memory; one visit's dV and dK complete
-  while the next visit's S^T and dP^T are issued. The dQ kernel runs first (it writes delta).
+  while the next visit's S^T and dP^T are issued. The dQ kernel runs first (it writes delta). Without GQA the
+  query tiles are swept from the last down (measured faster at Full 128K), with GQA upwards.
 * dQ of the backward (`_dq_ws_kernel`): the forward's
   program and loader; a consumer computes delta for its 64 rows, then per key tile S = Q K^T and dP = dO V^T
   together, dS = P (dP - delta), dQ += dS K. Otherwise the Triton dQ kernel runs.
-* One-pass backward (`fused_backward`, experimental, ``LONGGEN_GLUON=fwd,fused`` or ``fwd,fused_pair``; not yet
-  run on a GPU): the dK/dV kernel with FUSED_DQ also issues each visit's dQ share dS K and adds it into a float32
-  accumulator by TMA reduce-add from a staging tile: 5 products per visited tile pair instead of 7 (fused_pair:
-  one reduce per visit for both consumers' key tiles).
 
 Visited tiles, tile masks and the exact in-tile masks follow the Triton kernels (`_key_ranges`, `_query_ranges`,
 `_allowed`). Scores are in log2 units; the LSE is written in log2 units, (total, H), as the Triton forward writes
@@ -30,7 +27,7 @@ it, so the Triton dQ kernel runs unchanged on the Gluon forward's output.
 Scope (everything else runs the Triton kernels): CUDA capability 9.0, float16/bfloat16, head_dim 64 or 128,
 Full / SinkWindow / BlockSparse with block_size >= 64, batches of equal-length sequences (no padding, no
 cu_seqlens, no query offset) whose length is a multiple of 128, contiguous (total, heads, head_dim) tensors.
-``LONGGEN_GLUON``: 1 (default) forward, dK/dV and dQ, 0 none, or a comma-separated subset of PARTS. Measured
+``LONGGEN_GLUON``: 1 (default) all three kernels, 0 none, or a comma-separated subset of fwd,dkdv,dq. Measured
 choices and timings: docs/kernels/attention.md.
 """
 
@@ -42,7 +39,6 @@ import os
 import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language._core import builtin
 from triton.experimental.gluon.language.nvidia.hopper import (
     fence_async_shared,
     mbarrier,
@@ -60,19 +56,6 @@ from longgen.kernels.triton_attention import K_BLOCK_SPARSE, K_FULL, K_SINK_WIND
 _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 _tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
 _NEW_WS_API = "functions_and_args" in inspect.signature(gl.warp_specialize).parameters
-
-
-@builtin
-def _tma_reduce_add_shim(tensor_desc, coord, src, _semantic=None):
-    """TMA reduce-add of a shared-memory tile into global memory (`cp.reduce.async.bulk.tensor ... add`): Triton 3.6
-    has the operation but no Gluon wrapper for it (later versions: `tma.async_atomic_add`)."""
-    from triton._C.libtriton import ir
-
-    coord = _semantic._convert_to_ir_values(coord, require_i64=False)
-    _semantic.builder.create_async_tma_reduce(ir.DESCRIPTOR_REDUCE_KIND.ADD, tensor_desc.handle, coord, src.handle)
-
-
-_tma_reduce_add = getattr(tma, "async_atomic_add", None) or _tma_reduce_add_shim
 
 ROWS = 64  # query rows per consumer warpgroup; a program covers 2 * ROWS
 BWD_TILE = 64  # dK/dV kernel: keys per consumer warpgroup, and queries per streamed Q / dO tile
@@ -600,16 +583,6 @@ def _pass_visits(full, empty, v0, v1, STAGES: gl.constexpr):
 
 
 @gluon.jit
-def _reduce_dq(dq, dqs, dq_desc, row, col):
-    """Add a float32 dQ tile into the accumulator at (row, col) by TMA reduce-add through the staging buffer dqs,
-    once the previous reduce from it has read it."""
-    tma.store_wait(pendings=0)
-    dqs.store(dq)
-    fence_async_shared()
-    _tma_reduce_add(dq_desc, [row, col], dqs)
-
-
-@gluon.jit
 def _bwd_consume(
     WHICH: gl.constexpr,
     q_desc,
@@ -628,9 +601,6 @@ def _bwd_consume(
     kv_bars,
     p_smem,
     ds_smem,
-    dq_desc,
-    dq_smem,
-    hand_bars,
     qk_scale,
     sm_scale,
     g,
@@ -640,8 +610,6 @@ def _bwd_consume(
     far,
     v0,
     v1,
-    ov0,
-    ov1,
     t1,
     n_first,
     t2,
@@ -658,21 +626,13 @@ def _bwd_consume(
     TL: gl.constexpr,
     D: gl.constexpr,
     STAGES: gl.constexpr,
-    FUSED_DQ: gl.constexpr,
     DESCEND: gl.constexpr,
 ):
     """One consumer warpgroup: dK, dV of key tile kt (TL keys) over its visits [v0, v1) of the streamed
     (query tile, head) visits. Transposed scores S^T = K Q^T (keys x queries), so that P^T and dS^T are register
     operands of dV += P^T dO and dK += dS^T Q. Per visit the four products are issued asynchronously: S^T and
     dP^T = V dO^T together, dV once P^T is known, dK once dS^T is; dV and dK of one visit complete while the next
-    visit's S^T and dP^T are issued, and its buffers go back to the loader then. With FUSED_DQ the visit's dQ share
-    over these keys, dS K (scaled), is issued with dK, staged in this consumer's float32 buffer and added into the
-    float32 (total, H * D) accumulator of dq_desc by a TMA reduce-add while dK completes; the buffer is reused one
-    visit later, after that reduce has read it (dq_desc / dq_smem are unused otherwise). FUSED_DQ == 2 halves the
-    reduce traffic: in a visit both consumers take part in ([ov0, ov1) is the other's range), one of them in turn
-    (visit parity) computes the whole dQ share over both key tiles, dS_0 K_0 + dS_1 K_1, from the other's dS^T and K
-    in shared memory, and reduces it; the other hands its dS^T over (hand_bars: "ready" and "free" per consumer)
-    and may overwrite it only once the reducer's product has read it."""
+    visit's S^T and dP^T are issued, and its buffers go back to the loader then."""
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, TL, 16])
     acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, D, 16])
     dt: gl.constexpr = q_desc.dtype
@@ -693,21 +653,10 @@ def _bwd_consume(
     # the accumulators are loop-carried as asynchronous results (the previous visit's dK, dV in flight)
     dk = warpgroup_mma_init(gl.zeros([TL, D], gl.float32, acc_layout))
     dv = warpgroup_mma_init(gl.zeros([TL, D], gl.float32, acc_layout))
-    dqs = dq_smem.index(WHICH)
     ps = p_smem.index(WHICH)
     dss = ds_smem.index(WHICH)
     if mine:
         mbarrier.wait(kvb, 0)
-    # FUSED_DQ == 2: the other consumer's dS^T and K, my hand-overs so far, my waits for the other's, and whether
-    # my last hand-over may still be read
-    dss_o = ds_smem.index(1 - WHICH)
-    ks_o = k_smem.index(1 - WHICH)
-    n_hand = v0 * 0
-    n_took = v0 * 0
-    pending = v0 * 0
-    if FUSED_DQ == 2:  # noqa: SIM102 (compile-time test around a runtime one)
-        if mine & (ov0 < ov1):
-            mbarrier.wait(kv_bars.index(1 - WHICH), 0)
     for i in range(v0, v1):
         st = i % STAGES
         q0 = _query_tile(i, t1, n_first, t2, G, DESCEND) * TL
@@ -741,50 +690,10 @@ def _bwd_consume(
         dv = warpgroup_mma(ps, dos, dv, is_async=True)
         dp = warpgroup_mma_wait(num_outstanding=1, deps=(dp_tok,))
         ds = p * (dp - gl.expand_dims(delta_smem.index(st).load(col_layout), 0))
-        if FUSED_DQ == 2:  # noqa: SIM102 (compile-time test around a runtime one)
-            if pending != 0:  # the reducer has read my last hand-over
-                mbarrier.wait(hand_bars.index(2 * WHICH + 1), (n_hand - 1) & 1)
-                pending = n_hand * 0
         dss.store(ds.to(dt))
         fence_async_shared()
-        if FUSED_DQ == 2:
-            # (an asynchronous dK cannot be redefined inside a runtime branch: it is issued after the branches,
-            # and the reducer's dQ products are waited for inside them)
-            both = (i >= ov0) & (i < ov1)
-            if both & ((i % 2) != WHICH):  # hand dS^T over; the other consumer reduces this visit's dQ
-                mbarrier.arrive(hand_bars.index(2 * WHICH), count=1)
-                n_hand += 1
-                pending = n_hand * 0 + 1
-            elif both:
-                mbarrier.wait(hand_bars.index(2 * (1 - WHICH)), n_took & 1)
-                n_took += 1
-                dq_tok = warpgroup_mma(
-                    dss.permute((1, 0)), ks, gl.zeros([TL, D], gl.float32, acc_layout), use_acc=False, is_async=True
-                )
-                dq_tok = warpgroup_mma(dss_o.permute((1, 0)), ks_o, dq_tok, is_async=True)
-                dq = warpgroup_mma_wait(num_outstanding=0, deps=(dq_tok,))
-                mbarrier.arrive(hand_bars.index(2 * (1 - WHICH) + 1), count=1)
-                _reduce_dq(dq * sm_scale, dqs, dq_desc, row0 + q0, (g * G + i % G) * D)
-            else:
-                dq_tok = warpgroup_mma(
-                    dss.permute((1, 0)), ks, gl.zeros([TL, D], gl.float32, acc_layout), use_acc=False, is_async=True
-                )
-                dq = warpgroup_mma_wait(num_outstanding=0, deps=(dq_tok,))
-                _reduce_dq(dq * sm_scale, dqs, dq_desc, row0 + q0, (g * G + i % G) * D)
-            dk = warpgroup_mma(dss, qs, dk, is_async=True)
-        elif FUSED_DQ == 1:
-            dq_tok = warpgroup_mma(
-                dss.permute((1, 0)), ks, gl.zeros([TL, D], gl.float32, acc_layout), use_acc=False, is_async=True
-            )
-            dk = warpgroup_mma(dss, qs, dk, is_async=True)
-            dq = warpgroup_mma_wait(num_outstanding=1, deps=(dq_tok,))  # dV and dQ done, dK in flight
-            _reduce_dq(dq * sm_scale, dqs, dq_desc, row0 + q0, (g * G + i % G) * D)
-        else:
-            dk = warpgroup_mma(dss, qs, dk, is_async=True)
+        dk = warpgroup_mma(dss, qs, dk, is_async=True)
     dk, dv = warpgroup_mma_wait(num_outstanding=0, deps=(dk, dv))
-    if FUSED_DQ == 2:  # noqa: SIM102 (compile-time test around a runtime one)
-        if pending != 0:  # K and dS^T are read by the other consumer until it frees my last hand-over
-            mbarrier.wait(hand_bars.index(2 * WHICH + 1), (n_hand - 1) & 1)
     if mine:
         mbarrier.arrive(empty.index((v1 - 1) % STAGES), count=1)
     _pass_visits(full, empty, v1, n_visit, STAGES)
@@ -858,7 +767,6 @@ def _dkdv_ws_kernel(
     v_desc,
     dk_desc,
     dv_desc,
-    dq_desc,
     lse_ptr,
     delta_ptr,
     T,
@@ -879,7 +787,6 @@ def _dkdv_ws_kernel(
     TL: gl.constexpr,
     D: gl.constexpr,
     STAGES: gl.constexpr,
-    FUSED_DQ: gl.constexpr,
     DESCEND: gl.constexpr,
     num_warps: gl.constexpr,
 ):
@@ -924,9 +831,6 @@ def _dkdv_ws_kernel(
     pds_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([TL, TL], q_desc.dtype)
     p_smem = gl.allocate_shared_memory(q_desc.dtype, [2, TL, TL], pds_layout)
     ds_smem = gl.allocate_shared_memory(q_desc.dtype, [2, TL, TL], pds_layout)
-    # FUSED_DQ: each consumer's float32 dQ tile on its way to the TMA reduce (a tiny unused tile otherwise)
-    dq_block: gl.constexpr = dq_desc.block_type.shape
-    dq_smem = gl.allocate_shared_memory(dq_desc.dtype, [2, dq_block[0], dq_block[1]], dq_desc.layout)
     vec_layout: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0])
     lse_smem = gl.allocate_shared_memory(gl.float32, [STAGES, TL], vec_layout)
     delta_smem = gl.allocate_shared_memory(gl.float32, [STAGES, TL], vec_layout)
@@ -935,9 +839,6 @@ def _dkdv_ws_kernel(
         mbarrier.init(empty.index(si), count=2)
     mbarrier.init(kv_bars.index(0), count=1)
     mbarrier.init(kv_bars.index(1), count=1)
-    hand_bars = gl.allocate_shared_memory(gl.int64, [4, 1], mbarrier.MBarrierLayout())  # FUSED_DQ == 2
-    for hi in gl.static_range(4):
-        mbarrier.init(hand_bars.index(hi), count=1)
     gl.warp_specialize(
         [
             (
@@ -960,9 +861,6 @@ def _dkdv_ws_kernel(
                     kv_bars,
                     p_smem,
                     ds_smem,
-                    dq_desc,
-                    dq_smem,
-                    hand_bars,
                     qk_scale,
                     sm_scale,
                     g,
@@ -972,8 +870,6 @@ def _dkdv_ws_kernel(
                     far_a,
                     v0_a,
                     v1_a,
-                    v0_b,
-                    v1_b,
                     t1,
                     n_first,
                     t2,
@@ -990,7 +886,6 @@ def _dkdv_ws_kernel(
                     TL,
                     D,
                     STAGES,
-                    FUSED_DQ,
                     DESCEND,
                 ),
             ),
@@ -1014,9 +909,6 @@ def _dkdv_ws_kernel(
                     kv_bars,
                     p_smem,
                     ds_smem,
-                    dq_desc,
-                    dq_smem,
-                    hand_bars,
                     qk_scale,
                     sm_scale,
                     g,
@@ -1026,8 +918,6 @@ def _dkdv_ws_kernel(
                     far_b,
                     v0_b,
                     v1_b,
-                    v0_a,
-                    v1_a,
                     t1,
                     n_first,
                     t2,
@@ -1044,7 +934,6 @@ def _dkdv_ws_kernel(
                     TL,
                     D,
                     STAGES,
-                    FUSED_DQ,
                     DESCEND,
                 ),
             ),
@@ -1365,43 +1254,28 @@ def _dq_ws_kernel(
 
 # ---------------------------------------------------------------------------------------------------------------
 # host side
-# LONGGEN_GLUON -> the Hopper kernels that may run: 1 (default) forward, dK/dV and dQ, 0 none, or a comma-separated
-# subset of PARTS (A/B of one kernel against its Triton counterpart, e.g. "fwd,dkdv" runs the Triton dQ kernel).
-# "fused" and "fused_pair" (experimental, not in the default) are the one-pass backwards of `fused_backward`, in
-# place of dq and dkdv.
-PARTS = ("fwd", "dkdv", "dq", "fused", "fused_pair")
-DEFAULT_PARTS = ("fwd", "dkdv", "dq")
-FUSED_MODES = {"fused": 1, "fused_pair": 2}  # one-pass backward part -> the dK/dV kernel's FUSED_DQ
+# LONGGEN_GLUON -> the Hopper kernels that may run: 1 (default) all three, 0 none, or a comma-separated subset
+# (A/B of one kernel against its Triton counterpart, e.g. "fwd,dkdv" runs the Triton dQ kernel).
+PARTS = ("fwd", "dkdv", "dq")
 
 
 def _parts(flag: str) -> frozenset[str]:
     if flag == "1":
-        return frozenset(DEFAULT_PARTS)
+        return frozenset(PARTS)
     if flag == "0":
         return frozenset()
     parts = flag.split(",")
     if not all(p in PARTS for p in parts) or len(set(parts)) != len(parts):
         raise ValueError(
-            f"LONGGEN_GLUON must be 1 (default: {','.join(DEFAULT_PARTS)}), 0 (none) or a comma-separated subset of "
+            f"LONGGEN_GLUON must be 1 (default: all Hopper kernels), 0 (none) or a comma-separated subset of "
             f"{','.join(PARTS)}, got {flag!r}"
         )
     return frozenset(parts)
 
 
 def enabled(part: str = "fwd") -> bool:
-    """Whether the Hopper kernel `part` (one of PARTS) may run (``LONGGEN_GLUON``, see `_parts`)."""
+    """Whether the Hopper kernel `part` ("fwd", "dkdv" or "dq") may run (``LONGGEN_GLUON``, see `_parts`)."""
     return part in _parts(os.environ.get("LONGGEN_GLUON", "1"))
-
-
-def fused_mode() -> int:
-    """FUSED_DQ of the enabled one-pass backward (FUSED_MODES; "fused_pair" if both are set), 0 for none."""
-    return max((mode for part, mode in FUSED_MODES.items() if enabled(part)), default=0)
-
-
-def dkdv_stages(fused_dq: int, head_dim: int) -> int:
-    """Q / dO stages of the dK/dV kernel: the one-pass backward's two float32 dQ staging tiles (64 KiB at head
-    dim 128) fit beside two stages there, not three."""
-    return 2 if fused_dq and head_dim >= 128 else BWD_STAGES
 
 
 def _in_scope(q: torch.Tensor, head_dim: int, kind: int, block_size: int, seq_len: int) -> bool:
@@ -1440,7 +1314,7 @@ def takes_causal_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> b
 def _desc(x: torch.Tensor, rows: int) -> TensorDescriptor:
     """TMA descriptor of a (total, heads, head_dim) tensor viewed as (total, heads * head_dim), tiles (rows, d)."""
     total, heads, d = x.shape
-    dt = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16, torch.float32: gl.float32}[x.dtype]
+    dt = gl.bfloat16 if x.dtype == torch.bfloat16 else gl.float16
     x2 = x.view(total, heads * d)
     layout = gl.NVMMASharedLayout.get_default_for([rows, d], dt)
     return TensorDescriptor(x2, list(x2.shape), list(x2.stride()), [rows, d], layout)
@@ -1540,13 +1414,10 @@ def dkdv(
     dk: torch.Tensor,
     dv: torch.Tensor,
     plan: _Plan,
-    dq_acc: torch.Tensor | None = None,
-    fused_dq: int = 1,
 ) -> None:
     """Writes dK, dV (like k, v) of a call whose forward `suits` accepted: q, do ``(total, H, d)``, k, v
     ``(total, Hkv, d)``, contiguous and 16-byte aligned; ``lse2`` (log2 units) and ``delta`` = rowsum(o * do)
-    ``(total, H)`` float32, as the dQ kernels leave them. With ``dq_acc`` (float32 like q, zeroed) the kernel also
-    adds the visits' dQ shares into it, as one-pass mode ``fused_dq`` (FUSED_MODES; `fused_backward`)."""
+    ``(total, H)`` float32, as the Triton dQ kernel leaves them."""
     H, D = q.shape[1:]
     hkv = k.shape[1]
     cx = plan.constexprs
@@ -1556,10 +1427,6 @@ def dkdv(
     # and the strided list counts the tiles of a last block past the sequence end (fewer than PB / 64 tiles;
     # programs left over find only tiles past the end and exit)
     extra = cx["PB"] // BWD_TILE if by_kind else 0
-    fused = dq_acc is not None
-    fused_dq = fused_dq if fused else 0
-    if not fused:  # the kernel's dQ staging tile shrinks to this unused one
-        dq_acc = torch.empty(8, 1, 16, dtype=torch.float32, device=q.device)
     _dkdv_ws_kernel[(plan.n_seqs * hkv, (n_tiles + 1) // 2 + extra)](
         _desc(q, BWD_TILE),
         _desc(do, BWD_TILE),
@@ -1567,7 +1434,6 @@ def dkdv(
         _desc(v, BWD_TILE),
         _desc(dk, BWD_TILE),
         _desc(dv, BWD_TILE),
-        _desc(dq_acc, BWD_TILE if fused else 8),
         lse2,
         delta,
         plan.max_len,
@@ -1580,52 +1446,10 @@ def dkdv(
         BY_KIND=by_kind,
         TL=BWD_TILE,
         D=D,
-        STAGES=dkdv_stages(fused_dq, D),
-        FUSED_DQ=fused_dq,
+        STAGES=BWD_STAGES,
         DESCEND=plan.shape.group == 1,  # measured: 7% faster at Full 128K without GQA, 3-4% slower with G 4
         num_warps=4,
     )
 
 
-def fused_backward(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    o: torch.Tensor,
-    do: torch.Tensor,
-    lse2: torch.Tensor,
-    dlse: torch.Tensor | None,
-    dq: torch.Tensor,
-    dk: torch.Tensor,
-    dv: torch.Tensor,
-    plan: _Plan,
-    fused_dq: int = 1,
-) -> None:
-    """The whole backward in one pass over the visited tiles (LONGGEN_GLUON part "fused": ``fused_dq`` 1, or
-    "fused_pair": 2; experimental, not yet run on a GPU): the dK/dV kernel also accumulates dQ in float32 with TMA
-    reduce-adds, 5 products per visited tile pair instead of the 7 of the dQ + dK/dV kernels; with "fused_pair" the
-    two consumer warpgroups of a program reduce one dQ share per visit between them (half the reduce traffic).
-    Inputs as `dq_delta` and `dkdv`; writes dq, dk, dv."""
-    from longgen.kernels.triton_attention import attention_delta
-
-    delta = attention_delta(o, do, dlse)
-    dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-    dkdv(q, k, v, do, lse2, delta, dk, dv, plan, dq_acc=dq_acc, fused_dq=fused_dq)
-    dq.copy_(dq_acc)
-
-
-__all__ = [
-    "DEFAULT_PARTS",
-    "FUSED_MODES",
-    "HEAD_DIMS",
-    "PARTS",
-    "dkdv",
-    "dkdv_stages",
-    "dq_delta",
-    "enabled",
-    "forward",
-    "fused_backward",
-    "fused_mode",
-    "suits",
-    "takes_causal_forward",
-]
+__all__ = ["HEAD_DIMS", "PARTS", "dkdv", "dq_delta", "enabled", "forward", "suits", "takes_causal_forward"]

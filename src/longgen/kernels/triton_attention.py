@@ -1302,7 +1302,6 @@ class _Plan:
         )
         # set by triton_attention where the Hopper Gluon kernels take the call (forward; dQ, dK/dV of the backward)
         self.gluon_forward = self.gluon_dq = self.gluon_dkdv = False
-        self.gluon_fused = 0  # the one-pass backward's mode (gluon_attention.FUSED_MODES), 0 for none
         self.layout = torch.zeros(1, dtype=torch.int8, device=device)
         self.n_lay = 1
         self.index: dict[str, tuple[torch.Tensor, torch.Tensor] | None] = {"fwd": None, "dq": None, "dkdv": None}
@@ -1454,51 +1453,6 @@ def _forward(q, k, v, plan: _Plan):
     return o, lse2  # lse in log2 units, (total, H)
 
 
-@triton.jit
-def _delta_kernel(
-    O, DO, DLSE, DELTA, R, D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, HAS_DLSE: tl.constexpr
-):
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.arange(0, BLOCK_D)
-    in_rows = rows < R
-    mask = in_rows[:, None] & (cols < D)[None, :]
-    offs = rows.to(tl.int64)[:, None] * D + cols[None, :]
-    o = tl.load(O + offs, mask=mask, other=0.0).to(tl.float32)
-    do = tl.load(DO + offs, mask=mask, other=0.0).to(tl.float32)
-    delta = tl.sum(o * do, 1)
-    if HAS_DLSE:
-        delta -= tl.load(DLSE + rows, mask=in_rows, other=0.0)
-    tl.store(DELTA + rows, delta, mask=in_rows)
-
-
-def attention_delta(o: torch.Tensor, do: torch.Tensor, dlse: torch.Tensor | None = None) -> torch.Tensor:
-    """delta = rowsum(o * do) - dlse, float32 ``(total, H)``, of contiguous ``(total, H, d)`` o and do; ``dlse`` the
-    gradient of the (natural-log) LSE, float32 ``(total, H)``, or None. The dK/dV kernels read it (dS = P (dP -
-    delta)); the dQ kernels compute it themselves, a one-pass backward needs it first."""
-    if not (o.is_contiguous() and do.is_contiguous()) or o.shape != do.shape or o.dim() != 3:
-        raise ValueError(
-            f"attention_delta needs contiguous (total, H, d) o and do, got {tuple(o.shape)}, {tuple(do.shape)}"
-        )
-    total, H, d = o.shape
-    delta = torch.empty(total, H, dtype=torch.float32, device=o.device)
-    R = total * H
-    if R == 0:
-        return delta
-    block_r = 64
-    _delta_kernel[(triton.cdiv(R, block_r),)](
-        o,
-        do,
-        delta if dlse is None else dlse.contiguous(),  # not read without dlse
-        delta,
-        R,
-        D=d,
-        BLOCK_R=block_r,
-        BLOCK_D=triton.next_power_of_2(d),
-        HAS_DLSE=dlse is not None,
-    )
-    return delta
-
-
 def _backward(do, dlse, q, k, v, o, lse2, plan: _Plan):
     total, H, _ = q.shape
     alloc = torch.zeros_like if plan.shape.padded else torch.empty_like  # padding gets no gradient
@@ -1511,18 +1465,14 @@ def _backward(do, dlse, q, k, v, o, lse2, plan: _Plan):
     # d lse / d score = p, so a gradient on the lse shifts delta (the dQ kernel computes delta and subtracts it)
     has_dlse = dlse is not None
     dlse = dlse.float().contiguous() if has_dlse else torch.zeros(1, dtype=torch.float32, device=q.device)
-    if plan.gluon_dq or plan.gluon_dkdv or plan.gluon_fused:
+    delta = torch.empty(total, H, dtype=torch.float32, device=q.device)
+    qk_scale = plan.shape.scale * LOG2E
+    hkv = plan.shape.num_kv_heads
+    if plan.gluon_dq or plan.gluon_dkdv:
         from longgen.kernels import gluon_attention
 
         if not (do.is_contiguous() and do.data_ptr() % 16 == 0):
             do = do.clone(memory_format=torch.contiguous_format)  # TMA reads whole aligned rows
-    if plan.gluon_fused:
-        dl = dlse if has_dlse else None
-        gluon_attention.fused_backward(q, k, v, o, do, lse2, dl, dq, dk, dv, plan, plan.gluon_fused)
-        return dq, dk, dv
-    delta = torch.empty(total, H, dtype=torch.float32, device=q.device)
-    qk_scale = plan.shape.scale * LOG2E
-    hkv = plan.shape.num_kv_heads
     if plan.gluon_dq:
         gluon_attention.dq_delta(q, k, v, o, do, lse2, dlse if has_dlse else None, delta, dq, plan)
     else:
@@ -1648,8 +1598,7 @@ def triton_attention(q, k, v, shape: AttentionShape, cu_seqlens: torch.Tensor | 
     if _gluon_suits(q, k, v, plan, batched=cu_seqlens is None):
         from longgen.kernels import gluon_attention
 
-        plan.gluon_forward, plan.gluon_dkdv, plan.gluon_dq = map(gluon_attention.enabled, ("fwd", "dkdv", "dq"))
-        plan.gluon_fused = gluon_attention.fused_mode()
+        plan.gluon_forward, plan.gluon_dkdv, plan.gluon_dq = map(gluon_attention.enabled, gluon_attention.PARTS)
     o, lse = _TritonAttention.apply(q, k, v, plan)
     o = o.reshape(out_shape)
     if not return_lse:
