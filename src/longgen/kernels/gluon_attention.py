@@ -566,8 +566,8 @@ def _query_range(
 
 @gluon.jit
 def _query_tile(i, t1, n_first, t2, G: gl.constexpr, DESCEND: gl.constexpr):
-    """Query tile of the i-th visit: n_first tiles from t1, then the rest from t2, ascending (or with DESCEND
-    descending from t1 and t2); each tile once per query head of the group (heads innermost)."""
+    """Query tile of the i-th visit: n_first tiles from t1, then the rest from t2, ascending, or with DESCEND
+    descending from t1 and t2; each tile once per query head of the group (heads innermost)."""
     u = i // G
     d: gl.constexpr = -1 if DESCEND else 1
     return gl.where(u < n_first, t1 + d * u, t2 + d * (u - n_first))
@@ -800,25 +800,19 @@ def _dkdv_ws_kernel(
     start2 = gl.maximum(hi_a, lo_b)
     n2 = gl.maximum(hi_b - start2, 0)
     n_visit = (n1 + n2) * G
-    # visits: tile a's query tiles [lo_a, hi_a), then tile b's past them [start2, hi_b), or with DESCEND the same
-    # tiles from the top down; each consumer's visits are one contiguous run, b's [v0_b, v1_b)
+    # visits: tile a's query tiles, then those of tile b past them (each consumer's visits are one contiguous run:
+    # a's [v0_a, v1_a), b's [v0_b, v1_b)); DESCEND reverses the order: the same two runs of tiles from the top
+    # down, and the consumers' runs mirrored
     valid_b = lo_b < hi_b
+    v0_a = n1 * 0
+    v1_a = n1 * G
+    v0_b = gl.where(valid_b, (gl.minimum(lo_b, hi_a) - lo_a) * G, 0)
+    v1_b = gl.where(valid_b, gl.where(hi_b <= hi_a, (hi_b - lo_a) * G, n_visit), 0)
+    t1, n_first, t2 = lo_a, n1, start2
     if DESCEND:
-        t1 = start2 + n2 - 1
-        n_first = n2
-        t2 = hi_a - 1
-        v0_a = n2 * G
-        v1_a = n_visit
-        v0_b = gl.where(valid_b, gl.maximum(hi_a - hi_b, 0) * G, 0)
-        v1_b = gl.where(valid_b, (n2 + gl.maximum(hi_a - lo_b, 0)) * G, 0)
-    else:
-        t1 = lo_a
-        n_first = n1
-        t2 = start2
-        v0_a = n1 * 0
-        v1_a = n1 * G
-        v0_b = gl.where(valid_b, (gl.minimum(lo_b, hi_a) - lo_a) * G, 0)
-        v1_b = gl.where(valid_b, gl.where(hi_b <= hi_a, (hi_b - lo_a) * G, n_visit), 0)
+        t1, n_first, t2 = start2 + n2 - 1, n2, hi_a - 1
+        v0_a, v1_a = n_visit - v1_a, n_visit - v0_a
+        v0_b, v1_b = n_visit - v1_b, n_visit - v0_b
     q_smem = gl.allocate_shared_memory(q_desc.dtype, [STAGES, TL, D], q_desc.layout)
     do_smem = gl.allocate_shared_memory(do_desc.dtype, [STAGES, TL, D], do_desc.layout)
     k_smem = gl.allocate_shared_memory(k_desc.dtype, [2, TL, D], k_desc.layout)
@@ -1278,6 +1272,12 @@ def enabled(part: str = "fwd") -> bool:
     return part in _parts(os.environ.get("LONGGEN_GLUON", "1"))
 
 
+def dkdv_descends(group: int) -> bool:
+    """Whether the dK/dV kernel sweeps its query tiles from the last down (DESCEND): measured on the H200 7% faster
+    at Full 128K without GQA, 3-4% slower with 4 query heads per KV head (docs/kernels/attention.md)."""
+    return group == 1
+
+
 def _in_scope(q: torch.Tensor, head_dim: int, kind: int, block_size: int, seq_len: int) -> bool:
     """The device, dtype, head_dim, pattern and length conditions of the module docstring."""
     if not (_NEW_WS_API and q.is_cuda) or torch.cuda.get_device_capability(q.device) != (9, 0):
@@ -1447,7 +1447,7 @@ def dkdv(
         TL=BWD_TILE,
         D=D,
         STAGES=BWD_STAGES,
-        DESCEND=plan.shape.group == 1,  # measured: 7% faster at Full 128K without GQA, 3-4% slower with G 4
+        DESCEND=dkdv_descends(plan.shape.group),
         num_warps=4,
     )
 
