@@ -8,6 +8,25 @@ import sys
 import torch
 
 
+def set_knobs(module, text: str) -> dict:
+    """Set a module's integer tuning constants from "NAME=VALUE[,NAME=VALUE...]" (e.g. the Gluon kernels'
+    "BWD_STAGES=4,BWD_P_REGS=1"); returns the previous values, so that `set_knobs(module, restore)` undoes it.
+    Unknown names are an error, so a typo cannot silently time the defaults."""
+    old = {}
+    for part in filter(None, (text or "").split(",")):
+        name, _, value = part.partition("=")
+        if not hasattr(module, name) or not value.lstrip("-").isdigit():
+            raise ValueError(f"bad knob {part!r}: expected NAME=INTEGER with NAME a constant of {module.__name__}")
+        old[name] = getattr(module, name)
+        setattr(module, name, type(old[name])(int(value)))
+    return old
+
+
+def restore_knobs(module, old: dict) -> None:
+    for name, value in old.items():
+        setattr(module, name, value)
+
+
 def run_metadata() -> dict:
     """command, device, torch, triton, date of this run (call on the GPU machine)."""
     import triton

@@ -2,7 +2,7 @@
 
     PYTHONPATH=src python benchmarks/tune_attention.py [--cases full:32768:32 sink_window:131072:32 ...]
         [--configs "fwd=128x64/w8s3 dq=128x64/w8s3 dkdv=32x64/w4s4" ...] [--baseline OLD_triton_attention.py]
-        [--gluon 1 fwd,dkdv fwd 0] [--repeats 1] [--out results.json]
+        [--gluon 1 fwd,dkdv fwd 0] [--knobs "" BWD_P_REGS=1] [--repeats 1] [--out results.json]
 
 For every config and case (pattern:seq_len:kv_heads; bf16, batch 1, 32 query heads, head dim 128) it prints the
 median forward and forward+backward time (`triton.testing.do_bench`) and the CUDA time of each kernel (forward, dQ,
@@ -10,7 +10,8 @@ dK/dV, everything else) from torch.profiler over 5 forward+backward calls, so on
 independently. A tile is BLOCK_MxBLOCK_N/wWARPSsSTAGES; BlockSparse clamps BLOCK_N to its block size.
 `--baseline` also runs an older copy of `triton_attention.py` with its own default tiles (A/B of a kernel change);
 `--gluon` runs every case under each LONGGEN_GLUON setting (1: the Hopper forward, dK/dV and dQ kernels where they
-apply, 0: Triton only, or a comma-separated subset of fwd,dkdv,dq).
+apply, 0: Triton only, or a comma-separated subset of fwd,dkdv,dq); `--knobs` runs each case under each set of
+`gluon_attention` tuning constants (NAME=VALUE,...; "" = the defaults).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import sys
 from collections import defaultdict
 
 import torch
-from common import cuda_kernel_table
+from common import cuda_kernel_table, restore_knobs, set_knobs
 from triton.testing import do_bench
 
 import longgen
@@ -67,13 +68,17 @@ def kernel_times(fn, iters: int = 5) -> dict[str, float]:
     return dict(out)
 
 
-def measure(module, cfg: dict | None, pattern, T: int, hkv: int, H: int = 32, d: int = 128) -> dict:
-    """Time one case with `module` standing in for longgen's kernel module (tiles `cfg`, or its defaults)."""
+def measure(
+    module, cfg: dict | None, pattern, T: int, hkv: int, H: int = 32, d: int = 128, check=None, case=None
+) -> dict:
+    """Time one case with `module` standing in for longgen's kernel module (tiles `cfg`, or its defaults). With
+    `check` (a dict), the first configuration's gradients of `case` are kept there and later ones compared to them."""
     saved_tiles = module._tile_config
     if cfg is not None:
         module._tile_config = lambda *a: cfg
     sys.modules[MODULE] = module  # longgen.sparse_attention imports the kernels lazily from here
     try:
+        torch.manual_seed(T + hkv)  # the same inputs for every configuration of a case (see --check)
         q = torch.randn(1, T, H, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         k = torch.randn(1, T, hkv, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         v = torch.randn(1, T, hkv, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -86,11 +91,22 @@ def measure(module, cfg: dict | None, pattern, T: int, hkv: int, H: int = 32, d:
             q.grad = k.grad = v.grad = None
             fwd().backward(do)
 
-        return {
+        out = {
             "ms_fwd": do_bench(fwd, return_mode="median"),
             "ms_fwd_bwd": do_bench(fwd_bwd, return_mode="median"),
             "kernels_ms": kernel_times(fwd_bwd),
         }
+        if check is not None:
+            fwd_bwd()
+            grads = [q.grad, k.grad, v.grad]
+            if case in check:  # worst gradient difference relative to the first configuration's largest entry
+                out["max_rel_diff"] = max(
+                    ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+                    for a, b in zip(grads, check[case], strict=True)
+                )
+            else:
+                check[case] = grads
+        return out
     finally:
         module._tile_config = saved_tiles
         sys.modules[MODULE] = current
@@ -115,13 +131,29 @@ def main(argv=None) -> int:
         default=[os.environ.get("LONGGEN_GLUON", "1")],
         help="LONGGEN_GLUON settings: 1 (all Hopper kernels), 0 (none), or subsets such as fwd,dkdv",
     )
+    ap.add_argument(
+        "--knobs",
+        nargs="+",
+        default=[""],
+        help='sets of gluon_attention tuning constants, each run as its own configuration, e.g. "" BWD_P_REGS=1',
+    )
     ap.add_argument("--repeats", type=int, default=1, help="run the whole sweep this many times (noise check)")
+    ap.add_argument(
+        "--check",
+        action="store_true",
+        help="compare every configuration's gradients with the first one's on the same inputs (max_rel_diff)",
+    )
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     for gluon in args.gluon:
         os.environ["LONGGEN_GLUON"] = gluon
         try:
             gluon_attention.enabled()
+        except ValueError as e:
+            ap.error(str(e))
+    for knobs in args.knobs:
+        try:
+            restore_knobs(gluon_attention, set_knobs(gluon_attention, knobs))
         except ValueError as e:
             ap.error(str(e))
     if not torch.cuda.is_available():
@@ -131,28 +163,35 @@ def main(argv=None) -> int:
     if args.baseline:
         runs.insert(0, ("baseline", load_baseline(args.baseline), None, "defaults"))
     rows = []
+    check = {} if args.check else None
     for rep in range(args.repeats):
-        for (label, module, cfg, cfg_text), gluon in ((r, g) for r in runs for g in args.gluon):
+        for (label, module, cfg, cfg_text), gluon, knobs in (
+            (r, g, kn) for r in runs for g in args.gluon for kn in args.knobs
+        ):
             os.environ["LONGGEN_GLUON"] = gluon
-            label = f"{label} gluon={gluon}"
+            label = f"{label} gluon={gluon}" + (f" {knobs}" if knobs else "")
+            saved = set_knobs(gluon_attention, knobs)
             for case in args.cases:
                 kind, T, hkv = case.split(":")
                 T, hkv = int(T), int(hkv)
                 pattern = PATTERNS[kind](hkv)
                 try:
-                    r = measure(module, cfg, pattern, T, hkv)
+                    r = measure(module, cfg, pattern, T, hkv, check=check, case=case)
                 except Exception as e:  # a config can exceed shared memory: report it and go on
                     print(f"{label} [{cfg_text}] {case}: failed: {type(e).__name__}: {str(e)[:120]}", flush=True)
                     continue
                 parts = " ".join(f"{k.strip('_')}={v:.2f}" for k, v in sorted(r["kernels_ms"].items()))
+                if "max_rel_diff" in r:
+                    parts += f" | grad diff {r['max_rel_diff']:.1e}"
                 print(
                     f"{label} [{cfg_text}] {case}: fwd {r['ms_fwd']:.2f} fwd+bwd {r['ms_fwd_bwd']:.2f} | {parts}",
                     flush=True,
                 )
-                rows.append(dict(module=label, config=cfg_text, case=case, repeat=rep, **r))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"command": " ".join(sys.argv), "rows": rows}, f, indent=1)
+                rows.append(dict(module=label, config=cfg_text, knobs=knobs, case=case, repeat=rep, **r))
+                if args.out:  # after every row, so that a run cut short keeps what it measured
+                    with open(args.out, "w") as f:
+                        json.dump({"command": " ".join(sys.argv), "rows": rows}, f, indent=1)
+            restore_knobs(gluon_attention, saved)
     return 0
 
 

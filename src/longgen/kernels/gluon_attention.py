@@ -60,6 +60,9 @@ _NEW_WS_API = "functions_and_args" in inspect.signature(gl.warp_specialize).para
 ROWS = 64  # query rows per consumer warpgroup; a program covers 2 * ROWS
 BWD_TILE = 64  # dK/dV kernel: keys per consumer warpgroup, and queries per streamed Q / dO tile
 BWD_STAGES = 3  # Q / dO tiles in flight
+BWD_P_REGS = 0  # dV += P^T dO: P^T through shared memory (0) or a register operand retired after dK's issue (1)
+# or with dP^T (2)
+BWD_DS_REGS = 0  # dK += dS^T Q with dS^T a register operand (1)
 DQ_BLOCK_N = 64  # dQ kernel: keys per streamed K / V tile (64 query rows per consumer, as in the forward)
 DQ_STAGES = 4
 HEAD_DIMS = (64, 128)
@@ -627,6 +630,8 @@ def _bwd_consume(
     D: gl.constexpr,
     STAGES: gl.constexpr,
     DESCEND: gl.constexpr,
+    P_REGS: gl.constexpr,
+    DS_REGS: gl.constexpr,
 ):
     """One consumer warpgroup: dK, dV of key tile kt (TL keys) over its visits [v0, v1) of the streamed
     (query tile, head) visits. Transposed scores S^T = K Q^T (keys x queries), so that P^T and dS^T are register
@@ -655,6 +660,12 @@ def _bwd_consume(
     dv = warpgroup_mma_init(gl.zeros([TL, D], gl.float32, acc_layout))
     ps = p_smem.index(WHICH)
     dss = ds_smem.index(WHICH)
+    # register operands (P_REGS / DS_REGS): P^T / dS^T converted in place to the A-operand layout of dV / dK; a
+    # register operand must stay live until its product completes, so the previous visit's are loop-carried into
+    # the wait that retires that product
+    op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
+    if DS_REGS:
+        ds_op = gl.zeros([TL, TL], dt, op_layout)
     if mine:
         mbarrier.wait(kvb, 0)
     for i in range(v0, v1):
@@ -666,7 +677,10 @@ def _bwd_consume(
         s_tok = warpgroup_mma(ks, qs.permute((1, 0)), zero_s, use_acc=False, is_async=True)
         dp_tok = warpgroup_mma(vs, dos.permute((1, 0)), zero_s, use_acc=False, is_async=True)
         # all but dP^T done: S^T, and the previous visit's dV and dK (in-order completion)
-        s, dk, dv = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok, dk, dv))
+        if DS_REGS:
+            s, dk, dv, ds_op = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok, dk, dv, ds_op))
+        else:
+            s, dk, dv = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok, dk, dv))
         if i > v0:
             mbarrier.arrive(empty.index((i - 1) % STAGES), count=1)
         if _needs_mask(far, k0, g, q0, TL, PATTERN, SINK, WINDOW, PB, LOCAL, DENSE_FROM, TL):
@@ -685,15 +699,33 @@ def _bwd_consume(
             )
             s = gl.where(ok, s, -float("inf"))
         p = gl.exp2(s * qk_scale - gl.expand_dims(lse_smem.index(st).load(col_layout), 0))
-        ps.store(p.to(dt))
-        fence_async_shared()
-        dv = warpgroup_mma(ps, dos, dv, is_async=True)
-        dp = warpgroup_mma_wait(num_outstanding=1, deps=(dp_tok,))
+        if P_REGS:
+            p_op = gl.convert_layout(p.to(dt), op_layout)
+            dv = warpgroup_mma(p_op, dos, dv, is_async=True)
+        else:
+            ps.store(p.to(dt))
+            fence_async_shared()
+            dv = warpgroup_mma(ps, dos, dv, is_async=True)
+        if P_REGS == 2:  # retire dV with dP^T
+            dp, dv_done, p_op = warpgroup_mma_wait(num_outstanding=0, deps=(dp_tok, dv, p_op))
+            dv = warpgroup_mma_init(dv_done)
+        else:
+            dp = warpgroup_mma_wait(num_outstanding=1, deps=(dp_tok,))
         ds = p * (dp - gl.expand_dims(delta_smem.index(st).load(col_layout), 0))
-        dss.store(ds.to(dt))
-        fence_async_shared()
-        dk = warpgroup_mma(dss, qs, dk, is_async=True)
-    dk, dv = warpgroup_mma_wait(num_outstanding=0, deps=(dk, dv))
+        if DS_REGS:
+            ds_op = gl.convert_layout(ds.to(dt), op_layout)
+            dk = warpgroup_mma(ds_op, qs, dk, is_async=True)
+        else:
+            dss.store(ds.to(dt))
+            fence_async_shared()
+            dk = warpgroup_mma(dss, qs, dk, is_async=True)
+        if P_REGS == 1:  # retire dV once dK is issued (dK stays in flight)
+            dv_done, p_op = warpgroup_mma_wait(num_outstanding=1, deps=(dv, p_op))
+            dv = warpgroup_mma_init(dv_done)
+    if DS_REGS:
+        dk, dv, ds_op = warpgroup_mma_wait(num_outstanding=0, deps=(dk, dv, ds_op))
+    else:
+        dk, dv = warpgroup_mma_wait(num_outstanding=0, deps=(dk, dv))
     if mine:
         mbarrier.arrive(empty.index((v1 - 1) % STAGES), count=1)
     _pass_visits(full, empty, v1, n_visit, STAGES)
@@ -788,6 +820,8 @@ def _dkdv_ws_kernel(
     D: gl.constexpr,
     STAGES: gl.constexpr,
     DESCEND: gl.constexpr,
+    P_REGS: gl.constexpr,
+    DS_REGS: gl.constexpr,
     num_warps: gl.constexpr,
 ):
     g = gl.program_id(0) % HKV  # head-major launch: every head's long key tiles are scheduled first
@@ -881,6 +915,8 @@ def _dkdv_ws_kernel(
                     D,
                     STAGES,
                     DESCEND,
+                    P_REGS,
+                    DS_REGS,
                 ),
             ),
             (
@@ -929,6 +965,8 @@ def _dkdv_ws_kernel(
                     D,
                     STAGES,
                     DESCEND,
+                    P_REGS,
+                    DS_REGS,
                 ),
             ),
             (
@@ -1448,6 +1486,8 @@ def dkdv(
         D=D,
         STAGES=BWD_STAGES,
         DESCEND=dkdv_descends(plan.shape.group),
+        P_REGS=BWD_P_REGS,
+        DS_REGS=BWD_DS_REGS,
         num_warps=4,
     )
 
