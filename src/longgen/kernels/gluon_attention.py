@@ -60,9 +60,7 @@ _NEW_WS_API = "functions_and_args" in inspect.signature(gl.warp_specialize).para
 ROWS = 64  # query rows per consumer warpgroup; a program covers 2 * ROWS
 BWD_TILE = 64  # dK/dV kernel: keys per consumer warpgroup, and queries per streamed Q / dO tile
 BWD_STAGES = 3  # Q / dO tiles in flight
-BWD_P_REGS = 0  # dV += P^T dO: P^T through shared memory (0) or a register operand retired after dK's issue (1)
-# or with dP^T (2)
-BWD_DS_REGS = 0  # dK += dS^T Q with dS^T a register operand (1)
+BWD_DS_REGS = 0  # dK += dS^T Q with dS^T a register operand (1) or through shared memory (0)
 DQ_BLOCK_N = 64  # dQ kernel: keys per streamed K / V tile (64 query rows per consumer, as in the forward)
 DQ_STAGES = 4
 HEAD_DIMS = (64, 128)
@@ -602,7 +600,6 @@ def _bwd_consume(
     full,
     empty,
     kv_bars,
-    p_smem,
     ds_smem,
     qk_scale,
     sm_scale,
@@ -630,7 +627,6 @@ def _bwd_consume(
     D: gl.constexpr,
     STAGES: gl.constexpr,
     DESCEND: gl.constexpr,
-    P_REGS: gl.constexpr,
     DS_REGS: gl.constexpr,
 ):
     """One consumer warpgroup: dK, dV of key tile kt (TL keys) over its visits [v0, v1) of the streamed
@@ -658,14 +654,10 @@ def _bwd_consume(
     # the accumulators are loop-carried as asynchronous results (the previous visit's dK, dV in flight)
     dk = warpgroup_mma_init(gl.zeros([TL, D], gl.float32, acc_layout))
     dv = warpgroup_mma_init(gl.zeros([TL, D], gl.float32, acc_layout))
-    ps = p_smem.index(WHICH)
     dss = ds_smem.index(WHICH)
-    # register operands (P_REGS / DS_REGS): P^T / dS^T converted in place to the A-operand layout of dV / dK; a
-    # register operand must stay live until its product completes, so the previous visit's are loop-carried into
-    # the wait that retires that product
+    # P^T (and with DS_REGS dS^T) converted in place to the A-operand layout of dV (dK); a register operand is
+    # retired within the visit that issued it (one carried around the loop makes ptxas serialise the wgmma chain)
     op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
-    if DS_REGS:
-        ds_op = gl.zeros([TL, TL], dt, op_layout)
     if mine:
         mbarrier.wait(kvb, 0)
     for i in range(v0, v1):
@@ -677,10 +669,7 @@ def _bwd_consume(
         s_tok = warpgroup_mma(ks, qs.permute((1, 0)), zero_s, use_acc=False, is_async=True)
         dp_tok = warpgroup_mma(vs, dos.permute((1, 0)), zero_s, use_acc=False, is_async=True)
         # all but dP^T done: S^T, and the previous visit's dV and dK (in-order completion)
-        if DS_REGS:
-            s, dk, dv, ds_op = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok, dk, dv, ds_op))
-        else:
-            s, dk, dv = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok, dk, dv))
+        s, dk, dv = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok, dk, dv))
         if i > v0:
             mbarrier.arrive(empty.index((i - 1) % STAGES), count=1)
         if _needs_mask(far, k0, g, q0, TL, PATTERN, SINK, WINDOW, PB, LOCAL, DENSE_FROM, TL):
@@ -699,33 +688,22 @@ def _bwd_consume(
             )
             s = gl.where(ok, s, -float("inf"))
         p = gl.exp2(s * qk_scale - gl.expand_dims(lse_smem.index(st).load(col_layout), 0))
-        if P_REGS:
-            p_op = gl.convert_layout(p.to(dt), op_layout)
-            dv = warpgroup_mma(p_op, dos, dv, is_async=True)
-        else:
-            ps.store(p.to(dt))
-            fence_async_shared()
-            dv = warpgroup_mma(ps, dos, dv, is_async=True)
-        if P_REGS == 2:  # retire dV with dP^T
-            dp, dv_done, p_op = warpgroup_mma_wait(num_outstanding=0, deps=(dp_tok, dv, p_op))
-            dv = warpgroup_mma_init(dv_done)
-        else:
-            dp = warpgroup_mma_wait(num_outstanding=1, deps=(dp_tok,))
+        p_op = gl.convert_layout(p.to(dt), op_layout)
+        dv = warpgroup_mma(p_op, dos, dv, is_async=True)
+        dp = warpgroup_mma_wait(num_outstanding=1, deps=(dp_tok,))
         ds = p * (dp - gl.expand_dims(delta_smem.index(st).load(col_layout), 0))
-        if DS_REGS:
+        if DS_REGS:  # dK and dV retired before the next visit
             ds_op = gl.convert_layout(ds.to(dt), op_layout)
             dk = warpgroup_mma(ds_op, qs, dk, is_async=True)
-        else:
+            dk_done, dv_done, p_op, ds_op = warpgroup_mma_wait(num_outstanding=0, deps=(dk, dv, p_op, ds_op))
+            dk = warpgroup_mma_init(dk_done)
+        else:  # dV retired once dK is issued; dK stays in flight into the next visit
             dss.store(ds.to(dt))
             fence_async_shared()
             dk = warpgroup_mma(dss, qs, dk, is_async=True)
-        if P_REGS == 1:  # retire dV once dK is issued (dK stays in flight)
             dv_done, p_op = warpgroup_mma_wait(num_outstanding=1, deps=(dv, p_op))
-            dv = warpgroup_mma_init(dv_done)
-    if DS_REGS:
-        dk, dv, ds_op = warpgroup_mma_wait(num_outstanding=0, deps=(dk, dv, ds_op))
-    else:
-        dk, dv = warpgroup_mma_wait(num_outstanding=0, deps=(dk, dv))
+        dv = warpgroup_mma_init(dv_done)
+    dk, dv = warpgroup_mma_wait(num_outstanding=0, deps=(dk, dv))
     if mine:
         mbarrier.arrive(empty.index((v1 - 1) % STAGES), count=1)
     _pass_visits(full, empty, v1, n_visit, STAGES)
@@ -820,7 +798,6 @@ def _dkdv_ws_kernel(
     D: gl.constexpr,
     STAGES: gl.constexpr,
     DESCEND: gl.constexpr,
-    P_REGS: gl.constexpr,
     DS_REGS: gl.constexpr,
     num_warps: gl.constexpr,
 ):
@@ -854,11 +831,9 @@ def _dkdv_ws_kernel(
     full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     kv_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    # P^T and dS^T of each consumer go to its dV / dK products through shared memory (as register operands they
-    # would keep 32 more registers per thread in flight, and ptxas then serialises the wgmma chain)
-    pds_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([TL, TL], q_desc.dtype)
-    p_smem = gl.allocate_shared_memory(q_desc.dtype, [2, TL, TL], pds_layout)
-    ds_smem = gl.allocate_shared_memory(q_desc.dtype, [2, TL, TL], pds_layout)
+    # dS^T of each consumer reaches its dK product through shared memory unless DS_REGS (P^T is a register operand)
+    ds_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([TL, TL], q_desc.dtype)
+    ds_smem = gl.allocate_shared_memory(q_desc.dtype, [2, TL, TL], ds_layout)
     vec_layout: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0])
     lse_smem = gl.allocate_shared_memory(gl.float32, [STAGES, TL], vec_layout)
     delta_smem = gl.allocate_shared_memory(gl.float32, [STAGES, TL], vec_layout)
@@ -887,7 +862,6 @@ def _dkdv_ws_kernel(
                     full,
                     empty,
                     kv_bars,
-                    p_smem,
                     ds_smem,
                     qk_scale,
                     sm_scale,
@@ -915,7 +889,6 @@ def _dkdv_ws_kernel(
                     D,
                     STAGES,
                     DESCEND,
-                    P_REGS,
                     DS_REGS,
                 ),
             ),
@@ -937,7 +910,6 @@ def _dkdv_ws_kernel(
                     full,
                     empty,
                     kv_bars,
-                    p_smem,
                     ds_smem,
                     qk_scale,
                     sm_scale,
@@ -965,7 +937,6 @@ def _dkdv_ws_kernel(
                     D,
                     STAGES,
                     DESCEND,
-                    P_REGS,
                     DS_REGS,
                 ),
             ),
@@ -1486,7 +1457,6 @@ def dkdv(
         D=D,
         STAGES=BWD_STAGES,
         DESCEND=dkdv_descends(plan.shape.group),
-        P_REGS=BWD_P_REGS,
         DS_REGS=BWD_DS_REGS,
         num_warps=4,
     )
