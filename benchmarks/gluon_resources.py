@@ -81,7 +81,6 @@ def compile_case(kernel: str, pattern: str, d: int, G: int):
         scalars |= {"T": "i32", "H": "i32", "qk_scale": "fp32", "sm_scale": "fp32"}
         return _compile(ga._dq_ws_kernel, dict.fromkeys(names, (ga.ROWS, d)), scalars, cx)
     cx |= dict(BY_KIND=pattern == "block_sparse", TL=ga.BWD_TILE, STAGES=ga.BWD_STAGES, DESCEND=ga.dkdv_descends(G))
-    cx |= dict(DS_REGS=ga.BWD_DS_REGS)
     names = ("q_desc", "do_desc", "k_desc", "v_desc", "dk_desc", "dv_desc")
     scalars = {"lse_ptr": "*fp32", "delta_ptr": "*fp32", "T": "i32", "H": "i32", "HKV": "i32"}
     scalars |= {"qk_scale": "fp32", "sm_scale": "fp32"}
@@ -125,7 +124,7 @@ def main(argv=None) -> int:
     ap.add_argument("--head-dims", type=int, nargs="+", default=[128, 64], choices=list(ga.HEAD_DIMS))
     ap.add_argument("--groups", type=int, nargs="+", default=[1, 4], help="query heads per KV head")
     ap.add_argument("--json", action="store_true", help="one JSON object per case instead of a table")
-    ap.add_argument("--set", default="", help="tuning constants of gluon_attention, e.g. BWD_DS_REGS=1,BWD_STAGES=4")
+    ap.add_argument("--set", default="", help="tuning constants of gluon_attention, e.g. BWD_STAGES=4,DQ_STAGES=3")
     args = ap.parse_args(argv)
     try:
         set_knobs(ga, args.set)

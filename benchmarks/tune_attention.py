@@ -2,7 +2,7 @@
 
     PYTHONPATH=src python benchmarks/tune_attention.py [--cases full:32768:32 sink_window:131072:32 ...]
         [--configs "fwd=128x64/w8s3 dq=128x64/w8s3 dkdv=32x64/w4s4" ...] [--baseline OLD_triton_attention.py]
-        [--gluon 1 fwd,dkdv fwd 0] [--knobs "" BWD_DS_REGS=1] [--repeats 1] [--out results.json]
+        [--gluon 1 fwd,dkdv fwd 0] [--knobs "" BWD_STAGES=4] [--repeats 1] [--out results.json]
 
 For every config and case (pattern:seq_len:kv_heads; bf16, batch 1, 32 query heads, head dim 128) it prints the
 median forward and forward+backward time (`triton.testing.do_bench`) and the CUDA time of each kernel (forward, dQ,
@@ -135,7 +135,7 @@ def main(argv=None) -> int:
         "--knobs",
         nargs="+",
         default=[""],
-        help='sets of gluon_attention tuning constants, each run as its own configuration, e.g. "" BWD_DS_REGS=1',
+        help='sets of gluon_attention tuning constants, each run as its own configuration, e.g. "" BWD_STAGES=4',
     )
     ap.add_argument("--repeats", type=int, default=1, help="run the whole sweep this many times (noise check)")
     ap.add_argument(

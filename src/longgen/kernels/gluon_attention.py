@@ -13,8 +13,8 @@ registers are rebalanced with `setmaxnreg` (consumers 240, loader 24).
 * dK/dV of the backward (`_dkdv_ws_kernel`): two key tiles of 64 per program (one per consumer) against the
   streamed (query tile, head) visits: Q and dO by TMA, the LSE and delta rows (strided by the head count, so not
   TMA-able) loaded by the loader warp into shared memory. S^T = K Q^T and dP^T = V dO^T are issued together,
-  then dV += P^T dO and dK += dS^T Q with P^T and dS^T staged in shared memory; one visit's dV and dK complete
-  while the next visit's S^T and dP^T are issued. The dQ kernel runs first (it writes delta). Without GQA the
+  then dV += P^T dO and dK += dS^T Q with P^T and dS^T as register operands, both retired within the visit. The
+  dQ kernel runs first (it writes delta). Without GQA the
   query tiles are swept from the last down (measured faster at Full 128K), with GQA upwards.
 * dQ of the backward (`_dq_ws_kernel`): the forward's
   program and loader; a consumer computes delta for its 64 rows, then per key tile S = Q K^T and dP = dO V^T
@@ -60,7 +60,6 @@ _NEW_WS_API = "functions_and_args" in inspect.signature(gl.warp_specialize).para
 ROWS = 64  # query rows per consumer warpgroup; a program covers 2 * ROWS
 BWD_TILE = 64  # dK/dV kernel: keys per consumer warpgroup, and queries per streamed Q / dO tile
 BWD_STAGES = 3  # Q / dO tiles in flight
-BWD_DS_REGS = 0  # dK += dS^T Q with dS^T a register operand (1) or through shared memory (0)
 DQ_BLOCK_N = 64  # dQ kernel: keys per streamed K / V tile (64 query rows per consumer, as in the forward)
 DQ_STAGES = 4
 HEAD_DIMS = (64, 128)
@@ -600,7 +599,6 @@ def _bwd_consume(
     full,
     empty,
     kv_bars,
-    ds_smem,
     qk_scale,
     sm_scale,
     g,
@@ -627,13 +625,14 @@ def _bwd_consume(
     D: gl.constexpr,
     STAGES: gl.constexpr,
     DESCEND: gl.constexpr,
-    DS_REGS: gl.constexpr,
 ):
     """One consumer warpgroup: dK, dV of key tile kt (TL keys) over its visits [v0, v1) of the streamed
     (query tile, head) visits. Transposed scores S^T = K Q^T (keys x queries), so that P^T and dS^T are register
     operands of dV += P^T dO and dK += dS^T Q. Per visit the four products are issued asynchronously: S^T and
-    dP^T = V dO^T together, dV once P^T is known, dK once dS^T is; dV and dK of one visit complete while the next
-    visit's S^T and dP^T are issued, and its buffers go back to the loader then."""
+    dP^T = V dO^T together, dV once P^T is known (while dP^T completes), dK once dS^T is; dK and dV are retired at
+    the visit's end (register operands cannot stay in flight around the loop), and the visit's buffers go back to
+    the loader once the next visit's S^T is in. Measured against P^T / dS^T staged in shared memory with dK kept in
+    flight: 4-13% faster (docs/kernels/attention.md)."""
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, TL, 16])
     acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, D, 16])
     dt: gl.constexpr = q_desc.dtype
@@ -651,12 +650,11 @@ def _bwd_consume(
     keys = gl.arange(0, TL, layout=gl.SliceLayout(1, s_layout))
     cols = gl.arange(0, TL, layout=col_layout)
     zero_s = gl.zeros([TL, TL], gl.float32, s_layout)
-    # the accumulators are loop-carried as asynchronous results (the previous visit's dK, dV in flight)
+    # the accumulators are loop-carried as asynchronous results (retired at the end of every visit)
     dk = warpgroup_mma_init(gl.zeros([TL, D], gl.float32, acc_layout))
     dv = warpgroup_mma_init(gl.zeros([TL, D], gl.float32, acc_layout))
-    dss = ds_smem.index(WHICH)
-    # P^T (and with DS_REGS dS^T) converted in place to the A-operand layout of dV (dK); a register operand is
-    # retired within the visit that issued it (one carried around the loop makes ptxas serialise the wgmma chain)
+    # P^T and dS^T converted in place to the A-operand layout of dV / dK; a register operand is retired within the
+    # visit that issued it (one carried around the loop makes ptxas serialise the wgmma chain)
     op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
     if mine:
         mbarrier.wait(kvb, 0)
@@ -668,7 +666,7 @@ def _bwd_consume(
         mbarrier.wait(full.index(st), (i // STAGES) & 1)
         s_tok = warpgroup_mma(ks, qs.permute((1, 0)), zero_s, use_acc=False, is_async=True)
         dp_tok = warpgroup_mma(vs, dos.permute((1, 0)), zero_s, use_acc=False, is_async=True)
-        # all but dP^T done: S^T, and the previous visit's dV and dK (in-order completion)
+        # all but dP^T done: S^T
         s, dk, dv = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok, dk, dv))
         if i > v0:
             mbarrier.arrive(empty.index((i - 1) % STAGES), count=1)
@@ -692,16 +690,10 @@ def _bwd_consume(
         dv = warpgroup_mma(p_op, dos, dv, is_async=True)
         dp = warpgroup_mma_wait(num_outstanding=1, deps=(dp_tok,))
         ds = p * (dp - gl.expand_dims(delta_smem.index(st).load(col_layout), 0))
-        if DS_REGS:  # dK and dV retired before the next visit
-            ds_op = gl.convert_layout(ds.to(dt), op_layout)
-            dk = warpgroup_mma(ds_op, qs, dk, is_async=True)
-            dk_done, dv_done, p_op, ds_op = warpgroup_mma_wait(num_outstanding=0, deps=(dk, dv, p_op, ds_op))
-            dk = warpgroup_mma_init(dk_done)
-        else:  # dV retired once dK is issued; dK stays in flight into the next visit
-            dss.store(ds.to(dt))
-            fence_async_shared()
-            dk = warpgroup_mma(dss, qs, dk, is_async=True)
-            dv_done, p_op = warpgroup_mma_wait(num_outstanding=1, deps=(dv, p_op))
+        ds_op = gl.convert_layout(ds.to(dt), op_layout)
+        dk = warpgroup_mma(ds_op, qs, dk, is_async=True)
+        dk_done, dv_done, p_op, ds_op = warpgroup_mma_wait(num_outstanding=0, deps=(dk, dv, p_op, ds_op))
+        dk = warpgroup_mma_init(dk_done)
         dv = warpgroup_mma_init(dv_done)
     dk, dv = warpgroup_mma_wait(num_outstanding=0, deps=(dk, dv))
     if mine:
@@ -798,7 +790,6 @@ def _dkdv_ws_kernel(
     D: gl.constexpr,
     STAGES: gl.constexpr,
     DESCEND: gl.constexpr,
-    DS_REGS: gl.constexpr,
     num_warps: gl.constexpr,
 ):
     g = gl.program_id(0) % HKV  # head-major launch: every head's long key tiles are scheduled first
@@ -831,9 +822,6 @@ def _dkdv_ws_kernel(
     full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     kv_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    # dS^T of each consumer reaches its dK product through shared memory unless DS_REGS (P^T is a register operand)
-    ds_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([TL, TL], q_desc.dtype)
-    ds_smem = gl.allocate_shared_memory(q_desc.dtype, [2, TL, TL], ds_layout)
     vec_layout: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0])
     lse_smem = gl.allocate_shared_memory(gl.float32, [STAGES, TL], vec_layout)
     delta_smem = gl.allocate_shared_memory(gl.float32, [STAGES, TL], vec_layout)
@@ -862,7 +850,6 @@ def _dkdv_ws_kernel(
                     full,
                     empty,
                     kv_bars,
-                    ds_smem,
                     qk_scale,
                     sm_scale,
                     g,
@@ -889,7 +876,6 @@ def _dkdv_ws_kernel(
                     D,
                     STAGES,
                     DESCEND,
-                    DS_REGS,
                 ),
             ),
             (
@@ -910,7 +896,6 @@ def _dkdv_ws_kernel(
                     full,
                     empty,
                     kv_bars,
-                    ds_smem,
                     qk_scale,
                     sm_scale,
                     g,
@@ -937,7 +922,6 @@ def _dkdv_ws_kernel(
                     D,
                     STAGES,
                     DESCEND,
-                    DS_REGS,
                 ),
             ),
             (
@@ -1457,7 +1441,6 @@ def dkdv(
         D=D,
         STAGES=BWD_STAGES,
         DESCEND=dkdv_descends(plan.shape.group),
-        DS_REGS=BWD_DS_REGS,
         num_warps=4,
     )
 
