@@ -1,6 +1,10 @@
 """Triton kernels against the PyTorch reference on CPU (TRITON_INTERPRET=1): forward, dq, dk, dv, lse."""
 
+import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -225,30 +229,30 @@ def test_hopper_kernels_switch_rejects_unknown_values(flag, monkeypatch):
         gluon_attention.enabled()
 
 
-def test_hopper_kernels_compile_for_sm90_without_serialised_wgmma():
-    """The Gluon kernels compile for sm_90a on this (GPU-less) machine, and ptxas keeps their wgmma chains
-    asynchronous: a register budget overrun serialises them (every HGMMA waited for), as the first dK/dV version
-    did. Runs benchmarks/gluon_resources.py in a process of its own: Triton's interpreter mode, which these tests
-    set, cannot compile Gluon."""
-    import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
+def _gluon_resources(*args: str) -> subprocess.CompletedProcess:
+    """benchmarks/gluon_resources.py in a process of its own (Triton's interpreter mode, which these tests set,
+    cannot compile Gluon); skips where Triton has no bundled ptxas for sm_90."""
     root = Path(__file__).resolve().parents[1]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(root / "src"), env.get("PYTHONPATH", "")])
-    args = ["--kernels", "fwd", "dq", "dkdv", "--patterns", "block_sparse", "--head-dims", "128", "--groups", "4"]
     run = subprocess.run(
-        [sys.executable, str(root / "benchmarks" / "gluon_resources.py"), *args, "--json"],
+        [sys.executable, str(root / "benchmarks" / "gluon_resources.py"), *args],
         capture_output=True,
         text=True,
         env=env,
         timeout=600,
     )
-    if run.returncode != 0 and "ptxas" in run.stderr:  # a Triton build without its bundled ptxas
+    if run.returncode != 0 and "ptxas" in run.stderr:
         pytest.skip(f"no ptxas for sm_90: {run.stderr[-300:]}")
+    return run
+
+
+def test_hopper_kernels_compile_for_sm90_without_serialised_wgmma():
+    """The Gluon kernels compile for sm_90a on this (GPU-less) machine, and ptxas keeps their wgmma chains
+    asynchronous: a register budget overrun, or a register operand carried around a loop, serialises them (every
+    HGMMA waited for), as the first dK/dV version did."""
+    args = ["--kernels", "fwd", "dq", "dkdv", "--patterns", "block_sparse", "--head-dims", "128", "--groups", "4"]
+    run = _gluon_resources(*args, "--json")
     assert run.returncode == 0, run.stderr[-3000:]
     rows = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
     assert [r["kernel"] for r in rows] == ["fwd", "dq", "dkdv"]
@@ -256,3 +260,17 @@ def test_hopper_kernels_compile_for_sm90_without_serialised_wgmma():
         assert not r["serialised"], r
         assert r["hgmma"] > 0 and r["waits"] < r["hgmma"], r
         assert r["shared_kb"] <= 227, r  # the H100/H200 per-block limit
+
+
+def test_gluon_resources_applies_tuning_constants_and_rejects_unknown_ones():
+    """`--set` (the same knobs as tune_attention.py --knobs) changes what is compiled: one Q / dO stage fewer is
+    2 x 16 KiB (plus its LSE and delta rows) less shared memory at head dim 128; a misspelt name is an error, not a silent default run."""
+    args = ["--kernels", "dkdv", "--patterns", "full", "--head-dims", "128", "--groups", "1", "--json"]
+    kb = []
+    for knobs in ("", "BWD_STAGES=2"):
+        run = _gluon_resources(*args, "--set", knobs)
+        assert run.returncode == 0, run.stderr[-3000:]
+        kb.append(json.loads(run.stdout.splitlines()[-1])["shared_kb"])
+    assert kb[0] - kb[1] == pytest.approx(32.5, abs=0.5)
+    bad = _gluon_resources(*args, "--set", "BWD_STAGS=2")
+    assert bad.returncode == 2 and "bad knob 'BWD_STAGS=2'" in bad.stderr
