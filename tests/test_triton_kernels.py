@@ -220,6 +220,19 @@ def test_hopper_kernels_switch(flag, parts, monkeypatch):
     assert {p for p in gluon_attention.PARTS if gluon_attention.enabled(p)} == parts
 
 
+def test_dkdv_sweep_direction_rule_and_override(monkeypatch):
+    """The dK/dV kernel descends without GQA and ascends with it (measured), unless BWD_DESCEND forces one."""
+    from longgen.kernels import gluon_attention
+
+    assert [gluon_attention.dkdv_descends(g) for g in (1, 2, 4)] == [True, False, False]
+    for forced in (0, 1):
+        monkeypatch.setattr(gluon_attention, "BWD_DESCEND", forced)
+        assert [gluon_attention.dkdv_descends(g) for g in (1, 4)] == [bool(forced)] * 2
+    monkeypatch.setattr(gluon_attention, "BWD_DESCEND", 2)
+    with pytest.raises(ValueError, match="BWD_DESCEND must be -1"):
+        gluon_attention.dkdv_descends(1)
+
+
 @pytest.mark.parametrize("flag", ["off", "all", "fwd,", "fwd,fwd", "dk"])
 def test_hopper_kernels_switch_rejects_unknown_values(flag, monkeypatch):
     from longgen.kernels import gluon_attention
@@ -264,7 +277,8 @@ def test_hopper_kernels_compile_for_sm90_without_serialised_wgmma():
 
 def test_gluon_resources_applies_tuning_constants_and_rejects_unknown_ones():
     """`--set` (the same knobs as tune_attention.py --knobs) changes what is compiled: one Q / dO stage fewer is
-    2 x 16 KiB (plus its LSE and delta rows) less shared memory at head dim 128; a misspelt name is an error, not a silent default run."""
+    2 x 16 KiB (plus its LSE and delta rows) less shared memory at head dim 128; a misspelt name is an error, not a
+    silent default run."""
     args = ["--kernels", "dkdv", "--patterns", "full", "--head-dims", "128", "--groups", "1", "--json"]
     kb = []
     for knobs in ("", "BWD_STAGES=2"):

@@ -60,6 +60,7 @@ _NEW_WS_API = "functions_and_args" in inspect.signature(gl.warp_specialize).para
 ROWS = 64  # query rows per consumer warpgroup; a program covers 2 * ROWS
 BWD_TILE = 64  # dK/dV kernel: keys per consumer warpgroup, and queries per streamed Q / dO tile
 BWD_STAGES = 3  # Q / dO tiles in flight
+BWD_DESCEND = -1  # dK/dV query sweep: -1 by the measured rule (`dkdv_descends`), 0 ascending, 1 descending
 DQ_BLOCK_N = 64  # dQ kernel: keys per streamed K / V tile (64 query rows per consumer, as in the forward)
 DQ_STAGES = 4
 HEAD_DIMS = (64, 128)
@@ -1267,8 +1268,11 @@ def enabled(part: str = "fwd") -> bool:
 
 def dkdv_descends(group: int) -> bool:
     """Whether the dK/dV kernel sweeps its query tiles from the last down (DESCEND): measured on the H200 7% faster
-    at Full 128K without GQA, 3-4% slower with 4 query heads per KV head (docs/kernels/attention.md)."""
-    return group == 1
+    at Full 128K without GQA, 3-4% slower with 4 query heads per KV head (docs/kernels/attention.md; session 8's
+    kernel, before the register operands). `BWD_DESCEND` 0 / 1 overrides the rule (A/B)."""
+    if BWD_DESCEND not in (-1, 0, 1):
+        raise ValueError(f"gluon_attention.BWD_DESCEND must be -1 (by group size), 0 or 1, got {BWD_DESCEND!r}")
+    return group == 1 if BWD_DESCEND == -1 else bool(BWD_DESCEND)
 
 
 def _in_scope(q: torch.Tensor, head_dim: int, kind: int, block_size: int, seq_len: int) -> bool:
