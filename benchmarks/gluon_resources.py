@@ -81,6 +81,7 @@ def compile_case(kernel: str, pattern: str, d: int, G: int):
         scalars |= {"T": "i32", "H": "i32", "qk_scale": "fp32", "sm_scale": "fp32"}
         return _compile(ga._dq_ws_kernel, dict.fromkeys(names, (ga.ROWS, d)), scalars, cx)
     cx |= dict(BY_KIND=pattern == "block_sparse", TL=ga.BWD_TILE, STAGES=ga.BWD_STAGES, DESCEND=ga.dkdv_descends(G))
+    cx |= dict(PAIRS_FIRST=bool(ga.BWD_PAIRS_FIRST))
     names = ("q_desc", "do_desc", "k_desc", "v_desc", "dk_desc", "dv_desc")
     scalars = {"lse_ptr": "*fp32", "delta_ptr": "*fp32", "T": "i32", "H": "i32", "HKV": "i32"}
     scalars |= {"qk_scale": "fp32", "sm_scale": "fp32"}

@@ -61,6 +61,7 @@ ROWS = 64  # query rows per consumer warpgroup; a program covers 2 * ROWS
 BWD_TILE = 64  # dK/dV kernel: keys per consumer warpgroup, and queries per streamed Q / dO tile
 BWD_STAGES = 3  # Q / dO tiles in flight
 BWD_DESCEND = -1  # dK/dV query sweep: -1 by the measured rule (`dkdv_descends`), 0 ascending, 1 descending
+BWD_PAIRS_FIRST = 0  # dK/dV launch: 0 head-major, 1 one head's key-tile pairs after another (not yet timed)
 DQ_BLOCK_N = 64  # dQ kernel: keys per streamed K / V tile (64 query rows per consumer, as in the forward)
 DQ_STAGES = 4
 HEAD_DIMS = (64, 128)
@@ -791,12 +792,17 @@ def _dkdv_ws_kernel(
     D: gl.constexpr,
     STAGES: gl.constexpr,
     DESCEND: gl.constexpr,
+    PAIRS_FIRST: gl.constexpr,
     num_warps: gl.constexpr,
 ):
-    g = gl.program_id(0) % HKV  # head-major launch: every head's long key tiles are scheduled first
-    row0 = (gl.program_id(0) // HKV) * T
+    # head-major launch (every head's long key tiles first), or with PAIRS_FIRST one head's pairs after another
+    # (the resident programs then stream the same head's Q / dO rows, as the forward's and dQ's programs share K / V)
+    sh = gl.program_id(1) if PAIRS_FIRST else gl.program_id(0)
+    lid = gl.program_id(0) if PAIRS_FIRST else gl.program_id(1)
+    g = sh % HKV
+    row0 = (sh // HKV) * T
     n_tiles = T // TL
-    a, b = _key_tile_pair(gl.program_id(1), g, n_tiles, PB, STRIDE, STEP, DENSE_FROM, BY_KIND, TL)
+    a, b = _key_tile_pair(lid, g, n_tiles, PB, STRIDE, STEP, DENSE_FROM, BY_KIND, TL)
     lo_a, hi_a, far_a = _query_range(a, g, n_tiles, PATTERN, SINK, WINDOW, PB, LOCAL, STRIDE, STEP, DENSE_FROM, TL)
     lo_b, hi_b, far_b = _query_range(b, g, n_tiles, PATTERN, SINK, WINDOW, PB, LOCAL, STRIDE, STEP, DENSE_FROM, TL)
     n1 = hi_a - lo_a
@@ -1424,7 +1430,10 @@ def dkdv(
     # and the strided list counts the tiles of a last block past the sequence end (fewer than PB / 64 tiles;
     # programs left over find only tiles past the end and exit)
     extra = cx["PB"] // BWD_TILE if by_kind else 0
-    _dkdv_ws_kernel[(plan.n_seqs * hkv, (n_tiles + 1) // 2 + extra)](
+    grid = (plan.n_seqs * hkv, (n_tiles + 1) // 2 + extra)
+    if BWD_PAIRS_FIRST and grid[0] > 65535:  # CUDA's limit on a grid's second dimension
+        raise ValueError(f"BWD_PAIRS_FIRST needs sequences x KV heads <= 65535, got {grid[0]}")
+    _dkdv_ws_kernel[grid[::-1] if BWD_PAIRS_FIRST else grid](
         _desc(q, BWD_TILE),
         _desc(do, BWD_TILE),
         _desc(k, BWD_TILE),
@@ -1445,6 +1454,7 @@ def dkdv(
         D=D,
         STAGES=BWD_STAGES,
         DESCEND=dkdv_descends(plan.shape.group),
+        PAIRS_FIRST=bool(BWD_PAIRS_FIRST),
         num_warps=4,
     )
 
