@@ -47,13 +47,15 @@ def _ptxas() -> str:
     return get_ptxas(90).path
 
 
-def _desc_type(rows: int, d: int) -> str:
-    layout = gl.NVMMASharedLayout.get_default_for([rows, d], gl.bfloat16)
-    t = torch.empty(1024, 4096, dtype=torch.bfloat16)
+def _desc_type(rows: int, d: int, dtype: torch.dtype = torch.bfloat16) -> str:
+    gl_dtype = {torch.bfloat16: gl.bfloat16, torch.float32: gl.float32}[dtype]
+    layout = gl.NVMMASharedLayout.get_default_for([rows, d], gl_dtype)
+    t = torch.empty(1024, 4096, dtype=dtype)
     return mangle_type(TensorDescriptor(t, list(t.shape), list(t.stride()), [rows, d], layout))
 
 
-def _compile(kernel, descs: dict[str, tuple[int, int]], scalars: dict[str, str], constexprs: dict):
+def _compile(kernel, descs: dict[str, tuple], scalars: dict[str, str], constexprs: dict):
+    """Compile `kernel` for sm_90a: descs maps a descriptor argument to its tile (rows, cols[, torch dtype])."""
     sig = {name: _desc_type(*shape) for name, shape in descs.items()} | scalars
     sig |= dict.fromkeys(constexprs, "constexpr")
     # the launcher's specialisation at the benchmark shapes: pointers (torch allocations) and the integer

@@ -242,14 +242,14 @@ def test_hopper_kernels_switch_rejects_unknown_values(flag, monkeypatch):
         gluon_attention.enabled()
 
 
-def _gluon_resources(*args: str) -> subprocess.CompletedProcess:
-    """benchmarks/gluon_resources.py in a process of its own (Triton's interpreter mode, which these tests set,
-    cannot compile Gluon); skips where Triton has no bundled ptxas for sm_90."""
+def _gluon_resources(*args: str, script: str = "gluon_resources.py") -> subprocess.CompletedProcess:
+    """benchmarks/gluon_resources.py (or another sm_90a compile check) in a process of its own (Triton's interpreter
+    mode, which these tests set, cannot compile Gluon); skips where Triton has no bundled ptxas for sm_90."""
     root = Path(__file__).resolve().parents[1]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(root / "src"), env.get("PYTHONPATH", "")])
     run = subprocess.run(
-        [sys.executable, str(root / "benchmarks" / "gluon_resources.py"), *args],
+        [sys.executable, str(root / "benchmarks" / script), *args],
         capture_output=True,
         text=True,
         env=env,
@@ -288,3 +288,14 @@ def test_gluon_resources_applies_tuning_constants_and_rejects_unknown_ones():
     assert kb[0] - kb[1] == pytest.approx(32.5, abs=0.5)
     bad = _gluon_resources(*args, "--set", "BWD_STAGS=2")
     assert bad.returncode == 2 and "bad knob 'BWD_STAGS=2'" in bad.stderr
+
+
+def test_tma_reduce_benchmark_compiles_every_variant():
+    """benchmarks/tma_reduce_bandwidth.py (a GPU measurement of TMA reduce-add rates) compiles for sm_90a, and its
+    reduce variants really contain the TMA reduce instruction (Triton 3.6 through a builtin shim)."""
+    run = _gluon_resources("--compile-only", script="tma_reduce_bandwidth.py")
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = [line for line in run.stdout.splitlines() if "TMA reduce instructions" in line]
+    assert len(lines) == 12
+    for line in lines:
+        assert line.endswith(": 1") == (line.split()[1] == "reduce"), line
