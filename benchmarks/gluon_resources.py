@@ -77,11 +77,14 @@ def compile_case(kernel: str, pattern: str, d: int, G: int):
         scalars = {"lse_ptr": "*fp32", "T": "i32", "H": "i32", "qk_scale": "fp32"}
         return _compile(ga._fwd_ws_kernel, descs, scalars, cx)
     if kernel == "dq":
-        cx |= dict(HAS_DLSE=False, BM=ga.ROWS, BN=ga.DQ_BLOCK_N, STAGES=ga.DQ_STAGES)
-        names = ("q_desc", "k_desc", "v_desc", "do_desc", "dq_desc")
+        bn, stages = ga.dq_tiles(cx["PATTERN"], cx["PB"])
+        cx |= dict(HAS_DLSE=False, BM=ga.ROWS, BN=bn, STAGES=stages)
+        descs = dict.fromkeys(("q_desc", "do_desc", "dq_desc"), (ga.ROWS, d)) | dict.fromkeys(
+            ("k_desc", "v_desc"), (bn, d)
+        )
         scalars = {"o_ptr": "*bf16", "do_ptr": "*bf16", "lse_ptr": "*fp32", "dlse_ptr": "*fp32", "delta_ptr": "*fp32"}
         scalars |= {"T": "i32", "H": "i32", "qk_scale": "fp32", "sm_scale": "fp32"}
-        return _compile(ga._dq_ws_kernel, dict.fromkeys(names, (ga.ROWS, d)), scalars, cx)
+        return _compile(ga._dq_ws_kernel, descs, scalars, cx)
     cx |= dict(BY_KIND=pattern == "block_sparse", TL=ga.BWD_TILE, STAGES=ga.BWD_STAGES, DESCEND=ga.dkdv_descends(G))
     cx |= dict(PAIRS_FIRST=bool(ga.BWD_PAIRS_FIRST))
     names = ("q_desc", "do_desc", "k_desc", "v_desc", "dk_desc", "dv_desc")

@@ -233,6 +233,20 @@ def test_dkdv_sweep_direction_rule_and_override(monkeypatch):
         gluon_attention.dkdv_descends(1)
 
 
+def test_dq_tiles_clamp_to_blocksparse_blocks_and_keep_the_ring_bytes(monkeypatch):
+    """The dQ kernel's key tile: DQ_BLOCK_N, never wider than a BlockSparse block (a tile must not straddle two),
+    the ring's stages scaled so that its shared memory stays what DQ_STAGES x DQ_BLOCK_N gives."""
+    from longgen.kernels import gluon_attention as ga
+    from longgen.kernels.triton_attention import K_BLOCK_SPARSE, K_FULL, K_SINK_WINDOW
+
+    assert {ga.dq_tiles(kind, 64) for kind in (K_FULL, K_SINK_WINDOW, K_BLOCK_SPARSE)} == {(64, 4)}
+    monkeypatch.setattr(ga, "DQ_BLOCK_N", 128)
+    monkeypatch.setattr(ga, "DQ_STAGES", 2)
+    assert ga.dq_tiles(K_FULL, 1) == ga.dq_tiles(K_SINK_WINDOW, 1) == (128, 2)
+    assert ga.dq_tiles(K_BLOCK_SPARSE, 64) == (64, 4)
+    assert ga.dq_tiles(K_BLOCK_SPARSE, 256) == (128, 2)
+
+
 @pytest.mark.parametrize("flag", ["off", "all", "fwd,", "fwd,fwd", "dk"])
 def test_hopper_kernels_switch_rejects_unknown_values(flag, monkeypatch):
     from longgen.kernels import gluon_attention

@@ -63,7 +63,7 @@ BWD_STAGES = 3  # Q / dO tiles in flight
 BWD_DESCEND = -1  # dK/dV query sweep: -1 by the measured rule (`dkdv_descends`), 0 ascending, 1 descending
 BWD_PAIRS_FIRST = 0  # dK/dV launch: 0 head-major, 1 one head's key-tile pairs after another (not yet timed)
 DQ_BLOCK_N = 64  # dQ kernel: keys per streamed K / V tile (64 query rows per consumer, as in the forward)
-DQ_STAGES = 4
+DQ_STAGES = 4  # (128 / 2 compiles without spills for Full, not yet timed: docs/kernels/attention.md)
 HEAD_DIMS = (64, 128)
 GL_SINK_WINDOW = gl.constexpr(K_SINK_WINDOW)
 GL_BLOCK_SPARSE = gl.constexpr(K_BLOCK_SPARSE)
@@ -1338,6 +1338,13 @@ def forward_tiles(kind: int, block_size: int) -> tuple[int, int]:
     return bn, 3 if bn == 128 else 4
 
 
+def dq_tiles(kind: int, block_size: int) -> tuple[int, int]:
+    """(keys per K/V tile, ring stages) of the dQ kernel: DQ_BLOCK_N / DQ_STAGES (measured: 64 / 4), the tile
+    clamped to the pattern block for BlockSparse (a key tile never straddles two blocks) with the ring's bytes kept."""
+    bn = DQ_BLOCK_N if kind != K_BLOCK_SPARSE else min(DQ_BLOCK_N, block_size)
+    return bn, DQ_STAGES * DQ_BLOCK_N // bn
+
+
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: _Plan) -> tuple[torch.Tensor, torch.Tensor]:
     """(o, lse in log2 units ``(total, H)``) for inputs `suits` accepted."""
     total, H, D = q.shape
@@ -1381,10 +1388,11 @@ def dq_delta(
     forward `suits` accepted: q, o, do ``(total, H, d)``, k, v ``(total, Hkv, d)``, contiguous and 16-byte aligned;
     ``lse2`` the forward's LSE in log2 units, ``dlse`` the LSE gradient (natural units) or None."""
     H, D = q.shape[1:]
+    bn, stages = dq_tiles(plan.kind, plan.constexprs["PB"])
     _dq_ws_kernel[(plan.max_len // (2 * ROWS), plan.n_seqs * H)](
         _desc(q, ROWS),
-        _desc(k, DQ_BLOCK_N),
-        _desc(v, DQ_BLOCK_N),
+        _desc(k, bn),
+        _desc(v, bn),
         _desc(do, ROWS),
         _desc(dq, ROWS),
         o,
@@ -1400,9 +1408,9 @@ def dq_delta(
         G=plan.shape.group,
         HAS_DLSE=dlse is not None,
         BM=ROWS,
-        BN=DQ_BLOCK_N,
+        BN=bn,
         D=D,
-        STAGES=DQ_STAGES,
+        STAGES=stages,
         num_warps=4,
     )
 
