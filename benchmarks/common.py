@@ -10,7 +10,7 @@ import torch
 
 def set_knobs(module, text: str) -> dict:
     """Set a module's integer tuning constants from "NAME=VALUE[,NAME=VALUE...]" (e.g. the Gluon kernels'
-    "BWD_STAGES=4,BWD_STAGES=4"); returns the previous values, so that `set_knobs(module, restore)` undoes it.
+    "BWD_STAGES=4,DQ_STAGES=2"); returns the previous values, so that `set_knobs(module, restore)` undoes it.
     Unknown names are an error, so a typo cannot silently time the defaults."""
     old = {}
     for part in filter(None, (text or "").split(",")):

@@ -85,8 +85,7 @@ def compile_case(kernel: str, pattern: str, d: int, G: int):
         scalars = {"o_ptr": "*bf16", "do_ptr": "*bf16", "lse_ptr": "*fp32", "dlse_ptr": "*fp32", "delta_ptr": "*fp32"}
         scalars |= {"T": "i32", "H": "i32", "qk_scale": "fp32", "sm_scale": "fp32"}
         return _compile(ga._dq_ws_kernel, descs, scalars, cx)
-    cx |= dict(BY_KIND=pattern == "block_sparse", TL=ga.BWD_TILE, STAGES=ga.BWD_STAGES, DESCEND=ga.dkdv_descends(G))
-    cx |= dict(PAIRS_FIRST=bool(ga.BWD_PAIRS_FIRST))
+    cx |= dict(BY_KIND=pattern == "block_sparse", TL=ga.BWD_TILE, **ga.dkdv_tuning(G))
     names = ("q_desc", "do_desc", "k_desc", "v_desc", "dk_desc", "dv_desc")
     scalars = {"lse_ptr": "*fp32", "delta_ptr": "*fp32", "T": "i32", "H": "i32", "HKV": "i32"}
     scalars |= {"qk_scale": "fp32", "sm_scale": "fp32"}

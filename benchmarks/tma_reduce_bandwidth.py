@@ -30,6 +30,8 @@ from triton.experimental.gluon.language._core import builtin
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, tma
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+from longgen.kernels.gluon_attention import _tma_store
+
 ROWS, COLS = 64, 128  # the one-pass backward's dQ tile: 64 query rows x head dim 128
 SPREAD_TILES = 512 * 2**20 // (ROWS * COLS * 4)  # 512 MiB accumulator
 SHARED_TILES = 32
@@ -46,7 +48,6 @@ def _tma_reduce_add_shim(tensor_desc, coord, src, _semantic=None):
 
 
 _tma_reduce_add = getattr(tma, "async_atomic_add", None) or _tma_reduce_add_shim
-_tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
 
 
 @gluon.jit
@@ -124,7 +125,6 @@ def measure(mode: str, op: str, stage: int, bufs: int, ctas: int, iters: int) ->
 
 
 def compile_only() -> int:
-    sys.path.insert(0, __file__.rsplit("/", 1)[0])
     from gluon_resources import _compile, resources
 
     for mode, op, stage, bufs in VARIANTS:

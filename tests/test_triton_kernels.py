@@ -256,9 +256,10 @@ def test_hopper_kernels_switch_rejects_unknown_values(flag, monkeypatch):
         gluon_attention.enabled()
 
 
-def _gluon_resources(*args: str, script: str = "gluon_resources.py") -> subprocess.CompletedProcess:
-    """benchmarks/gluon_resources.py (or another sm_90a compile check) in a process of its own (Triton's interpreter
-    mode, which these tests set, cannot compile Gluon); skips where Triton has no bundled ptxas for sm_90."""
+def _sm90_compile_script(*args: str, script: str = "gluon_resources.py") -> subprocess.CompletedProcess:
+    """A benchmarks/ script that compiles Gluon kernels for sm_90a (default gluon_resources.py), in a process of
+    its own (Triton's interpreter mode, which these tests set, cannot compile Gluon); skips where Triton has no
+    bundled ptxas for sm_90."""
     root = Path(__file__).resolve().parents[1]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(root / "src"), env.get("PYTHONPATH", "")])
@@ -279,7 +280,7 @@ def test_hopper_kernels_compile_for_sm90_without_serialised_wgmma():
     asynchronous: a register budget overrun, or a register operand carried around a loop, serialises them (every
     HGMMA waited for), as the first dK/dV version did."""
     args = ["--kernels", "fwd", "dq", "dkdv", "--patterns", "block_sparse", "--head-dims", "128", "--groups", "4"]
-    run = _gluon_resources(*args, "--json")
+    run = _sm90_compile_script(*args, "--json")
     assert run.returncode == 0, run.stderr[-3000:]
     rows = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
     assert [r["kernel"] for r in rows] == ["fwd", "dq", "dkdv"]
@@ -296,18 +297,18 @@ def test_gluon_resources_applies_tuning_constants_and_rejects_unknown_ones():
     args = ["--kernels", "dkdv", "--patterns", "full", "--head-dims", "128", "--groups", "1", "--json"]
     kb = []
     for knobs in ("", "BWD_STAGES=2"):
-        run = _gluon_resources(*args, "--set", knobs)
+        run = _sm90_compile_script(*args, "--set", knobs)
         assert run.returncode == 0, run.stderr[-3000:]
         kb.append(json.loads(run.stdout.splitlines()[-1])["shared_kb"])
     assert kb[0] - kb[1] == pytest.approx(32.5, abs=0.5)
-    bad = _gluon_resources(*args, "--set", "BWD_STAGS=2")
+    bad = _sm90_compile_script(*args, "--set", "BWD_STAGS=2")
     assert bad.returncode == 2 and "bad knob 'BWD_STAGS=2'" in bad.stderr
 
 
 def test_tma_reduce_benchmark_compiles_every_variant():
     """benchmarks/tma_reduce_bandwidth.py (a GPU measurement of TMA reduce-add rates) compiles for sm_90a, and its
     reduce variants really contain the TMA reduce instruction (Triton 3.6 through a builtin shim)."""
-    run = _gluon_resources("--compile-only", script="tma_reduce_bandwidth.py")
+    run = _sm90_compile_script("--compile-only", script="tma_reduce_bandwidth.py")
     assert run.returncode == 0, run.stderr[-3000:]
     lines = [line for line in run.stdout.splitlines() if "TMA reduce instructions" in line]
     assert len(lines) == 12

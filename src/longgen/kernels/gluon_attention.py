@@ -1281,6 +1281,12 @@ def dkdv_descends(group: int) -> bool:
     return group == 1 if BWD_DESCEND == -1 else bool(BWD_DESCEND)
 
 
+def dkdv_tuning(group: int) -> dict:
+    """The dK/dV kernel's tuning constexprs for G query heads per KV head, as launched (and compiled by
+    benchmarks/gluon_resources.py)."""
+    return dict(STAGES=BWD_STAGES, DESCEND=dkdv_descends(group), PAIRS_FIRST=bool(BWD_PAIRS_FIRST))
+
+
 def _in_scope(q: torch.Tensor, head_dim: int, kind: int, block_size: int, seq_len: int) -> bool:
     """The device, dtype, head_dim, pattern and length conditions of the module docstring."""
     if not (_NEW_WS_API and q.is_cuda) or torch.cuda.get_device_capability(q.device) != (9, 0):
@@ -1460,9 +1466,7 @@ def dkdv(
         BY_KIND=by_kind,
         TL=BWD_TILE,
         D=D,
-        STAGES=BWD_STAGES,
-        DESCEND=dkdv_descends(plan.shape.group),
-        PAIRS_FIRST=bool(BWD_PAIRS_FIRST),
+        **dkdv_tuning(plan.shape.group),
         num_warps=4,
     )
 
