@@ -248,6 +248,40 @@ def test_gluon_dq_matches_reference_and_triton(pattern, T, H, hkv, d, dtype, B, 
         assert relerr(a, b) < 1e-2
 
 
+@pytest.mark.skipif(not _hopper(), reason="the Gluon kernels run on CUDA capability 9.0 only")
+@pytest.mark.parametrize("pattern,T,H,hkv,d,dtype,B", GLUON_CASES, ids=lambda x: repr(x)[:40])
+def test_gluon_launch_choices_give_identical_results(pattern, T, H, hkv, d, dtype, B, monkeypatch):
+    """How the Hopper kernels are launched (one program per work item or persistent, with one program per SM or
+    a few programs taking many work items each; dK/dV pairs with the heads innermost or one head's pairs
+    together) changes no arithmetic: output, LSE and all gradients are bitwise those of the measured rules."""
+    from longgen.kernels import gluon_attention
+
+    gen = torch.Generator().manual_seed(torch.seed() % (2**31))
+    q, k, v, dout = (
+        torch.randn(shape, generator=gen).to("cuda", dtype)
+        for shape in ((B, T, H, d), (B, T, hkv, d), (B, T, hkv, d), (B, T, H, d))
+    )
+
+    def run(**knobs):
+        for name, value in knobs.items():
+            monkeypatch.setattr(gluon_attention, name, value)
+        poison_allocator()
+        xs = [x.clone().requires_grad_() for x in (q, k, v)]
+        out, lse = sparse_attention(*xs, pattern, backend="triton", return_lse=True)
+        (out * dout).sum().backward()
+        return [out, lse] + [x.grad for x in xs]
+
+    rule = run()
+    for knobs in (
+        dict(FWD_PERSISTENT=0, DQ_PERSISTENT=0, BWD_PAIRS_FIRST=0),
+        dict(FWD_PERSISTENT=1, DQ_PERSISTENT=1, BWD_PAIRS_FIRST=1),
+        dict(FWD_PERSISTENT=1, DQ_PERSISTENT=1, PERSISTENT_PROGRAMS=3),
+    ):
+        got = run(**knobs)
+        for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), got, rule, strict=True):
+            assert torch.equal(a, b), f"{name} differs with {knobs}"
+
+
 @pytest.mark.skipif(not _hopper(), reason="the Gluon forward runs on CUDA capability 9.0 only")
 def test_full_layer_forward_without_grad_uses_hopper_kernel(monkeypatch):
     """A Full layer's forward with no gradient to compute runs the Hopper kernel (equal to SDPA); training keeps
