@@ -73,16 +73,17 @@ def compile_case(kernel: str, pattern: str, d: int, G: int):
     if kernel == "fwd":
         bn, stages = ga.forward_tiles(cx["PATTERN"], cx["PB"])
         cx |= dict(BM=ga.ROWS, BN=bn, STAGES=stages)
-        descs = {"q_desc": (ga.ROWS, d), "k_desc": (bn, d), "v_desc": (bn, d)}
-        scalars = {"o_ptr": "*bf16", "lse_ptr": "*fp32", "T": "i32", "H": "i32", "n_work": "i32", "qk_scale": "fp32"}
+        descs = {"q_desc": (ga.ROWS, d), "k_desc": (bn, d), "v_desc": (bn, d), "o_desc": (ga.ROWS, d)}
+        scalars = {"lse_ptr": "*fp32", "T": "i32", "H": "i32", "qk_scale": "fp32"}
         return _compile(ga._fwd_ws_kernel, descs, scalars, cx)
     if kernel == "dq":
         bn, stages = ga.dq_tiles(cx["PATTERN"], cx["PB"])
         cx |= dict(HAS_DLSE=False, BM=ga.ROWS, BN=bn, STAGES=stages)
-        descs = dict.fromkeys(("q_desc", "do_desc"), (ga.ROWS, d)) | dict.fromkeys(("k_desc", "v_desc"), (bn, d))
-        scalars = {"dq_ptr": "*bf16", "o_ptr": "*bf16", "do_ptr": "*bf16", "lse_ptr": "*fp32", "dlse_ptr": "*fp32"}
-        scalars |= {"delta_ptr": "*fp32", "T": "i32", "H": "i32", "n_work": "i32"}
-        scalars |= {"qk_scale": "fp32", "sm_scale": "fp32"}
+        descs = dict.fromkeys(("q_desc", "do_desc", "dq_desc"), (ga.ROWS, d)) | dict.fromkeys(
+            ("k_desc", "v_desc"), (bn, d)
+        )
+        scalars = {"o_ptr": "*bf16", "do_ptr": "*bf16", "lse_ptr": "*fp32", "dlse_ptr": "*fp32", "delta_ptr": "*fp32"}
+        scalars |= {"T": "i32", "H": "i32", "qk_scale": "fp32", "sm_scale": "fp32"}
         return _compile(ga._dq_ws_kernel, descs, scalars, cx)
     cx |= dict(BY_KIND=pattern == "block_sparse", TL=ga.BWD_TILE, **ga.dkdv_tuning(G, cx["PATTERN"]))
     names = ("q_desc", "do_desc", "k_desc", "v_desc", "dk_desc", "dv_desc")

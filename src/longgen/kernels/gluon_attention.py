@@ -14,8 +14,9 @@ registers are rebalanced with `setmaxnreg` (consumers 240, loader 24).
   streamed (query tile, head) visits: Q and dO by TMA, the LSE and delta rows (strided by the head count, so not
   TMA-able) loaded by the loader warp into shared memory. S^T = K Q^T and dP^T = V dO^T are issued together,
   then dV += P^T dO and dK += dS^T Q with P^T and dS^T as register operands, both retired within the visit. The
-  dQ kernel runs first (it writes delta). Without GQA the
-  query tiles are swept from the last down (measured faster at Full 128K), with GQA upwards.
+  dQ kernel runs first (it writes delta). For Full the
+  programs of one head are launched together and, without GQA, sweep their query tiles from the last down (both
+  measured faster at Full 128K); otherwise the heads are innermost and the sweep goes upwards.
 * dQ of the backward (`_dq_ws_kernel`): the forward's
   program and loader; a consumer computes delta for its 64 rows, then per key tile S = Q K^T and dP = dO V^T
   together, dS = P (dP - delta), dQ += dS K. Otherwise the Triton dQ kernel runs.
@@ -33,7 +34,6 @@ choices and timings: docs/kernels/attention.md.
 
 from __future__ import annotations
 
-import functools
 import inspect
 import os
 
@@ -63,11 +63,8 @@ BWD_TILE = 64  # dK/dV kernel: keys per consumer warpgroup, and queries per stre
 BWD_STAGES = 3  # Q / dO tiles in flight
 BWD_DESCEND = -1  # dK/dV query sweep: -1 by the measured rule (`dkdv_descends`), 0 ascending, 1 descending
 BWD_PAIRS_FIRST = -1  # dK/dV launch: -1 by the measured rule (`dkdv_pairs_first`), 0 heads innermost, 1 pairs
-FWD_PERSISTENT = -1  # forward launch: -1 by the rule (`persistent`), 0 one program per 128 query rows, 1 one per SM
-DQ_PERSISTENT = -1  # dQ launch: the same choice
-PERSISTENT_PROGRAMS = 0  # programs of a persistent launch: 0 one per SM (tests use a few: many work items each)
 DQ_BLOCK_N = 64  # dQ kernel: keys per streamed K / V tile (64 query rows per consumer, as in the forward)
-DQ_STAGES = 4  # (DQ_BLOCK_N 128 with 2 stages, the same ring bytes, is prepared for an A/B: docs/kernels/attention.md)
+DQ_STAGES = 4  # (DQ_BLOCK_N 128 with 2 stages, the same ring bytes: within 1%, session 10, docs/kernels/attention.md)
 HEAD_DIMS = (64, 128)
 GL_SINK_WINDOW = gl.constexpr(K_SINK_WINDOW)
 GL_BLOCK_SPARSE = gl.constexpr(K_BLOCK_SPARSE)
@@ -204,22 +201,6 @@ def _apply_mask(
     return gl.where(ok, s, -float("inf"))
 
 
-@gluon.jit
-def _work_item(w, n_m, H, G: gl.constexpr, MR: gl.constexpr):
-    """(m0, b, h, g) of work item w: query rows [m0, m0 + MR) of head h (KV head g) of sequence b; a head's
-    row tiles in order of decreasing length (longest key ranges first), heads one after another."""
-    bh = w // n_m
-    h = bh % H
-    return (n_m - 1 - w % n_m) * MR, bh // H, h, h // G
-
-
-@gluon.jit
-def _item_row(w, n_m, T, H, G: gl.constexpr, MR: gl.constexpr):
-    """(first flattened row, query head) of work item w: where its Q rows start."""
-    m0, b, h, _ = _work_item(w, n_m, H, G, MR)
-    return b * T + m0, h
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # partitions
 @gluon.jit
@@ -228,7 +209,7 @@ def _consume(
     q_desc,
     k_desc,
     v_desc,
-    o_ptr,
+    o_desc,
     lse_ptr,
     q_smem,
     k_smem,
@@ -237,11 +218,15 @@ def _consume(
     empty,
     q_bars,
     qk_scale,
-    w0,
-    step,
-    n_work,
-    T,
+    m0,
+    g,
+    h,
     H,
+    q_row,
+    q_col,
+    n_far,
+    lo,
+    n_visit,
     PATTERN: gl.constexpr,
     SINK: gl.constexpr,
     WINDOW: gl.constexpr,
@@ -250,90 +235,71 @@ def _consume(
     STRIDE: gl.constexpr,
     STEP: gl.constexpr,
     DENSE_FROM: gl.constexpr,
-    G: gl.constexpr,
     BM: gl.constexpr,
     BN: gl.constexpr,
     D: gl.constexpr,
     STAGES: gl.constexpr,
 ):
-    """One consumer warpgroup: for each work item w0, w0 + step, ... (`_work_item`) its query rows
-    [m0 + WHICH * BM, + BM) against every visited key tile. The ring's visit count runs on across work items;
-    the next item's Q is loaded as soon as this item's last S is in, and O goes straight from registers to memory,
-    so a persistent program (step = the number of programs) does not drain its pipeline between items."""
+    """One consumer warpgroup: query rows [m0 + WHICH * BM, + BM) against every visited key tile."""
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BN, 16])
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, D, 16])
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     row_l: gl.constexpr = gl.SliceLayout(1, s_layout)
     orow_l: gl.constexpr = gl.SliceLayout(1, o_layout)
-    MR: gl.constexpr = 2 * BM
-    n_m = T // MR
+    mc = m0 + WHICH * BM
     qs = q_smem.index(WHICH)
     qb = q_bars.index(WHICH)
-    offs = gl.arange(0, BM, layout=row_l)
-    cols = gl.arange(0, BN, layout=gl.SliceLayout(0, s_layout))
-    o_offs = gl.expand_dims(gl.arange(0, BM, layout=orow_l).to(gl.int64) * (H * D), 1) + gl.expand_dims(
-        gl.arange(0, D, layout=gl.SliceLayout(0, o_layout)), 0
-    )
-    zero_s = gl.zeros([BM, BN], gl.float32, s_layout)
-    r, h = _item_row(w0, n_m, T, H, G, MR)
     mbarrier.expect(qb, q_desc.block_type.nbytes)
-    _tma_load(q_desc, [r + WHICH * BM, h * D], qb, qs)
-    c = w0 * 0  # visits consumed so far: the ring's position
-    for w in range(w0, n_work, step):
-        m0, b, h, g = _work_item(w, n_m, H, G, MR)
-        n_far, lo, n_visit = _visit_plan(g, m0, MR, PATTERN, SINK, WINDOW, PB, LOCAL, STRIDE, STEP, DENSE_FROM, BN)
-        mc = m0 + WHICH * BM
-        row0 = b * T + mc  # first flattened row of this warpgroup
-        rows = mc + offs  # positions in the sequence
-        mbarrier.wait(qb, ((w - w0) // step) & 1)
+    _tma_load(q_desc, [q_row + WHICH * BM, q_col], qb, qs)
+    offs = gl.arange(0, BM, layout=row_l)
+    rows = mc + offs  # positions in the sequence
+    cols = gl.arange(0, BN, layout=gl.SliceLayout(0, s_layout))
+    zero_s = gl.zeros([BM, BN], gl.float32, s_layout)
+    mbarrier.wait(qb, 0)
 
-        # first tile: no P V product yet
-        st = c % STAGES
-        mbarrier.wait(full.index(st), (c // STAGES) & 1)
-        s = warpgroup_mma(qs, k_smem.index(st).permute((1, 0)), zero_s, use_acc=False)
-        k0 = _tile_of(0, g, n_far, lo, PATTERN, PB, STRIDE, STEP, BN) * BN
-        if _needs_mask(n_far > 0, k0, g, mc, BM, PATTERN, SINK, WINDOW, PB, LOCAL, DENSE_FROM, BN):
-            s = _apply_mask(s, k0, g, rows, cols, PATTERN, SINK, WINDOW, PB, LOCAL, STRIDE, STEP, DENSE_FROM)
-        m_i = gl.max(s, axis=1) * qk_scale
-        m_use = gl.where(m_i > -float("inf"), m_i, 0.0)  # a row may see nothing in a tile (exp2(-inf) = 0)
-        p = gl.exp2(s * qk_scale - gl.expand_dims(m_use, 1))
-        l_i = gl.sum(p, axis=1)
-        acc = gl.zeros([BM, D], gl.float32, o_layout)
+    # first tile: no P V product yet
+    mbarrier.wait(full.index(0), 0)
+    s = warpgroup_mma(qs, k_smem.index(0).permute((1, 0)), zero_s, use_acc=False)
+    k0 = _tile_of(0, g, n_far, lo, PATTERN, PB, STRIDE, STEP, BN) * BN
+    if _needs_mask(n_far > 0, k0, g, mc, BM, PATTERN, SINK, WINDOW, PB, LOCAL, DENSE_FROM, BN):
+        s = _apply_mask(s, k0, g, rows, cols, PATTERN, SINK, WINDOW, PB, LOCAL, STRIDE, STEP, DENSE_FROM)
+    m_i = gl.max(s, axis=1) * qk_scale
+    m_use = gl.where(m_i > -float("inf"), m_i, 0.0)  # a row may see nothing in a tile (exp2(-inf) = 0)
+    p = gl.exp2(s * qk_scale - gl.expand_dims(m_use, 1))
+    l_i = gl.sum(p, axis=1)
+    acc = gl.zeros([BM, D], gl.float32, o_layout)
 
-        for i in range(1, n_visit):
-            prev = (c + i - 1) % STAGES
-            st = (c + i) % STAGES
-            mbarrier.wait(full.index(st), ((c + i) // STAGES) & 1)
-            # S of this tile and P V of the previous one in flight together; the softmax waits for S only
-            s_tok = warpgroup_mma(qs, k_smem.index(st).permute((1, 0)), zero_s, use_acc=False, is_async=True)
-            p_op = gl.convert_layout(p.to(k_desc.dtype), p_layout)
-            acc_tok = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
-            s = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok,))
-            k0 = _tile_of(i, g, n_far, lo, PATTERN, PB, STRIDE, STEP, BN) * BN
-            if _needs_mask(i < n_far, k0, g, mc, BM, PATTERN, SINK, WINDOW, PB, LOCAL, DENSE_FROM, BN):
-                s = _apply_mask(s, k0, g, rows, cols, PATTERN, SINK, WINDOW, PB, LOCAL, STRIDE, STEP, DENSE_FROM)
-            m_new = gl.maximum(m_i, gl.max(s, axis=1) * qk_scale)
-            m_use = gl.where(m_new > -float("inf"), m_new, 0.0)
-            alpha = gl.exp2(m_i - m_use)
-            p = gl.exp2(s * qk_scale - gl.expand_dims(m_use, 1))
-            l_i = l_i * alpha + gl.sum(p, axis=1)
-            m_i = m_new
-            acc, p_op = warpgroup_mma_wait(num_outstanding=0, deps=(acc_tok, p_op))
-            mbarrier.arrive(empty.index(prev), count=1)  # the previous tile's buffers go back to the loader
-            acc = acc * gl.expand_dims(gl.convert_layout(alpha, orow_l), 1)
-
-        if w + step < n_work:  # every S of this item is in: Q's buffer takes the next item's rows
-            r, hn = _item_row(w + step, n_m, T, H, G, MR)
-            mbarrier.expect(qb, q_desc.block_type.nbytes)
-            _tma_load(q_desc, [r + WHICH * BM, hn * D], qb, qs)
-        last = (c + n_visit - 1) % STAGES
+    for i in range(1, n_visit):
+        st = i % STAGES
+        prev = (i - 1) % STAGES
+        mbarrier.wait(full.index(st), (i // STAGES) & 1)
+        # S of this tile and P V of the previous one in flight together; the softmax waits for S only
+        s_tok = warpgroup_mma(qs, k_smem.index(st).permute((1, 0)), zero_s, use_acc=False, is_async=True)
         p_op = gl.convert_layout(p.to(k_desc.dtype), p_layout)
-        acc = warpgroup_mma(p_op, v_smem.index(last), acc)
-        mbarrier.arrive(empty.index(last), count=1)
-        acc = acc / gl.expand_dims(gl.convert_layout(l_i, orow_l), 1)
-        gl.store(lse_ptr + (row0 + offs) * H + h, m_i + gl.log2(l_i))  # log2 units, (total, H)
-        gl.store(o_ptr + row0.to(gl.int64) * (H * D) + h * D + o_offs, acc.to(o_ptr.dtype.element_ty))
-        c += n_visit
+        acc_tok = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
+        s = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok,))
+        k0 = _tile_of(i, g, n_far, lo, PATTERN, PB, STRIDE, STEP, BN) * BN
+        if _needs_mask(i < n_far, k0, g, mc, BM, PATTERN, SINK, WINDOW, PB, LOCAL, DENSE_FROM, BN):
+            s = _apply_mask(s, k0, g, rows, cols, PATTERN, SINK, WINDOW, PB, LOCAL, STRIDE, STEP, DENSE_FROM)
+        m_new = gl.maximum(m_i, gl.max(s, axis=1) * qk_scale)
+        m_use = gl.where(m_new > -float("inf"), m_new, 0.0)
+        alpha = gl.exp2(m_i - m_use)
+        p = gl.exp2(s * qk_scale - gl.expand_dims(m_use, 1))
+        l_i = l_i * alpha + gl.sum(p, axis=1)
+        m_i = m_new
+        acc, p_op = warpgroup_mma_wait(num_outstanding=0, deps=(acc_tok, p_op))
+        mbarrier.arrive(empty.index(prev), count=1)  # the previous tile's buffers go back to the loader
+        acc = acc * gl.expand_dims(gl.convert_layout(alpha, orow_l), 1)
+
+    last = (n_visit - 1) % STAGES
+    p_op = gl.convert_layout(p.to(k_desc.dtype), p_layout)
+    acc = warpgroup_mma(p_op, v_smem.index(last), acc)
+    acc = acc / gl.expand_dims(gl.convert_layout(l_i, orow_l), 1)
+    gl.store(lse_ptr + (q_row + WHICH * BM + offs) * H + h, m_i + gl.log2(l_i))  # log2 units, (total, H)
+    qs.store(acc.to(o_desc.dtype))  # Q is no longer needed: its buffer stages the output
+    fence_async_shared()
+    _tma_store(o_desc, [q_row + WHICH * BM, q_col], qs)
+    tma.store_wait(pendings=0)
 
 
 @gluon.jit
@@ -344,41 +310,28 @@ def _loader(
     v_smem,
     full,
     empty,
-    w0,
-    step,
-    n_work,
-    T,
-    H,
+    g,
+    kv_row,
+    kv_col,
+    n_far,
+    lo,
+    n_visit,
     PATTERN: gl.constexpr,
-    SINK: gl.constexpr,
-    WINDOW: gl.constexpr,
     PB: gl.constexpr,
-    LOCAL: gl.constexpr,
     STRIDE: gl.constexpr,
     STEP: gl.constexpr,
-    DENSE_FROM: gl.constexpr,
-    G: gl.constexpr,
-    MR: gl.constexpr,
     BN: gl.constexpr,
-    D: gl.constexpr,
     STAGES: gl.constexpr,
 ):
-    """Streams the visited K/V tiles of work items w0, w0 + step, ... into the ring, one item after another;
-    waits for both consumers to release a buffer before reuse."""
-    n_m = T // MR
-    c = w0 * 0  # visits loaded so far: the ring's position
-    for w in range(w0, n_work, step):
-        m0, b, _, g = _work_item(w, n_m, H, G, MR)
-        n_far, lo, n_visit = _visit_plan(g, m0, MR, PATTERN, SINK, WINDOW, PB, LOCAL, STRIDE, STEP, DENSE_FROM, BN)
-        for i in range(n_visit):
-            st = (c + i) % STAGES
-            mbarrier.wait(empty.index(st), (((c + i) // STAGES) & 1) ^ 1)  # a fresh barrier passes parity 1 at once
-            row = b * T + _tile_of(i, g, n_far, lo, PATTERN, PB, STRIDE, STEP, BN) * BN
-            bar = full.index(st)
-            mbarrier.expect(bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
-            _tma_load(k_desc, [row, g * D], bar, k_smem.index(st))
-            _tma_load(v_desc, [row, g * D], bar, v_smem.index(st))
-        c += n_visit
+    """Streams the visited K/V tiles into the ring; waits for both consumers to release a buffer before reuse."""
+    for i in range(n_visit):
+        st = i % STAGES
+        mbarrier.wait(empty.index(st), ((i // STAGES) & 1) ^ 1)  # a fresh barrier passes parity 1 at once
+        row = kv_row + _tile_of(i, g, n_far, lo, PATTERN, PB, STRIDE, STEP, BN) * BN
+        bar = full.index(st)
+        mbarrier.expect(bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
+        _tma_load(k_desc, [row, kv_col], bar, k_smem.index(st))
+        _tma_load(v_desc, [row, kv_col], bar, v_smem.index(st))
 
 
 @gluon.jit
@@ -386,11 +339,10 @@ def _fwd_ws_kernel(
     q_desc,
     k_desc,
     v_desc,
-    o_ptr,
+    o_desc,
     lse_ptr,
     T,
     H,
-    n_work,
     qk_scale,
     PATTERN: gl.constexpr,
     SINK: gl.constexpr,
@@ -407,10 +359,17 @@ def _fwd_ws_kernel(
     STAGES: gl.constexpr,
     num_warps: gl.constexpr,
 ):
-    """Work items (`_work_item`) w = program_id, + num_programs, ...: one per program when launched with one
-    program per item, several when launched persistent (one program per SM)."""
-    w0 = gl.program_id(0)
-    step = gl.num_programs(0)
+    MR: gl.constexpr = 2 * BM
+    pid_m = T // MR - 1 - gl.program_id(0)  # longest key ranges first
+    bh = gl.program_id(1)
+    b = bh // H
+    h = bh % H
+    g = h // G
+    m0 = pid_m * MR
+    q_row = b * T + m0
+    kv_row = b * T
+    q_col = h * D
+    kv_col = g * D
     q_smem = gl.allocate_shared_memory(q_desc.dtype, [2, BM, D], q_desc.layout)
     k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES, BN, D], k_desc.layout)
     v_smem = gl.allocate_shared_memory(v_desc.dtype, [STAGES, BN, D], v_desc.layout)
@@ -422,6 +381,7 @@ def _fwd_ws_kernel(
         mbarrier.init(empty.index(si), count=2)  # both consumers release a buffer
     mbarrier.init(q_bars.index(0), count=1)
     mbarrier.init(q_bars.index(1), count=1)
+    n_far, lo, n_visit = _visit_plan(g, m0, MR, PATTERN, SINK, WINDOW, PB, LOCAL, STRIDE, STEP, DENSE_FROM, BN)
     # two consumer warpgroups (the default partition and a worker) and the loader warp; the argument tuples are
     # written in place (a tuple held in a variable loses its constexpr entries)
     gl.warp_specialize(
@@ -433,7 +393,7 @@ def _fwd_ws_kernel(
                     q_desc,
                     k_desc,
                     v_desc,
-                    o_ptr,
+                    o_desc,
                     lse_ptr,
                     q_smem,
                     k_smem,
@@ -442,11 +402,15 @@ def _fwd_ws_kernel(
                     empty,
                     q_bars,
                     qk_scale,
-                    w0,
-                    step,
-                    n_work,
-                    T,
+                    m0,
+                    g,
+                    h,
                     H,
+                    q_row,
+                    q_col,
+                    n_far,
+                    lo,
+                    n_visit,
                     PATTERN,
                     SINK,
                     WINDOW,
@@ -455,7 +419,6 @@ def _fwd_ws_kernel(
                     STRIDE,
                     STEP,
                     DENSE_FROM,
-                    G,
                     BM,
                     BN,
                     D,
@@ -469,7 +432,7 @@ def _fwd_ws_kernel(
                     q_desc,
                     k_desc,
                     v_desc,
-                    o_ptr,
+                    o_desc,
                     lse_ptr,
                     q_smem,
                     k_smem,
@@ -478,11 +441,15 @@ def _fwd_ws_kernel(
                     empty,
                     q_bars,
                     qk_scale,
-                    w0,
-                    step,
-                    n_work,
-                    T,
+                    m0,
+                    g,
+                    h,
                     H,
+                    q_row,
+                    q_col,
+                    n_far,
+                    lo,
+                    n_visit,
                     PATTERN,
                     SINK,
                     WINDOW,
@@ -491,7 +458,6 @@ def _fwd_ws_kernel(
                     STRIDE,
                     STEP,
                     DENSE_FROM,
-                    G,
                     BM,
                     BN,
                     D,
@@ -507,23 +473,17 @@ def _fwd_ws_kernel(
                     v_smem,
                     full,
                     empty,
-                    w0,
-                    step,
-                    n_work,
-                    T,
-                    H,
+                    g,
+                    kv_row,
+                    kv_col,
+                    n_far,
+                    lo,
+                    n_visit,
                     PATTERN,
-                    SINK,
-                    WINDOW,
                     PB,
-                    LOCAL,
                     STRIDE,
                     STEP,
-                    DENSE_FROM,
-                    G,
-                    2 * BM,
                     BN,
-                    D,
                     STAGES,
                 ),
             ),
@@ -1013,7 +973,7 @@ def _dq_consume(
     q_desc,
     k_desc,
     do_desc,
-    dq_ptr,
+    dq_desc,
     o_ptr,
     do_ptr,
     lse_ptr,
@@ -1028,11 +988,15 @@ def _dq_consume(
     q_bars,
     qk_scale,
     sm_scale,
-    w0,
-    step,
-    n_work,
-    T,
+    m0,
+    g,
+    h,
     H,
+    q_row,
+    q_col,
+    n_far,
+    lo,
+    n_visit,
     PATTERN: gl.constexpr,
     SINK: gl.constexpr,
     WINDOW: gl.constexpr,
@@ -1041,86 +1005,67 @@ def _dq_consume(
     STRIDE: gl.constexpr,
     STEP: gl.constexpr,
     DENSE_FROM: gl.constexpr,
-    G: gl.constexpr,
     HAS_DLSE: gl.constexpr,
     BM: gl.constexpr,
     BN: gl.constexpr,
     D: gl.constexpr,
     STAGES: gl.constexpr,
 ):
-    """One consumer warpgroup: for each work item w0, w0 + step, ... (`_work_item`), dQ of its query rows
-    [m0 + WHICH * BM, + BM) over every visited key tile. Per tile S = Q K^T and dP = dO V^T are issued together,
-    P = exp2(S - lse) once S is in, dS = P (dP - delta), and dQ += dS K with dS as a register operand; the tile's
-    buffers go back to the loader once it is done. (Keeping dQ in flight into the next tile, as the dK/dV kernel
-    does with dK and dV, makes ptxas serialise this kernel's wgmma chain: benchmarks/gluon_resources.py.) Each
-    item first computes delta (minus the LSE gradient) of its rows and writes it for the dK/dV kernel; the next
-    item's Q and dO are loaded once this item's last S and dP are in, and dQ goes straight from registers to
-    memory (as in the forward's `_consume`)."""
+    """One consumer warpgroup: dQ of query rows [m0 + WHICH * BM, + BM) over every visited key tile. Per tile
+    S = Q K^T and dP = dO V^T are issued together, P = exp2(S - lse) once S is in, dS = P (dP - delta), and
+    dQ += dS K with dS as a register operand; the tile's buffers go back to the loader once it is done. (Keeping
+    dQ in flight into the next tile, as the dK/dV kernel does with dK and dV, makes ptxas serialise this kernel's
+    wgmma chain: benchmarks/gluon_resources.py.) First computes delta (minus the LSE gradient) of its rows
+    and writes it for the dK/dV kernel."""
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BN, 16])
     acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, D, 16])
     row_l: gl.constexpr = gl.SliceLayout(1, s_layout)
     io_l: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])  # coalesced 16-byte loads of a tile
     op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
     dt: gl.constexpr = q_desc.dtype
-    MR: gl.constexpr = 2 * BM
-    n_m = T // MR
+    row0 = q_row + WHICH * BM  # first flattened row of this warpgroup
+    mc = m0 + WHICH * BM  # its first position in the sequence
     qs = q_smem.index(WHICH)
     dos = do_smem.index(WHICH)
     qb = q_bars.index(WHICH)
-    r_io = gl.arange(0, BM, layout=gl.SliceLayout(1, io_l))
-    io_offs = gl.expand_dims(r_io.to(gl.int64) * (H * D), 1) + gl.expand_dims(
+    mbarrier.expect(qb, q_desc.block_type.nbytes + do_desc.block_type.nbytes)
+    _tma_load(q_desc, [row0, q_col], qb, qs)
+    _tma_load(do_desc, [row0, q_col], qb, dos)
+    r_io = row0 + gl.arange(0, BM, layout=gl.SliceLayout(1, io_l))
+    offs = gl.expand_dims(r_io * (H * D) + q_col, 1) + gl.expand_dims(
         gl.arange(0, D, layout=gl.SliceLayout(0, io_l)), 0
     )
-    dq_offs = gl.expand_dims(
-        gl.arange(0, BM, layout=gl.SliceLayout(1, acc_layout)).to(gl.int64) * (H * D), 1
-    ) + gl.expand_dims(gl.arange(0, D, layout=gl.SliceLayout(0, acc_layout)), 0)
+    delta = gl.sum(gl.load(o_ptr + offs).to(gl.float32) * gl.load(do_ptr + offs).to(gl.float32), axis=1)
+    if HAS_DLSE:  # d lse / d score = p: a gradient on the returned LSE shifts delta
+        delta -= gl.load(dlse_ptr + r_io * H + h)
+    gl.store(delta_ptr + r_io * H + h, delta)
+    delta = gl.convert_layout(delta, row_l)
     offs_r = gl.arange(0, BM, layout=row_l)
+    lse = gl.load(lse_ptr + (row0 + offs_r) * H + h)
+    rows = mc + offs_r
     cols = gl.arange(0, BN, layout=gl.SliceLayout(0, s_layout))
     zero_s = gl.zeros([BM, BN], gl.float32, s_layout)
-    r, h = _item_row(w0, n_m, T, H, G, MR)
-    mbarrier.expect(qb, q_desc.block_type.nbytes + do_desc.block_type.nbytes)
-    _tma_load(q_desc, [r + WHICH * BM, h * D], qb, qs)
-    _tma_load(do_desc, [r + WHICH * BM, h * D], qb, dos)
-    c = w0 * 0  # visits consumed so far: the ring's position
-    for w in range(w0, n_work, step):
-        m0, b, h, g = _work_item(w, n_m, H, G, MR)
-        n_far, lo, n_visit = _visit_plan(g, m0, MR, PATTERN, SINK, WINDOW, PB, LOCAL, STRIDE, STEP, DENSE_FROM, BN)
-        mc = m0 + WHICH * BM  # this warpgroup's first position in the sequence
-        row0 = b * T + mc  # and its first flattened row
-        base = row0.to(gl.int64) * (H * D) + h * D
-        delta = gl.sum(
-            gl.load(o_ptr + base + io_offs).to(gl.float32) * gl.load(do_ptr + base + io_offs).to(gl.float32), axis=1
-        )
-        if HAS_DLSE:  # d lse / d score = p: a gradient on the returned LSE shifts delta
-            delta -= gl.load(dlse_ptr + (row0 + r_io) * H + h)
-        gl.store(delta_ptr + (row0 + r_io) * H + h, delta)
-        delta = gl.convert_layout(delta, row_l)
-        lse = gl.load(lse_ptr + (row0 + offs_r) * H + h)
-        rows = mc + offs_r
-        dq = gl.zeros([BM, D], gl.float32, acc_layout)
-        mbarrier.wait(qb, ((w - w0) // step) & 1)
-        for i in range(n_visit):
-            st = (c + i) % STAGES
-            mbarrier.wait(full.index(st), ((c + i) // STAGES) & 1)
-            s_tok = warpgroup_mma(qs, k_smem.index(st).permute((1, 0)), zero_s, use_acc=False, is_async=True)
-            dp_tok = warpgroup_mma(dos, v_smem.index(st).permute((1, 0)), zero_s, use_acc=False, is_async=True)
-            s = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok,))
-            k0 = _tile_of(i, g, n_far, lo, PATTERN, PB, STRIDE, STEP, BN) * BN
-            if _needs_mask(i < n_far, k0, g, mc, BM, PATTERN, SINK, WINDOW, PB, LOCAL, DENSE_FROM, BN):
-                s = _apply_mask(s, k0, g, rows, cols, PATTERN, SINK, WINDOW, PB, LOCAL, STRIDE, STEP, DENSE_FROM)
-            p = gl.exp2(s * qk_scale - gl.expand_dims(lse, 1))
-            dp = warpgroup_mma_wait(num_outstanding=0, deps=(dp_tok,))
-            ds_op = gl.convert_layout((p * (dp - gl.expand_dims(delta, 1))).to(dt), op_layout)
-            dq_tok = warpgroup_mma(ds_op, k_smem.index(st), dq, is_async=True)
-            dq, ds_op = warpgroup_mma_wait(num_outstanding=0, deps=(dq_tok, ds_op))
-            mbarrier.arrive(empty.index(st), count=1)
-        if w + step < n_work:  # every S and dP of this item is in: the buffers take the next item's rows
-            r, hn = _item_row(w + step, n_m, T, H, G, MR)
-            mbarrier.expect(qb, q_desc.block_type.nbytes + do_desc.block_type.nbytes)
-            _tma_load(q_desc, [r + WHICH * BM, hn * D], qb, qs)
-            _tma_load(do_desc, [r + WHICH * BM, hn * D], qb, dos)
-        gl.store(dq_ptr + base + dq_offs, (dq * sm_scale).to(dt))
-        c += n_visit
+    dq = gl.zeros([BM, D], gl.float32, acc_layout)
+    mbarrier.wait(qb, 0)
+    for i in range(n_visit):
+        st = i % STAGES
+        mbarrier.wait(full.index(st), (i // STAGES) & 1)
+        s_tok = warpgroup_mma(qs, k_smem.index(st).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+        dp_tok = warpgroup_mma(dos, v_smem.index(st).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+        s = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok,))
+        k0 = _tile_of(i, g, n_far, lo, PATTERN, PB, STRIDE, STEP, BN) * BN
+        if _needs_mask(i < n_far, k0, g, mc, BM, PATTERN, SINK, WINDOW, PB, LOCAL, DENSE_FROM, BN):
+            s = _apply_mask(s, k0, g, rows, cols, PATTERN, SINK, WINDOW, PB, LOCAL, STRIDE, STEP, DENSE_FROM)
+        p = gl.exp2(s * qk_scale - gl.expand_dims(lse, 1))
+        dp = warpgroup_mma_wait(num_outstanding=0, deps=(dp_tok,))
+        ds_op = gl.convert_layout((p * (dp - gl.expand_dims(delta, 1))).to(dt), op_layout)
+        dq_tok = warpgroup_mma(ds_op, k_smem.index(st), dq, is_async=True)
+        dq, ds_op = warpgroup_mma_wait(num_outstanding=0, deps=(dq_tok, ds_op))
+        mbarrier.arrive(empty.index(st), count=1)
+    qs.store((dq * sm_scale).to(dq_desc.dtype))  # Q is no longer needed: its buffer stages dQ
+    fence_async_shared()
+    _tma_store(dq_desc, [row0, q_col], qs)
+    tma.store_wait(pendings=0)
 
 
 @gluon.jit
@@ -1129,7 +1074,7 @@ def _dq_ws_kernel(
     k_desc,
     v_desc,
     do_desc,
-    dq_ptr,
+    dq_desc,
     o_ptr,
     do_ptr,
     lse_ptr,
@@ -1137,7 +1082,6 @@ def _dq_ws_kernel(
     delta_ptr,
     T,
     H,
-    n_work,
     qk_scale,
     sm_scale,
     PATTERN: gl.constexpr,
@@ -1156,9 +1100,15 @@ def _dq_ws_kernel(
     STAGES: gl.constexpr,
     num_warps: gl.constexpr,
 ):
-    """Work items as in `_fwd_ws_kernel`: one per program, or several per program when launched persistent."""
-    w0 = gl.program_id(0)
-    step = gl.num_programs(0)
+    MR: gl.constexpr = 2 * BM
+    pid_m = T // MR - 1 - gl.program_id(0)  # longest key ranges first
+    bh = gl.program_id(1)
+    b = bh // H
+    h = bh % H
+    g = h // G
+    m0 = pid_m * MR
+    q_row = b * T + m0
+    q_col = h * D
     q_smem = gl.allocate_shared_memory(q_desc.dtype, [2, BM, D], q_desc.layout)
     do_smem = gl.allocate_shared_memory(do_desc.dtype, [2, BM, D], do_desc.layout)
     k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES, BN, D], k_desc.layout)
@@ -1171,6 +1121,7 @@ def _dq_ws_kernel(
         mbarrier.init(empty.index(si), count=2)  # both consumers release a buffer
     mbarrier.init(q_bars.index(0), count=1)
     mbarrier.init(q_bars.index(1), count=1)
+    n_far, lo, n_visit = _visit_plan(g, m0, MR, PATTERN, SINK, WINDOW, PB, LOCAL, STRIDE, STEP, DENSE_FROM, BN)
     # the two consumers' argument tuples differ only in WHICH; they are written in place (a tuple held in a
     # variable loses its constexpr entries)
     gl.warp_specialize(
@@ -1182,7 +1133,7 @@ def _dq_ws_kernel(
                     q_desc,
                     k_desc,
                     do_desc,
-                    dq_ptr,
+                    dq_desc,
                     o_ptr,
                     do_ptr,
                     lse_ptr,
@@ -1197,11 +1148,15 @@ def _dq_ws_kernel(
                     q_bars,
                     qk_scale,
                     sm_scale,
-                    w0,
-                    step,
-                    n_work,
-                    T,
+                    m0,
+                    g,
+                    h,
                     H,
+                    q_row,
+                    q_col,
+                    n_far,
+                    lo,
+                    n_visit,
                     PATTERN,
                     SINK,
                     WINDOW,
@@ -1210,7 +1165,6 @@ def _dq_ws_kernel(
                     STRIDE,
                     STEP,
                     DENSE_FROM,
-                    G,
                     HAS_DLSE,
                     BM,
                     BN,
@@ -1225,7 +1179,7 @@ def _dq_ws_kernel(
                     q_desc,
                     k_desc,
                     do_desc,
-                    dq_ptr,
+                    dq_desc,
                     o_ptr,
                     do_ptr,
                     lse_ptr,
@@ -1240,11 +1194,15 @@ def _dq_ws_kernel(
                     q_bars,
                     qk_scale,
                     sm_scale,
-                    w0,
-                    step,
-                    n_work,
-                    T,
+                    m0,
+                    g,
+                    h,
                     H,
+                    q_row,
+                    q_col,
+                    n_far,
+                    lo,
+                    n_visit,
                     PATTERN,
                     SINK,
                     WINDOW,
@@ -1253,7 +1211,6 @@ def _dq_ws_kernel(
                     STRIDE,
                     STEP,
                     DENSE_FROM,
-                    G,
                     HAS_DLSE,
                     BM,
                     BN,
@@ -1270,23 +1227,17 @@ def _dq_ws_kernel(
                     v_smem,
                     full,
                     empty,
-                    w0,
-                    step,
-                    n_work,
-                    T,
-                    H,
+                    g,
+                    b * T,
+                    g * D,
+                    n_far,
+                    lo,
+                    n_visit,
                     PATTERN,
-                    SINK,
-                    WINDOW,
                     PB,
-                    LOCAL,
                     STRIDE,
                     STEP,
-                    DENSE_FROM,
-                    G,
-                    2 * BM,
                     BN,
-                    D,
                     STAGES,
                 ),
             ),
@@ -1350,29 +1301,6 @@ def dkdv_tuning(group: int, kind: int) -> dict:
     """The dK/dV kernel's tuning constexprs for G query heads per KV head and a pattern kind, as launched (and
     compiled by benchmarks/gluon_resources.py)."""
     return dict(STAGES=BWD_STAGES, DESCEND=dkdv_descends(group, kind), PAIRS_FIRST=dkdv_pairs_first(kind))
-
-
-def persistent(kernel: str, kind: int) -> bool:
-    """Whether the forward (`kernel` "fwd") or dQ ("dq") kernel is launched persistent, one program per SM taking
-    the work items in turn, instead of one program per work item: for the sparse patterns, whose short key ranges
-    leave a program's start-up (barriers, first loads, pipeline fill) a large share of its time.
-    `FWD_PERSISTENT` / `DQ_PERSISTENT` 0 / 1 override the rule (A/B)."""
-    return _rule({"fwd": "FWD_PERSISTENT", "dq": "DQ_PERSISTENT"}[kernel], kind != K_FULL)
-
-
-@functools.cache
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def _programs(kernel: str, kind: int, n_work: int, device: torch.device) -> int:
-    """Programs to launch for `n_work` work items of 128 query rows (see `persistent`)."""
-    if not persistent(kernel, kind):
-        return n_work
-    if PERSISTENT_PROGRAMS < 0:
-        raise ValueError(f"gluon_attention.PERSISTENT_PROGRAMS must be >= 0 (0: one per SM), got {PERSISTENT_PROGRAMS}")
-    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    return min(n_work, PERSISTENT_PROGRAMS or sms)
 
 
 def _in_scope(q: torch.Tensor, head_dim: int, kind: int, block_size: int, seq_len: int) -> bool:
@@ -1446,16 +1374,14 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: _Plan) -> t
     BN, stages = forward_tiles(plan.kind, plan.constexprs["PB"])
     o = torch.empty_like(q)
     lse2 = torch.empty(total, H, dtype=torch.float32, device=q.device)
-    n_work = T // (2 * ROWS) * plan.n_seqs * H
-    _fwd_ws_kernel[(_programs("fwd", plan.kind, n_work, q.device),)](
+    _fwd_ws_kernel[(T // (2 * ROWS), plan.n_seqs * H)](
         _desc(q, ROWS),
         _desc(k, BN),
         _desc(v, BN),
-        o,
+        _desc(o, ROWS),
         lse2,
         T,
         H,
-        n_work,
         plan.shape.scale * LOG2E,
         **_pattern_args(plan),
         G=plan.shape.group,
@@ -1485,13 +1411,12 @@ def dq_delta(
     ``lse2`` the forward's LSE in log2 units, ``dlse`` the LSE gradient (natural units) or None."""
     H, D = q.shape[1:]
     bn, stages = dq_tiles(plan.kind, plan.constexprs["PB"])
-    n_work = plan.max_len // (2 * ROWS) * plan.n_seqs * H
-    _dq_ws_kernel[(_programs("dq", plan.kind, n_work, q.device),)](
+    _dq_ws_kernel[(plan.max_len // (2 * ROWS), plan.n_seqs * H)](
         _desc(q, ROWS),
         _desc(k, bn),
         _desc(v, bn),
         _desc(do, ROWS),
-        dq,
+        _desc(dq, ROWS),
         o,
         do,
         lse2,
@@ -1499,7 +1424,6 @@ def dq_delta(
         delta,
         plan.max_len,
         H,
-        n_work,
         plan.shape.scale * LOG2E,
         plan.shape.scale,
         **_pattern_args(plan),
