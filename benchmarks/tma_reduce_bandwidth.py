@@ -13,7 +13,8 @@ operation has read it, store a register tile into it, fence], then one TMA opera
 from the buffer: a reduce-add, or a plain store for comparison. Row tiles by MODE: "spread" (every CTA its own
 tiles, streaming through a 512 MiB accumulator, more than L2) or "shared" (all CTAs add into the same 32 row tiles
 at the same time, as the concurrent programs of one head reduce into the same query rows). Prints the rate of moved
-bytes (TB/s) per variant and checks the accumulator's sum (every reduce adds 1.0 to each element of its tile).
+bytes (TB/s) per variant, the median of 3 launches after a 2 s warm-up, and checks the accumulator's sum (every
+reduce adds 1.0 to each element of its tile).
 """
 
 from __future__ import annotations
