@@ -131,8 +131,9 @@ def measure(mode: str, op: str, stage: int, bufs: int, ctas: int, iters: int) ->
 
 
 def warm_up(seconds: float = 2.0) -> None:
-    """Keep the GPU busy for a while first: session 10's first run timed its first variants on a GPU still at
-    idle clocks (stores and reduces alike ~15x slower with one CTA per SM than with two)."""
+    """Keep the GPU busy for a while first, so that no variant is timed at idle clocks. (Not what slowed session
+    10's first run: there the first timed launch of every variant was 5-20x slower than the next ones even after
+    this warm-up and an untimed launch, cause not found; hence the median of `REPEATS` launches.)"""
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     start = torch.cuda.Event(enable_timing=True)
     end = torch.cuda.Event(enable_timing=True)
