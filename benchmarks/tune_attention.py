@@ -4,10 +4,10 @@
         [--configs "fwd=128x64/w8s3 dq=128x64/w8s3 dkdv=32x64/w4s4" ...] [--baseline OLD_triton_attention.py]
         [--gluon 1 fwd,dkdv fwd 0] [--knobs "" BWD_STAGES=4] [--repeats 1] [--out results.json]
 
-For every config and case (pattern:seq_len:kv_heads; bf16, batch 1, 32 query heads, head dim 128) it prints the
-median forward and forward+backward time (`triton.testing.do_bench`) and the CUDA time of each kernel (forward, dQ,
-dK/dV, everything else) from torch.profiler over 5 forward+backward calls, so one run tunes the three kernels
-independently. A tile is BLOCK_MxBLOCK_N/wWARPSsSTAGES; BlockSparse clamps BLOCK_N to its block size.
+For every config and case (pattern[/parameters]:seq_len:kv_heads, see `parse_case`; bf16, batch 1, 32 query heads,
+head dim 128) it prints the median forward and forward+backward time (`triton.testing.do_bench`) and the CUDA time of
+each kernel (forward, dQ, dK/dV, everything else) from torch.profiler over 5 forward+backward calls, so one run tunes
+the three kernels independently. A tile is BLOCK_MxBLOCK_N/wWARPSsSTAGES; BlockSparse clamps BLOCK_N to its block size.
 `--baseline` also runs an older copy of `triton_attention.py` with its own default tiles (A/B of a kernel change);
 `--gluon` runs every case under each LONGGEN_GLUON setting (1: the Hopper forward, dK/dV and dQ kernels where they
 apply, 0: Triton only, or a comma-separated subset of fwd,dkdv,dq); `--knobs` runs each case under each set of
@@ -32,11 +32,31 @@ import longgen
 from longgen.kernels import gluon_attention
 from longgen.kernels import triton_attention as current
 
-PATTERNS = {
-    "full": lambda kv: longgen.Full(),
-    "sink_window": lambda kv: longgen.SinkWindow(64, 2048),
-    "block_sparse": lambda kv: longgen.BlockSparse(64, 16, kv),
+PATTERNS = {  # name -> (pattern from the KV-head count and parameters, default parameters)
+    "full": (lambda kv: longgen.Full(), ()),
+    "sink_window": (lambda kv, sink, window: longgen.SinkWindow(sink, window), (64, 2048)),
+    "block_sparse": (lambda kv, block, local, stride=None: longgen.BlockSparse(block, local, stride or kv), (64, 16)),
 }
+
+
+def parse_case(case: str):
+    """(pattern, seq_len, kv_heads) of "NAME[/P1,P2,...]:SEQ_LEN:KV_HEADS": the benchmark's patterns by default,
+    e.g. "sink_window:131072:32" = SinkWindow(64, 2048), or with their parameters, e.g. "sink_window/64,8192:131072:32"
+    or "block_sparse/64,16,8:131072:32" (BlockSparse's stride defaults to the KV-head count)."""
+    parts = case.split(":")
+    name, _, params = parts[0].partition("/")
+    if len(parts) != 3 or name not in PATTERNS or not parts[1].isdigit() or not parts[2].isdigit():
+        names = ", ".join(PATTERNS)
+        raise ValueError(f"bad case {case!r}: expected NAME[/P1,P2,...]:SEQ_LEN:KV_HEADS, NAME one of {names}")
+    make, defaults = PATTERNS[name]
+    try:
+        values = tuple(int(p) for p in params.split(",")) if params else defaults
+        pattern = make(int(parts[2]), *values)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"bad case {case!r}: {e}") from e
+    return pattern, int(parts[1]), int(parts[2])
+
+
 KERNELS = ("_fwd_kernel", "_dq_kernel", "_dkdv_kernel", "_fwd_ws_kernel", "_dq_ws_kernel", "_dkdv_ws_kernel")
 MODULE = "longgen.kernels.triton_attention"
 
@@ -156,6 +176,10 @@ def main(argv=None) -> int:
             restore_knobs(gluon_attention, set_knobs(gluon_attention, knobs))
         except ValueError as e:
             ap.error(str(e))
+    try:
+        cases = {case: parse_case(case) for case in args.cases}
+    except ValueError as e:
+        ap.error(str(e))
     if not torch.cuda.is_available():
         print("benchmarks/tune_attention.py needs a CUDA GPU", file=sys.stderr)
         return 2
@@ -171,10 +195,7 @@ def main(argv=None) -> int:
             os.environ["LONGGEN_GLUON"] = gluon
             label = f"{label} gluon={gluon}" + (f" {knobs}" if knobs else "")
             saved = set_knobs(gluon_attention, knobs)
-            for case in args.cases:
-                kind, T, hkv = case.split(":")
-                T, hkv = int(T), int(hkv)
-                pattern = PATTERNS[kind](hkv)
+            for case, (pattern, T, hkv) in cases.items():
                 try:
                     r = measure(module, cfg, pattern, T, hkv, check=check, case=case)
                 except Exception as e:  # a config can exceed shared memory: report it and go on

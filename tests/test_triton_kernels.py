@@ -324,3 +324,19 @@ def test_tma_reduce_benchmark_compiles_every_variant():
     assert len(lines) == 12
     for line in lines:
         assert line.endswith(": 1") == (line.split()[1] == "reduce"), line
+
+
+def test_tune_attention_cases_take_pattern_parameters(monkeypatch):
+    """benchmarks/tune_attention.py cases: the benchmark's patterns by default, their parameters after a slash,
+    and a clear error for anything else."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from tune_attention import parse_case
+
+    assert parse_case("full:32768:32") == (Full(), 32768, 32)
+    assert parse_case("sink_window:131072:8") == (SinkWindow(64, 2048), 131072, 8)
+    assert parse_case("sink_window/0,8192:4096:4") == (SinkWindow(0, 8192), 4096, 4)
+    assert parse_case("block_sparse:8192:8") == (BlockSparse(64, 16, 8), 8192, 8)
+    assert parse_case("block_sparse/128,4,3:8192:8") == (BlockSparse(128, 4, 3), 8192, 8)
+    for bad in ("sink_window:131072", "window:1024:8", "full:1k:8", "sink_window/64:1024:8", "block_sparse/4,4:64:8"):
+        with pytest.raises(ValueError, match="bad case"):
+            parse_case(bad)
