@@ -73,8 +73,8 @@ def compile_case(kernel: str, pattern: str, d: int, G: int):
     if kernel == "fwd":
         bn, stages = ga.forward_tiles(cx["PATTERN"], cx["PB"])
         cx |= dict(BM=ga.ROWS, BN=bn, STAGES=stages)
-        descs = {"q_desc": (ga.ROWS, d), "k_desc": (bn, d), "v_desc": (bn, d), "o_desc": (ga.ROWS, d)}
-        scalars = {"lse_ptr": "*fp32", "T": "i32", "H": "i32", "qk_scale": "fp32"}
+        descs = {"q_desc": (ga.ROWS, d), "k_desc": (bn, d), "v_desc": (bn, d)}
+        scalars = {"o_ptr": "*bf16", "lse_ptr": "*fp32", "T": "i32", "H": "i32", "n_work": "i32", "qk_scale": "fp32"}
         return _compile(ga._fwd_ws_kernel, descs, scalars, cx)
     if kernel == "dq":
         bn, stages = ga.dq_tiles(cx["PATTERN"], cx["PB"])

@@ -251,8 +251,10 @@ def test_gluon_dq_matches_reference_and_triton(pattern, T, H, hkv, d, dtype, B, 
 @pytest.mark.skipif(not _hopper(), reason="the Gluon kernels run on CUDA capability 9.0 only")
 @pytest.mark.parametrize("pattern,T,H,hkv,d,dtype,B", GLUON_CASES, ids=lambda x: repr(x)[:40])
 def test_gluon_launch_choices_give_identical_results(pattern, T, H, hkv, d, dtype, B, monkeypatch):
-    """How the dK/dV programs are launched (heads innermost, or one head's key-tile pairs together) changes no
-    arithmetic: output, LSE and all gradients are bitwise those of the measured rule."""
+    """How the kernels are launched (the forward one program per work item or persistent, with one program per SM
+    or a few programs taking many work items each; the dK/dV programs with the heads innermost or one head's
+    key-tile pairs together) changes no arithmetic: output, LSE and all gradients are bitwise those of the measured
+    rules."""
     from longgen.kernels import gluon_attention
 
     gen = torch.Generator().manual_seed(torch.seed() % (2**31))
@@ -271,7 +273,11 @@ def test_gluon_launch_choices_give_identical_results(pattern, T, H, hkv, d, dtyp
         return [out, lse] + [x.grad for x in xs]
 
     rule = run()
-    for knobs in (dict(BWD_PAIRS_FIRST=0), dict(BWD_PAIRS_FIRST=1)):
+    for knobs in (
+        dict(FWD_PERSISTENT=0, BWD_PAIRS_FIRST=0),
+        dict(FWD_PERSISTENT=1, BWD_PAIRS_FIRST=1),
+        dict(FWD_PERSISTENT=1, PERSISTENT_PROGRAMS=3),
+    ):
         got = run(**knobs)
         for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), got, rule, strict=True):
             assert torch.equal(a, b), f"{name} differs with {knobs}"

@@ -220,9 +220,10 @@ def test_hopper_kernels_switch(flag, parts, monkeypatch):
     assert {p for p in gluon_attention.PARTS if gluon_attention.enabled(p)} == parts
 
 
-def test_dkdv_launch_rules_and_overrides(monkeypatch):
-    """The measured dK/dV launch rules: it descends for Full without GQA only and launches a head's pairs together
-    for Full only. Each constant forces its choice with 0 / 1 and rejects anything else."""
+def test_launch_rules_and_overrides(monkeypatch):
+    """The measured launch rules: the dK/dV kernel descends for Full without GQA only and launches a head's pairs
+    together for Full only; the forward runs persistent for the sparse patterns. Each constant forces its choice
+    with 0 / 1 and rejects anything else."""
     from longgen.kernels import gluon_attention as ga
     from longgen.kernels.triton_attention import K_BLOCK_SPARSE, K_FULL, K_SINK_WINDOW
 
@@ -232,7 +233,12 @@ def test_dkdv_launch_rules_and_overrides(monkeypatch):
     assert ga.dkdv_pairs_first(K_FULL) and not any(ga.dkdv_pairs_first(kind) for kind in sparse)
     assert ga.dkdv_tuning(1, K_FULL) == dict(STAGES=ga.BWD_STAGES, DESCEND=True, PAIRS_FIRST=True)
     assert ga.dkdv_tuning(4, K_SINK_WINDOW) == dict(STAGES=ga.BWD_STAGES, DESCEND=False, PAIRS_FIRST=False)
-    checks = {"BWD_DESCEND": lambda kind: ga.dkdv_descends(1, kind), "BWD_PAIRS_FIRST": ga.dkdv_pairs_first}
+    assert not ga.fwd_persistent(K_FULL) and all(ga.fwd_persistent(kind) for kind in sparse)
+    checks = {
+        "BWD_DESCEND": lambda kind: ga.dkdv_descends(1, kind),
+        "BWD_PAIRS_FIRST": ga.dkdv_pairs_first,
+        "FWD_PERSISTENT": ga.fwd_persistent,
+    }
     for name, check in checks.items():
         for forced in (0, 1):
             monkeypatch.setattr(ga, name, forced)
@@ -241,6 +247,23 @@ def test_dkdv_launch_rules_and_overrides(monkeypatch):
         with pytest.raises(ValueError, match=f"{name} must be -1"):
             check(K_FULL)
         monkeypatch.setattr(ga, name, -1)
+
+
+def test_persistent_forward_takes_at_most_one_program_per_sm(monkeypatch):
+    """A persistent forward has min(work items, SMs or PERSISTENT_PROGRAMS) programs; otherwise one per item."""
+    from longgen.kernels import gluon_attention as ga
+    from longgen.kernels.triton_attention import K_BLOCK_SPARSE, K_FULL, K_SINK_WINDOW
+
+    monkeypatch.setattr(ga, "_sm_count", lambda device_index: 132)
+    dev = torch.device("cuda", 0)
+    assert ga._fwd_programs(K_FULL, 4096, dev) == 4096
+    assert ga._fwd_programs(K_SINK_WINDOW, 4096, dev) == ga._fwd_programs(K_BLOCK_SPARSE, 4096, dev) == 132
+    assert ga._fwd_programs(K_SINK_WINDOW, 100, dev) == 100
+    monkeypatch.setattr(ga, "PERSISTENT_PROGRAMS", 3)
+    assert ga._fwd_programs(K_SINK_WINDOW, 4096, dev) == 3
+    monkeypatch.setattr(ga, "PERSISTENT_PROGRAMS", -1)
+    with pytest.raises(ValueError, match="PERSISTENT_PROGRAMS must be >= 0"):
+        ga._fwd_programs(K_SINK_WINDOW, 4096, dev)
 
 
 def test_dq_tiles_clamp_to_blocksparse_blocks_and_keep_the_ring_bytes(monkeypatch):

@@ -7,9 +7,11 @@ leaves the tensor cores idle during the softmax. These kernels split a program i
 consumer warpgroups that issue their products as asynchronous wgmma and do the elementwise work while they run;
 registers are rebalanced with `setmaxnreg` (consumers 240, loader 24).
 
-* Forward (`_fwd_ws_kernel`): 128 query rows per program (64 per consumer) against the visited K/V tiles; per
+* Forward (`_fwd_ws_kernel`): work items of 128 query rows (64 per consumer) against the visited K/V tiles; per
   key tile, S = Q K^T and the previous tile's O += P V are issued together, the softmax of S runs while P V is in
-  flight, and the two warpgroups drift into alternating matmul / softmax phases on their own.
+  flight, and the two warpgroups drift into alternating matmul / softmax phases on their own. One program per work
+  item for Full; for the sparse patterns persistent (one program per SM taking the items in turn, the next item's
+  Q loaded while the current one finishes), which hides their short programs' prologue and epilogue.
 * dK/dV of the backward (`_dkdv_ws_kernel`): two key tiles of 64 per program (one per consumer) against the
   streamed (query tile, head) visits: Q and dO by TMA, the LSE and delta rows (strided by the head count, so not
   TMA-able) loaded by the loader warp into shared memory. S^T = K Q^T and dP^T = V dO^T are issued together,
@@ -34,6 +36,7 @@ choices and timings: docs/kernels/attention.md.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import os
 
@@ -63,6 +66,8 @@ BWD_TILE = 64  # dK/dV kernel: keys per consumer warpgroup, and queries per stre
 BWD_STAGES = 3  # Q / dO tiles in flight
 BWD_DESCEND = -1  # dK/dV query sweep: -1 by the measured rule (`dkdv_descends`), 0 ascending, 1 descending
 BWD_PAIRS_FIRST = -1  # dK/dV launch: -1 by the measured rule (`dkdv_pairs_first`), 0 heads innermost, 1 pairs
+FWD_PERSISTENT = -1  # forward launch: -1 by the rule (`fwd_persistent`), 0 one program per 128 query rows, 1 per SM
+PERSISTENT_PROGRAMS = 0  # programs of a persistent launch: 0 one per SM (tests use a few: many work items each)
 DQ_BLOCK_N = 64  # dQ kernel: keys per streamed K / V tile (64 query rows per consumer, as in the forward)
 DQ_STAGES = 4  # (DQ_BLOCK_N 128 with 2 stages, the same ring bytes: within 1%, session 10, docs/kernels/attention.md)
 HEAD_DIMS = (64, 128)
@@ -201,6 +206,22 @@ def _apply_mask(
     return gl.where(ok, s, -float("inf"))
 
 
+@gluon.jit
+def _work_item(w, n_m, H, G: gl.constexpr, MR: gl.constexpr):
+    """(m0, b, h, g) of work item w: query rows [m0, m0 + MR) of head h (KV head g) of sequence b; a head's
+    row tiles in order of decreasing length (longest key ranges first), heads one after another."""
+    bh = w // n_m
+    h = bh % H
+    return (n_m - 1 - w % n_m) * MR, bh // H, h, h // G
+
+
+@gluon.jit
+def _item_row(w, n_m, T, H, G: gl.constexpr, MR: gl.constexpr):
+    """(first flattened row, query head) of work item w: where its Q rows start."""
+    m0, b, h, _ = _work_item(w, n_m, H, G, MR)
+    return b * T + m0, h
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # partitions
 @gluon.jit
@@ -209,7 +230,7 @@ def _consume(
     q_desc,
     k_desc,
     v_desc,
-    o_desc,
+    o_ptr,
     lse_ptr,
     q_smem,
     k_smem,
@@ -218,15 +239,11 @@ def _consume(
     empty,
     q_bars,
     qk_scale,
-    m0,
-    g,
-    h,
+    w0,
+    step,
+    n_work,
+    T,
     H,
-    q_row,
-    q_col,
-    n_far,
-    lo,
-    n_visit,
     PATTERN: gl.constexpr,
     SINK: gl.constexpr,
     WINDOW: gl.constexpr,
@@ -235,81 +252,101 @@ def _consume(
     STRIDE: gl.constexpr,
     STEP: gl.constexpr,
     DENSE_FROM: gl.constexpr,
+    G: gl.constexpr,
     BM: gl.constexpr,
     BN: gl.constexpr,
     D: gl.constexpr,
     STAGES: gl.constexpr,
 ):
-    """One consumer warpgroup: query rows [m0 + WHICH * BM, + BM) against every visited key tile."""
+    """One consumer warpgroup: for each work item w0, w0 + step, ... (`_work_item`) its query rows
+    [m0 + WHICH * BM, + BM) against every visited key tile. The ring's visit count runs on across work items;
+    the next item's Q is loaded as soon as this item's last S is in, and O goes straight from registers to memory,
+    so a persistent program (step = the number of programs) does not drain its pipeline between items."""
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BN, 16])
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, D, 16])
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     row_l: gl.constexpr = gl.SliceLayout(1, s_layout)
     orow_l: gl.constexpr = gl.SliceLayout(1, o_layout)
-    mc = m0 + WHICH * BM
+    MR: gl.constexpr = 2 * BM
+    n_m = T // MR
     qs = q_smem.index(WHICH)
     qb = q_bars.index(WHICH)
-    mbarrier.expect(qb, q_desc.block_type.nbytes)
-    _tma_load(q_desc, [q_row + WHICH * BM, q_col], qb, qs)
     offs = gl.arange(0, BM, layout=row_l)
-    rows = mc + offs  # positions in the sequence
     cols = gl.arange(0, BN, layout=gl.SliceLayout(0, s_layout))
+    o_offs = gl.expand_dims(gl.arange(0, BM, layout=orow_l).to(gl.int64) * (H * D), 1) + gl.expand_dims(
+        gl.arange(0, D, layout=gl.SliceLayout(0, o_layout)), 0
+    )
     zero_s = gl.zeros([BM, BN], gl.float32, s_layout)
-    mbarrier.wait(qb, 0)
+    r, h = _item_row(w0, n_m, T, H, G, MR)
+    mbarrier.expect(qb, q_desc.block_type.nbytes)
+    _tma_load(q_desc, [r + WHICH * BM, h * D], qb, qs)
+    c = w0 * 0  # visits consumed so far: the ring's position
+    for w in range(w0, n_work, step):
+        m0, b, h, g = _work_item(w, n_m, H, G, MR)
+        n_far, lo, n_visit = _visit_plan(g, m0, MR, PATTERN, SINK, WINDOW, PB, LOCAL, STRIDE, STEP, DENSE_FROM, BN)
+        mc = m0 + WHICH * BM
+        row0 = b * T + mc  # first flattened row of this warpgroup
+        rows = mc + offs  # positions in the sequence
+        mbarrier.wait(qb, ((w - w0) // step) & 1)
 
-    # first tile: no P V product yet
-    mbarrier.wait(full.index(0), 0)
-    s = warpgroup_mma(qs, k_smem.index(0).permute((1, 0)), zero_s, use_acc=False)
-    k0 = _tile_of(0, g, n_far, lo, PATTERN, PB, STRIDE, STEP, BN) * BN
-    if _needs_mask(n_far > 0, k0, g, mc, BM, PATTERN, SINK, WINDOW, PB, LOCAL, DENSE_FROM, BN):
-        s = _apply_mask(s, k0, g, rows, cols, PATTERN, SINK, WINDOW, PB, LOCAL, STRIDE, STEP, DENSE_FROM)
-    m_i = gl.max(s, axis=1) * qk_scale
-    m_use = gl.where(m_i > -float("inf"), m_i, 0.0)  # a row may see nothing in a tile (exp2(-inf) = 0)
-    p = gl.exp2(s * qk_scale - gl.expand_dims(m_use, 1))
-    l_i = gl.sum(p, axis=1)
-    acc = gl.zeros([BM, D], gl.float32, o_layout)
-
-    for i in range(1, n_visit):
-        st = i % STAGES
-        prev = (i - 1) % STAGES
-        mbarrier.wait(full.index(st), (i // STAGES) & 1)
-        # S of this tile and P V of the previous one in flight together; the softmax waits for S only
-        s_tok = warpgroup_mma(qs, k_smem.index(st).permute((1, 0)), zero_s, use_acc=False, is_async=True)
-        p_op = gl.convert_layout(p.to(k_desc.dtype), p_layout)
-        acc_tok = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
-        s = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok,))
-        k0 = _tile_of(i, g, n_far, lo, PATTERN, PB, STRIDE, STEP, BN) * BN
-        if _needs_mask(i < n_far, k0, g, mc, BM, PATTERN, SINK, WINDOW, PB, LOCAL, DENSE_FROM, BN):
+        # first tile: no P V product yet
+        st = c % STAGES
+        mbarrier.wait(full.index(st), (c // STAGES) & 1)
+        s = warpgroup_mma(qs, k_smem.index(st).permute((1, 0)), zero_s, use_acc=False)
+        k0 = _tile_of(0, g, n_far, lo, PATTERN, PB, STRIDE, STEP, BN) * BN
+        if _needs_mask(n_far > 0, k0, g, mc, BM, PATTERN, SINK, WINDOW, PB, LOCAL, DENSE_FROM, BN):
             s = _apply_mask(s, k0, g, rows, cols, PATTERN, SINK, WINDOW, PB, LOCAL, STRIDE, STEP, DENSE_FROM)
-        m_new = gl.maximum(m_i, gl.max(s, axis=1) * qk_scale)
-        m_use = gl.where(m_new > -float("inf"), m_new, 0.0)
-        alpha = gl.exp2(m_i - m_use)
+        m_i = gl.max(s, axis=1) * qk_scale
+        m_use = gl.where(m_i > -float("inf"), m_i, 0.0)  # a row may see nothing in a tile (exp2(-inf) = 0)
         p = gl.exp2(s * qk_scale - gl.expand_dims(m_use, 1))
-        l_i = l_i * alpha + gl.sum(p, axis=1)
-        m_i = m_new
-        acc, p_op = warpgroup_mma_wait(num_outstanding=0, deps=(acc_tok, p_op))
-        mbarrier.arrive(empty.index(prev), count=1)  # the previous tile's buffers go back to the loader
-        acc = acc * gl.expand_dims(gl.convert_layout(alpha, orow_l), 1)
+        l_i = gl.sum(p, axis=1)
+        acc = gl.zeros([BM, D], gl.float32, o_layout)
 
-    last = (n_visit - 1) % STAGES
-    p_op = gl.convert_layout(p.to(k_desc.dtype), p_layout)
-    acc = warpgroup_mma(p_op, v_smem.index(last), acc)
-    acc = acc / gl.expand_dims(gl.convert_layout(l_i, orow_l), 1)
-    gl.store(lse_ptr + (q_row + WHICH * BM + offs) * H + h, m_i + gl.log2(l_i))  # log2 units, (total, H)
-    qs.store(acc.to(o_desc.dtype))  # Q is no longer needed: its buffer stages the output
-    fence_async_shared()
-    _tma_store(o_desc, [q_row + WHICH * BM, q_col], qs)
-    tma.store_wait(pendings=0)
+        for i in range(1, n_visit):
+            prev = (c + i - 1) % STAGES
+            st = (c + i) % STAGES
+            mbarrier.wait(full.index(st), ((c + i) // STAGES) & 1)
+            # S of this tile and P V of the previous one in flight together; the softmax waits for S only
+            s_tok = warpgroup_mma(qs, k_smem.index(st).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+            p_op = gl.convert_layout(p.to(k_desc.dtype), p_layout)
+            acc_tok = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
+            s = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok,))
+            k0 = _tile_of(i, g, n_far, lo, PATTERN, PB, STRIDE, STEP, BN) * BN
+            if _needs_mask(i < n_far, k0, g, mc, BM, PATTERN, SINK, WINDOW, PB, LOCAL, DENSE_FROM, BN):
+                s = _apply_mask(s, k0, g, rows, cols, PATTERN, SINK, WINDOW, PB, LOCAL, STRIDE, STEP, DENSE_FROM)
+            m_new = gl.maximum(m_i, gl.max(s, axis=1) * qk_scale)
+            m_use = gl.where(m_new > -float("inf"), m_new, 0.0)
+            alpha = gl.exp2(m_i - m_use)
+            p = gl.exp2(s * qk_scale - gl.expand_dims(m_use, 1))
+            l_i = l_i * alpha + gl.sum(p, axis=1)
+            m_i = m_new
+            acc, p_op = warpgroup_mma_wait(num_outstanding=0, deps=(acc_tok, p_op))
+            mbarrier.arrive(empty.index(prev), count=1)  # the previous tile's buffers go back to the loader
+            acc = acc * gl.expand_dims(gl.convert_layout(alpha, orow_l), 1)
+
+        if w + step < n_work:  # every S of this item is in: Q's buffer takes the next item's rows
+            r, hn = _item_row(w + step, n_m, T, H, G, MR)
+            mbarrier.expect(qb, q_desc.block_type.nbytes)
+            _tma_load(q_desc, [r + WHICH * BM, hn * D], qb, qs)
+        last = (c + n_visit - 1) % STAGES
+        p_op = gl.convert_layout(p.to(k_desc.dtype), p_layout)
+        acc = warpgroup_mma(p_op, v_smem.index(last), acc)
+        mbarrier.arrive(empty.index(last), count=1)
+        acc = acc / gl.expand_dims(gl.convert_layout(l_i, orow_l), 1)
+        gl.store(lse_ptr + (row0 + offs) * H + h, m_i + gl.log2(l_i))  # log2 units, (total, H)
+        gl.store(o_ptr + row0.to(gl.int64) * (H * D) + h * D + o_offs, acc.to(o_ptr.dtype.element_ty))
+        c += n_visit
 
 
 @gluon.jit
-def _loader(
+def _load_visits(
     k_desc,
     v_desc,
     k_smem,
     v_smem,
     full,
     empty,
+    c,
     g,
     kv_row,
     kv_col,
@@ -323,10 +360,11 @@ def _loader(
     BN: gl.constexpr,
     STAGES: gl.constexpr,
 ):
-    """Streams the visited K/V tiles into the ring; waits for both consumers to release a buffer before reuse."""
+    """Streams one work item's visited K/V tiles into the ring from its position c (visits loaded before); waits
+    for both consumers to release a buffer before reuse."""
     for i in range(n_visit):
-        st = i % STAGES
-        mbarrier.wait(empty.index(st), ((i // STAGES) & 1) ^ 1)  # a fresh barrier passes parity 1 at once
+        st = (c + i) % STAGES
+        mbarrier.wait(empty.index(st), (((c + i) // STAGES) & 1) ^ 1)  # a fresh barrier passes parity 1 at once
         row = kv_row + _tile_of(i, g, n_far, lo, PATTERN, PB, STRIDE, STEP, BN) * BN
         bar = full.index(st)
         mbarrier.expect(bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
@@ -335,14 +373,72 @@ def _loader(
 
 
 @gluon.jit
+def _loader(
+    k_desc,
+    v_desc,
+    k_smem,
+    v_smem,
+    full,
+    empty,
+    w0,
+    step,
+    n_work,
+    T,
+    H,
+    PATTERN: gl.constexpr,
+    SINK: gl.constexpr,
+    WINDOW: gl.constexpr,
+    PB: gl.constexpr,
+    LOCAL: gl.constexpr,
+    STRIDE: gl.constexpr,
+    STEP: gl.constexpr,
+    DENSE_FROM: gl.constexpr,
+    G: gl.constexpr,
+    MR: gl.constexpr,
+    BN: gl.constexpr,
+    D: gl.constexpr,
+    STAGES: gl.constexpr,
+):
+    """The forward's loader: the visited K/V tiles of work items w0, w0 + step, ... one item after another."""
+    n_m = T // MR
+    c = w0 * 0  # visits loaded so far: the ring's position
+    for w in range(w0, n_work, step):
+        m0, b, _, g = _work_item(w, n_m, H, G, MR)
+        n_far, lo, n_visit = _visit_plan(g, m0, MR, PATTERN, SINK, WINDOW, PB, LOCAL, STRIDE, STEP, DENSE_FROM, BN)
+        _load_visits(
+            k_desc,
+            v_desc,
+            k_smem,
+            v_smem,
+            full,
+            empty,
+            c,
+            g,
+            b * T,
+            g * D,
+            n_far,
+            lo,
+            n_visit,
+            PATTERN,
+            PB,
+            STRIDE,
+            STEP,
+            BN,
+            STAGES,
+        )
+        c += n_visit
+
+
+@gluon.jit
 def _fwd_ws_kernel(
     q_desc,
     k_desc,
     v_desc,
-    o_desc,
+    o_ptr,
     lse_ptr,
     T,
     H,
+    n_work,
     qk_scale,
     PATTERN: gl.constexpr,
     SINK: gl.constexpr,
@@ -359,17 +455,10 @@ def _fwd_ws_kernel(
     STAGES: gl.constexpr,
     num_warps: gl.constexpr,
 ):
-    MR: gl.constexpr = 2 * BM
-    pid_m = T // MR - 1 - gl.program_id(0)  # longest key ranges first
-    bh = gl.program_id(1)
-    b = bh // H
-    h = bh % H
-    g = h // G
-    m0 = pid_m * MR
-    q_row = b * T + m0
-    kv_row = b * T
-    q_col = h * D
-    kv_col = g * D
+    """Work items (`_work_item`) w = program_id, + num_programs, ...: one per program when launched with one
+    program per item, several when launched persistent (one program per SM)."""
+    w0 = gl.program_id(0)
+    step = gl.num_programs(0)
     q_smem = gl.allocate_shared_memory(q_desc.dtype, [2, BM, D], q_desc.layout)
     k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES, BN, D], k_desc.layout)
     v_smem = gl.allocate_shared_memory(v_desc.dtype, [STAGES, BN, D], v_desc.layout)
@@ -381,7 +470,6 @@ def _fwd_ws_kernel(
         mbarrier.init(empty.index(si), count=2)  # both consumers release a buffer
     mbarrier.init(q_bars.index(0), count=1)
     mbarrier.init(q_bars.index(1), count=1)
-    n_far, lo, n_visit = _visit_plan(g, m0, MR, PATTERN, SINK, WINDOW, PB, LOCAL, STRIDE, STEP, DENSE_FROM, BN)
     # two consumer warpgroups (the default partition and a worker) and the loader warp; the argument tuples are
     # written in place (a tuple held in a variable loses its constexpr entries)
     gl.warp_specialize(
@@ -393,7 +481,7 @@ def _fwd_ws_kernel(
                     q_desc,
                     k_desc,
                     v_desc,
-                    o_desc,
+                    o_ptr,
                     lse_ptr,
                     q_smem,
                     k_smem,
@@ -402,15 +490,11 @@ def _fwd_ws_kernel(
                     empty,
                     q_bars,
                     qk_scale,
-                    m0,
-                    g,
-                    h,
+                    w0,
+                    step,
+                    n_work,
+                    T,
                     H,
-                    q_row,
-                    q_col,
-                    n_far,
-                    lo,
-                    n_visit,
                     PATTERN,
                     SINK,
                     WINDOW,
@@ -419,6 +503,7 @@ def _fwd_ws_kernel(
                     STRIDE,
                     STEP,
                     DENSE_FROM,
+                    G,
                     BM,
                     BN,
                     D,
@@ -432,7 +517,7 @@ def _fwd_ws_kernel(
                     q_desc,
                     k_desc,
                     v_desc,
-                    o_desc,
+                    o_ptr,
                     lse_ptr,
                     q_smem,
                     k_smem,
@@ -441,15 +526,11 @@ def _fwd_ws_kernel(
                     empty,
                     q_bars,
                     qk_scale,
-                    m0,
-                    g,
-                    h,
+                    w0,
+                    step,
+                    n_work,
+                    T,
                     H,
-                    q_row,
-                    q_col,
-                    n_far,
-                    lo,
-                    n_visit,
                     PATTERN,
                     SINK,
                     WINDOW,
@@ -458,6 +539,7 @@ def _fwd_ws_kernel(
                     STRIDE,
                     STEP,
                     DENSE_FROM,
+                    G,
                     BM,
                     BN,
                     D,
@@ -473,17 +555,23 @@ def _fwd_ws_kernel(
                     v_smem,
                     full,
                     empty,
-                    g,
-                    kv_row,
-                    kv_col,
-                    n_far,
-                    lo,
-                    n_visit,
+                    w0,
+                    step,
+                    n_work,
+                    T,
+                    H,
                     PATTERN,
+                    SINK,
+                    WINDOW,
                     PB,
+                    LOCAL,
                     STRIDE,
                     STEP,
+                    DENSE_FROM,
+                    G,
+                    2 * BM,
                     BN,
+                    D,
                     STAGES,
                 ),
             ),
@@ -1219,7 +1307,7 @@ def _dq_ws_kernel(
                 ),
             ),
             (
-                _loader,
+                _load_visits,
                 (
                     k_desc,
                     v_desc,
@@ -1227,6 +1315,7 @@ def _dq_ws_kernel(
                     v_smem,
                     full,
                     empty,
+                    0,  # one work item per program: the ring starts at its beginning
                     g,
                     b * T,
                     g * D,
@@ -1303,6 +1392,29 @@ def dkdv_tuning(group: int, kind: int) -> dict:
     return dict(STAGES=BWD_STAGES, DESCEND=dkdv_descends(group, kind), PAIRS_FIRST=dkdv_pairs_first(kind))
 
 
+def fwd_persistent(kind: int) -> bool:
+    """Whether the forward is launched persistent, one program per SM taking the work items in turn, instead of one
+    program per work item: for the sparse patterns, whose short key ranges leave a program's prologue and epilogue
+    a large share of its time (measured on the H200, session 10: the forward kernel 4-6% faster for SinkWindow,
+    1-2.5% for BlockSparse; docs/kernels/attention.md). `FWD_PERSISTENT` 0 / 1 overrides the rule (A/B)."""
+    return _rule("FWD_PERSISTENT", kind != K_FULL)
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _fwd_programs(kind: int, n_work: int, device: torch.device) -> int:
+    """Programs to launch the forward with for `n_work` work items of 128 query rows (see `fwd_persistent`)."""
+    if not fwd_persistent(kind):
+        return n_work
+    if PERSISTENT_PROGRAMS < 0:
+        raise ValueError(f"gluon_attention.PERSISTENT_PROGRAMS must be >= 0 (0: one per SM), got {PERSISTENT_PROGRAMS}")
+    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return min(n_work, PERSISTENT_PROGRAMS or sms)
+
+
 def _in_scope(q: torch.Tensor, head_dim: int, kind: int, block_size: int, seq_len: int) -> bool:
     """The device, dtype, head_dim, pattern and length conditions of the module docstring."""
     if not (_NEW_WS_API and q.is_cuda) or torch.cuda.get_device_capability(q.device) != (9, 0):
@@ -1374,14 +1486,16 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: _Plan) -> t
     BN, stages = forward_tiles(plan.kind, plan.constexprs["PB"])
     o = torch.empty_like(q)
     lse2 = torch.empty(total, H, dtype=torch.float32, device=q.device)
-    _fwd_ws_kernel[(T // (2 * ROWS), plan.n_seqs * H)](
+    n_work = T // (2 * ROWS) * plan.n_seqs * H
+    _fwd_ws_kernel[(_fwd_programs(plan.kind, n_work, q.device),)](
         _desc(q, ROWS),
         _desc(k, BN),
         _desc(v, BN),
-        _desc(o, ROWS),
+        o,
         lse2,
         T,
         H,
+        n_work,
         plan.shape.scale * LOG2E,
         **_pattern_args(plan),
         G=plan.shape.group,
