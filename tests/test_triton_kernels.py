@@ -266,6 +266,17 @@ def test_persistent_forward_takes_at_most_one_program_per_sm(monkeypatch):
         ga._fwd_programs(K_SINK_WINDOW, 4096, dev)
 
 
+def test_edge_mask_switch(monkeypatch):
+    from longgen.kernels import gluon_attention as ga
+
+    assert ga.mask_split() is False
+    monkeypatch.setattr(ga, "MASK_SPLIT", 1)
+    assert ga.mask_split() is True
+    monkeypatch.setattr(ga, "MASK_SPLIT", -1)
+    with pytest.raises(ValueError, match="MASK_SPLIT must be 0 or 1"):
+        ga.mask_split()
+
+
 def test_dq_tiles_clamp_to_blocksparse_blocks_and_keep_the_ring_bytes(monkeypatch):
     """The dQ kernel's key tile: DQ_BLOCK_N, never wider than a BlockSparse block (a tile must not straddle two),
     the ring's stages scaled so that its shared memory stays what DQ_STAGES x DQ_BLOCK_N gives."""

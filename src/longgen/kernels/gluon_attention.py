@@ -67,6 +67,7 @@ BWD_STAGES = 3  # Q / dO tiles in flight
 BWD_DESCEND = -1  # dK/dV query sweep: -1 by the measured rule (`dkdv_descends`), 0 ascending, 1 descending
 BWD_PAIRS_FIRST = -1  # dK/dV launch: -1 by the measured rule (`dkdv_pairs_first`), 0 heads innermost, 1 pairs
 FWD_PERSISTENT = -1  # forward launch: -1 by the rule (`fwd_persistent`), 0 one program per 128 query rows, 1 per SM
+MASK_SPLIT = 0  # forward / dQ: 1 tests an edge tile only against the constraint it can break (prepared, not yet timed)
 PERSISTENT_PROGRAMS = 0  # programs of a persistent launch: 0 one per SM (tests use a few: many work items each)
 DQ_BLOCK_N = 64  # dQ kernel: keys per streamed K / V tile (64 query rows per consumer, as in the forward)
 DQ_STAGES = 4  # (DQ_BLOCK_N 128 with 2 stages, the same ring bytes: within 1%, session 10, docs/kernels/attention.md)
@@ -207,6 +208,57 @@ def _apply_mask(
 
 
 @gluon.jit
+def _mask_edge_tile(
+    s,
+    k0,
+    g,
+    mc,
+    rows,
+    cols,
+    MR: gl.constexpr,
+    PATTERN: gl.constexpr,
+    SINK: gl.constexpr,
+    WINDOW: gl.constexpr,
+    PB: gl.constexpr,
+    LOCAL: gl.constexpr,
+    STRIDE: gl.constexpr,
+    STEP: gl.constexpr,
+    DENSE_FROM: gl.constexpr,
+    BN: gl.constexpr,
+):
+    """`_apply_mask` of a tile `_needs_mask` flagged (query rows [mc, mc + MR), keys k0 + cols), with only the
+    constraint the tile can break tested per element where that is one: the causal diagonal alone (c <= t), the
+    SinkWindow window start alone (t - c < WINDOW) or a far query tile's sink tile (a column test, c < SINK), a
+    BlockSparse local edge (a row test); the full rule otherwise. The same allowed pairs as `_apply_mask`."""
+    causal = k0 + BN - 1 > mc  # some key after some query
+    t = gl.expand_dims(rows, 1)
+    c = gl.expand_dims(k0 + cols, 0)
+    out = s
+    if PATTERN == GL_SINK_WINDOW:
+        window = (k0 + BN > SINK) & (mc + MR - 1 - k0 >= WINDOW)  # some non-sink pair outside the window
+        if not window:
+            out = gl.where(c <= t, s, -float("inf"))
+        elif (not causal) & (k0 >= SINK):
+            out = gl.where(t - c < WINDOW, s, -float("inf"))
+        elif (not causal) & (mc - (k0 + BN - 1) >= WINDOW):  # every pair outside the window: only sinks are seen
+            out = gl.where(gl.expand_dims(k0 + cols < SINK, 0), s, -float("inf"))
+        else:
+            out = _apply_mask(s, k0, g, rows, cols, PATTERN, SINK, WINDOW, PB, LOCAL, STRIDE, STEP, DENSE_FROM)
+    elif PATTERN == GL_BLOCK_SPARSE:
+        j = k0 // PB  # a key tile lies inside one block
+        edge = ((mc + MR - 1) // PB - j >= LOCAL) & (g < DENSE_FROM) & (((j + g * STEP) % STRIDE) != 0)
+        if not edge:
+            out = gl.where(c <= t, s, -float("inf"))
+        elif not causal:  # a local block some rows have left behind: a row test
+            out = gl.where(gl.expand_dims(rows // PB - j < LOCAL, 1), s, -float("inf"))
+        else:
+            out = _apply_mask(s, k0, g, rows, cols, PATTERN, SINK, WINDOW, PB, LOCAL, STRIDE, STEP, DENSE_FROM)
+    else:
+        out = gl.where(c <= t, s, -float("inf"))
+    return out
+
+
+@gluon.jit
 def _work_item(w, n_m, H, G: gl.constexpr, MR: gl.constexpr):
     """(m0, b, h, g) of work item w: query rows [m0, m0 + MR) of head h (KV head g) of sequence b; a head's
     row tiles in order of decreasing length (longest key ranges first), heads one after another."""
@@ -257,6 +309,7 @@ def _consume(
     BN: gl.constexpr,
     D: gl.constexpr,
     STAGES: gl.constexpr,
+    MASK_SPLIT: gl.constexpr,
 ):
     """One consumer warpgroup: for each work item w0, w0 + step, ... (`_work_item`) its query rows
     [m0 + WHICH * BM, + BM) against every visited key tile. The ring's visit count runs on across work items;
@@ -295,7 +348,12 @@ def _consume(
         s = warpgroup_mma(qs, k_smem.index(st).permute((1, 0)), zero_s, use_acc=False)
         k0 = _tile_of(0, g, n_far, lo, PATTERN, PB, STRIDE, STEP, BN) * BN
         if _needs_mask(n_far > 0, k0, g, mc, BM, PATTERN, SINK, WINDOW, PB, LOCAL, DENSE_FROM, BN):
-            s = _apply_mask(s, k0, g, rows, cols, PATTERN, SINK, WINDOW, PB, LOCAL, STRIDE, STEP, DENSE_FROM)
+            if MASK_SPLIT:
+                s = _mask_edge_tile(
+                    s, k0, g, mc, rows, cols, BM, PATTERN, SINK, WINDOW, PB, LOCAL, STRIDE, STEP, DENSE_FROM, BN
+                )
+            else:
+                s = _apply_mask(s, k0, g, rows, cols, PATTERN, SINK, WINDOW, PB, LOCAL, STRIDE, STEP, DENSE_FROM)
         m_i = gl.max(s, axis=1) * qk_scale
         m_use = gl.where(m_i > -float("inf"), m_i, 0.0)  # a row may see nothing in a tile (exp2(-inf) = 0)
         p = gl.exp2(s * qk_scale - gl.expand_dims(m_use, 1))
@@ -313,7 +371,12 @@ def _consume(
             s = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok,))
             k0 = _tile_of(i, g, n_far, lo, PATTERN, PB, STRIDE, STEP, BN) * BN
             if _needs_mask(i < n_far, k0, g, mc, BM, PATTERN, SINK, WINDOW, PB, LOCAL, DENSE_FROM, BN):
-                s = _apply_mask(s, k0, g, rows, cols, PATTERN, SINK, WINDOW, PB, LOCAL, STRIDE, STEP, DENSE_FROM)
+                if MASK_SPLIT:
+                    s = _mask_edge_tile(
+                        s, k0, g, mc, rows, cols, BM, PATTERN, SINK, WINDOW, PB, LOCAL, STRIDE, STEP, DENSE_FROM, BN
+                    )
+                else:
+                    s = _apply_mask(s, k0, g, rows, cols, PATTERN, SINK, WINDOW, PB, LOCAL, STRIDE, STEP, DENSE_FROM)
             m_new = gl.maximum(m_i, gl.max(s, axis=1) * qk_scale)
             m_use = gl.where(m_new > -float("inf"), m_new, 0.0)
             alpha = gl.exp2(m_i - m_use)
@@ -453,6 +516,7 @@ def _fwd_ws_kernel(
     BN: gl.constexpr,
     D: gl.constexpr,
     STAGES: gl.constexpr,
+    MASK_SPLIT: gl.constexpr,
     num_warps: gl.constexpr,
 ):
     """Work items (`_work_item`) w = program_id, + num_programs, ...: one per program when launched with one
@@ -508,6 +572,7 @@ def _fwd_ws_kernel(
                     BN,
                     D,
                     STAGES,
+                    MASK_SPLIT,
                 ),
             ),
             (
@@ -544,6 +609,7 @@ def _fwd_ws_kernel(
                     BN,
                     D,
                     STAGES,
+                    MASK_SPLIT,
                 ),
             ),
             (
@@ -1098,6 +1164,7 @@ def _dq_consume(
     BN: gl.constexpr,
     D: gl.constexpr,
     STAGES: gl.constexpr,
+    MASK_SPLIT: gl.constexpr,
 ):
     """One consumer warpgroup: dQ of query rows [m0 + WHICH * BM, + BM) over every visited key tile. Per tile
     S = Q K^T and dP = dO V^T are issued together, P = exp2(S - lse) once S is in, dS = P (dP - delta), and
@@ -1143,7 +1210,12 @@ def _dq_consume(
         s = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok,))
         k0 = _tile_of(i, g, n_far, lo, PATTERN, PB, STRIDE, STEP, BN) * BN
         if _needs_mask(i < n_far, k0, g, mc, BM, PATTERN, SINK, WINDOW, PB, LOCAL, DENSE_FROM, BN):
-            s = _apply_mask(s, k0, g, rows, cols, PATTERN, SINK, WINDOW, PB, LOCAL, STRIDE, STEP, DENSE_FROM)
+            if MASK_SPLIT:
+                s = _mask_edge_tile(
+                    s, k0, g, mc, rows, cols, BM, PATTERN, SINK, WINDOW, PB, LOCAL, STRIDE, STEP, DENSE_FROM, BN
+                )
+            else:
+                s = _apply_mask(s, k0, g, rows, cols, PATTERN, SINK, WINDOW, PB, LOCAL, STRIDE, STEP, DENSE_FROM)
         p = gl.exp2(s * qk_scale - gl.expand_dims(lse, 1))
         dp = warpgroup_mma_wait(num_outstanding=0, deps=(dp_tok,))
         ds_op = gl.convert_layout((p * (dp - gl.expand_dims(delta, 1))).to(dt), op_layout)
@@ -1186,6 +1258,7 @@ def _dq_ws_kernel(
     BN: gl.constexpr,
     D: gl.constexpr,
     STAGES: gl.constexpr,
+    MASK_SPLIT: gl.constexpr,
     num_warps: gl.constexpr,
 ):
     MR: gl.constexpr = 2 * BM
@@ -1258,6 +1331,7 @@ def _dq_ws_kernel(
                     BN,
                     D,
                     STAGES,
+                    MASK_SPLIT,
                 ),
             ),
             (
@@ -1304,6 +1378,7 @@ def _dq_ws_kernel(
                     BN,
                     D,
                     STAGES,
+                    MASK_SPLIT,
                 ),
             ),
             (
@@ -1398,6 +1473,14 @@ def fwd_persistent(kind: int) -> bool:
     a large share of its time (measured on the H200, session 10: the forward kernel 4-6% faster for SinkWindow,
     1-2.5% for BlockSparse; docs/kernels/attention.md). `FWD_PERSISTENT` 0 / 1 overrides the rule (A/B)."""
     return _rule("FWD_PERSISTENT", kind != K_FULL)
+
+
+def mask_split() -> bool:
+    """Whether the forward and dQ kernels mask an edge tile with only the constraint it can break
+    (`_mask_edge_tile`) instead of the full rule (`MASK_SPLIT` 0 / 1; prepared in session 10, not yet timed)."""
+    if MASK_SPLIT not in (0, 1):
+        raise ValueError(f"gluon_attention.MASK_SPLIT must be 0 or 1, got {MASK_SPLIT!r}")
+    return bool(MASK_SPLIT)
 
 
 @functools.cache
@@ -1503,6 +1586,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: _Plan) -> t
         BN=BN,
         D=D,
         STAGES=stages,
+        MASK_SPLIT=mask_split(),
         num_warps=4,
     )
     return o, lse2
@@ -1547,6 +1631,7 @@ def dq_delta(
         BN=bn,
         D=D,
         STAGES=stages,
+        MASK_SPLIT=mask_split(),
         num_warps=4,
     )
 
