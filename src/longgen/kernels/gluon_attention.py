@@ -143,11 +143,23 @@ def _needs_mask(
     last = mc + MR - 1
     masked = k0 + BN - 1 > mc  # the causal diagonal
     if PATTERN == GL_SINK_WINDOW:
-        masked = masked | ((k0 + BN > SINK) & (last - k0 >= WINDOW))
+        masked = masked | _leaves_window(k0, last, SINK, WINDOW, BN)
     elif PATTERN == GL_BLOCK_SPARSE:
-        local_edge = (last // PB - k0 // PB >= LOCAL) & (g < DENSE_FROM)
-        masked = masked | (local_edge & (far == 0))
+        masked = masked | (_leaves_local(k0, g, last, PB, LOCAL, DENSE_FROM) & (far == 0))
     return masked
+
+
+@gluon.jit
+def _leaves_window(k0, last, SINK: gl.constexpr, WINDOW: gl.constexpr, BN: gl.constexpr):
+    """SinkWindow: whether some non-sink key of the BN at k0 is out of the window of the query at `last`."""
+    return (k0 + BN > SINK) & (last - k0 >= WINDOW)
+
+
+@gluon.jit
+def _leaves_local(k0, g, last, PB: gl.constexpr, LOCAL: gl.constexpr, DENSE_FROM: gl.constexpr):
+    """BlockSparse: whether the query at `last` has left the local blocks of the key block at k0 (KV head g, not
+    dense); the block may still be a strided one, seen whole."""
+    return (last // PB - k0 // PB >= LOCAL) & (g < DENSE_FROM)
 
 
 @gluon.jit
@@ -235,8 +247,7 @@ def _mask_edge_tile(
     c = gl.expand_dims(k0 + cols, 0)
     out = s
     if PATTERN == GL_SINK_WINDOW:
-        window = (k0 + BN > SINK) & (mc + MR - 1 - k0 >= WINDOW)  # some non-sink pair outside the window
-        if not window:
+        if not _leaves_window(k0, mc + MR - 1, SINK, WINDOW, BN):
             out = gl.where(c <= t, s, -float("inf"))
         elif (not causal) & (k0 >= SINK):
             out = gl.where(t - c < WINDOW, s, -float("inf"))
@@ -246,8 +257,7 @@ def _mask_edge_tile(
             out = _apply_mask(s, k0, g, rows, cols, PATTERN, SINK, WINDOW, PB, LOCAL, STRIDE, STEP, DENSE_FROM)
     elif PATTERN == GL_BLOCK_SPARSE:
         j = k0 // PB  # a key tile lies inside one block
-        edge = ((mc + MR - 1) // PB - j >= LOCAL) & (g < DENSE_FROM) & (((j + g * STEP) % STRIDE) != 0)
-        if not edge:
+        if not (_leaves_local(k0, g, mc + MR - 1, PB, LOCAL, DENSE_FROM) & (((j + g * STEP) % STRIDE) != 0)):
             out = gl.where(c <= t, s, -float("inf"))
         elif not causal:  # a local block some rows have left behind: a row test
             out = gl.where(gl.expand_dims(rows // PB - j < LOCAL, 1), s, -float("inf"))
