@@ -72,13 +72,13 @@ def compile_case(kernel: str, pattern: str, d: int, G: int):
     cx = dict(PATTERNS[pattern], DENSE_FROM=32, G=G, D=d, num_warps=4)
     if kernel == "fwd":
         bn, stages = ga.forward_tiles(cx["PATTERN"], cx["PB"])
-        cx |= dict(BM=ga.ROWS, BN=bn, STAGES=stages, MASK_SPLIT=ga.mask_split())
+        cx |= dict(BM=ga.ROWS, BN=bn, STAGES=stages, MASK_SPLIT=ga.mask_split("fwd"))
         descs = {"q_desc": (ga.ROWS, d), "k_desc": (bn, d), "v_desc": (bn, d)}
         scalars = {"o_ptr": "*bf16", "lse_ptr": "*fp32", "T": "i32", "H": "i32", "n_work": "i32", "qk_scale": "fp32"}
         return _compile(ga._fwd_ws_kernel, descs, scalars, cx)
     if kernel == "dq":
         bn, stages = ga.dq_tiles(cx["PATTERN"], cx["PB"])
-        cx |= dict(HAS_DLSE=False, BM=ga.ROWS, BN=bn, STAGES=stages, MASK_SPLIT=ga.mask_split())
+        cx |= dict(HAS_DLSE=False, BM=ga.ROWS, BN=bn, STAGES=stages, MASK_SPLIT=ga.mask_split("dq"))
         descs = dict.fromkeys(("q_desc", "do_desc", "dq_desc"), (ga.ROWS, d)) | dict.fromkeys(
             ("k_desc", "v_desc"), (bn, d)
         )
@@ -87,7 +87,8 @@ def compile_case(kernel: str, pattern: str, d: int, G: int):
         return _compile(ga._dq_ws_kernel, descs, scalars, cx)
     cx |= dict(BY_KIND=pattern == "block_sparse", TL=ga.BWD_TILE, **ga.dkdv_tuning(G, cx["PATTERN"]))
     names = ("q_desc", "do_desc", "k_desc", "v_desc", "dk_desc", "dv_desc")
-    scalars = {"lse_ptr": "*fp32", "delta_ptr": "*fp32", "T": "i32", "H": "i32", "HKV": "i32"}
+    scalars = {"lse_ptr": "*fp32", "delta_ptr": "*fp32", "T": "i32", "H": "i32", "HKV": "i32", "SH": "i32"}
+    scalars |= {"NP": "i32", "LEAD": "i32"}
     scalars |= {"qk_scale": "fp32", "sm_scale": "fp32"}
     return _compile(ga._dkdv_ws_kernel, dict.fromkeys(names, (ga.BWD_TILE, d)), scalars, cx)
 

@@ -231,13 +231,17 @@ def test_launch_rules_and_overrides(monkeypatch):
     assert [ga.dkdv_descends(g, K_FULL) for g in (1, 2, 4)] == [True, False, False]
     assert not any(ga.dkdv_descends(g, kind) for g in (1, 4) for kind in sparse)
     assert ga.dkdv_pairs_first(K_FULL) and not any(ga.dkdv_pairs_first(kind) for kind in sparse)
-    assert ga.dkdv_tuning(1, K_FULL) == dict(STAGES=ga.BWD_STAGES, DESCEND=True, PAIRS_FIRST=True)
-    assert ga.dkdv_tuning(4, K_SINK_WINDOW) == dict(STAGES=ga.BWD_STAGES, DESCEND=False, PAIRS_FIRST=False)
+    assert ga.dkdv_tuning(1, K_FULL) == dict(STAGES=ga.BWD_STAGES, DESCEND=True)
+    assert ga.dkdv_tuning(4, K_SINK_WINDOW) == dict(STAGES=ga.BWD_STAGES, DESCEND=False)
     assert not ga.fwd_persistent(K_FULL) and all(ga.fwd_persistent(kind) for kind in sparse)
+    assert ga.mask_split("dq") and not ga.mask_split("fwd")
+    with pytest.raises(ValueError, match="takes 'fwd' or 'dq'"):
+        ga.mask_split("dkdv")
     checks = {
         "BWD_DESCEND": lambda kind: ga.dkdv_descends(1, kind),
         "BWD_PAIRS_FIRST": ga.dkdv_pairs_first,
         "FWD_PERSISTENT": ga.fwd_persistent,
+        "MASK_SPLIT": lambda kind: ga.mask_split("fwd") and ga.mask_split("dq"),
     }
     for name, check in checks.items():
         for forced in (0, 1):
@@ -266,15 +270,36 @@ def test_persistent_forward_takes_at_most_one_program_per_sm(monkeypatch):
         ga._fwd_programs(K_SINK_WINDOW, 4096, dev)
 
 
-def test_edge_mask_switch(monkeypatch):
+def test_dkdv_launch_leads_with_every_heads_long_pairs(monkeypatch):
+    """Launched pairs first, the dK/dV programs start with the long pairs of every head (heads innermost): SinkWindow's
+    sink tiles, BlockSparse's strided tiles (as many as the head with the most has); Full has none. With the heads
+    innermost throughout, every pair index leads."""
     from longgen.kernels import gluon_attention as ga
+    from longgen.kernels.triton_attention import K_BLOCK_SPARSE, K_FULL, K_SINK_WINDOW
 
-    assert ga.mask_split() is False
-    monkeypatch.setattr(ga, "MASK_SPLIT", 1)
-    assert ga.mask_split() is True
-    monkeypatch.setattr(ga, "MASK_SPLIT", -1)
-    with pytest.raises(ValueError, match="MASK_SPLIT must be 0 or 1"):
-        ga.mask_split()
+    def sink_window(sink):
+        return dict(PATTERN=K_SINK_WINDOW, SINK=sink, PB=1, STRIDE=1)
+
+    def block_sparse(pb, stride):
+        return dict(PATTERN=K_BLOCK_SPARSE, SINK=0, PB=pb, STRIDE=stride)
+
+    monkeypatch.setattr(ga, "BWD_PAIRS_FIRST", 1)
+    n_tiles = 131072 // ga.BWD_TILE
+    cases = [
+        (K_FULL, dict(PATTERN=K_FULL, SINK=0, PB=1, STRIDE=1), 0),
+        (K_SINK_WINDOW, sink_window(64), 1),  # one sink tile: pair (0, 1)
+        (K_SINK_WINDOW, sink_window(200), 2),  # four sink tiles
+        (K_SINK_WINDOW, sink_window(0), 0),
+        (K_BLOCK_SPARSE, block_sparse(64, 32), 32),  # 2048 blocks, every 32nd strided: 64 tiles
+        (K_BLOCK_SPARSE, block_sparse(128, 8), 128),  # 1024 blocks of 2 tiles, 128 strided
+        (K_BLOCK_SPARSE, block_sparse(64, 1), 0),  # every block strided: Full-like
+    ]
+    for kind, cx, lead in cases:
+        assert ga.dkdv_lead_pairs(kind, cx, n_tiles, 1100) == lead, cx
+    assert ga.dkdv_lead_pairs(K_BLOCK_SPARSE, block_sparse(64, 32), 64, 10) == 1  # 64 blocks: 2 strided tiles
+    assert ga.dkdv_lead_pairs(K_SINK_WINDOW, sink_window(64), 2, 1) == 1  # never more than there are
+    monkeypatch.setattr(ga, "BWD_PAIRS_FIRST", 0)
+    assert all(ga.dkdv_lead_pairs(kind, cx, n_tiles, 1100) == 1100 for kind, cx, _ in cases)
 
 
 def test_dq_tiles_clamp_to_blocksparse_blocks_and_keep_the_ring_bytes(monkeypatch):

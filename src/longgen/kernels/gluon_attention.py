@@ -67,7 +67,7 @@ BWD_STAGES = 3  # Q / dO tiles in flight
 BWD_DESCEND = -1  # dK/dV query sweep: -1 by the measured rule (`dkdv_descends`), 0 ascending, 1 descending
 BWD_PAIRS_FIRST = -1  # dK/dV launch: -1 by the measured rule (`dkdv_pairs_first`), 0 heads innermost, 1 pairs
 FWD_PERSISTENT = -1  # forward launch: -1 by the rule (`fwd_persistent`), 0 one program per 128 query rows, 1 per SM
-MASK_SPLIT = 0  # forward / dQ: 1 tests an edge tile only against the constraint it can break (prepared, not yet timed)
+MASK_SPLIT = -1  # forward / dQ edge tiles: -1 by the rule (`mask_split`), 0 full rule, 1 only what they can break
 PERSISTENT_PROGRAMS = 0  # programs of a persistent launch: 0 one per SM (tests use a few: many work items each)
 DQ_BLOCK_N = 64  # dQ kernel: keys per streamed K / V tile (64 query rows per consumer, as in the forward)
 DQ_STAGES = 4  # (DQ_BLOCK_N 128 with 2 stages, the same ring bytes: within 1%, session 10, docs/kernels/attention.md)
@@ -941,6 +941,9 @@ def _dkdv_ws_kernel(
     T,
     H,
     HKV,
+    SH,
+    NP,
+    LEAD,
     qk_scale,
     sm_scale,
     PATTERN: gl.constexpr,
@@ -957,13 +960,18 @@ def _dkdv_ws_kernel(
     D: gl.constexpr,
     STAGES: gl.constexpr,
     DESCEND: gl.constexpr,
-    PAIRS_FIRST: gl.constexpr,
     num_warps: gl.constexpr,
 ):
-    # head-major launch (every head's long key tiles first), or with PAIRS_FIRST one head's pairs after another
-    # (the resident programs then stream the same head's Q / dO rows, as the forward's and dQ's programs share K / V)
-    sh = gl.program_id(1) if PAIRS_FIRST else gl.program_id(0)
-    lid = gl.program_id(0) if PAIRS_FIRST else gl.program_id(1)
+    # launch order (`dkdv_lead_pairs`): the first LEAD pair indices of every (sequence, KV head) SH with the heads
+    # innermost (the long pairs: every head's start together, not one head's at the end), then one head's remaining
+    # pairs after another (the resident programs then stream the same head's Q / dO rows from L2, as the forward's
+    # and dQ's programs share K / V); LEAD = NP is heads innermost throughout, LEAD = 0 pairs first throughout
+    p = gl.program_id(0)
+    n_lead = LEAD * SH
+    rest = p - n_lead
+    n_rest = gl.maximum(NP - LEAD, 1)
+    sh = gl.where(p < n_lead, p % SH, rest // n_rest)
+    lid = gl.where(p < n_lead, p // SH, LEAD + rest % n_rest)
     g = sh % HKV
     row0 = (sh // HKV) * T
     n_tiles = T // TL
@@ -1464,17 +1472,38 @@ def dkdv_descends(group: int, kind: int) -> bool:
 
 
 def dkdv_pairs_first(kind: int) -> bool:
-    """Whether the dK/dV programs are launched one head's key-tile pairs after another rather than with the heads
-    innermost: for Full, whose concurrent programs of one head then read the same Q / dO rows from L2 (measured on
-    the H200, session 10: dK/dV kernel 485 -> 443 ms at Full 128K with 32 KV heads, 445 -> 436 with 8; 7-9% slower
-    for SinkWindow and BlockSparse). `BWD_PAIRS_FIRST` 0 / 1 overrides the rule (A/B)."""
+    """Whether the dK/dV programs are launched one head's key-tile pairs after another (after every head's long
+    pairs, `dkdv_lead_pairs`) rather than with the heads innermost: for Full, whose concurrent programs of one head
+    then read the same Q / dO rows from L2 (measured on the H200, session 10: dK/dV kernel 485 -> 443 ms at Full 128K
+    with 32 KV heads, 445 -> 436 with 8; 7-9% slower for SinkWindow and BlockSparse when their long pairs were not
+    launched first). `BWD_PAIRS_FIRST` 0 / 1 overrides the rule (A/B)."""
     return _rule("BWD_PAIRS_FIRST", kind == K_FULL)
+
+
+def _long_pairs(cx: dict, n_tiles: int) -> int:
+    """Launch indices (per KV head) of the dK/dV pairs whose key tiles every later query sees: SinkWindow's sink
+    tiles; BlockSparse's strided tiles, which `_key_tile_pair` pairs first (the most any head has); none for Full,
+    whose pairs shorten steadily."""
+    if cx["PATTERN"] == K_SINK_WINDOW:
+        return (-(-cx["SINK"] // BWD_TILE) + 1) // 2
+    if cx["PATTERN"] == K_BLOCK_SPARSE and cx["STRIDE"] > 1:
+        sub = cx["PB"] // BWD_TILE
+        n_blocks = -(-n_tiles // sub)
+        return (-(-n_blocks // cx["STRIDE"]) * sub + 1) // 2
+    return 0
+
+
+def dkdv_lead_pairs(kind: int, cx: dict, n_tiles: int, n_pairs: int) -> int:
+    """How many of each head's `n_pairs` dK/dV launch indices go first with the heads innermost (the kernel's LEAD):
+    all of them unless `dkdv_pairs_first`, else the long pairs (`_long_pairs`), so that no head's long pairs start
+    at the end of the launch and run on alone."""
+    return min(n_pairs, _long_pairs(cx, n_tiles)) if dkdv_pairs_first(kind) else n_pairs
 
 
 def dkdv_tuning(group: int, kind: int) -> dict:
     """The dK/dV kernel's tuning constexprs for G query heads per KV head and a pattern kind, as launched (and
     compiled by benchmarks/gluon_resources.py)."""
-    return dict(STAGES=BWD_STAGES, DESCEND=dkdv_descends(group, kind), PAIRS_FIRST=dkdv_pairs_first(kind))
+    return dict(STAGES=BWD_STAGES, DESCEND=dkdv_descends(group, kind))
 
 
 def fwd_persistent(kind: int) -> bool:
@@ -1485,12 +1514,14 @@ def fwd_persistent(kind: int) -> bool:
     return _rule("FWD_PERSISTENT", kind != K_FULL)
 
 
-def mask_split() -> bool:
-    """Whether the forward and dQ kernels mask an edge tile with only the constraint it can break
-    (`_mask_edge_tile`) instead of the full rule (`MASK_SPLIT` 0 / 1; prepared in session 10, not yet timed)."""
-    if MASK_SPLIT not in (0, 1):
-        raise ValueError(f"gluon_attention.MASK_SPLIT must be 0 or 1, got {MASK_SPLIT!r}")
-    return bool(MASK_SPLIT)
+def mask_split(part: str) -> bool:
+    """Whether the kernel `part` ("fwd" or "dq") masks an edge tile with only the constraint it can break
+    (`_mask_edge_tile`) instead of the full rule: the dQ kernel only (measured on the H200, session 11, SinkWindow
+    and BlockSparse 128K: dQ kernel 0.6-2.6% faster in all 8 paired samples, forward -1.7..+2.6%, +0.15 ms on average;
+    docs/kernels/attention.md). `MASK_SPLIT` 0 / 1 overrides the rule for both (A/B)."""
+    if part not in ("fwd", "dq"):
+        raise ValueError(f"mask_split takes 'fwd' or 'dq', got {part!r}")
+    return _rule("MASK_SPLIT", part == "dq")
 
 
 @functools.cache
@@ -1596,7 +1627,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: _Plan) -> t
         BN=BN,
         D=D,
         STAGES=stages,
-        MASK_SPLIT=mask_split(),
+        MASK_SPLIT=mask_split("fwd"),
         num_warps=4,
     )
     return o, lse2
@@ -1641,7 +1672,7 @@ def dq_delta(
         BN=bn,
         D=D,
         STAGES=stages,
-        MASK_SPLIT=mask_split(),
+        MASK_SPLIT=mask_split("dq"),
         num_warps=4,
     )
 
@@ -1669,13 +1700,9 @@ def dkdv(
     # and the strided list counts the tiles of a last block past the sequence end (fewer than PB / 64 tiles;
     # programs left over find only tiles past the end and exit)
     extra = cx["PB"] // BWD_TILE if by_kind else 0
-    grid = (plan.n_seqs * hkv, (n_tiles + 1) // 2 + extra)
-    tuning = dkdv_tuning(plan.shape.group, plan.kind)
-    if tuning["PAIRS_FIRST"] and grid[0] > 65535:  # CUDA's limit on a grid's second dimension
-        if BWD_PAIRS_FIRST == 1:
-            raise ValueError(f"BWD_PAIRS_FIRST needs sequences x KV heads <= 65535, got {grid[0]}")
-        tuning["PAIRS_FIRST"] = False
-    _dkdv_ws_kernel[grid[::-1] if tuning["PAIRS_FIRST"] else grid](
+    n_pairs = (n_tiles + 1) // 2 + extra
+    sh = plan.n_seqs * hkv
+    _dkdv_ws_kernel[(sh * n_pairs,)](
         _desc(q, BWD_TILE),
         _desc(do, BWD_TILE),
         _desc(k, BWD_TILE),
@@ -1687,6 +1714,9 @@ def dkdv(
         plan.max_len,
         H,
         hkv,
+        sh,
+        n_pairs,
+        dkdv_lead_pairs(plan.kind, cx, n_tiles, n_pairs),
         plan.shape.scale * LOG2E,
         plan.shape.scale,
         **_pattern_args(plan),
@@ -1694,7 +1724,7 @@ def dkdv(
         BY_KIND=by_kind,
         TL=BWD_TILE,
         D=D,
-        **tuning,
+        **dkdv_tuning(plan.shape.group, plan.kind),
         num_warps=4,
     )
 
