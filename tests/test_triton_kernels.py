@@ -221,16 +221,20 @@ def test_hopper_kernels_switch(flag, parts, monkeypatch):
 
 
 def test_launch_rules_and_overrides(monkeypatch):
-    """The measured launch rules: the dK/dV kernel descends for Full without GQA only and launches a head's pairs
-    together for Full only; the forward runs persistent for the sparse patterns. Each constant forces its choice
-    with 0 / 1 and rejects anything else."""
+    """The measured launch rules: the dK/dV kernel descends for Full without GQA and BlockSparse with GQA, and
+    launches a head's pairs together for Full and BlockSparse with GQA; the forward runs persistent for the sparse
+    patterns; the dQ kernel (not the forward) masks edge tiles split. Each constant forces its choice with 0 / 1 and
+    rejects anything else."""
     from longgen.kernels import gluon_attention as ga
     from longgen.kernels.triton_attention import K_BLOCK_SPARSE, K_FULL, K_SINK_WINDOW
 
     sparse = (K_SINK_WINDOW, K_BLOCK_SPARSE)
     assert [ga.dkdv_descends(g, K_FULL) for g in (1, 2, 4)] == [True, False, False]
-    assert not any(ga.dkdv_descends(g, kind) for g in (1, 4) for kind in sparse)
-    assert ga.dkdv_pairs_first(K_FULL) and not any(ga.dkdv_pairs_first(kind) for kind in sparse)
+    assert [ga.dkdv_descends(g, K_BLOCK_SPARSE) for g in (1, 2, 4)] == [False, True, True]
+    assert not any(ga.dkdv_descends(g, K_SINK_WINDOW) for g in (1, 4))
+    assert all(ga.dkdv_pairs_first(g, K_FULL) for g in (1, 4))
+    assert [ga.dkdv_pairs_first(g, K_BLOCK_SPARSE) for g in (1, 2, 4)] == [False, True, True]
+    assert not any(ga.dkdv_pairs_first(g, K_SINK_WINDOW) for g in (1, 4))
     assert ga.dkdv_tuning(1, K_FULL) == dict(STAGES=ga.BWD_STAGES, DESCEND=True)
     assert ga.dkdv_tuning(4, K_SINK_WINDOW) == dict(STAGES=ga.BWD_STAGES, DESCEND=False)
     assert not ga.fwd_persistent(K_FULL) and all(ga.fwd_persistent(kind) for kind in sparse)
@@ -239,7 +243,7 @@ def test_launch_rules_and_overrides(monkeypatch):
         ga.mask_split("dkdv")
     checks = {
         "BWD_DESCEND": lambda kind: ga.dkdv_descends(1, kind),
-        "BWD_PAIRS_FIRST": ga.dkdv_pairs_first,
+        "BWD_PAIRS_FIRST": lambda kind: ga.dkdv_pairs_first(1, kind),
         "FWD_PERSISTENT": ga.fwd_persistent,
         "MASK_SPLIT": lambda kind: ga.mask_split("fwd") and ga.mask_split("dq"),
     }
@@ -283,8 +287,11 @@ def test_dkdv_launch_leads_with_every_heads_long_pairs(monkeypatch):
     def block_sparse(pb, stride):
         return dict(PATTERN=K_BLOCK_SPARSE, SINK=0, PB=pb, STRIDE=stride)
 
-    monkeypatch.setattr(ga, "BWD_PAIRS_FIRST", 1)
     n_tiles = 131072 // ga.BWD_TILE
+    strided = block_sparse(64, 8)  # 256 strided tiles
+    assert ga.dkdv_lead_pairs(4, K_BLOCK_SPARSE, strided, n_tiles, 1100) == 128  # by the rule: pairs first
+    assert ga.dkdv_lead_pairs(1, K_BLOCK_SPARSE, strided, n_tiles, 1100) == 1100  # heads innermost
+    monkeypatch.setattr(ga, "BWD_PAIRS_FIRST", 1)
     cases = [
         (K_FULL, dict(PATTERN=K_FULL, SINK=0, PB=1, STRIDE=1), 0),
         (K_SINK_WINDOW, sink_window(64), 1),  # one sink tile: pair (0, 1)
@@ -295,11 +302,11 @@ def test_dkdv_launch_leads_with_every_heads_long_pairs(monkeypatch):
         (K_BLOCK_SPARSE, block_sparse(64, 1), 0),  # every block strided: Full-like
     ]
     for kind, cx, lead in cases:
-        assert ga.dkdv_lead_pairs(kind, cx, n_tiles, 1100) == lead, cx
-    assert ga.dkdv_lead_pairs(K_BLOCK_SPARSE, block_sparse(64, 32), 64, 10) == 1  # 64 blocks: 2 strided tiles
-    assert ga.dkdv_lead_pairs(K_SINK_WINDOW, sink_window(64), 2, 1) == 1  # never more than there are
+        assert ga.dkdv_lead_pairs(1, kind, cx, n_tiles, 1100) == lead, cx
+    assert ga.dkdv_lead_pairs(1, K_BLOCK_SPARSE, block_sparse(64, 32), 64, 10) == 1  # 64 blocks: 2 strided tiles
+    assert ga.dkdv_lead_pairs(1, K_SINK_WINDOW, sink_window(64), 2, 1) == 1  # never more than there are
     monkeypatch.setattr(ga, "BWD_PAIRS_FIRST", 0)
-    assert all(ga.dkdv_lead_pairs(kind, cx, n_tiles, 1100) == 1100 for kind, cx, _ in cases)
+    assert all(ga.dkdv_lead_pairs(1, kind, cx, n_tiles, 1100) == 1100 for kind, cx, _ in cases)
 
 
 def test_dq_tiles_clamp_to_blocksparse_blocks_and_keep_the_ring_bytes(monkeypatch):

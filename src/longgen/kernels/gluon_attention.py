@@ -1463,21 +1463,27 @@ def _rule(name: str, rule: bool) -> bool:
     return rule if value == -1 else bool(value)
 
 
+def _blocksparse_gqa(group: int, kind: int) -> bool:
+    return kind == K_BLOCK_SPARSE and group > 1
+
+
 def dkdv_descends(group: int, kind: int) -> bool:
-    """Whether the dK/dV kernel sweeps its query tiles from the last down (DESCEND): for Full without GQA only.
-    Measured on the H200 (docs/kernels/attention.md, "dK/dV query sweep direction"): 7% faster at Full 128K
-    without GQA (session 8), 3-4% slower with 4 query heads per KV head; since the register operands (session 10)
-    1-2% slower for the sparse patterns. `BWD_DESCEND` 0 / 1 overrides the rule (A/B)."""
-    return _rule("BWD_DESCEND", group == 1 and kind == K_FULL)
+    """Whether the dK/dV kernel sweeps its query tiles from the last down (DESCEND): for Full without GQA and for
+    BlockSparse with GQA. Measured on the H200 (docs/kernels/attention.md, "dK/dV query sweep direction" and
+    "Session 11"): 7% faster at Full 128K without GQA (session 8), 3-4% slower with 4 query heads per KV head; with
+    `dkdv_pairs_first` 7% faster for BlockSparse 128K with 4 query heads per KV head (session 11), 0-5% slower for
+    SinkWindow and for BlockSparse without GQA. `BWD_DESCEND` 0 / 1 overrides the rule (A/B)."""
+    return _rule("BWD_DESCEND", (group == 1 and kind == K_FULL) or _blocksparse_gqa(group, kind))
 
 
-def dkdv_pairs_first(kind: int) -> bool:
+def dkdv_pairs_first(group: int, kind: int) -> bool:
     """Whether the dK/dV programs are launched one head's key-tile pairs after another (after every head's long
     pairs, `dkdv_lead_pairs`) rather than with the heads innermost: for Full, whose concurrent programs of one head
     then read the same Q / dO rows from L2 (measured on the H200, session 10: dK/dV kernel 485 -> 443 ms at Full 128K
-    with 32 KV heads, 445 -> 436 with 8; 7-9% slower for SinkWindow and BlockSparse when their long pairs were not
-    launched first). `BWD_PAIRS_FIRST` 0 / 1 overrides the rule (A/B)."""
-    return _rule("BWD_PAIRS_FIRST", kind == K_FULL)
+    with 32 KV heads, 445 -> 436 with 8), and for BlockSparse with GQA, measured together with `dkdv_descends`
+    (session 11). SinkWindow and BlockSparse without GQA keep the heads innermost (session 11, long pairs leading:
+    0-3% slower pairs first). `BWD_PAIRS_FIRST` 0 / 1 overrides the rule (A/B)."""
+    return _rule("BWD_PAIRS_FIRST", kind == K_FULL or _blocksparse_gqa(group, kind))
 
 
 def _long_pairs(cx: dict, n_tiles: int) -> int:
@@ -1493,11 +1499,11 @@ def _long_pairs(cx: dict, n_tiles: int) -> int:
     return 0
 
 
-def dkdv_lead_pairs(kind: int, cx: dict, n_tiles: int, n_pairs: int) -> int:
+def dkdv_lead_pairs(group: int, kind: int, cx: dict, n_tiles: int, n_pairs: int) -> int:
     """How many of each head's `n_pairs` dK/dV launch indices go first with the heads innermost (the kernel's LEAD):
     all of them unless `dkdv_pairs_first`, else the long pairs (`_long_pairs`), so that no head's long pairs start
     at the end of the launch and run on alone."""
-    return min(n_pairs, _long_pairs(cx, n_tiles)) if dkdv_pairs_first(kind) else n_pairs
+    return min(n_pairs, _long_pairs(cx, n_tiles)) if dkdv_pairs_first(group, kind) else n_pairs
 
 
 def dkdv_tuning(group: int, kind: int) -> dict:
@@ -1716,7 +1722,7 @@ def dkdv(
         hkv,
         sh,
         n_pairs,
-        dkdv_lead_pairs(plan.kind, cx, n_tiles, n_pairs),
+        dkdv_lead_pairs(plan.shape.group, plan.kind, cx, n_tiles, n_pairs),
         plan.shape.scale * LOG2E,
         plan.shape.scale,
         **_pattern_args(plan),
