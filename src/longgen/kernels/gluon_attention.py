@@ -750,6 +750,103 @@ def _pass_visits(full, empty, v0, v1, STAGES: gl.constexpr):
 
 
 @gluon.jit
+def _bwd_visits(
+    c,
+    ks,
+    vs,
+    kvb,
+    kv_phase,
+    q_smem,
+    do_smem,
+    lse_smem,
+    delta_smem,
+    full,
+    empty,
+    qk_scale,
+    g,
+    k0,
+    far,
+    v0,
+    v1,
+    t1,
+    n_first,
+    t2,
+    PATTERN: gl.constexpr,
+    SINK: gl.constexpr,
+    WINDOW: gl.constexpr,
+    PB: gl.constexpr,
+    LOCAL: gl.constexpr,
+    STRIDE: gl.constexpr,
+    STEP: gl.constexpr,
+    DENSE_FROM: gl.constexpr,
+    G: gl.constexpr,
+    TL: gl.constexpr,
+    D: gl.constexpr,
+    STAGES: gl.constexpr,
+    DESCEND: gl.constexpr,
+):
+    """A consumer's visits [v0, v1) of one work item (ring position c: the visits streamed before it) against its
+    key tile (K, V in ks, vs once kvb passes kv_phase; keys from k0): dK (unscaled) and dV, all products retired,
+    the last visit's buffers released."""
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, TL, 16])
+    acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, D, 16])
+    dt: gl.constexpr = q_smem.dtype
+    col_layout: gl.constexpr = gl.SliceLayout(0, s_layout)
+    keys = gl.arange(0, TL, layout=gl.SliceLayout(1, s_layout))
+    cols = gl.arange(0, TL, layout=col_layout)
+    zero_s = gl.zeros([TL, TL], gl.float32, s_layout)
+    # the accumulators are loop-carried as asynchronous results (retired at the end of every visit)
+    dk = warpgroup_mma_init(gl.zeros([TL, D], gl.float32, acc_layout))
+    dv = warpgroup_mma_init(gl.zeros([TL, D], gl.float32, acc_layout))
+    # P^T and dS^T converted in place to the A-operand layout of dV / dK; a register operand is retired within the
+    # visit that issued it (one carried around the loop makes ptxas serialise the wgmma chain)
+    op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
+    if v0 < v1:
+        mbarrier.wait(kvb, kv_phase)  # K and V are in
+    for i in range(v0, v1):
+        st = (c + i) % STAGES
+        q0 = _query_tile(i, t1, n_first, t2, G, DESCEND) * TL
+        qs = q_smem.index(st)
+        dos = do_smem.index(st)
+        mbarrier.wait(full.index(st), ((c + i) // STAGES) & 1)
+        s_tok = warpgroup_mma(ks, qs.permute((1, 0)), zero_s, use_acc=False, is_async=True)
+        dp_tok = warpgroup_mma(vs, dos.permute((1, 0)), zero_s, use_acc=False, is_async=True)
+        # all but dP^T done: S^T
+        s, dk, dv = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok, dk, dv))
+        if i > v0:
+            mbarrier.arrive(empty.index((c + i - 1) % STAGES), count=1)
+        if _needs_mask(far, k0, g, q0, TL, PATTERN, SINK, WINDOW, PB, LOCAL, DENSE_FROM, TL):
+            ok = _allowed(
+                gl.expand_dims(q0 + cols, 0),
+                gl.expand_dims(k0 + keys, 1),
+                g,
+                PATTERN,
+                SINK,
+                WINDOW,
+                PB,
+                LOCAL,
+                STRIDE,
+                STEP,
+                DENSE_FROM,
+            )
+            s = gl.where(ok, s, -float("inf"))
+        p = gl.exp2(s * qk_scale - gl.expand_dims(lse_smem.index(st).load(col_layout), 0))
+        p_op = gl.convert_layout(p.to(dt), op_layout)
+        dv = warpgroup_mma(p_op, dos, dv, is_async=True)
+        dp = warpgroup_mma_wait(num_outstanding=1, deps=(dp_tok,))
+        ds = p * (dp - gl.expand_dims(delta_smem.index(st).load(col_layout), 0))
+        ds_op = gl.convert_layout(ds.to(dt), op_layout)
+        dk = warpgroup_mma(ds_op, qs, dk, is_async=True)
+        dk_done, dv_done, p_op, ds_op = warpgroup_mma_wait(num_outstanding=0, deps=(dk, dv, p_op, ds_op))
+        dk = warpgroup_mma_init(dk_done)
+        dv = warpgroup_mma_init(dv_done)
+    dk, dv = warpgroup_mma_wait(num_outstanding=0, deps=(dk, dv))
+    if v0 < v1:
+        mbarrier.arrive(empty.index((c + v1 - 1) % STAGES), count=1)
+    return dk, dv
+
+
+@gluon.jit
 def _bwd_consume(
     WHICH: gl.constexpr,
     q_desc,
@@ -800,9 +897,6 @@ def _bwd_consume(
     the visit's end (register operands cannot stay in flight around the loop), and the visit's buffers go back to
     the loader once the next visit's S^T is in. Measured against P^T / dS^T staged in shared memory with dK kept in
     flight: 4-13% faster (docs/kernels/attention.md)."""
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, TL, 16])
-    acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, D, 16])
-    dt: gl.constexpr = q_desc.dtype
     k0 = kt * TL
     ks = k_smem.index(WHICH)
     vs = v_smem.index(WHICH)
@@ -813,58 +907,41 @@ def _bwd_consume(
         _tma_load(k_desc, [row0 + k0, g * D], kvb, ks)
         _tma_load(v_desc, [row0 + k0, g * D], kvb, vs)
     _pass_visits(full, empty, 0, v0, STAGES)
-    col_layout: gl.constexpr = gl.SliceLayout(0, s_layout)
-    keys = gl.arange(0, TL, layout=gl.SliceLayout(1, s_layout))
-    cols = gl.arange(0, TL, layout=col_layout)
-    zero_s = gl.zeros([TL, TL], gl.float32, s_layout)
-    # the accumulators are loop-carried as asynchronous results (retired at the end of every visit)
-    dk = warpgroup_mma_init(gl.zeros([TL, D], gl.float32, acc_layout))
-    dv = warpgroup_mma_init(gl.zeros([TL, D], gl.float32, acc_layout))
-    # P^T and dS^T converted in place to the A-operand layout of dV / dK; a register operand is retired within the
-    # visit that issued it (one carried around the loop makes ptxas serialise the wgmma chain)
-    op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
-    if mine:
-        mbarrier.wait(kvb, 0)
-    for i in range(v0, v1):
-        st = i % STAGES
-        q0 = _query_tile(i, t1, n_first, t2, G, DESCEND) * TL
-        qs = q_smem.index(st)
-        dos = do_smem.index(st)
-        mbarrier.wait(full.index(st), (i // STAGES) & 1)
-        s_tok = warpgroup_mma(ks, qs.permute((1, 0)), zero_s, use_acc=False, is_async=True)
-        dp_tok = warpgroup_mma(vs, dos.permute((1, 0)), zero_s, use_acc=False, is_async=True)
-        # all but dP^T done: S^T
-        s, dk, dv = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok, dk, dv))
-        if i > v0:
-            mbarrier.arrive(empty.index((i - 1) % STAGES), count=1)
-        if _needs_mask(far, k0, g, q0, TL, PATTERN, SINK, WINDOW, PB, LOCAL, DENSE_FROM, TL):
-            ok = _allowed(
-                gl.expand_dims(q0 + cols, 0),
-                gl.expand_dims(k0 + keys, 1),
-                g,
-                PATTERN,
-                SINK,
-                WINDOW,
-                PB,
-                LOCAL,
-                STRIDE,
-                STEP,
-                DENSE_FROM,
-            )
-            s = gl.where(ok, s, -float("inf"))
-        p = gl.exp2(s * qk_scale - gl.expand_dims(lse_smem.index(st).load(col_layout), 0))
-        p_op = gl.convert_layout(p.to(dt), op_layout)
-        dv = warpgroup_mma(p_op, dos, dv, is_async=True)
-        dp = warpgroup_mma_wait(num_outstanding=1, deps=(dp_tok,))
-        ds = p * (dp - gl.expand_dims(delta_smem.index(st).load(col_layout), 0))
-        ds_op = gl.convert_layout(ds.to(dt), op_layout)
-        dk = warpgroup_mma(ds_op, qs, dk, is_async=True)
-        dk_done, dv_done, p_op, ds_op = warpgroup_mma_wait(num_outstanding=0, deps=(dk, dv, p_op, ds_op))
-        dk = warpgroup_mma_init(dk_done)
-        dv = warpgroup_mma_init(dv_done)
-    dk, dv = warpgroup_mma_wait(num_outstanding=0, deps=(dk, dv))
-    if mine:
-        mbarrier.arrive(empty.index((v1 - 1) % STAGES), count=1)
+    dk, dv = _bwd_visits(
+        0,
+        ks,
+        vs,
+        kvb,
+        0,
+        q_smem,
+        do_smem,
+        lse_smem,
+        delta_smem,
+        full,
+        empty,
+        qk_scale,
+        g,
+        k0,
+        far,
+        v0,
+        v1,
+        t1,
+        n_first,
+        t2,
+        PATTERN,
+        SINK,
+        WINDOW,
+        PB,
+        LOCAL,
+        STRIDE,
+        STEP,
+        DENSE_FROM,
+        G,
+        TL,
+        D,
+        STAGES,
+        DESCEND,
+    )
     _pass_visits(full, empty, v1, n_visit, STAGES)
     if mine:
         ks.store((dk * sm_scale).to(dk_desc.dtype))  # K and V are no longer needed: their buffers stage dK, dV
@@ -873,6 +950,61 @@ def _bwd_consume(
         _tma_store(dk_desc, [row0 + k0, g * D], ks)
         _tma_store(dv_desc, [row0 + k0, g * D], vs)
         tma.store_wait(pendings=0)
+
+
+@gluon.jit
+def _bwd_load_visits(
+    c,
+    q_desc,
+    do_desc,
+    lse_ptr,
+    delta_ptr,
+    q_smem,
+    do_smem,
+    lse_smem,
+    delta_smem,
+    full,
+    empty,
+    g,
+    H,
+    row0,
+    t1,
+    n_first,
+    t2,
+    n_visit,
+    G: gl.constexpr,
+    TL: gl.constexpr,
+    D: gl.constexpr,
+    STAGES: gl.constexpr,
+    DESCEND: gl.constexpr,
+):
+    """Streams one work item's (query tile, head) visits into the ring from its position c (the visits streamed
+    before it): Q and dO tiles with TMA, and the tile's LSE and delta (strided by the head count in memory, so not
+    TMA-able) loaded coalesced and stored to shared memory; a buffer is full once the TMA bytes have landed and this
+    warp has arrived after its stores."""
+    offs = gl.arange(0, TL, layout=gl.BlockedLayout([TL // 32], [32], [1], [0]))
+    # the vectors are loaded one visit ahead, so that their latency overlaps the wait for a free buffer
+    r = (row0 + _query_tile(0, t1, n_first, t2, G, DESCEND) * TL + offs) * H + g * G
+    lse = gl.load(lse_ptr + r)
+    delta = gl.load(delta_ptr + r)
+    for i in range(n_visit):
+        st = (c + i) % STAGES
+        mbarrier.wait(empty.index(st), (((c + i) // STAGES) & 1) ^ 1)  # a fresh barrier passes parity 1 at once
+        row = row0 + _query_tile(i, t1, n_first, t2, G, DESCEND) * TL
+        h = g * G + i % G
+        bar = full.index(st)
+        mbarrier.expect(bar, q_desc.block_type.nbytes + do_desc.block_type.nbytes)
+        _tma_load(q_desc, [row, h * D], bar, q_smem.index(st))
+        _tma_load(do_desc, [row, h * D], bar, do_smem.index(st))
+        j = gl.minimum(i + 1, n_visit - 1)
+        r = (row0 + _query_tile(j, t1, n_first, t2, G, DESCEND) * TL + offs) * H + g * G + j % G
+        lse_next = gl.load(lse_ptr + r)
+        delta_next = gl.load(delta_ptr + r)
+        lse_smem.index(st).store(lse)
+        delta_smem.index(st).store(delta)
+        mbarrier.arrive(bar, count=1)
+        lse = lse_next
+        delta = delta_next
 
 
 @gluon.jit
@@ -900,32 +1032,91 @@ def _bwd_loader(
     STAGES: gl.constexpr,
     DESCEND: gl.constexpr,
 ):
-    """Streams the (query tile, head) visits into the ring: Q and dO tiles with TMA, and the tile's LSE and delta
-    (strided by the head count in memory, so not TMA-able) loaded coalesced and stored to shared memory; a buffer
-    is full once the TMA bytes have landed and this warp has arrived after its stores."""
-    offs = gl.arange(0, TL, layout=gl.BlockedLayout([TL // 32], [32], [1], [0]))
-    # the vectors are loaded one visit ahead, so that their latency overlaps the wait for a free buffer
-    r = (row0 + _query_tile(0, t1, n_first, t2, G, DESCEND) * TL + offs) * H + g * G
-    lse = gl.load(lse_ptr + r)
-    delta = gl.load(delta_ptr + r)
-    for i in range(n_visit):
-        st = i % STAGES
-        mbarrier.wait(empty.index(st), ((i // STAGES) & 1) ^ 1)  # a fresh barrier passes parity 1 at once
-        row = row0 + _query_tile(i, t1, n_first, t2, G, DESCEND) * TL
-        h = g * G + i % G
-        bar = full.index(st)
-        mbarrier.expect(bar, q_desc.block_type.nbytes + do_desc.block_type.nbytes)
-        _tma_load(q_desc, [row, h * D], bar, q_smem.index(st))
-        _tma_load(do_desc, [row, h * D], bar, do_smem.index(st))
-        j = gl.minimum(i + 1, n_visit - 1)
-        r = (row0 + _query_tile(j, t1, n_first, t2, G, DESCEND) * TL + offs) * H + g * G + j % G
-        lse_next = gl.load(lse_ptr + r)
-        delta_next = gl.load(delta_ptr + r)
-        lse_smem.index(st).store(lse)
-        delta_smem.index(st).store(delta)
-        mbarrier.arrive(bar, count=1)
-        lse = lse_next
-        delta = delta_next
+    """The dK/dV loader of a one-item program."""
+    _bwd_load_visits(
+        0,
+        q_desc,
+        do_desc,
+        lse_ptr,
+        delta_ptr,
+        q_smem,
+        do_smem,
+        lse_smem,
+        delta_smem,
+        full,
+        empty,
+        g,
+        H,
+        row0,
+        t1,
+        n_first,
+        t2,
+        n_visit,
+        G,
+        TL,
+        D,
+        STAGES,
+        DESCEND,
+    )
+
+
+@gluon.jit
+def _dkdv_item(
+    p,
+    SH,
+    NP,
+    LEAD,
+    HKV,
+    T,
+    PATTERN: gl.constexpr,
+    SINK: gl.constexpr,
+    WINDOW: gl.constexpr,
+    PB: gl.constexpr,
+    LOCAL: gl.constexpr,
+    STRIDE: gl.constexpr,
+    STEP: gl.constexpr,
+    DENSE_FROM: gl.constexpr,
+    G: gl.constexpr,
+    BY_KIND: gl.constexpr,
+    TL: gl.constexpr,
+    DESCEND: gl.constexpr,
+):
+    """The dK/dV work item of launch index p (a pair of key tiles of one sequence and KV head): (g, row0, a, far_a,
+    v0_a, v1_a, b, far_b, v0_b, v1_b, t1, n_first, t2, n_visit) -- the KV head, the sequence's first flattened row,
+    each consumer's key tile, strided flag and run of visits, and the visits' query tiles (`_query_tile`)."""
+    # launch order (`dkdv_lead_pairs`): the first LEAD pair indices of every (sequence, KV head) SH with the heads
+    # innermost (the long pairs: every head's start together, not one head's at the end), then one head's remaining
+    # pairs after another (the resident programs then stream the same head's Q / dO rows from L2, as the forward's
+    # and dQ's programs share K / V); LEAD = NP is heads innermost throughout, LEAD = 0 pairs first throughout
+    n_lead = LEAD * SH
+    rest = p - n_lead
+    n_rest = gl.maximum(NP - LEAD, 1)
+    sh = gl.where(p < n_lead, p % SH, rest // n_rest)
+    lid = gl.where(p < n_lead, p // SH, LEAD + rest % n_rest)
+    g = sh % HKV
+    row0 = (sh // HKV) * T
+    n_tiles = T // TL
+    a, b = _key_tile_pair(lid, g, n_tiles, PB, STRIDE, STEP, DENSE_FROM, BY_KIND, TL)
+    lo_a, hi_a, far_a = _query_range(a, g, n_tiles, PATTERN, SINK, WINDOW, PB, LOCAL, STRIDE, STEP, DENSE_FROM, TL)
+    lo_b, hi_b, far_b = _query_range(b, g, n_tiles, PATTERN, SINK, WINDOW, PB, LOCAL, STRIDE, STEP, DENSE_FROM, TL)
+    n1 = hi_a - lo_a
+    start2 = gl.maximum(hi_a, lo_b)
+    n2 = gl.maximum(hi_b - start2, 0)
+    n_visit = (n1 + n2) * G
+    # visits: tile a's query tiles, then those of tile b past them (each consumer's visits are one contiguous run:
+    # a's [v0_a, v1_a), b's [v0_b, v1_b)); DESCEND reverses the order: the same two runs of tiles from the top
+    # down, and the consumers' runs mirrored
+    valid_b = lo_b < hi_b
+    v0_a = n1 * 0
+    v1_a = n1 * G
+    v0_b = gl.where(valid_b, (gl.minimum(lo_b, hi_a) - lo_a) * G, 0)
+    v1_b = gl.where(valid_b, gl.where(hi_b <= hi_a, (hi_b - lo_a) * G, n_visit), 0)
+    t1, n_first, t2 = lo_a, n1, start2
+    if DESCEND:
+        t1, n_first, t2 = start2 + n2 - 1, n2, hi_a - 1
+        v0_a, v1_a = n_visit - v1_a, n_visit - v0_a
+        v0_b, v1_b = n_visit - v1_b, n_visit - v0_b
+    return g, row0, a, far_a, v0_a, v1_a, b, far_b, v0_b, v1_b, t1, n_first, t2, n_visit
 
 
 @gluon.jit
@@ -962,39 +1153,26 @@ def _dkdv_ws_kernel(
     DESCEND: gl.constexpr,
     num_warps: gl.constexpr,
 ):
-    # launch order (`dkdv_lead_pairs`): the first LEAD pair indices of every (sequence, KV head) SH with the heads
-    # innermost (the long pairs: every head's start together, not one head's at the end), then one head's remaining
-    # pairs after another (the resident programs then stream the same head's Q / dO rows from L2, as the forward's
-    # and dQ's programs share K / V); LEAD = NP is heads innermost throughout, LEAD = 0 pairs first throughout
-    p = gl.program_id(0)
-    n_lead = LEAD * SH
-    rest = p - n_lead
-    n_rest = gl.maximum(NP - LEAD, 1)
-    sh = gl.where(p < n_lead, p % SH, rest // n_rest)
-    lid = gl.where(p < n_lead, p // SH, LEAD + rest % n_rest)
-    g = sh % HKV
-    row0 = (sh // HKV) * T
-    n_tiles = T // TL
-    a, b = _key_tile_pair(lid, g, n_tiles, PB, STRIDE, STEP, DENSE_FROM, BY_KIND, TL)
-    lo_a, hi_a, far_a = _query_range(a, g, n_tiles, PATTERN, SINK, WINDOW, PB, LOCAL, STRIDE, STEP, DENSE_FROM, TL)
-    lo_b, hi_b, far_b = _query_range(b, g, n_tiles, PATTERN, SINK, WINDOW, PB, LOCAL, STRIDE, STEP, DENSE_FROM, TL)
-    n1 = hi_a - lo_a
-    start2 = gl.maximum(hi_a, lo_b)
-    n2 = gl.maximum(hi_b - start2, 0)
-    n_visit = (n1 + n2) * G
-    # visits: tile a's query tiles, then those of tile b past them (each consumer's visits are one contiguous run:
-    # a's [v0_a, v1_a), b's [v0_b, v1_b)); DESCEND reverses the order: the same two runs of tiles from the top
-    # down, and the consumers' runs mirrored
-    valid_b = lo_b < hi_b
-    v0_a = n1 * 0
-    v1_a = n1 * G
-    v0_b = gl.where(valid_b, (gl.minimum(lo_b, hi_a) - lo_a) * G, 0)
-    v1_b = gl.where(valid_b, gl.where(hi_b <= hi_a, (hi_b - lo_a) * G, n_visit), 0)
-    t1, n_first, t2 = lo_a, n1, start2
-    if DESCEND:
-        t1, n_first, t2 = start2 + n2 - 1, n2, hi_a - 1
-        v0_a, v1_a = n_visit - v1_a, n_visit - v0_a
-        v0_b, v1_b = n_visit - v1_b, n_visit - v0_b
+    g, row0, a, far_a, v0_a, v1_a, b, far_b, v0_b, v1_b, t1, n_first, t2, n_visit = _dkdv_item(
+        gl.program_id(0),
+        SH,
+        NP,
+        LEAD,
+        HKV,
+        T,
+        PATTERN,
+        SINK,
+        WINDOW,
+        PB,
+        LOCAL,
+        STRIDE,
+        STEP,
+        DENSE_FROM,
+        G,
+        BY_KIND,
+        TL,
+        DESCEND,
+    )
     q_smem = gl.allocate_shared_memory(q_desc.dtype, [STAGES, TL, D], q_desc.layout)
     do_smem = gl.allocate_shared_memory(do_desc.dtype, [STAGES, TL, D], do_desc.layout)
     k_smem = gl.allocate_shared_memory(k_desc.dtype, [2, TL, D], k_desc.layout)
