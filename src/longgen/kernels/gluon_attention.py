@@ -16,9 +16,11 @@ registers are rebalanced with `setmaxnreg` (consumers 240, loader 24).
   streamed (query tile, head) visits: Q and dO by TMA, the LSE and delta rows (strided by the head count, so not
   TMA-able) loaded by the loader warp into shared memory. S^T = K Q^T and dP^T = V dO^T are issued together,
   then dV += P^T dO and dK += dS^T Q with P^T and dS^T as register operands, both retired within the visit. The
-  dQ kernel runs first (it writes delta). For Full the
-  programs of one head are launched together and, without GQA, sweep their query tiles from the last down (both
-  measured faster at Full 128K); otherwise the heads are innermost and the sweep goes upwards.
+  dQ kernel runs first (it writes delta). For Full and for BlockSparse with GQA the programs of one head are launched
+  together (after every head's long, strided pairs) and (Full without GQA, BlockSparse with GQA) sweep their query
+  tiles from the last down (`dkdv_pairs_first`, `dkdv_descends`: measured faster there at 128K); otherwise the heads
+  are innermost and the sweep goes upwards. `BWD_ITEMS` > 1 (prepared, not yet timed) gives each program several
+  consecutive pairs, one item's end overlapping the next one's start.
 * dQ of the backward (`_dq_ws_kernel`): the forward's
   program and loader; a consumer computes delta for its 64 rows, then per key tile S = Q K^T and dP = dO V^T
   together, dS = P (dP - delta), dQ += dS K. Otherwise the Triton dQ kernel runs.
@@ -68,6 +70,7 @@ BWD_DESCEND = -1  # dK/dV query sweep: -1 by the measured rule (`dkdv_descends`)
 BWD_PAIRS_FIRST = -1  # dK/dV launch: -1 by the measured rule (`dkdv_pairs_first`), 0 heads innermost, 1 pairs
 FWD_PERSISTENT = -1  # forward launch: -1 by the rule (`fwd_persistent`), 0 one program per 128 query rows, 1 per SM
 MASK_SPLIT = -1  # forward / dQ edge tiles: -1 by the rule (`mask_split`), 0 full rule, 1 only what they can break
+BWD_ITEMS = 1  # dK/dV: consecutive work items (key-tile pairs) per program (>1 prepared in session 11, not yet timed)
 PERSISTENT_PROGRAMS = 0  # programs of a persistent launch: 0 one per SM (tests use a few: many work items each)
 DQ_BLOCK_N = 64  # dQ kernel: keys per streamed K / V tile (64 query rows per consumer, as in the forward)
 DQ_STAGES = 4  # (DQ_BLOCK_N 128 with 2 stages, the same ring bytes: within 1%, session 10, docs/kernels/attention.md)
@@ -983,8 +986,9 @@ def _bwd_load_visits(
     TMA-able) loaded coalesced and stored to shared memory; a buffer is full once the TMA bytes have landed and this
     warp has arrived after its stores."""
     offs = gl.arange(0, TL, layout=gl.BlockedLayout([TL // 32], [32], [1], [0]))
-    # the vectors are loaded one visit ahead, so that their latency overlaps the wait for a free buffer
-    r = (row0 + _query_tile(0, t1, n_first, t2, G, DESCEND) * TL + offs) * H + g * G
+    # the vectors are loaded one visit ahead, so that their latency overlaps the wait for a free buffer (an item
+    # without visits, a tile pair past the sequence end, descends from query tile -1: clamped to stay in bounds)
+    r = (row0 + gl.maximum(_query_tile(0, t1, n_first, t2, G, DESCEND), 0) * TL + offs) * H + g * G
     lse = gl.load(lse_ptr + r)
     delta = gl.load(delta_ptr + r)
     for i in range(n_visit):
@@ -1120,6 +1124,286 @@ def _dkdv_item(
 
 
 @gluon.jit
+def _consumer_item(
+    WHICH: gl.constexpr,
+    p,
+    SH,
+    NP,
+    LEAD,
+    HKV,
+    T,
+    PATTERN: gl.constexpr,
+    SINK: gl.constexpr,
+    WINDOW: gl.constexpr,
+    PB: gl.constexpr,
+    LOCAL: gl.constexpr,
+    STRIDE: gl.constexpr,
+    STEP: gl.constexpr,
+    DENSE_FROM: gl.constexpr,
+    G: gl.constexpr,
+    BY_KIND: gl.constexpr,
+    TL: gl.constexpr,
+    DESCEND: gl.constexpr,
+):
+    """Consumer WHICH's share of work item p (`_dkdv_item`): (g, row0, key tile, strided flag, v0, v1, t1, n_first,
+    t2, n_visit)."""
+    g, row0, a, far_a, v0_a, v1_a, b, far_b, v0_b, v1_b, t1, n_first, t2, n_visit = _dkdv_item(
+        p, SH, NP, LEAD, HKV, T, PATTERN, SINK, WINDOW, PB, LOCAL, STRIDE, STEP, DENSE_FROM, G, BY_KIND, TL, DESCEND
+    )
+    if WHICH == 0:
+        kt, far, v0, v1 = a, far_a, v0_a, v1_a
+    else:
+        kt, far, v0, v1 = b, far_b, v0_b, v1_b
+    return g, row0, kt, far, v0, v1, t1, n_first, t2, n_visit
+
+
+@gluon.jit
+def _bwd_consume_items(
+    WHICH: gl.constexpr,
+    k_desc,
+    v_desc,
+    dk_desc,
+    dv_desc,
+    q_smem,
+    do_smem,
+    lse_smem,
+    delta_smem,
+    k_smem,
+    v_smem,
+    full,
+    empty,
+    kv_bars,
+    qk_scale,
+    sm_scale,
+    p0,
+    p1,
+    SH,
+    NP,
+    LEAD,
+    HKV,
+    T,
+    PATTERN: gl.constexpr,
+    SINK: gl.constexpr,
+    WINDOW: gl.constexpr,
+    PB: gl.constexpr,
+    LOCAL: gl.constexpr,
+    STRIDE: gl.constexpr,
+    STEP: gl.constexpr,
+    DENSE_FROM: gl.constexpr,
+    G: gl.constexpr,
+    BY_KIND: gl.constexpr,
+    TL: gl.constexpr,
+    D: gl.constexpr,
+    STAGES: gl.constexpr,
+    DESCEND: gl.constexpr,
+):
+    """One consumer warpgroup of a program taking work items [p0, p1) one after another (`BWD_ITEMS`). Its K / V
+    have two buffers (2 * WHICH + slot): item j's tile is loaded into slot j % 2 while item j - 1 runs, and its
+    dK / dV are staged in that slot after its last product and TMA-stored without waiting (the wait comes before
+    the slot is loaded again, an item later); the ring's position runs on across items, so the loader streams the
+    next item's Q / dO while this one finishes."""
+    g, row0, kt, _, v0, v1, _, _, _, _ = _consumer_item(
+        WHICH,
+        p0,
+        SH,
+        NP,
+        LEAD,
+        HKV,
+        T,
+        PATTERN,
+        SINK,
+        WINDOW,
+        PB,
+        LOCAL,
+        STRIDE,
+        STEP,
+        DENSE_FROM,
+        G,
+        BY_KIND,
+        TL,
+        DESCEND,
+    )
+    kvb = kv_bars.index(2 * WHICH)
+    mbarrier.expect(kvb, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
+    kt = gl.where(v0 < v1, kt, 0)  # no tile of this consumer: any tile keeps the slot's phases in step
+    _tma_load(k_desc, [row0 + kt * TL, g * D], kvb, k_smem.index(2 * WHICH))
+    _tma_load(v_desc, [row0 + kt * TL, g * D], kvb, v_smem.index(2 * WHICH))
+    c = p0 * 0  # visits streamed so far: the ring's position
+    for p in range(p0, p1):
+        j = p - p0
+        slot = 2 * WHICH + j % 2
+        other = 2 * WHICH + (j + 1) % 2
+        if p + 1 < p1:  # the next item's K / V go into the other slot once item j - 1's dK / dV have left it
+            gn, rn, ktn, _, v0n, v1n, _, _, _, _ = _consumer_item(
+                WHICH,
+                p + 1,
+                SH,
+                NP,
+                LEAD,
+                HKV,
+                T,
+                PATTERN,
+                SINK,
+                WINDOW,
+                PB,
+                LOCAL,
+                STRIDE,
+                STEP,
+                DENSE_FROM,
+                G,
+                BY_KIND,
+                TL,
+                DESCEND,
+            )
+            tma.store_wait(pendings=0)
+            kvn = kv_bars.index(other)
+            mbarrier.expect(kvn, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
+            ktn = gl.where(v0n < v1n, ktn, 0)
+            _tma_load(k_desc, [rn + ktn * TL, gn * D], kvn, k_smem.index(other))
+            _tma_load(v_desc, [rn + ktn * TL, gn * D], kvn, v_smem.index(other))
+        g, row0, kt, far, v0, v1, t1, n_first, t2, n_visit = _consumer_item(
+            WHICH,
+            p,
+            SH,
+            NP,
+            LEAD,
+            HKV,
+            T,
+            PATTERN,
+            SINK,
+            WINDOW,
+            PB,
+            LOCAL,
+            STRIDE,
+            STEP,
+            DENSE_FROM,
+            G,
+            BY_KIND,
+            TL,
+            DESCEND,
+        )
+        k0 = kt * TL
+        ks = k_smem.index(slot)
+        vs = v_smem.index(slot)
+        kvb = kv_bars.index(slot)
+        mbarrier.wait(kvb, (j // 2) & 1)  # every load is waited for, so each slot's phases stay in step
+        _pass_visits(full, empty, c, c + v0, STAGES)
+        dk, dv = _bwd_visits(
+            c,
+            ks,
+            vs,
+            kvb,
+            (j // 2) & 1,
+            q_smem,
+            do_smem,
+            lse_smem,
+            delta_smem,
+            full,
+            empty,
+            qk_scale,
+            g,
+            k0,
+            far,
+            v0,
+            v1,
+            t1,
+            n_first,
+            t2,
+            PATTERN,
+            SINK,
+            WINDOW,
+            PB,
+            LOCAL,
+            STRIDE,
+            STEP,
+            DENSE_FROM,
+            G,
+            TL,
+            D,
+            STAGES,
+            DESCEND,
+        )
+        _pass_visits(full, empty, c + v1, c + n_visit, STAGES)
+        if v0 < v1:
+            ks.store((dk * sm_scale).to(dk_desc.dtype))
+            vs.store(dv.to(dv_desc.dtype))
+            fence_async_shared()
+            _tma_store(dk_desc, [row0 + k0, g * D], ks)
+            _tma_store(dv_desc, [row0 + k0, g * D], vs)
+        c += n_visit
+    tma.store_wait(pendings=0)
+
+
+@gluon.jit
+def _bwd_loader_items(
+    q_desc,
+    do_desc,
+    lse_ptr,
+    delta_ptr,
+    q_smem,
+    do_smem,
+    lse_smem,
+    delta_smem,
+    full,
+    empty,
+    p0,
+    p1,
+    SH,
+    NP,
+    LEAD,
+    HKV,
+    T,
+    H,
+    PATTERN: gl.constexpr,
+    SINK: gl.constexpr,
+    WINDOW: gl.constexpr,
+    PB: gl.constexpr,
+    LOCAL: gl.constexpr,
+    STRIDE: gl.constexpr,
+    STEP: gl.constexpr,
+    DENSE_FROM: gl.constexpr,
+    G: gl.constexpr,
+    BY_KIND: gl.constexpr,
+    TL: gl.constexpr,
+    D: gl.constexpr,
+    STAGES: gl.constexpr,
+    DESCEND: gl.constexpr,
+):
+    """The dK/dV loader of a program taking work items [p0, p1): their visits one item after another."""
+    c = p0 * 0
+    for p in range(p0, p1):
+        g, row0, _, _, _, _, _, _, _, _, t1, n_first, t2, n_visit = _dkdv_item(
+            p, SH, NP, LEAD, HKV, T, PATTERN, SINK, WINDOW, PB, LOCAL, STRIDE, STEP, DENSE_FROM, G, BY_KIND, TL, DESCEND
+        )
+        _bwd_load_visits(
+            c,
+            q_desc,
+            do_desc,
+            lse_ptr,
+            delta_ptr,
+            q_smem,
+            do_smem,
+            lse_smem,
+            delta_smem,
+            full,
+            empty,
+            g,
+            H,
+            row0,
+            t1,
+            n_first,
+            t2,
+            n_visit,
+            G,
+            TL,
+            D,
+            STAGES,
+            DESCEND,
+        )
+        c += n_visit
+
+
+@gluon.jit
 def _dkdv_ws_kernel(
     q_desc,
     do_desc,
@@ -1151,168 +1435,304 @@ def _dkdv_ws_kernel(
     D: gl.constexpr,
     STAGES: gl.constexpr,
     DESCEND: gl.constexpr,
+    ITEMS: gl.constexpr,
     num_warps: gl.constexpr,
 ):
-    g, row0, a, far_a, v0_a, v1_a, b, far_b, v0_b, v1_b, t1, n_first, t2, n_visit = _dkdv_item(
-        gl.program_id(0),
-        SH,
-        NP,
-        LEAD,
-        HKV,
-        T,
-        PATTERN,
-        SINK,
-        WINDOW,
-        PB,
-        LOCAL,
-        STRIDE,
-        STEP,
-        DENSE_FROM,
-        G,
-        BY_KIND,
-        TL,
-        DESCEND,
-    )
+    # ITEMS == 1: one work item (`_dkdv_item`) per program; else consecutive launch indices [pid * ITEMS, + ITEMS)
+    # per program (`_bwd_consume_items`)
+    if ITEMS == 1:
+        g, row0, a, far_a, v0_a, v1_a, b, far_b, v0_b, v1_b, t1, n_first, t2, n_visit = _dkdv_item(
+            gl.program_id(0),
+            SH,
+            NP,
+            LEAD,
+            HKV,
+            T,
+            PATTERN,
+            SINK,
+            WINDOW,
+            PB,
+            LOCAL,
+            STRIDE,
+            STEP,
+            DENSE_FROM,
+            G,
+            BY_KIND,
+            TL,
+            DESCEND,
+        )
     q_smem = gl.allocate_shared_memory(q_desc.dtype, [STAGES, TL, D], q_desc.layout)
     do_smem = gl.allocate_shared_memory(do_desc.dtype, [STAGES, TL, D], do_desc.layout)
-    k_smem = gl.allocate_shared_memory(k_desc.dtype, [2, TL, D], k_desc.layout)
-    v_smem = gl.allocate_shared_memory(v_desc.dtype, [2, TL, D], v_desc.layout)
+    KV_BUFS: gl.constexpr = 2 if ITEMS == 1 else 4  # per consumer one K / V tile, or two (`_bwd_consume_items`)
+    k_smem = gl.allocate_shared_memory(k_desc.dtype, [KV_BUFS, TL, D], k_desc.layout)
+    v_smem = gl.allocate_shared_memory(v_desc.dtype, [KV_BUFS, TL, D], v_desc.layout)
     full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    kv_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    kv_bars = gl.allocate_shared_memory(gl.int64, [KV_BUFS, 1], mbarrier.MBarrierLayout())
     vec_layout: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0])
     lse_smem = gl.allocate_shared_memory(gl.float32, [STAGES, TL], vec_layout)
     delta_smem = gl.allocate_shared_memory(gl.float32, [STAGES, TL], vec_layout)
     for si in gl.static_range(STAGES):
         mbarrier.init(full.index(si), count=2)  # the TMA transaction and the loader's LSE / delta stores
         mbarrier.init(empty.index(si), count=2)
-    mbarrier.init(kv_bars.index(0), count=1)
-    mbarrier.init(kv_bars.index(1), count=1)
-    gl.warp_specialize(
-        [
-            (
-                _bwd_consume,
+    for bi in gl.static_range(KV_BUFS):
+        mbarrier.init(kv_bars.index(bi), count=1)
+    if ITEMS == 1:
+        gl.warp_specialize(
+            [
                 (
-                    0,
-                    q_desc,
-                    k_desc,
-                    v_desc,
-                    dk_desc,
-                    dv_desc,
-                    q_smem,
-                    do_smem,
-                    lse_smem,
-                    delta_smem,
-                    k_smem,
-                    v_smem,
-                    full,
-                    empty,
-                    kv_bars,
-                    qk_scale,
-                    sm_scale,
-                    g,
-                    H,
-                    row0,
-                    a,
-                    far_a,
-                    v0_a,
-                    v1_a,
-                    t1,
-                    n_first,
-                    t2,
-                    n_visit,
-                    PATTERN,
-                    SINK,
-                    WINDOW,
-                    PB,
-                    LOCAL,
-                    STRIDE,
-                    STEP,
-                    DENSE_FROM,
-                    G,
-                    TL,
-                    D,
-                    STAGES,
-                    DESCEND,
+                    _bwd_consume,
+                    (
+                        0,
+                        q_desc,
+                        k_desc,
+                        v_desc,
+                        dk_desc,
+                        dv_desc,
+                        q_smem,
+                        do_smem,
+                        lse_smem,
+                        delta_smem,
+                        k_smem,
+                        v_smem,
+                        full,
+                        empty,
+                        kv_bars,
+                        qk_scale,
+                        sm_scale,
+                        g,
+                        H,
+                        row0,
+                        a,
+                        far_a,
+                        v0_a,
+                        v1_a,
+                        t1,
+                        n_first,
+                        t2,
+                        n_visit,
+                        PATTERN,
+                        SINK,
+                        WINDOW,
+                        PB,
+                        LOCAL,
+                        STRIDE,
+                        STEP,
+                        DENSE_FROM,
+                        G,
+                        TL,
+                        D,
+                        STAGES,
+                        DESCEND,
+                    ),
                 ),
-            ),
-            (
-                _bwd_consume,
                 (
-                    1,
-                    q_desc,
-                    k_desc,
-                    v_desc,
-                    dk_desc,
-                    dv_desc,
-                    q_smem,
-                    do_smem,
-                    lse_smem,
-                    delta_smem,
-                    k_smem,
-                    v_smem,
-                    full,
-                    empty,
-                    kv_bars,
-                    qk_scale,
-                    sm_scale,
-                    g,
-                    H,
-                    row0,
-                    b,
-                    far_b,
-                    v0_b,
-                    v1_b,
-                    t1,
-                    n_first,
-                    t2,
-                    n_visit,
-                    PATTERN,
-                    SINK,
-                    WINDOW,
-                    PB,
-                    LOCAL,
-                    STRIDE,
-                    STEP,
-                    DENSE_FROM,
-                    G,
-                    TL,
-                    D,
-                    STAGES,
-                    DESCEND,
+                    _bwd_consume,
+                    (
+                        1,
+                        q_desc,
+                        k_desc,
+                        v_desc,
+                        dk_desc,
+                        dv_desc,
+                        q_smem,
+                        do_smem,
+                        lse_smem,
+                        delta_smem,
+                        k_smem,
+                        v_smem,
+                        full,
+                        empty,
+                        kv_bars,
+                        qk_scale,
+                        sm_scale,
+                        g,
+                        H,
+                        row0,
+                        b,
+                        far_b,
+                        v0_b,
+                        v1_b,
+                        t1,
+                        n_first,
+                        t2,
+                        n_visit,
+                        PATTERN,
+                        SINK,
+                        WINDOW,
+                        PB,
+                        LOCAL,
+                        STRIDE,
+                        STEP,
+                        DENSE_FROM,
+                        G,
+                        TL,
+                        D,
+                        STAGES,
+                        DESCEND,
+                    ),
                 ),
-            ),
-            (
-                _bwd_loader,
                 (
-                    q_desc,
-                    do_desc,
-                    lse_ptr,
-                    delta_ptr,
-                    q_smem,
-                    do_smem,
-                    lse_smem,
-                    delta_smem,
-                    full,
-                    empty,
-                    g,
-                    H,
-                    row0,
-                    t1,
-                    n_first,
-                    t2,
-                    n_visit,
-                    G,
-                    TL,
-                    D,
-                    STAGES,
-                    DESCEND,
+                    _bwd_loader,
+                    (
+                        q_desc,
+                        do_desc,
+                        lse_ptr,
+                        delta_ptr,
+                        q_smem,
+                        do_smem,
+                        lse_smem,
+                        delta_smem,
+                        full,
+                        empty,
+                        g,
+                        H,
+                        row0,
+                        t1,
+                        n_first,
+                        t2,
+                        n_visit,
+                        G,
+                        TL,
+                        D,
+                        STAGES,
+                        DESCEND,
+                    ),
                 ),
-            ),
-        ],
-        [4, 1],
-        [240, 24],
-    )
+            ],
+            [4, 1],
+            [240, 24],
+        )
+    else:
+        p0 = gl.program_id(0) * ITEMS
+        p1 = gl.minimum(p0 + ITEMS, SH * NP)
+        gl.warp_specialize(
+            [
+                (
+                    _bwd_consume_items,
+                    (
+                        0,
+                        k_desc,
+                        v_desc,
+                        dk_desc,
+                        dv_desc,
+                        q_smem,
+                        do_smem,
+                        lse_smem,
+                        delta_smem,
+                        k_smem,
+                        v_smem,
+                        full,
+                        empty,
+                        kv_bars,
+                        qk_scale,
+                        sm_scale,
+                        p0,
+                        p1,
+                        SH,
+                        NP,
+                        LEAD,
+                        HKV,
+                        T,
+                        PATTERN,
+                        SINK,
+                        WINDOW,
+                        PB,
+                        LOCAL,
+                        STRIDE,
+                        STEP,
+                        DENSE_FROM,
+                        G,
+                        BY_KIND,
+                        TL,
+                        D,
+                        STAGES,
+                        DESCEND,
+                    ),
+                ),
+                (
+                    _bwd_consume_items,
+                    (
+                        1,
+                        k_desc,
+                        v_desc,
+                        dk_desc,
+                        dv_desc,
+                        q_smem,
+                        do_smem,
+                        lse_smem,
+                        delta_smem,
+                        k_smem,
+                        v_smem,
+                        full,
+                        empty,
+                        kv_bars,
+                        qk_scale,
+                        sm_scale,
+                        p0,
+                        p1,
+                        SH,
+                        NP,
+                        LEAD,
+                        HKV,
+                        T,
+                        PATTERN,
+                        SINK,
+                        WINDOW,
+                        PB,
+                        LOCAL,
+                        STRIDE,
+                        STEP,
+                        DENSE_FROM,
+                        G,
+                        BY_KIND,
+                        TL,
+                        D,
+                        STAGES,
+                        DESCEND,
+                    ),
+                ),
+                (
+                    _bwd_loader_items,
+                    (
+                        q_desc,
+                        do_desc,
+                        lse_ptr,
+                        delta_ptr,
+                        q_smem,
+                        do_smem,
+                        lse_smem,
+                        delta_smem,
+                        full,
+                        empty,
+                        p0,
+                        p1,
+                        SH,
+                        NP,
+                        LEAD,
+                        HKV,
+                        T,
+                        H,
+                        PATTERN,
+                        SINK,
+                        WINDOW,
+                        PB,
+                        LOCAL,
+                        STRIDE,
+                        STEP,
+                        DENSE_FROM,
+                        G,
+                        BY_KIND,
+                        TL,
+                        D,
+                        STAGES,
+                        DESCEND,
+                    ),
+                ),
+            ],
+            [4, 1],
+            [240, 24],
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1684,10 +2104,18 @@ def dkdv_lead_pairs(group: int, kind: int, cx: dict, n_tiles: int, n_pairs: int)
     return min(n_pairs, _long_pairs(cx, n_tiles)) if dkdv_pairs_first(group, kind) else n_pairs
 
 
+def dkdv_items() -> int:
+    """Work items (key-tile pairs, consecutive launch indices) per dK/dV program: `BWD_ITEMS` (1: one program per
+    item; more: `_bwd_consume_items`, prepared in session 11 for the per-program cost at G = 1, not yet timed)."""
+    if not isinstance(BWD_ITEMS, int) or BWD_ITEMS < 1:
+        raise ValueError(f"gluon_attention.BWD_ITEMS must be an integer >= 1, got {BWD_ITEMS!r}")
+    return BWD_ITEMS
+
+
 def dkdv_tuning(group: int, kind: int) -> dict:
     """The dK/dV kernel's tuning constexprs for G query heads per KV head and a pattern kind, as launched (and
     compiled by benchmarks/gluon_resources.py)."""
-    return dict(STAGES=BWD_STAGES, DESCEND=dkdv_descends(group, kind))
+    return dict(STAGES=BWD_STAGES, DESCEND=dkdv_descends(group, kind), ITEMS=dkdv_items())
 
 
 def fwd_persistent(kind: int) -> bool:
@@ -1886,7 +2314,8 @@ def dkdv(
     extra = cx["PB"] // BWD_TILE if by_kind else 0
     n_pairs = (n_tiles + 1) // 2 + extra
     sh = plan.n_seqs * hkv
-    _dkdv_ws_kernel[(sh * n_pairs,)](
+    items = dkdv_items()
+    _dkdv_ws_kernel[(-(-sh * n_pairs // items),)](
         _desc(q, BWD_TILE),
         _desc(do, BWD_TILE),
         _desc(k, BWD_TILE),
