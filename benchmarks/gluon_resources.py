@@ -86,6 +86,7 @@ def compile_case(kernel: str, pattern: str, d: int, G: int):
         scalars |= {"T": "i32", "H": "i32", "qk_scale": "fp32", "sm_scale": "fp32"}
         return _compile(ga._dq_ws_kernel, descs, scalars, cx)
     cx |= dict(BY_KIND=pattern == "block_sparse", TL=ga.BWD_TILE, **ga.dkdv_tuning(G, cx["PATTERN"]))
+    cx |= dict(MASK_SPLIT=ga.mask_split("dkdv"))
     names = ("q_desc", "do_desc", "k_desc", "v_desc", "dk_desc", "dv_desc")
     scalars = {"lse_ptr": "*fp32", "delta_ptr": "*fp32", "T": "i32", "H": "i32", "HKV": "i32", "SH": "i32"}
     scalars |= {"NP": "i32", "LEAD": "i32"}

@@ -246,14 +246,14 @@ def test_launch_rules_and_overrides(monkeypatch):
         with pytest.raises(ValueError, match="BWD_ITEMS must be an integer >= 1"):
             ga.dkdv_items()
     monkeypatch.setattr(ga, "BWD_ITEMS", 1)
-    assert ga.mask_split("dq") and not ga.mask_split("fwd")
-    with pytest.raises(ValueError, match="takes 'fwd' or 'dq'"):
-        ga.mask_split("dkdv")
+    assert ga.mask_split("dq") and not ga.mask_split("fwd") and not ga.mask_split("dkdv")
+    with pytest.raises(ValueError, match="takes 'fwd', 'dq' or 'dkdv'"):
+        ga.mask_split("bwd")
     checks = {
         "BWD_DESCEND": lambda kind: ga.dkdv_descends(1, kind),
         "BWD_PAIRS_FIRST": lambda kind: ga.dkdv_pairs_first(1, kind),
         "FWD_PERSISTENT": ga.fwd_persistent,
-        "MASK_SPLIT": lambda kind: ga.mask_split("fwd") and ga.mask_split("dq"),
+        "MASK_SPLIT": lambda kind: ga.mask_split("fwd") and ga.mask_split("dq") and ga.mask_split("dkdv"),
     }
     for name, check in checks.items():
         for forced in (0, 1):

@@ -69,7 +69,7 @@ BWD_STAGES = 3  # Q / dO tiles in flight
 BWD_DESCEND = -1  # dK/dV query sweep: -1 by the measured rule (`dkdv_descends`), 0 ascending, 1 descending
 BWD_PAIRS_FIRST = -1  # dK/dV launch: -1 by the measured rule (`dkdv_pairs_first`), 0 heads innermost, 1 pairs
 FWD_PERSISTENT = -1  # forward launch: -1 by the rule (`fwd_persistent`), 0 one program per 128 query rows, 1 per SM
-MASK_SPLIT = -1  # forward / dQ edge tiles: -1 by the rule (`mask_split`), 0 full rule, 1 only what they can break
+MASK_SPLIT = -1  # edge tiles: -1 by the rule (`mask_split`), 0 the full rule, 1 only what they can break (all kernels)
 BWD_ITEMS = 1  # dK/dV: consecutive work items (key-tile pairs) per program (>1 prepared in session 11, not yet timed)
 PERSISTENT_PROGRAMS = 0  # programs of a persistent launch: 0 one per SM (tests use a few: many work items each)
 DQ_BLOCK_N = 64  # dQ kernel: keys per streamed K / V tile (64 query rows per consumer, as in the forward)
@@ -241,13 +241,38 @@ def _mask_edge_tile(
     DENSE_FROM: gl.constexpr,
     BN: gl.constexpr,
 ):
-    """`_apply_mask` of a tile `_needs_mask` flagged (query rows [mc, mc + MR), keys k0 + cols), with only the
-    constraint the tile can break tested per element where that is one: the causal diagonal alone (c <= t), the
-    SinkWindow window start alone (t - c < WINDOW) or a far query tile's sink tile (a column test, c < SINK), a
-    BlockSparse local edge (a row test); the full rule otherwise. The same allowed pairs as `_apply_mask`."""
-    causal = k0 + BN - 1 > mc  # some key after some query
+    """`_apply_mask` of a tile `_needs_mask` flagged (query rows [mc, mc + MR), keys k0 + cols) by `_edge_mask`."""
     t = gl.expand_dims(rows, 1)
     c = gl.expand_dims(k0 + cols, 0)
+    return _edge_mask(s, t, c, k0, g, mc, MR, PATTERN, SINK, WINDOW, PB, LOCAL, STRIDE, STEP, DENSE_FROM, BN)
+
+
+@gluon.jit
+def _edge_mask(
+    s,
+    t,
+    c,
+    k0,
+    g,
+    mc,
+    MR: gl.constexpr,
+    PATTERN: gl.constexpr,
+    SINK: gl.constexpr,
+    WINDOW: gl.constexpr,
+    PB: gl.constexpr,
+    LOCAL: gl.constexpr,
+    STRIDE: gl.constexpr,
+    STEP: gl.constexpr,
+    DENSE_FROM: gl.constexpr,
+    BN: gl.constexpr,
+):
+    """Scores s of a tile `_needs_mask` flagged (queries [mc, mc + MR), keys [k0, k0 + BN)) with the forbidden
+    pairs set to -inf, testing per element only the constraint the tile can break: the causal diagonal alone
+    (c <= t), the SinkWindow window start alone (t - c < WINDOW) or a far query tile's sink tile (a key test, c <
+    SINK), a BlockSparse local edge (a query test); the full rule otherwise. t and c are the query and key positions
+    broadcast to s's orientation (queries x keys in the forward and dQ, keys x queries in dK/dV). The same allowed
+    pairs as `_allowed` (benchmarks/results/gluon_edge_masks.md)."""
+    causal = k0 + BN - 1 > mc  # some key after some query
     out = s
     if PATTERN == GL_SINK_WINDOW:
         if not _leaves_window(k0, mc + MR - 1, SINK, WINDOW, BN):
@@ -255,17 +280,21 @@ def _mask_edge_tile(
         elif (not causal) & (k0 >= SINK):
             out = gl.where(t - c < WINDOW, s, -float("inf"))
         elif (not causal) & (mc - (k0 + BN - 1) >= WINDOW):  # every pair outside the window: only sinks are seen
-            out = gl.where(gl.expand_dims(k0 + cols < SINK, 0), s, -float("inf"))
+            out = gl.where(c < SINK, s, -float("inf"))
         else:
-            out = _apply_mask(s, k0, g, rows, cols, PATTERN, SINK, WINDOW, PB, LOCAL, STRIDE, STEP, DENSE_FROM)
+            out = gl.where(
+                _allowed(t, c, g, PATTERN, SINK, WINDOW, PB, LOCAL, STRIDE, STEP, DENSE_FROM), s, -float("inf")
+            )
     elif PATTERN == GL_BLOCK_SPARSE:
         j = k0 // PB  # a key tile lies inside one block
         if not (_leaves_local(k0, g, mc + MR - 1, PB, LOCAL, DENSE_FROM) & (((j + g * STEP) % STRIDE) != 0)):
             out = gl.where(c <= t, s, -float("inf"))
-        elif not causal:  # a local block some rows have left behind: a row test
-            out = gl.where(gl.expand_dims(rows // PB - j < LOCAL, 1), s, -float("inf"))
+        elif not causal:  # a local block some queries have left behind: a query test
+            out = gl.where(t // PB - j < LOCAL, s, -float("inf"))
         else:
-            out = _apply_mask(s, k0, g, rows, cols, PATTERN, SINK, WINDOW, PB, LOCAL, STRIDE, STEP, DENSE_FROM)
+            out = gl.where(
+                _allowed(t, c, g, PATTERN, SINK, WINDOW, PB, LOCAL, STRIDE, STEP, DENSE_FROM), s, -float("inf")
+            )
     else:
         out = gl.where(c <= t, s, -float("inf"))
     return out
@@ -787,6 +816,7 @@ def _bwd_visits(
     D: gl.constexpr,
     STAGES: gl.constexpr,
     DESCEND: gl.constexpr,
+    MASK_SPLIT: gl.constexpr,
 ):
     """A consumer's visits [v0, v1) of one work item (ring position c: the visits streamed before it) against its
     key tile (K, V in ks, vs once kvb passes kv_phase; keys from k0): dK (unscaled) and dV, all products retired,
@@ -819,20 +849,15 @@ def _bwd_visits(
         if i > v0:
             mbarrier.arrive(empty.index((c + i - 1) % STAGES), count=1)
         if _needs_mask(far, k0, g, q0, TL, PATTERN, SINK, WINDOW, PB, LOCAL, DENSE_FROM, TL):
-            ok = _allowed(
-                gl.expand_dims(q0 + cols, 0),
-                gl.expand_dims(k0 + keys, 1),
-                g,
-                PATTERN,
-                SINK,
-                WINDOW,
-                PB,
-                LOCAL,
-                STRIDE,
-                STEP,
-                DENSE_FROM,
-            )
-            s = gl.where(ok, s, -float("inf"))
+            qpos = gl.expand_dims(q0 + cols, 0)
+            kpos = gl.expand_dims(k0 + keys, 1)
+            if MASK_SPLIT:
+                s = _edge_mask(
+                    s, qpos, kpos, k0, g, q0, TL, PATTERN, SINK, WINDOW, PB, LOCAL, STRIDE, STEP, DENSE_FROM, TL
+                )
+            else:
+                ok = _allowed(qpos, kpos, g, PATTERN, SINK, WINDOW, PB, LOCAL, STRIDE, STEP, DENSE_FROM)
+                s = gl.where(ok, s, -float("inf"))
         p = gl.exp2(s * qk_scale - gl.expand_dims(lse_smem.index(st).load(col_layout), 0))
         p_op = gl.convert_layout(p.to(dt), op_layout)
         dv = warpgroup_mma(p_op, dos, dv, is_async=True)
@@ -892,6 +917,7 @@ def _bwd_consume(
     D: gl.constexpr,
     STAGES: gl.constexpr,
     DESCEND: gl.constexpr,
+    MASK_SPLIT: gl.constexpr,
 ):
     """One consumer warpgroup: dK, dV of key tile kt (TL keys) over its visits [v0, v1) of the streamed
     (query tile, head) visits. Transposed scores S^T = K Q^T (keys x queries), so that P^T and dS^T are register
@@ -944,6 +970,7 @@ def _bwd_consume(
         D,
         STAGES,
         DESCEND,
+        MASK_SPLIT,
     )
     _pass_visits(full, empty, v1, n_visit, STAGES)
     if mine:
@@ -1196,6 +1223,7 @@ def _bwd_consume_items(
     D: gl.constexpr,
     STAGES: gl.constexpr,
     DESCEND: gl.constexpr,
+    MASK_SPLIT: gl.constexpr,
 ):
     """One consumer warpgroup of a program taking work items [p0, p1) one after another (`BWD_ITEMS`). Its K / V
     have two buffers (2 * WHICH + slot): item j's tile is loaded into slot j % 2 while item j - 1 runs, and its
@@ -1322,6 +1350,7 @@ def _bwd_consume_items(
             D,
             STAGES,
             DESCEND,
+            MASK_SPLIT,
         )
         _pass_visits(full, empty, c + v1, c + n_visit, STAGES)
         if v0 < v1:
@@ -1436,6 +1465,7 @@ def _dkdv_ws_kernel(
     STAGES: gl.constexpr,
     DESCEND: gl.constexpr,
     ITEMS: gl.constexpr,
+    MASK_SPLIT: gl.constexpr,
     num_warps: gl.constexpr,
 ):
     # ITEMS == 1: one work item (`_dkdv_item`) per program; else consecutive launch indices [pid * ITEMS, + ITEMS)
@@ -1524,6 +1554,7 @@ def _dkdv_ws_kernel(
                         D,
                         STAGES,
                         DESCEND,
+                        MASK_SPLIT,
                     ),
                 ),
                 (
@@ -1570,6 +1601,7 @@ def _dkdv_ws_kernel(
                         D,
                         STAGES,
                         DESCEND,
+                        MASK_SPLIT,
                     ),
                 ),
                 (
@@ -1648,6 +1680,7 @@ def _dkdv_ws_kernel(
                         D,
                         STAGES,
                         DESCEND,
+                        MASK_SPLIT,
                     ),
                 ),
                 (
@@ -1690,6 +1723,7 @@ def _dkdv_ws_kernel(
                         D,
                         STAGES,
                         DESCEND,
+                        MASK_SPLIT,
                     ),
                 ),
                 (
@@ -2127,12 +2161,13 @@ def fwd_persistent(kind: int) -> bool:
 
 
 def mask_split(part: str) -> bool:
-    """Whether the kernel `part` ("fwd" or "dq") masks an edge tile with only the constraint it can break
-    (`_mask_edge_tile`) instead of the full rule: the dQ kernel only (measured on the H200, session 11, SinkWindow
-    and BlockSparse 128K: dQ kernel 0.6-2.6% faster in all 8 paired samples, forward -1.7..+2.6%, +0.15 ms on average;
-    docs/kernels/attention.md). `MASK_SPLIT` 0 / 1 overrides the rule for both (A/B)."""
-    if part not in ("fwd", "dq"):
-        raise ValueError(f"mask_split takes 'fwd' or 'dq', got {part!r}")
+    """Whether the kernel `part` ("fwd", "dq" or "dkdv") masks an edge tile with only the constraint it can break
+    (`_edge_mask`) instead of the full rule: the dQ kernel only (measured on the H200, session 11, SinkWindow
+    and BlockSparse 128K: dQ kernel 0.6-2.6% faster in all 8 paired samples, forward -1.7..+2.6%, +0.15 ms on
+    average; docs/kernels/attention.md; dK/dV prepared in session 11, not yet timed). `MASK_SPLIT` 0 / 1 overrides
+    the rule for all three (A/B)."""
+    if part not in ("fwd", "dq", "dkdv"):
+        raise ValueError(f"mask_split takes 'fwd', 'dq' or 'dkdv', got {part!r}")
     return _rule("MASK_SPLIT", part == "dq")
 
 
@@ -2338,6 +2373,7 @@ def dkdv(
         TL=BWD_TILE,
         D=D,
         **dkdv_tuning(plan.shape.group, plan.kind),
+        MASK_SPLIT=mask_split("dkdv"),
         num_warps=4,
     )
 
