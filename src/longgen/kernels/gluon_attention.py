@@ -875,6 +875,16 @@ def _bwd_visits(
 
 
 @gluon.jit
+def _store_dkdv(dk, dv, sm_scale, ks, vs, dk_desc, dv_desc, row, col):
+    """Stages dK (scaled) and dV in their key tile's K / V buffers, done with, and issues their TMA stores."""
+    ks.store((dk * sm_scale).to(dk_desc.dtype))
+    vs.store(dv.to(dv_desc.dtype))
+    fence_async_shared()
+    _tma_store(dk_desc, [row, col], ks)
+    _tma_store(dv_desc, [row, col], vs)
+
+
+@gluon.jit
 def _bwd_consume(
     WHICH: gl.constexpr,
     q_desc,
@@ -973,12 +983,8 @@ def _bwd_consume(
         MASK_SPLIT,
     )
     _pass_visits(full, empty, v1, n_visit, STAGES)
-    if mine:
-        ks.store((dk * sm_scale).to(dk_desc.dtype))  # K and V are no longer needed: their buffers stage dK, dV
-        vs.store(dv.to(dv_desc.dtype))
-        fence_async_shared()
-        _tma_store(dk_desc, [row0 + k0, g * D], ks)
-        _tma_store(dv_desc, [row0 + k0, g * D], vs)
+    if mine:  # K and V are no longer needed: their buffers stage dK, dV
+        _store_dkdv(dk, dv, sm_scale, ks, vs, dk_desc, dv_desc, row0 + k0, g * D)
         tma.store_wait(pendings=0)
 
 
@@ -1354,11 +1360,7 @@ def _bwd_consume_items(
         )
         _pass_visits(full, empty, c + v1, c + n_visit, STAGES)
         if v0 < v1:
-            ks.store((dk * sm_scale).to(dk_desc.dtype))
-            vs.store(dv.to(dv_desc.dtype))
-            fence_async_shared()
-            _tma_store(dk_desc, [row0 + k0, g * D], ks)
-            _tma_store(dv_desc, [row0 + k0, g * D], vs)
+            _store_dkdv(dk, dv, sm_scale, ks, vs, dk_desc, dv_desc, row0 + k0, g * D)
         c += n_visit
     tma.store_wait(pendings=0)
 
