@@ -253,9 +253,8 @@ def test_gluon_dq_matches_reference_and_triton(pattern, T, H, hkv, d, dtype, B, 
 def test_gluon_launch_choices_give_identical_results(pattern, T, H, hkv, d, dtype, B, monkeypatch):
     """How the kernels are launched (the forward one program per work item or persistent, with one program per SM
     or a few programs taking many work items each; the dK/dV programs with the heads innermost or one head's
-    key-tile pairs together after every head's long pairs, one or 3 work items per program) and how the kernels
-    mask their edge tiles (MASK_SPLIT) change no arithmetic: output, LSE and all gradients are bitwise those of
-    the defaults."""
+    key-tile pairs together after every head's long pairs) and how the kernels mask their edge tiles (MASK_SPLIT)
+    change no arithmetic: output, LSE and all gradients are bitwise those of the defaults."""
     from longgen.kernels import gluon_attention
 
     gen = torch.Generator().manual_seed(torch.seed() % (2**31))
@@ -280,7 +279,6 @@ def test_gluon_launch_choices_give_identical_results(pattern, T, H, hkv, d, dtyp
         dict(FWD_PERSISTENT=1, PERSISTENT_PROGRAMS=3),
         dict(MASK_SPLIT=1),
         dict(MASK_SPLIT=0, BWD_PAIRS_FIRST=0),
-        dict(BWD_ITEMS=3),  # dK/dV programs of 3 consecutive work items (the last program takes fewer)
         dict(BWD_PAIRS_FIRST=1),
     ):
         got = run(**knobs)

@@ -235,17 +235,9 @@ def test_launch_rules_and_overrides(monkeypatch):
     assert all(ga.dkdv_pairs_first(g, K_FULL) for g in (1, 4))
     assert [ga.dkdv_pairs_first(g, K_BLOCK_SPARSE) for g in (1, 2, 4)] == [False, True, True]
     assert not any(ga.dkdv_pairs_first(g, K_SINK_WINDOW) for g in (1, 4))
-    assert ga.dkdv_tuning(1, K_FULL) == dict(STAGES=ga.BWD_STAGES, DESCEND=True, ITEMS=1)
-    assert ga.dkdv_tuning(4, K_SINK_WINDOW) == dict(STAGES=ga.BWD_STAGES, DESCEND=False, ITEMS=1)
+    assert ga.dkdv_tuning(1, K_FULL) == dict(STAGES=ga.BWD_STAGES, DESCEND=True)
+    assert ga.dkdv_tuning(4, K_SINK_WINDOW) == dict(STAGES=ga.BWD_STAGES, DESCEND=False)
     assert not ga.fwd_persistent(K_FULL) and all(ga.fwd_persistent(kind) for kind in sparse)
-    assert ga.dkdv_items() == 1 and ga.dkdv_tuning(1, K_FULL)["ITEMS"] == 1
-    monkeypatch.setattr(ga, "BWD_ITEMS", 3)
-    assert ga.dkdv_items() == 3
-    for bad in (0, 1.5):
-        monkeypatch.setattr(ga, "BWD_ITEMS", bad)
-        with pytest.raises(ValueError, match="BWD_ITEMS must be an integer >= 1"):
-            ga.dkdv_items()
-    monkeypatch.setattr(ga, "BWD_ITEMS", 1)
     assert ga.mask_split("dq") and not ga.mask_split("fwd") and not ga.mask_split("dkdv")
     with pytest.raises(ValueError, match="takes 'fwd', 'dq' or 'dkdv'"):
         ga.mask_split("bwd")

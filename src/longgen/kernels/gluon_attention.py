@@ -19,8 +19,7 @@ registers are rebalanced with `setmaxnreg` (consumers 240, loader 24).
   dQ kernel runs first (it writes delta). For Full and for BlockSparse with GQA the programs of one head are launched
   together (after every head's long, strided pairs) and (Full without GQA, BlockSparse with GQA) sweep their query
   tiles from the last down (`dkdv_pairs_first`, `dkdv_descends`: measured faster there at 128K); otherwise the heads
-  are innermost and the sweep goes upwards. `BWD_ITEMS` > 1 (prepared, not yet timed) gives each program several
-  consecutive pairs, one item's end overlapping the next one's start.
+  are innermost and the sweep goes upwards.
 * dQ of the backward (`_dq_ws_kernel`): the forward's
   program and loader; a consumer computes delta for its 64 rows, then per key tile S = Q K^T and dP = dO V^T
   together, dS = P (dP - delta), dQ += dS K. Otherwise the Triton dQ kernel runs.
@@ -70,7 +69,6 @@ BWD_DESCEND = -1  # dK/dV query sweep: -1 by the measured rule (`dkdv_descends`)
 BWD_PAIRS_FIRST = -1  # dK/dV launch: -1 by the measured rule (`dkdv_pairs_first`), 0 heads innermost, 1 pairs
 FWD_PERSISTENT = -1  # forward launch: -1 by the rule (`fwd_persistent`), 0 one program per 128 query rows, 1 per SM
 MASK_SPLIT = -1  # edge tiles: -1 by the rule (`mask_split`), 0 the full rule, 1 only what they can break (all kernels)
-BWD_ITEMS = 1  # dK/dV: consecutive work items (key-tile pairs) per program (>1 prepared in session 11, not yet timed)
 PERSISTENT_PROGRAMS = 0  # programs of a persistent launch: 0 one per SM (tests use a few: many work items each)
 DQ_BLOCK_N = 64  # dQ kernel: keys per streamed K / V tile (64 query rows per consumer, as in the forward)
 DQ_STAGES = 4  # (DQ_BLOCK_N 128 with 2 stages, the same ring bytes: within 1%, session 10, docs/kernels/attention.md)
@@ -783,11 +781,9 @@ def _pass_visits(full, empty, v0, v1, STAGES: gl.constexpr):
 
 @gluon.jit
 def _bwd_visits(
-    c,
     ks,
     vs,
     kvb,
-    kv_phase,
     q_smem,
     do_smem,
     lse_smem,
@@ -818,9 +814,8 @@ def _bwd_visits(
     DESCEND: gl.constexpr,
     MASK_SPLIT: gl.constexpr,
 ):
-    """A consumer's visits [v0, v1) of one work item (ring position c: the visits streamed before it) against its
-    key tile (K, V in ks, vs once kvb passes kv_phase; keys from k0): dK (unscaled) and dV, all products retired,
-    the last visit's buffers released."""
+    """A consumer's visits [v0, v1) against its key tile (K, V in ks, vs once kvb passes; keys from k0): dK
+    (unscaled) and dV, all products retired, the last visit's buffers released."""
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, TL, 16])
     acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, D, 16])
     dt: gl.constexpr = q_smem.dtype
@@ -835,19 +830,19 @@ def _bwd_visits(
     # visit that issued it (one carried around the loop makes ptxas serialise the wgmma chain)
     op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
     if v0 < v1:
-        mbarrier.wait(kvb, kv_phase)  # K and V are in
+        mbarrier.wait(kvb, 0)  # K and V are in
     for i in range(v0, v1):
-        st = (c + i) % STAGES
+        st = i % STAGES
         q0 = _query_tile(i, t1, n_first, t2, G, DESCEND) * TL
         qs = q_smem.index(st)
         dos = do_smem.index(st)
-        mbarrier.wait(full.index(st), ((c + i) // STAGES) & 1)
+        mbarrier.wait(full.index(st), (i // STAGES) & 1)
         s_tok = warpgroup_mma(ks, qs.permute((1, 0)), zero_s, use_acc=False, is_async=True)
         dp_tok = warpgroup_mma(vs, dos.permute((1, 0)), zero_s, use_acc=False, is_async=True)
         # all but dP^T done: S^T
         s, dk, dv = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok, dk, dv))
         if i > v0:
-            mbarrier.arrive(empty.index((c + i - 1) % STAGES), count=1)
+            mbarrier.arrive(empty.index((i - 1) % STAGES), count=1)
         if _needs_mask(far, k0, g, q0, TL, PATTERN, SINK, WINDOW, PB, LOCAL, DENSE_FROM, TL):
             qpos = gl.expand_dims(q0 + cols, 0)
             kpos = gl.expand_dims(k0 + keys, 1)
@@ -870,7 +865,7 @@ def _bwd_visits(
         dv = warpgroup_mma_init(dv_done)
     dk, dv = warpgroup_mma_wait(num_outstanding=0, deps=(dk, dv))
     if v0 < v1:
-        mbarrier.arrive(empty.index((c + v1 - 1) % STAGES), count=1)
+        mbarrier.arrive(empty.index((v1 - 1) % STAGES), count=1)
     return dk, dv
 
 
@@ -947,11 +942,9 @@ def _bwd_consume(
         _tma_load(v_desc, [row0 + k0, g * D], kvb, vs)
     _pass_visits(full, empty, 0, v0, STAGES)
     dk, dv = _bwd_visits(
-        0,
         ks,
         vs,
         kvb,
-        0,
         q_smem,
         do_smem,
         lse_smem,
@@ -989,62 +982,6 @@ def _bwd_consume(
 
 
 @gluon.jit
-def _bwd_load_visits(
-    c,
-    q_desc,
-    do_desc,
-    lse_ptr,
-    delta_ptr,
-    q_smem,
-    do_smem,
-    lse_smem,
-    delta_smem,
-    full,
-    empty,
-    g,
-    H,
-    row0,
-    t1,
-    n_first,
-    t2,
-    n_visit,
-    G: gl.constexpr,
-    TL: gl.constexpr,
-    D: gl.constexpr,
-    STAGES: gl.constexpr,
-    DESCEND: gl.constexpr,
-):
-    """Streams one work item's (query tile, head) visits into the ring from its position c (the visits streamed
-    before it): Q and dO tiles with TMA, and the tile's LSE and delta (strided by the head count in memory, so not
-    TMA-able) loaded coalesced and stored to shared memory; a buffer is full once the TMA bytes have landed and this
-    warp has arrived after its stores."""
-    offs = gl.arange(0, TL, layout=gl.BlockedLayout([TL // 32], [32], [1], [0]))
-    # the vectors are loaded one visit ahead, so that their latency overlaps the wait for a free buffer (an item
-    # without visits, a tile pair past the sequence end, descends from query tile -1: clamped to stay in bounds)
-    r = (row0 + gl.maximum(_query_tile(0, t1, n_first, t2, G, DESCEND), 0) * TL + offs) * H + g * G
-    lse = gl.load(lse_ptr + r)
-    delta = gl.load(delta_ptr + r)
-    for i in range(n_visit):
-        st = (c + i) % STAGES
-        mbarrier.wait(empty.index(st), (((c + i) // STAGES) & 1) ^ 1)  # a fresh barrier passes parity 1 at once
-        row = row0 + _query_tile(i, t1, n_first, t2, G, DESCEND) * TL
-        h = g * G + i % G
-        bar = full.index(st)
-        mbarrier.expect(bar, q_desc.block_type.nbytes + do_desc.block_type.nbytes)
-        _tma_load(q_desc, [row, h * D], bar, q_smem.index(st))
-        _tma_load(do_desc, [row, h * D], bar, do_smem.index(st))
-        j = gl.minimum(i + 1, n_visit - 1)
-        r = (row0 + _query_tile(j, t1, n_first, t2, G, DESCEND) * TL + offs) * H + g * G + j % G
-        lse_next = gl.load(lse_ptr + r)
-        delta_next = gl.load(delta_ptr + r)
-        lse_smem.index(st).store(lse)
-        delta_smem.index(st).store(delta)
-        mbarrier.arrive(bar, count=1)
-        lse = lse_next
-        delta = delta_next
-
-
-@gluon.jit
 def _bwd_loader(
     q_desc,
     do_desc,
@@ -1069,32 +1006,33 @@ def _bwd_loader(
     STAGES: gl.constexpr,
     DESCEND: gl.constexpr,
 ):
-    """The dK/dV loader of a one-item program."""
-    _bwd_load_visits(
-        0,
-        q_desc,
-        do_desc,
-        lse_ptr,
-        delta_ptr,
-        q_smem,
-        do_smem,
-        lse_smem,
-        delta_smem,
-        full,
-        empty,
-        g,
-        H,
-        row0,
-        t1,
-        n_first,
-        t2,
-        n_visit,
-        G,
-        TL,
-        D,
-        STAGES,
-        DESCEND,
-    )
+    """The dK/dV loader: streams the program's (query tile, head) visits into the ring, Q and dO tiles with TMA,
+    and the tile's LSE and delta (strided by the head count in memory, so not TMA-able) loaded coalesced and stored
+    to shared memory; a buffer is full once the TMA bytes have landed and this warp has arrived after its stores."""
+    offs = gl.arange(0, TL, layout=gl.BlockedLayout([TL // 32], [32], [1], [0]))
+    # the vectors are loaded one visit ahead, so that their latency overlaps the wait for a free buffer (a program
+    # without visits, a tile pair past the sequence end, descends from query tile -1: clamped to stay in bounds)
+    r = (row0 + gl.maximum(_query_tile(0, t1, n_first, t2, G, DESCEND), 0) * TL + offs) * H + g * G
+    lse = gl.load(lse_ptr + r)
+    delta = gl.load(delta_ptr + r)
+    for i in range(n_visit):
+        st = i % STAGES
+        mbarrier.wait(empty.index(st), ((i // STAGES) & 1) ^ 1)  # a fresh barrier passes parity 1 at once
+        row = row0 + _query_tile(i, t1, n_first, t2, G, DESCEND) * TL
+        h = g * G + i % G
+        bar = full.index(st)
+        mbarrier.expect(bar, q_desc.block_type.nbytes + do_desc.block_type.nbytes)
+        _tma_load(q_desc, [row, h * D], bar, q_smem.index(st))
+        _tma_load(do_desc, [row, h * D], bar, do_smem.index(st))
+        j = gl.minimum(i + 1, n_visit - 1)
+        r = (row0 + _query_tile(j, t1, n_first, t2, G, DESCEND) * TL + offs) * H + g * G + j % G
+        lse_next = gl.load(lse_ptr + r)
+        delta_next = gl.load(delta_ptr + r)
+        lse_smem.index(st).store(lse)
+        delta_smem.index(st).store(delta)
+        mbarrier.arrive(bar, count=1)
+        lse = lse_next
+        delta = delta_next
 
 
 @gluon.jit
@@ -1157,284 +1095,6 @@ def _dkdv_item(
 
 
 @gluon.jit
-def _consumer_item(
-    WHICH: gl.constexpr,
-    p,
-    SH,
-    NP,
-    LEAD,
-    HKV,
-    T,
-    PATTERN: gl.constexpr,
-    SINK: gl.constexpr,
-    WINDOW: gl.constexpr,
-    PB: gl.constexpr,
-    LOCAL: gl.constexpr,
-    STRIDE: gl.constexpr,
-    STEP: gl.constexpr,
-    DENSE_FROM: gl.constexpr,
-    G: gl.constexpr,
-    BY_KIND: gl.constexpr,
-    TL: gl.constexpr,
-    DESCEND: gl.constexpr,
-):
-    """Consumer WHICH's share of work item p (`_dkdv_item`): (g, row0, key tile, strided flag, v0, v1, t1, n_first,
-    t2, n_visit)."""
-    g, row0, a, far_a, v0_a, v1_a, b, far_b, v0_b, v1_b, t1, n_first, t2, n_visit = _dkdv_item(
-        p, SH, NP, LEAD, HKV, T, PATTERN, SINK, WINDOW, PB, LOCAL, STRIDE, STEP, DENSE_FROM, G, BY_KIND, TL, DESCEND
-    )
-    if WHICH == 0:
-        kt, far, v0, v1 = a, far_a, v0_a, v1_a
-    else:
-        kt, far, v0, v1 = b, far_b, v0_b, v1_b
-    return g, row0, kt, far, v0, v1, t1, n_first, t2, n_visit
-
-
-@gluon.jit
-def _bwd_consume_items(
-    WHICH: gl.constexpr,
-    k_desc,
-    v_desc,
-    dk_desc,
-    dv_desc,
-    q_smem,
-    do_smem,
-    lse_smem,
-    delta_smem,
-    k_smem,
-    v_smem,
-    full,
-    empty,
-    kv_bars,
-    qk_scale,
-    sm_scale,
-    p0,
-    p1,
-    SH,
-    NP,
-    LEAD,
-    HKV,
-    T,
-    PATTERN: gl.constexpr,
-    SINK: gl.constexpr,
-    WINDOW: gl.constexpr,
-    PB: gl.constexpr,
-    LOCAL: gl.constexpr,
-    STRIDE: gl.constexpr,
-    STEP: gl.constexpr,
-    DENSE_FROM: gl.constexpr,
-    G: gl.constexpr,
-    BY_KIND: gl.constexpr,
-    TL: gl.constexpr,
-    D: gl.constexpr,
-    STAGES: gl.constexpr,
-    DESCEND: gl.constexpr,
-    MASK_SPLIT: gl.constexpr,
-):
-    """One consumer warpgroup of a program taking work items [p0, p1) one after another (`BWD_ITEMS`). Its K / V
-    have two buffers (2 * WHICH + slot): item j's tile is loaded into slot j % 2 while item j - 1 runs, and its
-    dK / dV are staged in that slot after its last product and TMA-stored without waiting (the wait comes before
-    the slot is loaded again, an item later); the ring's position runs on across items, so the loader streams the
-    next item's Q / dO while this one finishes."""
-    g, row0, kt, _, v0, v1, _, _, _, _ = _consumer_item(
-        WHICH,
-        p0,
-        SH,
-        NP,
-        LEAD,
-        HKV,
-        T,
-        PATTERN,
-        SINK,
-        WINDOW,
-        PB,
-        LOCAL,
-        STRIDE,
-        STEP,
-        DENSE_FROM,
-        G,
-        BY_KIND,
-        TL,
-        DESCEND,
-    )
-    kvb = kv_bars.index(2 * WHICH)
-    mbarrier.expect(kvb, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
-    kt = gl.where(v0 < v1, kt, 0)  # no tile of this consumer: any tile keeps the slot's phases in step
-    _tma_load(k_desc, [row0 + kt * TL, g * D], kvb, k_smem.index(2 * WHICH))
-    _tma_load(v_desc, [row0 + kt * TL, g * D], kvb, v_smem.index(2 * WHICH))
-    c = p0 * 0  # visits streamed so far: the ring's position
-    for p in range(p0, p1):
-        j = p - p0
-        slot = 2 * WHICH + j % 2
-        other = 2 * WHICH + (j + 1) % 2
-        if p + 1 < p1:  # the next item's K / V go into the other slot once item j - 1's dK / dV have left it
-            gn, rn, ktn, _, v0n, v1n, _, _, _, _ = _consumer_item(
-                WHICH,
-                p + 1,
-                SH,
-                NP,
-                LEAD,
-                HKV,
-                T,
-                PATTERN,
-                SINK,
-                WINDOW,
-                PB,
-                LOCAL,
-                STRIDE,
-                STEP,
-                DENSE_FROM,
-                G,
-                BY_KIND,
-                TL,
-                DESCEND,
-            )
-            tma.store_wait(pendings=0)
-            kvn = kv_bars.index(other)
-            mbarrier.expect(kvn, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
-            ktn = gl.where(v0n < v1n, ktn, 0)
-            _tma_load(k_desc, [rn + ktn * TL, gn * D], kvn, k_smem.index(other))
-            _tma_load(v_desc, [rn + ktn * TL, gn * D], kvn, v_smem.index(other))
-        g, row0, kt, far, v0, v1, t1, n_first, t2, n_visit = _consumer_item(
-            WHICH,
-            p,
-            SH,
-            NP,
-            LEAD,
-            HKV,
-            T,
-            PATTERN,
-            SINK,
-            WINDOW,
-            PB,
-            LOCAL,
-            STRIDE,
-            STEP,
-            DENSE_FROM,
-            G,
-            BY_KIND,
-            TL,
-            DESCEND,
-        )
-        k0 = kt * TL
-        ks = k_smem.index(slot)
-        vs = v_smem.index(slot)
-        kvb = kv_bars.index(slot)
-        mbarrier.wait(kvb, (j // 2) & 1)  # every load is waited for, so each slot's phases stay in step
-        _pass_visits(full, empty, c, c + v0, STAGES)
-        dk, dv = _bwd_visits(
-            c,
-            ks,
-            vs,
-            kvb,
-            (j // 2) & 1,
-            q_smem,
-            do_smem,
-            lse_smem,
-            delta_smem,
-            full,
-            empty,
-            qk_scale,
-            g,
-            k0,
-            far,
-            v0,
-            v1,
-            t1,
-            n_first,
-            t2,
-            PATTERN,
-            SINK,
-            WINDOW,
-            PB,
-            LOCAL,
-            STRIDE,
-            STEP,
-            DENSE_FROM,
-            G,
-            TL,
-            D,
-            STAGES,
-            DESCEND,
-            MASK_SPLIT,
-        )
-        _pass_visits(full, empty, c + v1, c + n_visit, STAGES)
-        if v0 < v1:
-            _store_dkdv(dk, dv, sm_scale, ks, vs, dk_desc, dv_desc, row0 + k0, g * D)
-        c += n_visit
-    tma.store_wait(pendings=0)
-
-
-@gluon.jit
-def _bwd_loader_items(
-    q_desc,
-    do_desc,
-    lse_ptr,
-    delta_ptr,
-    q_smem,
-    do_smem,
-    lse_smem,
-    delta_smem,
-    full,
-    empty,
-    p0,
-    p1,
-    SH,
-    NP,
-    LEAD,
-    HKV,
-    T,
-    H,
-    PATTERN: gl.constexpr,
-    SINK: gl.constexpr,
-    WINDOW: gl.constexpr,
-    PB: gl.constexpr,
-    LOCAL: gl.constexpr,
-    STRIDE: gl.constexpr,
-    STEP: gl.constexpr,
-    DENSE_FROM: gl.constexpr,
-    G: gl.constexpr,
-    BY_KIND: gl.constexpr,
-    TL: gl.constexpr,
-    D: gl.constexpr,
-    STAGES: gl.constexpr,
-    DESCEND: gl.constexpr,
-):
-    """The dK/dV loader of a program taking work items [p0, p1): their visits one item after another."""
-    c = p0 * 0
-    for p in range(p0, p1):
-        g, row0, _, _, _, _, _, _, _, _, t1, n_first, t2, n_visit = _dkdv_item(
-            p, SH, NP, LEAD, HKV, T, PATTERN, SINK, WINDOW, PB, LOCAL, STRIDE, STEP, DENSE_FROM, G, BY_KIND, TL, DESCEND
-        )
-        _bwd_load_visits(
-            c,
-            q_desc,
-            do_desc,
-            lse_ptr,
-            delta_ptr,
-            q_smem,
-            do_smem,
-            lse_smem,
-            delta_smem,
-            full,
-            empty,
-            g,
-            H,
-            row0,
-            t1,
-            n_first,
-            t2,
-            n_visit,
-            G,
-            TL,
-            D,
-            STAGES,
-            DESCEND,
-        )
-        c += n_visit
-
-
-@gluon.jit
 def _dkdv_ws_kernel(
     q_desc,
     do_desc,
@@ -1466,309 +1126,171 @@ def _dkdv_ws_kernel(
     D: gl.constexpr,
     STAGES: gl.constexpr,
     DESCEND: gl.constexpr,
-    ITEMS: gl.constexpr,
     MASK_SPLIT: gl.constexpr,
     num_warps: gl.constexpr,
 ):
-    # ITEMS == 1: one work item (`_dkdv_item`) per program; else consecutive launch indices [pid * ITEMS, + ITEMS)
-    # per program (`_bwd_consume_items`)
-    if ITEMS == 1:
-        g, row0, a, far_a, v0_a, v1_a, b, far_b, v0_b, v1_b, t1, n_first, t2, n_visit = _dkdv_item(
-            gl.program_id(0),
-            SH,
-            NP,
-            LEAD,
-            HKV,
-            T,
-            PATTERN,
-            SINK,
-            WINDOW,
-            PB,
-            LOCAL,
-            STRIDE,
-            STEP,
-            DENSE_FROM,
-            G,
-            BY_KIND,
-            TL,
-            DESCEND,
-        )
+    g, row0, a, far_a, v0_a, v1_a, b, far_b, v0_b, v1_b, t1, n_first, t2, n_visit = _dkdv_item(
+        gl.program_id(0),
+        SH,
+        NP,
+        LEAD,
+        HKV,
+        T,
+        PATTERN,
+        SINK,
+        WINDOW,
+        PB,
+        LOCAL,
+        STRIDE,
+        STEP,
+        DENSE_FROM,
+        G,
+        BY_KIND,
+        TL,
+        DESCEND,
+    )
     q_smem = gl.allocate_shared_memory(q_desc.dtype, [STAGES, TL, D], q_desc.layout)
     do_smem = gl.allocate_shared_memory(do_desc.dtype, [STAGES, TL, D], do_desc.layout)
-    KV_BUFS: gl.constexpr = 2 if ITEMS == 1 else 4  # per consumer one K / V tile, or two (`_bwd_consume_items`)
-    k_smem = gl.allocate_shared_memory(k_desc.dtype, [KV_BUFS, TL, D], k_desc.layout)
-    v_smem = gl.allocate_shared_memory(v_desc.dtype, [KV_BUFS, TL, D], v_desc.layout)
+    k_smem = gl.allocate_shared_memory(k_desc.dtype, [2, TL, D], k_desc.layout)  # one K / V tile per consumer
+    v_smem = gl.allocate_shared_memory(v_desc.dtype, [2, TL, D], v_desc.layout)
     full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    kv_bars = gl.allocate_shared_memory(gl.int64, [KV_BUFS, 1], mbarrier.MBarrierLayout())
+    kv_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     vec_layout: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0])
     lse_smem = gl.allocate_shared_memory(gl.float32, [STAGES, TL], vec_layout)
     delta_smem = gl.allocate_shared_memory(gl.float32, [STAGES, TL], vec_layout)
     for si in gl.static_range(STAGES):
         mbarrier.init(full.index(si), count=2)  # the TMA transaction and the loader's LSE / delta stores
         mbarrier.init(empty.index(si), count=2)
-    for bi in gl.static_range(KV_BUFS):
+    for bi in gl.static_range(2):
         mbarrier.init(kv_bars.index(bi), count=1)
-    if ITEMS == 1:
-        gl.warp_specialize(
-            [
+    gl.warp_specialize(
+        [
+            (
+                _bwd_consume,
                 (
-                    _bwd_consume,
-                    (
-                        0,
-                        q_desc,
-                        k_desc,
-                        v_desc,
-                        dk_desc,
-                        dv_desc,
-                        q_smem,
-                        do_smem,
-                        lse_smem,
-                        delta_smem,
-                        k_smem,
-                        v_smem,
-                        full,
-                        empty,
-                        kv_bars,
-                        qk_scale,
-                        sm_scale,
-                        g,
-                        H,
-                        row0,
-                        a,
-                        far_a,
-                        v0_a,
-                        v1_a,
-                        t1,
-                        n_first,
-                        t2,
-                        n_visit,
-                        PATTERN,
-                        SINK,
-                        WINDOW,
-                        PB,
-                        LOCAL,
-                        STRIDE,
-                        STEP,
-                        DENSE_FROM,
-                        G,
-                        TL,
-                        D,
-                        STAGES,
-                        DESCEND,
-                        MASK_SPLIT,
-                    ),
+                    0,
+                    q_desc,
+                    k_desc,
+                    v_desc,
+                    dk_desc,
+                    dv_desc,
+                    q_smem,
+                    do_smem,
+                    lse_smem,
+                    delta_smem,
+                    k_smem,
+                    v_smem,
+                    full,
+                    empty,
+                    kv_bars,
+                    qk_scale,
+                    sm_scale,
+                    g,
+                    H,
+                    row0,
+                    a,
+                    far_a,
+                    v0_a,
+                    v1_a,
+                    t1,
+                    n_first,
+                    t2,
+                    n_visit,
+                    PATTERN,
+                    SINK,
+                    WINDOW,
+                    PB,
+                    LOCAL,
+                    STRIDE,
+                    STEP,
+                    DENSE_FROM,
+                    G,
+                    TL,
+                    D,
+                    STAGES,
+                    DESCEND,
+                    MASK_SPLIT,
                 ),
+            ),
+            (
+                _bwd_consume,
                 (
-                    _bwd_consume,
-                    (
-                        1,
-                        q_desc,
-                        k_desc,
-                        v_desc,
-                        dk_desc,
-                        dv_desc,
-                        q_smem,
-                        do_smem,
-                        lse_smem,
-                        delta_smem,
-                        k_smem,
-                        v_smem,
-                        full,
-                        empty,
-                        kv_bars,
-                        qk_scale,
-                        sm_scale,
-                        g,
-                        H,
-                        row0,
-                        b,
-                        far_b,
-                        v0_b,
-                        v1_b,
-                        t1,
-                        n_first,
-                        t2,
-                        n_visit,
-                        PATTERN,
-                        SINK,
-                        WINDOW,
-                        PB,
-                        LOCAL,
-                        STRIDE,
-                        STEP,
-                        DENSE_FROM,
-                        G,
-                        TL,
-                        D,
-                        STAGES,
-                        DESCEND,
-                        MASK_SPLIT,
-                    ),
+                    1,
+                    q_desc,
+                    k_desc,
+                    v_desc,
+                    dk_desc,
+                    dv_desc,
+                    q_smem,
+                    do_smem,
+                    lse_smem,
+                    delta_smem,
+                    k_smem,
+                    v_smem,
+                    full,
+                    empty,
+                    kv_bars,
+                    qk_scale,
+                    sm_scale,
+                    g,
+                    H,
+                    row0,
+                    b,
+                    far_b,
+                    v0_b,
+                    v1_b,
+                    t1,
+                    n_first,
+                    t2,
+                    n_visit,
+                    PATTERN,
+                    SINK,
+                    WINDOW,
+                    PB,
+                    LOCAL,
+                    STRIDE,
+                    STEP,
+                    DENSE_FROM,
+                    G,
+                    TL,
+                    D,
+                    STAGES,
+                    DESCEND,
+                    MASK_SPLIT,
                 ),
+            ),
+            (
+                _bwd_loader,
                 (
-                    _bwd_loader,
-                    (
-                        q_desc,
-                        do_desc,
-                        lse_ptr,
-                        delta_ptr,
-                        q_smem,
-                        do_smem,
-                        lse_smem,
-                        delta_smem,
-                        full,
-                        empty,
-                        g,
-                        H,
-                        row0,
-                        t1,
-                        n_first,
-                        t2,
-                        n_visit,
-                        G,
-                        TL,
-                        D,
-                        STAGES,
-                        DESCEND,
-                    ),
+                    q_desc,
+                    do_desc,
+                    lse_ptr,
+                    delta_ptr,
+                    q_smem,
+                    do_smem,
+                    lse_smem,
+                    delta_smem,
+                    full,
+                    empty,
+                    g,
+                    H,
+                    row0,
+                    t1,
+                    n_first,
+                    t2,
+                    n_visit,
+                    G,
+                    TL,
+                    D,
+                    STAGES,
+                    DESCEND,
                 ),
-            ],
-            [4, 1],
-            [240, 24],
-        )
-    else:
-        p0 = gl.program_id(0) * ITEMS
-        p1 = gl.minimum(p0 + ITEMS, SH * NP)
-        gl.warp_specialize(
-            [
-                (
-                    _bwd_consume_items,
-                    (
-                        0,
-                        k_desc,
-                        v_desc,
-                        dk_desc,
-                        dv_desc,
-                        q_smem,
-                        do_smem,
-                        lse_smem,
-                        delta_smem,
-                        k_smem,
-                        v_smem,
-                        full,
-                        empty,
-                        kv_bars,
-                        qk_scale,
-                        sm_scale,
-                        p0,
-                        p1,
-                        SH,
-                        NP,
-                        LEAD,
-                        HKV,
-                        T,
-                        PATTERN,
-                        SINK,
-                        WINDOW,
-                        PB,
-                        LOCAL,
-                        STRIDE,
-                        STEP,
-                        DENSE_FROM,
-                        G,
-                        BY_KIND,
-                        TL,
-                        D,
-                        STAGES,
-                        DESCEND,
-                        MASK_SPLIT,
-                    ),
-                ),
-                (
-                    _bwd_consume_items,
-                    (
-                        1,
-                        k_desc,
-                        v_desc,
-                        dk_desc,
-                        dv_desc,
-                        q_smem,
-                        do_smem,
-                        lse_smem,
-                        delta_smem,
-                        k_smem,
-                        v_smem,
-                        full,
-                        empty,
-                        kv_bars,
-                        qk_scale,
-                        sm_scale,
-                        p0,
-                        p1,
-                        SH,
-                        NP,
-                        LEAD,
-                        HKV,
-                        T,
-                        PATTERN,
-                        SINK,
-                        WINDOW,
-                        PB,
-                        LOCAL,
-                        STRIDE,
-                        STEP,
-                        DENSE_FROM,
-                        G,
-                        BY_KIND,
-                        TL,
-                        D,
-                        STAGES,
-                        DESCEND,
-                        MASK_SPLIT,
-                    ),
-                ),
-                (
-                    _bwd_loader_items,
-                    (
-                        q_desc,
-                        do_desc,
-                        lse_ptr,
-                        delta_ptr,
-                        q_smem,
-                        do_smem,
-                        lse_smem,
-                        delta_smem,
-                        full,
-                        empty,
-                        p0,
-                        p1,
-                        SH,
-                        NP,
-                        LEAD,
-                        HKV,
-                        T,
-                        H,
-                        PATTERN,
-                        SINK,
-                        WINDOW,
-                        PB,
-                        LOCAL,
-                        STRIDE,
-                        STEP,
-                        DENSE_FROM,
-                        G,
-                        BY_KIND,
-                        TL,
-                        D,
-                        STAGES,
-                        DESCEND,
-                    ),
-                ),
-            ],
-            [4, 1],
-            [240, 24],
-        )
+            ),
+        ],
+        [4, 1],
+        [240, 24],
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -2140,18 +1662,10 @@ def dkdv_lead_pairs(group: int, kind: int, cx: dict, n_tiles: int, n_pairs: int)
     return min(n_pairs, _long_pairs(cx, n_tiles)) if dkdv_pairs_first(group, kind) else n_pairs
 
 
-def dkdv_items() -> int:
-    """Work items (key-tile pairs, consecutive launch indices) per dK/dV program: `BWD_ITEMS` (1: one program per
-    item; more: `_bwd_consume_items`, prepared in session 11 for the per-program cost at G = 1, not yet timed)."""
-    if not isinstance(BWD_ITEMS, int) or BWD_ITEMS < 1:
-        raise ValueError(f"gluon_attention.BWD_ITEMS must be an integer >= 1, got {BWD_ITEMS!r}")
-    return BWD_ITEMS
-
-
 def dkdv_tuning(group: int, kind: int) -> dict:
     """The dK/dV kernel's tuning constexprs for G query heads per KV head and a pattern kind, as launched (and
     compiled by benchmarks/gluon_resources.py)."""
-    return dict(STAGES=BWD_STAGES, DESCEND=dkdv_descends(group, kind), ITEMS=dkdv_items())
+    return dict(STAGES=BWD_STAGES, DESCEND=dkdv_descends(group, kind))
 
 
 def fwd_persistent(kind: int) -> bool:
@@ -2351,8 +1865,7 @@ def dkdv(
     extra = cx["PB"] // BWD_TILE if by_kind else 0
     n_pairs = (n_tiles + 1) // 2 + extra
     sh = plan.n_seqs * hkv
-    items = dkdv_items()
-    _dkdv_ws_kernel[(-(-sh * n_pairs // items),)](
+    _dkdv_ws_kernel[(sh * n_pairs,)](
         _desc(q, BWD_TILE),
         _desc(do, BWD_TILE),
         _desc(k, BWD_TILE),
