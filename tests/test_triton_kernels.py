@@ -323,6 +323,25 @@ def test_dq_tiles_clamp_to_blocksparse_blocks_and_keep_the_ring_bytes(monkeypatc
     assert ga.dq_tiles(K_BLOCK_SPARSE, 256) == (128, 2)
 
 
+def test_forward_tiles_clamp_to_blocksparse_blocks(monkeypatch):
+    """The forward's key tile: FWD_BLOCK_N (128, 3 stages; 64-key tiles take 4), never wider than a BlockSparse
+    block; FWD_STAGES overrides the stages; anything else is refused with the allowed values."""
+    from longgen.kernels import gluon_attention as ga
+    from longgen.kernels.triton_attention import K_BLOCK_SPARSE, K_FULL, K_SINK_WINDOW
+
+    assert ga.forward_tiles(K_FULL, 1) == ga.forward_tiles(K_SINK_WINDOW, 1) == (128, 3)
+    assert ga.forward_tiles(K_BLOCK_SPARSE, 64) == (64, 4) and ga.forward_tiles(K_BLOCK_SPARSE, 256) == (128, 3)
+    monkeypatch.setattr(ga, "FWD_BLOCK_N", 64)
+    assert ga.forward_tiles(K_SINK_WINDOW, 1) == ga.forward_tiles(K_BLOCK_SPARSE, 256) == (64, 4)
+    monkeypatch.setattr(ga, "FWD_STAGES", 6)
+    assert ga.forward_tiles(K_FULL, 1) == (64, 6)
+    for name, bad in (("FWD_BLOCK_N", 32), ("FWD_STAGES", -1)):
+        monkeypatch.setattr(ga, name, bad)
+        with pytest.raises(ValueError, match="FWD_BLOCK_N must be 64 or 128 and FWD_STAGES an integer >= 0"):
+            ga.forward_tiles(K_FULL, 1)
+        monkeypatch.setattr(ga, name, {"FWD_BLOCK_N": 64, "FWD_STAGES": 6}[name])
+
+
 @pytest.mark.parametrize("flag", ["off", "all", "fwd,", "fwd,fwd", "dk"])
 def test_hopper_kernels_switch_rejects_unknown_values(flag, monkeypatch):
     from longgen.kernels import gluon_attention

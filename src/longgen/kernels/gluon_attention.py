@@ -70,6 +70,8 @@ BWD_PAIRS_FIRST = -1  # dK/dV launch: -1 by the measured rule (`dkdv_pairs_first
 FWD_PERSISTENT = -1  # forward launch: -1 by the rule (`fwd_persistent`), 0 one program per 128 query rows, 1 per SM
 MASK_SPLIT = -1  # edge tiles: -1 by the rule (`mask_split`), 0 the full rule, 1 only what they can break (all kernels)
 PERSISTENT_PROGRAMS = 0  # programs of a persistent launch: 0 one per SM (tests use a few: many work items each)
+FWD_BLOCK_N = 128  # forward: keys per streamed K / V tile, 64 or 128 (never wider than a BlockSparse block)
+FWD_STAGES = 0  # forward ring stages: 0 by the tile (3 of 128 keys, 4 of 64), else this many
 DQ_BLOCK_N = 64  # dQ kernel: keys per streamed K / V tile (64 query rows per consumer, as in the forward)
 DQ_STAGES = 4  # (DQ_BLOCK_N 128 with 2 stages, the same ring bytes: within 1%, session 10, docs/kernels/attention.md)
 HEAD_DIMS = (64, 128)
@@ -1753,10 +1755,16 @@ def _pattern_args(plan: _Plan) -> dict[str, int]:
 
 
 def forward_tiles(kind: int, block_size: int) -> tuple[int, int]:
-    """(keys per K/V tile, ring stages) of the forward: 128-key tiles, or the pattern block (64) for BlockSparse
-    (a key tile never straddles two blocks), with one stage more for the smaller tiles."""
-    bn = 128 if kind != K_BLOCK_SPARSE else min(128, block_size)
-    return bn, 3 if bn == 128 else 4
+    """(keys per K/V tile, ring stages) of the forward: FWD_BLOCK_N-key tiles (128), clamped to the pattern block
+    for BlockSparse (a key tile never straddles two blocks), with one stage more for 64-key tiles (FWD_STAGES
+    overrides)."""
+    if FWD_BLOCK_N not in (64, 128) or not isinstance(FWD_STAGES, int) or FWD_STAGES < 0:
+        raise ValueError(
+            f"gluon_attention.FWD_BLOCK_N must be 64 or 128 and FWD_STAGES an integer >= 0 (0: by the tile), got "
+            f"{FWD_BLOCK_N!r} / {FWD_STAGES!r}"
+        )
+    bn = FWD_BLOCK_N if kind != K_BLOCK_SPARSE else min(FWD_BLOCK_N, block_size)
+    return bn, FWD_STAGES or (3 if bn == 128 else 4)
 
 
 def dq_tiles(kind: int, block_size: int) -> tuple[int, int]:
