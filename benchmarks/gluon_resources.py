@@ -79,7 +79,6 @@ def compile_case(kernel: str, pattern: str, d: int, G: int):
     if kernel == "dq":
         bn, stages = ga.dq_tiles(cx["PATTERN"], cx["PB"])
         cx |= dict(HAS_DLSE=False, BM=ga.ROWS, BN=bn, STAGES=stages, MASK_SPLIT=ga.mask_split("dq"))
-        cx |= dict(DELTA_LATE=ga.dq_delta_late())
         descs = dict.fromkeys(("q_desc", "do_desc", "dq_desc"), (ga.ROWS, d)) | dict.fromkeys(
             ("k_desc", "v_desc"), (bn, d)
         )

@@ -255,12 +255,6 @@ def test_launch_rules_and_overrides(monkeypatch):
         with pytest.raises(ValueError, match=f"{name} must be -1"):
             check(K_FULL)
         monkeypatch.setattr(ga, name, -1)
-    assert not ga.dq_delta_late()  # dQ's delta before its loop unless DQ_DELTA_LATE = 1
-    monkeypatch.setattr(ga, "DQ_DELTA_LATE", 1)
-    assert ga.dq_delta_late()
-    monkeypatch.setattr(ga, "DQ_DELTA_LATE", -1)
-    with pytest.raises(ValueError, match="DQ_DELTA_LATE must be 0 or 1, got -1"):
-        ga.dq_delta_late()
 
 
 def test_persistent_forward_takes_at_most_one_program_per_sm(monkeypatch):

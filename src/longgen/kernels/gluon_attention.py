@@ -73,7 +73,6 @@ PERSISTENT_PROGRAMS = 0  # programs of a persistent launch: 0 one per SM (tests 
 FWD_BLOCK_N = 128  # forward: keys per streamed K / V tile, 64 or 128 (never wider than a BlockSparse block)
 FWD_STAGES = 0  # forward ring stages: 0 by the tile (3 of 128 keys, 4 of 64), else this many
 DQ_BLOCK_N = 64  # dQ kernel: keys per streamed K / V tile (64 query rows per consumer, as in the forward)
-DQ_DELTA_LATE = 0  # dQ: 1 computes delta after issuing the first tile's products (their latency hides its loads)
 DQ_STAGES = 4  # (DQ_BLOCK_N 128 with 2 stages, the same ring bytes: within 1%, session 10, docs/kernels/attention.md)
 HEAD_DIMS = (64, 128)
 GL_SINK_WINDOW = gl.constexpr(K_SINK_WINDOW)
@@ -1299,40 +1298,6 @@ def _dkdv_ws_kernel(
 # ---------------------------------------------------------------------------------------------------------------
 # backward: dQ (and delta = rowsum(o * do) for the dK/dV kernel); query rows per program as in the forward
 @gluon.jit
-def _dq_delta(
-    o_ptr,
-    do_ptr,
-    dlse_ptr,
-    delta_ptr,
-    row0,
-    q_col,
-    h,
-    H,
-    BM: gl.constexpr,
-    D: gl.constexpr,
-    HAS_DLSE: gl.constexpr,
-    CHUNK: gl.constexpr,
-    row_l: gl.constexpr,
-):
-    """delta = rowsum(o * do) (minus the LSE gradient) of a consumer's BM rows from global memory, CHUNK columns at a
-    time (fewer live registers when the products are in flight); written for the dK/dV kernel and returned in the
-    score rows' layout."""
-    TC: gl.constexpr = 8 if CHUNK >= 64 else CHUNK // 8  # threads along a row, 8 columns (16 bytes) each
-    io_l: gl.constexpr = gl.BlockedLayout([1, 8], [32 // TC, TC], [4, 1], [1, 0])  # coalesced 16-byte loads
-    r_io = row0 + gl.arange(0, BM, layout=gl.SliceLayout(1, io_l))
-    offs = gl.expand_dims(r_io * (H * D) + q_col, 1) + gl.expand_dims(
-        gl.arange(0, CHUNK, layout=gl.SliceLayout(0, io_l)), 0
-    )
-    delta = gl.sum(gl.load(o_ptr + offs).to(gl.float32) * gl.load(do_ptr + offs).to(gl.float32), axis=1)
-    for c in gl.static_range(CHUNK, D, CHUNK):
-        delta += gl.sum(gl.load(o_ptr + offs + c).to(gl.float32) * gl.load(do_ptr + offs + c).to(gl.float32), axis=1)
-    if HAS_DLSE:  # d lse / d score = p: a gradient on the returned LSE shifts delta
-        delta -= gl.load(dlse_ptr + r_io * H + h)
-    gl.store(delta_ptr + r_io * H + h, delta)
-    return gl.convert_layout(delta, row_l)
-
-
-@gluon.jit
 def _dq_consume(
     WHICH: gl.constexpr,
     q_desc,
@@ -1376,17 +1341,17 @@ def _dq_consume(
     D: gl.constexpr,
     STAGES: gl.constexpr,
     MASK_SPLIT: gl.constexpr,
-    DELTA_LATE: gl.constexpr,
 ):
     """One consumer warpgroup: dQ of query rows [m0 + WHICH * BM, + BM) over every visited key tile. Per tile
     S = Q K^T and dP = dO V^T are issued together, P = exp2(S - lse) once S is in, dS = P (dP - delta), and
     dQ += dS K with dS as a register operand; the tile's buffers go back to the loader once it is done. (Keeping
     dQ in flight into the next tile, as the dK/dV kernel does with dK and dV, makes ptxas serialise this kernel's
-    wgmma chain: benchmarks/gluon_resources.py.) First computes delta (minus the LSE gradient) of its rows and
-    writes it for the dK/dV kernel: before the loop, or (DELTA_LATE) once the first tile's products are issued."""
+    wgmma chain: benchmarks/gluon_resources.py.) First computes delta (minus the LSE gradient) of its rows
+    and writes it for the dK/dV kernel."""
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BN, 16])
     acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, D, 16])
     row_l: gl.constexpr = gl.SliceLayout(1, s_layout)
+    io_l: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])  # coalesced 16-byte loads of a tile
     op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
     dt: gl.constexpr = q_desc.dtype
     row0 = q_row + WHICH * BM  # first flattened row of this warpgroup
@@ -1397,10 +1362,15 @@ def _dq_consume(
     mbarrier.expect(qb, q_desc.block_type.nbytes + do_desc.block_type.nbytes)
     _tma_load(q_desc, [row0, q_col], qb, qs)
     _tma_load(do_desc, [row0, q_col], qb, dos)
-    if DELTA_LATE:  # computed once the first tile's products are issued (their latency hides the loads)
-        delta = gl.zeros([BM], gl.float32, row_l)
-    else:
-        delta = _dq_delta(o_ptr, do_ptr, dlse_ptr, delta_ptr, row0, q_col, h, H, BM, D, HAS_DLSE, D, row_l)
+    r_io = row0 + gl.arange(0, BM, layout=gl.SliceLayout(1, io_l))
+    offs = gl.expand_dims(r_io * (H * D) + q_col, 1) + gl.expand_dims(
+        gl.arange(0, D, layout=gl.SliceLayout(0, io_l)), 0
+    )
+    delta = gl.sum(gl.load(o_ptr + offs).to(gl.float32) * gl.load(do_ptr + offs).to(gl.float32), axis=1)
+    if HAS_DLSE:  # d lse / d score = p: a gradient on the returned LSE shifts delta
+        delta -= gl.load(dlse_ptr + r_io * H + h)
+    gl.store(delta_ptr + r_io * H + h, delta)
+    delta = gl.convert_layout(delta, row_l)
     offs_r = gl.arange(0, BM, layout=row_l)
     lse = gl.load(lse_ptr + (row0 + offs_r) * H + h)
     rows = mc + offs_r
@@ -1413,9 +1383,6 @@ def _dq_consume(
         mbarrier.wait(full.index(st), (i // STAGES) & 1)
         s_tok = warpgroup_mma(qs, k_smem.index(st).permute((1, 0)), zero_s, use_acc=False, is_async=True)
         dp_tok = warpgroup_mma(dos, v_smem.index(st).permute((1, 0)), zero_s, use_acc=False, is_async=True)
-        if DELTA_LATE:  # noqa: SIM102 (a compile-time branch around a run-time one)
-            if i == 0:
-                delta = _dq_delta(o_ptr, do_ptr, dlse_ptr, delta_ptr, row0, q_col, h, H, BM, D, HAS_DLSE, 32, row_l)
         s = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok,))
         k0 = _tile_of(i, g, n_far, lo, PATTERN, PB, STRIDE, STEP, BN) * BN
         if _needs_mask(i < n_far, k0, g, mc, BM, PATTERN, SINK, WINDOW, PB, LOCAL, DENSE_FROM, BN):
@@ -1431,9 +1398,6 @@ def _dq_consume(
         dq_tok = warpgroup_mma(ds_op, k_smem.index(st), dq, is_async=True)
         dq, ds_op = warpgroup_mma_wait(num_outstanding=0, deps=(dq_tok, ds_op))
         mbarrier.arrive(empty.index(st), count=1)
-    if DELTA_LATE:  # noqa: SIM102 (a compile-time branch around a run-time one)
-        if n_visit == 0:  # rows without a visited tile still give the dK/dV kernel their delta
-            _dq_delta(o_ptr, do_ptr, dlse_ptr, delta_ptr, row0, q_col, h, H, BM, D, HAS_DLSE, 32, row_l)
     qs.store((dq * sm_scale).to(dq_desc.dtype))  # Q is no longer needed: its buffer stages dQ
     fence_async_shared()
     _tma_store(dq_desc, [row0, q_col], qs)
@@ -1471,7 +1435,6 @@ def _dq_ws_kernel(
     D: gl.constexpr,
     STAGES: gl.constexpr,
     MASK_SPLIT: gl.constexpr,
-    DELTA_LATE: gl.constexpr,
     num_warps: gl.constexpr,
 ):
     MR: gl.constexpr = 2 * BM
@@ -1545,7 +1508,6 @@ def _dq_ws_kernel(
                     D,
                     STAGES,
                     MASK_SPLIT,
-                    DELTA_LATE,
                 ),
             ),
             (
@@ -1593,7 +1555,6 @@ def _dq_ws_kernel(
                     D,
                     STAGES,
                     MASK_SPLIT,
-                    DELTA_LATE,
                 ),
             ),
             (
@@ -1707,14 +1668,6 @@ def dkdv_tuning(group: int, kind: int) -> dict:
     """The dK/dV kernel's tuning constexprs for G query heads per KV head and a pattern kind, as launched (and
     compiled by benchmarks/gluon_resources.py)."""
     return dict(STAGES=BWD_STAGES, DESCEND=dkdv_descends(group, kind))
-
-
-def dq_delta_late() -> bool:
-    """Whether the dQ kernel computes delta after issuing its first tile's products (`DQ_DELTA_LATE` 1) rather than
-    before its loop (0)."""
-    if DQ_DELTA_LATE not in (0, 1):
-        raise ValueError(f"gluon_attention.DQ_DELTA_LATE must be 0 or 1, got {DQ_DELTA_LATE!r}")
-    return bool(DQ_DELTA_LATE)
 
 
 def fwd_persistent(kind: int) -> bool:
@@ -1891,7 +1844,6 @@ def dq_delta(
         D=D,
         STAGES=stages,
         MASK_SPLIT=mask_split("dq"),
-        DELTA_LATE=dq_delta_late(),
         num_warps=4,
     )
 
