@@ -39,6 +39,39 @@ def _kernel_events(trace_path: str) -> list[tuple[float, float, str]]:
     return sorted(out)
 
 
+def call_gaps(events: list[tuple[float, float, str]], first_kernel: str = "fwd") -> dict:
+    """Per-call summary (medians, ms) of a sorted kernel timeline [(start_us, end_us, name)] of back-to-back calls,
+    each starting with the first kernel whose name contains `first_kernel` (kernels before the first call are left
+    out): kernel time, span, idle time inside a call, idle time between calls, and the idle time after each kernel."""
+    first = next((name for _, _, name in events if first_kernel in name), None)
+    if first is None:
+        raise ValueError(f"no kernel named like {first_kernel!r} in the profiled timeline")
+    calls: list[list[tuple[float, float, str]]] = []
+    for e in events:
+        if e[2] == first or not calls:
+            calls.append([])
+        calls[-1].append(e)
+    calls = [c for c in calls if c[0][2] == first]
+    gaps: dict[str, list[float]] = defaultdict(list)
+    spans, busy, between = [], [], []
+    for i, c in enumerate(calls):
+        spans.append((c[-1][1] - c[0][0]) / 1e3)
+        busy.append(sum(e1 - e0 for e0, e1, _ in c) / 1e3)
+        for (_, a1, an), (b0, _, _) in itertools.pairwise(c):
+            gaps[an[:60]].append(max(0.0, b0 - a1) / 1e3)
+        if i + 1 < len(calls):
+            between.append((calls[i + 1][0][0] - c[-1][1]) / 1e3)
+    return dict(
+        calls_profiled=len(calls),
+        kernels_per_call=statistics.median(len(c) for c in calls),
+        kernels_ms=statistics.median(busy),
+        span_ms=statistics.median(spans),
+        idle_ms=statistics.median(s - b for s, b in zip(spans, busy, strict=True)),
+        between_ms=statistics.median(between) if between else 0.0,
+        gaps_after_ms={name: statistics.median(g) for name, g in gaps.items()},
+    )
+
+
 def measure(pattern, T: int, hkv: int, iters: int, H: int = 32, d: int = 128) -> dict:
     from torch.profiler import ProfilerActivity, profile
     from triton.testing import do_bench
@@ -81,31 +114,7 @@ def measure(pattern, T: int, hkv: int, iters: int, H: int = 32, d: int = 128) ->
         path = os.path.join(tmp, "trace.json")
         prof.export_chrome_trace(path)
         ev = _kernel_events(path)
-    first = next(name for _, _, name in ev if "fwd" in name)  # a call starts with the forward kernel
-    calls: list[list[tuple[float, float, str]]] = []
-    for e in ev:
-        if e[2] == first or not calls:
-            calls.append([])
-        calls[-1].append(e)
-    calls = [c for c in calls if c[0][2] == first]
-    gaps: dict[str, list[float]] = defaultdict(list)
-    spans, busy, between = [], [], []
-    for i, c in enumerate(calls):
-        spans.append((c[-1][1] - c[0][0]) / 1e3)
-        busy.append(sum(e1 - e0 for e0, e1, _ in c) / 1e3)
-        for (_, a1, an), (b0, _, _) in itertools.pairwise(c):
-            gaps[an[:60]].append(max(0.0, b0 - a1) / 1e3)
-        if i + 1 < len(calls):
-            between.append((calls[i + 1][0][0] - c[-1][1]) / 1e3)
-    res.update(
-        calls_profiled=len(calls),
-        kernels_per_call=statistics.median(len(c) for c in calls),
-        kernels_ms=statistics.median(busy),
-        span_ms=statistics.median(spans),
-        idle_ms=statistics.median(s - b for s, b in zip(spans, busy, strict=True)),
-        between_ms=statistics.median(between) if between else 0.0,
-        gaps_after_ms={name: statistics.median(g) for name, g in gaps.items()},
-    )
+    res.update(call_gaps(ev))
     return res
 
 

@@ -411,6 +411,24 @@ def test_tma_reduce_benchmark_compiles_every_variant():
         assert line.endswith(": 1") == (line.split()[1] == "reduce"), line
 
 
+def test_host_gaps_splits_a_timeline_into_calls(monkeypatch):
+    """benchmarks/host_gaps.py's timeline summary: calls start at the forward kernel, idle time inside and between
+    calls and after each kernel, kernels before the first call left out."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from host_gaps import call_gaps
+
+    ev = [(0, 5, "fill")]  # before the first call
+    for t0 in (10, 60):  # two calls of 30 us kernels with a 2 us and a 3 us gap, 20 us apart
+        ev += [(t0, t0 + 10, "_fwd_ws_kernel"), (t0 + 12, t0 + 22, "_dq_ws_kernel"), (t0 + 25, t0 + 35, "_dkdv")]
+    got = call_gaps(ev)
+    assert got["calls_profiled"] == 2 and got["kernels_per_call"] == 3
+    assert got["kernels_ms"] == pytest.approx(0.030) and got["span_ms"] == pytest.approx(0.035)
+    assert got["idle_ms"] == pytest.approx(0.005) and got["between_ms"] == pytest.approx(0.015)
+    assert got["gaps_after_ms"] == pytest.approx({"_fwd_ws_kernel": 0.002, "_dq_ws_kernel": 0.003})
+    with pytest.raises(ValueError, match="no kernel named like 'fwd'"):
+        call_gaps([(0, 1, "fill")])
+
+
 def test_tune_attention_cases_take_pattern_parameters(monkeypatch):
     """benchmarks/tune_attention.py cases: the benchmark's patterns by default, their parameters after a slash,
     and a clear error for anything else."""
