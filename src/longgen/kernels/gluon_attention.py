@@ -190,40 +190,7 @@ def _allowed(
 
 
 @gluon.jit
-def _apply_mask(
-    s,
-    k0,
-    g,
-    rows,
-    cols,
-    PATTERN: gl.constexpr,
-    SINK: gl.constexpr,
-    WINDOW: gl.constexpr,
-    PB: gl.constexpr,
-    LOCAL: gl.constexpr,
-    STRIDE: gl.constexpr,
-    STEP: gl.constexpr,
-    DENSE_FROM: gl.constexpr,
-):
-    """Scores s (query rows, keys k0 + cols) with the pairs the pattern forbids set to -inf."""
-    ok = _allowed(
-        gl.expand_dims(rows, 1),
-        gl.expand_dims(k0 + cols, 0),
-        g,
-        PATTERN,
-        SINK,
-        WINDOW,
-        PB,
-        LOCAL,
-        STRIDE,
-        STEP,
-        DENSE_FROM,
-    )
-    return gl.where(ok, s, -float("inf"))
-
-
-@gluon.jit
-def _mask_edge_tile(
+def _mask_tile(
     s,
     k0,
     g,
@@ -240,11 +207,44 @@ def _mask_edge_tile(
     STEP: gl.constexpr,
     DENSE_FROM: gl.constexpr,
     BN: gl.constexpr,
+    MASK_SPLIT: gl.constexpr,
 ):
-    """`_apply_mask` of a tile `_needs_mask` flagged (query rows [mc, mc + MR), keys k0 + cols) by `_edge_mask`."""
+    """`_mask_scores` of a tile of scores s (query rows, keys k0 + cols) that `_needs_mask` flagged (query rows
+    [mc, mc + MR))."""
     t = gl.expand_dims(rows, 1)
     c = gl.expand_dims(k0 + cols, 0)
-    return _edge_mask(s, t, c, k0, g, mc, MR, PATTERN, SINK, WINDOW, PB, LOCAL, STRIDE, STEP, DENSE_FROM, BN)
+    return _mask_scores(
+        s, t, c, k0, g, mc, MR, PATTERN, SINK, WINDOW, PB, LOCAL, STRIDE, STEP, DENSE_FROM, BN, MASK_SPLIT
+    )
+
+
+@gluon.jit
+def _mask_scores(
+    s,
+    t,
+    c,
+    k0,
+    g,
+    mc,
+    MR: gl.constexpr,
+    PATTERN: gl.constexpr,
+    SINK: gl.constexpr,
+    WINDOW: gl.constexpr,
+    PB: gl.constexpr,
+    LOCAL: gl.constexpr,
+    STRIDE: gl.constexpr,
+    STEP: gl.constexpr,
+    DENSE_FROM: gl.constexpr,
+    BN: gl.constexpr,
+    MASK_SPLIT: gl.constexpr,
+):
+    """Scores s (query positions t, key positions c, broadcast to s's orientation) with the pairs the pattern forbids
+    set to -inf: by `_edge_mask` (MASK_SPLIT: only the constraint the tile can break) or by the full rule."""
+    if MASK_SPLIT:
+        out = _edge_mask(s, t, c, k0, g, mc, MR, PATTERN, SINK, WINDOW, PB, LOCAL, STRIDE, STEP, DENSE_FROM, BN)
+    else:
+        out = gl.where(_allowed(t, c, g, PATTERN, SINK, WINDOW, PB, LOCAL, STRIDE, STEP, DENSE_FROM), s, -float("inf"))
+    return out
 
 
 @gluon.jit
@@ -390,12 +390,9 @@ def _consume(
         s = warpgroup_mma(qs, k_smem.index(st).permute((1, 0)), zero_s, use_acc=False)
         k0 = _tile_of(0, g, n_far, lo, PATTERN, PB, STRIDE, STEP, BN) * BN
         if _needs_mask(n_far > 0, k0, g, mc, BM, PATTERN, SINK, WINDOW, PB, LOCAL, DENSE_FROM, BN):
-            if MASK_SPLIT:
-                s = _mask_edge_tile(
-                    s, k0, g, mc, rows, cols, BM, PATTERN, SINK, WINDOW, PB, LOCAL, STRIDE, STEP, DENSE_FROM, BN
-                )
-            else:
-                s = _apply_mask(s, k0, g, rows, cols, PATTERN, SINK, WINDOW, PB, LOCAL, STRIDE, STEP, DENSE_FROM)
+            s = _mask_tile(
+                s, k0, g, mc, rows, cols, BM, PATTERN, SINK, WINDOW, PB, LOCAL, STRIDE, STEP, DENSE_FROM, BN, MASK_SPLIT
+            )
         m_i = gl.max(s, axis=1) * qk_scale
         m_use = gl.where(m_i > -float("inf"), m_i, 0.0)  # a row may see nothing in a tile (exp2(-inf) = 0)
         p = gl.exp2(s * qk_scale - gl.expand_dims(m_use, 1))
@@ -413,12 +410,25 @@ def _consume(
             s = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok,))
             k0 = _tile_of(i, g, n_far, lo, PATTERN, PB, STRIDE, STEP, BN) * BN
             if _needs_mask(i < n_far, k0, g, mc, BM, PATTERN, SINK, WINDOW, PB, LOCAL, DENSE_FROM, BN):
-                if MASK_SPLIT:
-                    s = _mask_edge_tile(
-                        s, k0, g, mc, rows, cols, BM, PATTERN, SINK, WINDOW, PB, LOCAL, STRIDE, STEP, DENSE_FROM, BN
-                    )
-                else:
-                    s = _apply_mask(s, k0, g, rows, cols, PATTERN, SINK, WINDOW, PB, LOCAL, STRIDE, STEP, DENSE_FROM)
+                s = _mask_tile(
+                    s,
+                    k0,
+                    g,
+                    mc,
+                    rows,
+                    cols,
+                    BM,
+                    PATTERN,
+                    SINK,
+                    WINDOW,
+                    PB,
+                    LOCAL,
+                    STRIDE,
+                    STEP,
+                    DENSE_FROM,
+                    BN,
+                    MASK_SPLIT,
+                )
             m_new = gl.maximum(m_i, gl.max(s, axis=1) * qk_scale)
             m_use = gl.where(m_new > -float("inf"), m_new, 0.0)
             alpha = gl.exp2(m_i - m_use)
@@ -848,13 +858,9 @@ def _bwd_visits(
         if _needs_mask(far, k0, g, q0, TL, PATTERN, SINK, WINDOW, PB, LOCAL, DENSE_FROM, TL):
             qpos = gl.expand_dims(q0 + cols, 0)
             kpos = gl.expand_dims(k0 + keys, 1)
-            if MASK_SPLIT:
-                s = _edge_mask(
-                    s, qpos, kpos, k0, g, q0, TL, PATTERN, SINK, WINDOW, PB, LOCAL, STRIDE, STEP, DENSE_FROM, TL
-                )
-            else:
-                ok = _allowed(qpos, kpos, g, PATTERN, SINK, WINDOW, PB, LOCAL, STRIDE, STEP, DENSE_FROM)
-                s = gl.where(ok, s, -float("inf"))
+            s = _mask_scores(
+                s, qpos, kpos, k0, g, q0, TL, PATTERN, SINK, WINDOW, PB, LOCAL, STRIDE, STEP, DENSE_FROM, TL, MASK_SPLIT
+            )
         p = gl.exp2(s * qk_scale - gl.expand_dims(lse_smem.index(st).load(col_layout), 0))
         p_op = gl.convert_layout(p.to(dt), op_layout)
         dv = warpgroup_mma(p_op, dos, dv, is_async=True)
@@ -1386,12 +1392,9 @@ def _dq_consume(
         s = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok,))
         k0 = _tile_of(i, g, n_far, lo, PATTERN, PB, STRIDE, STEP, BN) * BN
         if _needs_mask(i < n_far, k0, g, mc, BM, PATTERN, SINK, WINDOW, PB, LOCAL, DENSE_FROM, BN):
-            if MASK_SPLIT:
-                s = _mask_edge_tile(
-                    s, k0, g, mc, rows, cols, BM, PATTERN, SINK, WINDOW, PB, LOCAL, STRIDE, STEP, DENSE_FROM, BN
-                )
-            else:
-                s = _apply_mask(s, k0, g, rows, cols, PATTERN, SINK, WINDOW, PB, LOCAL, STRIDE, STEP, DENSE_FROM)
+            s = _mask_tile(
+                s, k0, g, mc, rows, cols, BM, PATTERN, SINK, WINDOW, PB, LOCAL, STRIDE, STEP, DENSE_FROM, BN, MASK_SPLIT
+            )
         p = gl.exp2(s * qk_scale - gl.expand_dims(lse, 1))
         dp = warpgroup_mma_wait(num_outstanding=0, deps=(dp_tok,))
         ds_op = gl.convert_layout((p * (dp - gl.expand_dims(delta, 1))).to(dt), op_layout)
