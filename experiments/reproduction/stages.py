@@ -235,8 +235,8 @@ class Experiment:
         import numpy as np
         from transformers import AutoTokenizer
 
-        from longgen.demo import train_tokenizer
         from longgen.train.data import tokenize_corpus
+        from longgen.train.tokenizer import train_bpe_tokenizer
 
         s = self.s
         t = time.perf_counter()
@@ -266,7 +266,7 @@ class Experiment:
             taken += len(text.encode())
         tmp = self.work / ".tokenizer.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        train_tokenizer(sample, s.vocab_size).save_pretrained(tmp)
+        train_bpe_tokenizer(sample, s.vocab_size).save_pretrained(tmp)
         shutil.rmtree(self.tokenizer_dir, ignore_errors=True)
         tmp.rename(self.tokenizer_dir)
         # loaded back the way the training loop loads it, so that the token caches made here are the ones it uses

@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from longgen.train.tokenizer import train_bpe_tokenizer
+
 SKIP_DIRS = {"site-packages", "test", "tests", "idlelib", "turtledemo", "__pycache__", "lib2to3", "ensurepip"}
 
 
@@ -98,23 +100,6 @@ def build_corpus(out: Path, megabytes: float, held_out: int = 6) -> tuple[Path, 
         flush=True,
     )
     return corpus, copies
-
-
-def train_tokenizer(corpus: Path, vocab_size: int):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=["</s>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train([str(p) for p in sorted(corpus.iterdir())], trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="</s>")
 
 
 def _train(cfg: DemoConfig, model_path: Path, corpus: Path, out: Path, seq_len: int, steps: int) -> dict:
@@ -201,7 +186,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
 
     t = _stage(1, "corpus and tokenizer: the Python standard library's sources")
     corpus, heldout = build_corpus(out, cfg.corpus_mb)
-    tokenizer = train_tokenizer(corpus, cfg.vocab_size)
+    tokenizer = train_bpe_tokenizer(corpus, cfg.vocab_size)
     print(f"  BPE tokenizer, {len(tokenizer)} tokens ({time.perf_counter() - t:.0f} s)", flush=True)
 
     t = _stage(2, f"pre-train a tiny Llama at {cfg.short_len} tokens ({cfg.pretrain_steps} steps)")
