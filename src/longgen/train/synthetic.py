@@ -1,0 +1,186 @@
+"""Synthetic retrieval documents: real text in which facts are stated at random places and asked for later.
+
+A model pre-trained from scratch for minutes (the demo, the reproduction) has never been taught to look things
+up in a long context; these documents teach it, so that what then separates full attention from a hybrid is
+whether the attention can reach the fact, not whether the model knows the task. Three kinds of fact, each in
+several wordings (the first wording of each is the one `longgen.eval`'s prompts use):
+
+* ``passkey`` — "The pass key is 12345. ..." (at most one a document, so the question is never ambiguous);
+* ``niah`` — magic numbers keyed by a word of the document ("The special magic number for lantern is: ...");
+  several a document, so every other one is a distractor (multi-key retrieval);
+* ``variable_tracking`` — a chain ``VAR A = 12345. ... VAR B = A. ...`` asked for by its last name.
+
+Needles sit at uniformly random lines, including the first; half the questions come at the end of the document
+(as in an evaluation prompt, so the needle-question distance covers the whole length), the others at a random
+later line (so a piece of a document cut by packing still holds answerable questions).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+RETRIEVAL_KINDS = ("passkey", "niah", "variable_tracking")
+_FALLBACK_WORDS = ("apple", "river", "castle", "garden", "silver", "window", "thunder", "lantern", "meadow", "harbor")
+_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+PASSKEY_NEEDLES = (
+    "The pass key is {k}. Remember it. {k} is the pass key.",
+    "Remember the pass key: {k}.",
+    "The secret pass key is {k}; do not forget it.",
+    "Pass key: {k}. Keep it in mind.",
+)
+PASSKEY_QUESTIONS = (
+    "What is the pass key? The pass key is {k}.",
+    "Recall the pass key. The pass key is {k}.",
+    "Question: what was the pass key? Answer: {k}.",
+)
+NIAH_NEEDLES = (
+    "The special magic number for {w} is: {v}.",
+    "One of the special magic numbers for {w} is: {v}.",
+    "The magic number of {w} is {v}.",
+    "Note: the number for {w} is {v}.",
+)
+NIAH_QUESTIONS = (
+    "What is the special magic number for {w} mentioned in the provided text? "
+    "The special magic number for {w} mentioned in the provided text is {v}.",
+    "What is the magic number for {w}? It is {v}.",
+    "The number noted for {w} was {v}.",
+)
+VT_FIRST = ("VAR {a} = {v}.", "Let {a} be {v}.")
+VT_HOP = ("VAR {b} = {a}.", "Let {b} be {a}.")
+VT_QUESTIONS = ("What is the value of VAR {b}? The value of VAR {b} is {v}.", "Question: what is {b}? Answer: {v}.")
+
+
+@dataclass(frozen=True)
+class Fact:
+    """Needle texts, stated in this order at increasing places, and the question (with its answer) after them."""
+
+    needles: tuple[str, ...]
+    question: str
+
+
+def _pick(rng: random.Random, templates: Sequence[str]) -> str:
+    """The evaluation's wording half of the time, another one otherwise."""
+    return templates[0] if rng.random() < 0.5 else rng.choice(templates[1:])
+
+
+def _number(rng: random.Random, digits: tuple[int, int]) -> str:
+    n = rng.randint(*digits)
+    return str(rng.randint(10 ** (n - 1), 10**n - 1))
+
+
+def make_fact(kind: str, rng: random.Random, word: str) -> Fact:
+    """One fact of `kind` (see `RETRIEVAL_KINDS`); `word` keys the magic number of a ``niah`` fact."""
+    if kind == "passkey":
+        k = _number(rng, (4, 7))
+        return Fact((_pick(rng, PASSKEY_NEEDLES).format(k=k),), _pick(rng, PASSKEY_QUESTIONS).format(k=k))
+    if kind == "niah":
+        v = _number(rng, (5, 8))
+        return Fact((_pick(rng, NIAH_NEEDLES).format(w=word, v=v),), _pick(rng, NIAH_QUESTIONS).format(w=word, v=v))
+    if kind == "variable_tracking":
+        v, style = _number(rng, (4, 6)), rng.randrange(2)
+        names = ["".join(rng.choice(_LETTERS) for _ in range(5)) for _ in range(rng.randint(2, 4))]
+        needles = [VT_FIRST[style].format(a=names[0], v=v)]
+        needles += [VT_HOP[style].format(a=a, b=b) for a, b in zip(names, names[1:], strict=False)]
+        return Fact(tuple(needles), VT_QUESTIONS[style].format(b=names[-1], v=v))
+    raise ValueError(f"unknown kind of fact {kind!r}; choose from {RETRIEVAL_KINDS}")
+
+
+def _filler(rng: random.Random, texts: Sequence[str], chars: int) -> list[str]:
+    """About `chars` characters of random pieces of `texts`, as lines."""
+    parts, have = [], 0
+    while have < chars:
+        text = texts[rng.randrange(len(texts))]
+        start = rng.randrange(len(text)) if len(text) > chars - have else 0
+        parts.append(text[start : start + chars - have])
+        have += len(parts[-1]) + 2
+    return "\n\n".join(parts).split("\n") if parts else []
+
+
+def retrieval_document(
+    rng: random.Random,
+    texts: Sequence[str],
+    n_tokens: int,
+    chars_per_token: float,
+    facts_per_1k: float,
+    kinds: Sequence[str] = RETRIEVAL_KINDS,
+) -> str:
+    """About `n_tokens` tokens of `texts` with ``facts_per_1k`` facts per 1,024 tokens (at least one) of the
+    given `kinds`, each stated at random lines and asked for later (see the module's docstring)."""
+    if not texts:
+        raise ValueError("retrieval documents need some filler text; got no texts")
+    unknown = [k for k in kinds if k not in RETRIEVAL_KINDS]
+    if unknown or not kinds:
+        raise ValueError(f"kinds must be some of {RETRIEVAL_KINDS}, got {list(kinds)}")
+    n_facts = max(1, round(n_tokens * facts_per_1k / 1024))
+    lines = _filler(rng, texts, int(n_tokens * chars_per_token))
+    found = list(dict.fromkeys(re.findall(r"\b[a-z]{4,10}\b", "\n".join(lines[:400]))))
+    words = rng.sample(found, min(len(found), n_facts)) if len(found) >= n_facts else list(_FALLBACK_WORDS)
+    choices = list(kinds)
+    facts = []
+    for i in range(n_facts):
+        kind = rng.choice(choices)
+        if kind == "passkey" and len(choices) > 1:
+            choices.remove("passkey")  # one pass key a document
+        facts.append(make_fact(kind, rng, words[i % len(words)]))
+    # fewer characters of filler for what the facts add
+    extra = sum(len(n) + 2 for f in facts for n in f.needles) + sum(len(f.question) + 2 for f in facts)
+    lines = lines[: max(1, len(lines) - extra // 40)]
+    events = []  # (line slot, order, text): needles before their question, in chain order
+    for j, fact in enumerate(facts):
+        slots = sorted(rng.randint(0, len(lines)) for _ in fact.needles)
+        ask = len(lines) if rng.random() < 0.5 else rng.randint(slots[-1], len(lines))
+        events += [
+            (slot, 0, j, i, f"\n{text}\n") for i, (slot, text) in enumerate(zip(slots, fact.needles, strict=True))
+        ]
+        events.append((ask, 1, j, 0, f"\n{fact.question}\n"))
+    events.sort()
+    out, e = [], 0
+    for slot in range(len(lines) + 1):
+        while e < len(events) and events[e][0] == slot:
+            out.append(events[e][4])
+            e += 1
+        if slot < len(lines):
+            out.append(lines[slot] + "\n")
+    return "".join(out)
+
+
+def write_jsonl(path: str | os.PathLike, texts: Sequence[str]) -> None:
+    """One ``{"text": ...}`` object a line (a `longgen.train` data source), written atomically."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        for text in texts:
+            f.write(json.dumps({"text": text}) + "\n")
+    os.replace(tmp, path)
+
+
+def write_retrieval_set(
+    path: str | os.PathLike,
+    texts: Sequence[str],
+    total_tokens: int,
+    lengths: tuple[int, int],
+    chars_per_token: float,
+    facts_per_1k: float,
+    seed: int,
+    kinds: Sequence[str] = RETRIEVAL_KINDS,
+) -> dict[str, int]:
+    """Retrieval documents of uniformly random lengths in `lengths` (tokens) until about `total_tokens`, written
+    as ``.jsonl`` to `path`; returns their count and planned tokens."""
+    lo, hi = lengths
+    if not 1 <= lo <= hi:
+        raise ValueError(f"lengths must be (min, max) with 1 <= min <= max, got {lengths}")
+    rng = random.Random(f"{seed}:retrieval:{Path(path).name}")
+    docs, n_tokens = [], 0
+    while n_tokens < total_tokens:
+        length = rng.randint(lo, hi)
+        docs.append(retrieval_document(rng, texts, length, chars_per_token, facts_per_1k, kinds))
+        n_tokens += length
+    write_jsonl(path, docs)
+    return {"documents": len(docs), "planned_tokens": n_tokens}
