@@ -17,6 +17,7 @@ later line (so a piece of a document cut by packing still holds answerable quest
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import random
@@ -87,7 +88,7 @@ def make_fact(kind: str, rng: random.Random, word: str) -> Fact:
         v, style = _number(rng, (4, 6)), rng.randrange(2)
         names = ["".join(rng.choice(_LETTERS) for _ in range(5)) for _ in range(rng.randint(2, 4))]
         needles = [VT_FIRST[style].format(a=names[0], v=v)]
-        needles += [VT_HOP[style].format(a=a, b=b) for a, b in zip(names, names[1:], strict=False)]
+        needles += [VT_HOP[style].format(a=a, b=b) for a, b in itertools.pairwise(names)]
         return Fact(tuple(needles), VT_QUESTIONS[style].format(b=names[-1], v=v))
     raise ValueError(f"unknown kind of fact {kind!r}; choose from {RETRIEVAL_KINDS}")
 
