@@ -64,8 +64,15 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.lengths:
         kwargs["lengths"] = args.lengths
     if args.task == "ppl":
-        kwargs.update(bucket=args.bucket, num_documents=args.documents, chunk=args.chunk, documents=args.haystack)
+        if args.haystack:
+            raise ValueError(
+                "ppl reads its texts from --documents FILE_OR_FOLDER ...; --haystack is the filler of passkey, niah "
+                "and ruler"
+            )
+        kwargs.update(bucket=args.bucket, num_documents=args.num_documents, chunk=args.chunk, documents=args.documents)
     else:
+        if args.documents:
+            raise ValueError(f"--documents is for ppl; {args.task} takes its filler texts from --haystack")
         kwargs.update(chat=args.chat, haystack=args.haystack, kv_cache=args.kv_cache)
         if args.samples:
             kwargs["samples"] = args.samples
@@ -107,12 +114,18 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--haystack",
         nargs="+",
         default=None,
-        help="text files or folders for the haystack (ppl: the documents); default: the Python standard library",
+        help="passkey, niah, ruler: text files or folders for the filler; default: the Python standard library",
+    )
+    p.add_argument(
+        "--documents",
+        nargs="+",
+        default=None,
+        help="ppl: text files or folders, one document per file; default: the Python standard library's sources",
     )
     p.add_argument("--ruler-tasks", type=_ruler_tasks, default=None, help=f"subset of {','.join(RULER_TASKS)}")
     p.add_argument("--cwe-words", type=_positive, default=10, help="ruler cwe: number of common words (10)")
     p.add_argument("--bucket", type=_positive, default=256, help="ppl: positions per bucket (256)")
-    p.add_argument("--documents", type=_positive, default=4, help="ppl: number of documents (4)")
+    p.add_argument("--num-documents", type=_positive, default=4, help="ppl: number of documents (4)")
     p.add_argument("--chunk", type=_positive, default=4096, help="ppl: positions per output-layer chunk (4096)")
     p.add_argument(
         "--baseline", choices=["none", "streaming"], default="none", help="streaming: StreamingLLM on a plain model"
