@@ -295,6 +295,24 @@ def test_streaming_llm_converts_every_layer(workspace, tmp_path):
         passkey(root / "hybrid", lengths=[96], baseline="streaming", out_dir=tmp_path, **FAST)
 
 
+def test_streaming_llm_applies_to_a_conversion_whose_layers_are_all_full(workspace, tmp_path):
+    """A model converted with every layer full (the demo's full-attention model) is a full-attention model."""
+    from transformers import AutoModelForCausalLM
+
+    import longgen
+
+    root, tokenizer = workspace
+    full = longgen.convert(AutoModelForCausalLM.from_pretrained(root / "plain"), full_fraction=1.0)
+    assert full.config.longgen["layers"] == ["full_attention"] * 3
+    full.save_pretrained(tmp_path / "full")
+    tokenizer.save_pretrained(tmp_path / "full")
+    streaming_llm(full, sink=4, window=16)
+    assert full.config.longgen["layers"] == [{"type": "sink_window", "sink": 4, "window": 16}] * 3
+    res = passkey(tmp_path / "full", lengths=[96], depths=[0.5], max_new_tokens=3, baseline="streaming", sink=4,
+                  window=16, out_dir=tmp_path / "out", **FAST)  # fmt: skip
+    assert res["settings"]["baseline"] == "streaming" and res["settings"]["kv_cache"] == "hybrid"
+
+
 # --- the CLI parser --------------------------------------------------------------------------------------------
 
 
@@ -332,6 +350,19 @@ def test_eval_cli_parses_and_runs(workspace, tmp_path, capsys):
     )
     assert args.func(args) == 0
     assert set(_read(tmp_path / "ruler.json")["summary"]["score_by_task_length"]) == {"vt", "cwe"}
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for i in range(3):
+        (docs / f"doc{i}.txt").write_text(f"Document {i}. " + "Some words of a user document. " * 40)
+    ppl_args = ["eval", "ppl", str(root / "plain"), "--lengths", "64", "--bucket", "16", "--device", "cpu",
+                "--out", str(tmp_path), "--no-progress"]  # fmt: skip
+    args = parser.parse_args([*ppl_args, "--documents", str(docs), "--num-documents", "2"])
+    assert args.func(args) == 0
+    assert [r["document"] for r in _read(tmp_path / "ppl.json")["records"]] == [str(docs / "doc0.txt"),
+                                                                               str(docs / "doc1.txt")]  # fmt: skip
+    args = parser.parse_args([*ppl_args, "--haystack", str(docs)])
+    with pytest.raises(ValueError, match="--documents"):
+        args.func(args)
     for bad in (["--lengths", "a,b"], ["--depths", "1.5"], ["--ruler-tasks", "qa"], ["--baseline", "h2o"]):
         with pytest.raises(SystemExit):
             parser.parse_args(["eval", "passkey", "x", *bad])

@@ -8,18 +8,32 @@ from typing import Any
 import torch
 
 from longgen.model import convert, load_model
-from longgen.model.layout import is_hybrid
-from longgen.patterns import SinkWindow
+from longgen.model.layout import LAYOUT_KEY, is_hybrid, read_layout
+from longgen.patterns import Full, SinkWindow
 
 BASELINES = ("none", "streaming")
 
 
 def streaming_llm(model: Any, sink: int = 4, window: int = 2048) -> Any:
     """StreamingLLM (Xiao et al.): every layer of a full-attention model attends to `sink` first tokens and the
-    last `window` tokens. Converts the loaded plain model in place (configuration only) and returns it."""
-    if is_hybrid(model.config):
-        raise ValueError("StreamingLLM is applied to a full-attention model; this one is already a LongGen hybrid")
-    return convert(model, full_fraction=0.0, pattern=SinkWindow(sink, window))
+    last `window` tokens. Converts the loaded model in place (configuration only) and returns it: a plain model,
+    or a LongGen conversion whose layers are all full (a full-attention model in longgen's layout)."""
+    pattern = SinkWindow(sink, window)
+    if not is_hybrid(model.config):
+        return convert(model, full_fraction=0.0, pattern=pattern)
+    if not is_full_attention(model.config):
+        raise ValueError(
+            "StreamingLLM is applied to a full-attention model; this one is a LongGen hybrid with sparse layers"
+        )
+    record = dict(getattr(model.config, LAYOUT_KEY))
+    record["layers"] = [pattern.to_dict()] * len(record["layers"])
+    setattr(model.config, LAYOUT_KEY, record)
+    return model
+
+
+def is_full_attention(config: Any) -> bool:
+    """Whether every layer of the model attends fully: a plain model, or a LongGen layout of full layers only."""
+    return not is_hybrid(config) or all(isinstance(p, Full) for p in read_layout(config))
 
 
 def default_device() -> str:
@@ -53,13 +67,17 @@ def load_for_eval(
         raise ValueError(f"dtype must be one of {sorted(dtypes)}, got {dtype!r}")
     if not (os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json"))):
         raise FileNotFoundError(f"no model folder at {path} (a folder with config.json is needed)")
-    if is_hybrid(AutoConfig.from_pretrained(path)):
-        if baseline == "streaming":
-            raise ValueError("--baseline streaming applies to a full-attention model, not to a LongGen hybrid")
+    config = AutoConfig.from_pretrained(path)
+    if baseline == "streaming" and not is_full_attention(config):
+        raise ValueError(
+            "--baseline streaming applies to a full-attention model (a plain model, or a conversion whose layers "
+            "are all full), not to a LongGen hybrid with sparse layers"
+        )
+    if is_hybrid(config):
         model = load_model(path, dtype=dtypes[dtype])
     else:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtypes[dtype])
-        if baseline == "streaming":
-            streaming_llm(model, sink, window)
+    if baseline == "streaming":
+        streaming_llm(model, sink, window)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or path)
     return model.to(device).eval(), tokenizer
