@@ -2,7 +2,13 @@
 checkpoints, non-finite loss, config errors. Real tiny models, a real tokenizer and a real corpus."""
 
 import json
+import os
+import re
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -197,3 +203,135 @@ def test_yaml_config_and_shipped_example_configs(workspace, tmp_path):
         ).data.seq_len
         == 131072
     )
+
+
+def _snapshot(folder):
+    """Every file under `folder` with its size and modification time: equal snapshots mean nothing was touched."""
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*")}
+
+
+@pytest.fixture(scope="module")
+def earlier_run(workspace, tmp_path_factory):
+    """A finished 4-step run (checkpoints at steps 2 and 4, metrics, final/) to start other runs over."""
+    out = tmp_path_factory.mktemp("earlier") / "run"
+    train(load_config(raw=config(workspace, out, train__steps=4)))
+    return out
+
+
+def test_fresh_run_into_an_earlier_runs_folder_stops_before_any_work(workspace, earlier_run, tmp_path):
+    before = _snapshot(earlier_run)
+    path = write_toml(tmp_path / "c.toml", config(workspace, earlier_run, train__steps=2))
+    r = run_cli([str(path)])
+    assert r.returncode == 2
+    message = r.stderr.strip()
+    assert len(message.splitlines()) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert str(earlier_run) in message and "--resume" in message and "--overwrite" in message
+    assert "step-00000004" in message and "metrics.jsonl" in message
+    assert _snapshot(earlier_run) == before  # metrics not truncated, final/ and checkpoints untouched
+
+
+def test_overwrite_deletes_the_earlier_run_and_starts_over(workspace, earlier_run, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(earlier_run, out)
+    path = write_toml(tmp_path / "c.toml", config(workspace, out, train__steps=2, train__save_every=5))
+    r = run_cli([str(path), "--overwrite"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert [s for s, _ in list_checkpoints(out)] == [2]  # the old step-2 and step-4 checkpoints are gone
+    assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    assert (out / "final" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        ({"train__steps": 6}, r"train.steps=4, this one has train.steps=6; pass --change-steps"),
+        ({"train__steps": 3, "train__change_steps": True}, r"at step 4, past train.steps=3"),
+        ({"data__seq_len": 64}, r"belongs to another run: data.seq_len: 128 -> 64"),
+        ({"model__path": "plain"}, r"belongs to another run: model.path: .*hybrid -> .*plain"),
+        ({"data__sources": "copy"}, r"belongs to another run: data \(sources"),
+    ],
+)
+def test_resume_refuses_a_checkpoint_of_another_run(workspace, earlier_run, tmp_path, change, match):
+    before = _snapshot(earlier_run)
+    if change.get("model__path") == "plain":
+        change["model__path"] = str(workspace / "plain")
+    if change.get("data__sources") == "copy":  # the same files elsewhere: other data as far as a run can tell
+        shutil.copytree(workspace / "corpus", tmp_path / "corpus")
+        change["data__sources"] = [str(tmp_path / "corpus")]
+    cfg = load_config(raw=config(workspace, earlier_run, **{"train__steps": 4, "train__resume": True, **change}))
+    with pytest.raises(ValueError, match=match):
+        train(cfg)
+    assert _snapshot(earlier_run) == before
+
+
+def test_resume_with_change_steps_continues_the_run_to_a_new_total(workspace, earlier_run, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(earlier_run, out)
+    path = write_toml(tmp_path / "c.toml", config(workspace, out, train__steps=6))
+    r = run_cli([str(path), "--resume", "--change-steps"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "step-00000004 (step 4)" in r.stdout
+    assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == list(range(1, 7))
+    assert losses(out)[:4] == losses(earlier_run)
+
+
+def test_resume_and_overwrite_exclude_each_other(workspace, tmp_path):
+    path = write_toml(tmp_path / "c.toml", config(workspace, tmp_path / "run"))
+    r = run_cli([str(path), "--resume", "--overwrite"])
+    assert r.returncode == 2 and "exclude each other" in r.stderr
+    r = run_cli([str(path), "--change-steps"])
+    assert r.returncode == 2 and "applies only when resuming" in r.stderr
+
+
+def _stopped_by(sig, workspace, tmp_path):
+    """Start a 1000-step `longgen train` in a subprocess, send it `sig` once step 3 is logged; returns the exit code,
+    stdout, stderr and the run's folder."""
+    out = tmp_path / "run"
+    path = write_toml(tmp_path / "c.toml", config(workspace, out, train__steps=1000, train__save_every=2))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "longgen", "train", str(path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # as in a terminal: Python raises Ctrl-C
+    )
+    metrics, deadline = out / "metrics.jsonl", time.monotonic() + 300
+    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.02)
+    proc.send_signal(sig)
+    stdout, stderr = proc.communicate(timeout=300)
+    return proc.returncode, stdout, stderr.strip(), out
+
+
+def test_ctrl_c_prints_one_line_with_the_step_and_the_last_checkpoint(workspace, tmp_path):
+    code, _, stderr, out = _stopped_by(signal.SIGINT, workspace, tmp_path)
+    assert code == 130
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
+    message = stderr.splitlines()[-1]  # the lines before it are the tokenizing and loading progress bars
+    step, path = list_checkpoints(out)[-1]
+    assert re.fullmatch(
+        rf"longgen train: interrupted during step \d+ of 1000; last checkpoint: step {step} "
+        rf"\({re.escape(str(path))}\); continue with --resume",
+        message,
+    ), message
+
+
+def test_sigterm_writes_a_checkpoint_of_the_current_step_and_resume_continues_from_it(workspace, tmp_path):
+    code, _, stderr, out = _stopped_by(signal.SIGTERM, workspace, tmp_path)
+    assert code == 143
+    assert "Traceback" not in stderr, stderr
+    assert "torch.distributed is disabled" not in stderr  # one process saving its checkpoint is no news
+    message = stderr.splitlines()[-1]
+    step = int(
+        re.fullmatch(r"longgen train: stopped by SIGTERM after step (\d+) of 1000; wrote checkpoint .*", message)[1]
+    )
+    assert json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["step"] == step
+    assert list_checkpoints(out)[-1][0] == step  # the step it was in, not the last save_every multiple
+    assert f"step-{step:08d}" in message
+    path = write_toml(tmp_path / "more.toml", config(workspace, out, train__steps=step + 1, train__save_every=2))
+    r = run_cli([str(path), "--resume", "--change-steps"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"(step {step})" in r.stdout
+    assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == list(range(1, step + 2))

@@ -96,23 +96,27 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from transformers import AutoConfig
 
-    from longgen.model import format_description
+    from longgen.model import check_model_folder, format_description
 
-    config = AutoConfig.from_pretrained(args.path)
+    config = AutoConfig.from_pretrained(check_model_folder(args.path))
     print(format_description(config, args.length or config.max_position_embeddings, args.bytes_per_value))
     return 0
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from longgen.train import NonFiniteLossError, load_config, train
+    from longgen.train import NonFiniteLossError, TrainingInterrupted, load_config, train
 
-    overrides = list(args.overrides) + (["train.resume=true"] if args.resume else [])
+    flags = {"resume": args.resume, "overwrite": args.overwrite, "change_steps": args.change_steps}
+    overrides = list(args.overrides) + [f"train.{name}=true" for name, on in flags.items() if on]
     cfg = load_config(args.config, overrides)
     try:
         final = train(cfg)
     except NonFiniteLossError as e:
         print(f"longgen train: {e}", file=sys.stderr)
         return 3
+    except TrainingInterrupted as e:
+        print(f"longgen train: {e}", file=sys.stderr)
+        return e.exit_code
     print(f"done: {final}")
     return 0
 
@@ -270,7 +274,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("config", help="config file (.toml or .yaml), see configs/")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides (TOML literals)")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in train.output_dir")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in train.output_dir from its latest checkpoint (same model, data and seq_len)",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="delete an earlier run's checkpoints, metrics and final/ in train.output_dir and start over",
+    )
+    p.add_argument(
+        "--change-steps",
+        action="store_true",
+        help="with --resume: train.steps is a new total for the run (its learning-rate schedule follows it)",
+    )
     p.set_defaults(func=_cmd_train)
 
     from longgen.eval.cli import add_eval_parser
@@ -330,6 +348,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TypeError, FileExistsError, OSError) as e:
         print(f"longgen {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"longgen {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

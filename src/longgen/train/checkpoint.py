@@ -8,8 +8,11 @@ only when every rank has finished, so a killed run never leaves a checkpoint tha
 
 from __future__ import annotations
 
+import contextlib
 import random
 import shutil
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +28,15 @@ PREFIX = "step-"
 def _barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+@contextlib.contextmanager
+def _one_process() -> Iterator[None]:
+    """Silence torch.distributed.checkpoint's warning that it runs in one process: here that is intended."""
+    with warnings.catch_warnings():
+        if not (dist.is_available() and dist.is_initialized()):
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
 
 
 def checkpoints_dir(output_dir: str | Path) -> Path:
@@ -81,7 +93,8 @@ def save_checkpoint(
         tmp.mkdir(parents=True)
     _barrier()
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
+    with _one_process():
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
     torch.save(extra, tmp / f"extra-rank{rank}.pt")
     _barrier()
     if rank == 0:
@@ -94,10 +107,9 @@ def save_checkpoint(
     return final
 
 
-def load_checkpoint(
-    path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, rank: int = 0, world_size: int = 1
-) -> dict[str, Any]:
-    """Restore model and optimizer state from `path` in place; returns this rank's extra state."""
+def read_extra(path: str | Path, rank: int = 0, world_size: int = 1) -> dict[str, Any]:
+    """This rank's extra state of checkpoint `path` (step, scheduler, loader, RNG, run record), without loading
+    model or optimizer state."""
     path = Path(path)
     extra_file = path / f"extra-rank{rank}.pt"
     if not extra_file.is_file():
@@ -105,8 +117,17 @@ def load_checkpoint(
         raise ValueError(
             f"checkpoint {path} was written by {n} ranks but this run has {world_size}; resume with the same number"
         )
+    return torch.load(extra_file, weights_only=False)
+
+
+def load_checkpoint(
+    path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, rank: int = 0, world_size: int = 1
+) -> dict[str, Any]:
+    """Restore model and optimizer state from `path` in place; returns this rank's extra state."""
+    extra = read_extra(path, rank, world_size)
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
-    dcp.load(state, checkpoint_id=path)
+    with _one_process():
+        dcp.load(state, checkpoint_id=path)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    return torch.load(extra_file, weights_only=False)
+    return extra

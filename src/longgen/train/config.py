@@ -51,7 +51,9 @@ class TrainSection:
     loss_chunk: int = 4096  # positions per chunk of the output projection + cross entropy
     device: str = "auto"  # auto | cpu | cuda
     tensorboard: bool = True
-    resume: bool = False
+    resume: bool = False  # continue the run in output_dir from its latest checkpoint (same model, data, seq_len)
+    overwrite: bool = False  # delete an earlier run's checkpoints, metrics and export in output_dir, start over
+    change_steps: bool = False  # with resume: `steps` is a new total for the run (the LR schedule follows it)
     progress: bool = True
     context_parallel_size: int = 1  # ranks that share each sequence (Ulysses); must divide the world size
 
@@ -94,6 +96,10 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= {low}, got {value}")
         if o.grad_clip < 0 or o.weight_decay < 0:
             raise ValueError("optim.grad_clip and optim.weight_decay must be >= 0")
+        if t.resume and t.overwrite:
+            raise ValueError("train.resume (--resume) and train.overwrite (--overwrite) exclude each other")
+        if t.change_steps and not t.resume:
+            raise ValueError("train.change_steps (--change-steps) applies only when resuming (--resume)")
         if t.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"train.device must be auto, cpu or cuda, got {t.device!r}")
         if self.data is None:

@@ -16,6 +16,7 @@ import math
 import os
 import shutil
 import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,15 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from longgen.train.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from longgen.train.checkpoint import (
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    read_extra,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from longgen.train.config import TrainConfig
 from longgen.train.context_parallel import context_parallel_attention, setup_context_parallel, shard_batch
 from longgen.train.loss import IGNORE_INDEX, CausalLMLoss
@@ -33,6 +42,97 @@ FAULT_ENV = "LONGGEN_FAULT_KILL_AFTER_STEP"  # testing hook: SIGKILL the process
 
 class NonFiniteLossError(RuntimeError):
     """The loss or the gradient norm became NaN/inf; the run stopped and kept its last good checkpoint."""
+
+
+class TrainingInterrupted(RuntimeError):
+    """The run was stopped by Ctrl-C (SIGINT, exit code 130) or SIGTERM (143: a checkpoint of the step was written
+    first). The message says at which step and how to resume."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+RUN_FILES = ("checkpoints", "metrics.jsonl", "final", "tensorboard")  # what a run leaves in its output_dir
+
+
+def _earlier_run(out: Path) -> list[str]:
+    """What an earlier run left in `out` (complete checkpoints, metrics, export), for messages; [] if nothing."""
+    found = [p.name for _, p in list_checkpoints(out)]
+    metrics = out / "metrics.jsonl"
+    if metrics.is_file() and metrics.stat().st_size:
+        found.append("metrics.jsonl")
+    if (out / "final").exists():
+        found.append("final/")
+    return found
+
+
+def _prepare_output(out: Path, t, rank: int) -> None:
+    """Refuse to start a fresh run over an earlier one unless told (`--resume` or `--overwrite`); with overwrite,
+    delete the earlier run's files. Runs before any work."""
+    found = _earlier_run(out)
+    if found and not (t.resume or t.overwrite):
+        raise ValueError(
+            f"{out} already holds a training run ({', '.join(found)}); pass --resume to continue it "
+            "(train.resume=true) or --overwrite to delete it and start over (train.overwrite=true), "
+            "or choose another train.output_dir"
+        )
+    if t.resume and not list_checkpoints(out) and (out / "final").exists():
+        raise ValueError(
+            f"--resume: {out} holds an exported model (final/) but no checkpoint to continue from; "
+            "pass --overwrite instead to delete it and start over"
+        )
+    if t.overwrite and found and rank == 0:
+        print(f"--overwrite: deleting the earlier run in {out} ({', '.join(found)})")
+        for name in RUN_FILES:
+            path = out / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _run_record(cfg: TrainConfig, loader) -> dict[str, Any]:
+    """What makes a checkpoint belong to this run; saved with every checkpoint and checked on resume."""
+    meta = None if loader.corpus.path is None else loader.corpus.path / "meta.json"
+    data = json.loads(meta.read_text()).get("fingerprint") if meta is not None and meta.is_file() else None
+    return {
+        "model": str(Path(cfg.model.path).expanduser().resolve()),
+        "data": data or str(loader.corpus.path),
+        "seq_len": cfg.data.seq_len,
+        "steps": cfg.train.steps,
+    }
+
+
+def _check_resume(ckpt: Path, saved: dict[str, Any] | None, mine: dict[str, Any], start: int, t) -> None:
+    """ValueError unless the checkpoint at `ckpt` (step `start`) was written by this run."""
+    if saved is None:
+        print(f"note: {ckpt} has no run record (written by an older longgen); model and data are not checked")
+        saved = {}
+    names = {
+        "model": "model.path",
+        "data": "data (sources, their sizes and times, or the tokenizer; fingerprint)",
+        "seq_len": "data.seq_len",
+    }
+    changed = [f"{names[k]}: {saved[k]} -> {mine[k]}" for k in names if k in saved and saved[k] != mine[k]]
+    if changed:
+        raise ValueError(
+            f"--resume: checkpoint {ckpt} belongs to another run: {'; '.join(changed)}. Resume with the run's own "
+            "settings, or start over with --overwrite (or another train.output_dir)"
+        )
+    if start > t.steps:
+        raise ValueError(
+            f"--resume: checkpoint {ckpt} is at step {start}, past train.steps={t.steps}; "
+            "start over with --overwrite, or resume with train.steps >= that step and --change-steps"
+        )
+    if "steps" in saved and saved["steps"] != t.steps and not t.change_steps:
+        raise ValueError(
+            f"--resume: checkpoint {ckpt} belongs to a run of train.steps={saved['steps']}, this one has "
+            f"train.steps={t.steps}; pass --change-steps to continue that run to {t.steps} steps (its learning-rate "
+            "schedule then follows the new total), or start over with --overwrite"
+        )
 
 
 def _dist_setup(cfg: TrainConfig) -> tuple[int, int, torch.device]:
@@ -147,8 +247,7 @@ class _Metrics:
 
 def train(cfg: TrainConfig) -> Path:
     """Run (or resume) training; returns the exported Hugging Face folder ``<output_dir>/final``."""
-    from transformers import AutoTokenizer
-
+    from longgen.model import load_tokenizer
     from longgen.train.data import build_loader
 
     cfg.validate()
@@ -156,11 +255,9 @@ def train(cfg: TrainConfig) -> Path:
     t = cfg.train
     cp = setup_context_parallel(t.context_parallel_size, device.type)
     out = Path(t.output_dir).expanduser()
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(_config_dict(cfg), indent=1))
+    _prepare_output(out, t, rank)
     torch.manual_seed(t.seed)
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or cfg.model.path)
+    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path)
     if rank != 0:  # rank 0 tokenizes into the shared cache first; the others then read it
         dist.barrier()
     # the context ranks of one data-parallel rank share its batches (and each takes its shard of the sequences)
@@ -176,8 +273,11 @@ def train(cfg: TrainConfig) -> Path:
     optimizer, scheduler = _optimizer(cfg, wrapped)
 
     start = 0
+    record = _run_record(cfg, loader)
     ckpt = latest_checkpoint(out) if t.resume else None
     if ckpt is not None:
+        saved = read_extra(ckpt, rank, world)
+        _check_resume(ckpt, saved.get("run"), record, saved["step"], t)
         extra = load_checkpoint(ckpt, wrapped, optimizer, rank=rank, world_size=world)
         start = extra["step"]
         scheduler.load_state_dict(extra["scheduler"])
@@ -187,6 +287,9 @@ def train(cfg: TrainConfig) -> Path:
             print(f"resumed from {ckpt} (step {start})")
     elif t.resume and rank == 0:
         print(f"no checkpoint in {out / 'checkpoints'}; starting from step 0")
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(_config_dict(cfg), indent=1))
 
     autocast = contextlib.nullcontext()
     if not sharded and dtype != torch.float32:
@@ -198,53 +301,60 @@ def train(cfg: TrainConfig) -> Path:
     tokens_per_step = t.batch_size * t.grad_accum * cp.dp_size * cfg.data.seq_len
     wrapped.train()
     tick = time.perf_counter()
-    for step in range(start + 1, t.steps + 1):
-        micro = [shard_batch(next(batches), cp.rank, cp.size) for _ in range(t.grad_accum)]
-        n_local = sum(int((b["targets"] != IGNORE_INDEX).sum()) for b in micro)
-        n_global = _all_sum(torch.tensor(float(n_local), device=device)).clamp(min=1)
-        loss_sum = torch.zeros((), device=device)
-        for b in micro:
-            # backward inside too: activation checkpointing recomputes the attention there
-            with context_parallel_attention(cp.group, b["full_position_ids"].to(device)):
-                with autocast:
-                    ids, pos, targets = (b[k].to(device) for k in ("input_ids", "position_ids", "targets"))
-                    part, _ = wrapped(ids, pos, targets, True)
-                # FSDP averages gradients over ranks, so scale by world: the gradient is of the global token mean
-                (part * (world / n_global)).backward()
-            loss_sum += part.detach()
-        loss = (_all_sum(loss_sum) / n_global).item()
-        grad_norm = torch.nn.utils.clip_grad_norm_(wrapped.parameters(), _clip_value(cfg))
-        if hasattr(grad_norm, "full_tensor"):
-            grad_norm = grad_norm.full_tensor()
-        grad_norm = float(grad_norm)
-        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-            last = latest_checkpoint(out)
-            raise NonFiniteLossError(
-                f"non-finite loss ({loss}) or gradient norm ({grad_norm}) at step {step}; stopped without updating. "
-                f"Last good checkpoint: {last or 'none'} (resume with train.resume=true after lowering optim.lr)"
-            )
-        lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        now = time.perf_counter()
-        tps = tokens_per_step / (now - tick)
-        tick = now
-        if step % t.log_every == 0 or step == t.steps:
-            metrics.log({"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tps})
-        if bar is not None:
-            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tps:,.0f}", lr=f"{lr:.2e}")
-            bar.update(1)
-        if step % t.save_every == 0 or step == t.steps:
-            extra = {
-                "step": step,
-                "scheduler": scheduler.state_dict(),
-                "loader": loader.state_dict(),
-                "rng": rng_state(),
-            }
-            save_checkpoint(out, step, wrapped, optimizer, extra, rank=rank, keep=t.keep_checkpoints)
-        if kill_after and step == kill_after:
-            os.kill(os.getpid(), signal.SIGKILL)
+    with _Stops(out, t, bar) as stops:
+        for step in range(start + 1, t.steps + 1):
+            stops.step = step
+            micro = [shard_batch(next(batches), cp.rank, cp.size) for _ in range(t.grad_accum)]
+            n_local = sum(int((b["targets"] != IGNORE_INDEX).sum()) for b in micro)
+            n_global = _all_sum(torch.tensor(float(n_local), device=device)).clamp(min=1)
+            loss_sum = torch.zeros((), device=device)
+            for b in micro:
+                # backward inside too: activation checkpointing recomputes the attention there
+                with context_parallel_attention(cp.group, b["full_position_ids"].to(device)):
+                    with autocast:
+                        ids, pos, targets = (b[k].to(device) for k in ("input_ids", "position_ids", "targets"))
+                        part, _ = wrapped(ids, pos, targets, True)
+                    # FSDP averages gradients over ranks, so scale by world: the gradient is of the global token mean
+                    (part * (world / n_global)).backward()
+                loss_sum += part.detach()
+            loss = (_all_sum(loss_sum) / n_global).item()
+            grad_norm = torch.nn.utils.clip_grad_norm_(wrapped.parameters(), _clip_value(cfg))
+            if hasattr(grad_norm, "full_tensor"):
+                grad_norm = grad_norm.full_tensor()
+            grad_norm = float(grad_norm)
+            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                last = latest_checkpoint(out)
+                raise NonFiniteLossError(
+                    f"non-finite loss ({loss}) or gradient norm ({grad_norm}) at step {step}; stopped without "
+                    f"updating. Last good checkpoint: {last or 'none'} (resume with train.resume=true after "
+                    "lowering optim.lr)"
+                )
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            now = time.perf_counter()
+            tps = tokens_per_step / (now - tick)
+            tick = now
+            if step % t.log_every == 0 or step == t.steps:
+                metrics.log({"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tps})
+            if bar is not None:
+                bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tps:,.0f}", lr=f"{lr:.2e}")
+                bar.update(1)
+            stop = stops.sigterm_requested()  # every rank stops after the same step
+            if step % t.save_every == 0 or step == t.steps or stop:
+                extra = {
+                    "step": step,
+                    "scheduler": scheduler.state_dict(),
+                    "loader": loader.state_dict(),
+                    "rng": rng_state(),
+                    "run": record,
+                }
+                save_checkpoint(out, step, wrapped, optimizer, extra, rank=rank, keep=t.keep_checkpoints)
+            if kill_after and step == kill_after:
+                os.kill(os.getpid(), signal.SIGKILL)
+            if stop and step < t.steps:
+                stops.stop_after_sigterm()
     if bar is not None:
         bar.close()
     metrics.close()
@@ -252,6 +362,51 @@ def train(cfg: TrainConfig) -> Path:
     if dist.is_initialized():
         dist.destroy_process_group()
     return final
+
+
+class _Stops:
+    """Around the training loop: SIGTERM (what cluster schedulers send before killing a job) only sets a flag, and
+    the loop then writes a checkpoint of its current step and stops; Ctrl-C becomes one line saying where the run
+    stands. Both raise `TrainingInterrupted`."""
+
+    def __init__(self, out: Path, t, bar):
+        self.out, self.t, self.bar = out, t, bar
+        self.step, self.sigterm, self.previous = 0, False, None
+
+    def __enter__(self) -> _Stops:
+        if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
+            self.previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        return self
+
+    def _on_sigterm(self, signum, frame) -> None:
+        self.sigterm = True
+
+    def sigterm_requested(self) -> bool:
+        """Whether to stop after this step; under torchrun every rank answers the same (any rank got SIGTERM)."""
+        if not dist.is_initialized():
+            return self.sigterm
+        flag = torch.tensor(float(self.sigterm), device="cuda" if dist.get_backend() == "nccl" else "cpu")
+        return bool(_all_sum(flag) > 0)
+
+    def stop_after_sigterm(self) -> None:
+        raise TrainingInterrupted(
+            f"stopped by SIGTERM after step {self.step} of {self.t.steps}; wrote checkpoint "
+            f"{latest_checkpoint(self.out)}; continue with --resume",
+            128 + signal.SIGTERM,
+        )
+
+    def __exit__(self, kind, exc, tb) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+        if kind is not None and self.bar is not None:
+            self.bar.close()
+        if kind is KeyboardInterrupt:
+            last = list_checkpoints(self.out)
+            where = f"last checkpoint: step {last[-1][0]} ({last[-1][1]})" if last else "no checkpoint written yet"
+            raise TrainingInterrupted(
+                f"interrupted during step {self.step} of {self.t.steps}; {where}; continue with --resume",
+                128 + signal.SIGINT,
+            ) from None
 
 
 def _clip_value(cfg: TrainConfig) -> float:
