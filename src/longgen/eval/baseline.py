@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from longgen.model import convert, load_model
+from longgen.model import check_model_folder, convert, load_model, load_tokenizer
 from longgen.model.layout import LAYOUT_KEY, is_hybrid, read_layout
 from longgen.patterns import Full, SinkWindow
 
@@ -55,7 +55,7 @@ def load_for_eval(
     `baseline="streaming"` turns a plain model into StreamingLLM(`sink`, `window`). `dtype`: "float32",
     "bfloat16", "float16" or None (bfloat16 on CUDA, float32 on CPU).
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     if baseline not in BASELINES:
         raise ValueError(f"baseline must be one of {BASELINES}, got {baseline!r}")
@@ -65,8 +65,8 @@ def load_for_eval(
         dtype = "bfloat16" if str(device).startswith("cuda") else "float32"
     if dtype not in dtypes:
         raise ValueError(f"dtype must be one of {sorted(dtypes)}, got {dtype!r}")
-    if not (os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json"))):
-        raise FileNotFoundError(f"no model folder at {path} (a folder with config.json is needed)")
+    check_model_folder(path, weights=True)
+    tokenizer = load_tokenizer(tokenizer_path or path)
     config = AutoConfig.from_pretrained(path)
     if baseline == "streaming" and not is_full_attention(config):
         raise ValueError(
@@ -79,5 +79,4 @@ def load_for_eval(
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtypes[dtype])
     if baseline == "streaming":
         streaming_llm(model, sink, window)
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or path)
     return model.to(device).eval(), tokenizer

@@ -473,16 +473,14 @@ def load_engine(
     `prefill_chunk` prompt tokens between decode steps (None: whole prompts). On CUDA the decode step is captured in
     a CUDA graph here, before the first request. Generation stops at the tokenizer's EOS and the model's
     generation-config EOS tokens."""
-    from transformers import AutoTokenizer
-
-    from longgen.model import load_model
+    from longgen.model import load_model, load_tokenizer
 
     _check_prefill_chunk(prefill_chunk)  # before the model loads
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    tokenizer = load_tokenizer(path)
     model = load_model(path, dtype=dtype).to(device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(path)
     limit = model.config.max_position_embeddings
     max_len = max_len or limit
     if not 2 <= max_len <= limit:

@@ -26,9 +26,9 @@ def generate_text(
     ``temperature=0`` is greedy decoding; otherwise sampling with `temperature` and `top_p`. With `stream`, tokens
     are printed to stdout as they are produced.
     """
-    from transformers import AutoTokenizer, TextStreamer
+    from transformers import TextStreamer
 
-    from longgen.model import load_model
+    from longgen.model import load_model, load_tokenizer
 
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -37,8 +37,8 @@ def generate_text(
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    tokenizer = load_tokenizer(path)
     model = load_model(path, dtype=dtype).to(device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(path)
     ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
     limit = model.config.max_position_embeddings
     if ids.shape[1] + max_new_tokens > limit:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -365,19 +366,25 @@ def serve(
     model_name: str | None = None,
     prefill_chunk: int | None = None,
 ) -> None:
-    """Load the hybrid at `path` and serve it over HTTP until interrupted (the ``longgen serve`` command)."""
+    """Load the hybrid at `path` and serve it over HTTP until interrupted (the ``longgen serve`` command). The
+    address is taken first, so a port in use is an error before the model loads."""
     import uvicorn
 
     from longgen.infer.engine import load_engine
 
-    engine = load_engine(
-        path,
-        max_batch=max_batch,
-        max_len=max_len,
-        kv_budget_bytes=kv_budget_bytes,
-        device=device,
-        prefill_chunk=prefill_chunk,
-    )
+    sock = _listen(host, port)
+    try:
+        engine = load_engine(
+            path,
+            max_batch=max_batch,
+            max_len=max_len,
+            kv_budget_bytes=kv_budget_bytes,
+            device=device,
+            prefill_chunk=prefill_chunk,
+        )
+    except BaseException:
+        sock.close()
+        raise
     name = model_name or Path(path).resolve().name
     budget = "" if kv_budget_bytes is None else f", KV budget {kv_budget_bytes:,} bytes"
     print(
@@ -388,7 +395,17 @@ def serve(
         flush=True,
     )
     print(f"OpenAI-compatible API at http://{host}:{port}/v1 (model {name!r})", flush=True)
-    uvicorn.run(create_app(engine, name), host=host, port=port, log_level="info")
+    config = uvicorn.Config(create_app(engine, name), host=host, port=port, log_level="info")
+    uvicorn.Server(config).run(sockets=[sock])
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A socket bound to (host, port); OSError saying so when the address is in use or cannot be had."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        return socket.create_server((host, port), family=family)
+    except OSError as e:
+        raise OSError(f"cannot listen on {host}:{port}: {e.strerror or e} (choose another --port or --host)") from None
 
 
 __all__ = ["create_app", "serve"]

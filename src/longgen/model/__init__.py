@@ -3,12 +3,14 @@
 from longgen.model.attention import ATTN_IMPLEMENTATION, longgen_attention, register
 from longgen.model.convert import (
     SUPPORTED_MODEL_TYPES,
+    check_model_folder,
     convert,
     convert_checkpoint,
     convert_config,
     describe,
     format_description,
     load_model,
+    load_tokenizer,
 )
 from longgen.model.layout import build_layout, full_layer_indices, is_hybrid, read_layout
 from longgen.model.rope import extend_rope, ntk_theta
@@ -17,6 +19,7 @@ __all__ = [
     "ATTN_IMPLEMENTATION",
     "SUPPORTED_MODEL_TYPES",
     "build_layout",
+    "check_model_folder",
     "convert",
     "convert_checkpoint",
     "convert_config",
@@ -26,6 +29,7 @@ __all__ = [
     "full_layer_indices",
     "is_hybrid",
     "load_model",
+    "load_tokenizer",
     "longgen_attention",
     "ntk_theta",
     "read_layout",

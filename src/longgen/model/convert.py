@@ -102,14 +102,45 @@ def _rebuild_rotary(model: Any) -> None:
     base.rotary_emb = type(rotary)(config=model.config).to(rotary.inv_freq.device)
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")  # one of them makes a tokenizer
+
+
+def check_model_folder(path: str | os.PathLike, weights: bool = False) -> Path:
+    """`path` as a Path; FileNotFoundError unless it is a folder with config.json. With `weights`, ValueError
+    naming the first ``*.safetensors`` file whose header is damaged or whose data is cut short."""
+    from safetensors import SafetensorError, safe_open
+
+    folder = Path(path).expanduser()
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"no model folder at {path} (a folder with config.json is needed)")
+    for f in sorted(folder.glob("*.safetensors")) if weights else ():
+        try:
+            with safe_open(f, "pt"):
+                pass
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"{f} is damaged or incomplete (a copy cut short?): {e}") from None
+    return folder
+
+
+def load_tokenizer(path: str | os.PathLike) -> Any:
+    """The tokenizer saved in the local folder `path`; ValueError naming the folder when it holds none."""
+    from transformers import AutoTokenizer
+
+    folder = Path(path).expanduser()
+    if folder.is_dir() and not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        raise ValueError(
+            f"{folder} has no tokenizer files (one of {', '.join(TOKENIZER_FILES)}); save the model's tokenizer "
+            "there (tokenizer.save_pretrained)"
+        )
+    return AutoTokenizer.from_pretrained(folder)
+
+
 def load_model(path: str | os.PathLike, **kwargs: Any) -> Any:
     """Load a converted hybrid from a local folder (kwargs go to ``AutoModelForCausalLM.from_pretrained``)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     register()
-    local = Path(path)
-    if (local.is_absolute() or str(path).startswith(".") or local.exists()) and not (local / "config.json").is_file():
-        raise FileNotFoundError(f"no model folder at {path} (a folder with config.json is needed)")
+    check_model_folder(path, weights=True)
     config = AutoConfig.from_pretrained(path)
     if not is_hybrid(config):
         raise ValueError(f"{path} is not a LongGen hybrid (its config has no 'longgen' layout); convert it first")
