@@ -72,7 +72,7 @@ def build(args, variant: str, seq_len: int, device: torch.device):
     else:
         longgen.convert(model, pattern=patterns(args.tiny)[variant])
     model.config.use_cache = False
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    longgen.model.enable_activation_checkpointing(model)
     wrapped = CausalLMLoss(model, chunk=args.loss_chunk).train()
     # FSDP2 over all ranks (data x context flattened), as longgen.train does
     mp = MixedPrecisionPolicy(param_dtype=getattr(torch, args.compute_dtype), reduce_dtype=torch.float32)

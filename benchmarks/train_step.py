@@ -42,7 +42,7 @@ def build(layers: int, seq_len: int, variant: str, compile: bool = False):
     else:
         longgen.convert(model, pattern=patterns[variant])
     model.config.use_cache = False
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    longgen.model.enable_activation_checkpointing(model)
     if compile:  # what the train loop's `model.compile: true` does
         for layer in model.model.layers:
             layer.compile()

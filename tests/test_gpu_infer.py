@@ -5,7 +5,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from longgen import BlockSparse, SinkWindow, convert
-from longgen.infer import HybridCache
+from longgen.infer import HybridCache, cache_kwargs
 from longgen.model import read_layout
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -35,7 +35,7 @@ def test_decode_logits_match_recomputation(pattern):
     cache = HybridCache(m.config, max_length=4016)
     layers = read_layout(m.config)
     with torch.no_grad():
-        logits = m(seq, past_key_values=cache, use_cache=True).logits[:, -1]
+        logits = m(seq, **cache_kwargs(cache), use_cache=True).logits[:, -1]
         for _ in range(16):
             ref = m(seq).logits[:, -1]  # whole sequence again, no cache
             err = ((logits.float() - ref.float()).norm() / ref.float().norm()).item()
@@ -45,7 +45,7 @@ def test_decode_logits_match_recomputation(pattern):
                 assert cache.stored_tokens(i)[0].tolist() == p.kept_tokens(n, 4)
             nxt = ref.argmax(-1, keepdim=True)
             seq = torch.cat([seq, nxt], dim=1)
-            logits = m(nxt, past_key_values=cache, use_cache=True).logits[:, -1]
+            logits = m(nxt, **cache_kwargs(cache), use_cache=True).logits[:, -1]
 
 
 @pytest.mark.parametrize("pattern", [None, SinkWindow(64, 512), BlockSparse(64, 4)], ids=repr)

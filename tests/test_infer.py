@@ -5,7 +5,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from longgen import BlockLayout, BlockSparse, SinkWindow, convert
-from longgen.infer import HybridCache, analytic_kv_bytes
+from longgen.infer import HybridCache, analytic_kv_bytes, cache_kwargs
 from longgen.model import read_layout
 
 EFFICIENT_LAYOUT = BlockLayout(
@@ -54,7 +54,7 @@ def test_greedy_generation_with_the_cache_equals_recomputation(name):
     out = m.generate(
         prompt,
         attention_mask=torch.ones_like(prompt),
-        past_key_values=HybridCache(m.config),
+        **cache_kwargs(HybridCache(m.config)),
         max_new_tokens=20,
         do_sample=False,
         pad_token_id=0,
@@ -75,7 +75,7 @@ def test_mixed_length_batch_left_padded(name):
     out = m.generate(
         ids,
         attention_mask=mask,
-        past_key_values=HybridCache(m.config),
+        **cache_kwargs(HybridCache(m.config)),
         max_new_tokens=12,
         do_sample=False,
         pad_token_id=0,
@@ -92,7 +92,7 @@ def test_stored_tokens_follow_the_retention_rule_at_every_step(name):
     cache = HybridCache(m.config)
     seq = torch.randint(0, 128, (1, 45), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
-        logits = m(seq, past_key_values=cache, use_cache=True).logits
+        logits = m(seq, **cache_kwargs(cache), use_cache=True).logits
         for _ in range(30):
             n = seq.shape[1]
             for i, p in enumerate(layers):
@@ -103,7 +103,7 @@ def test_stored_tokens_follow_the_retention_rule_at_every_step(name):
                     assert torch.equal(cache.layers[i].stored_positions(0, g), retained[g]), (i, n, g)
             nxt = logits[:, -1].argmax(-1, keepdim=True)
             seq = torch.cat([seq, nxt], dim=1)
-            logits = m(nxt, past_key_values=cache, use_cache=True).logits
+            logits = m(nxt, **cache_kwargs(cache), use_cache=True).logits
 
 
 def test_all_sparse_streaming_model_never_holds_more_than_sink_plus_window():
@@ -111,10 +111,10 @@ def test_all_sparse_streaming_model_never_holds_more_than_sink_plus_window():
     cache = HybridCache(m.config)
     seq = torch.randint(0, 128, (2, 50), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
-        logits = m(seq, past_key_values=cache, use_cache=True).logits
+        logits = m(seq, **cache_kwargs(cache), use_cache=True).logits
         for _ in range(25):
             assert all(int(cache.stored_tokens(i).max()) <= 20 for i in range(6))
-            logits = m(logits[:, -1].argmax(-1, keepdim=True), past_key_values=cache, use_cache=True).logits
+            logits = m(logits[:, -1].argmax(-1, keepdim=True), **cache_kwargs(cache), use_cache=True).logits
     assert all(int(cache.stored_tokens(i).max()) == 20 for i in range(6))
 
 
@@ -125,10 +125,10 @@ def test_preallocated_cache_does_not_grow_and_stays_near_the_analytic_minimum():
     prompt = torch.randint(0, 128, (1, 100), generator=torch.Generator().manual_seed(5))
     before = None
     with torch.no_grad():
-        logits = m(prompt, past_key_values=cache, use_cache=True).logits
+        logits = m(prompt, **cache_kwargs(cache), use_cache=True).logits
         before = cache.allocated_bytes()
         for _ in range(L - 100):
-            logits = m(logits[:, -1].argmax(-1, keepdim=True), past_key_values=cache, use_cache=True).logits
+            logits = m(logits[:, -1].argmax(-1, keepdim=True), **cache_kwargs(cache), use_cache=True).logits
     assert cache.allocated_bytes() == before  # preallocated: nothing reallocated while decoding
     stored = sum(int(cache.stored_tokens(i).sum()) for i in range(6)) * 2 * 16 * 4  # K+V, head_dim, float32
     assert stored == analytic_kv_bytes(m.config, L, bytes_per_value=4)
@@ -230,7 +230,7 @@ def test_streaming_llm_baseline_cache_never_holds_more_than_sink_plus_window():
     cache = HybridCache(m.config)
     ids = torch.randint(0, 128, (1, 60), generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
-        logits = m(ids, past_key_values=cache, use_cache=True).logits
+        logits = m(ids, **cache_kwargs(cache), use_cache=True).logits
         for _ in range(20):
             assert max(int(cache.stored_tokens(i).max()) for i in range(3)) <= 4 + 16
-            logits = m(logits[:, -1].argmax(-1, keepdim=True), past_key_values=cache, use_cache=True).logits
+            logits = m(logits[:, -1].argmax(-1, keepdim=True), **cache_kwargs(cache), use_cache=True).logits

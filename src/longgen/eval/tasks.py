@@ -79,9 +79,9 @@ def generate(model: Any, tokenizer: Any, input_ids: Sequence[int], max_new_token
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     kwargs: dict[str, Any] = {}
     if _cache_kind(model, kv_cache) == "hybrid":
-        from longgen.infer.cache import HybridCache
+        from longgen.infer.cache import HybridCache, cache_kwargs
 
-        kwargs["past_key_values"] = HybridCache(model.config, max_length=x.shape[1] + max_new_tokens)
+        kwargs = cache_kwargs(HybridCache(model.config, max_length=x.shape[1] + max_new_tokens))
     out = model.generate(
         input_ids=x,
         attention_mask=torch.ones_like(x),

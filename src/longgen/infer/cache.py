@@ -12,6 +12,8 @@ transformers' `Cache.update` sees neither padding nor positions, so `update` reg
 
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import Any
 
 import torch
@@ -139,8 +141,23 @@ class RetainedKVLayer(CacheLayerMixin):
         self.kv.copy_from(old)
 
 
+@functools.cache
+def _cache_keyword() -> str:
+    from transformers.generation.utils import GenerationMixin
+
+    parameters = inspect.signature(GenerationMixin.prepare_inputs_for_generation).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
+def cache_kwargs(cache: Cache) -> dict[str, Cache]:
+    """``{keyword: cache}`` to hand `cache` to ``model.generate(...)`` or a model's forward: transformers calls it
+    ``cache`` from 5.24 on and ``past_key_values`` before (the old name warns there and goes in 6.0)."""
+    return {_cache_keyword(): cache}
+
+
 class HybridCache(Cache):
-    """A transformers `Cache` for LongGen hybrids: pass it to ``model.generate(past_key_values=...)``.
+    """A transformers `Cache` for LongGen hybrids: pass it to ``model.generate(cache=...)`` (transformers < 5.24:
+    ``past_key_values=...``; `cache_kwargs` picks the keyword).
 
     `max_length` (optional) preallocates every layer for sequences of up to that many tokens, so no memory is
     reallocated while generating; otherwise layers grow (doubling) as needed.

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from longgen.infer.cache import HybridCache
+from longgen.infer.cache import HybridCache, cache_kwargs
 
 
 def generate_text(
@@ -55,7 +55,7 @@ def generate_text(
     out = model.generate(
         ids,
         attention_mask=torch.ones_like(ids),
-        past_key_values=cache,
+        **cache_kwargs(cache),
         max_new_tokens=max_new_tokens,
         streamer=streamer,
         pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,

@@ -135,6 +135,17 @@ def load_tokenizer(path: str | os.PathLike) -> Any:
     return AutoTokenizer.from_pretrained(folder)
 
 
+def enable_activation_checkpointing(model: Any) -> Any:
+    """Recompute each decoder layer's activations in the backward pass (non-reentrant); returns the model.
+    transformers 5.24 renamed ``gradient_checkpointing_enable`` (deprecated, goes in 6.0) to this."""
+    options = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
+    return model
+
+
 def load_model(path: str | os.PathLike, **kwargs: Any) -> Any:
     """Load a converted hybrid from a local folder (kwargs go to ``AutoModelForCausalLM.from_pretrained``)."""
     from transformers import AutoConfig, AutoModelForCausalLM

@@ -153,9 +153,9 @@ def _dist_setup(cfg: TrainConfig) -> tuple[int, int, torch.device]:
 def _load_model(cfg: TrainConfig, device: torch.device):
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from longgen.model import convert, is_hybrid, load_model
+    from longgen.model import check_model_folder, convert, enable_activation_checkpointing, is_hybrid, load_model
 
-    path = Path(cfg.model.path).expanduser()
+    path = check_model_folder(cfg.model.path, weights=True)
     if is_hybrid(AutoConfig.from_pretrained(path)):
         model = load_model(path, dtype=torch.float32)
         original_config = None
@@ -166,7 +166,7 @@ def _load_model(cfg: TrainConfig, device: torch.device):
         convert(model, full_fraction=1.0)
     model.config.use_cache = False
     if cfg.model.activation_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
     if cfg.model.compile:
         for layer in model.model.layers:
             layer.compile()
