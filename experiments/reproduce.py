@@ -34,6 +34,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.util
+import shlex
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -43,8 +45,8 @@ if importlib.util.find_spec("longgen") is None:  # a checkout that is not instal
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from reproduction.report import build_report
-from reproduction.settings import DEFAULT, TASKS, TINY, VARIANTS, Settings
-from reproduction.stages import Deadline, DeadlineReached, Experiment, interactive, log
+from reproduction.settings import DEFAULT, TINY, VARIANTS, Settings
+from reproduction.stages import EVAL_STAGES, Deadline, DeadlineReached, Experiment, interactive, log
 
 STAGES = ("plan", "prepare", "pretrain", "extend", "eval", "report", "all")
 EXIT_UNFINISHED = 75  # stopped at --deadline-minutes: run the same command again to continue
@@ -77,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variant", action="append", choices=VARIANTS, help="extend/eval: only this one (repeatable)")
     p.add_argument("--force", action="store_true", help="redo the stages run now even if they finished")
     p.add_argument("--deadline-minutes", type=float, help=f"stop after this long (exit code {EXIT_UNFINISHED})")
+    p.add_argument("--commit", help="the commit of the code that runs, for the results (default: git rev-parse HEAD)")
     group = p.add_argument_group("settings (defaults: the GPU preset; --tiny has its own)")
     for f in dataclasses.fields(Settings):
         default = getattr(DEFAULT, f.name)
@@ -99,7 +102,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 def print_plan(exp: Experiment) -> None:
     s, p = exp.s, exp.plan
     sec = p["seconds"]
-    pre, ext = p["pretrain"], p["extend"]
+    pre, ext, ext_s = p["pretrain"], p["extend"], sec["extend"]
     given = s.pretrain_steps and s.extend_steps
     log(f"plan ({'steps given' if given else f'--budget-minutes {s.budget_minutes:g}'}; times at the assumed "
         f"throughput; work {exp.work}; results {exp.out}):")  # fmt: skip
@@ -107,11 +110,12 @@ def print_plan(exp: Experiment) -> None:
         f"= {p['pretrain_tokens'] / 1e6:.1f}M tokens, ~{sec['pretrain'] / 60:.1f} min at "
         f"{s.assume_pretrain_tps:,.0f} tokens/s")  # fmt: skip
     log(f"  extend {len(s.trained)} variants x {p['extend_steps']} steps x {ext['tokens_per_step']:,} tokens at "
-        f"{s.long_len} = {p['extend_tokens_per_variant'] / 1e6:.1f}M tokens each, ~{sec['extend_each'] / 60:.1f} "
-        f"min each at {s.assume_extend_tps:,.0f} tokens/s")  # fmt: skip
+        f"{s.long_len} = {p['extend_tokens_per_variant'] / 1e6:.1f}M tokens each, "
+        f"{', '.join(f'{v} ~{ext_s[v] / 60:.1f}' for v in s.trained)} min (full attention at "
+        f"{s.assume_extend_tps:,.0f} tokens/s)")  # fmt: skip
     log(f"  evaluate {len(s.variants)} variants x {p['eval_prompts_per_variant']} prompts + perplexity, "
-        f"~{sec['eval_each'] / 60:.1f} min each; prepare ~{sec['prepare'] / 60:.1f} min; "
-        f"total ~{sec['total'] / 60:.1f} min")  # fmt: skip
+        f"~{sec['eval_full'] / 60:.1f} min for full attention; prepare ~{sec['prepare'] / 60:.1f} min; "
+        f"main comparison ~{sec['main_total'] / 60:.1f} min")  # fmt: skip
     names = exp.stage_names()
     pending = [n for n in names if not exp.current(n)]
     status = f"  finished: {len(names) - len(pending)}/{len(names)} stages"
@@ -120,7 +124,20 @@ def print_plan(exp: Experiment) -> None:
     log(status)
 
 
-def run(exp: Experiment, stage: str, picked: Sequence[str] | None) -> None:
+def current_commit() -> str:
+    """The checkout's commit (with "+changes" when files differ from it), or "unknown" outside a git checkout."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True, text=True,
+                              check=True).stdout.strip()  # fmt: skip
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+changes" if dirty else "")
+
+
+def run(exp: Experiment, stage: str, picked: Sequence[str] | None, provenance: dict[str, str]) -> None:
     s = exp.s
     if stage in ("prepare", "all"):
         exp.run("prepare")
@@ -132,11 +149,11 @@ def run(exp: Experiment, stage: str, picked: Sequence[str] | None) -> None:
                 raise ValueError("streaming_llm is not trained: it is model 1 (`full`) with StreamingLLM at inference")
             exp.run(f"extend-{v}")
     if stage in ("eval", "all"):
-        for task in TASKS:
+        for task in EVAL_STAGES:
             for v in picked or s.variants:
                 exp.run(f"eval-{v}-{task}")
     if stage in ("report", "all"):
-        build_report(exp)
+        build_report(exp, **provenance)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -153,15 +170,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         from transformers.utils import logging
 
         logging.disable_progress_bar()
+    given = sys.argv[1:] if argv is None else list(argv)
+    provenance = {
+        "commit": args.commit or current_commit(),
+        "command": shlex.join(["python", "experiments/reproduce.py", *given]),
+    }
     t0 = time.perf_counter()
     try:
         with Deadline(args.deadline_minutes):
-            run(exp, args.stage, args.variant)
+            run(exp, args.stage, args.variant, provenance)
     except DeadlineReached:
         log(f"\nstopped at the deadline after {time.perf_counter() - t0:.0f} s; finished stages are kept: run the "
             "same command again to continue")  # fmt: skip
         if args.stage == "all" and exp.current("pretrain"):  # a partial report, in case no call follows
-            build_report(exp)
+            build_report(exp, **provenance)
         print_plan(exp)
         return EXIT_UNFINISHED
     except ValueError as e:

@@ -26,41 +26,60 @@ def _losses(run: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+QUALITY_KEYS = {"device", "commit", "command", "pretrain_len", "extended_len", "rows", "paired"}
+ROW_KEYS = {"variant", "task", "length", "n", "correct", "accuracy", "ci_low", "ci_high"}
+PAIRED_KEYS = {"variant", "length", "n", "diff_vs_full", "diff_ci_low", "diff_ci_high"}
+
+
 def test_tiny_end_to_end(reproduce, tmp_path, capsys):
     work, out = tmp_path / "work", tmp_path / "results"
-    args = ["--tiny", "--work-dir", str(work), "--out-dir", str(out)]
-    assert reproduce.main(["all", *args]) == 0
+    variants = "full,hybrid_sinkwindow,hybrid_blocksparse,all_sparse,streaming_llm,hybrid_bottom,frontier_0.5"
+    args = ["--tiny", "--work-dir", str(work), "--out-dir", str(out), "--variants", variants]
+    assert reproduce.main(["all", *args, "--commit", "abc123"]) == 0
     printed = capsys.readouterr().out
-    assert "What the paper leads us to expect" in printed and "6. StreamingLLM on model 1" in printed
+    assert "## Targets" in printed and "5. StreamingLLM on model 1" in printed
 
     # every stage left its artefacts
     assert (work / "tokenizer" / "tokenizer.json").is_file()
     assert (work / "data" / "train.jsonl").is_file() and len(list((work / "data" / "heldout").iterdir())) == 2
-    trained = ("full", "hybrid_sinkwindow", "hybrid_blocksparse", "all_sparse", "hybrid_bottom")
+    trained = ("full", "hybrid_sinkwindow", "hybrid_blocksparse", "all_sparse", "hybrid_bottom", "frontier_0.5")
     for run in ("pretrain", *trained):
         assert (work / "runs" / run / "final" / "model.safetensors").is_file()
-        assert list((work / "runs" / run / "checkpoints").glob("step-*"))
         assert all(math.isfinite(x) and x > 0 for x in _losses(work / "runs" / run))
-    summary = json.loads((out / "reproduce.json").read_text())
-    for name in ("reproduce.md", "retrieval_heatmaps.png", "retrieval_by_length.png", "ppl_by_position.png"):
+    for name in ("reproduce.md", "retrieval_by_length.png", "frontier.png", "niah_heatmaps.png", "ppl_by_position.png"):
         assert (out / name).stat().st_size > 0
-    assert (work / "eval" / "hybrid_sinkwindow" / "niah" / "niah.png").is_file()
     assert "| 1. full attention |" in (out / "reproduce.md").read_text()
 
-    # six variants, sane numbers
-    variants = summary["variants"]
-    assert list(variants) == [*trained, "streaming_llm"]
-    for v in variants.values():
-        assert all(0.0 <= a <= 1.0 for a in v["retrieval_by_length"].values())
-        for task in ("passkey", "niah"):
-            assert 0.0 <= v[task]["accuracy"] <= 1.0
-        assert all(math.isfinite(p) and p > 1 for p in v["ppl"]["ppl_by_length"].values())
-        assert math.isfinite(v["extension"]["loss_final"]) and v["extension"]["tokens_per_s"] > 0
-    kv = {name: v["kv_bytes"]["256"] for name, v in variants.items()}
+    # the summary for tools, in exactly the documented shape
+    quality = json.loads((out / "quality_summary.json").read_text())
+    assert set(quality) == QUALITY_KEYS and quality["commit"] == "abc123"
+    assert quality["pretrain_len"] == 64 and quality["extended_len"] == 512
+    assert quality["command"].startswith("python experiments/reproduce.py all --tiny")
+    tasks = {"passkey", "niah", "niah_multikey", "variable_tracking", "kv_lookup"}
+    evaluated = [*trained[:4], "streaming_llm", *trained[4:]]
+    assert {r["variant"] for r in quality["rows"]} == set(evaluated)
+    assert {r["task"] for r in quality["rows"]} == tasks and {r["length"] for r in quality["rows"]} == {320, 512}
+    assert len(quality["rows"]) == len(evaluated) * len(tasks) * 2
+    for r in quality["rows"]:
+        assert set(r) == ROW_KEYS and r["n"] == 3 and 0 <= r["correct"] <= 3
+        assert r["accuracy"] == r["correct"] / r["n"] and r["ci_low"] <= r["accuracy"] <= r["ci_high"]
+    assert len(quality["paired"]) == (len(evaluated) - 1) * 2
+    for p in quality["paired"]:
+        assert set(p) == PAIRED_KEYS and p["n"] == 15 and p["variant"] != "full"
+        assert p["diff_ci_low"] <= p["diff_vs_full"] <= p["diff_ci_high"]
+
+    # the full report: targets, the frontier (0 and 1/3 are all_sparse and hybrid_sinkwindow), per-prompt outcomes
+    summary = json.loads((out / "reproduce.json").read_text())
+    assert [t["met"] in (True, False) for t in summary["targets"]] == [True] * 6
+    assert [f["variant"] for f in summary["frontier"]] == ["frontier_0", "frontier_0.333", "frontier_0.5"]
+    assert [f["full_layers"] for f in summary["frontier"]] == [[], [2, 3], [1, 2, 3]]
+    assert len(summary["outcomes"]["full"]["passkey@320"]) == 3
+    variants_out = summary["variants"]
+    kv = {name: v["kv_bytes"]["512"] for name, v in variants_out.items()}
     assert kv["hybrid_sinkwindow"] < kv["full"] and kv["streaming_llm"] < kv["hybrid_sinkwindow"]
-    assert variants["all_sparse"]["full_layers"] == [] and variants["hybrid_bottom"]["full_layers"] == [0]
-    assert variants["hybrid_sinkwindow"]["full_layers"] == [1]
-    assert len(summary["expectations"]) == 5 and all(c["met"] in (True, False) for c in summary["expectations"])
+    assert variants_out["hybrid_bottom"]["full_layers"] == [0, 1]
+    for v in variants_out.values():
+        assert all(math.isfinite(p) and p > 1 for p in v["ppl"]["ppl_by_length"].values())
 
     # a finished stage is skipped
     metrics = work / "runs" / "pretrain" / "metrics.jsonl"
@@ -75,7 +94,7 @@ def test_tiny_end_to_end(reproduce, tmp_path, capsys):
     assert _losses(work / "runs" / "pretrain") == first
     capsys.readouterr()
     assert reproduce.main(["plan", *args]) == 0
-    assert "finished: 2/25 stages; next: extend-full" in capsys.readouterr().out
+    assert "finished: 2/22 stages; next: extend-full" in capsys.readouterr().out
 
 
 def test_stopped_stage_resumes(reproduce, tmp_path, monkeypatch, capsys):

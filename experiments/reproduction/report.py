@@ -1,46 +1,73 @@
-"""The report: every finished result per variant, the paper's expectations checked, markdown, JSON and plots.
+"""The report: accuracies with intervals, paired differences against full attention, the targets checked, the
+cost-quality frontier; markdown, JSON (`reproduce.json`, and `quality_summary.json` for tools) and plots.
 
-Only results that are current for the settings count; a variant not evaluated yet shows as "—" and the
-expectations that need it as "not evaluated".
+Only results that are current for the settings count; a variant not evaluated yet is left out, and the targets
+that need it read "not evaluated".
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import math
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from .settings import LABELS, TASKS, Settings
+from longgen.eval.stats import paired_difference, wilson_interval
+
+from .settings import FRONTIER, FRONTIER_ALIASES, FRONTIER_FRACTIONS, HELD_OUT_TASK, LABELS, TASKS, VARIANTS, Settings
 from .stages import Experiment, log, write_json
 
-FILES = ("reproduce.json", "reproduce.md", "retrieval_heatmaps.png", "retrieval_by_length.png", "ppl_by_position.png")
+FILES = ("reproduce.json", "quality_summary.json", "reproduce.md", "retrieval_by_length.png", "frontier.png",
+         "niah_heatmaps.png", "ppl_by_position.png")  # fmt: skip
 
 
-def build_report(exp: Experiment) -> dict[str, Any]:
+def build_report(exp: Experiment, commit: str = "unknown", command: str = "") -> dict[str, Any]:
     """Collect, check, write ``FILES`` into the output folder, print the markdown; returns the JSON summary."""
     s = exp.s
-    variants = {v: variant_record(exp, v) for v in s.variants}
+    variants = {v: r for v in VARIANTS if (r := variant_record(exp, v)) is not None}
     prepare, pretrain = (exp.done(n) if exp.current(n) else None for n in ("prepare", "pretrain"))
+    env = environment()
+    rows, pooled, paired = accuracy_rows(s, variants)
     summary = {
-        "title": "LongGen comparisons, scaled down",
+        "title": "LongGen quality: a 16x context extension, full attention against the hybrids",
         "settings": dataclasses.asdict(s),
         "plan": exp.plan,
-        "environment": environment(),
+        "environment": env,
+        "commit": commit,
+        "command": command,
         "corpus": prepare and prepare["result"],
         "pretrain": pretrain and {**pretrain["result"], "seconds": pretrain["seconds"]},
-        "variants": variants,
-        "expectations": expectations(s, variants),
+        "variants": {v: {k: x for k, x in r.items() if k != "records"} for v, r in variants.items()},
+        "accuracy": rows,
+        "pooled": pooled,
+        "paired": paired,
+        "frontier": frontier(s, variants, pooled),
+        "targets": targets(s, rows, pooled, paired, variants),
+        "outcomes": {v: outcome_strings(r["records"]) for v, r in variants.items() if r.get("records")},
         "stage_seconds": {n: exp.done(n)["seconds"] for n in exp.stage_names() if exp.current(n)},
     }
     exp.out.mkdir(parents=True, exist_ok=True)
+    quality = {
+        "device": env["device"],
+        "commit": commit,
+        "command": command,
+        "pretrain_len": s.short_len,
+        "extended_len": s.long_len,
+        "rows": [
+            {k: r[k] for k in ("variant", "task", "length", "n", "correct", "accuracy", "ci_low", "ci_high")}
+            for r in rows
+        ],
+        "paired": [
+            {k: p[k] for k in ("variant", "length", "n", "diff_vs_full", "diff_ci_low", "diff_ci_high")} for p in paired
+        ],
+    }
+    write_json(exp.out / "quality_summary.json", quality)
     table = format_report(summary, s)
     (exp.out / "reproduce.md").write_text(table + "\n")
-    write_plots(exp.out, s, variants)
+    write_plots(exp.out, s, variants, summary)
     summary["files"] = [str(exp.out / f) for f in FILES]
     write_json(exp.out / "reproduce.json", summary)
     print(table, flush=True)
@@ -48,25 +75,25 @@ def build_report(exp: Experiment) -> dict[str, Any]:
     return summary
 
 
-def variant_record(exp: Experiment, variant: str) -> dict[str, Any]:
+def variant_record(exp: Experiment, variant: str) -> dict[str, Any] | None:
+    """Everything current about `variant`, or None when it has no current result at all."""
     s = exp.s
     trained, options = exp.model_of(variant)
     ext_name = f"extend-{trained}"
     ext = exp.done(ext_name) if exp.current(ext_name) else None
+    if ext is None:
+        return None
     record: dict[str, Any] = {"label": LABELS[variant], "model_of": trained, "eval_options": options}
-    record["extension"] = ext and {**ext["result"], "seconds": ext["seconds"]}
+    record["extension"] = {**ext["result"], "seconds": ext["seconds"]}
     start = exp.outputs(ext_name)[0]
-    if ext and (start / "config.json").is_file():
-        record.update(layout_record(start, options, [s.long_len, max(s.eval_lengths)]))
-    for task in TASKS:
+    if (start / "config.json").is_file():
+        record.update(layout_record(start, options, [s.long_len]))
+    for task in ("retrieval", "ppl"):
         name = f"eval-{variant}-{task}"
-        record[task] = exp.result(name)["summary"] if exp.current(name) else None
-    pk, nh = record["passkey"], record["niah"]
-    record["retrieval_by_length"] = pk and nh and {
-        n: (pk["accuracy_by_length"][n] + nh["accuracy_by_length"][n]) / 2 for n in map(str, s.eval_lengths)
-    }  # fmt: skip
-    record["retrieval"] = pk and nh and (pk["accuracy"] + nh["accuracy"]) / 2
-    record["prompts_per_length"] = 2 * len(s.eval_depths) * s.eval_samples
+        record[task] = exp.result(name) if exp.current(name) else None
+    record["records"] = (record.pop("retrieval") or {}).get("records")
+    if record["ppl"]:
+        record["ppl"] = record["ppl"]["summary"]
     return record
 
 
@@ -92,55 +119,125 @@ def layout_record(model: Path, options: dict, lengths: Sequence[int]) -> dict[st
     }
 
 
-def _mean(xs: Sequence[float]) -> float:
-    return sum(xs) / len(xs)
+def accuracy_rows(s: Settings, variants: dict[str, dict]) -> tuple[list, list, list]:
+    """(rows per variant x task x length, pooled rows per variant x length, paired differences vs full)."""
+    rows, pooled, paired = [], [], []
+
+    def row(variant: str, task: str, length: int, hits: list[bool]) -> dict[str, Any]:
+        lo, hi = wilson_interval(sum(hits), len(hits))
+        return {"variant": variant, "task": task, "length": length, "n": len(hits), "correct": sum(hits),
+                "accuracy": sum(hits) / len(hits), "ci_low": lo, "ci_high": hi}  # fmt: skip
+
+    def outcomes(records: list[dict], length: int, tasks: Sequence[str] = TASKS) -> list[bool]:
+        keyed = {(r["task"], r["index"]): r["correct"] for r in records if r["length"] == length}
+        return [keyed[t, i] for t in tasks for i in range(s.prompts_per_task) if (t, i) in keyed]
+
+    full = (variants.get("full") or {}).get("records")
+    for v, r in variants.items():
+        if not r.get("records"):
+            continue
+        for n in s.eval_lengths:
+            for t in TASKS:
+                rows.append(row(v, t, n, outcomes(r["records"], n, [t])))
+            pooled.append(row(v, "all", n, outcomes(r["records"], n)))
+            if full and v != "full":
+                d = paired_difference(outcomes(r["records"], n), outcomes(full, n))
+                paired.append({"variant": v, "length": n, "n": d.n, "diff_vs_full": d.diff, "diff_ci_low": d.ci_low,
+                               "diff_ci_high": d.ci_high, "only_variant": d.a_only, "only_full": d.b_only,
+                               "mcnemar_p": d.p_value})  # fmt: skip
+    return rows, pooled, paired
 
 
-def expectations(s: Settings, variants: dict[str, dict]) -> list[dict[str, Any]]:
-    """What the paper leads us to expect, checked on retrieval accuracy (pass key and needle, mean of the two).
+def outcome_strings(records: list[dict]) -> dict[str, str]:
+    """Per-prompt results, compactly: ``{"<task>@<length>": "0110..."}``, character i for prompt index i (the
+    prompts are a function of the seed, so these are enough to redo any paired comparison)."""
+    out: dict[str, list[str]] = {}
+    for r in sorted(records, key=lambda r: (r["task"], r["length"], r["index"])):
+        out.setdefault(f"{r['task']}@{r['length']}", []).append("1" if r["correct"] else "0")
+    return {k: "".join(v) for k, v in out.items()}
 
-    `met` is None when a variant that a check needs was not evaluated. Long range: prompt lengths of at least 4x
-    the sparse window, where most needle depths are out of a window's reach."""
-    acc = {v: r["retrieval_by_length"] for v, r in variants.items() if r.get("retrieval_by_length")}
-    lengths = [str(n) for n in s.eval_lengths]
-    long = [str(n) for n in s.eval_lengths if n >= 4 * s.window] or [lengths[-1]]
-    n = 2 * len(s.eval_depths) * s.eval_samples
+
+def _far(s: Settings) -> list[int]:
+    return [n for n in s.eval_lengths if n >= 8192] or [max(s.eval_lengths)]
+
+
+def _pooled_over(variants: dict, v: str, lengths: Sequence[int], s: Settings) -> list[bool]:
+    keyed = {(r["task"], r["length"], r["index"]): r["correct"] for r in variants[v]["records"]}
+    return [keyed[k] for k in sorted(keyed) if k[1] in lengths]
+
+
+def frontier(s: Settings, variants: dict[str, dict], pooled: list[dict]) -> list[dict[str, Any]]:
+    """SinkWindow hybrids by share of full layers: accuracy pooled over tasks and lengths >= 8K (Wilson interval),
+    analytic KV bytes at the extended length, measured extension tokens/s."""
+    out = []
+    for name, fraction in zip(FRONTIER, FRONTIER_FRACTIONS, strict=True):
+        v = FRONTIER_ALIASES.get(name, name)
+        r = variants.get(v)
+        if not r or not r.get("records"):
+            continue
+        hits = _pooled_over(variants, v, _far(s), s)
+        lo, hi = wilson_interval(sum(hits), len(hits))
+        out.append({"variant": name, "model": v, "full_fraction": fraction, "full_layers": r["full_layers"],
+                    "accuracy_far": sum(hits) / len(hits), "ci_low": lo, "ci_high": hi, "n": len(hits),
+                    "kv_bytes": r["kv_bytes"][str(s.long_len)],
+                    "extension_tokens_per_s": r["extension"]["tokens_per_s"]})  # fmt: skip
+    return out
+
+
+def targets(s: Settings, rows: list, pooled: list, paired: list, variants: dict) -> list[dict[str, Any]]:
+    """The issue's targets, each `met` True/False, or None when a variant it needs was not evaluated."""
     checks = []
 
-    def add(text: str, needs: Sequence[str], test: Callable[[], tuple[bool, str]]) -> None:
-        missing = [v for v in needs if v not in acc]
+    def add(text: str, needs: Sequence[str], test) -> None:
+        missing = [v for v in needs if not (variants.get(v) or {}).get("records")]
         met, detail = (None, f"not evaluated: {', '.join(missing)}") if missing else test()
-        checks.append({"expectation": text, "met": met, "detail": detail})
+        checks.append({"target": text, "met": met, "detail": detail})
 
+    def full_retrieves() -> tuple[bool, str]:
+        mine = [r for r in rows if r["variant"] == "full" and r["task"] in ("passkey", "niah")]
+        worst = min(mine, key=lambda r: r["accuracy"])
+        return all(r["accuracy"] >= s.retrieval_target for r in mine), (
+            f"lowest {worst['accuracy']:.1%} ({worst['task']} at {_k(worst['length'])}, {worst['correct']}/"
+            f"{worst['n']}, 95% CI {worst['ci_low']:.1%}-{worst['ci_high']:.1%})"
+        )
+
+    add(f"full attention >= {s.retrieval_target:.0%} on passkey and niah at every length", ["full"], full_retrieves)
     for v in ("hybrid_sinkwindow", "hybrid_blocksparse"):
 
         def near(v=v) -> tuple[bool, str]:
-            gaps = {k: acc[v][k] - acc["full"][k] for k in lengths}
-            worst = min(gaps, key=gaps.get)
-            p, q = acc[v][worst], acc["full"][worst]
-            noise = 2 * math.sqrt((p * (1 - p) + q * (1 - q)) / n)  # two standard errors of the difference
-            return gaps[worst] >= -s.tolerance, (
-                f"worst gap {100 * gaps[worst]:+.1f} points at {worst} tokens (two standard errors with {n} "
-                f"prompts a length: {100 * noise:.1f} points)"
+            mine = [p for p in paired if p["variant"] == v]
+            worst = min(mine, key=lambda p: p["diff_vs_full"])
+            low = min(mine, key=lambda p: p["diff_ci_low"])
+            ok = all(p["diff_vs_full"] >= -s.tolerance and p["diff_ci_low"] >= -s.ci_tolerance for p in mine)
+            return ok, (
+                f"worst difference {100 * worst['diff_vs_full']:+.1f} points at {_k(worst['length'])}; lowest "
+                f"interval end {100 * low['diff_ci_low']:+.1f} points at {_k(low['length'])} ({low['n']} paired "
+                "prompts a length)"
             )
 
-        add(f"{LABELS[v]} within {100 * s.tolerance:g} points of full attention at every length", [v, "full"], near)
+        add(f"{LABELS[v]}: paired difference vs full >= {-100 * s.tolerance:+.0f} points at every length, interval "
+            f"lower end >= {-100 * s.ci_tolerance:+.0f}", [v, "full"], near)  # fmt: skip
     for v in ("all_sparse", "streaming_llm"):
 
         def far(v=v) -> tuple[bool, str]:
-            full, mine = _mean([acc["full"][k] for k in long]), _mean([acc[v][k] for k in long])
-            return full - mine >= s.far_below, (
-                f"{100 * mine:.1f}% vs {100 * full:.1f}% at {', '.join(long)} tokens (gap {100 * (full - mine):.1f} "
-                f"points; far: >= {100 * s.far_below:g})"
+            mine, full = (_pooled_over(variants, x, _far(s), s) for x in (v, "full"))
+            d = paired_difference(mine, full)
+            return -d.diff >= s.far_below, (
+                f"{sum(mine) / len(mine):.1%} vs {sum(full) / len(full):.1%} over {', '.join(map(_k, _far(s)))} "
+                f"(difference {100 * d.diff:+.1f} points, 95% CI {100 * d.ci_low:+.1f} to {100 * d.ci_high:+.1f})"
             )
 
-        add(f"{LABELS[v]} far below full attention at long range", [v, "full"], far)
+        add(f"{LABELS[v]} >= {100 * s.far_below:.0f} points below full attention at >= 8K", [v, "full"], far)
 
     def middle_vs_bottom() -> tuple[bool, str]:
-        mid, bottom = _mean(list(acc["hybrid_sinkwindow"].values())), _mean(list(acc["hybrid_bottom"].values()))
-        return mid >= bottom, f"{100 * mid:.1f}% vs {100 * bottom:.1f}% over all lengths"
+        mid, bottom = (_pooled_over(variants, x, s.eval_lengths, s) for x in ("hybrid_sinkwindow", "hybrid_bottom"))
+        d = paired_difference(mid, bottom)
+        return d.diff >= 0, (
+            f"{sum(mid) / len(mid):.1%} vs {sum(bottom) / len(bottom):.1%} over all lengths (difference "
+            f"{100 * d.diff:+.1f} points, 95% CI {100 * d.ci_low:+.1f} to {100 * d.ci_high:+.1f})"
+        )
 
-    add("full layers in the middle (2) at least as good as at the bottom (5)", ["hybrid_sinkwindow", "hybrid_bottom"],
+    add("full layers in the middle at least as good as at the bottom", ["hybrid_sinkwindow", "hybrid_bottom"],
         middle_vs_bottom)  # fmt: skip
     return checks
 
@@ -179,103 +276,148 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]], text_columns: i
     return ["| " + " | ".join(r) + " |" for r in (header, align, *rows)]
 
 
+def _ci(lo: float, hi: float) -> str:
+    return f"{100 * lo:.0f}-{100 * hi:.0f}"
+
+
 def format_report(summary: dict, s: Settings) -> str:
-    """The comparison as markdown: retrieval, perplexity, layout/training/KV cache, expectations."""
+    """The comparison as markdown: targets, pooled retrieval with intervals, paired differences, per task,
+    frontier, perplexity, layout/training/KV cache."""
     variants, pre, env = summary["variants"], summary["pretrain"], summary["environment"]
-    mark = {n: "†" if n > s.long_len else "" for n in s.ppl_lengths}
     lines = [f"# {summary['title']}", ""]
     if pre:
         lines += [
             f"Llama, {pre['parameters'] / 1e6:.0f}M parameters ({s.layers} layers, hidden {s.hidden_size}, {s.heads} "
-            f"heads, {s.kv_heads} KV heads), pre-trained on {pre['tokens'] / 1e6:.1f}M tokens at {s.short_len} "
-            f"tokens; each variant extended to {s.long_len} tokens on the same "
+            f"heads, {s.kv_heads} KV heads), pre-trained on {pre['tokens'] / 1e6:.1f}M tokens at {_k(s.short_len)}; "
+            f"each variant extended to {_k(s.long_len)} ({s.long_len // s.short_len}x) on the same "
             f"{summary['plan']['extend_tokens_per_variant'] / 1e6:.1f}M tokens. {env['device']}, torch "
-            f"{env['torch']}, {env['date']}.",
+            f"{env['torch']}, commit {summary['commit']}, {env['date']}.",
             "",
         ]
-    n = 2 * len(s.eval_depths) * s.eval_samples
-    lines += [f"## Retrieval accuracy by prompt length (pass key and needle in a haystack, {n} prompts a length)", ""]
-    rows = []
-    for r in variants.values():
-        acc = r.get("retrieval_by_length") or {}
-        pk, nh = (r.get(t) or {} for t in ("passkey", "niah"))
-        rows.append([r["label"], *(_pct(acc.get(str(n))) for n in s.eval_lengths), _pct(r.get("retrieval")),
-                     _pct(pk.get("accuracy")), _pct(nh.get("accuracy"))])  # fmt: skip
-    lines += _table(["variant", *(_k(n) + mark[n] for n in s.eval_lengths), "all", "pass key", "needle"], rows)
+    verdict = {True: "met", False: "NOT met", None: "not evaluated"}
+    lines += ["## Targets", "", "| target | verdict | numbers |", "| --- | --- | --- |"]
+    lines += [f"| {c['target']} | {verdict[c['met']]} | {c['detail']} |" for c in summary["targets"]]
+    per = len(TASKS) * s.prompts_per_task
+    lines += ["", f"## Retrieval accuracy by length, pooled over the {len(TASKS)} tasks ({per} prompts a length; "
+              "95% Wilson interval)", ""]  # fmt: skip
+    pooled = {(r["variant"], r["length"]): r for r in summary["pooled"]}
+    rows = [[LABELS[v], *(f"{100 * p['accuracy']:.1f} ({_ci(p['ci_low'], p['ci_high'])})" if (p := pooled.get((v, n)))
+                          else "—" for n in s.eval_lengths)] for v in variants]  # fmt: skip
+    lines += _table(["variant", *map(_k, s.eval_lengths)], rows)
+    lines += ["", "## Paired difference against full attention on the same prompts (points; 95% interval, "
+              "Newcombe; discordant prompts variant-only / full-only)", ""]  # fmt: skip
+    paired = {(p["variant"], p["length"]): p for p in summary["paired"]}
+    rows = [[LABELS[v], *(f"{100 * p['diff_vs_full']:+.1f} ({100 * p['diff_ci_low']:+.1f} to "
+                          f"{100 * p['diff_ci_high']:+.1f}; {p['only_variant']}/{p['only_full']})"
+                          if (p := paired.get((v, n))) else "—" for n in s.eval_lengths)]
+            for v in variants if v != "full"]  # fmt: skip
+    lines += _table(["variant", *map(_k, s.eval_lengths)], rows)
+    lines += ["", f"## Accuracy by task and length ({s.prompts_per_task} prompts each; `{HELD_OUT_TASK}` is held out "
+              "of training)", ""]  # fmt: skip
+    by = {(r["variant"], r["task"], r["length"]): r for r in summary["accuracy"]}
+    rows = [[LABELS[v], t, *(f"{100 * r['accuracy']:.0f}" if (r := by.get((v, t, n))) else "—" for n in s.eval_lengths)]
+            for v in variants for t in TASKS]  # fmt: skip
+    lines += _table(["variant", "task", *map(_k, s.eval_lengths)], rows, text_columns=2)
+    if summary["frontier"]:
+        lines += ["", "## Cost-quality frontier: SinkWindow hybrids by share of full layers (middle)", ""]
+        rows = [[f["variant"], ",".join(map(str, f["full_layers"])) or "none",
+                 f"{100 * f['accuracy_far']:.1f} ({_ci(f['ci_low'], f['ci_high'])})", f"{f['kv_bytes'] / 2**20:,.1f}",
+                 f"{f['extension_tokens_per_s']:,.0f}"] for f in summary["frontier"]]  # fmt: skip
+        lines += _table(["variant", "full layers", f"accuracy >= 8K, % (n = {summary['frontier'][0]['n']})",
+                         f"KV MiB @{_k(s.long_len)}", "extension tokens/s"], rows, text_columns=2)  # fmt: skip
     lines += ["", "## Perplexity of held-out documents by context length", ""]
     rows = []
-    for r in variants.values():
-        by = (r.get("ppl") or {}).get("ppl_by_length", {})
-        rows.append([r["label"], *(f"{by[str(n)]:.2f}" if str(n) in by else "—" for n in s.ppl_lengths)])
-    lines += _table(["variant", *(_k(n) + mark[n] for n in s.ppl_lengths)], rows)
-    if any(mark.values()):
-        lines += ["", f"† longer than the extended context ({s.long_len} tokens): extrapolation."]
+    for v, r in variants.items():
+        by_len = (r.get("ppl") or {}).get("ppl_by_length", {})
+        rows.append([LABELS[v], *(f"{by_len[str(n)]:.2f}" if str(n) in by_len else "—" for n in s.ppl_lengths)])
+    lines += _table(["variant", *map(_k, s.ppl_lengths)], rows)
     lines += ["", "## Layout, extension training, KV cache (bf16, batch 1, analytic)", ""]
-    kv_lengths = list(dict.fromkeys([s.long_len, max(s.eval_lengths)]))
     rows = []
     for v, r in variants.items():
-        ext, kv = r.get("extension"), r.get("kv_bytes", {})
-        tps = "—" if not ext else f"{ext['tokens_per_s']:,.0f}" if r["model_of"] == v else "(model 1's)"
-        rows.append([
-            r["label"],
-            ",".join(map(str, r.get("full_layers", []))) or "none",
-            r.get("sparse_pattern") or "none",
-            f"{ext['loss_final']:.3f}" if ext else "—",
-            tps,
-            *(f"{kv[str(n)] / 2**20:,.1f}" if str(n) in kv else "—" for n in kv_lengths),
-        ])  # fmt: skip
-    header = ["variant", "full layers", "sparse layers", "extension loss", "tokens/s"]
-    lines += _table([*header, *(f"KV MiB @{_k(n)}" for n in kv_lengths)], rows, text_columns=3)
-    lines += ["", "## What the paper leads us to expect", ""]
-    verdict = {True: "met", False: "NOT met", None: "not evaluated"}
-    lines += ["| expectation | verdict | numbers |", "| --- | --- | --- |"]
-    lines += [f"| {c['expectation']} | {verdict[c['met']]} | {c['detail']} |" for c in summary["expectations"]]
+        ext, kv = r["extension"], r.get("kv_bytes", {})
+        tps = f"{ext['tokens_per_s']:,.0f}" if r["model_of"] == v else f"({LABELS[r['model_of']].split('.')[0]}'s)"
+        rows.append([LABELS[v], ",".join(map(str, r.get("full_layers", []))) or "none", r.get("sparse_pattern") or
+                     "none", f"{ext['loss_final']:.3f}", tps, f"{kv[str(s.long_len)] / 2**20:,.1f}"])  # fmt: skip
+    lines += _table(["variant", "full layers", "sparse layers", "extension loss", "tokens/s",
+                     f"KV MiB @{_k(s.long_len)}"], rows, text_columns=3)  # fmt: skip
     return "\n".join(lines)
 
 
-def write_plots(out: Path, s: Settings, variants: dict[str, dict]) -> None:
-    """retrieval_heatmaps.png (accuracy by depth and length, pass key and needle, every variant),
-    retrieval_by_length.png and ppl_by_position.png (loss by token position)."""
+def write_plots(out: Path, s: Settings, variants: dict[str, dict], summary: dict) -> None:
+    """retrieval_by_length.png (pooled accuracy with 95% intervals), frontier.png (accuracy at >= 8K against KV
+    bytes), niah_heatmaps.png (single-needle accuracy by depth and length) and ppl_by_position.png."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, len(variants), figsize=(2 + 2.4 * len(variants), 6), squeeze=False)
-    for col, (v, r) in enumerate(variants.items()):
-        for row, task in enumerate(("passkey", "niah")):
-            ax = axes[row][col]
-            grid = (r.get(task) or {}).get("accuracy_by_length_depth")
-            if grid:
-                acc = [[grid[str(n)][f"{d:g}"] for n in s.eval_lengths] for d in s.eval_depths]
-                ax.imshow(acc, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
-                for i, line in enumerate(acc):
-                    for j, a in enumerate(line):
-                        ax.text(j, i, f"{a:.1f}", ha="center", va="center", fontsize=7)
-            ax.set_xticks(range(len(s.eval_lengths)), [_k(n) for n in s.eval_lengths], fontsize=7)
-            ax.set_yticks(range(len(s.eval_depths)), [f"{d:.0%}" for d in s.eval_depths], fontsize=7)
-            ax.set_title(f"{LABELS[v]}\n{'pass key' if task == 'passkey' else 'needle in a haystack'}", fontsize=8)
-    fig.supxlabel("prompt length (tokens)")
-    fig.supylabel("needle depth")
-    fig.tight_layout()
-    fig.savefig(out / "retrieval_heatmaps.png", dpi=110)
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    for v, r in variants.items():
-        if r.get("retrieval_by_length"):
-            acc = [r["retrieval_by_length"][str(n)] for n in s.eval_lengths]
-            ax.plot(s.eval_lengths, acc, marker="o", label=LABELS[v])
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for v in variants:
+        pts = [r for r in summary["pooled"] if r["variant"] == v]
+        if pts:
+            x = [r["length"] for r in pts]
+            y = [r["accuracy"] for r in pts]
+            err = [[a - r["ci_low"] for a, r in zip(y, pts, strict=True)],
+                   [r["ci_high"] - a for a, r in zip(y, pts, strict=True)]]  # fmt: skip
+            ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=LABELS[v])
     ax.set_xscale("log", base=2)
-    ax.set_xticks(s.eval_lengths, [_k(n) for n in s.eval_lengths])
-    ax.axvline(s.long_len, color="grey", ls="--", lw=0.8)
-    ax.set_xlabel("prompt length (tokens); dashed: the extended context")
-    ax.set_ylabel("retrieval accuracy (pass key and needle)")
+    ax.set_xticks(list(s.eval_lengths), [_k(n) for n in s.eval_lengths])
+    ax.set_xlabel("prompt length (tokens)")
+    ax.set_ylabel(f"retrieval accuracy, {len(TASKS)} tasks pooled (95% CI)")
     ax.set_ylim(-0.03, 1.03)
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out / "retrieval_by_length.png", dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    pts = summary["frontier"]
+    if pts:
+        x = [f["kv_bytes"] / 2**20 for f in pts]
+        y = [f["accuracy_far"] for f in pts]
+        err = [[a - f["ci_low"] for a, f in zip(y, pts, strict=True)],
+               [f["ci_high"] - a for a, f in zip(y, pts, strict=True)]]  # fmt: skip
+        ax.errorbar(x, y, yerr=err, marker="o", capsize=3)
+        for f, xi, yi in zip(pts, x, y, strict=True):
+            ax.annotate(f"{f['full_fraction']:.0%} full", (xi, yi), textcoords="offset points", xytext=(4, -12),
+                        fontsize=8)  # fmt: skip
+        full = variants.get("full")
+        if full and full.get("records"):
+            hits = _pooled_over(variants, "full", _far(s), s)
+            ax.scatter([full["kv_bytes"][str(s.long_len)] / 2**20], [sum(hits) / len(hits)], marker="*", s=120,
+                       color="black", label="full attention", zorder=3)  # fmt: skip
+            ax.legend(fontsize=8)
+    ax.set_xlabel(f"KV cache at {_k(s.long_len)} tokens (MiB, bf16, batch 1)")
+    ax.set_ylabel("retrieval accuracy at >= 8K (95% CI)")
+    ax.set_ylim(-0.03, 1.03)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "frontier.png", dpi=110)
+    plt.close(fig)
+
+    bins = 5
+    shown = [v for v in variants if variants[v].get("records")]
+    fig, axes = plt.subplots(1, max(1, len(shown)), figsize=(2 + 2.3 * max(1, len(shown)), 3.4), squeeze=False)
+    for col, v in enumerate(shown):
+        ax = axes[0][col]
+        grid = [[[] for _ in s.eval_lengths] for _ in range(bins)]
+        for r in variants[v]["records"]:
+            if r["task"] == "niah":
+                grid[min(bins - 1, int(r["depth"] * bins))][s.eval_lengths.index(r["length"])].append(r["correct"])
+        acc = [[sum(c) / len(c) if c else float("nan") for c in line] for line in grid]
+        ax.imshow(acc, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+        for i, line in enumerate(acc):
+            for j, a in enumerate(line):
+                ax.text(j, i, f"{a:.2f}", ha="center", va="center", fontsize=6)
+        ax.set_xticks(range(len(s.eval_lengths)), [_k(n) for n in s.eval_lengths], fontsize=7)
+        ax.set_yticks(range(bins), [f"{i / bins:.0%}-{(i + 1) / bins:.0%}" for i in range(bins)], fontsize=6)
+        ax.set_title(LABELS[v], fontsize=8)
+    fig.supxlabel("prompt length (tokens)")
+    fig.supylabel("needle depth")
+    fig.suptitle("needle in a haystack (single needle)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out / "niah_heatmaps.png", dpi=110)
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(6.5, 4))

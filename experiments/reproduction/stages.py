@@ -20,8 +20,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from .corpus import file_name, select_documents, write_jsonl, write_retrieval_set
-from .settings import TASKS, Settings, batch_shape, plan
+from .corpus import file_name, select_documents
+from .settings import FRONTIER, FRONTIER_ALIASES, FRONTIER_FRACTIONS, TASKS, Settings, batch_shape, plan
 
 
 class DeadlineReached(BaseException):  # a BaseException, so that no `except Exception` in a library swallows it
@@ -77,6 +77,9 @@ def interactive() -> bool:
     return sys.stderr.isatty()
 
 
+EVAL_STAGES = ("retrieval", "ppl")  # every variant's retrieval first
+
+
 def extend_upsample(s: Settings) -> list[list[float]]:
     """Extension data: documents from long_len/8 tokens on keep their weight, shorter ones half of it."""
     return [[max(2, s.long_len // 8), 1.0], [1, 0.5]]
@@ -99,7 +102,7 @@ class Experiment:
 
     def stage_names(self) -> list[str]:
         names = ["prepare", "pretrain", *(f"extend-{v}" for v in self.s.trained)]
-        return names + [f"eval-{v}-{t}" for t in TASKS for v in self.s.variants]  # every variant's retrieval first
+        return names + [f"eval-{v}-{t}" for t in EVAL_STAGES for v in self.s.variants]  # retrieval first
 
     def done(self, name: str) -> dict | None:
         """The record of stage `name` when it finished (perhaps for other settings), else None."""
@@ -127,7 +130,7 @@ class Experiment:
         if name == "prepare":
             fields = ("seed", "sources", "corpus_mb", "tokenizer_mb", "vocab_size", "heldout_docs", "short_len",
                       "long_len", "retrieval_share_pretrain", "retrieval_share_extend", "facts_per_1k")  # fmt: skip
-            return {**{k: getattr(s, k) for k in fields}, "heldout_min_tokens": max(s.ppl_lengths)}
+            return {**{k: getattr(s, k) for k in fields}, "heldout_min_tokens": max(s.ppl_lengths), "format": 2}
         if name == "pretrain":
             model = [s.hidden_size, s.layers, s.heads, s.kv_heads, s.intermediate_size, s.short_len]
             steps, lr = self.plan["pretrain_steps"], s.pretrain_lr
@@ -141,22 +144,18 @@ class Experiment:
                 "long_len": s.long_len,
                 "rope": s.rope,
                 "steps": self.plan["extend_steps"],
+                "batch_tokens": s.batch_tokens,
                 "lr": s.extend_lr,
                 **train,
             }
         if name.startswith("eval-"):
             variant, task = name.removeprefix("eval-").rsplit("-", 1)
             trained, options = self.model_of(variant)
-            return {
-                "model": self.fingerprint(f"extend-{trained}"),
-                "options": options,
-                "lengths": s.ppl_lengths if task == "ppl" else list(s.eval_lengths),
-                "depths": list(s.eval_depths),
-                "samples": s.eval_samples,
-                "ppl": [s.ppl_docs, s.ppl_bucket],
-                "seed": s.seed,
-                "device": self.device(),
-            }
+            what = {"lengths": s.ppl_lengths, "ppl": [s.ppl_docs, s.ppl_bucket]} if task == "ppl" else {
+                "lengths": list(s.eval_lengths), "tasks": list(TASKS), "per_task": s.prompts_per_task,
+                "answer_room": s.answer_room}  # fmt: skip
+            return {"model": self.fingerprint(f"extend-{trained}"), "options": options, **what, "seed": s.seed,
+                    "prepare": self.fingerprint("prepare"), "device": self.device()}  # fmt: skip
         raise ValueError(f"unknown stage {name!r}")
 
     def current(self, name: str) -> bool:
@@ -215,11 +214,17 @@ class Experiment:
         """Planned seconds of the stages not finished for the current settings."""
         sec, total = self.plan["seconds"], 0.0
         for name in self.stage_names():
-            if not self.current(name):
-                kind = name.split("-")[0]
-                total += {"prepare": sec["prepare"], "pretrain": sec["pretrain"], "extend": sec["extend_each"]}.get(
-                    kind, sec["eval_each"] / len(TASKS)
-                )
+            if self.current(name):
+                continue
+            if name in ("prepare", "pretrain"):
+                total += sec[name]
+            elif name.startswith("extend-"):
+                total += sec["extend"][name.removeprefix("extend-")]
+            else:
+                variant, task = name.removeprefix("eval-").rsplit("-", 1)
+                each = sec["eval_full"] if self.model_of(variant)[0] == "full" and variant == "full" else \
+                    sec["eval_sparse"]  # fmt: skip
+                total += each * (0.9 if task == "retrieval" else 0.1)
         return total
 
     def device(self) -> str:
@@ -236,6 +241,7 @@ class Experiment:
         from transformers import AutoTokenizer
 
         from longgen.train.data import tokenize_corpus
+        from longgen.train.synthetic import write_jsonl, write_retrieval_set
         from longgen.train.tokenizer import train_bpe_tokenizer
 
         s = self.s
@@ -288,7 +294,7 @@ class Experiment:
         sets = {}
         for stage, share, real, span in (
             ("pretrain", s.retrieval_share_pretrain, float(base.n_tokens), (max(16, s.short_len // 4), s.short_len)),
-            ("extend", s.retrieval_share_extend, extend_tokens, (max(16, s.long_len // 4), s.long_len)),
+            ("extend", s.retrieval_share_extend, extend_tokens, (max(16, s.long_len // 8), s.long_len)),
         ):
             path = self.data / f"retrieval-{stage}.jsonl"
             total = int(share / (1 - share) * real)  # tokens that make `share` of what the loader draws from
@@ -423,6 +429,9 @@ class Experiment:
             "all_sparse": {"full_fraction": 0.0, "pattern": sink_window},
             "hybrid_bottom": {"full_layers": "bottom", "pattern": sink_window},
         }
+        for name, fraction in zip(FRONTIER, FRONTIER_FRACTIONS, strict=True):
+            if name not in FRONTIER_ALIASES:
+                specs[name] = {"full_layers": "middle", "full_fraction": fraction, "pattern": sink_window}
         if variant not in specs:
             raise ValueError(f"{variant!r} is not trained; trained variants: {', '.join(specs)}")
         return specs[variant]
@@ -449,28 +458,57 @@ class Experiment:
         """(the trained variant whose model is evaluated, options for longgen.eval) for `variant`."""
         if variant == "streaming_llm":
             return "full", {"baseline": "streaming", "sink": self.s.sink, "window": self.s.window}
-        return variant, {}
+        return FRONTIER_ALIASES.get(variant, variant), {}
 
     def _evaluate(self, variant: str, task: str) -> dict:
-        from longgen.eval import niah, passkey, ppl
-
         s = self.s
         trained, options = self.model_of(variant)
         model = Path(self.result(f"extend-{trained}")["model"])
-        view = eval_view(model, self.work / "eval-views" / trained, max(s.ppl_lengths) + 64)  # + the answer
-        heldout = [self.result("prepare")["heldout_dir"]]
-        common = {"out_dir": self.outputs(f"eval-{variant}-{task}")[0], "progress": interactive(),
-                  "device": self.device(), **options}  # fmt: skip
+        heldout = self.result("prepare")["heldout_dir"]
+        out = self.outputs(f"eval-{variant}-{task}")[0]
         if task == "ppl":
-            r = ppl(view, lengths=s.ppl_lengths, bucket=s.ppl_bucket, documents=heldout, num_documents=s.ppl_docs,
-                    seed=s.seed, **common)  # fmt: skip
+            from longgen.eval import ppl
+
+            r = ppl(model, lengths=s.ppl_lengths, bucket=s.ppl_bucket, documents=[heldout], num_documents=s.ppl_docs,
+                    seed=s.seed, out_dir=out, progress=interactive(), device=self.device(), **options)  # fmt: skip
             log(f"  perplexity by length: {_rounded(r['summary']['ppl_by_length'], 2)}")
-        else:
-            task_fn = passkey if task == "passkey" else niah
-            r = task_fn(view, lengths=list(s.eval_lengths), depths=list(s.eval_depths), samples=s.eval_samples,
-                        seed=s.seed, haystack=heldout, **common)  # fmt: skip
-            log(f"  {task} accuracy by length: {_rounded(r['summary']['accuracy_by_length'], 2)}")
-        return {"summary": r["summary"], "files": r["files"]}
+            return {"summary": r["summary"], "files": r["files"]}
+        return self._retrieval(model, options, Path(heldout), out)
+
+    def _retrieval(self, model_path: Path, options: dict[str, Any], heldout: Path, out: Path) -> dict:
+        """Every task's prompts at every length, scored by `longgen.eval.forced.greedy_matches` (batched, no
+        generation); writes ``records.json`` (one line per prompt: task, length, index, depth, correct)."""
+        import torch
+
+        from longgen.eval import load_for_eval
+        from longgen.eval.forced import greedy_matches
+
+        from .tasks import build_items, digit_ids, haystack_words
+
+        s = self.s
+        model, tokenizer = load_for_eval(model_path, device=self.device(), **options)
+        texts = [p.read_text(encoding="utf-8", errors="replace") for p in sorted(heldout.iterdir())]
+        pool = tokenizer("\n\n".join(texts), add_special_tokens=False)["input_ids"]
+        words = haystack_words(tokenizer, pool)
+        items = build_items(tokenizer, pool, words, s.eval_lengths, s.prompts_per_task, s.answer_room, s.seed)
+        t0 = time.perf_counter()
+        correct = []
+        for n in s.eval_lengths:  # one length at a time: progress in the log
+            group = [it for it in items if it.length == n]
+            correct += greedy_matches(model, [it.input_ids for it in group], [it.answer_ids for it in group],
+                                      reject_next=digit_ids(tokenizer), pad_id=tokenizer.eos_token_id)  # fmt: skip
+            acc = sum(correct[-len(group) :]) / len(group)
+            log(f"  {n:>6} tokens: {acc:.1%} of {len(group)} prompts ({time.perf_counter() - t0:.0f} s)")
+        seconds = time.perf_counter() - t0
+        records = [{"task": it.task, "length": it.length, "index": it.index, "depth": it.depth, "answer": it.answer,
+                    "correct": ok} for it, ok in zip(items, correct, strict=True)]  # fmt: skip
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / "records.json", records)
+        del model
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        prompt_tokens = sum(len(it.input_ids) for it in items)
+        return {"records": records, "seconds": seconds, "prompt_tokens_per_s": prompt_tokens / max(seconds, 1e-9)}
 
 
 class Heartbeat:

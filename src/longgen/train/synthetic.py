@@ -93,6 +93,12 @@ def make_fact(kind: str, rng: random.Random, word: str) -> Fact:
     raise ValueError(f"unknown kind of fact {kind!r}; choose from {RETRIEVAL_KINDS}")
 
 
+def _distinct(found: list[str], n: int) -> list[str]:
+    """`n` distinct keys: the words found, then numbered copies of them (or of a fixed list when none)."""
+    base = found or list(_FALLBACK_WORDS)
+    return [base[i % len(base)] + (str(i // len(base)) if i >= len(base) else "") for i in range(n)]
+
+
 def _filler(rng: random.Random, texts: Sequence[str], chars: int) -> list[str]:
     """About `chars` characters of random pieces of `texts`, as lines."""
     parts, have = [], 0
@@ -121,15 +127,15 @@ def retrieval_document(
         raise ValueError(f"kinds must be some of {RETRIEVAL_KINDS}, got {list(kinds)}")
     n_facts = max(1, round(n_tokens * facts_per_1k / 1024))
     lines = _filler(rng, texts, int(n_tokens * chars_per_token))
-    found = list(dict.fromkeys(re.findall(r"\b[a-z]{4,10}\b", "\n".join(lines[:400]))))
-    words = rng.sample(found, min(len(found), n_facts)) if len(found) >= n_facts else list(_FALLBACK_WORDS)
+    found = list(dict.fromkeys(re.findall(r"\b[a-z]{4,10}\b", "\n".join(lines))))
+    words = rng.sample(found, n_facts) if len(found) >= n_facts else _distinct(found, n_facts)
     choices = list(kinds)
     facts = []
     for i in range(n_facts):
         kind = rng.choice(choices)
         if kind == "passkey" and len(choices) > 1:
             choices.remove("passkey")  # one pass key a document
-        facts.append(make_fact(kind, rng, words[i % len(words)]))
+        facts.append(make_fact(kind, rng, words[i]))
     # fewer characters of filler for what the facts add
     extra = sum(len(n) + 2 for f in facts for n in f.needles) + sum(len(f.question) + 2 for f in facts)
     lines = lines[: max(1, len(lines) - extra // 40)]

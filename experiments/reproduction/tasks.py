@@ -1,0 +1,112 @@
+"""The retrieval prompts: five tasks, each a prompt of an exact length and the answer greedy decoding must give.
+
+Prompts are built by `longgen.eval.build_prompt` from a haystack of held-out text (a random window of it per
+prompt) and are a function of (seed, task, length, index) only, so every variant answers the same prompts. The
+needle depth of prompt i of n is i / (n - 1): depths evenly cover the context from its start to its end.
+
+* ``passkey``, ``niah`` — worded exactly as `longgen.eval.passkey` / `longgen.eval.niah`;
+* ``niah_multikey`` — four magic-number needles keyed by different words of the haystack, one asked for;
+* ``variable_tracking`` — ``VAR A = 12345.`` ... ``VAR B = A.`` ... ``VAR C = B.``, asked for C's value (two hops);
+* ``kv_lookup`` (held out) — a Python dict literal of three hexadecimal keys mapped to numbers, asked for as a
+  doctest line ``>>> lookup["3f9a2c71"]``: a structure and wording that the training data never contains.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from longgen.eval import build_prompt
+
+from .settings import TASKS
+
+
+@dataclass(frozen=True)
+class Item:
+    task: str
+    length: int
+    index: int
+    depth: float
+    input_ids: list[int]
+    answer: str  # the text greedy decoding must continue the prompt with
+    answer_ids: list[int]
+
+
+def _rng(*parts: object) -> random.Random:
+    return random.Random(":".join(map(str, parts)))
+
+
+def _digits(rng: random.Random, n: int) -> str:
+    return str(rng.randint(10 ** (n - 1), 10**n - 1))
+
+
+def haystack_words(tokenizer: Any, pool: list[int], n: int = 400) -> list[str]:
+    """Distinct lowercase words (5-10 letters) of the haystack: the keys of the magic numbers."""
+    text = tokenizer.decode(pool[:200_000])
+    return list(dict.fromkeys(re.findall(r"\b[a-z]{5,10}\b", text)))[:n]
+
+
+def _spec(task: str, rng: random.Random, depth: float, words: list[str]):
+    """(needles, their depths, question, answer prefix, answer) of one prompt."""
+    if task == "passkey":
+        k = _digits(rng, 5)
+        needle = f"\nThe pass key is {k}. Remember it. {k} is the pass key.\n"
+        return [needle], [depth], "\nWhat is the pass key?", "The pass key is", f" {k}"
+    if task in ("niah", "niah_multikey"):
+        keys = rng.sample(words, 4 if task == "niah_multikey" else 1)
+        values = [_digits(rng, 7) for _ in keys]
+        needles = [f"\nThe special magic number for {w} is: {v}.\n" for w, v in zip(keys, values, strict=True)]
+        depths = [depth] + [rng.random() for _ in keys[1:]]
+        question = f"\nWhat is the special magic number for {keys[0]} mentioned in the provided text?"
+        return needles, depths, question, f"The special magic number for {keys[0]} mentioned in the provided text is", \
+            f" {values[0]}"  # fmt: skip
+    if task == "variable_tracking":
+        v = _digits(rng, 5)
+        names: list[str] = []
+        while len(names) < 3:
+            name = "".join(rng.choice("ABCDEFGHIJKLMNOPQRSTUVWXYZ") for _ in range(5))
+            if name not in names:
+                names.append(name)
+        needles = [
+            f"\nVAR {names[0]} = {v}.\n",
+            f"\nVAR {names[1]} = {names[0]}.\n",
+            f"\nVAR {names[2]} = {names[1]}.\n",
+        ]
+        depths = [depth, *sorted(depth + (1 - depth) * rng.random() for _ in range(2))]
+        return needles, depths, f"\nWhat is the value of VAR {names[2]}?", f"The value of VAR {names[2]} is", f" {v}"
+    if task == "kv_lookup":
+        keys = [f"{rng.getrandbits(32):08x}" for _ in range(3)]
+        values = [_digits(rng, 7) for _ in keys]
+        asked = rng.randrange(3)
+        record = ", ".join(f'"{k}": {v}' for k, v in zip(keys, values, strict=True))
+        return [f"\nlookup = {{{record}}}\n"], [depth], f'\n>>> lookup["{keys[asked]}"]\n', "", values[asked]
+    raise ValueError(f"unknown task {task!r}; tasks: {TASKS}")
+
+
+def build_items(tokenizer: Any, pool: list[int], words: list[str], lengths, per_task: int, answer_room: int,
+                seed: int, tasks=TASKS) -> list[Item]:  # fmt: skip
+    """Every prompt of the evaluation: `per_task` per (task, length); a length-n prompt has n - answer_room tokens
+    (the answer and the token after it fit within n)."""
+    items = []
+    for task in tasks:
+        for n in lengths:
+            size = n - answer_room
+            for i in range(per_task):
+                rng = _rng(seed, task, n, i)
+                depth = i / (per_task - 1)
+                needles, depths, question, prefix, answer = _spec(task, rng, depth, words)
+                if len(pool) < size:
+                    raise ValueError(f"the haystack has {len(pool)} tokens; prompts of {size} tokens need more")
+                start = rng.randrange(len(pool) - size + 1)
+                prompt = build_prompt(tokenizer, size, pool[start : start + size], needles, depths, question, prefix)
+                answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
+                items.append(Item(task, n, i, depth, prompt.input_ids, answer, answer_ids))
+    return items
+
+
+def digit_ids(tokenizer: Any) -> list[int]:
+    """Token ids that are a single digit: a number's answer must not be followed by one."""
+    ids = [tokenizer.convert_tokens_to_ids(d) for d in "0123456789"]
+    return [i for i in ids if i is not None and i != tokenizer.unk_token_id]

@@ -1,0 +1,79 @@
+"""Statistics for accuracy comparisons: Wilson intervals, and paired differences on the same prompts.
+
+Two models answering the same prompts are compared through their discordant pairs (one right, the other wrong):
+`paired_difference` gives the difference of accuracies with Newcombe's interval for paired proportions (method
+10 of Newcombe, *Statistics in Medicine* 17:2635, 1998: Wilson intervals of both accuracies combined through the
+phi correlation of the pairs), which stays sensible at 0 or 100% and with few discordant pairs, and McNemar's
+exact two-sided p-value.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+Z95 = 1.959963984540054  # the standard normal's 97.5% quantile
+
+
+def wilson_interval(correct: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval of a proportion `correct` / `n` (95% by default)."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be a positive int, got {n!r}")
+    if isinstance(correct, bool) or not isinstance(correct, int) or not 0 <= correct <= n:
+        raise ValueError(f"correct must be an int in [0, n={n}], got {correct!r}")
+    p = correct / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+@dataclass(frozen=True)
+class PairedDifference:
+    """Accuracy of A minus accuracy of B on the same `n` prompts, its 95% interval and McNemar's p-value.
+
+    `a_only` / `b_only`: prompts that only A / only B answered correctly (the discordant pairs)."""
+
+    n: int
+    both: int
+    a_only: int
+    b_only: int
+    neither: int
+    diff: float
+    ci_low: float
+    ci_high: float
+    p_value: float
+
+
+def paired_difference(a: Sequence[bool], b: Sequence[bool], z: float = Z95) -> PairedDifference:
+    """Compare two models' correctness on the same prompts (``a[i]`` and ``b[i]`` answer prompt i)."""
+    if len(a) != len(b) or not a:
+        raise ValueError(f"paired results need the same, non-zero number of prompts; got {len(a)} and {len(b)}")
+    n = len(a)
+    both = sum(1 for x, y in zip(a, b, strict=True) if x and y)
+    a_only = sum(1 for x, y in zip(a, b, strict=True) if x and not y)
+    b_only = sum(1 for x, y in zip(a, b, strict=True) if y and not x)
+    neither = n - both - a_only - b_only
+    p1, p2 = (both + a_only) / n, (both + b_only) / n
+    l1, u1 = wilson_interval(both + a_only, n, z)
+    l2, u2 = wilson_interval(both + b_only, n, z)
+    margins = (both + a_only) * (b_only + neither) * (both + b_only) * (a_only + neither)
+    phi = (both * neither - a_only * b_only) / math.sqrt(margins) if margins else 0.0
+    lower = math.sqrt(max(0.0, (p1 - l1) ** 2 - 2 * phi * (p1 - l1) * (u2 - p2) + (u2 - p2) ** 2))
+    upper = math.sqrt(max(0.0, (u1 - p1) ** 2 - 2 * phi * (u1 - p1) * (p2 - l2) + (p2 - l2) ** 2))
+    diff = p1 - p2
+    return PairedDifference(
+        n, both, a_only, b_only, neither, diff, max(-1.0, diff - lower), min(1.0, diff + upper),
+        mcnemar_exact(a_only, b_only),
+    )  # fmt: skip
+
+
+def mcnemar_exact(a_only: int, b_only: int) -> float:
+    """Two-sided exact McNemar p-value: the binomial(a_only + b_only, 1/2) probability of a split at least as
+    uneven as the one observed (1.0 when there are no discordant pairs)."""
+    m = a_only + b_only
+    if m == 0:
+        return 1.0
+    k = min(a_only, b_only)
+    tail = sum(math.comb(m, i) for i in range(k + 1)) / 2**m
+    return min(1.0, 2 * tail)
