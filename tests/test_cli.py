@@ -4,6 +4,7 @@ import shutil
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -95,3 +96,22 @@ def test_serve_on_a_busy_port_fails_before_loading_the_model(hybrid, tmp_path):
         port = busy.getsockname()[1]
         r = run("serve", str(damaged), "--port", str(port), "--device", "cpu")
     one_line_error(r, f"cannot listen on 127.0.0.1:{port}", "--port")
+
+
+def test_argument_errors_say_what_is_allowed_not_internal_names(hybrid):
+    for args in (["patterns", "--kv-heads", "abc"], ["eval", "passkey", str(hybrid), "--samples", "abc"]):
+        r = run(*args)
+        assert r.returncode == 2 and "must be a positive integer, got 'abc'" in r.stderr, r.stderr
+        assert "_positive" not in r.stderr
+    r = run("generate", str(hybrid), "--prompt", "w1", "--top-p", "0", "--device", "cpu")
+    one_line_error(r, "top_p must be in (0, 1]", "got 0.0")
+    r = run("generate", str(hybrid), "--prompt", "w1", "--temperature", "-1", "--device", "cpu")
+    one_line_error(r, "temperature must be >= 0", "got -1.0")
+
+
+def test_the_demo_folder_is_git_ignored():
+    root = Path(__file__).resolve().parents[1]
+    if not (root / ".git").exists():
+        pytest.skip("not a git checkout")
+    r = subprocess.run(["git", "check-ignore", "-q", "longgen-demo/models/init"], cwd=root)
+    assert r.returncode == 0, "longgen demo writes its default --out-dir longgen-demo/ (models: >100 MB) into the clone"

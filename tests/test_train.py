@@ -148,7 +148,9 @@ def test_checkpoints_are_atomic_and_pruned(workspace, tmp_path):
         ("optim.schedule='linear'", "optim.schedule must be one of"),
         ("data.sources=['/nonexistent/corpus']", "/nonexistent/corpus"),
         ("model.path='/nonexistent/model'", "not a Hugging Face model folder"),
-        ("train.batch_size='two'", "train.batch_size must be a int"),
+        ("train.batch_size='two'", "train.batch_size must be an integer, got 'two'"),
+        ("optim.lr='high'", "optim.lr must be a number"),
+        ("train.resume=1", "train.resume must be true or false"),
         ("nosection.x=1", "unknown config section"),
     ],
 )
@@ -156,6 +158,17 @@ def test_bad_config_values_are_clear_errors_before_any_work(workspace, tmp_path,
     path = write_toml(tmp_path / "c.toml", config(workspace, tmp_path / "bad"))
     with pytest.raises(ValueError, match=match):
         load_config(path, [override])
+
+
+def test_a_config_file_with_a_syntax_error_is_named(workspace, tmp_path):
+    path = write_toml(tmp_path / "c.toml", config(workspace, tmp_path / "bad"))
+    path.write_text(path.read_text().replace("steps = 6", "steps = = 6"))
+    with pytest.raises(ValueError, match=rf"config file {re.escape(str(path))} is not valid TOML: .*line"):
+        load_config(path)
+    yaml_path = tmp_path / "c.yaml"
+    yaml_path.write_text("train: [unclosed\n")
+    with pytest.raises(ValueError, match=rf"config file {re.escape(str(yaml_path))} is not valid YAML"):
+        load_config(yaml_path)
 
 
 def test_cli_reports_config_errors_before_any_work(workspace, tmp_path):

@@ -107,7 +107,7 @@ def test_jsonl_single_files_and_order(tmp_path):
     assert list(iter_documents([jl2], text_field="content")) == ["c"]
 
 
-@pytest.mark.parametrize("line, found", [({"body": "x"}, "missing"), ({"text": 3}, "a int")])
+@pytest.mark.parametrize("line, found", [({"body": "x"}, "missing"), ({"text": 3}, "3, not a string")])
 def test_jsonl_bad_field_names_file_and_line(tmp_path, line, found):
     jl = tmp_path / "bad.jsonl"
     jl.write_text(json.dumps({"text": "ok"}) + "\n" + json.dumps(line) + "\n")
@@ -120,8 +120,9 @@ def test_missing_or_unsupported_source_fails_before_any_work(tmp_path, tokenizer
     with pytest.raises(ValueError, match=r"nope\.txt.*does not exist.*supported sources"):
         iter_documents([good, tmp_path / "nope.txt"])  # raises on the call, before iteration
     write(tmp_path / "data.csv", "a,b")
-    with pytest.raises(ValueError, match=r"data\.csv.*unsupported file type '\.csv'.*\.jsonl"):
+    with pytest.raises(ValueError, match=r"data\.csv.*unsupported file type '\.csv'.*\.jsonl") as e:
         iter_documents([good, tmp_path / "data.csv"])
+    assert "a .npy file of token ids" in str(e.value) and "only" not in str(e.value)  # .npy sources train too
     (tmp_path / "images").mkdir()
     write(tmp_path / "images" / "a.png", "png")
     with pytest.raises(ValueError, match=r"images holds no file with a text suffix"):

@@ -8,13 +8,7 @@ import time
 from pathlib import Path
 
 import longgen
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
+from longgen.eval.cli import positive_int
 
 
 def _cmd_patterns(args: argparse.Namespace) -> int:
@@ -189,10 +183,10 @@ def _add_pattern_args(p: argparse.ArgumentParser, choose: bool = True) -> None:
             help="sparse layers' pattern (sink_window)",
         )
     p.add_argument("--sink", type=int, default=64, help="SinkWindow sink tokens (64)")
-    p.add_argument("--window", type=_positive_int, default=2048, help="SinkWindow window tokens (2048)")
-    p.add_argument("--block-size", type=_positive_int, default=64, help="BlockSparse block size (64)")
-    p.add_argument("--local-blocks", type=_positive_int, default=16, help="BlockSparse local blocks (16)")
-    p.add_argument("--stride", type=_positive_int, default=None, help="BlockSparse stride (number of KV heads)")
+    p.add_argument("--window", type=positive_int, default=2048, help="SinkWindow window tokens (2048)")
+    p.add_argument("--block-size", type=positive_int, default=64, help="BlockSparse block size (64)")
+    p.add_argument("--local-blocks", type=positive_int, default=16, help="BlockSparse local blocks (16)")
+    p.add_argument("--stride", type=positive_int, default=None, help="BlockSparse stride (number of KV heads)")
     p.add_argument("--dense-kv-heads", type=int, default=0, help="BlockSparse dense KV heads (0)")
 
 
@@ -214,23 +208,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", default=None, help="output folder (longgen-demo)")
     p.add_argument("--tiny", action="store_true", help="a seconds-long configuration (for tests)")
     p.add_argument("--device", default=None, help="cpu (default) or cuda")
-    p.add_argument("--pretrain-steps", type=_positive_int, default=None)
-    p.add_argument("--extend-steps", type=_positive_int, default=None)
-    p.add_argument("--layers", type=_positive_int, default=None)
-    p.add_argument("--hidden-size", type=_positive_int, default=None)
-    p.add_argument("--short-len", type=_positive_int, default=None, help="pre-training context (256)")
-    p.add_argument("--factor", type=_positive_int, default=None, help="context extension factor (4)")
-    p.add_argument("--window", type=_positive_int, default=None, help="hybrid SinkWindow window (128)")
+    p.add_argument("--pretrain-steps", type=positive_int, default=None)
+    p.add_argument("--extend-steps", type=positive_int, default=None)
+    p.add_argument("--layers", type=positive_int, default=None)
+    p.add_argument("--hidden-size", type=positive_int, default=None)
+    p.add_argument("--short-len", type=positive_int, default=None, help="pre-training context (256)")
+    p.add_argument("--factor", type=positive_int, default=None, help="context extension factor (4)")
+    p.add_argument("--window", type=positive_int, default=None, help="hybrid SinkWindow window (128)")
     p.add_argument("--corpus-mb", type=float, default=None, help="training text in MB (4)")
     p.add_argument("--seed", type=int, default=None)
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("patterns", help="show what the sparse attention patterns keep, and run the op on them")
-    p.add_argument("--seq-len", type=_positive_int, default=32768, help="sequence length to describe (32768)")
-    p.add_argument("--kv-heads", type=_positive_int, default=8, help="number of KV heads (8)")
-    p.add_argument("--group", type=_positive_int, default=1, help="query heads per KV head for the run (1)")
+    p.add_argument("--seq-len", type=positive_int, default=32768, help="sequence length to describe (32768)")
+    p.add_argument("--kv-heads", type=positive_int, default=8, help="number of KV heads (8)")
+    p.add_argument("--group", type=positive_int, default=1, help="query heads per KV head for the run (1)")
     _add_pattern_args(p, choose=False)
-    p.add_argument("--run-len", type=_positive_int, default=4096, help="tokens in the example run (4096)")
+    p.add_argument("--run-len", type=positive_int, default=4096, help="tokens in the example run (4096)")
     p.set_defaults(func=_cmd_patterns)
 
     p = sub.add_parser("convert", help="convert a Hugging Face model folder into a LongGen hybrid")
@@ -244,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--full-fraction", type=float, default=1 / 3, help="share of full layers (1/3)")
     _add_pattern_args(p)
-    p.add_argument("--target-length", type=_positive_int, default=None, help="new maximum context length")
+    p.add_argument("--target-length", type=positive_int, default=None, help="new maximum context length")
     p.add_argument(
         "--rope",
         choices=["ntk", "yarn", "linear", "none"],
@@ -262,8 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("inspect", help="show a hybrid's layout and KV-cache size")
     p.add_argument("path", help="converted model folder")
-    p.add_argument("--length", type=_positive_int, default=None, help="tokens (default: max_position_embeddings)")
-    p.add_argument("--bytes-per-value", type=_positive_int, default=2, help="bytes per cached value (2: bf16)")
+    p.add_argument("--length", type=positive_int, default=None, help="tokens (default: max_position_embeddings)")
+    p.add_argument("--bytes-per-value", type=positive_int, default=2, help="bytes per cached value (2: bf16)")
     p.set_defaults(func=_cmd_inspect)
 
     p = sub.add_parser(
@@ -299,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", help="converted model folder (with tokenizer)")
     p.add_argument("--prompt", default=None, help="prompt text")
     p.add_argument("--prompt-file", default=None, help="file with the prompt, or - for stdin")
-    p.add_argument("--max-new-tokens", type=_positive_int, default=256)
+    p.add_argument("--max-new-tokens", type=positive_int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
@@ -315,8 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", help="converted model folder (with tokenizer)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (8000)")
-    p.add_argument("--max-batch", type=_positive_int, default=8, help="sequences decoded together at most (8)")
-    p.add_argument("--max-len", type=_positive_int, default=None, help="prompt + completion tokens (model maximum)")
+    p.add_argument("--max-batch", type=positive_int, default=8, help="sequences decoded together at most (8)")
+    p.add_argument("--max-len", type=positive_int, default=None, help="prompt + completion tokens (model maximum)")
     p.add_argument(
         "--kv-budget-gb",
         type=float,
@@ -328,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-name", default=None, help="model id in the API (the folder's name)")
     p.add_argument(
         "--prefill-chunk",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         help="prefill long prompts in slices of this many tokens between the other rows' decode steps, so their "
         "streams keep flowing (default: whole prompts at once)",

@@ -39,10 +39,14 @@ def _ruler_tasks(text: str) -> list[str]:
     return names
 
 
-def _positive(text: str) -> int:
-    value = int(text)
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (its error says what is allowed; argparse would name this function)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
     if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
     return value
 
 
@@ -106,9 +110,9 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("path", help="model folder (a LongGen hybrid, or a plain model for the baselines)")
     p.add_argument("--lengths", type=_ints, default=None, help="prompt lengths in tokens (1024,2048,4096)")
     p.add_argument("--depths", type=_depths, default=None, help="needle depths in [0, 1] (0,0.25,0.5,0.75,1)")
-    p.add_argument("--samples", type=_positive, default=None, help="prompts per cell (passkey/niah 1, ruler 4)")
+    p.add_argument("--samples", type=positive_int, default=None, help="prompts per cell (passkey/niah 1, ruler 4)")
     p.add_argument("--seed", type=int, default=0, help="random seed of keys, needles and depths (0)")
-    p.add_argument("--max-new-tokens", type=_positive, default=None, help="generated tokens per prompt (per task)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=None, help="generated tokens per prompt (per task)")
     p.add_argument("--chat", action="store_true", help="wrap prompts in the tokenizer's chat template")
     p.add_argument(
         "--haystack",
@@ -123,15 +127,15 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="ppl: text files or folders, one document per file; default: the Python standard library's sources",
     )
     p.add_argument("--ruler-tasks", type=_ruler_tasks, default=None, help=f"subset of {','.join(RULER_TASKS)}")
-    p.add_argument("--cwe-words", type=_positive, default=10, help="ruler cwe: number of common words (10)")
-    p.add_argument("--bucket", type=_positive, default=256, help="ppl: positions per bucket (256)")
-    p.add_argument("--num-documents", type=_positive, default=4, help="ppl: number of documents (4)")
-    p.add_argument("--chunk", type=_positive, default=4096, help="ppl: positions per output-layer chunk (4096)")
+    p.add_argument("--cwe-words", type=positive_int, default=10, help="ruler cwe: number of common words (10)")
+    p.add_argument("--bucket", type=positive_int, default=256, help="ppl: positions per bucket (256)")
+    p.add_argument("--num-documents", type=positive_int, default=4, help="ppl: number of documents (4)")
+    p.add_argument("--chunk", type=positive_int, default=4096, help="ppl: positions per output-layer chunk (4096)")
     p.add_argument(
         "--baseline", choices=["none", "streaming"], default="none", help="streaming: StreamingLLM on a plain model"
     )
     p.add_argument("--sink", type=int, default=4, help="StreamingLLM sink tokens (4)")
-    p.add_argument("--window", type=_positive, default=2048, help="StreamingLLM window tokens (2048)")
+    p.add_argument("--window", type=positive_int, default=2048, help="StreamingLLM window tokens (2048)")
     p.add_argument(
         "--kv-cache",
         choices=["auto", "hybrid", "dynamic"],

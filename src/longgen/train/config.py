@@ -167,7 +167,8 @@ def _coerce(value: Any, default: Any, where: str) -> Any:
     else:
         ok = True
     if not ok:
-        raise ValueError(f"{where} must be a {type(default).__name__}, got {value!r}")
+        kind = {bool: "true or false", int: "an integer", float: "a number", str: "a string", list: "a list"}
+        raise ValueError(f"{where} must be {kind.get(type(default), type(default).__name__)}, got {value!r}")
     return value
 
 
@@ -198,13 +199,19 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), raw: 
         if not p.is_file():
             raise ValueError(f"config file {p} does not exist")
         if p.suffix == ".toml":
-            data = tomllib.loads(p.read_text())
+            try:
+                data = tomllib.loads(p.read_text())
+            except tomllib.TOMLDecodeError as e:
+                raise ValueError(f"config file {p} is not valid TOML: {e}") from None
         elif p.suffix in (".yaml", ".yml"):
             try:
                 import yaml
             except ImportError:
                 raise ImportError("YAML configs need PyYAML: pip install pyyaml (or use a .toml config)") from None
-            data = yaml.safe_load(p.read_text()) or {}
+            try:
+                data = yaml.safe_load(p.read_text()) or {}
+            except yaml.YAMLError as e:
+                raise ValueError(f"config file {p} is not valid YAML: {e}") from None
         else:
             raise ValueError(f"config files are .toml or .yaml, got {p.name}")
     sections = {"model", "data", "optim", "train"}

@@ -54,8 +54,8 @@ IGNORE_INDEX = -100  # transformers' label value for "no loss here"
 _TEXT, _JSONL, _PARQUET, _NPY, _CORPUS = "text", "jsonl", "parquet", "npy", "corpus"
 _SUPPORTED = (
     "a directory of text files (suffixes in `extensions`), a text file with such a suffix, a .jsonl or .parquet "
-    "file (documents in `text_field`), or, for tokenize_corpus only, a .npy token array or a tokenized corpus "
-    "directory (tokens.bin, offsets.npy, meta.json)"
+    "file (documents in `text_field`), a .npy file of token ids (one document), or a tokenized corpus directory "
+    "(tokens.bin, offsets.npy, meta.json)"
 )
 
 
@@ -119,7 +119,7 @@ def _read_text(kind: str, path: Path, text_field: str, extensions: frozenset[str
                     raise ValueError(f"{path}, line {line_no}: not valid JSON ({e})") from None
                 text = record.get(text_field) if isinstance(record, dict) else None
                 if not isinstance(text, str):
-                    found = "missing" if text is None else f"a {type(text).__name__}"
+                    found = "missing" if text is None else f"{text!r}, not a string"
                     raise ValueError(
                         f"{path}, line {line_no}: field {text_field!r} is {found}; each line must be "
                         f"a JSON object with a string {text_field!r} (set text_field to change it)"
@@ -135,7 +135,7 @@ def _read_text(kind: str, path: Path, text_field: str, extensions: frozenset[str
             raise ValueError(f"{path}: no column {text_field!r} (columns: {table.column_names}); set text_field")
         for row, text in enumerate(table[text_field]):
             if text is not None and not isinstance(text, str):
-                raise ValueError(f"{path}, row {row}: column {text_field!r} holds a {type(text).__name__}, not text")
+                raise ValueError(f"{path}, row {row}: column {text_field!r} holds {text!r}, not text")
             if text:
                 yield text
     else:
