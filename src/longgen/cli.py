@@ -168,9 +168,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     base = TINY if args.tiny else DemoConfig()
     overrides = {k: v for k, v in vars(args).items() if k in {f.name for f in dataclasses.fields(DemoConfig)}}
     cfg = dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None})
-    if cfg.window >= cfg.short_len * cfg.factor:
-        raise ValueError(f"--window ({cfg.window}) must be below the extended length ({cfg.short_len * cfg.factor})")
-    run_demo(cfg)
+    run_demo(cfg)  # checks the settings (DemoConfig.validate) before any work
     return 0
 
 
@@ -201,22 +199,38 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "demo",
         help="the whole LongGen story in minutes on a CPU: pre-train, convert, extend, evaluate, compare",
-        description="Pre-trains a tiny Llama on the Python standard library's sources, converts a copy into a "
-        "LongGen hybrid, extends it and a full-attention copy to 4x the context with the same budget, and compares "
-        "them (perplexity by position, pass-key retrieval, KV-cache bytes, speed). Nothing is downloaded.",
+        description="Pre-trains a tiny Llama on the Python standard library's sources and synthetic retrieval "
+        "documents, converts a copy into a LongGen hybrid, extends it and a full-attention copy to 4x the context with "
+        "the same budget, and compares them and StreamingLLM applied to the full model (pass-key retrieval by length, "
+        "perplexity by position, KV-cache bytes, training and generation speed). Nothing is downloaded.",
     )
-    p.add_argument("--out-dir", default=None, help="output folder (longgen-demo)")
+    from longgen.demo import DemoConfig
+
+    d = DemoConfig()  # the help shows the real defaults
+    p.add_argument("--out-dir", default=None, help=f"output folder ({d.out_dir})")
     p.add_argument("--tiny", action="store_true", help="a seconds-long configuration (for tests)")
-    p.add_argument("--device", default=None, help="cpu (default) or cuda")
-    p.add_argument("--pretrain-steps", type=positive_int, default=None)
-    p.add_argument("--extend-steps", type=positive_int, default=None)
-    p.add_argument("--layers", type=positive_int, default=None)
-    p.add_argument("--hidden-size", type=positive_int, default=None)
-    p.add_argument("--short-len", type=positive_int, default=None, help="pre-training context (256)")
-    p.add_argument("--factor", type=positive_int, default=None, help="context extension factor (4)")
-    p.add_argument("--window", type=positive_int, default=None, help="hybrid SinkWindow window (128)")
-    p.add_argument("--corpus-mb", type=float, default=None, help="training text in MB (4)")
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--device", default=None, help=f"cpu or cuda ({d.device})")
+    p.add_argument("--pretrain-steps", type=positive_int, default=None, help=f"({d.pretrain_steps})")
+    p.add_argument(
+        "--extend-steps", type=positive_int, default=None, help=f"steps of each extension ({d.extend_steps})"
+    )
+    p.add_argument("--layers", type=positive_int, default=None, help=f"({d.layers})")
+    p.add_argument("--hidden-size", type=positive_int, default=None, help=f"({d.hidden_size})")
+    p.add_argument("--short-len", type=positive_int, default=None, help=f"pre-training context ({d.short_len})")
+    p.add_argument("--factor", type=positive_int, default=None, help=f"context extension factor ({d.factor})")
+    p.add_argument("--sink", type=int, default=None, help=f"SinkWindow sink of the hybrid and StreamingLLM ({d.sink})")
+    p.add_argument("--window", type=positive_int, default=None, help=f"SinkWindow window ({d.window})")
+    p.add_argument("--corpus-mb", type=float, default=None, help=f"training text in MB ({d.corpus_mb:g})")
+    p.add_argument(
+        "--retrieval-share",
+        type=float,
+        default=None,
+        help=f"share of training tokens from synthetic retrieval documents ({d.retrieval_share:g})",
+    )
+    p.add_argument(
+        "--passkey-prompts", type=positive_int, default=None, help=f"pass-key prompts per length ({d.passkey_prompts})"
+    )
+    p.add_argument("--seed", type=int, default=None, help=f"({d.seed})")
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("patterns", help="show what the sparse attention patterns keep, and run the op on them")

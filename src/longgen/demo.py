@@ -1,11 +1,16 @@
 """`longgen demo`: the whole LongGen story, small enough to run on a laptop CPU in minutes, nothing downloaded.
 
-1. a corpus of real long documents: the Python standard library's own source files;
-2. a BPE tokenizer trained on it and a tiny Llama pre-trained at a short context;
+1. a corpus of real long documents (the Python standard library's own source files), a BPE tokenizer trained on
+   it, and synthetic retrieval documents (`longgen.train.synthetic`: pass keys and magic numbers stated in that
+   text and asked for later), which teach a model trained for minutes to look things up in its context;
+2. a tiny Llama pre-trained at a short context;
 3. two copies extended to `factor` x the context with the same budget: a LongGen hybrid (1/3 full layers in
    the middle, the rest SinkWindow) and a full-attention baseline (same RoPE change);
-4. both evaluated: perplexity by position, pass-key retrieval, KV-cache bytes actually allocated, decoding
-   speed; one comparison table, and JSON + plots in the output folder.
+4. evaluation: pass-key retrieval by length (the same seeded prompts for every model, scored in batched
+   forward passes by `longgen.eval.forced.greedy_matches`) for both and for StreamingLLM applied to the full
+   model (no extra training), perplexity by position, KV-cache bytes actually allocated, training and
+   generation speed;
+5. one comparison table, ``summary.json`` and one figure (``demo.png``) in the output folder.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import random
 import shutil
 import time
 from dataclasses import dataclass
@@ -24,6 +30,9 @@ import torch
 from longgen.train.tokenizer import train_bpe_tokenizer
 
 SKIP_DIRS = {"site-packages", "test", "tests", "idlelib", "turtledemo", "__pycache__", "lib2to3", "ensurepip"}
+VARIANTS = ("full_attention", "longgen_hybrid", "streaming_llm")
+PASSKEY_NEEDLE = "\nThe pass key is {k}. Remember it. {k} is the pass key.\n"  # `longgen eval passkey`'s wording
+PASSKEY_QUESTION, PASSKEY_ANSWER_PREFIX = "\nWhat is the pass key?", "The pass key is"
 
 
 @dataclass
@@ -38,13 +47,36 @@ class DemoConfig:
     kv_heads: int = 2
     short_len: int = 256  # pre-training context
     factor: int = 4  # context extension factor
-    sink: int = 16
+    sink: int = 16  # SinkWindow of the hybrid's sparse layers, and of StreamingLLM
     window: int = 128
     batch_tokens: int = 4096  # tokens per optimizer step (pre-training and extension alike)
     pretrain_steps: int = 150
     extend_steps: int = 40
     lr: float = 2e-3
+    retrieval_share: float = 0.4  # share of training tokens from synthetic retrieval documents
+    facts_per_1k: float = 8.0  # facts stated and asked per 1,024 tokens of a retrieval document
+    passkey_prompts: int = 50  # pass-key prompts per length (the same for every model)
     seed: int = 0
+
+    def validate(self) -> None:
+        """Raise ValueError for settings the demo cannot run with."""
+        if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ValueError(f"device must be cpu or cuda, got {self.device!r}")
+        if not 0.0 <= self.retrieval_share < 1.0:
+            raise ValueError(f"retrieval_share must be in [0, 1), got {self.retrieval_share}")
+        if self.factor < 2:
+            raise ValueError(f"factor must be >= 2 (the demo extends the context), got {self.factor}")
+        if self.short_len < 64:
+            raise ValueError(f"short_len must be >= 64 (a pass-key prompt needs about 40 tokens), got {self.short_len}")
+        if self.window >= self.short_len * self.factor:
+            raise ValueError(
+                f"window ({self.window}) must be below the extended length ({self.short_len * self.factor})"
+            )
+        for name in ("corpus_mb", "facts_per_1k", "lr"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.passkey_prompts < 1:
+            raise ValueError(f"passkey_prompts must be >= 1, got {self.passkey_prompts}")
 
 
 TINY = DemoConfig(
@@ -58,6 +90,7 @@ TINY = DemoConfig(
     batch_tokens=512,
     pretrain_steps=6,
     extend_steps=3,
+    passkey_prompts=8,
 )
 
 
@@ -102,9 +135,33 @@ def build_corpus(out: Path, megabytes: float, held_out: int = 6) -> tuple[Path, 
     return corpus, copies
 
 
-def _train(cfg: DemoConfig, model_path: Path, corpus: Path, out: Path, seq_len: int, steps: int) -> dict:
+def write_retrieval_data(cfg: DemoConfig, corpus: Path, tokenizer: Any, out: Path) -> dict[str, Path]:
+    """Synthetic retrieval documents (`longgen.train.synthetic`) made of the corpus's text, sized so that they
+    are `cfg.retrieval_share` of the tokens each stage trains on: ``{"pretrain": path, "extend": path}``
+    (lengths up to the pre-training and the extended context)."""
+    from longgen.train.synthetic import write_retrieval_set
+
+    texts = [p.read_text(encoding="utf-8", errors="replace") for p in sorted(corpus.iterdir())]
+    sample = texts[: max(1, len(texts) // 10)]
+    chars_per_token = sum(map(len, sample)) / sum(len(ids) for ids in tokenizer(sample)["input_ids"])
+    corpus_tokens = sum(map(len, texts)) / chars_per_token
+    total = int(cfg.retrieval_share / (1 - cfg.retrieval_share) * corpus_tokens)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for stage, length in (("pretrain", cfg.short_len), ("extend", cfg.short_len * cfg.factor)):
+        paths[stage] = out / f"retrieval-{stage}.jsonl"
+        span = (max(32, length // 4), length)
+        made = write_retrieval_set(paths[stage], texts, total, span, chars_per_token, cfg.facts_per_1k, cfg.seed)
+        print(f"  {stage}: {made['documents']} retrieval documents, ~{made['planned_tokens']:,} tokens", flush=True)
+    return paths
+
+
+def _train(
+    cfg: DemoConfig, model_path: Path, sources: list[Path], out: Path, seq_len: int, steps: int
+) -> dict[str, Any]:
     from longgen.train import load_config, train
 
+    shutil.rmtree(out, ignore_errors=True)  # the demo's own run folder: a rerun starts over
     batch = max(1, cfg.batch_tokens // seq_len)
     raw = {
         "model": {
@@ -113,7 +170,7 @@ def _train(cfg: DemoConfig, model_path: Path, corpus: Path, out: Path, seq_len: 
             "activation_checkpointing": False,
         },
         "data": {
-            "sources": [str(corpus)],
+            "sources": [str(s) for s in sources],
             "seq_len": seq_len,
             "cache_dir": str(out.parent / "token-cache"),
             "upsample": [[seq_len, 2.0]],
@@ -133,61 +190,137 @@ def _train(cfg: DemoConfig, model_path: Path, corpus: Path, out: Path, seq_len: 
     }
     final = train(load_config(raw=raw))
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    tps = [r["tokens_per_s"] for r in rows[1:]] or [rows[-1]["tokens_per_s"]]
+    tps = [r["tokens_per_s"] for r in rows[1:]] or [rows[-1]["tokens_per_s"]]  # the first step warms up
     return {"final": final, "loss": rows[-1]["loss"], "train_tokens_per_s": sum(tps) / len(tps)}
 
 
 def measure_inference(path: Path, length: int, device: str, new_tokens: int = 32) -> dict[str, float]:
-    """KV bytes actually allocated by the hybrid cache for a `length`-token sequence, and decoding speed."""
+    """KV bytes the hybrid cache allocates for a `length`-token sequence, and generation speed: a prompt of
+    ``length - new_tokens`` random tokens, then `new_tokens` greedy tokens (prefill and decoding, one sequence)."""
     from longgen.infer import HybridCache, analytic_kv_bytes
+    from longgen.infer.cache import cache_kwargs
     from longgen.model import load_model
 
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     model = load_model(path, dtype=dtype).to(device).eval()
     model.generation_config.eos_token_id = None
-    vocab = model.config.vocab_size
-    prompt = torch.randint(0, vocab, (1, length - new_tokens), generator=torch.Generator().manual_seed(0)).to(device)
+    prompt = torch.randint(
+        0, model.config.vocab_size, (1, length - new_tokens), generator=torch.Generator().manual_seed(0)
+    ).to(device)
     cache = HybridCache(model.config, max_length=length)
     with torch.no_grad():
-        model(prompt, past_key_values=cache, use_cache=True)
+        model(prompt, use_cache=True, **cache_kwargs(cache))
         stored = sum(int(cache.stored_tokens(i).sum()) for i in range(model.config.num_hidden_layers))
-        kv_bytes_per_token = 2 * model.config.head_dim * torch.finfo(dtype).bits // 8
-        t0 = time.perf_counter()
-        model.generate(
-            prompt,
-            attention_mask=torch.ones_like(prompt),
-            past_key_values=HybridCache(model.config),
-            max_new_tokens=new_tokens,
-            do_sample=False,
-            pad_token_id=0,
-        )
-        elapsed = time.perf_counter() - t0
+        kv_bytes_per_token = 2 * model.config.head_dim * dtype.itemsize
+        times = []
+        for _ in range(2):  # the first run warms up
+            t0 = time.perf_counter()
+            model.generate(
+                prompt,
+                attention_mask=torch.ones_like(prompt),
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=False,
+                pad_token_id=0,
+                **cache_kwargs(HybridCache(model.config)),
+            )
+            times.append(time.perf_counter() - t0)
     return {
+        "kv_bytes": cache.allocated_bytes(),
         "kv_bytes_stored": stored * kv_bytes_per_token,
-        "kv_bytes_allocated": cache.allocated_bytes(),
         "kv_bytes_analytic": analytic_kv_bytes(model.config, length - new_tokens, bytes_per_value=dtype.itemsize),
-        "generate_tokens_per_s": new_tokens / elapsed,
+        "generate_tokens_per_s": new_tokens / min(times),
     }
+
+
+def passkey_lengths(short_len: int, factor: int, min_length: int = 0) -> list[int]:
+    """Prompt lengths for pass-key retrieval: half the pre-training context, then doubling up to `factor` x it;
+    lengths below `min_length` (what the prompt's fixed parts need) are left out."""
+    lengths, n = [short_len // 2], short_len
+    while n < short_len * factor:
+        lengths.append(n)
+        n *= 2
+    return [n for n in [*lengths, short_len * factor] if n >= min_length]
+
+
+def passkey_prompts(
+    tokenizer: Any, haystack: list[int], lengths: list[int], n: int, seed: int
+) -> dict[int, tuple[list[list[int]], list[list[int]]]]:
+    """`n` pass-key prompts of each length: ``{length: (prompts, answers)}`` as token ids.
+
+    Each prompt is `length` tokens of held-out text starting at a seeded random offset of `haystack` (token ids),
+    with a seeded 5-digit key's needle at depth ``(i + 0.5) / n`` (depths spread evenly over the context), the
+    question and the answer prefix, worded as in `longgen eval passkey`; its answer is `` <key>``.
+    """
+    from longgen.eval.prompts import build_prompt
+
+    out = {}
+    for length in lengths:
+        if len(haystack) <= length:
+            raise ValueError(f"the held-out text has {len(haystack)} tokens; {length}-token prompts need more")
+        rng = random.Random(f"{seed}:passkey:{length}")
+        prompts, answers = [], []
+        for i in range(n):
+            key = str(rng.randint(10_000, 99_999))
+            start = rng.randrange(len(haystack) - length)
+            p = build_prompt(
+                tokenizer,
+                length,
+                haystack[start : start + length],
+                needles=[PASSKEY_NEEDLE.format(k=key)],
+                depths=[(i + 0.5) / n],
+                question=PASSKEY_QUESTION,
+                answer_prefix=PASSKEY_ANSWER_PREFIX,
+            )
+            prompts.append(p.input_ids)
+            answers.append(tokenizer(f" {key}", add_special_tokens=False)["input_ids"])
+        out[length] = (prompts, answers)
+    return out
+
+
+def score_passkey(model: Any, tokenizer: Any, prompts: dict[int, tuple[list, list]]) -> dict[str, dict[str, Any]]:
+    """Pass-key accuracy by length: whether greedy decoding gives exactly the key (and no further digit), decided
+    by `greedy_matches` in batched forward passes. Returns ``{"<length>": {"n", "correct", "accuracy",
+    "interval"}}`` with the 95% Wilson interval."""
+    from longgen.eval.forced import greedy_matches
+    from longgen.eval.stats import wilson_interval
+
+    digits = {i for d in "0123456789" for i in tokenizer(d, add_special_tokens=False)["input_ids"]}
+    result = {}
+    for length, (ps, answers) in prompts.items():
+        ok = greedy_matches(model, ps, answers, reject_next=digits, max_batch_tokens=16_384)
+        correct = sum(ok)
+        result[str(length)] = {
+            "n": len(ok),
+            "correct": correct,
+            "accuracy": correct / len(ok),
+            "interval": list(wilson_interval(correct, len(ok))),
+        }
+    return result
 
 
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     """Run the pipeline; returns the summary (also written to ``out_dir/summary.json``)."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
-    from longgen.eval import passkey, ppl
+    from longgen.eval import ppl
+    from longgen.eval.baseline import load_for_eval
     from longgen.model import convert_checkpoint
     from longgen.patterns import SinkWindow
 
+    cfg.validate()
     out = Path(cfg.out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     long_len = cfg.short_len * cfg.factor
     start = time.perf_counter()
 
-    t = _stage(1, "corpus and tokenizer: the Python standard library's sources")
+    t = _stage(1, "corpus, tokenizer and retrieval documents: the Python standard library's sources")
     corpus, heldout = build_corpus(out, cfg.corpus_mb)
     tokenizer = train_bpe_tokenizer(corpus, cfg.vocab_size)
-    print(f"  BPE tokenizer, {len(tokenizer)} tokens ({time.perf_counter() - t:.0f} s)", flush=True)
+    print(f"  BPE tokenizer, {len(tokenizer)} tokens", flush=True)
+    retrieval = write_retrieval_data(cfg, corpus, tokenizer, out / "retrieval")
+    print(f"  ({time.perf_counter() - t:.0f} s)", flush=True)
 
     t = _stage(2, f"pre-train a tiny Llama at {cfg.short_len} tokens ({cfg.pretrain_steps} steps)")
     init = out / "models" / "init"
@@ -206,80 +339,172 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     )
     AutoModelForCausalLM.from_config(model_cfg).save_pretrained(init)
     tokenizer.save_pretrained(init)
-    pre = _train(cfg, init, corpus, out / "runs" / "pretrain", cfg.short_len, cfg.pretrain_steps)
+    runs = out / "runs"
+    pre = _train(cfg, init, [corpus, retrieval["pretrain"]], runs / "pretrain", cfg.short_len, cfg.pretrain_steps)
     print(f"  loss {pre['loss']:.3f} ({time.perf_counter() - t:.0f} s)", flush=True)
 
     t = _stage(3, f"convert and extend both copies to {long_len} tokens ({cfg.extend_steps} steps each)")
-    variants = {
-        "longgen_hybrid": {"pattern": SinkWindow(cfg.sink, cfg.window)},
+    trained = {
         "full_attention": {"full_fraction": 1.0},
+        "longgen_hybrid": {"pattern": SinkWindow(cfg.sink, cfg.window)},
     }
     results: dict[str, dict[str, Any]] = {}
-    for name, kwargs in variants.items():
+    for name, kwargs in trained.items():
         converted = out / "models" / f"{name}-converted"
         convert_checkpoint(
             pre["final"], converted, force=True, progress=False, target_length=long_len, rope="ntk", **kwargs
         )
-        ext = _train(cfg, converted, corpus, out / "runs" / name, long_len, cfg.extend_steps)
+        ext = _train(cfg, converted, [corpus, retrieval["extend"]], runs / name, long_len, cfg.extend_steps)
         results[name] = {
             "model": str(ext["final"]),
             "extension_loss": ext["loss"],
             "train_tokens_per_s": ext["train_tokens_per_s"],
         }
         print(f"  {name}: loss {ext['loss']:.3f}, {ext['train_tokens_per_s']:,.0f} training tokens/s", flush=True)
+    results["streaming_llm"] = {"model": results["full_attention"]["model"], "applied_to": "full_attention"}
     print(f"  ({time.perf_counter() - t:.0f} s)", flush=True)
 
-    t = _stage(4, "evaluate: perplexity by position, pass-key retrieval, KV cache, decoding speed")
+    t = _stage(4, "evaluate: pass-key retrieval by length, perplexity by position, KV cache, generation speed")
+    eval_tokenizer = AutoTokenizer.from_pretrained(results["full_attention"]["model"])
+    haystack = eval_tokenizer("\n\n".join(p.read_text(encoding="utf-8") for p in heldout), add_special_tokens=False)
+    fixed = len(
+        eval_tokenizer(PASSKEY_NEEDLE.format(k=12345) + PASSKEY_QUESTION + " " + PASSKEY_ANSWER_PREFIX)["input_ids"]
+    )
+    lengths = passkey_lengths(cfg.short_len, cfg.factor, min_length=fixed + 32)
+    prompts = passkey_prompts(eval_tokenizer, haystack["input_ids"], lengths, cfg.passkey_prompts, cfg.seed)
     for name, res in results.items():
-        path = res["model"]
-        evals = out / "eval" / name
+        options = {"baseline": "streaming", "sink": cfg.sink, "window": cfg.window} if name == "streaming_llm" else {}
+        model, tok = load_for_eval(res["model"], device=cfg.device, **options)
+        res["passkey_by_length"] = score_passkey(model, tok, prompts)
+        del model
         p = ppl(
-            path,
+            res["model"],
             lengths=[long_len],
             bucket=max(16, long_len // 8),
             documents=[str(d) for d in heldout],
             num_documents=min(4, len(heldout)),
-            out_dir=evals,
+            out_dir=out / "eval" / name,
             progress=False,
             device=cfg.device,
-        )
-        # prompts from 128 tokens (the template takes ~80) up to the extended length, leaving room for the answer
-        lengths = sorted({n for n in (cfg.short_len, long_len // 2, long_len - 16) if n >= 128})
-        k = passkey(
-            path,
-            lengths=lengths,
-            depths=[0.1, 0.5, 0.9],
-            out_dir=evals,
-            progress=False,
-            seed=cfg.seed,
-            device=cfg.device,
+            **options,
         )
         res["perplexity"] = p["summary"]
-        res["passkey"] = k["summary"]
-        res.update(measure_inference(Path(path), long_len, cfg.device))
+        if name != "streaming_llm":
+            res.update(measure_inference(Path(res["model"]), long_len, cfg.device))
+        acc = ", ".join(f"{n}: {v['accuracy']:.0%}" for n, v in res["passkey_by_length"].items())
+        print(f"  {name}: pass key by length {acc}", flush=True)
     print(f"  ({time.perf_counter() - t:.0f} s)", flush=True)
 
     _stage(5, "summary")
-    summary = {"config": dataclasses.asdict(cfg), "variants": results, "seconds": time.perf_counter() - start}
+    summary = {
+        "wall_s": time.perf_counter() - start,
+        "pretrain_len": cfg.short_len,
+        "extended_len": long_len,
+        "config": dataclasses.asdict(cfg),
+        "pretrain_loss": pre["loss"],
+        "variants": results,
+    }
+    figure = out / "demo.png"
+    draw_summary(summary, figure)
+    summary["figure"] = str(figure)
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     print(format_summary(summary))
-    print(f"\nEverything (models, metrics, evaluation JSON and plots) is in {out}")
+    print(f"\nfigure: {figure}")
+    print(
+        f"The trained hybrid is {results['longgen_hybrid']['model']} (models/longgen_hybrid-converted is the "
+        f"untrained conversion); models, metrics, evaluation JSON and summary.json are in {out}"
+    )
     return summary
 
 
 def format_summary(summary: dict) -> str:
+    """The closing table: one column per variant (`VARIANTS`), a row per measurement ("-" where none applies)."""
     v = summary["variants"]
-    names = list(v)
-    long_len = str(summary["config"]["short_len"] * summary["config"]["factor"])
-    rows = [
-        (f"perplexity over {long_len} tokens", lambda r: f"{r['perplexity']['ppl_by_length'][long_len]:.2f}"),
-        ("pass-key accuracy", lambda r: f"{r['passkey']['accuracy']:.0%}"),
-        ("KV cache allocated (KiB)", lambda r: f"{r['kv_bytes_allocated'] / 1024:,.0f}"),
-        ("KV cache stored (KiB)", lambda r: f"{r['kv_bytes_stored'] / 1024:,.0f}"),
-        ("training tokens/s (extension)", lambda r: f"{r['train_tokens_per_s']:,.0f}"),
-        ("generation tokens/s", lambda r: f"{r['generate_tokens_per_s']:,.1f}"),
+    long_len = str(summary["extended_len"])
+    lengths = list(v["full_attention"]["passkey_by_length"])
+
+    def get(fmt: str, *keys: str):
+        def cell(r: dict) -> str:
+            for k in keys:
+                if not isinstance(r, dict) or k not in r:
+                    return "-"
+                r = r[k]
+            return fmt.format(r)
+
+        return cell
+
+    rows = [(f"pass-key accuracy at {n}", get("{:.0%}", "passkey_by_length", n, "accuracy")) for n in lengths]
+    rows += [
+        (f"perplexity over {long_len} tokens", get("{:.2f}", "perplexity", "ppl_by_length", long_len)),
+        ("KV cache allocated (KiB)", lambda r: f"{r['kv_bytes'] / 1024:,.0f}" if "kv_bytes" in r else "-"),
+        ("training tokens/s (extension)", get("{:,.0f}", "train_tokens_per_s")),
+        ("generation tokens/s", get("{:,.1f}", "generate_tokens_per_s")),
     ]
     width = max(len(r[0]) for r in rows) + 2
-    lines = [f"{'':<{width}}" + "".join(f"{n:>18}" for n in names)]
-    lines += [f"{label:<{width}}" + "".join(f"{fmt(v[n]):>18}" for n in names) for label, fmt in rows]
+    names = [n for n in VARIANTS if n in v]
+    lines = [f"{'':<{width}}" + "".join(f"{n:>17}" for n in names)]
+    lines += [f"{label:<{width}}" + "".join(f"{fmt(v[n]):>17}" for n in names) for label, fmt in rows]
     return "\n".join(lines)
+
+
+def draw_summary(summary: dict, path: Path) -> None:
+    """One PNG of the run: pass-key accuracy by length (all variants), loss by position, KV-cache bytes and
+    tokens/s (the trained models)."""
+    from longgen.eval.plots import _pyplot
+
+    plt = _pyplot()
+    v = summary["variants"]
+    names = [n for n in VARIANTS if n in v]
+    trained = [n for n in names if "kv_bytes" in v[n]]
+    colors = {"full_attention": "tab:blue", "longgen_hybrid": "tab:orange", "streaming_llm": "tab:gray"}
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7))
+    ax = axes[0][0]
+    for n in names:
+        by = v[n]["passkey_by_length"]
+        xs = [int(k) for k in by]
+        ax.plot(xs, [by[k]["accuracy"] for k in by], marker="o", label=n, color=colors[n])
+        lo, hi = zip(*(by[k]["interval"] for k in by), strict=True)
+        ax.fill_between(xs, lo, hi, alpha=0.15, color=colors[n])
+    ax.axvline(summary["pretrain_len"], ls="--", color="k", lw=0.8)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(xs, [str(x) for x in xs])
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("prompt length (tokens); dashed: pre-training context")
+    ax.set_ylabel("pass-key accuracy")
+    ax.set_title(
+        f"pass-key retrieval ({summary['config']['passkey_prompts']} prompts a length, 95% intervals)", fontsize=9
+    )
+    ax.legend(fontsize=8)
+    ax = axes[0][1]
+    for n in names:
+        pos = v[n]["perplexity"]["by_position"]
+        ax.plot([(b["start"] + b["end"]) / 2 for b in pos], [b["loss"] for b in pos], marker=".", label=n,
+                color=colors[n])  # fmt: skip
+    ax.axvline(summary["pretrain_len"], ls="--", color="k", lw=0.8)
+    ax.set_xlabel("token position")
+    ax.set_ylabel("mean loss (nats), held-out text")
+    ax.set_title("loss by position", fontsize=9)
+    ax.legend(fontsize=8)
+    ax = axes[1][0]
+    kib = [v[n]["kv_bytes"] / 1024 for n in trained]
+    ax.bar(trained, kib, color=[colors[n] for n in trained])
+    for i, x in enumerate(kib):
+        ax.text(i, x, f"{x:,.0f}", ha="center", va="bottom", fontsize=8)
+    ax.set_ylabel("KiB")
+    ax.set_title(f"KV cache allocated for {summary['extended_len']} tokens", fontsize=9)
+    ax = axes[1][1]
+    width = 0.38
+    for j, key in enumerate(("train_tokens_per_s", "generate_tokens_per_s")):
+        base = v["full_attention"][key]
+        for i, n in enumerate(trained):
+            ratio = v[n][key] / base
+            ax.bar(j + (i - 0.5) * width, ratio, width, color=colors[n], label=n if j == 0 else None)
+            ax.text(j + (i - 0.5) * width, ratio, f"{v[n][key]:,.0f}/s", ha="center", va="bottom", fontsize=8)
+    ax.set_xticks([0, 1], ["training", "generation"])
+    ax.set_ylabel("tokens/s relative to full attention")
+    ax.set_title(f"speed at {summary['extended_len']} tokens", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.suptitle(f"longgen demo: pre-trained at {summary['pretrain_len']}, extended to {summary['extended_len']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
