@@ -94,10 +94,9 @@ def test_sparse_layers_compute_reference_attention_of_their_pattern(model_type, 
     for idx, q, k, v, scale, out in cap.records:
         q, k, v = (x.transpose(1, 2) for x in (q, k, v))
         expected = reference_attention(q, k, v, layers[idx], scale=scale)
-        if isinstance(layers[idx], Full):
-            torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
-        else:
-            assert torch.equal(out, expected)
+        # Full layers run SDPA, sparse ones the blocked path on a CPU: the same attention, summed in another order
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+        if not isinstance(layers[idx], Full):
             # the pattern matters at this length: full attention gives something else
             assert not torch.allclose(out, reference_attention(q, k, v, Full(), scale=scale), atol=1e-3)
 

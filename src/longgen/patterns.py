@@ -135,6 +135,38 @@ class Pattern(ABC):
     @abstractmethod
     def _block_mask(self, seq_len: int, num_kv_heads: int, block_size: int) -> torch.Tensor: ...
 
+    def full_block_mask(self, seq_len: int, num_kv_heads: int, block_size: int | None = None) -> torch.Tensor:
+        """Which tiles of `block_mask` need no mask inside: bool ``(num_kv_heads, n_blocks, n_blocks)``.
+
+        True only where every pair (query `t`, key `s`) of the tile with ``t < seq_len`` is allowed, which
+        needs key tile < query tile. A subset of `block_mask`; the other visited tiles are masked with `allowed`.
+        """
+        _check_len(seq_len)
+        block_size = self.natural_block_size if block_size is None else block_size
+        _check_block_size("block_size", block_size)
+        p = self.resolve(num_kv_heads)
+        p._check_seq_len(seq_len)
+        n = math.ceil(seq_len / block_size)
+        below = torch.ones(n, n, dtype=torch.bool).tril(-1)
+        return p._full_block_mask(seq_len, num_kv_heads, block_size) & below
+
+    @abstractmethod
+    def _full_block_mask(self, seq_len: int, num_kv_heads: int, block_size: int) -> torch.Tensor:
+        """Tiles (below the diagonal) in which every pair is allowed; `full_block_mask` masks the diagonal."""
+
+    def dense_heads(self, seq_len: int, num_kv_heads: int) -> torch.Tensor:
+        """Bool ``(num_kv_heads,)``: which KV heads attend every earlier key (``s <= t``) of a `seq_len` sequence.
+
+        Such heads are computed exactly by plain causal attention.
+        """
+        _check_len(seq_len)
+        p = self.resolve(num_kv_heads)
+        p._check_seq_len(seq_len)
+        return p._dense_heads(seq_len, num_kv_heads)
+
+    @abstractmethod
+    def _dense_heads(self, seq_len: int, num_kv_heads: int) -> torch.Tensor: ...
+
     def key_blocks(self, seq_len: int, num_kv_heads: int, block_size: int | None = None) -> list[list[list[int]]]:
         """``key_blocks(...)[g][i]`` is the sorted list of key blocks query block `i` of KV head `g` visits."""
         bm = self.block_mask(seq_len, num_kv_heads, block_size)
@@ -228,6 +260,12 @@ class Full(Pattern):
         n = math.ceil(seq_len / block_size)
         return _causal_blocks(n).expand(num_kv_heads, n, n).clone()
 
+    def _full_block_mask(self, seq_len, num_kv_heads, block_size):
+        return self._block_mask(seq_len, num_kv_heads, block_size)
+
+    def _dense_heads(self, seq_len, num_kv_heads):
+        return torch.ones(num_kv_heads, dtype=torch.bool)
+
     def _kv_retention(self, seq_len, num_kv_heads):
         return [torch.arange(seq_len) for _ in range(num_kv_heads)]
 
@@ -262,6 +300,21 @@ class SinkWindow(Pattern):
         near = (i - j) * block_size - (block_size - 1) < self.window
         bm = (j <= i) & ((j * block_size < self.sink) | near)
         return bm.expand(num_kv_heads, n, n).clone()
+
+    def _full_block_mask(self, seq_len, num_kv_heads, block_size):
+        n = math.ceil(seq_len / block_size)
+        i = torch.arange(n)[:, None]
+        j = torch.arange(n)[None, :]
+        # keys below `sink` are always visible; the others must all be within the window of the tile's last query
+        first_outside_sink = torch.clamp(j * block_size, min=self.sink)
+        full = (first_outside_sink >= (j + 1) * block_size) | (
+            i * block_size + block_size - 1 - first_outside_sink < self.window
+        )
+        return full.expand(num_kv_heads, n, n).clone()
+
+    def _dense_heads(self, seq_len, num_kv_heads):
+        # the farthest pair a sink does not cover is t = seq_len - 1, s = sink
+        return torch.full((num_kv_heads,), seq_len <= self.sink + self.window, dtype=torch.bool)
 
     def _query_chunk(self):
         return max(64, self.window)
@@ -321,6 +374,24 @@ class _BlockPattern(Pattern):
         tiles = torch.arange(n_tiles)
         up = nat[:, tiles[:, None] // r, tiles[None, :] // r]
         return up & _causal_blocks(n_tiles)
+
+    def _full_block_mask(self, seq_len, num_kv_heads, block_size):
+        B = self.block_size
+        n_tiles = math.ceil(seq_len / block_size)
+        if block_size < B:
+            r = B // block_size
+            nat = self._natural_block_mask(math.ceil(n_tiles / r), num_kv_heads)
+            tiles = torch.arange(n_tiles)
+            return nat[:, tiles[:, None] // r, tiles[None, :] // r]
+        r = block_size // B
+        nat = self._natural_block_mask(n_tiles * r, num_kv_heads)
+        nat[:, math.ceil(seq_len / B) :, :] = True  # blocks past the sequence end hold no queries
+        return nat.view(num_kv_heads, n_tiles, r, n_tiles, r).all(dim=4).all(dim=2)
+
+    def _dense_heads(self, seq_len, num_kv_heads):
+        # the pattern is constant on its own blocks apart from causality, so block level is exact
+        n = math.ceil(seq_len / self.block_size)
+        return (self._natural_block_mask(n, num_kv_heads) == _causal_blocks(n)).flatten(1).all(1)
 
     def _kv_retention(self, seq_len, num_kv_heads):
         B = self.block_size

@@ -8,6 +8,7 @@ backward pass (activation checkpointing), so memory stays bounded there too.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -55,46 +56,79 @@ def reference_attention(
         ``(out, lse)``.
     """
     shape = check_attention_args(q, k, v, pattern, cu_seqlens, scale, seqlens, kv_head_offset, num_kv_heads_total)
+    out, lse = attend_each_sequence(q, k, v, shape, cu_seqlens, _attend_sequence, True)
+    return (out, lse) if return_lse else out
+
+
+# attend(q (T, H, d), k, v (T, Hkv, d), shape, need_lse) -> (out (T, H, d), lse (H, T), or None without need_lse)
+SequenceAttention = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor, AttentionShape, bool], tuple[torch.Tensor, torch.Tensor | None]
+]
+
+
+def attend_each_sequence(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    shape: AttentionShape,
+    cu_seqlens: torch.Tensor | None,
+    attend: SequenceAttention,
+    need_lse: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Run `attend` on every sequence of a batch (its valid tokens, padding gets zeros) or of a packed input,
+    and put the results back together: out like `q`, lse ``(batch, heads, seq)`` / ``(heads, total)`` or None."""
     if cu_seqlens is None:
-        results = [_attend_padded(q[b], k[b], v[b], n, shape) for b, n in enumerate(shape.seq_lens)]
+        results = [_attend_padded(q[b], k[b], v[b], n, shape, attend, need_lse) for b, n in enumerate(shape.seq_lens)]
         out = torch.stack([o for o, _ in results]) if results else torch.empty_like(q)
-        lse = torch.stack([lse for _, lse in results]) if results else _empty_lse(q, (0, shape.num_heads, 0))
+        if not need_lse:
+            return out, None
+        lse = torch.stack([lse for _, lse in results]) if results else empty_lse(q, (0, shape.num_heads, 0))
     else:
         offsets = cu_seqlens.tolist()
-        results = [_attend_sequence(q[a:b], k[a:b], v[a:b], shape) for a, b in itertools.pairwise(offsets)]
+        results = [attend(q[a:b], k[a:b], v[a:b], shape, need_lse) for a, b in itertools.pairwise(offsets)]
         out = torch.cat([o for o, _ in results])
+        if not need_lse:
+            return out, None
         lse = torch.cat([lse for _, lse in results], dim=-1)
-    return (out, lse) if return_lse else out
+    return out, lse
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def _empty_lse(q: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
+def empty_lse(q: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
+    """An empty lse tensor of `size` with the accumulation dtype of `q`."""
     return torch.empty(size, dtype=_acc_dtype(q.dtype), device=q.device)
 
 
 def _attend_padded(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n: int, shape: AttentionShape
-) -> tuple[torch.Tensor, torch.Tensor]:
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    n: int,
+    shape: AttentionShape,
+    attend: SequenceAttention,
+    need_lse: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One batch row whose first `n` tokens are valid."""
     T = q.shape[0]
     if n == T:
-        return _attend_sequence(q, k, v, shape)
-    out, lse = _attend_sequence(q[:n], k[:n], v[:n], shape)
+        return attend(q, k, v, shape, need_lse)
+    out, lse = attend(q[:n], k[:n], v[:n], shape, need_lse)
     out = torch.cat([out, out.new_zeros(T - n, *out.shape[1:])])
-    lse = torch.cat([lse, lse.new_full((lse.shape[0], T - n), float("-inf"))], dim=-1)
+    if lse is not None:
+        lse = torch.cat([lse, lse.new_full((lse.shape[0], T - n), float("-inf"))], dim=-1)
     return out, lse
 
 
 def _attend_sequence(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shape: AttentionShape
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shape: AttentionShape, need_lse: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One sequence: q ``(T, H, d)``, k/v ``(T, Hkv, d)`` -> out ``(T, H, d)``, lse ``(H, T)``."""
+    """One sequence: q ``(T, H, d)``, k/v ``(T, Hkv, d)`` -> out ``(T, H, d)``, lse ``(H, T)`` (always)."""
     T = q.shape[0]
     if T == 0:
-        return torch.empty_like(q), _empty_lse(q, (shape.num_heads, 0))
+        return torch.empty_like(q), empty_lse(q, (shape.num_heads, 0))
     rows = max(1, min(T, _CHUNK_ELEMENTS // (T * shape.num_heads)))
     if shape.pattern._query_chunk() is not None:  # chunks the pattern can prune keys for (SinkWindow)
         rows = min(rows, shape.pattern._query_chunk())
