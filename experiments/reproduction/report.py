@@ -357,8 +357,8 @@ def write_plots(out: Path, s: Settings, variants: dict[str, dict], summary: dict
         if pts:
             x = [r["length"] for r in pts]
             y = [r["accuracy"] for r in pts]
-            err = [[a - r["ci_low"] for a, r in zip(y, pts, strict=True)],
-                   [r["ci_high"] - a for a, r in zip(y, pts, strict=True)]]  # fmt: skip
+            err = [[max(0.0, a - r["ci_low"]) for a, r in zip(y, pts, strict=True)],
+                   [max(0.0, r["ci_high"] - a) for a, r in zip(y, pts, strict=True)]]  # fmt: skip
             ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=LABELS[v])
     ax.set_xscale("log", base=2)
     ax.set_xticks(list(s.eval_lengths), [_k(n) for n in s.eval_lengths])
@@ -376,8 +376,8 @@ def write_plots(out: Path, s: Settings, variants: dict[str, dict], summary: dict
     if pts:
         x = [f["kv_bytes"] / 2**20 for f in pts]
         y = [f["accuracy_far"] for f in pts]
-        err = [[a - f["ci_low"] for a, f in zip(y, pts, strict=True)],
-               [f["ci_high"] - a for a, f in zip(y, pts, strict=True)]]  # fmt: skip
+        err = [[max(0.0, a - f["ci_low"]) for a, f in zip(y, pts, strict=True)],
+               [max(0.0, f["ci_high"] - a) for a, f in zip(y, pts, strict=True)]]  # fmt: skip
         ax.errorbar(x, y, yerr=err, marker="o", capsize=3)
         for f, xi, yi in zip(pts, x, y, strict=True):
             ax.annotate(f"{f['full_fraction']:.0%} full", (xi, yi), textcoords="offset points", xytext=(4, -12),
