@@ -128,9 +128,9 @@ def _attend_heads(
     T, hkv, d = k.shape
     G = shape.group
     if dense and not need_lse:
-        q4, k4, v4 = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
+        q4, k4, v4 = (x.transpose(0, 1)[None] for x in (q, k, v))  # 4-D: PyTorch's fused CPU kernel needs it
         out = F.scaled_dot_product_attention(q4, k4, v4, is_causal=True, scale=shape.scale, enable_gqa=G > 1)
-        return out.transpose(0, 1), None
+        return out[0].transpose(0, 1), None
     acc = torch.promote_types(q.dtype, torch.float32)
     dev = q.device
     n = tiles.shape[-1]
