@@ -41,6 +41,41 @@ def run_metadata() -> dict:
     }
 
 
+def git_commit() -> str:
+    """HEAD of the repository this file is in, with "+changes" when tracked files differ from it."""
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+
+    def run(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True).stdout.strip()
+
+    head = run("rev-parse", "--short=12", "HEAD") or "unknown"
+    return head + ("+changes" if run("status", "--porcelain", "--untracked-files=no") else "")
+
+
+def cpu_run_metadata() -> dict:
+    """command, device (CPU model, cores, threads torch uses), torch, commit, date and load of a CPU run."""
+    import os
+    import platform
+
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {
+        "command": "PYTHONPATH=src python " + " ".join([sys.argv[0], *sys.argv[1:]]),
+        "device": f"{model}, {os.cpu_count()} cores, torch using {torch.get_num_threads()} threads",
+        "torch": torch.__version__,
+        "commit": git_commit(),
+        "date": datetime.date.today().isoformat(),
+        "load_average_at_start": list(os.getloadavg()),
+    }
+
+
 def cuda_kernel_table(prof) -> dict[str, tuple[float, int]]:
     """kernel name -> (total ms, launches) over the CUDA kernels a `torch.profiler.profile` saw."""
     out: dict[str, list] = {}
