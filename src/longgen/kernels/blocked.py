@@ -142,22 +142,24 @@ def _attend_heads(
     order = torch.argsort((~visited).to(torch.int8), dim=-1, stable=True)  # visited key tiles first, ascending
     head_base = (torch.arange(hkv) * n)[:, None]
     sels = [order[:, c, : int(counts[:, c].max())] for c in range(nc)]  # (hkv, m) key tiles, padded with unvisited
-    # one gather of whole tiles for all chunks, then split views: the backward scatters once, not once per chunk
-    flat = torch.cat([sel + head_base for sel in sels], dim=1).flatten().to(dev)
-    sizes = [sel.shape[1] * tile for sel in sels]
-    kc, vc = (
-        F.pad(x.to(acc).transpose(0, 1), (0, 0, 0, n * tile - T))  # (hkv, n * tile, d): positions past T are masked
-        .reshape(hkv * n, tile * d)
-        .index_select(0, flat)
-        .view(hkv, 1, -1, d)
-        .split(sizes, dim=2)
-        for x in (k, v)
-    )
+    index = [(sel + head_base).to(dev) for sel in sels]  # (hkv, m) rows of the tile tables below
+    # (hkv * n, tile * d): K and V by tiles; positions past T (last tile) are masked by causality
+    kt, vt = (F.pad(x.to(acc).transpose(0, 1), (0, 0, 0, n * tile - T)).reshape(hkv * n, tile * d) for x in (k, v))
+    if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad):
+        # one gather for all chunks, then split views: the backward scatters once instead of once per chunk
+        sizes, every = [sel.shape[1] * tile for sel in sels], torch.cat(index, 1).flatten()
+        k_chunks, v_chunks = (x.index_select(0, every).view(hkv, 1, -1, d).split(sizes, 2) for x in (kt, vt))
+    else:  # gathered chunk by chunk, each freed after use
+        k_chunks = v_chunks = None
     qc = q.to(acc).transpose(0, 1).reshape(hkv, G, T, d).split(r * tile, dim=2)  # query heads by KV head
     outs, lses = [], []
     for c, sel in enumerate(sels):
+        if k_chunks is None:
+            kc, vc = (x.index_select(0, index[c].flatten()).view(hkv, 1, -1, d) for x in (kt, vt))
+        else:
+            kc, vc = k_chunks[c], v_chunks[c]
         bias = _chunk_bias(shape, rows[:, c], sel, c * r, tile, g, acc)[:, :, : qc[c].shape[2]].to(dev)
-        o, lse = _softmax_attention(qc[c], kc[c], vc[c], bias, shape.scale, need_lse)
+        o, lse = _softmax_attention(qc[c], kc, vc, bias, shape.scale, need_lse)
         outs.append(o)
         lses.append(lse)
     out = torch.cat(outs, dim=2).permute(2, 0, 1, 3).reshape(T, hkv * G, d).to(q.dtype)
