@@ -110,6 +110,37 @@ def flex_case(pattern: longgen.Pattern, q, k, v, compiled) -> dict:
     return row
 
 
+def chunk_primitives() -> list[dict]:
+    """The per-chunk computation of the blocked path two ways, at its typical shape (SinkWindow(64, 1024) at
+    256 queries per chunk: 4 KV heads x 2 query heads, 1344 keys): PyTorch SDPA with an additive bias (what the
+    path runs) and matmul + bias + softmax + matmul (what it runs when the lse is asked for)."""
+    gen = torch.Generator().manual_seed(0)
+    hkv, group, rows, keys = KV_HEADS, HEADS // KV_HEADS, 256, 1344
+    q = torch.randn(1, hkv, group, rows, HEAD_DIM, generator=gen)[0]
+    k = torch.randn(1, hkv, 1, keys, HEAD_DIM, generator=gen)[0]
+    v = torch.randn(1, hkv, 1, keys, HEAD_DIM, generator=gen)[0]
+    t = torch.arange(1024, 1024 + rows)[:, None]
+    s = torch.arange(keys)[None, :] + 64
+    bias = torch.zeros(rows, keys).masked_fill(~((s <= t) & (t - s < 1024)), float("-inf"))[None, None]
+
+    def sdpa(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, enable_gqa=True)
+
+    def matmul_softmax(q, k, v):
+        scores = torch.matmul(q, k.transpose(-1, -2)) * HEAD_DIM**-0.5 + bias
+        return torch.matmul(torch.softmax(scores, dim=-1), v)
+
+    rows_out = []
+    for name, fn in (("chunk_sdpa_bias", sdpa), ("chunk_matmul_softmax", matmul_softmax)):
+        row = {
+            "length": rows,
+            "pattern": f"one chunk: {hkv}x{group} heads, {rows} queries x {keys} keys",
+            "method": name,
+        }
+        rows_out.append(row | timings(fn, q, k, v))
+    return rows_out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
@@ -165,6 +196,7 @@ def main() -> None:
         for name, pattern in PATTERNS.items():
             kept = pattern.block_fraction(T, KV_HEADS)
             rows.append({"length": T, "pattern": name, "method": "kept_causal_tiles", "fraction": round(kept, 4)})
+    rows += chunk_primitives()
     result["wall_s"] = round(time.perf_counter() - wall, 1)
     result["load_average_at_end"] = list(os.getloadavg())
     result["rows"] = rows
