@@ -153,7 +153,7 @@ class Experiment:
             trained, options = self.model_of(variant)
             what = {"lengths": s.ppl_lengths, "ppl": [s.ppl_docs, s.ppl_bucket]} if task == "ppl" else {
                 "lengths": list(s.eval_lengths), "tasks": list(TASKS), "per_task": s.prompts_per_task,
-                "answer_room": s.answer_room}  # fmt: skip
+                "answer_room": s.answer_room, "records": 2}  # fmt: skip
             return {"model": self.fingerprint(f"extend-{trained}"), "options": options, **what, "seed": s.seed,
                     "prepare": self.fingerprint("prepare"), "device": self.device()}  # fmt: skip
         raise ValueError(f"unknown stage {name!r}")
@@ -492,16 +492,25 @@ class Experiment:
         words = haystack_words(tokenizer, pool)
         items = build_items(tokenizer, pool, words, s.eval_lengths, s.prompts_per_task, s.answer_room, s.seed)
         t0 = time.perf_counter()
-        correct = []
+        records = []
         for n in s.eval_lengths:  # one length at a time: progress in the log
             group = [it for it in items if it.length == n]
-            correct += greedy_matches(model, [it.input_ids for it in group], [it.answer_ids for it in group],
-                                      reject_next=digit_ids(tokenizer), pad_id=tokenizer.eos_token_id)  # fmt: skip
-            acc = sum(correct[-len(group) :]) / len(group)
-            log(f"  {n:>6} tokens: {acc:.1%} of {len(group)} prompts ({time.perf_counter() - t0:.0f} s)")
+            correct = greedy_matches(model, [it.input_ids for it in group], [it.answer_ids for it in group],
+                                     reject_next=digit_ids(tokenizer), pad_id=tokenizer.eos_token_id)  # fmt: skip
+            records += [
+                {
+                    "task": it.task,
+                    "length": it.length,
+                    "index": it.index,
+                    "depth": it.depth,
+                    "answer": it.answer,
+                    "correct": ok,
+                }
+                for it, ok in zip(group, correct, strict=True)
+            ]
+            log(f"  {n:>6} tokens: {sum(correct) / len(group):.1%} of {len(group)} prompts "
+                f"({time.perf_counter() - t0:.0f} s)")  # fmt: skip
         seconds = time.perf_counter() - t0
-        records = [{"task": it.task, "length": it.length, "index": it.index, "depth": it.depth, "answer": it.answer,
-                    "correct": ok} for it, ok in zip(items, correct, strict=True)]  # fmt: skip
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "records.json", records)
         del model
