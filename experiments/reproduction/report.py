@@ -25,21 +25,48 @@ FILES = ("reproduce.json", "quality_summary.json", "reproduce.md", "retrieval_by
 
 
 def build_report(exp: Experiment, commit: str = "unknown", command: str = "") -> dict[str, Any]:
-    """Collect, check, write ``FILES`` into the output folder, print the markdown; returns the JSON summary."""
-    s = exp.s
+    """Collect the current results, check them, write ``FILES`` into the output folder and print the markdown;
+    returns the JSON summary."""
     variants = {v: r for v in VARIANTS if (r := variant_record(exp, v)) is not None}
     prepare, pretrain = (exp.done(n) if exp.current(n) else None for n in ("prepare", "pretrain"))
-    env = environment()
-    rows, pooled, paired = accuracy_rows(s, variants)
-    summary = {
-        "title": "LongGen quality: a 16x context extension, full attention against the hybrids",
-        "settings": dataclasses.asdict(s),
+    meta = {
         "plan": exp.plan,
-        "environment": env,
+        "environment": environment(),
         "commit": commit,
         "command": command,
         "corpus": prepare and prepare["result"],
         "pretrain": pretrain and {**pretrain["result"], "seconds": pretrain["seconds"]},
+        "stage_seconds": {n: exp.done(n)["seconds"] for n in exp.stage_names() if exp.current(n)},
+    }
+    summary = write_report(exp.s, variants, meta, exp.out)
+    log(f"work files: {exp.work}")
+    return summary
+
+
+def rebuild_report(saved: dict[str, Any], out: Path, **changes: Any) -> dict[str, Any]:
+    """The report again from a saved ``reproduce.json`` (its settings, variants and per-prompt outcomes), without
+    the work folder: for new tables or plots of a finished run. `changes` replace top-level entries of `saved`
+    first (e.g. ``outcomes``, ``commit``, ``command``)."""
+    saved = {**saved, **changes}
+    fields = {f.name for f in dataclasses.fields(Settings)}
+    s = Settings(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved["settings"].items() if k in fields})
+    variants = {}
+    for v, r in saved["variants"].items():
+        if v in saved["outcomes"]:
+            r = {**r, "records": records_from_outcomes(saved["outcomes"][v], s.prompts_per_task)}
+        variants[v] = r
+    meta = {k: saved[k] for k in ("plan", "environment", "commit", "command", "corpus", "pretrain", "stage_seconds")}
+    return write_report(s, variants, meta, out)
+
+
+def write_report(s: Settings, variants: dict[str, dict], meta: dict[str, Any], out: Path) -> dict[str, Any]:
+    """Accuracies, paired differences, frontier and targets of `variants` (each with its per-prompt ``records``
+    when evaluated), written as ``FILES`` into `out`; prints the markdown and returns the JSON summary."""
+    rows, pooled, paired = accuracy_rows(s, variants)
+    summary = {
+        "title": "LongGen quality: a 16x context extension, full attention against the hybrids",
+        "settings": dataclasses.asdict(s),
+        **meta,
         "variants": {v: {k: x for k, x in r.items() if k != "records"} for v, r in variants.items()},
         "accuracy": rows,
         "pooled": pooled,
@@ -47,13 +74,12 @@ def build_report(exp: Experiment, commit: str = "unknown", command: str = "") ->
         "frontier": frontier(s, variants, pooled),
         "targets": targets(s, rows, pooled, paired, variants),
         "outcomes": {v: outcome_strings(r["records"]) for v, r in variants.items() if r.get("records")},
-        "stage_seconds": {n: exp.done(n)["seconds"] for n in exp.stage_names() if exp.current(n)},
     }
-    exp.out.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     quality = {
-        "device": env["device"],
-        "commit": commit,
-        "command": command,
+        "device": meta["environment"]["device"],
+        "commit": meta["commit"],
+        "command": meta["command"],
         "pretrain_len": s.short_len,
         "extended_len": s.long_len,
         "rows": [
@@ -64,14 +90,14 @@ def build_report(exp: Experiment, commit: str = "unknown", command: str = "") ->
             {k: p[k] for k in ("variant", "length", "n", "diff_vs_full", "diff_ci_low", "diff_ci_high")} for p in paired
         ],
     }
-    write_json(exp.out / "quality_summary.json", quality)
+    write_json(out / "quality_summary.json", quality)
     table = format_report(summary, s)
-    (exp.out / "reproduce.md").write_text(table + "\n")
-    write_plots(exp.out, s, variants, summary)
-    summary["files"] = [str(exp.out / f) for f in FILES]
-    write_json(exp.out / "reproduce.json", summary)
+    (out / "reproduce.md").write_text(table + "\n")
+    write_plots(out, s, variants, summary)
+    summary["files"] = [str(out / f) for f in FILES]
+    write_json(out / "reproduce.json", summary)
     print(table, flush=True)
-    log(f"\nresults: {exp.out} ({', '.join(FILES)}); work files: {exp.work}")
+    log(f"\nresults: {out} ({', '.join(FILES)})")
     return summary
 
 
@@ -155,6 +181,16 @@ def outcome_strings(records: list[dict]) -> dict[str, str]:
     for r in sorted(records, key=lambda r: (r["task"], r["length"], r["index"])):
         out.setdefault(f"{r['task']}@{r['length']}", []).append("1" if r["correct"] else "0")
     return {k: "".join(v) for k, v in out.items()}
+
+
+def records_from_outcomes(outcomes: dict[str, str], per_task: int) -> list[dict[str, Any]]:
+    """The per-prompt records that `outcome_strings` wrote (depth i / (per_task - 1), as `tasks.build_items`)."""
+    records = []
+    for key, bits in outcomes.items():
+        task, length = key.rsplit("@", 1)
+        records += [{"task": task, "length": int(length), "index": i, "depth": i / (per_task - 1),
+                     "correct": b == "1"} for i, b in enumerate(bits)]  # fmt: skip
+    return records
 
 
 def _far(s: Settings) -> list[int]:
