@@ -1,9 +1,11 @@
 """experiments/reproduce.py --tiny: every stage runs on a CPU and leaves its artefacts; finished stages are
 skipped; the same seed gives the same pre-training losses; stages resume after being stopped."""
 
+import dataclasses
 import json
 import math
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -81,6 +83,12 @@ def test_tiny_end_to_end(reproduce, tmp_path, capsys):
     for v in variants_out.values():
         assert all(math.isfinite(p) and p > 1 for p in v["ppl"]["ppl_by_length"].values())
 
+    # the report again from the saved JSON alone: the same summary for tools
+    from reproduction.report import rebuild_report
+
+    rebuild_report(summary, tmp_path / "again")
+    assert json.loads((tmp_path / "again" / "quality_summary.json").read_text()) == quality
+
     # a finished stage is skipped
     metrics = work / "runs" / "pretrain" / "metrics.jsonl"
     before = metrics.stat().st_mtime_ns
@@ -121,3 +129,40 @@ def test_stopped_stage_resumes(reproduce, tmp_path, monkeypatch, capsys):
     assert "resumed from" in capsys.readouterr().out
     rows = (work / "runs" / "pretrain" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["step"] for x in rows] == [1, 2, 3, 4]  # steps 3-4 logged after the resume, once
+
+
+def test_each_record_holds_its_own_prompts_outcome(reproduce):
+    """Prompts are scored length by length; each record must carry the outcome of its own prompt. Here every
+    other prompt's answer is what the model itself generates (True), the rest a wrong answer (False)."""
+    import torch
+    from reproduction.tasks import build_items, digit_ids, score_items
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from longgen.train.tokenizer import train_bpe_tokenizer
+
+    corpus = Path(__file__).resolve().parents[1] / "src" / "longgen"
+    texts = [p.read_text() for p in sorted(corpus.rglob("*.py"))[:30]]
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, text in enumerate(texts):
+            Path(tmp, f"{i}.txt").write_text(text)
+        tokenizer = train_bpe_tokenizer(tmp, 600)
+    pool = tokenizer("\n\n".join(texts), add_special_tokens=False)["input_ids"]
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                                         max_position_embeddings=1024)).eval()  # fmt: skip
+    lengths = (384, 512)
+    words = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot"]
+    items = build_items(tokenizer, pool, words, lengths, 3, 16, seed=0)
+    digits = set(digit_ids(tokenizer))
+    expected = {}
+    for k, it in enumerate(items):
+        own = model.generate(torch.tensor([it.input_ids]), max_new_tokens=8, do_sample=False, pad_token_id=0)
+        own = own[0, len(it.input_ids) :].tolist()
+        cut = next(i for i in range(1, 8) if own[i] not in digits)  # the answer must not be followed by a digit
+        answer = own[:cut] if k % 2 else [(own[0] + 1) % len(tokenizer)]
+        items[k] = dataclasses.replace(it, answer_ids=answer)
+        expected[it.task, it.length, it.index] = bool(k % 2)
+    records = score_items(model, tokenizer, items, lengths, log=lambda _: None)
+    assert len(records) == len(items)
+    assert {(r["task"], r["length"], r["index"]): r["correct"] for r in records} == expected

@@ -481,9 +481,8 @@ class Experiment:
         import torch
 
         from longgen.eval import load_for_eval
-        from longgen.eval.forced import greedy_matches
 
-        from .tasks import build_items, digit_ids, haystack_words
+        from .tasks import build_items, haystack_words, score_items
 
         s = self.s
         model, tokenizer = load_for_eval(model_path, device=self.device(), **options)
@@ -492,24 +491,7 @@ class Experiment:
         words = haystack_words(tokenizer, pool)
         items = build_items(tokenizer, pool, words, s.eval_lengths, s.prompts_per_task, s.answer_room, s.seed)
         t0 = time.perf_counter()
-        records = []
-        for n in s.eval_lengths:  # one length at a time: progress in the log
-            group = [it for it in items if it.length == n]
-            correct = greedy_matches(model, [it.input_ids for it in group], [it.answer_ids for it in group],
-                                     reject_next=digit_ids(tokenizer), pad_id=tokenizer.eos_token_id)  # fmt: skip
-            records += [
-                {
-                    "task": it.task,
-                    "length": it.length,
-                    "index": it.index,
-                    "depth": it.depth,
-                    "answer": it.answer,
-                    "correct": ok,
-                }
-                for it, ok in zip(group, correct, strict=True)
-            ]
-            log(f"  {n:>6} tokens: {sum(correct) / len(group):.1%} of {len(group)} prompts "
-                f"({time.perf_counter() - t0:.0f} s)")  # fmt: skip
+        records = score_items(model, tokenizer, items, s.eval_lengths, log)
         seconds = time.perf_counter() - t0
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "records.json", records)

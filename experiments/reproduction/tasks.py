@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import random
 import re
+import time
 from dataclasses import dataclass
 from typing import Any
 
 from longgen.eval import build_prompt
+from longgen.eval.forced import greedy_matches
 
 from .settings import TASKS
 
@@ -104,6 +106,22 @@ def build_items(tokenizer: Any, pool: list[int], words: list[str], lengths, per_
                 answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
                 items.append(Item(task, n, i, depth, prompt.input_ids, answer, answer_ids))
     return items
+
+
+def score_items(model: Any, tokenizer: Any, items: list[Item], lengths, log=print) -> list[dict[str, Any]]:
+    """One record per item (task, length, index, depth, answer, correct), scored by `greedy_matches` one length
+    at a time (`log` gets each length's accuracy); records come in the order they were scored."""
+    records: list[dict[str, Any]] = []
+    t0 = time.perf_counter()
+    for n in lengths:
+        group = [it for it in items if it.length == n]
+        correct = greedy_matches(model, [it.input_ids for it in group], [it.answer_ids for it in group],
+                                 reject_next=digit_ids(tokenizer), pad_id=tokenizer.eos_token_id)  # fmt: skip
+        records += [{"task": it.task, "length": it.length, "index": it.index, "depth": it.depth, "answer": it.answer,
+                     "correct": ok} for it, ok in zip(group, correct, strict=True)]  # fmt: skip
+        seconds = time.perf_counter() - t0
+        log(f"  {n:>6} tokens: {sum(correct) / len(group):.1%} of {len(group)} prompts ({seconds:.0f} s)")
+    return records
 
 
 def digit_ids(tokenizer: Any) -> list[int]:

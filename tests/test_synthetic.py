@@ -1,0 +1,94 @@
+"""longgen.train.synthetic (retrieval training documents) and longgen.train.tokenizer."""
+
+import json
+import random
+import re
+
+import pytest
+
+from longgen.train.synthetic import make_fact, retrieval_document, write_retrieval_set
+from longgen.train.tokenizer import train_bpe_tokenizer
+
+FILLER = ["def f(x):\n    return x + 1\n" * 40, "Some prose about rivers and mountains.\n" * 60, "import os\n" * 30]
+
+
+def _lines(doc, pattern):
+    return [i for i, line in enumerate(doc.split("\n")) if re.search(pattern, line)]
+
+
+def test_every_question_follows_its_needles_with_the_same_answer():
+    for seed in range(20):
+        doc = retrieval_document(random.Random(seed), FILLER, 3000, 3.5, 4.0)
+        lines = doc.split("\n")
+        # magic numbers: each word keyed once, asked after it is stated, with the stated value
+        stated = {}
+        for i, line in enumerate(lines):
+            m = re.search(r"(?:number(?:s)? (?:for|of) (\w+)(?: is:?| is) )(\d+)\.$", line)
+            if m and not line.startswith(("What", "The number noted")):
+                assert m.group(1) not in stated, "a key stated twice"
+                stated[m.group(1)] = (i, m.group(2))
+        asked = [(i, m) for i, line in enumerate(lines) if (m := re.search(
+            r"(?:mentioned in the provided text is|\? It is|number noted for \w+ was) (\d+)\.$", line))]  # fmt: skip
+        assert asked
+        for i, m in asked:
+            word = re.search(r"for (\w+)", lines[i]).group(1)
+            at, value = stated[word]
+            assert at < i and value == m.group(1)
+        # at most one pass key, stated before it is asked
+        keys = _lines(doc, r"pass key is \d+\. Remember|Remember the pass key|secret pass key|^Pass key:")
+        assert len(keys) <= 1
+        for q in _lines(doc, r"pass key\? The pass key is|what was the pass key"):
+            assert keys and keys[0] < q
+
+
+def test_variable_chains_resolve_to_the_asked_value():
+    rng = random.Random(3)
+    for _ in range(50):
+        fact = make_fact("variable_tracking", rng, "unused")
+        values = {}
+        for needle in fact.needles:
+            m = re.fullmatch(r"(?:VAR (\w+) = |Let (\w+) be )(\w+)\.", needle)
+            name, value = m.group(1) or m.group(2), m.group(3)
+            values[name] = values.get(value, value)  # a name resolves to its value, a number to itself
+        last = re.findall(r"[A-Z]{5}", fact.question)[0]
+        assert fact.question.endswith(f" {values[last]}.")
+
+
+def test_documents_are_reproducible_and_about_the_asked_length(tmp_path):
+    a = retrieval_document(random.Random(7), FILLER, 2000, 3.0, 3.0)
+    assert a == retrieval_document(random.Random(7), FILLER, 2000, 3.0, 3.0)
+    assert 0.8 * 2000 * 3.0 < len(a) < 1.2 * 2000 * 3.0
+    made = write_retrieval_set(tmp_path / "r.jsonl", FILLER, 10_000, (500, 1500), 3.0, 3.0, seed=1)
+    rows = [json.loads(x) for x in (tmp_path / "r.jsonl").read_text().splitlines()]
+    assert len(rows) == made["documents"] and made["planned_tokens"] >= 10_000
+    assert all(set(r) == {"text"} and r["text"] for r in rows)
+
+
+def test_bad_input_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="unknown kind of fact 'x'"):
+        make_fact("x", random.Random(0), "w")
+    with pytest.raises(ValueError, match="kinds must be some of"):
+        retrieval_document(random.Random(0), FILLER, 100, 3.0, 3.0, kinds=["nope"])
+    with pytest.raises(ValueError, match="no texts"):
+        retrieval_document(random.Random(0), [], 100, 3.0, 3.0)
+    with pytest.raises(ValueError, match="1 <= min <= max"):
+        write_retrieval_set(tmp_path / "r.jsonl", FILLER, 10, (50, 10), 3.0, 3.0, seed=0)
+
+
+def test_tokenizer_splits_digits_and_round_trips(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i, text in enumerate(FILLER):
+        (corpus / f"{i}.txt").write_text(text + "The pass key is 12345. 2024 was a year.\n")
+    tok = train_bpe_tokenizer(corpus, 320)
+    text = "The pass key is 4827193. Remember it."
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert tok.decode(ids) == text
+    pieces = [tok.decode([i]) for i in ids]
+    assert [p for p in pieces if any(c.isdigit() for c in p)] == list("4827193")
+    assert tok.eos_token == "</s>" and tok.pad_token == "</s>"
+    with pytest.raises(ValueError, match="vocab_size must be an int >= 300"):
+        train_bpe_tokenizer(corpus, 100)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no text files"):
+        train_bpe_tokenizer(tmp_path / "empty", 400)
