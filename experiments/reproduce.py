@@ -1,18 +1,19 @@
-"""Reproduce the LongGen paper's comparisons, scaled down, on one GPU (issue #8).
+"""The quality experiment: does a LongGen hybrid keep full attention's long-context ability after a 16x extension?
 
-A Llama-style model is pre-trained from scratch at a short context on the Python source and documentation found
-on the machine itself (the standard library and site-packages: nothing is downloaded). Copies of it are extended
-to 8x the context, each with the same token budget:
+A Llama-style model is pre-trained from scratch at a short context (2K) on the Python source and documentation
+found on the machine itself (nothing is downloaded) mixed with synthetic retrieval documents. Copies of it are
+extended to 16x the context (32K), each with the same token budget:
 
-    1. full attention                      full
-    2. LongGen hybrid, SinkWindow          hybrid_sinkwindow   (1/3 full layers in the middle)
-    3. LongGen hybrid, BlockSparse         hybrid_blocksparse
-    4. all layers sparse, no full layer    all_sparse          (SinkWindow)
-    5. full layers at the bottom           hybrid_bottom       (SinkWindow)
+    full attention                            full
+    LongGen hybrid, SinkWindow                hybrid_sinkwindow   (1/3 full layers in the middle)
+    LongGen hybrid, BlockSparse               hybrid_blocksparse
+    all layers sparse                         all_sparse          (SinkWindow)
+    full layers at the bottom                 hybrid_bottom       (SinkWindow)
+    SinkWindow hybrids, 1/6, 1/4, 1/2 full    frontier_0.167, frontier_0.25, frontier_0.5
 
-and these five plus 6. StreamingLLM applied at inference to model 1 (streaming_llm) are evaluated: pass-key and
-needle-in-a-haystack retrieval over prompt lengths and needle depths, and perplexity by position. The report
-compares them with what the paper leads us to expect.
+and these plus StreamingLLM applied at inference to the full model (streaming_llm) answer the same seeded prompts
+of five retrieval tasks at five lengths; the report gives accuracies with intervals, paired differences against
+full attention, the cost-quality frontier and perplexity by position, and checks the targets.
 
 Stages write into --work-dir and skip what is finished for the same settings; a stage stopped half-way (killed,
 or by --deadline-minutes) resumes where it stopped (training from its last checkpoint):
@@ -20,7 +21,7 @@ or by --deadline-minutes) resumes where it stopped (training from its last check
     prepare   corpus, held-out documents, BPE tokenizer, token caches, synthetic retrieval documents
     pretrain  the base model at --short-len
     extend    every trained variant (or --variant X) at --long-len
-    eval      every variant (or --variant X): perplexity, pass key, needle in a haystack
+    eval      every variant (or --variant X): the retrieval prompts, then perplexity
     report    tables, JSON and plots in --out-dir; prints the comparison
     all       the stages above, in order
     plan      sizes, the time plan and which stages are done (starts nothing)

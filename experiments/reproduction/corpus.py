@@ -1,17 +1,15 @@
-"""The corpus: Python source and documentation already on the machine, and synthetic retrieval documents.
+"""The corpus: Python source and documentation already on the machine.
 
 Nothing is downloaded: the standard library and every site-packages folder hold hundreds of MB of real, long
 documents. `select_documents` takes a seeded sample of them (every package contributes) and keeps a few long
-ones out of training for evaluation. `write_retrieval_set` writes documents of real text in which facts are
-stated and later asked for, in the words of longgen.eval's pass-key and needle tasks.
+ones out of training for evaluation. The synthetic retrieval documents mixed into training are
+`longgen.train.synthetic`'s.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import random
 import site
 import sysconfig
 from collections.abc import Sequence
@@ -113,128 +111,3 @@ def select_documents(sources: str, megabytes: float, heldout: int, heldout_min_b
 def file_name(name: str) -> str:
     """A document name as a file name (letters, digits, '.', '_', '-')."""
     return "".join(c if c.isalnum() or c in "._-" else "_" for c in name)[-120:]
-
-
-def write_jsonl(path: Path, texts: Sequence[str]) -> None:
-    """One {"text": ...} object a line (longgen.train.data reads .jsonl sources), written atomically."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        for text in texts:
-            f.write(json.dumps({"text": text}) + "\n")
-    os.replace(tmp, path)
-
-
-# Synthetic retrieval documents: training text with facts ("needles") stated at random places and asked for later,
-# in the words of longgen.eval.tasks' pass-key and needle prompts. At this scale the skill has to be taught; what
-# then differs between the variants is whether their attention reaches the fact.
-NIAH_WORDS = (
-    "apple",
-    "river",
-    "castle",
-    "garden",
-    "silver",
-    "window",
-    "thunder",
-    "lantern",
-    "meadow",
-    "harbor",
-    "anchor",
-    "basket",
-    "candle",
-    "desert",
-    "engine",
-    "forest",
-    "glacier",
-    "hammer",
-    "island",
-    "jungle",
-    "kettle",
-    "ladder",
-    "marble",
-    "needle",
-    "orchard",
-    "pepper",
-    "quarry",
-    "rocket",
-    "saddle",
-    "tunnel",
-    "valley",
-    "walnut",
-    "yellow",
-    "zipper",
-    "bridge",
-    "canyon",
-    "dragon",
-    "falcon",
-    "ginger",
-    "helmet",
-)  # fmt: skip  (the first ten are longgen.eval.niah's)
-
-
-def facts(rng: random.Random, n: int) -> list[tuple[str, str]]:
-    """`n` (needle, question with its answer) pairs: at most one pass key, the rest magic numbers of distinct
-    words, worded as longgen.eval's prompts (which end with the answer's prefix)."""
-    out = []
-    if rng.random() < 0.5:
-        key = str(rng.randint(10_000, 99_999))
-        needle = f"\nThe pass key is {key}. Remember it. {key} is the pass key.\n"
-        out.append((needle, f"\nWhat is the pass key? The pass key is {key}.\n"))
-    for word in rng.sample(NIAH_WORDS, min(len(NIAH_WORDS), n - len(out))):
-        value = str(rng.randint(1_000_000, 9_999_999))
-        question = f"What is the special magic number for {word} mentioned in the provided text?"
-        answer = f"The special magic number for {word} mentioned in the provided text is {value}."
-        out.append((f"\nThe special magic number for {word} is: {value}.\n", f"\n{question} {answer}\n"))
-    return out
-
-
-def retrieval_document(
-    rng: random.Random, texts: Sequence[str], n_tokens: int, chars_per_token: float, facts_per_1k: float
-) -> str:
-    """About `n_tokens` tokens of `texts` with facts stated at random lines and asked for at later ones.
-
-    Half the documents end with a question, as evaluation prompts do. Questions spread over the document keep
-    answerable ones in every piece when packing cuts a document between two training sequences."""
-    pairs = facts(rng, max(1, round(n_tokens * facts_per_1k / 1024)))
-    need = max(0, int(n_tokens * chars_per_token) - sum(len(a) + len(b) for a, b in pairs))
-    parts, have = [], 0
-    while have < need:
-        text = texts[rng.randrange(len(texts))]
-        start = rng.randrange(len(text)) if len(text) > need - have else 0
-        parts.append(text[start : start + need - have])
-        have += len(parts[-1]) + 2
-    lines = "\n\n".join(parts).split("\n") if parts else []
-    events = []  # (line slot, 0 = needle / 1 = question, fact, text): a needle always precedes its question
-    for i, (needle, question) in enumerate(pairs):
-        at = rng.randint(0, len(lines))
-        ask = len(lines) if i == len(pairs) - 1 and rng.random() < 0.5 else rng.randint(at, len(lines))
-        events += [(at, 0, i, needle), (ask, 1, i, question)]
-    events.sort()
-    out, e = [], 0
-    for slot in range(len(lines) + 1):
-        while e < len(events) and events[e][0] == slot:
-            out.append(events[e][3])
-            e += 1
-        if slot < len(lines):
-            out.append(lines[slot] + "\n")
-    return "".join(out)
-
-
-def write_retrieval_set(
-    path: Path,
-    texts: Sequence[str],
-    total_tokens: int,
-    lengths: tuple[int, int],
-    chars_per_token: float,
-    facts_per_1k: float,
-    seed: int,
-) -> dict[str, int]:
-    """Retrieval documents of uniformly random lengths in `lengths` (tokens) until about `total_tokens`, as
-    .jsonl; returns their count and planned tokens."""
-    rng = random.Random(f"{seed}:retrieval:{path.name}")
-    docs, n_tokens = [], 0
-    while n_tokens < total_tokens:
-        length = rng.randint(*lengths)
-        docs.append(retrieval_document(rng, texts, length, chars_per_token, facts_per_1k))
-        n_tokens += length
-    write_jsonl(path, docs)
-    return {"documents": len(docs), "planned_tokens": n_tokens}
