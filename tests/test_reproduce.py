@@ -58,10 +58,12 @@ def test_tiny_end_to_end(reproduce, tmp_path, capsys):
     assert quality["pretrain_len"] == 64 and quality["extended_len"] == 512
     assert quality["command"].startswith("python experiments/reproduce.py all --tiny")
     tasks = {"passkey", "niah", "niah_multikey", "variable_tracking", "kv_lookup"}
-    evaluated = [*trained[:4], "streaming_llm", *trained[4:]]
+    evaluated = [*trained[:4], "streaming_llm", *trained[4:], "frontier_0", "frontier_0.333"]  # + the sweep's aliases
     assert {r["variant"] for r in quality["rows"]} == set(evaluated)
     assert {r["task"] for r in quality["rows"]} == tasks and {r["length"] for r in quality["rows"]} == {320, 512}
     assert len(quality["rows"]) == len(evaluated) * len(tasks) * 2
+    alias = [{**r, "variant": "x"} for r in quality["rows"] if r["variant"] == "frontier_0"]
+    assert alias == [{**r, "variant": "x"} for r in quality["rows"] if r["variant"] == "all_sparse"]
     for r in quality["rows"]:
         assert set(r) == ROW_KEYS and r["n"] == 3 and 0 <= r["correct"] <= 3
         assert r["accuracy"] == r["correct"] / r["n"] and r["ci_low"] <= r["accuracy"] <= r["ci_high"]

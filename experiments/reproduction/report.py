@@ -76,6 +76,10 @@ def write_report(s: Settings, variants: dict[str, dict], meta: dict[str, Any], o
         "outcomes": {v: outcome_strings(r["records"]) for v, r in variants.items() if r.get("records")},
     }
     out.mkdir(parents=True, exist_ok=True)
+    # the sweep's 0 and 1/3 points are all_sparse and hybrid_sinkwindow: their rows again, under the sweep's names
+    aliases = [(a, v) for a, v in FRONTIER_ALIASES.items() if any(r["variant"] == v for r in rows)]
+    rows_out = rows + [{**r, "variant": a} for a, v in aliases for r in rows if r["variant"] == v]
+    paired_out = paired + [{**p, "variant": a} for a, v in aliases for p in paired if p["variant"] == v]
     quality = {
         "device": meta["environment"]["device"],
         "commit": meta["commit"],
@@ -84,10 +88,11 @@ def write_report(s: Settings, variants: dict[str, dict], meta: dict[str, Any], o
         "extended_len": s.long_len,
         "rows": [
             {k: r[k] for k in ("variant", "task", "length", "n", "correct", "accuracy", "ci_low", "ci_high")}
-            for r in rows
+            for r in rows_out
         ],
         "paired": [
-            {k: p[k] for k in ("variant", "length", "n", "diff_vs_full", "diff_ci_low", "diff_ci_high")} for p in paired
+            {k: p[k] for k in ("variant", "length", "n", "diff_vs_full", "diff_ci_low", "diff_ci_high")}
+            for p in paired_out
         ],
     }
     write_json(out / "quality_summary.json", quality)
