@@ -3,7 +3,7 @@
     PYTHONPATH=src python benchmarks/tma_reduce_bandwidth.py [--ctas-per-sm 1 2] [--iters 4000] [--out R.json]
     PYTHONPATH=src python benchmarks/tma_reduce_bandwidth.py --compile-only     (no GPU: sm_90a compile check)
 
-Why: the one-pass attention backwards of sessions 7-8 (docs/kernels/attention.md, "One-pass backward") added their
+Why: the one-pass attention backwards measured 2026-12-01 (docs/kernels/attention.md, "One-pass backward") added their
 dQ tiles into a float32 accumulator with TMA reduce-adds and reached only 1.0-2.3 TB/s of reduced bytes, too slow
 to beat the split backward; whether the limit was the TMA reduce path itself, the register -> shared-memory staging
 or many programs adding into the same rows was not isolated. This measures each in isolation.
@@ -131,8 +131,8 @@ def measure(mode: str, op: str, stage: int, bufs: int, ctas: int, iters: int) ->
 
 
 def warm_up(seconds: float = 2.0) -> None:
-    """Keep the GPU busy for a while first, so that no variant is timed at idle clocks. (Not what slowed session
-    10's first run: there the first timed launch of every variant was 5-20x slower than the next ones even after
+    """Keep the GPU busy for a while first, so that no variant is timed at idle clocks. (Not what slowed the first
+    run on 2026-12-02: there the first timed launch of every variant was 5-20x slower than the next ones even after
     this warm-up and an untimed launch, cause not found; hence the median of `REPEATS` launches.)"""
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     start = torch.cuda.Event(enable_timing=True)

@@ -73,7 +73,7 @@ PERSISTENT_PROGRAMS = 0  # programs of a persistent launch: 0 one per SM (tests 
 FWD_BLOCK_N = 128  # forward: keys per streamed K / V tile, 64 or 128 (never wider than a BlockSparse block)
 FWD_STAGES = 0  # forward ring stages: 0 by the tile (3 of 128 keys, 4 of 64), else this many
 DQ_BLOCK_N = 64  # dQ kernel: keys per streamed K / V tile (64 query rows per consumer, as in the forward)
-DQ_STAGES = 4  # (DQ_BLOCK_N 128 with 2 stages, the same ring bytes: within 1%, session 10, docs/kernels/attention.md)
+DQ_STAGES = 4  # (DQ_BLOCK_N 128 with 2 stages, the same ring bytes: within 1% on an H200, docs/kernels/attention.md)
 HEAD_DIMS = (64, 128)
 GL_SINK_WINDOW = gl.constexpr(K_SINK_WINDOW)
 GL_BLOCK_SPARSE = gl.constexpr(K_BLOCK_SPARSE)
@@ -1631,18 +1631,19 @@ def _blocksparse_gqa(group: int, kind: int) -> bool:
 def dkdv_descends(group: int, kind: int) -> bool:
     """Whether the dK/dV kernel sweeps its query tiles from the last down (DESCEND): for Full without GQA and for
     BlockSparse with GQA. Measured on the H200 (docs/kernels/attention.md, "dK/dV query sweep direction" and
-    "Session 11"): 7% faster at Full 128K without GQA (session 8), 3-4% slower with 4 query heads per KV head; with
-    `dkdv_pairs_first` 7% faster for BlockSparse 128K with 4 query heads per KV head (session 11), 0-5% slower for
-    SinkWindow and for BlockSparse without GQA. `BWD_DESCEND` 0 / 1 overrides the rule (A/B)."""
+    "Edge masks, the dK/dV launch order revisited"): 7% faster at Full 128K without GQA, 3-4% slower with 4 query
+    heads per KV head; with `dkdv_pairs_first` 7% faster for BlockSparse 128K with 4 query heads per KV head (commit
+    df3880e), 0-5% slower for SinkWindow and for BlockSparse without GQA. `BWD_DESCEND` 0 / 1 overrides the rule
+    (A/B)."""
     return _rule("BWD_DESCEND", (group == 1 and kind == K_FULL) or _blocksparse_gqa(group, kind))
 
 
 def dkdv_pairs_first(group: int, kind: int) -> bool:
     """Whether the dK/dV programs are launched one head's key-tile pairs after another (after every head's long
     pairs, `dkdv_lead_pairs`) rather than with the heads innermost: for Full, whose concurrent programs of one head
-    then read the same Q / dO rows from L2 (measured on the H200, session 10: dK/dV kernel 485 -> 443 ms at Full 128K
+    then read the same Q / dO rows from L2 (measured on the H200, 2026-12-02: dK/dV kernel 485 -> 443 ms at Full 128K
     with 32 KV heads, 445 -> 436 with 8), and for BlockSparse with GQA, measured together with `dkdv_descends`
-    (session 11). SinkWindow and BlockSparse without GQA keep the heads innermost (session 11, long pairs leading:
+    (commit df3880e). SinkWindow and BlockSparse without GQA keep the heads innermost (same A/B, long pairs leading:
     0-3% slower pairs first). `BWD_PAIRS_FIRST` 0 / 1 overrides the rule (A/B)."""
     return _rule("BWD_PAIRS_FIRST", kind == K_FULL or _blocksparse_gqa(group, kind))
 
@@ -1676,16 +1677,16 @@ def dkdv_tuning(group: int, kind: int) -> dict:
 def fwd_persistent(kind: int) -> bool:
     """Whether the forward is launched persistent, one program per SM taking the work items in turn, instead of one
     program per work item: for the sparse patterns, whose short key ranges leave a program's prologue and epilogue
-    a large share of its time (measured on the H200, session 10: the forward kernel 4-6% faster for SinkWindow,
+    a large share of its time (measured on the H200, 2026-12-02: the forward kernel 4-6% faster for SinkWindow,
     1-2.5% for BlockSparse; docs/kernels/attention.md). `FWD_PERSISTENT` 0 / 1 overrides the rule (A/B)."""
     return _rule("FWD_PERSISTENT", kind != K_FULL)
 
 
 def mask_split(part: str) -> bool:
     """Whether the kernel `part` ("fwd", "dq" or "dkdv") masks an edge tile with only the constraint it can break
-    (`_edge_mask`) instead of the full rule: the dQ kernel only (measured on the H200, session 11, SinkWindow
+    (`_edge_mask`) instead of the full rule: the dQ kernel only (measured on the H200, 2026-12-02, SinkWindow
     and BlockSparse 128K: dQ kernel 0.6-2.6% faster in all 8 paired samples, forward -1.7..+2.6%, +0.15 ms on
-    average; docs/kernels/attention.md; dK/dV prepared in session 11, not yet timed). `MASK_SPLIT` 0 / 1 overrides
+    average; docs/kernels/attention.md; dK/dV timed 2026-12-02, no faster). `MASK_SPLIT` 0 / 1 overrides
     the rule for all three (A/B)."""
     if part not in ("fwd", "dq", "dkdv"):
         raise ValueError(f"mask_split takes 'fwd', 'dq' or 'dkdv', got {part!r}")
