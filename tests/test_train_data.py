@@ -328,7 +328,46 @@ def test_downsampling_and_determinism():
     assert not np.array_equal(plan.repeats, other.repeats) and plan.pieces(0) != other.pieces(0)
 
 
+@pytest.mark.parametrize("seq_len", [16, 64])
+def test_whole_documents_start_a_sequence_and_are_never_cut(seq_len):
+    rng = np.random.default_rng(2)
+    lengths = np.concatenate([rng.integers(seq_len // 2, seq_len + 1, size=20), rng.integers(1, 12, size=200),
+                              [3 * seq_len]])  # fmt: skip
+    corpus = unique_corpus(lengths)
+    plan = pack_documents(corpus, seq_len, seed=5, whole_min=seq_len // 2)
+    check_plan_against_corpus(corpus, plan)
+    rows, _ = packed_rows(corpus, plan)
+    packed = rows.reshape(-1)
+    assert len(set(packed.tolist())) == len(packed) == corpus.n_tokens - plan.dropped_tokens  # nothing twice
+    assert 0 <= plan.dropped_tokens < seq_len
+    for d in range(20):  # every long document is one piece at the start of its own sequence
+        mine = [p for p in range(len(plan.piece_doc)) if plan.piece_doc[p] == d]
+        assert len(mine) == 1 and plan.piece_start[mine[0]] == 0 and plan.piece_len[mine[0]] == lengths[d]
+        assert plan.piece_offset[mine[0]] == 0
+    # the same seed gives the same plan; without whole_min the long documents are cut somewhere
+    again = pack_documents(corpus, seq_len, seed=5, whole_min=seq_len // 2)
+    assert all(np.array_equal(getattr(plan, k), getattr(again, k)) for k in ("piece_doc", "piece_len", "seq_ptr"))
+    cut = pack_documents(corpus, seq_len, seed=5)
+    assert any(Counter(cut.piece_doc.tolist())[d] > 1 for d in range(20))
+    # the loader reads such a plan as any other: a whole document's positions run 0 .. length-1 in its row
+    batch = PackedLoader(corpus, plan, 1, seed=0).batch(0, 0)
+    first = plan.pieces(int(PackedLoader(corpus, plan, 1, seed=0).sequence_indices(0, 0)[0]))[0]
+    assert batch["input_ids"].shape == (1, seq_len)
+    assert batch["position_ids"][0, : first[2]].tolist() == list(range(first[2]))
+
+
+def test_whole_documents_without_filler_are_cut_like_the_rest():
+    corpus = unique_corpus([6, 6, 6, 2])  # filler for one whole document only
+    plan = pack_documents(corpus, 8, seed=0, whole_min=5)
+    check_plan_against_corpus(corpus, plan)
+    assert plan.n_seqs == 2 and plan.dropped_tokens == 4
+    rows, _ = packed_rows(corpus, plan)
+    assert len(set(rows.reshape(-1).tolist())) == 16
+
+
 @pytest.mark.parametrize("kwargs, match", [
+    ({"seq_len": 8, "whole_min": 0}, "whole_min must be None or an int >= 1"),
+    ({"seq_len": 8, "whole_min": True}, "whole_min must be None or an int >= 1"),
     ({"seq_len": 1}, "seq_len must be an int >= 2"),
     ({"seq_len": 8.0}, "seq_len must be an int >= 2"),
     ({"seq_len": 8, "upsample": [(0, 2.0)]}, "min_length must be an int >= 1"),
@@ -468,6 +507,7 @@ def test_data_config_expands_cache_dir():
     ({"upsample": [[4096, -1.0]]}, ValueError, "factor must be"),
     ({"upsample": [[0.5, 2.0]]}, ValueError, "min_length must be"),
     ({"text_field": ""}, ValueError, "text_field"),
+    ({"whole_min": 0}, ValueError, "whole_min must be unset or an integer >= 1"),
     ({"seed": "0"}, TypeError, "seed must be an int"),
 ])  # fmt: skip
 def test_data_config_validation(tmp_path, tokenizer, change, error, match):

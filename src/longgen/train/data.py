@@ -458,6 +458,7 @@ def pack_documents(
     *,
     upsample: Iterable[Sequence[float]] = (),
     seed: int = 0,
+    whole_min: int | None = None,
 ) -> PackedPlan:
     """Plan sequences of exactly `seq_len` tokens from `corpus`, oversampling long documents.
 
@@ -466,10 +467,17 @@ def pack_documents(
     one more copy with probability equal to the fractional part; other documents enter once. The copies are
     shuffled with `seed`, concatenated and cut every `seq_len` tokens; a document crossing a cut is split into
     pieces, each its own attention segment. The final partial sequence is dropped (`PackedPlan.dropped_tokens`).
-    Deterministic given (corpus, seq_len, upsample, seed).
+    Deterministic given (corpus, seq_len, upsample, seed, whole_min).
+
+    `whole_min`: documents of ``whole_min`` to ``seq_len`` tokens are never cut: each starts a sequence at
+    position 0 and the rest of that sequence is filled from the stream of the other documents (cut as usual). So a
+    long document's distant tokens stay in one attention segment (long-range training signal); when the other
+    documents run out, the whole documents left are cut like the rest.
     """
     if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 2:
         raise ValueError(f"seq_len must be an int >= 2, got {seq_len!r}")
+    if whole_min is not None and (isinstance(whole_min, bool) or not isinstance(whole_min, int) or whole_min < 1):
+        raise ValueError(f"whole_min must be None or an int >= 1, got {whole_min!r}")
     rules = _check_upsample(upsample)
     rng = np.random.default_rng(seed)
     lengths = corpus.doc_lengths
@@ -481,6 +489,8 @@ def pack_documents(
     whole = np.floor(factors)
     repeats = (whole + (rng.random(corpus.n_docs) < factors - whole)).astype(np.int64)
     order = rng.permutation(np.repeat(np.arange(corpus.n_docs, dtype=np.int64), repeats))
+    if whole_min is not None:
+        return _pack_whole(order, lengths, seq_len, whole_min, repeats)
 
     # intersect each document copy's span of the stream with the sequence spans [i*seq_len, (i+1)*seq_len)
     doc_len = lengths[order]
@@ -507,6 +517,55 @@ def pack_documents(
         seq_ptr=np.searchsorted(piece_seq, np.arange(n_seqs + 1)).astype(np.int64),
         repeats=repeats,
         dropped_tokens=total - usable,
+    )
+
+
+def _pack_whole(order: np.ndarray, lengths: np.ndarray, seq_len: int, whole_min: int, repeats) -> PackedPlan:
+    """`pack_documents` with documents of `whole_min`..`seq_len` tokens kept whole (see its docstring)."""
+    is_whole = (lengths[order] >= whole_min) & (lengths[order] <= seq_len)
+    whole, rest = order[is_whole], order[~is_whole & (lengths[order] > 0)]
+    rest_tokens = int(lengths[rest].sum())
+    pieces: list[tuple[int, int, int, int, int]] = []  # (sequence, doc, start, length, offset)
+    stream = [(int(d), 0, int(lengths[d])) for d in rest]  # (doc, start, length) still to place
+    at = 0  # next stream segment
+
+    def fill(seq: int, offset: int, n: int) -> None:  # n tokens of the stream into sequence `seq` at `offset`
+        nonlocal at
+        while n > 0:
+            d, start, length = stream[at]
+            k = min(length, n)
+            pieces.append((seq, d, start, k, offset))
+            offset, n = offset + k, n - k
+            if k < length:
+                stream[at] = (d, start + k, length - k)
+            else:
+                at += 1
+
+    n_seqs, left = 0, []
+    for d in whole.tolist():
+        gap = seq_len - int(lengths[d])
+        if gap > rest_tokens:  # no filler left for it: it joins the stream and is cut like the others
+            left.append((d, 0, int(lengths[d])))
+            continue
+        pieces.append((n_seqs, d, 0, int(lengths[d]), 0))
+        fill(n_seqs, int(lengths[d]), gap)
+        rest_tokens -= gap
+        n_seqs += 1
+    stream += left
+    remaining = sum(length for _, _, length in stream[at:])
+    for _ in range(remaining // seq_len):
+        fill(n_seqs, 0, seq_len)
+        n_seqs += 1
+    cols = np.array(pieces, dtype=np.int64).reshape(-1, 5)
+    return PackedPlan(
+        seq_len=seq_len,
+        piece_doc=cols[:, 1],
+        piece_start=cols[:, 2],
+        piece_len=cols[:, 3],
+        piece_offset=cols[:, 4],
+        seq_ptr=np.searchsorted(cols[:, 0], np.arange(n_seqs + 1)).astype(np.int64),
+        repeats=repeats,
+        dropped_tokens=remaining % seq_len,
     )
 
 
@@ -651,6 +710,7 @@ class DataConfig:
     text_field: str = "text"
     cache_dir: str = "~/.cache/longgen/tokens"
     upsample: list[list[float]] = field(default_factory=list)
+    whole_min: int | None = None  # documents of whole_min..seq_len tokens are never cut (see pack_documents)
     extensions: list[str] = field(default_factory=lambda: list(DEFAULT_EXTENSIONS))
     seed: int = 0
     add_eos: bool = True
@@ -669,6 +729,10 @@ class DataConfig:
         if isinstance(self.seq_len, bool) or not isinstance(self.seq_len, int) or self.seq_len < 2:
             raise ValueError(f"seq_len must be an int >= 2, got {self.seq_len!r}")
         _check_upsample(self.upsample)
+        if self.whole_min is not None and (
+            isinstance(self.whole_min, bool) or not isinstance(self.whole_min, int) or self.whole_min < 1
+        ):
+            raise ValueError(f"whole_min must be unset or an integer >= 1, got {self.whole_min!r}")
         if not isinstance(self.text_field, str) or not self.text_field:
             raise ValueError(f"text_field must be a non-empty string, got {self.text_field!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
@@ -689,5 +753,5 @@ def build_loader(
         extensions=cfg.extensions,
         progress=progress,
     )
-    plan = pack_documents(corpus, cfg.seq_len, upsample=cfg.upsample, seed=cfg.seed)
+    plan = pack_documents(corpus, cfg.seq_len, upsample=cfg.upsample, seed=cfg.seed, whole_min=cfg.whole_min)
     return PackedLoader(corpus, plan, batch_size, rank=rank, world_size=world_size, seed=cfg.seed)
