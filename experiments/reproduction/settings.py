@@ -52,6 +52,7 @@ class Settings:
     heldout_docs: int = field(default=8, metadata=_help("long documents kept out of training (ppl, haystack)"))
     retrieval_share_pretrain: float = field(default=0.3, metadata=_help("share of synthetic retrieval tokens"))
     retrieval_share_extend: float = 0.5
+    whole_docs: bool = field(default=True, metadata=_help("packing never cuts a document of retrieval length"))
     facts_per_1k: float = field(default=3.0, metadata=_help("facts stated and asked per 1K synthetic tokens"))
     # model
     hidden_size: int = 512
@@ -79,8 +80,10 @@ class Settings:
     checkpoints_per_run: int = field(default=0, metadata=_help("0: one a minute of planned training"))
     # the time plan (`plan`): training steps follow from these unless given
     budget_minutes: float = field(default=19.0, metadata=_help("planned wall time of the main comparison"))
-    assume_pretrain_tps: float = field(default=300_000, metadata=_help("tokens/s at --short-len"))
-    assume_extend_tps: float = field(default=120_000, metadata=_help("tokens/s at --long-len, full attention"))
+    assume_pretrain_tps: float = field(default=320_000, metadata=_help("tokens/s at --short-len (H100: 329K)"))
+    assume_extend_tps: float = field(
+        default=200_000, metadata=_help("tokens/s at --long-len, full attention (H100: 208K)")
+    )
     assume_eval_tps: float = field(default=400_000, metadata=_help("prompt tokens/s in evaluation, full attention"))
     # evaluation
     eval_lengths: tuple[int, ...] = (2048, 4096, 8192, 16384, 32768)

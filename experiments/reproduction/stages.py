@@ -80,6 +80,19 @@ def interactive() -> bool:
 EVAL_STAGES = ("retrieval", "ppl")  # every variant's retrieval first
 
 
+def retrieval_lengths(s: Settings, stage: str) -> tuple[int, int]:
+    """Token lengths of the stage's synthetic retrieval documents: a quarter (pre-training) or an eighth
+    (extension) of the context, up to all of it."""
+    n = s.short_len if stage == "pretrain" else s.long_len
+    return max(16, n // 4 if stage == "pretrain" else n // 8), n
+
+
+def whole_min(s: Settings, stage: str) -> int | None:
+    """`longgen.train`'s data.whole_min (None: off): documents as long as the shortest retrieval document or
+    longer are never cut by packing."""
+    return retrieval_lengths(s, stage)[0] if s.whole_docs else None
+
+
 def extend_upsample(s: Settings) -> list[list[float]]:
     """Extension data: documents from long_len/8 tokens on keep their weight, shorter ones half of it."""
     return [[max(2, s.long_len // 8), 1.0], [1, 0.5]]
@@ -126,6 +139,7 @@ class Experiment:
             "device": self.device(),
             "activation_checkpointing": s.activation_checkpointing,
             "compile": s.compile,
+            "whole_docs": s.whole_docs,
         }
         if name == "prepare":
             fields = ("seed", "sources", "corpus_mb", "tokenizer_mb", "vocab_size", "heldout_docs", "short_len",
@@ -293,8 +307,8 @@ class Experiment:
         extend_tokens = float(np.where(lengths >= rules[0][0], lengths * rules[0][1], lengths * rules[1][1]).sum())
         sets = {}
         for stage, share, real, span in (
-            ("pretrain", s.retrieval_share_pretrain, float(base.n_tokens), (max(16, s.short_len // 4), s.short_len)),
-            ("extend", s.retrieval_share_extend, extend_tokens, (max(16, s.long_len // 8), s.long_len)),
+            ("pretrain", s.retrieval_share_pretrain, float(base.n_tokens), retrieval_lengths(s, "pretrain")),
+            ("extend", s.retrieval_share_extend, extend_tokens, retrieval_lengths(s, "extend")),
         ):
             path = self.data / f"retrieval-{stage}.jsonl"
             total = int(share / (1 - share) * real)  # tokens that make `share` of what the loader draws from
@@ -342,6 +356,7 @@ class Experiment:
                 "seq_len": seq_len,
                 "cache_dir": str(self.work / "token-cache"),
                 "upsample": upsample,
+                "whole_min": whole_min(s, stage),
                 "seed": s.seed,
             },
             "optim": {"lr": lr, "warmup_steps": max(1, min(100, steps // 10)), "schedule": "cosine"},

@@ -49,7 +49,8 @@ def main() -> None:
     outcomes = {v: restored[v] for v in MAIN} | second["outcomes"]
     command = (f"{first['command']}  (main variants, commit c96391b); {second['command']}  (the rest, commit "
                f"0104e95); assembled by PYTHONPATH=src python experiments/results/assemble.py")  # fmt: skip
-    rebuild_report(second, HERE, outcomes=outcomes, commit="c96391b + 0104e95", command=command)
+    settings = {**second["settings"], "whole_docs": False}  # the run predates the option: packing cut every document
+    rebuild_report(second, HERE, outcomes=outcomes, settings=settings, commit="c96391b + 0104e95", command=command)
 
 
 if __name__ == "__main__":
