@@ -144,7 +144,7 @@ def chunk_primitives() -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
-    parser.add_argument("--reference-max", type=int, default=16384, help="longest length to time the reference at")
+    parser.add_argument("--reference-max", type=int, default=4096, help="longest length to time the reference at")
     parser.add_argument("--no-flex", action="store_true")
     parser.add_argument("--out", default="benchmarks/results/cpu_attention.json")
     args = parser.parse_args()
