@@ -28,7 +28,7 @@ def restore_knobs(module, old: dict) -> None:
 
 
 def run_metadata() -> dict:
-    """command, device, torch, triton, date of this run (call on the GPU machine)."""
+    """command, device, torch, triton, commit, date of this run (call on the GPU machine)."""
     import triton
 
     props = torch.cuda.get_device_properties(0)
@@ -37,21 +37,29 @@ def run_metadata() -> dict:
         "device": f"{torch.cuda.get_device_name()} ({props.total_memory / 2**30:.0f} GiB)",
         "torch": torch.__version__,
         "triton": triton.__version__,
+        "commit": git_commit(),
         "date": datetime.date.today().isoformat(),
     }
 
 
 def git_commit() -> str:
-    """HEAD of the repository this file is in, with "+changes" when tracked files differ from it."""
+    """HEAD of the repository this file is in, with "+changes" when tracked files differ from it; a copy of the
+    tree without .git (as on a GPU machine) takes it from the LONGGEN_COMMIT environment variable, else "unknown"."""
+    import os
     import subprocess
     from pathlib import Path
 
     root = Path(__file__).resolve().parent.parent
 
     def run(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True).stdout.strip()
+        try:
+            return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True).stdout.strip()
+        except OSError:  # no git on this machine
+            return ""
 
-    head = run("rev-parse", "--short=12", "HEAD") or "unknown"
+    head = run("rev-parse", "--short=12", "HEAD")
+    if not head:
+        return os.environ.get("LONGGEN_COMMIT", "unknown")
     return head + ("+changes" if run("status", "--porcelain", "--untracked-files=no") else "")
 
 
