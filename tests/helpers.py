@@ -9,6 +9,14 @@ from pathlib import Path
 import torch
 
 
+def fresh_generator() -> torch.Generator:
+    """A CPU generator with a fresh seed every run (inputs differ from run to run), printed so that pytest shows it
+    with a failure; LONGGEN_TEST_SEED=N replays run N's inputs."""
+    seed = int(os.environ.get("LONGGEN_TEST_SEED", torch.seed() % (2**31)))
+    print(f"inputs from seed {seed} (replay: LONGGEN_TEST_SEED={seed})")
+    return torch.Generator().manual_seed(seed)
+
+
 def bpe_tokenizer(texts, vocab_size=400):
     """A byte-level BPE tokenizer trained on `texts`, as a transformers fast tokenizer (eos ``</s>``)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers

@@ -12,6 +12,7 @@ import functools
 import pytest
 import torch
 
+from helpers import fresh_generator
 from longgen import BlockSparse, Full, SinkWindow
 from longgen.kernels import cache_attention
 from test_gpu_kernels import poison_allocator, relerr
@@ -70,7 +71,7 @@ def reference(q, q_pos, k, v, k_pos, pattern, kv_len):
 @pytest.mark.parametrize("pattern", [Full(), SinkWindow(64, 2048), BlockSparse(64, 16)], ids=repr)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_matches_float32_reference(dtype, pattern, hkv, q_len):
-    gen = torch.Generator().manual_seed(torch.seed() % (2**31))  # fresh inputs every run
+    gen = fresh_generator()
     k_pos, kv_len = build_cache(pattern, hkv, q_len, gen)
     B, S = k_pos.shape[0], k_pos.shape[-1]
     q = torch.randn(B, HEADS, q_len, HEAD_DIM, generator=gen).to("cuda", dtype).transpose(1, 2)  # a (B, Q, H, d) view

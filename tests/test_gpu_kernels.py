@@ -7,6 +7,7 @@ outputs show), relative error against a float32 reference under 1e-2 for the out
 import pytest
 import torch
 
+from helpers import fresh_generator
 from longgen import BlockLayout, BlockSparse, Full, SinkWindow, reference_attention, sparse_attention
 
 pytestmark = [
@@ -84,7 +85,7 @@ CASES = [
 
 @pytest.mark.parametrize("pattern,T,H,hkv,d,dtype", CASES, ids=lambda x: repr(x)[:40])
 def test_matches_float32_reference(pattern, T, H, hkv, d, dtype):
-    gen = torch.Generator().manual_seed(torch.seed() % (2**31))  # fresh inputs every run
+    gen = fresh_generator()
     if pattern == "layout":
         pattern = random_layout(hkv, T // 64, gen)
     q, k, v, dout = (
@@ -97,7 +98,7 @@ def test_matches_float32_reference(pattern, T, H, hkv, d, dtype):
 @pytest.mark.parametrize("lens", [[3000, 1, 65, 5000, 777], [1024, 4096, 256]], ids=["ragged", "whole_tiles"])
 @pytest.mark.parametrize("pattern", [Full(), SinkWindow(64, 512), BlockSparse(64, 4)], ids=repr)
 def test_varlen_matches_reference(pattern, lens):
-    gen = torch.Generator().manual_seed(torch.seed() % (2**31))
+    gen = fresh_generator()
     cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
     total = sum(lens)
     q = torch.randn(total, 16, 128, generator=gen).to("cuda", torch.bfloat16)
@@ -124,7 +125,7 @@ def test_auto_backend_uses_triton_on_cuda():
 
 @pytest.mark.parametrize("pattern", [SinkWindow(64, 512), BlockSparse(64, 4)], ids=repr)
 def test_padded_batch_matches_reference(pattern):
-    gen = torch.Generator().manual_seed(torch.seed() % (2**31))
+    gen = fresh_generator()
     q = torch.randn(3, 4096, 8, 128, generator=gen).to("cuda", torch.bfloat16).requires_grad_()
     k = torch.randn(3, 4096, 4, 128, generator=gen).to("cuda", torch.bfloat16).requires_grad_()
     v = torch.randn(3, 4096, 4, 128, generator=gen).to("cuda", torch.bfloat16).requires_grad_()
@@ -180,7 +181,7 @@ def test_gluon_kernels_match_reference_and_triton(pattern, T, H, hkv, d, dtype, 
 
     fwd_calls = _count_calls(monkeypatch, gluon_attention, "forward")
     bwd_calls = _count_calls(monkeypatch, gluon_attention, "dkdv")
-    gen = torch.Generator().manual_seed(torch.seed() % (2**31))
+    gen = fresh_generator()
     q, k, v, dout = (
         torch.randn(shape, generator=gen).to("cuda", dtype)
         for shape in ((B, T, H, d), (B, T, hkv, d), (B, T, hkv, d), (B, T, H, d))
@@ -214,7 +215,7 @@ def test_gluon_dq_matches_reference_and_triton(pattern, T, H, hkv, d, dtype, B, 
     from longgen.kernels import gluon_attention
 
     calls = _count_calls(monkeypatch, gluon_attention, "dq_delta")
-    gen = torch.Generator().manual_seed(torch.seed() % (2**31))
+    gen = fresh_generator()
     q, k, v, dout = (
         torch.randn(shape, generator=gen).to("cuda", dtype)
         for shape in ((B, T, H, d), (B, T, hkv, d), (B, T, hkv, d), (B, T, H, d))
@@ -257,7 +258,7 @@ def test_gluon_launch_choices_give_identical_results(pattern, T, H, hkv, d, dtyp
     change no arithmetic: output, LSE and all gradients are bitwise those of the defaults."""
     from longgen.kernels import gluon_attention
 
-    gen = torch.Generator().manual_seed(torch.seed() % (2**31))
+    gen = fresh_generator()
     q, k, v, dout = (
         torch.randn(shape, generator=gen).to("cuda", dtype)
         for shape in ((B, T, H, d), (B, T, hkv, d), (B, T, hkv, d), (B, T, H, d))
