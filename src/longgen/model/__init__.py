@@ -13,11 +13,13 @@ from longgen.model.convert import (
     load_model,
     load_tokenizer,
 )
+from longgen.model.export import EXPORT_FORMATS, export_checkpoint, export_config
 from longgen.model.layout import build_layout, full_layer_indices, is_hybrid, read_layout
 from longgen.model.rope import extend_rope, ntk_theta
 
 __all__ = [
     "ATTN_IMPLEMENTATION",
+    "EXPORT_FORMATS",
     "SUPPORTED_MODEL_TYPES",
     "build_layout",
     "check_model_folder",
@@ -26,6 +28,8 @@ __all__ = [
     "convert_config",
     "describe",
     "enable_activation_checkpointing",
+    "export_checkpoint",
+    "export_config",
     "extend_rope",
     "format_description",
     "full_layer_indices",

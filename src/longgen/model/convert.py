@@ -169,6 +169,16 @@ def convert_checkpoint(
     """
     from transformers import AutoConfig
 
+    src, dst = check_folders(src, dst, force)
+    config = AutoConfig.from_pretrained(src)
+    convert_config(config, **kwargs)
+    write_model_folder(src, dst, config, progress=progress)
+    return config
+
+
+def check_folders(src: str | os.PathLike, dst: str | os.PathLike, force: bool) -> tuple[Path, Path]:
+    """`src` and `dst` as Paths, once `src` is a model folder and `dst` may be written (a new folder, or an
+    existing one with `force`); ValueError / FileExistsError otherwise."""
     src, dst = Path(src), Path(dst)
     if not (src / "config.json").is_file():
         raise ValueError(f"{src} is not a Hugging Face model folder (no config.json)")
@@ -176,8 +186,12 @@ def convert_checkpoint(
         raise FileExistsError(f"{dst} already exists; pass --force (force=True) to replace it")
     if dst.resolve() == src.resolve():
         raise ValueError("DST must differ from SRC (conversion writes a new folder)")
-    config = AutoConfig.from_pretrained(src)
-    convert_config(config, **kwargs)
+    return src, dst
+
+
+def write_model_folder(src: Path, dst: Path, config: Any, *, progress: bool = True) -> None:
+    """Write `dst`: every file of `src` copied unchanged except config.json, which is `config`'s. The folder is
+    written beside `dst` and renamed into place, so it never exists half-written; an existing `dst` is replaced."""
     tmp = dst.parent / f".{dst.name}.tmp-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -201,7 +215,6 @@ def convert_checkpoint(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return config
 
 
 @dataclass(frozen=True)
