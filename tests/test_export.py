@@ -100,7 +100,9 @@ def exported(tmp_path_factory):
         tok.save_pretrained(root / name / "plain")
         args = ["convert", str(root / name / "plain"), str(root / name / "hybrid"), "--pattern", "sink_window"]
         assert main([*args, "--sink", "0", "--window", str(W), *options]) == 0
-        export_checkpoint(root / name / "hybrid", root / name / "export", progress=False)
+        assert (
+            main(["export", str(root / name / "hybrid"), str(root / name / "export"), "--format", "transformers"]) == 0
+        )
         folders[name] = str(root / name / "export")
     gen = torch.Generator().manual_seed(1)
     ids = torch.randint(2, len(tok), (2, 3 * W), generator=gen)
@@ -224,3 +226,19 @@ def test_other_refusals_say_why():
     gpt2.longgen = {"layers": ["full_attention", {"type": "sink_window", "sink": 0, "window": W}]}
     with pytest.raises(ValueError, match="cannot export a 'gpt2' hybrid: export supports qwen2, qwen3, llama"):
         export_config(gpt2)
+
+
+def test_export_command_refusals_and_force(exported, tmp_path, capsys):
+    root, _, _ = exported
+    dst = root / "qwen2" / "export"
+    assert main(["export", str(root / "qwen2" / "hybrid"), str(dst)]) == 2
+    assert "already exists; pass --force" in capsys.readouterr().err
+    config = export_checkpoint(root / "qwen2" / "hybrid", dst, force=True, progress=False)
+    assert config.layer_types[1] == "full_attention" and (dst / "config.json").is_file()
+    sink = tmp_path / "sink"
+    args = ["convert", str(root / "qwen2" / "plain"), str(sink), "--sink", "4", "--window", str(W)]
+    assert main(args) == 0
+    assert main(["export", str(sink), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("longgen export: error: layer 0 uses SinkWindow(sink=4, window=16)")
+    assert not (tmp_path / "out").exists()

@@ -87,6 +87,19 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from longgen.model import export_checkpoint
+
+    print(f"Exporting {args.src} -> {args.dst} ({args.format})")
+    config = export_checkpoint(args.src, args.dst, format=args.format, force=args.force)
+    sliding = config.layer_types.count("sliding_attention")
+    print(
+        f"Wrote {args.dst}: {config.model_type}, {sliding} of {len(config.layer_types)} layers "
+        f"sliding_attention (sliding_window={config.sliding_window}); stock transformers loads it"
+    )
+    return 0
+
+
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from transformers import AutoConfig
 
@@ -180,7 +193,9 @@ def _add_pattern_args(p: argparse.ArgumentParser, choose: bool = True) -> None:
             default="sink_window",
             help="sparse layers' pattern (sink_window)",
         )
-    p.add_argument("--sink", type=int, default=64, help="SinkWindow sink tokens (64)")
+    p.add_argument(
+        "--sink", type=int, default=64, help="SinkWindow sink tokens (64; 0 = a plain sliding window, see export)"
+    )
     p.add_argument("--window", type=positive_int, default=2048, help="SinkWindow window tokens (2048)")
     p.add_argument("--block-size", type=positive_int, default=64, help="BlockSparse block size (64)")
     p.add_argument("--local-blocks", type=positive_int, default=16, help="BlockSparse local blocks (16)")
@@ -267,6 +282,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--force", action="store_true", help="replace DST if it exists")
     p.set_defaults(func=_cmd_convert)
+
+    from longgen.model.export import EXPORT_FORMATS
+
+    p = sub.add_parser(
+        "export",
+        help="write a hybrid as a folder stock transformers loads (SinkWindow(0, W) layers -> sliding_attention)",
+        description="Export a hybrid whose sparse layers are all SinkWindow(sink=0, window=W) to a Hugging Face folder "
+        "with layer_types and sliding_window=W that transformers (and engines reading its format) load without "
+        "longgen; weights and tokenizer are copied unchanged. Other hybrids are refused with the reason.",
+    )
+    p.add_argument("src", help="converted hybrid folder")
+    p.add_argument("dst", help="new folder to write")
+    p.add_argument("--format", choices=EXPORT_FORMATS, default="transformers", help="output format (transformers)")
+    p.add_argument("--force", action="store_true", help="replace DST if it exists")
+    p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("inspect", help="show a hybrid's layout and KV-cache size")
     p.add_argument("path", help="converted model folder")
