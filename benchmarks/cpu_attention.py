@@ -1,15 +1,15 @@
 """Attention on a CPU: longgen's block-sparse PyTorch path against the reference, PyTorch SDPA and FlexAttention.
 
-    PYTHONPATH=src python benchmarks/cpu_attention.py [--lengths 1024 2048 4096 8192 16384] [--no-flex]
+    PYTHONPATH=src python benchmarks/cpu_attention.py [--lengths 1024 2048 4096 8192 16384] [--threads N] [--no-flex]
 
 float32, batch 1, 8 query heads, 4 KV heads, head dim 64 (a small model's layer). Per length: PyTorch SDPA causal
 attention (its fused CPU kernel, GQA without repeating K/V), and for SinkWindow(64, 1024) and
 BlockSparse(64, 16, stride 4): `sparse_attention(backend="blocked")` (the default off CUDA),
-`backend="reference"`, and FlexAttention with the same mask (`torch.compile`d, forward only: it has no backward
-on a CPU; its block-mask build and compile times are recorded). Times are wall-clock, the best of a few runs
-(one run for cases slower than 2 s), forward (under `torch.no_grad`) and forward+backward (a weighted sum of the
-output). Ratios are SDPA's time over each method's (above 1: faster than SDPA). Writes `--out` (JSON) and a
-markdown table beside it.
+`backend="reference"` (up to `--reference-max`, 4K: it is >10x slower than SDPA), and FlexAttention with the same
+mask (`torch.compile`d, forward only: it has no backward on a CPU; its block-mask build and compile times are
+recorded). Times are wall-clock, the best of a few runs (one run for cases slower than 2 s), forward (under
+`torch.no_grad`) and forward+backward (a weighted sum of the output). Ratios are SDPA's time over each method's
+(above 1: faster than SDPA). Writes `--out` (JSON) and a markdown table beside it.
 """
 
 from __future__ import annotations
@@ -146,8 +146,11 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
     parser.add_argument("--reference-max", type=int, default=4096, help="longest length to time the reference at")
     parser.add_argument("--no-flex", action="store_true")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--out", default="benchmarks/results/cpu_attention.json")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     result = cpu_run_metadata()
     result["shape"] = {"batch": 1, "heads": HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM, "dtype": "float32"}
