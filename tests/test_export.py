@@ -36,6 +36,7 @@ ARCHS = {  # model type -> (config class, extra `longgen convert` options: RoPE 
 }
 EXPORTED_CLASS = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "llama": "MinistralForCausalLM"}
 EXPORTED_CLASS["mistral"] = "MinistralForCausalLM"
+IMPLS = {name: ("sdpa", "eager") if name == "qwen2" else ("sdpa",) for name in ARCHS}  # attention paths checked
 
 # Runs in a fresh interpreter that cannot import longgen: stock transformers loads each exported folder and
 # records logits, greedy generations and the key tensor length of every layer of the returned cache.
@@ -53,7 +54,7 @@ ids, prompt, padded, mask = (torch.tensor(job[k]) for k in ("ids", "prompt", "pa
 results = {"transformers": transformers.__version__}
 for name, folder in job["folders"].items():
     tok = AutoTokenizer.from_pretrained(folder)
-    for impl in ("sdpa", "eager"):
+    for impl in ("sdpa", "eager") if name == job["boundary"] else ("sdpa",):
         m = AutoModelForCausalLM.from_pretrained(folder, attn_implementation=impl).eval()
         with torch.no_grad():
             logits = m(ids).logits
@@ -61,7 +62,11 @@ for name, folder in job["folders"].items():
                              do_sample=False, return_dict_in_generate=True, pad_token_id=0)
             batch = m.generate(padded, attention_mask=mask, max_new_tokens=job["new"], do_sample=False,
                                pad_token_id=0)
+            static = m.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=job["new"],
+                                do_sample=False, return_dict_in_generate=True, pad_token_id=0,
+                                cache_implementation="static")
         cache = getattr(out, "cache", None) or out.past_key_values
+        static_cache = getattr(static, "cache", None) or static.past_key_values
         results[f"{name}/{impl}"] = {
             "class": type(m).__name__,
             "logits": logits,
@@ -69,6 +74,8 @@ for name, folder in job["folders"].items():
             "batch": batch,
             "cached_keys": [layer.keys.shape[-2] for layer in cache.layers],
             "cache_layers": [type(layer).__name__ for layer in cache.layers],
+            "static_tokens": static.sequences,
+            "static_keys": [layer.keys.shape[-2] for layer in static_cache.layers],
             "encoded": tok("export me to the engines")["input_ids"],
         }
     if name == job["boundary"]:  # one token more or less of window must change the logits
@@ -160,11 +167,12 @@ def test_stock_transformers_matches_longgen_token_for_token(exported, name):
             **cache_kwargs(HybridCache(model.config)),
         )
         batch = model.generate(padded, attention_mask=mask, max_new_tokens=NEW, do_sample=False, pad_token_id=0)
-    for impl in ("sdpa", "eager"):
+    for impl in IMPLS[name]:
         s = stock[f"{name}/{impl}"]
         assert s["class"] == EXPORTED_CLASS[name]
         torch.testing.assert_close(s["logits"], logits, atol=2e-5, rtol=1e-5)
         assert torch.equal(s["tokens"], tokens), impl
+        assert torch.equal(s["static_tokens"], tokens), impl
         assert torch.equal(s["batch"], batch), impl
         assert s["encoded"] == tok("export me to the engines")["input_ids"]
 
@@ -183,11 +191,13 @@ def test_the_window_boundary_is_the_same_as_sinkwindow(exported):
 def test_stock_cache_keeps_only_the_window_on_sliding_layers(exported, name):
     _, stock, _ = exported
     seen = PROMPT + NEW - 1  # tokens that went through the model (the last generated one never does)
-    for impl in ("sdpa", "eager"):
+    for impl in IMPLS[name]:
         s = stock[f"{name}/{impl}"]
         # measured: sliding layers hold W - 1 keys (the next query is the window's W-th), full layers all of them
         assert s["cached_keys"] == [W - 1, seen, W - 1], s["cache_layers"]
         assert s["cache_layers"][0] != s["cache_layers"][1]
+        # cache_implementation="static" preallocates the window on sliding layers, the whole length on full ones
+        assert s["static_keys"] == [W, seen, W]
 
 
 def _hybrid_config(pattern, config_class=Qwen2Config, **kwargs):
