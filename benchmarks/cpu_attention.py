@@ -6,10 +6,10 @@ float32, batch 1, 8 query heads, 4 KV heads, head dim 64 (a small model's layer)
 attention (its fused CPU kernel, GQA without repeating K/V), and for SinkWindow(64, 1024) and
 BlockSparse(64, 16, stride 4): `sparse_attention(backend="blocked")` (the default off CUDA),
 `backend="reference"` (up to `--reference-max`, 4K: it is >10x slower than SDPA), and FlexAttention with the same
-mask (`torch.compile`d, forward only: it has no backward on a CPU; its block-mask build and compile times are
-recorded). Times are wall-clock, the best of a few runs (one run for cases slower than 2 s), forward (under
-`torch.no_grad`) and forward+backward (a weighted sum of the output). Ratios are SDPA's time over each method's
-(above 1: faster than SDPA). Writes `--out` (JSON) and a markdown table beside it.
+mask (`torch.compile`d afresh for each case, forward only: it has no backward on a CPU; its block-mask build and
+compile times are recorded). Times are wall-clock, the best of a few runs (one run for cases slower than 2 s),
+forward (under `torch.no_grad`) and forward+backward (a weighted sum of the output). Ratios are SDPA's time over
+each method's (above 1: faster than SDPA). Writes `--out` (JSON) and a markdown table beside it.
 """
 
 from __future__ import annotations
@@ -82,9 +82,13 @@ def flex_mask_mod(pattern: longgen.Pattern):
     return mask_mod
 
 
-def flex_case(pattern: longgen.Pattern, q, k, v, compiled) -> dict:
-    from torch.nn.attention.flex_attention import create_block_mask
+def flex_case(pattern: longgen.Pattern, q, k, v) -> dict:
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
+    # a fresh static-shape compile per case: a recompile for a new length would otherwise switch to dynamic
+    # shapes, whose CPU kernel is an order of magnitude slower
+    torch._dynamo.reset()
+    compiled = torch.compile(flex_attention, dynamic=False)
     T = q.shape[1]
     start = time.perf_counter()
     block_mask = create_block_mask(flex_mask_mod(pattern), 1, HEADS, T, T, device="cpu")
@@ -156,11 +160,6 @@ def main() -> None:
     result["shape"] = {"batch": 1, "heads": HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM, "dtype": "float32"}
     result["timing"] = "wall clock, best of 3 after a warm-up (1 run when over 2 s)"
     rows = []
-    compiled_flex = None
-    if not args.no_flex:
-        from torch.nn.attention.flex_attention import flex_attention
-
-        compiled_flex = torch.compile(flex_attention)
     wall = time.perf_counter()
     for T in args.lengths:
         gen = torch.Generator().manual_seed(T)
@@ -179,8 +178,8 @@ def main() -> None:
 
                 row = {"length": T, "pattern": name, "method": method, **timings(run, q, k, v)}
                 rows.append(row)
-            if compiled_flex is not None:
-                flex = flex_case(pattern, q, k, v, compiled_flex)
+            if not args.no_flex:
+                flex = flex_case(pattern, q, k, v)
                 rows.append({"length": T, "pattern": name, "method": "flex", **flex})
             for row in rows:
                 if row["length"] == T and row["pattern"] == name:
