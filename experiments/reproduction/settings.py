@@ -17,7 +17,7 @@ def frontier_name(fraction: float) -> str:
 FRONTIER = tuple(frontier_name(f) for f in FRONTIER_FRACTIONS)
 # frontier_0 is all_sparse and frontier_0.333 is hybrid_sinkwindow: the same models, evaluated once
 FRONTIER_ALIASES = {frontier_name(0.0): "all_sparse", frontier_name(1 / 3): "hybrid_sinkwindow"}
-VARIANTS = (*MAIN, "hybrid_bottom", *(f for f in FRONTIER if f not in FRONTIER_ALIASES))
+VARIANTS = (*MAIN, "hybrid_bottom", "hybrid_nosink", *(f for f in FRONTIER if f not in FRONTIER_ALIASES))
 LABELS = {
     "full": "1. full attention",
     "hybrid_sinkwindow": "2. LongGen hybrid, SinkWindow",
@@ -25,6 +25,7 @@ LABELS = {
     "all_sparse": "4. all layers sparse",
     "streaming_llm": "5. StreamingLLM on model 1",
     "hybrid_bottom": "6. full layers at the bottom",
+    "hybrid_nosink": "7. SinkWindow hybrid without sink tokens",
     **{f: f"SinkWindow hybrid, {frac:.0%} full" for f, frac in zip(FRONTIER, FRONTIER_FRACTIONS, strict=True)},
 }
 TRAINED_TASKS = ("passkey", "niah", "niah_multikey", "variable_tracking")
@@ -178,8 +179,8 @@ MAIN_TRAINED = ("full", "hybrid_sinkwindow", "hybrid_blocksparse", "all_sparse")
 def extend_cost(s: Settings, variant: str) -> float:
     """Planned seconds of one extension step's tokens relative to full attention's: the share of the layers that
     are full plus what the sparse layers keep (causal block work at `long_len`, a rough guide for the plan)."""
-    fractions = {"full": 1.0, "hybrid_sinkwindow": 1 / 3, "hybrid_blocksparse": 1 / 3, "all_sparse": 0.0,
-                 "hybrid_bottom": 1 / 3, **dict(zip(FRONTIER, FRONTIER_FRACTIONS, strict=True))}  # fmt: skip
+    third = {v: 1 / 3 for v in ("hybrid_sinkwindow", "hybrid_blocksparse", "hybrid_bottom", "hybrid_nosink")}
+    fractions = {"full": 1.0, "all_sparse": 0.0, **third, **dict(zip(FRONTIER, FRONTIER_FRACTIONS, strict=True))}
     full = round(s.layers * fractions[variant]) / s.layers
     sparse_keep = 0.35 if variant == "hybrid_blocksparse" else 0.1
     return 0.35 + 0.65 * (full + (1 - full) * sparse_keep)  # ~35% of full attention's step is not attention

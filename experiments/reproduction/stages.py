@@ -443,6 +443,8 @@ class Experiment:
             "hybrid_blocksparse": {"full_layers": "middle", "pattern": BlockSparse(s.block_size, s.local_blocks)},
             "all_sparse": {"full_fraction": 0.0, "pattern": sink_window},
             "hybrid_bottom": {"full_layers": "bottom", "pattern": sink_window},
+            # a plain sliding window: what `longgen export --format transformers` can hand to other engines
+            "hybrid_nosink": {"full_layers": "middle", "pattern": SinkWindow(0, s.window)},
         }
         for name, fraction in zip(FRONTIER, FRONTIER_FRACTIONS, strict=True):
             if name not in FRONTIER_ALIASES:
