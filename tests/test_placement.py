@@ -1,0 +1,144 @@
+"""Automatic placement of the full layers (``full_layers="auto"``): the score, the choice, the record, the CLI."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from longgen import BlockSparse, Full, SinkWindow
+from longgen.model.placement import attention_mass_outside, choose_full_layers, full_layer_count, score_layers
+
+PATTERNS = [SinkWindow(3, 8), SinkWindow(0, 5), BlockSparse(16, 1, 2), BlockSparse(16, 1, 3, dense_kv_heads=1)]
+
+
+def tiny(layers=4, seed=0, **kw):
+    args = dict(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=256,
+    )
+    args.update(kw)
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(LlamaConfig(**args), attn_implementation="sdpa").eval()
+
+
+def shape_attention(model, layer, kind, heads=None):
+    """Make query heads `heads` (default all) of `layer` attend "uniform"ly over all earlier tokens (zero queries),
+    or "local"ly (constant queries and keys: after RoPE the score peaks at distance 0 and falls by >= 8 logits)."""
+    attn = model.model.layers[layer].self_attn
+    cfg = model.config
+    d, group = cfg.head_dim, cfg.num_attention_heads // cfg.num_key_value_heads
+    const = torch.zeros(d)
+    const[: d // 2] = 8.0  # one unit-weight component per RoPE frequency pair (rotate_half pairs i, i + d/2)
+    with torch.no_grad():
+        for h in range(cfg.num_attention_heads) if heads is None else heads:
+            rows = slice(h * d, (h + 1) * d)
+            attn.q_proj.weight[rows] = 0
+            attn.q_proj.bias[rows] = 0 if kind == "uniform" else const
+            if kind == "local":
+                kv = slice(h // group * d, (h // group + 1) * d)
+                attn.k_proj.weight[kv] = 0
+                attn.k_proj.bias[kv] = const
+    return model
+
+
+def synthetic(distant=(0, 3), local=(2,)):
+    """A random Llama whose layers `distant` attend uniformly, layers `local` locally, and layer 1 has one uniform
+    head (0) among local ones."""
+    model = tiny(attention_bias=True)
+    for i in distant:
+        shape_attention(model, i, "uniform")
+    for i in local:
+        shape_attention(model, i, "local")
+    shape_attention(model, 1, "local", heads=[1, 2, 3])
+    return shape_attention(model, 1, "uniform", heads=[0])
+
+
+def explicit_outside(q, k, pattern, scale=None):
+    """The outside mass from explicit attention matrices: q (B, T, H, d), k (B, T, Hkv, d) -> (B, H, T)."""
+    _, T, H, d = q.shape
+    hkv = k.shape[2]
+    kk = k.repeat_interleave(H // hkv, dim=2)
+    logits = torch.einsum("bthd,bshd->bhts", q.double(), kk.double()) * (scale or d**-0.5)
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    probs = logits.masked_fill(~causal, float("-inf")).softmax(-1)
+    allowed = pattern.mask(T, hkv).repeat_interleave(H // hkv, dim=0)  # (H, T, T)
+    return (probs * (causal & ~allowed)).sum(-1)
+
+
+@pytest.mark.parametrize("pattern", PATTERNS, ids=repr)
+@pytest.mark.parametrize("backend", ["blocked", "reference"])
+def test_outside_mass_from_the_kernels_equals_explicit_attention(pattern, backend):
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 80, 4, 16, generator=g) * 2  # sharp enough that the masses differ between queries
+    k = torch.randn(2, 80, 2, 16, generator=g)
+    got = attention_mass_outside(q, k, pattern, backend=backend)
+    want = explicit_outside(q, k, pattern)
+    assert got.shape == (2, 4, 80)
+    assert want.max() > 0.3  # the pattern drops real mass here, so the comparison means something
+    torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=0)
+
+
+def eager_scores(model, ids, pattern):
+    """Per-layer, per-head outside mass from the eager attention weights transformers returns."""
+    eager = tiny(layers=model.config.num_hidden_layers, attention_bias=True)
+    eager.load_state_dict(model.state_dict())
+    eager.config._attn_implementation = "eager"
+    with torch.no_grad():
+        attn = eager(ids, output_attentions=True).attentions  # per layer (B, H, T, T)
+    T = ids.shape[1]
+    hkv = model.config.num_key_value_heads
+    H = model.config.num_attention_heads
+    drop = ~pattern.mask(T, hkv).repeat_interleave(H // hkv, dim=0)
+    return torch.stack([(a.double() * drop).sum(-1).mean(dim=(0, 2)) for a in attn])  # (L, H)
+
+
+def test_model_scores_equal_the_eager_attention_weights():
+    model = synthetic(distant=(0,), local=(3,))  # layer 2 stays random
+    ids = torch.randint(0, 128, (3, 64), generator=torch.Generator().manual_seed(1))
+    pattern = SinkWindow(2, 9)
+    scores = score_layers(model, ids, pattern, progress=False)
+    want = eager_scores(model, ids, pattern)
+    torch.testing.assert_close(torch.tensor(scores.heads, dtype=torch.float64), want, atol=1e-5, rtol=0)
+    torch.testing.assert_close(torch.tensor(scores.layers, dtype=torch.float64), want.mean(-1), atol=1e-5, rtol=0)
+    assert (scores.sequences, scores.length) == (3, 64)
+    assert model.config._attn_implementation == "sdpa"  # restored
+
+
+def test_choice_and_count():
+    assert choose_full_layers([0.1, 0.5, 0.2, 0.5], 2) == [1, 3]
+    assert choose_full_layers([0.3, 0.3, 0.3], 1) == [0]
+    assert full_layer_count(32, None, None) == 11  # as many as "middle" keeps
+    assert full_layer_count(32, 0.25, None) == 8
+    assert full_layer_count(32, None, 5) == 5
+    with pytest.raises(ValueError, match="not both"):
+        full_layer_count(32, 0.25, 5)
+    with pytest.raises(ValueError, match=r"full_count must be an int in \[0, 32\]"):
+        full_layer_count(32, None, 33)
+    with pytest.raises(ValueError, match=r"full_fraction must be a number in \[0, 1\]"):
+        full_layer_count(32, 1.5, None)
+
+
+def test_scoring_refuses_patterns_that_drop_nothing():
+    model = tiny()
+    ids = torch.zeros(1, 32, dtype=torch.long)
+    with pytest.raises(ValueError, match="drops nothing"):
+        score_layers(model, ids, Full(), progress=False)
+    with pytest.raises(ValueError, match="keeps every key at the calibration length 32"):
+        score_layers(model, ids, SinkWindow(16, 16), progress=False)
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_the_layers_that_attend_far_are_chosen():
+    model = synthetic()
+    ids = torch.randint(0, 128, (2, 128), generator=torch.Generator().manual_seed(2))
+    scores = score_layers(model, ids, SinkWindow(4, 16), progress=False)
+    s = scores.layers
+    assert min(s[0], s[3]) > 0.5 > s[1] > s[2]
+    assert s[2] < 0.01
+    assert scores.heads[1][0] > 0.5 and max(scores.heads[1][1:]) < 0.01
+    assert choose_full_layers(s, full_layer_count(4, 0.5, None)) == [0, 3]  # "middle" would keep [1, 2]
