@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from longgen.kernels.inputs import AttentionShape, check_attention_args
 from longgen.kernels.reference import attend_each_sequence, empty_lse
-from longgen.patterns import Pattern
+from longgen.patterns import Pattern, SinkWindow
 
 QUERY_CHUNK = 256  # query tokens per chunk: larger chunks mean fewer, bigger matmuls but more masked keys
 
@@ -62,10 +62,9 @@ def blocked_attention(
 
 def tile_size(pattern: Pattern) -> int:
     """Key tile the blocked path gathers: the pattern's own block, smaller for short windows (less waste)."""
-    window = getattr(pattern, "window", None)
-    if window is None:
+    if not isinstance(pattern, SinkWindow):
         return pattern.natural_block_size
-    return max(16, min(pattern.natural_block_size, 1 << max(0, (window // 8).bit_length() - 1)))
+    return max(16, min(pattern.natural_block_size, 1 << max(0, (pattern.window // 8).bit_length() - 1)))
 
 
 def _attend_sequence(
@@ -75,12 +74,14 @@ def _attend_sequence(
     T, hkv = q.shape[0], shape.num_kv_heads
     if T == 0:
         return torch.empty_like(q), empty_lse(q, (shape.num_heads, 0))
-    tile = tile_size(shape.pattern)
     heads = slice(shape.kv_head_offset, shape.kv_head_offset + hkv)
+    dense = shape.pattern.dense_heads(T, shape.global_kv_heads)[heads]  # (Hkv,)
+    if bool(dense.all()) and not need_lse:
+        return _causal(q, k, v, shape), None
+    tile = tile_size(shape.pattern)
     visited = shape.pattern.block_mask(T, shape.global_kv_heads, tile)[heads]  # (Hkv, n, n)
     full = shape.pattern.full_block_mask(T, shape.global_kv_heads, tile)[heads]
     tiles = visited.to(torch.int8) + full.to(torch.int8)  # 0: skipped, 1: masked inside, 2: all pairs allowed
-    dense = shape.pattern.dense_heads(T, shape.global_kv_heads)[heads]  # (Hkv,)
     g = torch.arange(hkv) + shape.kv_head_offset
     if bool(dense.all()) or not bool(dense.any()):
         return _attend_heads(q, k, v, shape, tiles, tile, g, bool(dense.all()), need_lse)
@@ -128,9 +129,7 @@ def _attend_heads(
     T, hkv, d = k.shape
     G = shape.group
     if dense and not need_lse:
-        q4, k4, v4 = (x.transpose(0, 1)[None] for x in (q, k, v))  # 4-D: PyTorch's fused CPU kernel needs it
-        out = F.scaled_dot_product_attention(q4, k4, v4, is_causal=True, scale=shape.scale, enable_gqa=G > 1)
-        return out[0].transpose(0, 1), None
+        return _causal(q, k, v, shape), None
     acc = torch.promote_types(q.dtype, torch.float32)
     dev = q.device
     n = tiles.shape[-1]
@@ -167,8 +166,21 @@ def _attend_heads(
     return out, lse
 
 
+def _causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shape: AttentionShape) -> torch.Tensor:
+    """PyTorch SDPA causal attention: q ``(T, H, d)``, k/v ``(T, Hkv, d)`` -> ``(T, H, d)``."""
+    q4, k4, v4 = (x.transpose(0, 1)[None] for x in (q, k, v))  # 4-D: PyTorch's fused CPU kernel needs it
+    out = F.scaled_dot_product_attention(q4, k4, v4, is_causal=True, scale=shape.scale, enable_gqa=shape.group > 1)
+    return out[0].transpose(0, 1)
+
+
 def _chunk_bias(
-    shape: AttentionShape, rows: torch.Tensor, sel: torch.Tensor, i0: int, tile: int, g: torch.Tensor, dtype
+    shape: AttentionShape,
+    rows: torch.Tensor,
+    sel: torch.Tensor,
+    i0: int,
+    tile: int,
+    g: torch.Tensor,
+    dtype: torch.dtype,
 ) -> torch.Tensor:
     """Additive bias ``(hkv or 1, 1, r * tile, m * tile)`` of query tiles ``i0 .. i0 + r - 1`` (classes `rows`
     ``(hkv, r, n)``) against key tiles `sel` ``(hkv, m)``: 0 where allowed, -inf elsewhere; one head when all
