@@ -5,6 +5,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from longgen import BlockSparse, Full, SinkWindow
+from longgen.model import convert, read_layout
 from longgen.model.placement import attention_mass_outside, choose_full_layers, full_layer_count, score_layers
 
 PATTERNS = [SinkWindow(3, 8), SinkWindow(0, 5), BlockSparse(16, 1, 2), BlockSparse(16, 1, 3, dense_kv_heads=1)]
@@ -142,3 +143,60 @@ def test_the_layers_that_attend_far_are_chosen():
     assert s[2] < 0.01
     assert scores.heads[1][0] > 0.5 and max(scores.heads[1][1:]) < 0.01
     assert choose_full_layers(s, full_layer_count(4, 0.5, None)) == [0, 3]  # "middle" would keep [1, 2]
+
+
+def word_tokenizer():
+    """A whitespace WordLevel tokenizer over w0..w126 ([UNK] = 127), as `longgen convert` would load it."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"w{i}": i for i in range(127)} | {"[UNK]": 127}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
+
+
+def write_words(path, n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    path.write_text(" ".join(f"w{i}" for i in torch.randint(0, 127, (n,), generator=g).tolist()))
+    return path
+
+
+def test_convert_auto_makes_the_distant_layers_full_and_records_why(tmp_path):
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    write_words(docs / "a.txt", 150)
+    write_words(docs / "b.md", 200, seed=1)
+    (docs / "skipped.bin").write_bytes(b"\0")  # not a text suffix: skipped, as `longgen train` skips it
+    model = synthetic()
+    options = dict(calibration=docs, tokenizer=word_tokenizer(), calibration_length=100, calibration_sequences=3)
+    convert(model, full_layers="auto", full_fraction=0.5, pattern=SinkWindow(4, 16), progress=False, **options)
+    assert [i for i, p in enumerate(read_layout(model.config)) if isinstance(p, Full)] == [0, 3]
+    rec = model.config.longgen
+    assert rec["placement"] == "auto"
+    scores = rec["placement_scores"]
+    assert scores["pattern"] == {"type": "sink_window", "sink": 4, "window": 16}
+    assert (scores["calibration"], scores["calibration_length"]) == ([str(docs)], 100)
+    assert (scores["sequences"], scores["tokens"]) == (3, 300)
+    assert scores["layers"][2] < 0.01 < scores["layers"][1] < 0.3 < scores["layers"][0]
+    assert len(scores["heads"]) == 4 and len(scores["heads"][1]) == 4
+    assert model.config._attn_implementation == "longgen"
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.arange(100)[None]).logits).all()  # the hybrid runs
+
+
+def test_auto_counts_like_middle_and_by_full_count():
+    ids = torch.randint(0, 128, (1, 64), generator=torch.Generator().manual_seed(3))
+    model = synthetic(distant=(0, 3), local=(2,))
+    convert(model, full_layers="auto", full_count=1, pattern=SinkWindow(2, 8), calibration=ids, progress=False)
+    assert [isinstance(p, Full) for p in read_layout(model.config)] == [True, False, False, False]
+    model = tiny(layers=6)  # default fraction 1/3: as many full layers as "middle" (2 of 6)
+    convert(model, full_layers="auto", pattern=SinkWindow(2, 8), calibration=ids, progress=False)
+    assert sum(isinstance(p, Full) for p in read_layout(model.config)) == 2
+
+
+def test_default_calibration_is_the_standard_library():
+    from longgen.model.placement import calibration_ids
+
+    ids = calibration_ids(word_tokenizer(), None, 512, 2)
+    assert ids.shape == (2, 512) and ids.dtype == torch.long

@@ -15,6 +15,7 @@ from typing import Any
 
 from longgen.model.attention import ATTN_IMPLEMENTATION, register
 from longgen.model.layout import LAYOUT_KEY, build_layout, is_hybrid, layout_to_dict, read_layout
+from longgen.model.placement import AUTO_OPTIONS, auto_full_layers
 from longgen.model.rope import extend_rope, head_dim
 from longgen.patterns import Full, Pattern
 
@@ -35,7 +36,8 @@ def convert_config(
     """Turn a transformers config into a LongGen hybrid config, in place, and return it.
 
     Args:
-        full_layers: "middle" (default), "bottom", "top", "interleave", or explicit full-layer indices.
+        full_layers: "middle" (default), "bottom", "top", "interleave", or explicit full-layer indices
+            ("auto" needs the model: `convert` or `convert_checkpoint`).
         full_fraction: share of full-attention layers for the named placements (default 1/3).
         pattern: the sparse layers' pattern (default ``SinkWindow(64, 2048)``), or ``{layer: Pattern}``.
         target_length: new maximum context length (>= the current one), or None to keep it.
@@ -52,6 +54,11 @@ def convert_config(
         )
     if is_hybrid(config):
         raise ValueError("this model is already a LongGen hybrid (config.longgen exists); convert the original")
+    if full_layers == "auto":
+        raise ValueError(
+            "full_layers='auto' scores the model's layers on calibration text, so it needs the model: use "
+            "longgen.convert(model, ...) or convert_checkpoint(src, dst, ...) (CLI: longgen convert --full-layers auto)"
+        )
     window = getattr(config, "sliding_window", None)
     uses_window = window is not None and (model_type != "qwen2" or getattr(config, "use_sliding_window", False))
     if uses_window and not drop_sliding_window:
@@ -84,14 +91,45 @@ def convert(model: Any, **kwargs: Any) -> Any:
     """Convert a loaded transformers causal LM into a LongGen hybrid, in place; returns the model.
 
     Takes the keyword arguments of `convert_config`. Rotary embeddings are rebuilt when RoPE changes.
+    ``full_layers="auto"`` first scores the layers on calibration text and makes the highest-scoring ones full;
+    it also takes the options of `longgen.model.placement.auto_full_layers` (calibration, tokenizer,
+    calibration_length, calibration_sequences, full_count, progress).
     """
     register()
+    kwargs, scores = _place_automatically(model, kwargs)
     old_rope = copy.deepcopy(getattr(model.config, "rope_parameters", None))
     convert_config(model.config, **kwargs)
+    _record_scores(model.config, scores)
     model.config._attn_implementation = ATTN_IMPLEMENTATION
     if model.config.rope_parameters != old_rope:
         _rebuild_rotary(model)
     return model
+
+
+def _place_automatically(model: Any, kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """For ``full_layers="auto"``: score `model`'s layers and return the `convert_config` arguments with the
+    chosen full layers, and the scores to record; otherwise the arguments unchanged and None."""
+    options = {k: kwargs.pop(k) for k in AUTO_OPTIONS if k in kwargs}
+    if kwargs.get("full_layers") != "auto":
+        if options:
+            raise ValueError(f"{', '.join(options)}: only for full_layers='auto' (CLI: --full-layers auto)")
+        return kwargs, None
+    _check_before_scoring(model.config, kwargs)
+    full, scores = auto_full_layers(
+        model, pattern=kwargs.get("pattern"), full_fraction=kwargs.pop("full_fraction", None), **options
+    )
+    return {**kwargs, "full_layers": full}, scores
+
+
+def _check_before_scoring(config: Any, kwargs: dict[str, Any]) -> None:
+    """Raise what `convert_config` would raise for this model and these options, before the (long) scoring."""
+    rest = {k: v for k, v in kwargs.items() if k not in ("full_layers", "full_fraction", "pattern", *AUTO_OPTIONS)}
+    convert_config(copy.deepcopy(config), full_layers=[], **rest)
+
+
+def _record_scores(config: Any, scores: dict[str, Any] | None) -> None:
+    if scores is not None:
+        getattr(config, LAYOUT_KEY).update(placement="auto", placement_scores=scores)
 
 
 def _rebuild_rotary(model: Any) -> None:
@@ -159,19 +197,44 @@ def load_model(path: str | os.PathLike, **kwargs: Any) -> Any:
 
 
 def convert_checkpoint(
-    src: str | os.PathLike, dst: str | os.PathLike, *, force: bool = False, progress: bool = True, **kwargs: Any
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    *,
+    force: bool = False,
+    progress: bool = True,
+    device: str | None = None,
+    **kwargs: Any,
 ) -> Any:
     """Convert the checkpoint folder `src` into a new folder `dst` (the CLI's ``longgen convert``).
 
     Only config.json changes; every other file (safetensors weights, tokenizer, generation config) is copied
     unchanged. `dst` is written beside itself and renamed into place, so it never exists half-written; an
     existing `dst` is replaced only with ``force=True``. Returns the new config.
+
+    ``full_layers="auto"`` (options as for `convert`) loads the model on `device` (default: cuda when available,
+    in the checkpoint's dtype; else cpu, float32) and the tokenizer from `src` to score the layers first.
     """
     from transformers import AutoConfig
 
     src, dst = check_folders(src, dst, force)
     config = AutoConfig.from_pretrained(src)
+    scores = None
+    if kwargs.get("full_layers") == "auto":
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        _check_before_scoring(config, kwargs)
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = "auto" if str(device).startswith("cuda") else torch.float32
+        if "tokenizer" not in kwargs and not isinstance(kwargs.get("calibration"), torch.Tensor):
+            kwargs["tokenizer"] = load_tokenizer(src)
+        model = AutoModelForCausalLM.from_pretrained(check_model_folder(src, weights=True), dtype=dtype)
+        kwargs, scores = _place_automatically(model.to(device).eval(), {"progress": progress, **kwargs})
+        del model
+    elif device is not None:
+        raise ValueError("device: only for full_layers='auto' (the one conversion that runs the model)")
     convert_config(config, **kwargs)
+    _record_scores(config, scores)
     write_model_folder(src, dst, config, progress=progress)
     return config
 
@@ -248,18 +311,31 @@ def format_description(config: Any, length: int, bytes_per_value: int = 2) -> st
     total = sum(r.kv_bytes for r in rows)
     n_full = sum(isinstance(r.pattern, Full) for r in rows)
     rec = getattr(config, LAYOUT_KEY)
+    scores = rec.get("placement_scores")
     lines = [
         f"{config.model_type}: {len(rows)} layers, {n_full} full ({rec.get('placement')}), "
         f"{len(rows) - n_full} sparse; max_position_embeddings={config.max_position_embeddings}; "
         f"rope={getattr(config, 'rope_parameters', None)}",
+    ]
+    if scores:
+        lines.append(
+            f"placement score (auto): {scores['score']} {scores['pattern']}, {scores['sequences']} calibration "
+            f"sequences of {scores['calibration_length']} tokens ({_calibration_name(scores['calibration'])})"
+        )
+    lines += [
         f"KV cache at {length} tokens, batch 1, {bytes_per_value}-byte values:",
-        f"{'layer':>5}  {'attention':<72} {'KV tokens/head':>15} {'KV MiB':>9}",
+        f"{'layer':>5}  {'attention':<72} {'KV tokens/head':>15} {'KV MiB':>9}" + ("  score" if scores else ""),
     ]
     for r in rows:
         desc = "full_attention" if isinstance(r.pattern, Full) else str(r.pattern.to_dict())
-        lines.append(f"{r.layer:>5}  {desc:<72} {r.kept_tokens_per_kv_head:>15,.0f} {r.kv_bytes / 2**20:>9.1f}")
+        score = f"  {scores['layers'][r.layer]:.4f}" if scores else ""
+        lines.append(f"{r.layer:>5}  {desc:<72} {r.kept_tokens_per_kv_head:>15,.0f} {r.kv_bytes / 2**20:>9.1f}{score}")
     lines.append(
         f"total KV {total / 2**20:,.1f} MiB vs {full_total / 2**20:,.1f} MiB with full attention "
         f"({1 - total / full_total:.1%} smaller)"
     )
     return "\n".join(lines)
+
+
+def _calibration_name(source: Any) -> str:
+    return ", ".join(source) if isinstance(source, list) else str(source)
