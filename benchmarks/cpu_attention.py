@@ -209,6 +209,14 @@ def main() -> None:
     print(f"wrote {out} and {out.with_suffix('.md')} ({result['wall_s']} s)", file=sys.stderr)
 
 
+def shared_note(result: dict) -> str:
+    load = max(result["load_average_at_start"][0], result["load_average_at_end"][0])
+    return (
+        f"The CPU was shared with other jobs during this run (1-minute load average up to {load:.1f}), so absolute "
+        "times are inflated and vary from run to run; compare the ratios at one length."
+    )
+
+
 def markdown(result: dict) -> str:
     rows = result["rows"]
     lines = [
@@ -219,6 +227,7 @@ def markdown(result: dict) -> str:
         f"at end {result['load_average_at_end'][0]:.2f}.",
         f"Command: `{result['command']}`",
         "",
+        *([shared_note(result), ""] if result["load_average_at_start"][0] > 1 else []),
         "float32, batch 1, 8 heads, 4 KV heads, head dim 64. ms, " + result["timing"] + "; (x) = SDPA causal time "
         "over this one (above 1: faster). FlexAttention: forward only (no backward on a CPU).",
         "",
