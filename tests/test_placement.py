@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
 
 from longgen import BlockSparse, Full, SinkWindow
-from longgen.model import convert, read_layout
+from longgen.model import convert, convert_config, is_hybrid, load_model, read_layout
 from longgen.model.placement import attention_mass_outside, choose_full_layers, full_layer_count, score_layers
 
 PATTERNS = [SinkWindow(3, 8), SinkWindow(0, 5), BlockSparse(16, 1, 2), BlockSparse(16, 1, 3, dense_kv_heads=1)]
@@ -200,3 +200,79 @@ def test_default_calibration_is_the_standard_library():
 
     ids = calibration_ids(word_tokenizer(), None, 512, 2)
     assert ids.shape == (2, 512) and ids.dtype == torch.long
+
+
+def cli(capsys, *args):
+    """Run the command line in this process (as `longgen ...`): (exit code, stdout, stderr)."""
+    from longgen.cli import main
+
+    code = main([str(a) for a in args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """The synthetic model (layers 0 and 3 attend far) saved with a word tokenizer, and calibration text."""
+    root = tmp_path_factory.mktemp("placement")
+    synthetic().save_pretrained(root / "src")
+    word_tokenizer().save_pretrained(root / "src")
+    return root / "src", write_words(root / "words.txt", 400)
+
+
+def test_cli_convert_auto_inspect_and_load_back(checkpoint, tmp_path, capsys):
+    src, words = checkpoint
+    dst = tmp_path / "dst"
+    args = ["--full-layers", "auto", "--calibration", words, "--calibration-length", 128, "--device", "cpu"]
+    code, out, err = cli(capsys, "convert", src, dst, *args, "--calibration-sequences", 3, "--full-fraction", 0.5,
+                         "--sink", 4, "--window", 16)  # fmt: skip
+    assert code == 0, err
+    config = AutoConfig.from_pretrained(dst)
+    assert [i for i, p in enumerate(read_layout(config)) if isinstance(p, Full)] == [0, 3]
+    scores = config.longgen["placement_scores"]
+    assert (scores["calibration"], scores["sequences"], scores["tokens"]) == ([str(words)], 3, 384)
+    code, out, err = cli(capsys, "inspect", dst)
+    assert code == 0, err
+    assert "4 layers, 2 full (auto)" in out and "3 calibration sequences of 128 tokens" in out
+    rows = [line.split() for line in out.splitlines() if line.split()[:1] in (["0"], ["1"], ["2"], ["3"])]
+    assert [row[1] for row in rows] == ["full_attention", "{'type':", "{'type':", "full_attention"]
+    assert [float(row[-1]) for row in rows] == pytest.approx(scores["layers"], abs=1e-4)
+    assert float(rows[0][-1]) > 0.3 > float(rows[1][-1]) > float(rows[2][-1])
+    model = load_model(dst)  # the saved hybrid loads back and runs
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.arange(128)[None]).logits).all()
+
+
+def test_errors(checkpoint, tmp_path, capsys):
+    src, words = checkpoint
+    dst = tmp_path / "dst"
+    auto = ["--full-layers", "auto", "--calibration-length", 128, "--window", 16, "--device", "cpu"]
+    errors = [
+        (["--calibration", words, "--calibration-sequences", 4], "has 400 tokens; 4 sequences of 128 tokens need 512"),
+        (["--calibration", tmp_path], "has 0 tokens"),  # a folder without text files
+        (["--calibration", words, "--full-count", 5], "full_count must be an int in [0, 4]"),
+        (["--calibration", words, "--full-fraction", 1.5], "full_fraction must be a number in [0, 1]"),
+        (["--calibration", words, "--window", 200], "keeps every key at the calibration length 128"),
+        (["--calibration", words, "--calibration-length", 512], "exceeds the model's max_position_embeddings (256)"),
+    ]
+    for extra, message in errors:
+        code, _, err = cli(capsys, "convert", src, dst, *auto, *extra)
+        assert code == 2 and message in err, (extra, err)
+    code, _, err = cli(capsys, "convert", src, dst, "--calibration", words)
+    assert code == 2 and "calibration: only for full_layers='auto'" in err, err
+    code, _, err = cli(capsys, "convert", src, dst, "--full-count", 2)
+    assert code == 2 and "full_count: only for full_layers='auto'" in err, err
+    assert not dst.exists()
+    model = tiny()
+    ids = torch.zeros(1, 64, dtype=torch.long)
+    with pytest.raises(ValueError, match="one pattern for all of them"):
+        convert(model, full_layers="auto", pattern={0: SinkWindow(2, 8)}, calibration=ids)
+    with pytest.raises(ValueError, match="drops nothing"):
+        convert(model, full_layers="auto", pattern=Full(), calibration=ids)
+    with pytest.raises(ValueError, match="needs the model's tokenizer"):
+        convert(model, full_layers="auto", pattern=SinkWindow(2, 8))
+    with pytest.raises(ValueError, match="so it needs the model"):
+        convert_config(model.config, full_layers="auto")
+    with pytest.raises(ValueError, match="calibration set is empty"):
+        convert(model, full_layers="auto", pattern=SinkWindow(2, 8), calibration=[], tokenizer=word_tokenizer())
+    assert not is_hybrid(model.config) and model.config._attn_implementation == "sdpa"

@@ -50,13 +50,13 @@ def _cmd_patterns(args: argparse.Namespace) -> int:
 
 
 def _full_layers(text: str):
-    if text in ("middle", "bottom", "top", "interleave"):
+    if text in ("middle", "bottom", "top", "interleave", "auto"):
         return text
     try:
         return [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"must be middle, bottom, top, interleave or comma-separated layer indices, got {text!r}"
+            f"must be middle, bottom, top, interleave, auto or comma-separated layer indices, got {text!r}"
         ) from None
 
 
@@ -70,13 +70,21 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     from longgen.model import convert_checkpoint, format_description
 
     print(f"Converting {args.src} -> {args.dst}")
+    given = {  # the library's defaults apply to options not given (and auto-only ones are refused without auto)
+        "full_fraction": args.full_fraction,
+        "full_count": args.full_count,
+        "calibration": args.calibration,
+        "calibration_length": args.calibration_length,
+        "calibration_sequences": args.calibration_sequences,
+        "device": args.device,
+    }
     config = convert_checkpoint(
         args.src,
         args.dst,
         force=args.force,
         full_layers=args.full_layers,
-        full_fraction=args.full_fraction,
         pattern=_pattern_from_args(args),
+        **{k: v for k, v in given.items() if v is not None},
         target_length=args.target_length,
         rope=args.rope,
         rope_theta=args.rope_theta,
@@ -263,9 +271,27 @@ def build_parser() -> argparse.ArgumentParser:
         "--full-layers",
         type=_full_layers,
         default="middle",
-        help="middle (default), bottom, top, interleave, or comma-separated full-layer indices",
+        help="middle (default), bottom, top, interleave, auto (the layers whose attention reaches farthest "
+        "beyond the sparse pattern on calibration text), or comma-separated full-layer indices",
     )
-    p.add_argument("--full-fraction", type=float, default=1 / 3, help="share of full layers (1/3)")
+    count = p.add_mutually_exclusive_group()
+    count.add_argument("--full-fraction", type=float, default=None, help="share of full layers (1/3)")
+    count.add_argument("--full-count", type=int, default=None, help="number of full layers (auto only)")
+    p.add_argument(
+        "--calibration",
+        nargs="+",
+        default=None,
+        metavar="PATH",
+        help="auto: text files or folders, as longgen train reads them (default: the Python standard library)",
+    )
+    p.add_argument(
+        "--calibration-length",
+        type=positive_int,
+        default=None,
+        help="auto: tokens per calibration sequence (min(max_position_embeddings, 8192))",
+    )
+    p.add_argument("--calibration-sequences", type=positive_int, default=None, help="auto: calibration sequences (4)")
+    p.add_argument("--device", default=None, help="auto: where the model runs (cuda if available, else cpu)")
     _add_pattern_args(p)
     p.add_argument("--target-length", type=positive_int, default=None, help="new maximum context length")
     p.add_argument(

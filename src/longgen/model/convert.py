@@ -13,9 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from longgen.model.attention import ATTN_IMPLEMENTATION, register
 from longgen.model.layout import LAYOUT_KEY, build_layout, is_hybrid, layout_to_dict, read_layout
-from longgen.model.placement import AUTO_OPTIONS, auto_full_layers
+from longgen.model.placement import AUTO_OPTIONS, auto_full_layers, check_auto_options
 from longgen.model.rope import extend_rope, head_dim
 from longgen.patterns import Full, Pattern
 
@@ -114,7 +116,7 @@ def _place_automatically(model: Any, kwargs: dict[str, Any]) -> tuple[dict[str, 
         if options:
             raise ValueError(f"{', '.join(options)}: only for full_layers='auto' (CLI: --full-layers auto)")
         return kwargs, None
-    _check_before_scoring(model.config, kwargs)
+    _check_before_scoring(model.config, {**kwargs, **options})
     full, scores = auto_full_layers(
         model, pattern=kwargs.get("pattern"), full_fraction=kwargs.pop("full_fraction", None), **options
     )
@@ -125,6 +127,11 @@ def _check_before_scoring(config: Any, kwargs: dict[str, Any]) -> None:
     """Raise what `convert_config` would raise for this model and these options, before the (long) scoring."""
     rest = {k: v for k, v in kwargs.items() if k not in ("full_layers", "full_fraction", "pattern", *AUTO_OPTIONS)}
     convert_config(copy.deepcopy(config), full_layers=[], **rest)
+    if not isinstance(kwargs.get("calibration"), torch.Tensor):  # token ids set the length themselves
+        check_auto_options(
+            config, kwargs.get("pattern"), kwargs.get("full_fraction"), kwargs.get("full_count"),
+            kwargs.get("calibration_length"),
+        )  # fmt: skip
 
 
 def _record_scores(config: Any, scores: dict[str, Any] | None) -> None:
@@ -218,9 +225,7 @@ def convert_checkpoint(
 
     src, dst = check_folders(src, dst, force)
     config = AutoConfig.from_pretrained(src)
-    scores = None
     if kwargs.get("full_layers") == "auto":
-        import torch
         from transformers import AutoModelForCausalLM
 
         _check_before_scoring(config, kwargs)
@@ -233,6 +238,8 @@ def convert_checkpoint(
         del model
     elif device is not None:
         raise ValueError("device: only for full_layers='auto' (the one conversion that runs the model)")
+    else:
+        kwargs, scores = _place_automatically(None, kwargs)  # refuses the options only auto takes
     convert_config(config, **kwargs)
     _record_scores(config, scores)
     write_model_folder(src, dst, config, progress=progress)

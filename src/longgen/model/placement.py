@@ -245,6 +245,7 @@ def auto_full_layers(
     config = model.config
     n_full = full_layer_count(config.num_hidden_layers, full_fraction, full_count)
     pattern = SinkWindow() if pattern is None else pattern
+    num_kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     if isinstance(calibration, torch.Tensor):
         if calibration_length is not None and calibration_length != calibration.shape[-1]:
             raise ValueError(
@@ -258,14 +259,7 @@ def auto_full_layers(
                 "calibration text needs the model's tokenizer: pass tokenizer=..., or calibration= token ids "
                 "(sequences, length)"
             )
-        length = calibration_length or min(config.max_position_embeddings, DEFAULT_CALIBRATION_LENGTH)
-        if length > config.max_position_embeddings:
-            raise ValueError(
-                f"calibration_length {length} exceeds the model's max_position_embeddings "
-                f"({config.max_position_embeddings})"
-            )
-        num_kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-        check_pattern(pattern, length, num_kv)  # before reading any text
+        length = check_auto_options(config, pattern, full_fraction, full_count, calibration_length)
         ids = calibration_ids(tokenizer, calibration, length, calibration_sequences)
         if calibration is None:
             source = STDLIB_CALIBRATION
@@ -274,8 +268,28 @@ def auto_full_layers(
         else:
             source = [str(c) for c in calibration]
     scores = score_layers(model, ids, pattern, progress=progress)
-    num_kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     return choose_full_layers(scores.layers, n_full), placement_record(scores, pattern.resolve(num_kv), source)
+
+
+def check_auto_options(
+    config: Any,
+    pattern: Pattern | None = None,
+    full_fraction: float | None = None,
+    full_count: int | None = None,
+    calibration_length: int | None = None,
+) -> int:
+    """Check the options of `auto_full_layers` against a transformers `config` before any model or text is read;
+    returns the calibration length (default ``min(max_position_embeddings, 8192)``)."""
+    full_layer_count(config.num_hidden_layers, full_fraction, full_count)
+    length = calibration_length or min(config.max_position_embeddings, DEFAULT_CALIBRATION_LENGTH)
+    if length > config.max_position_embeddings:
+        raise ValueError(
+            f"calibration_length {length} exceeds the model's max_position_embeddings "
+            f"({config.max_position_embeddings})"
+        )
+    num_kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    check_pattern(SinkWindow() if pattern is None else pattern, length, num_kv)
+    return length
 
 
 def placement_record(scores: LayerScores, pattern: Pattern, source: Any) -> dict[str, Any]:
