@@ -196,10 +196,15 @@ def test_auto_counts_like_middle_and_by_full_count():
 
 
 def test_default_calibration_is_the_standard_library():
-    from longgen.model.placement import calibration_ids
+    from longgen.model.placement import calibration_ids, stdlib_sources
 
-    ids = calibration_ids(word_tokenizer(), None, 512, 2)
+    tok = word_tokenizer()
+    ids = calibration_ids(tok, None, 512, 2)
     assert ids.shape == (2, 512) and ids.dtype == torch.long
+    largest = stdlib_sources()[0]  # the first document is the largest module
+    assert largest.stat().st_size >= max(p.stat().st_size for p in largest.parent.glob("*.py"))
+    want = tok(largest.read_text(encoding="utf-8"))["input_ids"][:1024]
+    assert ids.flatten().tolist() == want
 
 
 def cli(capsys, *args):

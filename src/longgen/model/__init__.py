@@ -15,12 +15,14 @@ from longgen.model.convert import (
 )
 from longgen.model.export import EXPORT_FORMATS, export_checkpoint, export_config
 from longgen.model.layout import build_layout, full_layer_indices, is_hybrid, read_layout
+from longgen.model.placement import auto_full_layers, score_layers
 from longgen.model.rope import extend_rope, ntk_theta
 
 __all__ = [
     "ATTN_IMPLEMENTATION",
     "EXPORT_FORMATS",
     "SUPPORTED_MODEL_TYPES",
+    "auto_full_layers",
     "build_layout",
     "check_model_folder",
     "convert",
@@ -40,4 +42,5 @@ __all__ = [
     "ntk_theta",
     "read_layout",
     "register",
+    "score_layers",
 ]
