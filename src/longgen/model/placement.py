@@ -26,6 +26,7 @@ import torch
 
 from longgen.kernels import sparse_attention
 from longgen.patterns import Full, Pattern, SinkWindow
+from longgen.sources import iter_documents
 
 SCORING_IMPLEMENTATION = "longgen_placement"
 DEFAULT_CALIBRATION_LENGTH = 8192  # capped at the model's max_position_embeddings
@@ -198,8 +199,6 @@ def calibration_ids(
 
     ValueError when the text holds fewer than ``sequences * length`` tokens (the message says how many it holds).
     """
-    from longgen.train.data import iter_documents  # the training data's readers: one reader for all text sources
-
     for name, v in (("calibration_length", length), ("calibration_sequences", sequences)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{name} must be a positive int, got {v!r}")

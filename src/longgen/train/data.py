@@ -31,6 +31,19 @@ from typing import Any
 import numpy as np
 import torch
 
+from longgen.sources import (
+    CORPUS,
+    CORPUS_FILES,
+    DEFAULT_EXTENSIONS,
+    NPY,
+    SUPPORTED_SOURCES,
+    classify_source,
+    iter_documents,
+    normalize_extensions,
+    read_texts,
+    source_files,
+)
+
 __all__ = [
     "DEFAULT_EXTENSIONS",
     "DataConfig",
@@ -43,125 +56,10 @@ __all__ = [
     "tokenize_corpus",
 ]
 
-DEFAULT_EXTENSIONS: tuple[str, ...] = (
-    ".txt", ".md", ".rst", ".tex", ".py", ".pyi", ".ipynb", ".c", ".h", ".cc", ".cpp", ".hpp", ".cu", ".cuh",
-    ".java", ".kt", ".scala", ".js", ".jsx", ".ts", ".tsx", ".go", ".rs", ".rb", ".php", ".swift", ".cs", ".lua",
-    ".r", ".jl", ".sql", ".json", ".yaml", ".yml", ".toml", ".ini", ".cfg", ".xml", ".html", ".css", ".sh",
-)  # fmt: skip
-CORPUS_FILES = ("tokens.bin", "offsets.npy", "meta.json")
 CACHE_FORMAT = 1  # bump when the cache layout changes, so old caches are not read as new ones
 IGNORE_INDEX = -100  # transformers' label value for "no loss here"
-_TEXT, _JSONL, _PARQUET, _NPY, _CORPUS = "text", "jsonl", "parquet", "npy", "corpus"
-_SUPPORTED = (
-    "a directory of text files (suffixes in `extensions`), a text file with such a suffix, a .jsonl or .parquet "
-    "file (documents in `text_field`), a .npy file of token ids (one document), or a tokenized corpus directory "
-    "(tokens.bin, offsets.npy, meta.json)"
-)
-
-
 # ---------------------------------------------------------------------------------------------------------
-# 1. Sources -> documents
-
-
-def _normalize_extensions(extensions: Iterable[str]) -> frozenset[str]:
-    if isinstance(extensions, str):
-        raise TypeError(f"extensions must be a list of suffixes like ['.txt', '.py'], got the string {extensions!r}")
-    return frozenset(e.lower() if e.startswith(".") else "." + e.lower() for e in extensions)
-
-
-def _classify(source: str | os.PathLike, extensions: frozenset[str]) -> tuple[str, Path]:
-    """The kind of a source and its resolved path; ValueError for missing or unsupported ones."""
-    path = Path(source).expanduser()
-    if not path.exists():
-        raise ValueError(f"data source {str(source)!r} does not exist; supported sources: {_SUPPORTED}")
-    path = path.resolve()
-    if path.is_dir():
-        return (_CORPUS if all((path / f).is_file() for f in CORPUS_FILES) else _TEXT), path
-    suffix = path.suffix.lower()
-    kind = {".jsonl": _JSONL, ".parquet": _PARQUET, ".npy": _NPY}.get(suffix)
-    if kind is None and suffix in extensions:
-        kind = _TEXT
-    if kind is None:
-        raise ValueError(
-            f"data source {str(source)!r}: unsupported file type {suffix or '(no suffix)'!r}; "
-            f"supported sources: {_SUPPORTED}; text suffixes: {' '.join(sorted(extensions))}"
-        )
-    return kind, path
-
-
-def _source_files(kind: str, path: Path, extensions: frozenset[str]) -> list[Path]:
-    """The files a source reads, in reading order."""
-    if kind == _CORPUS:
-        return [path / f for f in CORPUS_FILES]
-    if not path.is_dir():
-        return [path]
-    files = []
-    for root, dirs, names in os.walk(path):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]  # .git, .venv, caches: not documents
-        files += [Path(root, n) for n in names if not n.startswith(".") and Path(n).suffix.lower() in extensions]
-    return sorted(files)
-
-
-def _read_text(kind: str, path: Path, text_field: str, extensions: frozenset[str]) -> Iterator[str]:
-    if kind == _TEXT:
-        for file in _source_files(kind, path, extensions):
-            text = file.read_text(encoding="utf-8", errors="replace")
-            if text:
-                yield text
-    elif kind == _JSONL:
-        with path.open(encoding="utf-8", errors="replace") as f:
-            for line_no, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}, line {line_no}: not valid JSON ({e})") from None
-                text = record.get(text_field) if isinstance(record, dict) else None
-                if not isinstance(text, str):
-                    found = "missing" if text is None else f"{text!r}, not a string"
-                    raise ValueError(
-                        f"{path}, line {line_no}: field {text_field!r} is {found}; each line must be "
-                        f"a JSON object with a string {text_field!r} (set text_field to change it)"
-                    )
-                yield text
-    elif kind == _PARQUET:
-        try:
-            import datasets
-        except ImportError as e:
-            raise ImportError(f"reading {path} needs Hugging Face datasets: pip install datasets") from e
-        table = datasets.load_dataset("parquet", data_files=str(path), split="train")
-        if text_field not in table.column_names:
-            raise ValueError(f"{path}: no column {text_field!r} (columns: {table.column_names}); set text_field")
-        for row, text in enumerate(table[text_field]):
-            if text is not None and not isinstance(text, str):
-                raise ValueError(f"{path}, row {row}: column {text_field!r} holds {text!r}, not text")
-            if text:
-                yield text
-    else:
-        raise ValueError(f"{path} holds tokens, not text: pass it to tokenize_corpus instead of iter_documents")
-
-
-def iter_documents(
-    sources: Sequence[str | os.PathLike],
-    text_field: str = "text",
-    extensions: Iterable[str] = DEFAULT_EXTENSIONS,
-) -> Iterator[str]:
-    """Text documents from `sources`, in the order given.
-
-    A directory yields each file whose suffix is in `extensions`, in sorted path order, skipping hidden files
-    and directories (names starting with "."); a text file is one document; a ``.jsonl`` file yields the
-    `text_field` of each line, a ``.parquet`` file its `text_field` column (needs ``pip install datasets``).
-
-    Every source is checked before the first document is read: a missing path or an unsupported file type
-    raises ValueError naming it. Empty documents are skipped.
-    """
-    exts = _normalize_extensions(extensions)
-    classified = [_classify(s, exts) for s in sources]
-    for kind, path in classified:
-        if kind in (_NPY, _CORPUS):
-            raise ValueError(f"{path} holds tokens, not text: pass it to tokenize_corpus instead of iter_documents")
-    return (text for kind, path in classified for text in _read_text(kind, path, text_field, exts))
+# 1. Sources -> documents: longgen.sources (iter_documents, re-exported here)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -247,16 +145,16 @@ def _tokenizer_identity(tokenizer: Any) -> dict[str, Any]:
 
 def _fingerprint(inputs: dict[str, Any], files: list[list[Path]]) -> str:
     h = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode())
-    for source_files in files:
+    for paths in files:
         h.update(b"\0source")
-        for f in source_files:
+        for f in paths:
             st = f.stat()
             h.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return h.hexdigest()
 
 
 def _read_tokens(kind: str, path: Path) -> Iterator[np.ndarray]:
-    if kind == _CORPUS:
+    if kind == CORPUS:
         corpus = TokenCorpus.load(path)
         yield from (corpus.doc(i) for i in range(corpus.n_docs))
         return
@@ -293,17 +191,17 @@ def tokenize_corpus(
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    exts = _normalize_extensions(extensions)
-    classified = [_classify(s, exts) for s in sources]
+    exts = normalize_extensions(extensions)
+    classified = [classify_source(s, exts) for s in sources]
     if not classified:
-        raise ValueError(f"no data sources given; supported sources: {_SUPPORTED}")
-    if len(classified) == 1 and classified[0][0] == _CORPUS:
+        raise ValueError(f"no data sources given; supported sources: {SUPPORTED_SOURCES}")
+    if len(classified) == 1 and classified[0][0] == CORPUS:
         return TokenCorpus.load(classified[0][1])
-    files = [_source_files(kind, path, exts) for kind, path in classified]
-    for (_, path), source_files in zip(classified, files, strict=True):
-        if not source_files:
+    files = [source_files(kind, path, exts) for kind, path in classified]
+    for (_, path), paths in zip(classified, files, strict=True):
+        if not paths:
             raise ValueError(f"directory {path} holds no file with a text suffix ({' '.join(sorted(exts))})")
-    has_text = any(kind not in (_NPY, _CORPUS) for kind, _ in classified)
+    has_text = any(kind not in (NPY, CORPUS) for kind, _ in classified)
     if has_text and tokenizer is None:
         raise ValueError("text sources need a tokenizer; only .npy files and tokenized corpora can go without")
     if has_text and add_eos and tokenizer.eos_token_id is None:
@@ -383,12 +281,12 @@ def _write_tokens(
 
         batch: list[str] = []
         for kind, path in classified:
-            if kind in (_NPY, _CORPUS):
+            if kind in (NPY, CORPUS):
                 flush(batch)
                 for doc in _read_tokens(kind, path):
                     write(doc)
                 continue
-            for text in _read_text(kind, path, text_field, exts):
+            for text in read_texts(kind, path, text_field, exts):
                 batch.append(text)
                 if len(batch) == batch_size:
                     flush(batch)
@@ -723,9 +621,9 @@ class DataConfig:
         malformed upsample rules, an empty text_field."""
         if isinstance(self.sources, str | os.PathLike) or not self.sources:
             raise ValueError(f"sources must be a non-empty list of paths, got {self.sources!r}")
-        exts = _normalize_extensions(self.extensions)
+        exts = normalize_extensions(self.extensions)
         for source in self.sources:
-            _classify(source, exts)
+            classify_source(source, exts)
         if isinstance(self.seq_len, bool) or not isinstance(self.seq_len, int) or self.seq_len < 2:
             raise ValueError(f"seq_len must be an int >= 2, got {self.seq_len!r}")
         _check_upsample(self.upsample)
