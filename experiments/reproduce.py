@@ -10,6 +10,7 @@ extended to 16x the context (32K), each with the same token budget:
     all layers sparse                         all_sparse          (SinkWindow)
     full layers at the bottom                 hybrid_bottom       (SinkWindow)
     without sink tokens: SinkWindow(0, W)     hybrid_nosink       (exportable to stock transformers)
+    full layers chosen by calibration         hybrid_auto         (longgen.convert(full_layers="auto"))
     SinkWindow hybrids, 1/6, 1/4, 1/2 full    frontier_0.167, frontier_0.25, frontier_0.5
 
 and these plus StreamingLLM applied at inference to the full model (streaming_llm) answer the same seeded prompts

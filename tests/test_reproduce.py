@@ -36,7 +36,8 @@ PAIRED_KEYS = {"variant", "length", "n", "diff_vs_full", "diff_ci_low", "diff_ci
 def test_tiny_end_to_end(reproduce, tmp_path, capsys):
     work, out = tmp_path / "work", tmp_path / "results"
     variants = (
-        "full,hybrid_sinkwindow,hybrid_blocksparse,all_sparse,streaming_llm,hybrid_bottom,hybrid_nosink,frontier_0.5"
+        "full,hybrid_sinkwindow,hybrid_blocksparse,all_sparse,streaming_llm,hybrid_bottom,hybrid_nosink,hybrid_auto,"
+        "frontier_0.5"
     )
     args = ["--tiny", "--work-dir", str(work), "--out-dir", str(out), "--variants", variants]
     assert reproduce.main(["all", *args, "--commit", "abc123"]) == 0
@@ -47,7 +48,7 @@ def test_tiny_end_to_end(reproduce, tmp_path, capsys):
     assert (work / "tokenizer" / "tokenizer.json").is_file()
     assert (work / "data" / "train.jsonl").is_file() and len(list((work / "data" / "heldout").iterdir())) == 2
     trained = ("full", "hybrid_sinkwindow", "hybrid_blocksparse", "all_sparse", "hybrid_bottom", "hybrid_nosink",
-               "frontier_0.5")  # fmt: skip
+               "hybrid_auto", "frontier_0.5")  # fmt: skip
     for run in ("pretrain", *trained):
         assert (work / "runs" / run / "final" / "model.safetensors").is_file()
         assert all(math.isfinite(x) and x > 0 for x in _losses(work / "runs" / run))
@@ -86,6 +87,7 @@ def test_tiny_end_to_end(reproduce, tmp_path, capsys):
     assert kv["hybrid_sinkwindow"] < kv["full"] and kv["streaming_llm"] < kv["hybrid_sinkwindow"]
     assert variants_out["hybrid_bottom"]["full_layers"] == [0, 1]
     assert variants_out["hybrid_nosink"]["sparse_pattern"] == "SinkWindow(sink=0, window=32)"
+    assert len(variants_out["hybrid_auto"]["full_layers"]) == 2  # as many as the middle third, chosen by score
     for v in variants_out.values():
         assert all(math.isfinite(p) and p > 1 for p in v["ppl"]["ppl_by_length"].values())
 
@@ -108,7 +110,7 @@ def test_tiny_end_to_end(reproduce, tmp_path, capsys):
     assert _losses(work / "runs" / "pretrain") == first
     capsys.readouterr()
     assert reproduce.main(["plan", *args]) == 0
-    assert "finished: 2/25 stages; next: extend-full" in capsys.readouterr().out
+    assert "finished: 2/28 stages; next: extend-full" in capsys.readouterr().out
 
 
 def test_stopped_stage_resumes(reproduce, tmp_path, monkeypatch, capsys):

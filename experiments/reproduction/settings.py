@@ -17,7 +17,9 @@ def frontier_name(fraction: float) -> str:
 FRONTIER = tuple(frontier_name(f) for f in FRONTIER_FRACTIONS)
 # frontier_0 is all_sparse and frontier_0.333 is hybrid_sinkwindow: the same models, evaluated once
 FRONTIER_ALIASES = {frontier_name(0.0): "all_sparse", frontier_name(1 / 3): "hybrid_sinkwindow"}
-VARIANTS = (*MAIN, "hybrid_bottom", "hybrid_nosink", *(f for f in FRONTIER if f not in FRONTIER_ALIASES))
+VARIANTS = (
+    *MAIN, "hybrid_bottom", "hybrid_nosink", "hybrid_auto", *(f for f in FRONTIER if f not in FRONTIER_ALIASES)
+)  # fmt: skip
 LABELS = {
     "full": "1. full attention",
     "hybrid_sinkwindow": "2. LongGen hybrid, SinkWindow",
@@ -26,6 +28,7 @@ LABELS = {
     "streaming_llm": "5. StreamingLLM on model 1",
     "hybrid_bottom": "6. full layers at the bottom",
     "hybrid_nosink": "7. SinkWindow hybrid without sink tokens",
+    "hybrid_auto": "8. SinkWindow hybrid, full layers chosen by calibration",
     **{f: f"SinkWindow hybrid, {frac:.0%} full" for f, frac in zip(FRONTIER, FRONTIER_FRACTIONS, strict=True)},
 }
 TRAINED_TASKS = ("passkey", "niah", "niah_multikey", "variable_tracking")
@@ -179,7 +182,8 @@ MAIN_TRAINED = ("full", "hybrid_sinkwindow", "hybrid_blocksparse", "all_sparse")
 def extend_cost(s: Settings, variant: str) -> float:
     """Planned seconds of one extension step's tokens relative to full attention's: the share of the layers that
     are full plus what the sparse layers keep (causal block work at `long_len`, a rough guide for the plan)."""
-    third = {v: 1 / 3 for v in ("hybrid_sinkwindow", "hybrid_blocksparse", "hybrid_bottom", "hybrid_nosink")}
+    third = {v: 1 / 3 for v in ("hybrid_sinkwindow", "hybrid_blocksparse", "hybrid_bottom", "hybrid_nosink",
+                                "hybrid_auto")}  # fmt: skip
     fractions = {"full": 1.0, "all_sparse": 0.0, **third, **dict(zip(FRONTIER, FRONTIER_FRACTIONS, strict=True))}
     full = round(s.layers * fractions[variant]) / s.layers
     sparse_keep = 0.35 if variant == "hybrid_blocksparse" else 0.1

@@ -445,6 +445,15 @@ class Experiment:
             "hybrid_bottom": {"full_layers": "bottom", "pattern": sink_window},
             # a plain sliding window: what `longgen export --format transformers` can hand to other engines
             "hybrid_nosink": {"full_layers": "middle", "pattern": SinkWindow(0, s.window)},
+            # as many full layers as the middle third, chosen by the pre-trained model's attention on training text
+            "hybrid_auto": {
+                "full_layers": "auto",
+                "pattern": sink_window,
+                "calibration": [str(self.data / "train.jsonl")],
+                "calibration_length": s.short_len,
+                "calibration_sequences": 8,
+                "device": self.device(),
+            },
         }
         for name, fraction in zip(FRONTIER, FRONTIER_FRACTIONS, strict=True):
             if name not in FRONTIER_ALIASES:
