@@ -15,6 +15,7 @@ def run(*args):
     return subprocess.run([sys.executable, "-m", "longgen", *args], capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_help_and_version():
     r = run("--help")
     assert r.returncode == 0 and "patterns" in r.stdout
@@ -31,6 +32,7 @@ def test_patterns_command_reports_each_pattern():
     assert "stride=4" in r.stdout
 
 
+@pytest.mark.slow
 def test_bad_argument_is_a_clear_error():
     r = run("patterns", "--block-size", "48")
     assert r.returncode == 2
@@ -67,6 +69,7 @@ def free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_damaged_model_folders_are_one_line_errors(hybrid, tmp_path):
     damaged = tmp_path / "damaged"
     shutil.copytree(hybrid, damaged)
@@ -98,6 +101,7 @@ def test_serve_on_a_busy_port_fails_before_loading_the_model(hybrid, tmp_path):
     one_line_error(r, f"cannot listen on 127.0.0.1:{port}", "--port")
 
 
+@pytest.mark.slow
 def test_argument_errors_say_what_is_allowed_not_internal_names(hybrid):
     for args in (["patterns", "--kv-heads", "abc"], ["eval", "passkey", str(hybrid), "--samples", "abc"]):
         r = run(*args)

@@ -169,6 +169,7 @@ def workspace(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_context_parallel_training_equals_one_process(workspace, tmp_path):
     """3 steps: one process (batch 2) == cp=2 on 2 processes == dp=2 x cp=2 on 4 processes: losses and weights.
     The context-parallel runs checkpoint activations, so attention (and its all-to-all) is recomputed in backward."""

@@ -12,6 +12,7 @@ from longgen.demo import TINY, VARIANTS, DemoConfig, format_summary, passkey_len
 from longgen.train.tokenizer import train_bpe_tokenizer
 
 
+@pytest.mark.slow
 def test_demo_tiny_end_to_end(tmp_path):
     out = tmp_path / "demo"
     r = subprocess.run(

@@ -155,6 +155,7 @@ def test_cache_needs_the_longgen_attention():
         HybridCache(m.config)
 
 
+@pytest.mark.slow
 def test_generate_cli_streams_the_greedy_continuation(tmp_path):
     import subprocess
     import sys

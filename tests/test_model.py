@@ -311,6 +311,7 @@ def cli(*args):
     return subprocess.run([sys.executable, "-m", "longgen", *args], capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_cli_convert_and_inspect(tmp_path):
     src, dst = tmp_path / "src", tmp_path / "dst"
     make_checkpoint(src)

@@ -33,6 +33,7 @@ ROW_KEYS = {"variant", "task", "length", "n", "correct", "accuracy", "ci_low", "
 PAIRED_KEYS = {"variant", "length", "n", "diff_vs_full", "diff_ci_low", "diff_ci_high"}
 
 
+@pytest.mark.slow
 def test_tiny_end_to_end(reproduce, tmp_path, capsys):
     work, out = tmp_path / "work", tmp_path / "results"
     variants = (
@@ -113,6 +114,7 @@ def test_tiny_end_to_end(reproduce, tmp_path, capsys):
     assert "finished: 2/28 stages; next: extend-full" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_stopped_stage_resumes(reproduce, tmp_path, monkeypatch, capsys):
     """A training stage stopped at the deadline (here: right after its first checkpoint) exits with 75 and the
     next call resumes it from that checkpoint."""

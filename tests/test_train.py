@@ -47,6 +47,7 @@ def test_loss_goes_down_on_a_real_corpus(workspace, tmp_path):
     assert m.config.longgen["layers"][1] == "full_attention"
 
 
+@pytest.mark.slow
 def test_compiled_layers_train_like_eager_ones(workspace, tmp_path):
     """`model.compile` (torch.compile per decoder layer; attention runs between the compiled graphs) with
     activation checkpointing gives the eager run's losses, in one process and under FSDP2 over 2 processes."""
@@ -77,6 +78,7 @@ def test_chunked_loss_equals_transformers_loss(workspace):
     torch.testing.assert_close(total / n, ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_two_process_fsdp_equals_one_process(workspace, tmp_path):
     one = write_toml(tmp_path / "one.toml", config(workspace, tmp_path / "one", train__steps=3))
     two = write_toml(tmp_path / "two.toml", config(workspace, tmp_path / "two", train__steps=3, train__batch_size=1))
@@ -93,6 +95,7 @@ def test_two_process_fsdp_equals_one_process(workspace, tmp_path):
         torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_kill_and_resume_ends_with_the_same_weights(workspace, tmp_path):
     steps = dict(train__steps=7, train__save_every=2)
     full = write_toml(tmp_path / "full.toml", config(workspace, tmp_path / "full", **steps))
@@ -320,7 +323,7 @@ def _stopped_by(sig, workspace, tmp_path):
 
 def test_ctrl_c_prints_one_line_with_the_step_and_the_last_checkpoint(workspace, tmp_path):
     code, _, stderr, out = _stopped_by(signal.SIGINT, workspace, tmp_path)
-    assert code == 130
+    assert code == 130, stderr
     assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
     message = stderr.splitlines()[-1]  # the lines before it are the tokenizing and loading progress bars
     step, path = list_checkpoints(out)[-1]
@@ -331,6 +334,7 @@ def test_ctrl_c_prints_one_line_with_the_step_and_the_last_checkpoint(workspace,
     ), message
 
 
+@pytest.mark.slow
 def test_sigterm_writes_a_checkpoint_of_the_current_step_and_resume_continues_from_it(workspace, tmp_path):
     code, _, stderr, out = _stopped_by(signal.SIGTERM, workspace, tmp_path)
     assert code == 143

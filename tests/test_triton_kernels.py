@@ -385,6 +385,7 @@ def test_hopper_kernels_compile_for_sm90_without_serialised_wgmma():
         assert r["shared_kb"] <= 227, r  # the H100/H200 per-block limit
 
 
+@pytest.mark.slow
 def test_gluon_resources_applies_tuning_constants_and_rejects_unknown_ones():
     """`--set` (the same knobs as tune_attention.py --knobs) changes what is compiled: one Q / dO stage fewer is
     2 x 16 KiB (plus its LSE and delta rows) less shared memory at head dim 128; a misspelt name is an error, not a
@@ -400,6 +401,7 @@ def test_gluon_resources_applies_tuning_constants_and_rejects_unknown_ones():
     assert bad.returncode == 2 and "bad knob 'BWD_STAGS=2'" in bad.stderr
 
 
+@pytest.mark.slow
 def test_tma_reduce_benchmark_compiles_every_variant():
     """benchmarks/tma_reduce_bandwidth.py (a GPU measurement of TMA reduce-add rates) compiles for sm_90a, and its
     reduce variants really contain the TMA reduce instruction (Triton 3.6 through a builtin shim)."""
