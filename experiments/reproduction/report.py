@@ -71,8 +71,8 @@ def write_report(s: Settings, variants: dict[str, dict], meta: dict[str, Any], o
         "accuracy": rows,
         "pooled": pooled,
         "paired": paired,
-        "frontier": frontier(s, variants, pooled),
-        "targets": targets(s, rows, pooled, paired, variants),
+        "frontier": frontier(s, variants),
+        "targets": targets(s, rows, paired, variants),
         "outcomes": {v: outcome_strings(r["records"]) for v, r in variants.items() if r.get("records")},
     }
     out.mkdir(parents=True, exist_ok=True)
@@ -202,12 +202,12 @@ def _far(s: Settings) -> list[int]:
     return [n for n in s.eval_lengths if n >= 8192] or [max(s.eval_lengths)]
 
 
-def _pooled_over(variants: dict, v: str, lengths: Sequence[int], s: Settings) -> list[bool]:
+def _pooled_over(variants: dict, v: str, lengths: Sequence[int]) -> list[bool]:
     keyed = {(r["task"], r["length"], r["index"]): r["correct"] for r in variants[v]["records"]}
     return [keyed[k] for k in sorted(keyed) if k[1] in lengths]
 
 
-def frontier(s: Settings, variants: dict[str, dict], pooled: list[dict]) -> list[dict[str, Any]]:
+def frontier(s: Settings, variants: dict[str, dict]) -> list[dict[str, Any]]:
     """SinkWindow hybrids by share of full layers: accuracy pooled over tasks and lengths >= 8K (Wilson interval),
     analytic KV bytes at the extended length, measured extension tokens/s."""
     out = []
@@ -216,7 +216,7 @@ def frontier(s: Settings, variants: dict[str, dict], pooled: list[dict]) -> list
         r = variants.get(v)
         if not r or not r.get("records"):
             continue
-        hits = _pooled_over(variants, v, _far(s), s)
+        hits = _pooled_over(variants, v, _far(s))
         lo, hi = wilson_interval(sum(hits), len(hits))
         out.append({"variant": name, "model": v, "full_fraction": fraction, "full_layers": r["full_layers"],
                     "accuracy_far": sum(hits) / len(hits), "ci_low": lo, "ci_high": hi, "n": len(hits),
@@ -225,7 +225,7 @@ def frontier(s: Settings, variants: dict[str, dict], pooled: list[dict]) -> list
     return out
 
 
-def targets(s: Settings, rows: list, pooled: list, paired: list, variants: dict) -> list[dict[str, Any]]:
+def targets(s: Settings, rows: list, paired: list, variants: dict) -> list[dict[str, Any]]:
     """The issue's targets, each `met` True/False, or None when a variant it needs was not evaluated."""
     checks = []
 
@@ -261,7 +261,7 @@ def targets(s: Settings, rows: list, pooled: list, paired: list, variants: dict)
     for v in ("all_sparse", "streaming_llm"):
 
         def far(v=v) -> tuple[bool, str]:
-            mine, full = (_pooled_over(variants, x, _far(s), s) for x in (v, "full"))
+            mine, full = (_pooled_over(variants, x, _far(s)) for x in (v, "full"))
             d = paired_difference(mine, full)
             return -d.diff >= s.far_below, (
                 f"{sum(mine) / len(mine):.1%} vs {sum(full) / len(full):.1%} over {', '.join(map(_k, _far(s)))} "
@@ -271,7 +271,7 @@ def targets(s: Settings, rows: list, pooled: list, paired: list, variants: dict)
         add(f"{LABELS[v]} >= {100 * s.far_below:.0f} points below full attention at >= 8K", [v, "full"], far)
 
     def middle_vs_bottom() -> tuple[bool, str]:
-        mid, bottom = (_pooled_over(variants, x, s.eval_lengths, s) for x in ("hybrid_sinkwindow", "hybrid_bottom"))
+        mid, bottom = (_pooled_over(variants, x, s.eval_lengths) for x in ("hybrid_sinkwindow", "hybrid_bottom"))
         d = paired_difference(mid, bottom)
         return d.diff >= 0, (
             f"{sum(mid) / len(mid):.1%} vs {sum(bottom) / len(bottom):.1%} over all lengths (difference "
@@ -425,7 +425,7 @@ def write_plots(out: Path, s: Settings, variants: dict[str, dict], summary: dict
                         fontsize=8)  # fmt: skip
         full = variants.get("full")
         if full and full.get("records"):
-            hits = _pooled_over(variants, "full", _far(s), s)
+            hits = _pooled_over(variants, "full", _far(s))
             ax.scatter([full["kv_bytes"][str(s.long_len)] / 2**20], [sum(hits) / len(hits)], marker="*", s=120,
                        color="black", label="full attention", zorder=3)  # fmt: skip
             ax.legend(fontsize=8)

@@ -317,7 +317,9 @@ def train(cfg: TrainConfig) -> Path:
                     # FSDP averages gradients over ranks, so scale by world: the gradient is of the global token mean
                     (part * (world / n_global)).backward()
                 loss_sum += part.detach()
-            loss = (_all_sum(loss_sum) / n_global).item()
+            # one reduction carries the loss and whether any rank got SIGTERM: every rank stops after the same step
+            sums = _all_sum(torch.stack([loss_sum, torch.tensor(float(stops.sigterm), device=device)]))
+            loss, stop = (sums[0] / n_global).item(), bool(sums[1] > 0)
             grad_norm = torch.nn.utils.clip_grad_norm_(wrapped.parameters(), _clip_value(cfg))
             if hasattr(grad_norm, "full_tensor"):
                 grad_norm = grad_norm.full_tensor()
@@ -341,7 +343,6 @@ def train(cfg: TrainConfig) -> Path:
             if bar is not None:
                 bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tps:,.0f}", lr=f"{lr:.2e}")
                 bar.update(1)
-            stop = stops.sigterm_requested()  # every rank stops after the same step
             if step % t.save_every == 0 or step == t.steps or stop:
                 extra = {
                     "step": step,
@@ -380,13 +381,6 @@ class _Stops:
 
     def _on_sigterm(self, signum, frame) -> None:
         self.sigterm = True
-
-    def sigterm_requested(self) -> bool:
-        """Whether to stop after this step; under torchrun every rank answers the same (any rank got SIGTERM)."""
-        if not dist.is_initialized():
-            return self.sigterm
-        flag = torch.tensor(float(self.sigterm), device="cuda" if dist.get_backend() == "nccl" else "cpu")
-        return bool(_all_sum(flag) > 0)
 
     def stop_after_sigterm(self) -> None:
         raise TrainingInterrupted(
