@@ -2,29 +2,19 @@
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
+from transformers import AutoConfig
 
 from longgen import BlockSparse, Full, SinkWindow
 from longgen.model import convert, convert_config, is_hybrid, load_model, read_layout
 from longgen.model.placement import attention_mass_outside, choose_full_layers, full_layer_count, score_layers
+from test_model import tiny as tiny_model
 
 PATTERNS = [SinkWindow(3, 8), SinkWindow(0, 5), BlockSparse(16, 1, 2), BlockSparse(16, 1, 3, dense_kv_heads=1)]
 
 
-def tiny(layers=4, seed=0, **kw):
-    args = dict(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=256,
-    )
-    args.update(kw)
-    torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(LlamaConfig(**args), attn_implementation="sdpa").eval()
+def tiny(layers=4, **kw):
+    """A tiny random Llama (test_model's builder), 4 layers by default."""
+    return tiny_model("llama", layers=layers, **kw)
 
 
 def shape_attention(model, layer, kind, heads=None):

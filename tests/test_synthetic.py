@@ -92,3 +92,11 @@ def test_tokenizer_splits_digits_and_round_trips(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no text files"):
         train_bpe_tokenizer(tmp_path / "empty", 400)
+
+
+def test_the_first_wording_is_the_evaluations():
+    from longgen.eval.prompts import NIAH_NEEDLE, PASSKEY_NEEDLE
+    from longgen.train.synthetic import NIAH_NEEDLES, PASSKEY_NEEDLES
+
+    assert PASSKEY_NEEDLES[0] == PASSKEY_NEEDLE.strip("\n")
+    assert NIAH_NEEDLES[0] == NIAH_NEEDLE.strip("\n")

@@ -21,6 +21,14 @@ from typing import Any
 
 from longgen.eval import build_prompt
 from longgen.eval.forced import greedy_matches
+from longgen.eval.prompts import (
+    NIAH_ANSWER_PREFIX,
+    NIAH_NEEDLE,
+    NIAH_QUESTION,
+    PASSKEY_ANSWER_PREFIX,
+    PASSKEY_NEEDLE,
+    PASSKEY_QUESTION,
+)
 
 from .settings import TASKS
 
@@ -54,16 +62,14 @@ def _spec(task: str, rng: random.Random, depth: float, words: list[str]):
     """(needles, their depths, question, answer prefix, answer) of one prompt."""
     if task == "passkey":
         k = _digits(rng, 5)
-        needle = f"\nThe pass key is {k}. Remember it. {k} is the pass key.\n"
-        return [needle], [depth], "\nWhat is the pass key?", "The pass key is", f" {k}"
+        return [PASSKEY_NEEDLE.format(k=k)], [depth], PASSKEY_QUESTION, PASSKEY_ANSWER_PREFIX, f" {k}"
     if task in ("niah", "niah_multikey"):
         keys = rng.sample(words, 4 if task == "niah_multikey" else 1)
         values = [_digits(rng, 7) for _ in keys]
-        needles = [f"\nThe special magic number for {w} is: {v}.\n" for w, v in zip(keys, values, strict=True)]
+        needles = [NIAH_NEEDLE.format(w=w, v=v) for w, v in zip(keys, values, strict=True)]
         depths = [depth] + [rng.random() for _ in keys[1:]]
-        question = f"\nWhat is the special magic number for {keys[0]} mentioned in the provided text?"
-        return needles, depths, question, f"The special magic number for {keys[0]} mentioned in the provided text is", \
-            f" {values[0]}"  # fmt: skip
+        prefix = NIAH_ANSWER_PREFIX.format(w=keys[0])
+        return needles, depths, NIAH_QUESTION.format(w=keys[0]), prefix, f" {values[0]}"
     if task == "variable_tracking":
         v = _digits(rng, 5)
         names: list[str] = []

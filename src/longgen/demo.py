@@ -27,12 +27,11 @@ from typing import Any
 
 import torch
 
+from longgen.eval.prompts import PASSKEY_ANSWER_PREFIX, PASSKEY_NEEDLE, PASSKEY_QUESTION
 from longgen.train.tokenizer import train_bpe_tokenizer
 
 SKIP_DIRS = {"site-packages", "test", "tests", "idlelib", "turtledemo", "__pycache__", "lib2to3", "ensurepip"}
 VARIANTS = ("full_attention", "longgen_hybrid", "streaming_llm")
-PASSKEY_NEEDLE = "\nThe pass key is {k}. Remember it. {k} is the pass key.\n"  # `longgen eval passkey`'s wording
-PASSKEY_QUESTION, PASSKEY_ANSWER_PREFIX = "\nWhat is the pass key?", "The pass key is"
 
 
 @dataclass

@@ -19,6 +19,14 @@ from typing import Any
 
 CONTEXT_MARKER = "\x00LONGGEN_CONTEXT\x00"  # stands for the context inside a rendered chat template
 
+# The wording of the pass-key and needle tasks (`passkey`, `niah`), for every prompt built from them: format with
+# k (the key), w (the word) and v (the value).
+PASSKEY_NEEDLE = "\nThe pass key is {k}. Remember it. {k} is the pass key.\n"
+PASSKEY_QUESTION, PASSKEY_ANSWER_PREFIX = "\nWhat is the pass key?", "The pass key is"
+NIAH_NEEDLE = "\nThe special magic number for {w} is: {v}.\n"
+NIAH_QUESTION = "\nWhat is the special magic number for {w} mentioned in the provided text?"
+NIAH_ANSWER_PREFIX = "The special magic number for {w} mentioned in the provided text is"
+
 
 def default_haystack_files() -> list[Path]:
     """The Python standard library's top-level modules (their docstrings are the default haystack)."""

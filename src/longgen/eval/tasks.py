@@ -20,7 +20,16 @@ from tqdm.auto import tqdm
 
 from longgen.eval.baseline import load_for_eval
 from longgen.eval.plots import accuracy_heatmap
-from longgen.eval.prompts import Haystack, build_prompt
+from longgen.eval.prompts import (
+    NIAH_ANSWER_PREFIX,
+    NIAH_NEEDLE,
+    NIAH_QUESTION,
+    PASSKEY_ANSWER_PREFIX,
+    PASSKEY_NEEDLE,
+    PASSKEY_QUESTION,
+    Haystack,
+    build_prompt,
+)
 from longgen.eval.results import task_settings, write_result
 from longgen.eval.ruler import RULER_TASKS, ruler_sample
 from longgen.eval.scoring import mean, passkey_score, string_match_all
@@ -192,8 +201,7 @@ def passkey(
 
     def make(rng: random.Random):
         key = str(rng.randint(10_000, 99_999))
-        needle = f"\nThe pass key is {key}. Remember it. {key} is the pass key.\n"
-        return needle, "\nWhat is the pass key?", "The pass key is", [key]
+        return PASSKEY_NEEDLE.format(k=key), PASSKEY_QUESTION, PASSKEY_ANSWER_PREFIX, [key]
 
     result = _needle_grid(
         "passkey", path, make, lengths=lengths, depths=depths, samples=samples, seed=seed,
@@ -228,9 +236,8 @@ def niah(
 
     def make(rng: random.Random):
         key, value = rng.choice(words), str(rng.randint(1_000_000, 9_999_999))
-        needle = f"\nThe special magic number for {key} is: {value}.\n"
-        question = f"\nWhat is the special magic number for {key} mentioned in the provided text?"
-        return needle, question, f"The special magic number for {key} mentioned in the provided text is", [value]
+        needle, question = NIAH_NEEDLE.format(w=key, v=value), NIAH_QUESTION.format(w=key)
+        return needle, question, NIAH_ANSWER_PREFIX.format(w=key), [value]
 
     result = _needle_grid(
         "niah", path, make, lengths=lengths, depths=depths, samples=samples, seed=seed,
