@@ -62,7 +62,7 @@ def test_tiny_end_to_end(reproduce, tmp_path, capsys):
     assert set(quality) == QUALITY_KEYS and quality["commit"] == "abc123"
     assert quality["pretrain_len"] == 64 and quality["extended_len"] == 512
     assert quality["command"].startswith("python experiments/reproduce.py all --tiny")
-    tasks = {"passkey", "niah", "niah_multikey", "variable_tracking", "kv_lookup"}
+    tasks = {"passkey", "niah", "niah_multikey", "variable_tracking", "parcel_weight"}
     evaluated = [*trained[:4], "streaming_llm", *trained[4:], "frontier_0", "frontier_0.333"]  # + the sweep's aliases
     assert {r["variant"] for r in quality["rows"]} == set(evaluated)
     assert {r["task"] for r in quality["rows"]} == tasks and {r["length"] for r in quality["rows"]} == {320, 512}

@@ -7,8 +7,12 @@ needle depth of prompt i of n is i / (n - 1): depths evenly cover the context fr
 * ``passkey``, ``niah`` — worded exactly as `longgen.eval.passkey` / `longgen.eval.niah`;
 * ``niah_multikey`` — four magic-number needles keyed by different words of the haystack, one asked for;
 * ``variable_tracking`` — ``VAR A = 12345.`` ... ``VAR B = A.`` ... ``VAR C = B.``, asked for C's value (two hops);
-* ``kv_lookup`` (held out) — a Python dict literal of three hexadecimal keys mapped to numbers, asked for as a
-  doctest line ``>>> lookup["3f9a2c71"]``: a structure and wording that the training data never contains.
+* ``parcel_weight`` (held out) — ``The lantern parcel weighs 4821733 grams.``, asked ``How heavy is the lantern
+  parcel?``: a fact in a template the training data never contains (its synthetic documents state pass keys,
+  magic numbers and variables in their own wordings), so answering shows that the model finds a stated fact in
+  the distant context, not that it memorised a question's template. (The first held-out task, ``kv_lookup``, a
+  Python dict literal asked for as a doctest line, was answered by no model, full attention included: it
+  separated nothing.)
 """
 
 from __future__ import annotations
@@ -84,12 +88,10 @@ def _spec(task: str, rng: random.Random, depth: float, words: list[str]):
         ]
         depths = [depth, *sorted(depth + (1 - depth) * rng.random() for _ in range(2))]
         return needles, depths, f"\nWhat is the value of VAR {names[2]}?", f"The value of VAR {names[2]} is", f" {v}"
-    if task == "kv_lookup":
-        keys = [f"{rng.getrandbits(32):08x}" for _ in range(3)]
-        values = [_digits(rng, 7) for _ in keys]
-        asked = rng.randrange(3)
-        record = ", ".join(f'"{k}": {v}' for k, v in zip(keys, values, strict=True))
-        return [f"\nlookup = {{{record}}}\n"], [depth], f'\n>>> lookup["{keys[asked]}"]\n', "", values[asked]
+    if task == "parcel_weight":
+        w, v = rng.choice(words), _digits(rng, 7)
+        needle = f"\nThe {w} parcel weighs {v} grams.\n"
+        return [needle], [depth], f"\nHow heavy is the {w} parcel?", f"The {w} parcel weighs", f" {v}"
     raise ValueError(f"unknown task {task!r}; tasks: {TASKS}")
 
 
