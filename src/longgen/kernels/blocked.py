@@ -56,8 +56,26 @@ def blocked_attention(
         ``(out, lse)``.
     """
     shape = check_attention_args(q, k, v, pattern, cu_seqlens, scale, seqlens, kv_head_offset, num_kv_heads_total)
-    out, lse = attend_each_sequence(q, k, v, shape, cu_seqlens, _attend_sequence, return_lse)
+    if cu_seqlens is None:
+        out, lse = attend_each_sequence(q, k, v, shape, cu_seqlens, _attend_sequence, return_lse)
+    else:
+        out, lse = _attend_packed(q, k, v, shape, cu_seqlens, return_lse)
     return (out, lse) if return_lse else out
+
+
+def _attend_packed(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shape: AttentionShape, cu_seqlens: torch.Tensor, need_lse: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Packed sequences, each attended on its own. They are cut with one `torch.split`, whose backward
+    concatenates the gradients once (a slice per sequence would add a zero-filled gradient of the whole input per
+    sequence: quadratic in the number of sequences, most of a training step on a CPU)."""
+    sizes = torch.diff(cu_seqlens).tolist()
+    pieces = zip(q.split(sizes), k.split(sizes), v.split(sizes), strict=True)
+    results = [_attend_sequence(*qkv, shape, need_lse) for qkv in pieces]
+    out = torch.cat([o for o, _ in results]) if results else torch.empty_like(q)
+    if not need_lse:
+        return out, None
+    return out, torch.cat([lse for _, lse in results], dim=-1) if results else empty_lse(q, (shape.num_heads, 0))
 
 
 def tile_size(pattern: Pattern) -> int:
