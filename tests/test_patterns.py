@@ -263,3 +263,54 @@ def test_invalid_parameters_raise_clear_errors(make, exc, match):
 def test_integer_layout_accepted_as_boolean():
     lay = torch.ones(1, 3, 3, dtype=torch.int64).tril()
     assert BlockLayout(lay, 16) == BlockLayout(lay.bool(), 16)
+
+
+# ---- host-side helpers the cache and the benchmarks use ----
+def _random_layout(hkv, n, seed):
+    gen = torch.Generator().manual_seed(seed)
+    lay = torch.rand(hkv, n, n, generator=gen) < 0.5
+    return BlockLayout(lay.tril() | torch.eye(n, dtype=torch.bool), block_size=16)
+
+
+@pytest.mark.parametrize("pattern,formula,T,hkv", CASES[:30], ids=[f"{c[0]}-T{c[2]}-h{c[3]}" for c in CASES[:30]])
+def test_mask_mod_equals_mask(pattern, formula, T, hkv):
+    """The FlexAttention mask_mod is the pattern, per query head (dense_kv_heads included)."""
+    G = 2
+    mod = pattern.mask_mod(hkv * G, hkv)
+    pos = torch.arange(T)
+    h = torch.arange(hkv * G)
+    got = mod(0, h[:, None, None], pos[None, :, None], pos[None, None, :])
+    assert torch.equal(got, pattern.mask(T, hkv).repeat_interleave(G, 0))
+
+
+def test_mask_mod_checks_heads():
+    with pytest.raises(ValueError, match="multiple of num_kv_heads"):
+        Full().mask_mod(6, 4)
+
+
+@pytest.mark.parametrize(
+    "pattern,hkv",
+    [(BlockSparse(16, 3, 4), 4), (BlockSparse(16, 2, None, 1), 3), (BlockSparse(32, 1, 8), 2), (None, 2), (None, 1)],
+)
+def test_last_query_block_is_the_last_row_of_each_block_mask_column(pattern, hkv):
+    n = 12
+    pattern = pattern or _random_layout(hkv, n, seed=hkv)
+    bm = pattern.block_mask(n * pattern.block_size, hkv)
+    rows = torch.arange(n)[None, :, None].expand_as(bm)
+    assert torch.equal(pattern.last_query_block(hkv, n), torch.where(bm, rows, -1).amax(dim=1))
+
+
+@pytest.mark.parametrize(
+    "pattern,hkv", [(BlockSparse(16, 3, 4), 4), (BlockSparse(16, 1, 6), 2), (BlockSparse(16, 4, 3), 8)]
+)
+def test_live_blocks_are_the_kept_blocks_among_new_ones(pattern, hkv):
+    """live_blocks(first, last) = the blocks in first..last that kv_retention keeps once block `last` is in."""
+    B = pattern.block_size
+    for first in range(0, 9):
+        for last in range(first, first + 9):
+            blocks = pattern.live_blocks(first, last, hkv)
+            kept = pattern.kv_retention((last + 1) * B, hkv)
+            for g in range(hkv):
+                want = sorted({int(s) // B for s in kept[g] if first * B <= s})
+                got = blocks[g][blocks[g] <= last].tolist()
+                assert got == want, (first, last, g)

@@ -98,6 +98,20 @@ class Pattern(ABC):
         g = torch.arange(num_kv_heads, device=device)
         return p._allowed(pos[None, :, None], pos[None, None, :], g[:, None, None], num_kv_heads)
 
+    def mask_mod(self, num_heads: int, num_kv_heads: int):
+        """The pattern as a FlexAttention ``mask_mod(b, h, q_idx, kv_idx) -> bool`` over query heads ``h``
+        (query head h belongs to KV head ``h // (num_heads // num_kv_heads)``); `allowed` without its checks, for
+        ``torch.nn.attention.flex_attention.create_block_mask``."""
+        _check_heads(num_kv_heads)
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+        p, group = self.resolve(num_kv_heads), num_heads // num_kv_heads
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            return p._allowed(q_idx, kv_idx, h // group, num_kv_heads)
+
+        return mask_mod
+
     def _check_seq_len(self, seq_len: int) -> None:
         """Raise if the pattern is not defined at this length (only fixed-size layouts are limited)."""
 
@@ -403,6 +417,19 @@ class _BlockPattern(Pattern):
         pos = torch.arange(seq_len)
         return [pos[kept_blocks[g, pos // B]] for g in range(num_kv_heads)]
 
+    def last_query_block(self, num_kv_heads: int, n_blocks: int) -> torch.Tensor:
+        """Int64 ``(num_kv_heads, n_blocks)``: the last query block (< `n_blocks`) that sees each key block, i.e.
+        how long a decoding cache must keep it (a KV-cache-efficient pattern sees it from its own block until then).
+        """
+        _check_int("n_blocks", n_blocks, 1)
+        p = self.resolve(num_kv_heads)
+        return p._last_query_block(num_kv_heads, n_blocks)
+
+    def _last_query_block(self, num_kv_heads: int, n_blocks: int) -> torch.Tensor:
+        bm = self._natural_block_mask(n_blocks, num_kv_heads)
+        rows = torch.arange(n_blocks)[None, :, None].expand_as(bm)
+        return torch.where(bm, rows, -1).amax(dim=1)
+
     def _future_rows(self, n: int) -> int:
         """How many block rows to look at so that every later query block's visibility is represented."""
         return n
@@ -461,6 +488,29 @@ class BlockSparse(_BlockPattern):
         step = max(1, stride // num_kv_heads)
         dense = g >= num_kv_heads - self.dense_kv_heads
         return (i - j < self.local_blocks) | ((j + g * step) % stride == 0) | dense
+
+    def _last_query_block(self, num_kv_heads, n_blocks):
+        # a strided block (or any block of a dense head) is seen by every later query block, the others by the
+        # local_blocks query blocks from their own
+        j = torch.arange(n_blocks)
+        g = torch.arange(num_kv_heads)[:, None]
+        forever = ((j[None] + g * self.step(num_kv_heads)) % self.stride == 0) | (
+            g >= num_kv_heads - self.dense_kv_heads
+        )
+        return torch.where(forever, n_blocks - 1, (j + self.local_blocks - 1).clamp(max=n_blocks - 1)[None])
+
+    def live_blocks(self, first: int, last: int, num_kv_heads: int, device=None) -> torch.Tensor:
+        """Blocks among ``first .. last`` that a query in block `last` or later still sees, per KV head of a sparse
+        (not dense) head: int64 ``(num_kv_heads, K)``, ascending, padded with values > `last` to one length K that
+        depends only on the host integers (no host sync when built on a GPU). They are the head's strided blocks
+        before the last query's local range, then every block of that range."""
+        p = self.resolve(num_kv_heads)
+        local = max(first, last - p.local_blocks + 1)  # blocks first .. local - 1: strided ones only
+        g = torch.arange(num_kv_heads, device=device)
+        s0 = first + (-(first + g * p.step(num_kv_heads))) % p.stride  # each head's first strided block >= first
+        n_far = ((local - s0).clamp(min=0) + p.stride - 1) // p.stride
+        k = torch.arange(-(-(local - first) // p.stride) + last - local + 1, device=device)[None]
+        return torch.where(k < n_far[:, None], s0[:, None] + k * p.stride, local + k - n_far[:, None])
 
     def to_dict(self):
         return {

@@ -84,7 +84,7 @@ class SlotMap:
 @lru_cache(maxsize=64)
 def _slot_table(p: _BlockPattern, num_kv_heads: int, n_blocks: int) -> tuple[torch.Tensor, int]:
     """Greedy interval colouring of key blocks by liveness, per KV head -> (table int64 on CPU, slot blocks)."""
-    last = _last_visible_row(p, num_kv_heads, n_blocks).tolist()
+    last = p.last_query_block(num_kv_heads, n_blocks).tolist()
     table = torch.empty(num_kv_heads, n_blocks, dtype=torch.long)
     used = 0
     for g in range(num_kv_heads):
@@ -105,21 +105,6 @@ def _slot_table(p: _BlockPattern, num_kv_heads: int, n_blocks: int) -> tuple[tor
         row.copy_(torch.tensor(colours))
         used = max(used, n_colours)
     return table, used
-
-
-def _last_visible_row(p: _BlockPattern, num_kv_heads: int, n_blocks: int) -> torch.Tensor:
-    """``(kv_heads, n_blocks)``: the last query block (< n_blocks) that sees each key block."""
-    j = torch.arange(n_blocks)
-    if isinstance(p, BlockSparse):
-        step = p.step(num_kv_heads)
-        g = torch.arange(num_kv_heads)[:, None]
-        forever = ((j[None] + g * step) % p.stride == 0) | (g >= num_kv_heads - p.dense_kv_heads)
-        return torch.where(forever, n_blocks - 1, (j + p.local_blocks - 1).clamp(max=n_blocks - 1)[None])
-    if isinstance(p, BlockLayout):
-        lay = p.layout.expand(num_kv_heads, -1, -1)[:, :n_blocks, :n_blocks]
-        rows = torch.arange(n_blocks)[None, :, None].expand_as(lay)
-        return torch.where(lay, rows, -1).amax(dim=1)
-    raise TypeError(f"no slot table for {p!r}")  # pragma: no cover - every block pattern is listed above
 
 
 class CompactKV:
@@ -254,23 +239,15 @@ class CompactKV:
     def _table_kept(self, start: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """BlockSparse slot tables: the positions among start .. start + n - 1 that a query at start + n - 1 or later
         still sees, per KV head, and their slots, both ``(kv_heads, K)`` int64, padded to one length K (known on the
-        host) with the spare slot `capacity`. Built on the device from host integers: no host sync.
-
-        A later query sees key block j of head g forever when j is one of g's strided blocks, else only from query
-        blocks less than `local_blocks` after it; so the kept blocks are g's strided blocks before the last query's
-        local range, then every block of that range. (A dense head keeps everything, so its layer gets the
-        position-indexed map, not a slot table.)"""
+        host) with the spare slot `capacity`. Built on the device from host integers (`BlockSparse.live_blocks`): no
+        host sync. (A dense head keeps everything, so its layer gets the position-indexed map, not a slot table.)"""
         p, bs, hkv, dev = self.pattern, self.map.block_size, self.num_kv_heads, self.keys.device
         last = start + n - 1
-        first, end = start // bs, last // bs  # blocks of the new tokens
-        local = max(first, end - p.local_blocks + 1)  # blocks first .. local - 1: strided ones only
-        g = self._heads.view(-1)
-        s0 = first + (-(first + g * p.step(hkv))) % p.stride  # each head's first strided block >= first
-        n_far = ((local - s0).clamp(min=0) + p.stride - 1) // p.stride
-        k = torch.arange(-(-(local - first) // p.stride) + end - local + 1, device=dev)[None]
-        blocks = torch.where(k < n_far[:, None], s0[:, None] + k * p.stride, local + k - n_far[:, None])
+        end = last // bs
+        blocks = p.live_blocks(start // bs, end, hkv, dev)
         kept = (blocks[:, :, None] * bs + torch.arange(bs, device=dev)).view(hkv, -1)
         ok = ((blocks <= end)[:, :, None].expand(-1, -1, bs).reshape(hkv, -1)) & (kept >= start) & (kept <= last)
+        g = torch.arange(hkv, device=dev)
         table = self.map.table[g[:, None], blocks.clamp(max=self.map.table.shape[1] - 1)]
         slots = (table[:, :, None] * bs + torch.arange(bs, device=dev)).view(hkv, -1)
         return kept, torch.where(ok, slots, self.capacity)
