@@ -4,8 +4,8 @@
 
 bf16, batch 1, 32 query heads, head dim 128. For each (pattern, seq_len, kv_heads): forward and forward+backward
 median times of longgen (backend="triton"), SDPA causal (FlashAttention/cuDNN class kernels) and FlexAttention
-with the identical mask (block mask built with _compile=True; build and compile times reported apart), and the
-sparsity-ideal time = SDPA causal fwd+bwd x (visited 64-blocks / causal 64-blocks). Rows are merged into
+with the identical mask (`Pattern.mask_mod`; block mask built with _compile=True; build and compile times reported
+apart), and the sparsity-ideal time = SDPA causal fwd+bwd x (visited 64-blocks / causal 64-blocks). Rows are merged into
 `--out` (JSON) keyed by (pattern, seq_len, kv_heads), and a markdown table is written beside it.
 """
 
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from common import markdown_header, run_metadata
+from common import markdown_header, run_metadata, save_result
 
 import longgen
 
@@ -47,23 +47,6 @@ def fwd_bwd(run, inputs, dout):
         out.backward(dout)
 
     return bench(step, grad_to_none=inputs)
-
-
-def flex_mask_mod(pattern: longgen.Pattern, heads: int, kv_heads: int):
-    group = heads // kv_heads
-    if isinstance(pattern, longgen.Full):
-        return lambda b, h, q, kv: kv <= q, False
-    if isinstance(pattern, longgen.SinkWindow):
-        sink, window = pattern.sink, pattern.window
-        return lambda b, h, q, kv: (kv <= q) & ((kv < sink) | (q - kv < window)), False
-    p = pattern.resolve(kv_heads)
-    B, local, stride, step = p.block_size, p.local_blocks, p.stride, p.step(kv_heads)
-
-    def mod(b, h, q, kv):
-        g = h // group
-        return (kv <= q) & ((q // B - kv // B < local) | ((kv // B + g * step) % stride == 0))
-
-    return mod, True
 
 
 def run_case(T: int, kv_heads: int, flex, create_block_mask) -> list[dict]:
@@ -93,7 +76,8 @@ def run_case(T: int, kv_heads: int, flex, create_block_mask) -> list[dict]:
         ours = lambda p=pattern: longgen.sparse_attention(q, k, v, p, backend="triton")  # noqa: E731
         ms_fwd = bench(ours)
         ms_fb = fwd_bwd(ours, [q, k, v], dout)
-        mod, per_head = flex_mask_mod(pattern, HEADS, kv_heads)
+        per_head = not isinstance(pattern, (longgen.Full, longgen.SinkWindow))  # the mask depends on the head
+        mod = pattern.mask_mod(HEADS, kv_heads)
         t0 = time.perf_counter()
         bm = create_block_mask(mod, None, HEADS if per_head else None, T, T, device="cuda", _compile=True)
         torch.cuda.synchronize()
@@ -184,9 +168,7 @@ def main(argv=None) -> int:
             keys = {(r["pattern"], r["seq_len"], r["kv_heads"]) for r in rows}
             result["rows"] = [r for r in result["rows"] if (r["pattern"], r["seq_len"], r["kv_heads"]) not in keys]
             result["rows"].extend(rows)
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps(result, indent=1) + "\n")
-            out.with_suffix(".md").write_text(markdown(result))
+            save_result(out, result, markdown(result))
             torch.cuda.empty_cache()
     print(markdown(result))
     return 0

@@ -3,28 +3,29 @@
 from __future__ import annotations
 
 import datetime
+import json
 import sys
+from pathlib import Path
 
 import torch
 
 
-def set_knobs(module, text: str) -> dict:
-    """Set a module's integer tuning constants from "NAME=VALUE[,NAME=VALUE...]" (e.g. the Gluon kernels'
-    "BWD_STAGES=4,DQ_STAGES=2"); returns the previous values, so that `set_knobs(module, restore)` undoes it.
-    Unknown names are an error, so a typo cannot silently time the defaults."""
-    old = {}
+def parse_tuning(text: str):
+    """A `longgen.kernels.plan.Tuning` from "name=VALUE[,name=VALUE...]" (its integer fields, e.g.
+    "bwd_stages=4,fwd_stages=2"; "" = the defaults). Unknown names are an error, so a typo cannot silently time the
+    defaults."""
+    import dataclasses
+
+    from longgen.kernels.plan import Tuning
+
+    fields = {f.name for f in dataclasses.fields(Tuning) if f.type == "int"}
+    values = {}
     for part in filter(None, (text or "").split(",")):
         name, _, value = part.partition("=")
-        if not hasattr(module, name) or not value.lstrip("-").isdigit():
-            raise ValueError(f"bad knob {part!r}: expected NAME=INTEGER with NAME a constant of {module.__name__}")
-        old[name] = getattr(module, name)
-        setattr(module, name, type(old[name])(int(value)))
-    return old
-
-
-def restore_knobs(module, old: dict) -> None:
-    for name, value in old.items():
-        setattr(module, name, value)
+        if name not in fields or not value.lstrip("-").isdigit():
+            raise ValueError(f"bad knob {part!r}: expected NAME=INTEGER with NAME one of {', '.join(sorted(fields))}")
+        values[name] = int(value)
+    return Tuning(**values)
 
 
 def run_metadata() -> dict:
@@ -40,6 +41,23 @@ def run_metadata() -> dict:
         "commit": git_commit(),
         "date": datetime.date.today().isoformat(),
     }
+
+
+REQUIRED = ("device", "date", "commit", "command")  # what every result file must say about its run
+
+
+def save_result(out: str | Path, result: dict, markdown: str | None = None) -> None:
+    """Write a result record as JSON to `out` (and `markdown` beside it, ``.md``); refuses a record without a
+    non-empty device, date, commit and command (see `run_metadata`), so that no result file is written that cannot
+    be traced to a GPU, a day, a commit and the command that made it."""
+    missing = [k for k in REQUIRED if not isinstance(result.get(k), str) or not result[k].strip()]
+    if missing:
+        raise ValueError(f"a result record needs {', '.join(REQUIRED)}; missing or empty: {', '.join(missing)}")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    if markdown is not None:
+        out.with_suffix(".md").write_text(markdown)
 
 
 def git_commit() -> str:

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from common import llama2_7b_config, markdown_header
+from common import git_commit, llama2_7b_config, markdown_header, save_result
 
 import longgen
 from longgen.train.context_parallel import context_parallel_attention, setup_context_parallel, shard_batch
@@ -172,6 +172,7 @@ def metadata(device: torch.device, world: int) -> dict:
         "device": name,
         "torch": torch.__version__,
         "triton": triton.__version__,
+        "commit": git_commit(),
         "date": datetime.date.today().isoformat(),
     }
 
@@ -270,9 +271,7 @@ def main(argv=None) -> int:
             key = (v, T, world, args.layers)
             res["rows"] = [r for r in res["rows"] if (r["variant"], r["seq_len"], r["gpus"], r["layers"]) != key]
             res["rows"].append(row)
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps(res, indent=1) + "\n")
-            out.with_suffix(".md").write_text(markdown(res))
+            save_result(out, res, markdown(res))
     if rank == 0:
         print(markdown(res))
     dist.destroy_process_group()

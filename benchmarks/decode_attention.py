@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from common import markdown_header, run_metadata
+from common import markdown_header, run_metadata, save_result
 
 import longgen
 from longgen.kernels import cache_attention
@@ -196,9 +196,7 @@ def main(argv=None) -> int:
                     if (r["pattern"], r["tokens"], r["batch"], r["kv_heads"], r["q_len"]) != key
                 ]
                 result["rows"].append(row)
-                out.parent.mkdir(parents=True, exist_ok=True)
-                out.write_text(json.dumps(result, indent=1) + "\n")
-                out.with_suffix(".md").write_text(markdown(result))
+                save_result(out, result, markdown(result))
                 torch.cuda.empty_cache()
     print(markdown(result))
     return 0

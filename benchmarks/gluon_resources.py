@@ -1,7 +1,7 @@
 """Compile longgen's Hopper Gluon kernels for sm_90a without a GPU and print what ptxas made of them.
 
     PYTHONPATH=src python benchmarks/gluon_resources.py [--kernels fwd dkdv] [--patterns full sink_window
-        block_sparse] [--head-dims 128 64] [--groups 1 4]
+        block_sparse] [--head-dims 128 64] [--groups 1 4] [--set bwd_stages=2]
 
 For each kernel and case it prints the registers ptxas allocated at launch (the partitions then rebalance them with
 setmaxnreg), spilled bytes, shared memory, the number of HGMMA instructions and of `WARPGROUP.DEPBAR` waits in the
@@ -22,7 +22,7 @@ import tempfile
 
 import torch
 import triton
-from common import set_knobs
+from common import parse_tuning
 from triton.backends.compiler import GPUTarget
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon._runtime import GluonASTSource
@@ -30,12 +30,13 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 from triton.runtime.jit import mangle_type
 
 from longgen.kernels import gluon_attention as ga
-from longgen.kernels.triton_attention import K_BLOCK_SPARSE, K_FULL, K_SINK_WINDOW
+from longgen.kernels.dispatch import GLUON_HEAD_DIMS
+from longgen.kernels.plan import K_BLOCK_SPARSE, K_FULL, K_SINK_WINDOW, PatternParams, Tuning
 
-PATTERNS = {  # name -> constexpr pattern parameters (the benchmark's patterns, 32 KV heads)
-    "full": dict(PATTERN=K_FULL, SINK=0, WINDOW=0, PB=1, LOCAL=0, STRIDE=1, STEP=0),
-    "sink_window": dict(PATTERN=K_SINK_WINDOW, SINK=64, WINDOW=2048, PB=1, LOCAL=0, STRIDE=1, STEP=0),
-    "block_sparse": dict(PATTERN=K_BLOCK_SPARSE, SINK=0, WINDOW=0, PB=64, LOCAL=16, STRIDE=32, STEP=1),
+PATTERNS = {  # name -> pattern parameters (the benchmark's patterns, 32 KV heads)
+    "full": PatternParams(K_FULL, dense_from=32),
+    "sink_window": PatternParams(K_SINK_WINDOW, sink=64, window=2048, dense_from=32),
+    "block_sparse": PatternParams(K_BLOCK_SPARSE, block=64, local=16, stride=32, step=1, dense_from=32),
 }
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
@@ -67,26 +68,27 @@ def _compile(kernel, descs: dict[str, tuple], scalars: dict[str, str], constexpr
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
 
 
-def compile_case(kernel: str, pattern: str, d: int, G: int):
+def compile_case(kernel: str, pattern: str, d: int, G: int, tuning: Tuning):
     """Compiled kernel ("fwd", "dq" or "dkdv") for one case, launched as longgen launches it."""
-    cx = dict(PATTERNS[pattern], DENSE_FROM=32, G=G, D=d, num_warps=4)
+    pat = PATTERNS[pattern]
+    cx = dict(PAT=tuple(pat), G=G, D=d, num_warps=4)
     if kernel == "fwd":
-        bn, stages = ga.forward_tiles(cx["PATTERN"], cx["PB"])
-        cx |= dict(BM=ga.ROWS, BN=bn, STAGES=stages, MASK_SPLIT=ga.mask_split("fwd"))
+        bn, stages = ga.forward_tiles(pat.kind, pat.block, tuning.fwd_stages)
+        cx |= dict(BM=ga.ROWS, BN=bn, STAGES=stages)
         descs = {"q_desc": (ga.ROWS, d), "k_desc": (bn, d), "v_desc": (bn, d)}
         scalars = {"o_ptr": "*bf16", "lse_ptr": "*fp32", "T": "i32", "H": "i32", "n_work": "i32", "qk_scale": "fp32"}
         return _compile(ga._fwd_ws_kernel, descs, scalars, cx)
     if kernel == "dq":
-        bn, stages = ga.dq_tiles(cx["PATTERN"], cx["PB"])
-        cx |= dict(HAS_DLSE=False, BM=ga.ROWS, BN=bn, STAGES=stages, MASK_SPLIT=ga.mask_split("dq"))
+        bn, stages = ga.dq_tiles(pat.kind, pat.block)
+        cx |= dict(HAS_DLSE=False, BM=ga.ROWS, BN=bn, STAGES=stages)
         descs = dict.fromkeys(("q_desc", "do_desc", "dq_desc"), (ga.ROWS, d)) | dict.fromkeys(
             ("k_desc", "v_desc"), (bn, d)
         )
         scalars = {"o_ptr": "*bf16", "do_ptr": "*bf16", "lse_ptr": "*fp32", "dlse_ptr": "*fp32", "delta_ptr": "*fp32"}
         scalars |= {"T": "i32", "H": "i32", "qk_scale": "fp32", "sm_scale": "fp32"}
         return _compile(ga._dq_ws_kernel, descs, scalars, cx)
-    cx |= dict(BY_KIND=pattern == "block_sparse", TL=ga.BWD_TILE, **ga.dkdv_tuning(G, cx["PATTERN"]))
-    cx |= dict(MASK_SPLIT=ga.mask_split("dkdv"))
+    cx |= dict(BY_KIND=pattern == "block_sparse", TL=ga.BWD_TILE, STAGES=tuning.bwd_stages)
+    cx |= dict(DESCEND=ga.dkdv_descends(G, pat.kind))
     names = ("q_desc", "do_desc", "k_desc", "v_desc", "dk_desc", "dv_desc")
     scalars = {"lse_ptr": "*fp32", "delta_ptr": "*fp32", "T": "i32", "H": "i32", "HKV": "i32", "SH": "i32"}
     scalars |= {"NP": "i32", "LEAD": "i32"}
@@ -128,20 +130,20 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--kernels", nargs="+", default=["fwd", "dq", "dkdv"], choices=["fwd", "dq", "dkdv"])
     ap.add_argument("--patterns", nargs="+", default=list(PATTERNS), choices=list(PATTERNS))
-    ap.add_argument("--head-dims", type=int, nargs="+", default=[128, 64], choices=list(ga.HEAD_DIMS))
+    ap.add_argument("--head-dims", type=int, nargs="+", default=[128, 64], choices=list(GLUON_HEAD_DIMS))
     ap.add_argument("--groups", type=int, nargs="+", default=[1, 4], help="query heads per KV head")
     ap.add_argument("--json", action="store_true", help="one JSON object per case instead of a table")
-    ap.add_argument("--set", default="", help="tuning constants of gluon_attention, e.g. BWD_STAGES=4,DQ_STAGES=3")
+    ap.add_argument("--set", default="", help="launch tuning (longgen.kernels.plan.Tuning), e.g. bwd_stages=4")
     args = ap.parse_args(argv)
     try:
-        set_knobs(ga, args.set)
+        tuning = parse_tuning(args.set)
     except ValueError as e:
         ap.error(str(e))
     for kernel in args.kernels:
         for pattern in args.patterns:
             for d in args.head_dims:
                 for G in args.groups:
-                    r = resources(compile_case(kernel, pattern, d, G))
+                    r = resources(compile_case(kernel, pattern, d, G, tuning))
                     if args.json:
                         print(json.dumps(dict(kernel=kernel, pattern=pattern, head_dim=d, group=G, **r)), flush=True)
                         continue

@@ -21,12 +21,12 @@ import itertools
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 from collections import defaultdict
 
 import torch
+from common import run_metadata, save_result
 from tune_attention import parse_case
 
 import longgen
@@ -140,9 +140,7 @@ def main(argv=None) -> int:
         for name, ms in row["gaps_after_ms"].items():
             print(f"    gap after {name}: {ms * 1e3:.1f} us")
     if args.out:
-        meta = {"command": " ".join(["python", "host_gaps.py", *sys.argv[1:]]), "device": torch.cuda.get_device_name()}
-        with open(args.out, "w") as f:
-            json.dump({**meta, "torch": torch.__version__, "rows": rows}, f, indent=1)
+        save_result(args.out, {**run_metadata(), "rows": rows})
     return 0
 
 

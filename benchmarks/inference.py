@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import llama2_7b_config, markdown_header, run_metadata
+from common import llama2_7b_config, markdown_header, run_metadata, save_result
 
 import longgen
 from longgen.infer import ModelRunner, analytic_kv_bytes, rows_for_budget
@@ -234,9 +234,7 @@ def main(argv=None) -> int:
         same = ("variant", "seq_len", "budget_gb")
         res[key] = [r for r in res[key] if any(r.get(k) != row.get(k) for k in same)] + [row]
         print(json.dumps({k: v for k, v in row.items() if not k.endswith("_all")}), flush=True)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(res, indent=1) + "\n")
-        out.with_suffix(".md").write_text(markdown(res))
+        save_result(out, res, markdown(res))
 
     ours = [v for v in args.variants if v != HF]
     for T in args.seq_lens:

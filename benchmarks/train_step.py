@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import llama2_7b_config, markdown_header, run_metadata
+from common import llama2_7b_config, markdown_header, run_metadata, save_result
 
 import longgen
 from longgen.train.loss import CausalLMLoss
@@ -141,9 +141,7 @@ def main(argv=None) -> int:
             key = (v, T, args.layers, args.compile)
             res["rows"] = [r for r in res["rows"] if (*_key(r),) != key]
             res["rows"].append(row)
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps(res, indent=1) + "\n")
-            out.with_suffix(".md").write_text(markdown(res))
+            save_result(out, res, markdown(res))
     print(markdown(res))
     return 0
 

@@ -2,7 +2,7 @@
 
     PYTHONPATH=src python benchmarks/tune_attention.py [--cases full:32768:32 sink_window:131072:32 ...]
         [--configs "fwd=128x64/w8s3 dq=128x64/w8s3 dkdv=32x64/w4s4" ...] [--baseline OLD_triton_attention.py]
-        [--gluon 1 fwd,dkdv fwd 0] [--knobs "" BWD_STAGES=4] [--repeats 1] [--out results.json]
+        [--gluon 1 fwd,dkdv fwd 0] [--knobs "" bwd_stages=4] [--repeats 1] [--out results.json]
 
 For every config and case (pattern[/parameters]:seq_len:kv_heads, see `parse_case`; bf16, batch 1, 32 query heads,
 head dim 128) it prints the median forward and forward+backward time (`triton.testing.do_bench`) and the CUDA time of
@@ -10,27 +10,29 @@ each kernel (forward, dQ, dK/dV, everything else) from torch.profiler over 5 for
 the three kernels independently. A tile is BLOCK_MxBLOCK_N/wWARPSsSTAGES; BlockSparse clamps BLOCK_N to its block size.
 `--baseline` also runs an older copy of `triton_attention.py` with its own default tiles (A/B of a kernel change);
 `--gluon` runs every case under each LONGGEN_GLUON setting (1: the Hopper forward, dK/dV and dQ kernels where they
-apply, 0: Triton only, or a comma-separated subset of fwd,dkdv,dq); `--knobs` runs each case under each set of
-`gluon_attention` tuning constants (NAME=VALUE,...; "" = the defaults).
+apply, 0: Triton only, or a comma-separated subset of fwd,dkdv,dq); `--knobs` runs each case under each launch
+tuning (`longgen.kernels.plan.Tuning` fields, name=VALUE,...; "" = the defaults), passed to the kernels with the tiles.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
-import json
 import os
 import re
 import sys
 from collections import defaultdict
 
 import torch
-from common import cuda_kernel_table, restore_knobs, set_knobs
+from common import cuda_kernel_table, parse_tuning, run_metadata, save_result
 from triton.testing import do_bench
 
 import longgen
-from longgen.kernels import gluon_attention
+from longgen.kernels import dispatch
 from longgen.kernels import triton_attention as current
+from longgen.kernels.inputs import check_attention_args
+from longgen.kernels.plan import Tiles
 
 PATTERNS = {  # name -> (pattern from the KV-head count and parameters, default parameters)
     "full": (lambda kv: longgen.Full(), ()),
@@ -68,7 +70,7 @@ def parse_config(text: str) -> dict:
         m = re.fullmatch(r"(\d+)x(\d+)/w(\d+)s(\d+)", tile)
         if name not in ("fwd", "dq", "dkdv") or m is None:
             raise ValueError(f"bad tile {part!r}: expected fwd|dq|dkdv=BMxBN/wWARPSsSTAGES")
-        cfg[name] = current.Tiles(*map(int, m.groups()))
+        cfg[name] = Tiles(*map(int, m.groups()))
     return cfg
 
 
@@ -88,14 +90,10 @@ def kernel_times(fn, iters: int = 5) -> dict[str, float]:
     return dict(out)
 
 
-def measure(
-    module, cfg: dict | None, pattern, T: int, hkv: int, H: int = 32, d: int = 128, check=None, case=None
-) -> dict:
-    """Time one case with `module` standing in for longgen's kernel module (tiles `cfg`, or its defaults). With
-    `check` (a dict), the first configuration's gradients of `case` are kept there and later ones compared to them."""
-    saved_tiles = module._tile_config
-    if cfg is not None:
-        module._tile_config = lambda *a: cfg
+def measure(module, tuning, pattern, T: int, hkv: int, H: int = 32, d: int = 128, check=None, case=None) -> dict:
+    """Time one case with `module` standing in for longgen's kernel module, launched with `tuning` (tiles and
+    launch settings; None: an older module's own defaults). With `check` (a dict), the first configuration's
+    gradients of `case` are kept there and later ones compared to them."""
     sys.modules[MODULE] = module  # longgen.sparse_attention imports the kernels lazily from here
     try:
         torch.manual_seed(T + hkv)  # the same inputs for every configuration of a case (see --check)
@@ -105,7 +103,10 @@ def measure(
         do = torch.randn_like(q)
 
         def fwd():
-            return longgen.sparse_attention(q, k, v, pattern, backend="triton")
+            if tuning is None:
+                return longgen.sparse_attention(q, k, v, pattern, backend="triton")
+            shape = check_attention_args(q, k, v, pattern, None, None, None, 0, None)
+            return module.triton_attention(q, k, v, shape, None, False, tuning)
 
         def fwd_bwd():
             q.grad = k.grad = v.grad = None
@@ -128,7 +129,6 @@ def measure(
                 check[case] = grads
         return out
     finally:
-        module._tile_config = saved_tiles
         sys.modules[MODULE] = current
 
 
@@ -155,7 +155,7 @@ def main(argv=None) -> int:
         "--knobs",
         nargs="+",
         default=[""],
-        help='sets of gluon_attention tuning constants, each run as its own configuration, e.g. "" BWD_STAGES=4',
+        help='launch tunings (Tuning fields), each run as its own configuration, e.g. "" bwd_stages=4',
     )
     ap.add_argument("--repeats", type=int, default=1, help="run the whole sweep this many times (noise check)")
     ap.add_argument(
@@ -168,14 +168,13 @@ def main(argv=None) -> int:
     for gluon in args.gluon:
         os.environ["LONGGEN_GLUON"] = gluon
         try:
-            gluon_attention.enabled()
+            dispatch.gluon_parts()
         except ValueError as e:
             ap.error(str(e))
-    for knobs in args.knobs:
-        try:
-            restore_knobs(gluon_attention, set_knobs(gluon_attention, knobs))
-        except ValueError as e:
-            ap.error(str(e))
+    try:
+        tunings = {knobs: parse_tuning(knobs) for knobs in args.knobs}
+    except ValueError as e:
+        ap.error(str(e))
     try:
         cases = {case: parse_case(case) for case in args.cases}
     except ValueError as e:
@@ -187,6 +186,7 @@ def main(argv=None) -> int:
     if args.baseline:
         runs.insert(0, ("baseline", load_baseline(args.baseline), None, "defaults"))
     rows = []
+    meta = run_metadata()
     check = {} if args.check else None
     for rep in range(args.repeats):
         for (label, module, cfg, cfg_text), gluon, knobs in (
@@ -194,10 +194,10 @@ def main(argv=None) -> int:
         ):
             os.environ["LONGGEN_GLUON"] = gluon
             label = f"{label} gluon={gluon}" + (f" {knobs}" if knobs else "")
-            saved = set_knobs(gluon_attention, knobs)
+            tuning = None if label.startswith("baseline") else dataclasses.replace(tunings[knobs], tiles=cfg)
             for case, (pattern, T, hkv) in cases.items():
                 try:
-                    r = measure(module, cfg, pattern, T, hkv, check=check, case=case)
+                    r = measure(module, tuning, pattern, T, hkv, check=check, case=case)
                 except Exception as e:  # a config can exceed shared memory: report it and go on
                     print(f"{label} [{cfg_text}] {case}: failed: {type(e).__name__}: {str(e)[:120]}", flush=True)
                     continue
@@ -210,9 +210,7 @@ def main(argv=None) -> int:
                 )
                 rows.append(dict(module=label, config=cfg_text, knobs=knobs, case=case, repeat=rep, **r))
                 if args.out:  # after every row, so that a run cut short keeps what it measured
-                    with open(args.out, "w") as f:
-                        json.dump({"command": " ".join(sys.argv), "rows": rows}, f, indent=1)
-            restore_knobs(gluon_attention, saved)
+                    save_result(args.out, {**meta, "rows": rows})
     return 0
 
 

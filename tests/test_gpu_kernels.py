@@ -252,11 +252,12 @@ def test_gluon_dq_matches_reference_and_triton(pattern, T, H, hkv, d, dtype, B, 
 @pytest.mark.skipif(not _hopper(), reason="the Gluon kernels run on CUDA capability 9.0 only")
 @pytest.mark.parametrize("pattern,T,H,hkv,d,dtype,B", GLUON_CASES, ids=lambda x: repr(x)[:40])
 def test_gluon_launch_choices_give_identical_results(pattern, T, H, hkv, d, dtype, B, monkeypatch):
-    """How the kernels are launched (the forward one program per work item or persistent, with one program per SM
-    or a few programs taking many work items each; the dK/dV programs with the heads innermost or one head's
-    key-tile pairs together after every head's long pairs) and how the kernels mask their edge tiles (MASK_SPLIT)
-    change no arithmetic: output, LSE and all gradients are bitwise those of the defaults."""
-    from longgen.kernels import gluon_attention
+    """How the forward is launched (persistent with one program per SM, or a few programs taking many work items
+    each, `Tuning.persistent_programs`) and the dK/dV ring depth (`Tuning.bwd_stages`) change no arithmetic: output,
+    LSE and all gradients are bitwise those of the defaults."""
+    from longgen.kernels.inputs import check_attention_args
+    from longgen.kernels.plan import Tuning
+    from longgen.kernels.triton_attention import triton_attention
 
     gen = fresh_generator()
     q, k, v, dout = (
@@ -264,27 +265,19 @@ def test_gluon_launch_choices_give_identical_results(pattern, T, H, hkv, d, dtyp
         for shape in ((B, T, H, d), (B, T, hkv, d), (B, T, hkv, d), (B, T, H, d))
     )
 
-    def run(**knobs):
-        for name, value in knobs.items():
-            monkeypatch.setattr(gluon_attention, name, value)
+    def run(tuning):
         poison_allocator()
         xs = [x.clone().requires_grad_() for x in (q, k, v)]
-        out, lse = sparse_attention(*xs, pattern, backend="triton", return_lse=True)
+        shape = check_attention_args(*xs, pattern, None, None, None, 0, None)
+        out, lse = triton_attention(*xs, shape, None, True, tuning)
         (out * dout).sum().backward()
         return [out, lse] + [x.grad for x in xs]
 
-    rule = run()
-    for knobs in (
-        dict(FWD_PERSISTENT=0, BWD_PAIRS_FIRST=0),
-        dict(FWD_PERSISTENT=1, BWD_PAIRS_FIRST=1),
-        dict(FWD_PERSISTENT=1, PERSISTENT_PROGRAMS=3),
-        dict(MASK_SPLIT=1),
-        dict(MASK_SPLIT=0, BWD_PAIRS_FIRST=0),
-        dict(BWD_PAIRS_FIRST=1),
-    ):
-        got = run(**knobs)
+    rule = run(Tuning())
+    for tuning in (Tuning(persistent_programs=3), Tuning(bwd_stages=2)):
+        got = run(tuning)
         for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), got, rule, strict=True):
-            assert torch.equal(a, b), f"{name} differs with {knobs}"
+            assert torch.equal(a, b), f"{name} differs with {tuning}"
 
 
 @pytest.mark.skipif(not _hopper(), reason="the Gluon forward runs on CUDA capability 9.0 only")

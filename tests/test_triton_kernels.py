@@ -190,12 +190,10 @@ def test_unsupported_inputs_are_clear_errors():
 
 def test_hopper_forward_module_imports_and_declines_cpu_calls():
     """The Gluon module imports with this Triton (the CI one), and only CUDA capability 9.0 calls reach it."""
-    from longgen.kernels import gluon_attention
-    from longgen.model.attention import _hopper_causal_forward
+    from longgen.kernels import dispatch, gluon_attention  # noqa: F401
 
     q = torch.randn(1, 256, 2, 64)
-    assert not gluon_attention.takes_causal_forward(q, q, q)
-    assert not _hopper_causal_forward(q, q, q)
+    assert dispatch.full_layer_backend(q, q, q) == "sdpa"
 
 
 @pytest.mark.parametrize(
@@ -211,22 +209,21 @@ def test_hopper_forward_module_imports_and_declines_cpu_calls():
 )
 def test_hopper_kernels_switch(flag, parts, monkeypatch):
     """LONGGEN_GLUON: unset or 1 = all three Hopper kernels, 0 = none, else the comma-separated subset."""
-    from longgen.kernels import gluon_attention
+    from longgen.kernels import dispatch
 
     if flag is None:
         monkeypatch.delenv("LONGGEN_GLUON", raising=False)
     else:
         monkeypatch.setenv("LONGGEN_GLUON", flag)
-    assert {p for p in gluon_attention.PARTS if gluon_attention.enabled(p)} == parts
+    assert dispatch.gluon_parts() == parts
 
 
-def test_launch_rules_and_overrides(monkeypatch):
+def test_launch_rules():
     """The measured launch rules: the dK/dV kernel descends for Full without GQA and BlockSparse with GQA, and
     launches a head's pairs together for Full and BlockSparse with GQA; the forward runs persistent for the sparse
-    patterns; the dQ kernel (not the forward) masks edge tiles split. Each constant forces its choice with 0 / 1 and
-    rejects anything else."""
+    patterns."""
     from longgen.kernels import gluon_attention as ga
-    from longgen.kernels.triton_attention import K_BLOCK_SPARSE, K_FULL, K_SINK_WINDOW
+    from longgen.kernels.plan import K_BLOCK_SPARSE, K_FULL, K_SINK_WINDOW
 
     sparse = (K_SINK_WINDOW, K_BLOCK_SPARSE)
     assert [ga.dkdv_descends(g, K_FULL) for g in (1, 2, 4)] == [True, False, False]
@@ -235,120 +232,83 @@ def test_launch_rules_and_overrides(monkeypatch):
     assert all(ga.dkdv_pairs_first(g, K_FULL) for g in (1, 4))
     assert [ga.dkdv_pairs_first(g, K_BLOCK_SPARSE) for g in (1, 2, 4)] == [False, True, True]
     assert not any(ga.dkdv_pairs_first(g, K_SINK_WINDOW) for g in (1, 4))
-    assert ga.dkdv_tuning(1, K_FULL) == dict(STAGES=ga.BWD_STAGES, DESCEND=True)
-    assert ga.dkdv_tuning(4, K_SINK_WINDOW) == dict(STAGES=ga.BWD_STAGES, DESCEND=False)
     assert not ga.fwd_persistent(K_FULL) and all(ga.fwd_persistent(kind) for kind in sparse)
-    assert ga.mask_split("dq") and not ga.mask_split("fwd") and not ga.mask_split("dkdv")
-    with pytest.raises(ValueError, match="takes 'fwd', 'dq' or 'dkdv'"):
-        ga.mask_split("bwd")
-    checks = {
-        "BWD_DESCEND": lambda kind: ga.dkdv_descends(1, kind),
-        "BWD_PAIRS_FIRST": lambda kind: ga.dkdv_pairs_first(1, kind),
-        "FWD_PERSISTENT": ga.fwd_persistent,
-        "MASK_SPLIT": lambda kind: ga.mask_split("fwd") and ga.mask_split("dq") and ga.mask_split("dkdv"),
-    }
-    for name, check in checks.items():
-        for forced in (0, 1):
-            monkeypatch.setattr(ga, name, forced)
-            assert [check(kind) for kind in (K_FULL, *sparse)] == [bool(forced)] * 3, name
-        monkeypatch.setattr(ga, name, 2)
-        with pytest.raises(ValueError, match=f"{name} must be -1"):
-            check(K_FULL)
-        monkeypatch.setattr(ga, name, -1)
 
 
 def test_persistent_forward_takes_at_most_one_program_per_sm(monkeypatch):
-    """A persistent forward has min(work items, SMs or PERSISTENT_PROGRAMS) programs; otherwise one per item."""
+    """A persistent forward has min(work items, SMs or Tuning.persistent_programs) programs; otherwise one per
+    item; the tuning refuses negative counts."""
     from longgen.kernels import gluon_attention as ga
-    from longgen.kernels.triton_attention import K_BLOCK_SPARSE, K_FULL, K_SINK_WINDOW
+    from longgen.kernels.plan import K_BLOCK_SPARSE, K_FULL, K_SINK_WINDOW, Tuning
 
     monkeypatch.setattr(ga, "_sm_count", lambda device_index: 132)
-    dev = torch.device("cuda", 0)
-    assert ga._fwd_programs(K_FULL, 4096, dev) == 4096
-    assert ga._fwd_programs(K_SINK_WINDOW, 4096, dev) == ga._fwd_programs(K_BLOCK_SPARSE, 4096, dev) == 132
-    assert ga._fwd_programs(K_SINK_WINDOW, 100, dev) == 100
-    monkeypatch.setattr(ga, "PERSISTENT_PROGRAMS", 3)
-    assert ga._fwd_programs(K_SINK_WINDOW, 4096, dev) == 3
-    monkeypatch.setattr(ga, "PERSISTENT_PROGRAMS", -1)
-    with pytest.raises(ValueError, match="PERSISTENT_PROGRAMS must be >= 0"):
-        ga._fwd_programs(K_SINK_WINDOW, 4096, dev)
+    dev, tuning = torch.device("cuda", 0), Tuning()
+    assert ga._fwd_programs(K_FULL, 4096, dev, tuning) == 4096
+    assert ga._fwd_programs(K_SINK_WINDOW, 4096, dev, tuning) == ga._fwd_programs(K_BLOCK_SPARSE, 4096, dev, tuning)
+    assert ga._fwd_programs(K_SINK_WINDOW, 4096, dev, tuning) == 132
+    assert ga._fwd_programs(K_SINK_WINDOW, 100, dev, tuning) == 100
+    assert ga._fwd_programs(K_SINK_WINDOW, 4096, dev, Tuning(persistent_programs=3)) == 3
+    with pytest.raises(ValueError, match="persistent_programs must be an integer >= 0"):
+        Tuning(persistent_programs=-1)
+    with pytest.raises(ValueError, match="bwd_stages must be an integer >= 1"):
+        Tuning(bwd_stages=0)
 
 
-def test_dkdv_launch_leads_with_every_heads_long_pairs(monkeypatch):
+def test_dkdv_launch_leads_with_every_heads_long_pairs():
     """Launched pairs first, the dK/dV programs start with the long pairs of every head (heads innermost): SinkWindow's
     sink tiles, BlockSparse's strided tiles (as many as the head with the most has); Full has none. With the heads
     innermost throughout, every pair index leads."""
     from longgen.kernels import gluon_attention as ga
-    from longgen.kernels.triton_attention import K_BLOCK_SPARSE, K_FULL, K_SINK_WINDOW
+    from longgen.kernels.plan import K_BLOCK_SPARSE, K_FULL, K_SINK_WINDOW, PatternParams
 
     def sink_window(sink):
-        return dict(PATTERN=K_SINK_WINDOW, SINK=sink, PB=1, STRIDE=1)
+        return PatternParams(K_SINK_WINDOW, sink=sink)
 
     def block_sparse(pb, stride):
-        return dict(PATTERN=K_BLOCK_SPARSE, SINK=0, PB=pb, STRIDE=stride)
+        return PatternParams(K_BLOCK_SPARSE, block=pb, stride=stride)
 
     n_tiles = 131072 // ga.BWD_TILE
     strided = block_sparse(64, 8)  # 256 strided tiles
-    assert ga.dkdv_lead_pairs(4, K_BLOCK_SPARSE, strided, n_tiles, 1100) == 128  # by the rule: pairs first
-    assert ga.dkdv_lead_pairs(1, K_BLOCK_SPARSE, strided, n_tiles, 1100) == 1100  # heads innermost
-    monkeypatch.setattr(ga, "BWD_PAIRS_FIRST", 1)
+    assert ga.dkdv_lead_pairs(4, strided, n_tiles, 1100) == 128  # by the rule: pairs first
+    assert ga.dkdv_lead_pairs(1, strided, n_tiles, 1100) == 1100  # heads innermost
+    assert ga.dkdv_lead_pairs(1, PatternParams(K_FULL), n_tiles, 1100) == 0  # pairs first, no long pairs
+    assert ga.dkdv_lead_pairs(4, sink_window(64), n_tiles, 1100) == 1100  # SinkWindow: heads innermost
     cases = [
-        (K_FULL, dict(PATTERN=K_FULL, SINK=0, PB=1, STRIDE=1), 0),
-        (K_SINK_WINDOW, sink_window(64), 1),  # one sink tile: pair (0, 1)
-        (K_SINK_WINDOW, sink_window(200), 2),  # four sink tiles
-        (K_SINK_WINDOW, sink_window(0), 0),
-        (K_BLOCK_SPARSE, block_sparse(64, 32), 32),  # 2048 blocks, every 32nd strided: 64 tiles
-        (K_BLOCK_SPARSE, block_sparse(128, 8), 128),  # 1024 blocks of 2 tiles, 128 strided
-        (K_BLOCK_SPARSE, block_sparse(64, 1), 0),  # every block strided: Full-like
+        (PatternParams(K_FULL), 0),
+        (sink_window(64), 1),  # one sink tile: pair (0, 1)
+        (sink_window(200), 2),  # four sink tiles
+        (sink_window(0), 0),
+        (block_sparse(64, 32), 32),  # 2048 blocks, every 32nd strided: 64 tiles
+        (block_sparse(128, 8), 128),  # 1024 blocks of 2 tiles, 128 strided
+        (block_sparse(64, 1), 0),  # every block strided: Full-like
     ]
-    for kind, cx, lead in cases:
-        assert ga.dkdv_lead_pairs(1, kind, cx, n_tiles, 1100) == lead, cx
-    assert ga.dkdv_lead_pairs(1, K_BLOCK_SPARSE, block_sparse(64, 32), 64, 10) == 1  # 64 blocks: 2 strided tiles
-    assert ga.dkdv_lead_pairs(1, K_SINK_WINDOW, sink_window(64), 2, 1) == 1  # never more than there are
-    monkeypatch.setattr(ga, "BWD_PAIRS_FIRST", 0)
-    assert all(ga.dkdv_lead_pairs(1, kind, cx, n_tiles, 1100) == 1100 for kind, cx, _ in cases)
+    for pat, lead in cases:
+        assert ga._long_pairs(pat, n_tiles) == lead, pat
+    assert ga.dkdv_lead_pairs(4, block_sparse(64, 32), 64, 10) == 1  # 64 blocks: 2 strided tiles
+    assert ga.dkdv_lead_pairs(4, block_sparse(64, 8), n_tiles, 100) == 100  # never more than there are
 
 
-def test_dq_tiles_clamp_to_blocksparse_blocks_and_keep_the_ring_bytes(monkeypatch):
-    """The dQ kernel's key tile: DQ_BLOCK_N, never wider than a BlockSparse block (a tile must not straddle two),
-    the ring's stages scaled so that its shared memory stays what DQ_STAGES x DQ_BLOCK_N gives."""
+def test_hopper_tiles_clamp_to_blocksparse_blocks():
+    """The dQ kernel's key tile: 64 keys in 4 stages, never wider than a BlockSparse block. The forward's: 128 keys
+    in 3 stages, 64 in 4 for BlockSparse with 64-blocks (a tile must not straddle two blocks); a tuning's stages
+    override."""
     from longgen.kernels import gluon_attention as ga
-    from longgen.kernels.triton_attention import K_BLOCK_SPARSE, K_FULL, K_SINK_WINDOW
+    from longgen.kernels.plan import K_BLOCK_SPARSE, K_FULL, K_SINK_WINDOW
 
     assert {ga.dq_tiles(kind, 64) for kind in (K_FULL, K_SINK_WINDOW, K_BLOCK_SPARSE)} == {(64, 4)}
-    monkeypatch.setattr(ga, "DQ_BLOCK_N", 128)
-    monkeypatch.setattr(ga, "DQ_STAGES", 2)
-    assert ga.dq_tiles(K_FULL, 1) == ga.dq_tiles(K_SINK_WINDOW, 1) == (128, 2)
-    assert ga.dq_tiles(K_BLOCK_SPARSE, 64) == (64, 4)
-    assert ga.dq_tiles(K_BLOCK_SPARSE, 256) == (128, 2)
-
-
-def test_forward_tiles_clamp_to_blocksparse_blocks(monkeypatch):
-    """The forward's key tile: FWD_BLOCK_N (128, 3 stages; 64-key tiles take 4), never wider than a BlockSparse
-    block; FWD_STAGES overrides the stages; anything else is refused with the allowed values."""
-    from longgen.kernels import gluon_attention as ga
-    from longgen.kernels.triton_attention import K_BLOCK_SPARSE, K_FULL, K_SINK_WINDOW
-
+    assert ga.dq_tiles(K_BLOCK_SPARSE, 256) == (64, 4)
     assert ga.forward_tiles(K_FULL, 1) == ga.forward_tiles(K_SINK_WINDOW, 1) == (128, 3)
     assert ga.forward_tiles(K_BLOCK_SPARSE, 64) == (64, 4) and ga.forward_tiles(K_BLOCK_SPARSE, 256) == (128, 3)
-    monkeypatch.setattr(ga, "FWD_BLOCK_N", 64)
-    assert ga.forward_tiles(K_SINK_WINDOW, 1) == ga.forward_tiles(K_BLOCK_SPARSE, 256) == (64, 4)
-    monkeypatch.setattr(ga, "FWD_STAGES", 6)
-    assert ga.forward_tiles(K_FULL, 1) == (64, 6)
-    for name, bad in (("FWD_BLOCK_N", 32), ("FWD_STAGES", -1)):
-        monkeypatch.setattr(ga, name, bad)
-        with pytest.raises(ValueError, match="FWD_BLOCK_N must be 64 or 128 and FWD_STAGES an integer >= 0"):
-            ga.forward_tiles(K_FULL, 1)
-        monkeypatch.setattr(ga, name, {"FWD_BLOCK_N": 64, "FWD_STAGES": 6}[name])
+    assert ga.forward_tiles(K_FULL, 1, stages=6) == (128, 6)
 
 
 @pytest.mark.parametrize("flag", ["off", "all", "fwd,", "fwd,fwd", "dk"])
 def test_hopper_kernels_switch_rejects_unknown_values(flag, monkeypatch):
-    from longgen.kernels import gluon_attention
+    from longgen.kernels import dispatch
 
     monkeypatch.setenv("LONGGEN_GLUON", flag)
     with pytest.raises(ValueError, match=rf"LONGGEN_GLUON must be 1 .* subset of fwd,dkdv,dq, got '{flag}'"):
-        gluon_attention.enabled()
+        dispatch.gluon_parts()
 
 
 def _sm90_compile_script(*args: str, script: str = "gluon_resources.py") -> subprocess.CompletedProcess:
@@ -387,30 +347,18 @@ def test_hopper_kernels_compile_for_sm90_without_serialised_wgmma():
 
 @pytest.mark.slow
 def test_gluon_resources_applies_tuning_constants_and_rejects_unknown_ones():
-    """`--set` (the same knobs as tune_attention.py --knobs) changes what is compiled: one Q / dO stage fewer is
-    2 x 16 KiB (plus its LSE and delta rows) less shared memory at head dim 128; a misspelt name is an error, not a
-    silent default run."""
+    """`--set` (a launch tuning, as tune_attention.py --knobs takes it) changes what is compiled: one Q / dO stage
+    fewer is 2 x 16 KiB (plus its LSE and delta rows) less shared memory at head dim 128; a misspelt name is an
+    error, not a silent default run."""
     args = ["--kernels", "dkdv", "--patterns", "full", "--head-dims", "128", "--groups", "1", "--json"]
     kb = []
-    for knobs in ("", "BWD_STAGES=2"):
+    for knobs in ("", "bwd_stages=2"):
         run = _sm90_compile_script(*args, "--set", knobs)
         assert run.returncode == 0, run.stderr[-3000:]
         kb.append(json.loads(run.stdout.splitlines()[-1])["shared_kb"])
     assert kb[0] - kb[1] == pytest.approx(32.5, abs=0.5)
-    bad = _sm90_compile_script(*args, "--set", "BWD_STAGS=2")
-    assert bad.returncode == 2 and "bad knob 'BWD_STAGS=2'" in bad.stderr
-
-
-@pytest.mark.slow
-def test_tma_reduce_benchmark_compiles_every_variant():
-    """benchmarks/tma_reduce_bandwidth.py (a GPU measurement of TMA reduce-add rates) compiles for sm_90a, and its
-    reduce variants really contain the TMA reduce instruction (Triton 3.6 through a builtin shim)."""
-    run = _sm90_compile_script("--compile-only", script="tma_reduce_bandwidth.py")
-    assert run.returncode == 0, run.stderr[-3000:]
-    lines = [line for line in run.stdout.splitlines() if "TMA reduce instructions" in line]
-    assert len(lines) == 12
-    for line in lines:
-        assert line.endswith(": 1") == (line.split()[1] == "reduce"), line
+    bad = _sm90_compile_script(*args, "--set", "bwd_stags=2")
+    assert bad.returncode == 2 and "bad knob 'bwd_stags=2'" in bad.stderr
 
 
 def test_host_gaps_splits_a_timeline_into_calls(monkeypatch):

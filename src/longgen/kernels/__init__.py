@@ -6,6 +6,7 @@ import torch
 
 from longgen.kernels.blocked import blocked_attention
 from longgen.kernels.cache_attention import cache_attention, suffix_attention
+from longgen.kernels.dispatch import BACKENDS, choose_backend
 from longgen.kernels.inputs import check_attention_args
 from longgen.kernels.reference import reference_attention
 from longgen.patterns import Pattern
@@ -19,8 +20,6 @@ __all__ = [
     "sparse_attention",
     "suffix_attention",
 ]
-
-BACKENDS = ("auto", "blocked", "reference", "triton")
 
 
 def sparse_attention(
@@ -57,25 +56,3 @@ def sparse_attention(
 
     shape = check_attention_args(q, k, v, pattern, cu_seqlens, scale, seqlens, kv_head_offset, num_kv_heads_total)
     return triton_attention(q, k, v, shape, cu_seqlens, return_lse)
-
-
-def choose_backend(q: torch.Tensor, backend: str = "auto") -> str:
-    """The backend `sparse_attention` runs for queries `q`: `backend` itself, or for ``"auto"``: ``"triton"`` for
-    CUDA float16/bfloat16 tensors with a supported head_dim, ``"reference"`` for other CUDA tensors, and
-    ``"blocked"`` off CUDA (CPU, MPS, ...), where the Triton kernels cannot run."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend != "auto":
-        return backend
-    if _triton_suits(q):
-        return "triton"
-    return "reference" if isinstance(q, torch.Tensor) and q.device.type == "cuda" else "blocked"
-
-
-def _triton_suits(q: torch.Tensor) -> bool:
-    """`backend="auto"` runs Triton on CUDA half-precision tensors with a supported head_dim."""
-    from longgen.kernels.inputs import TRITON_HEAD_DIMS
-
-    if not isinstance(q, torch.Tensor) or q.device.type != "cuda":
-        return False
-    return q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] in TRITON_HEAD_DIMS

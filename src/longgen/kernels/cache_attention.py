@@ -17,7 +17,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from longgen.kernels.inputs import TRITON_HEAD_DIMS
+from longgen.kernels.dispatch import triton_suits
 from longgen.patterns import BlockLayout, Full, Pattern
 
 __all__ = ["cache_attention", "cache_attention_reference", "suffix_attention"]
@@ -57,7 +57,7 @@ def cache_attention(
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     scale = _check_args(query, q_pos, key_cache, value_cache, k_pos, pattern, scale, kv_len, num_splits)
-    if backend == "reference" or (backend == "auto" and not _triton_suits(query)):
+    if backend == "reference" or (backend == "auto" and not triton_suits(query)):
         return cache_attention_reference(
             query, q_pos, key_cache, value_cache, k_pos, pattern, scale=scale, kv_len=kv_len
         )
@@ -109,7 +109,7 @@ def suffix_attention(
     layout = isinstance(pattern, BlockLayout)
     if backend == "triton" and layout:
         raise ValueError("suffix_attention has no Triton path for BlockLayout patterns; use backend='reference'")
-    if backend == "reference" or (backend == "auto" and (layout or not _triton_suits(query))):
+    if backend == "reference" or (backend == "auto" and (layout or not triton_suits(query))):
         return cache_attention_reference(query, q_pos, kc, vc, k_pos, pattern, scale=scale)
     from longgen.kernels.inputs import AttentionShape
     from longgen.kernels.triton_attention import triton_suffix_attention
@@ -228,12 +228,3 @@ def _check_index(x, name: str, shape: tuple[int, ...], meaning: str) -> None:
         raise TypeError(f"{name} must be an int32 or int64 tensor, got dtype {x.dtype}")
     if tuple(x.shape) != shape:
         raise ValueError(f"{name} must have shape {meaning} = {shape}, got {tuple(x.shape)}")
-
-
-def _triton_suits(query: torch.Tensor) -> bool:
-    """`backend="auto"` runs Triton on CUDA half-precision tensors with a supported head_dim."""
-    return (
-        query.device.type == "cuda"
-        and query.dtype in (torch.float16, torch.bfloat16)
-        and query.shape[-1] in TRITON_HEAD_DIMS
-    )

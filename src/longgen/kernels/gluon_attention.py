@@ -28,18 +28,17 @@ Visited tiles, tile masks and the exact in-tile masks follow the Triton kernels 
 `_allowed`). Scores are in log2 units; the LSE is written in log2 units, (total, H), as the Triton forward writes
 it, so the Triton dQ kernel runs unchanged on the Gluon forward's output.
 
-Scope (everything else runs the Triton kernels): CUDA capability 9.0, float16/bfloat16, head_dim 64 or 128,
-Full / SinkWindow / BlockSparse with block_size >= 64, batches of equal-length sequences (no padding, no
-cu_seqlens, no query offset) whose length is a multiple of 128, contiguous (total, heads, head_dim) tensors.
-``LONGGEN_GLUON``: 1 (default) all three kernels, 0 none, or a comma-separated subset of fwd,dkdv,dq. Measured
-choices and timings: docs/kernels/attention.md.
+The pattern travels as the compile-time tuple ``PAT`` (`longgen.kernels.plan.PatternParams`). Which calls these
+kernels take (CUDA capability 9.0, float16/bfloat16, head_dim 64 or 128, Full / SinkWindow / BlockSparse with
+block_size >= 64, batches of equal-length sequences whose length is a multiple of 128, ``LONGGEN_GLUON``) is
+decided in `longgen.kernels.dispatch`; everything else runs the Triton kernels. The design and its measured
+choices: docs/kernels/attention.md; their history: CHANGELOG.md.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
-import os
 
 import torch
 from triton.experimental import gluon
@@ -54,27 +53,18 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from longgen.kernels.triton_attention import K_BLOCK_SPARSE, K_FULL, K_SINK_WINDOW, LOG2E, _Plan
+from longgen.kernels.plan import K_BLOCK_SPARSE, K_FULL, K_SINK_WINDOW, LOG2E, PatternParams, Plan
 
 # Triton 3.6 (the GPU machines) and later versions spell these differently; warp_specialize takes a list of
 # (function, arguments) from 3.6 on (older Tritons run the Triton forward)
 _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 _tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
-_NEW_WS_API = "functions_and_args" in inspect.signature(gl.warp_specialize).parameters
+NEW_WS_API = "functions_and_args" in inspect.signature(gl.warp_specialize).parameters
 
 ROWS = 64  # query rows per consumer warpgroup; a program covers 2 * ROWS
 BWD_TILE = 64  # dK/dV kernel: keys per consumer warpgroup, and queries per streamed Q / dO tile
-BWD_STAGES = 3  # Q / dO tiles in flight
-BWD_DESCEND = -1  # dK/dV query sweep: -1 by the measured rule (`dkdv_descends`), 0 ascending, 1 descending
-BWD_PAIRS_FIRST = -1  # dK/dV launch: -1 by the measured rule (`dkdv_pairs_first`), 0 heads innermost, 1 pairs
-FWD_PERSISTENT = -1  # forward launch: -1 by the rule (`fwd_persistent`), 0 one program per 128 query rows, 1 per SM
-MASK_SPLIT = -1  # edge tiles: -1 by the rule (`mask_split`), 0 the full rule, 1 only what they can break (all kernels)
-PERSISTENT_PROGRAMS = 0  # programs of a persistent launch: 0 one per SM (tests use a few: many work items each)
-FWD_BLOCK_N = 128  # forward: keys per streamed K / V tile, 64 or 128 (never wider than a BlockSparse block)
-FWD_STAGES = 0  # forward ring stages: 0 by the tile (3 of 128 keys, 4 of 64), else this many
-DQ_BLOCK_N = 64  # dQ kernel: keys per streamed K / V tile (64 query rows per consumer, as in the forward)
-DQ_STAGES = 4  # (DQ_BLOCK_N 128 with 2 stages, the same ring bytes: within 1% on an H200, docs/kernels/attention.md)
-HEAD_DIMS = (64, 128)
+FWD_BLOCK_N = 128  # forward: keys per streamed K / V tile (never wider than a BlockSparse block)
+DQ_BLOCK_N, DQ_STAGES = 64, 4  # dQ kernel: keys per streamed K / V tile, and ring stages
 GL_SINK_WINDOW = gl.constexpr(K_SINK_WINDOW)
 GL_BLOCK_SPARSE = gl.constexpr(K_BLOCK_SPARSE)
 
@@ -82,21 +72,16 @@ GL_BLOCK_SPARSE = gl.constexpr(K_BLOCK_SPARSE)
 # ---------------------------------------------------------------------------------------------------------------
 # visited tiles and masks (scalar arithmetic; the semantics of triton_attention._key_ranges / _allowed)
 @gluon.jit
-def _visit_plan(
-    g,
-    m0,
-    MR: gl.constexpr,
-    PATTERN: gl.constexpr,
-    SINK: gl.constexpr,
-    WINDOW: gl.constexpr,
-    PB: gl.constexpr,
-    LOCAL: gl.constexpr,
-    STRIDE: gl.constexpr,
-    STEP: gl.constexpr,
-    DENSE_FROM: gl.constexpr,
-    BN: gl.constexpr,
-):
+def _visit_plan(g, m0, MR: gl.constexpr, PAT: gl.constexpr, BN: gl.constexpr):
     """(n_far, lo, n_visit) for query rows [m0, m0 + MR) of KV head g: `n_far` far tiles, then [lo, hi]."""
+    PATTERN: gl.constexpr = PAT[0]
+    SINK: gl.constexpr = PAT[1]
+    WINDOW: gl.constexpr = PAT[2]
+    PB: gl.constexpr = PAT[3]
+    LOCAL: gl.constexpr = PAT[4]
+    STRIDE: gl.constexpr = PAT[5]
+    STEP: gl.constexpr = PAT[6]
+    DENSE_FROM: gl.constexpr = PAT[7]
     hi = (m0 + MR - 1) // BN
     n_far = hi * 0
     lo = hi * 0
@@ -114,10 +99,12 @@ def _visit_plan(
 
 
 @gluon.jit
-def _tile_of(
-    i, g, n_far, lo, PATTERN: gl.constexpr, PB: gl.constexpr, STRIDE: gl.constexpr, STEP: gl.constexpr, BN: gl.constexpr
-):
+def _tile_of(i, g, n_far, lo, PAT: gl.constexpr, BN: gl.constexpr):
     """Key tile of the i-th visit."""
+    PATTERN: gl.constexpr = PAT[0]
+    PB: gl.constexpr = PAT[3]
+    STRIDE: gl.constexpr = PAT[5]
+    STEP: gl.constexpr = PAT[6]
     far = i
     if PATTERN == GL_BLOCK_SPARSE:
         SUB: gl.constexpr = PB // BN
@@ -127,59 +114,48 @@ def _tile_of(
 
 
 @gluon.jit
-def _needs_mask(
-    far,
-    k0,
-    g,
-    mc,
-    MR: gl.constexpr,
-    PATTERN: gl.constexpr,
-    SINK: gl.constexpr,
-    WINDOW: gl.constexpr,
-    PB: gl.constexpr,
-    LOCAL: gl.constexpr,
-    DENSE_FROM: gl.constexpr,
-    BN: gl.constexpr,
-):
+def _needs_mask(far, k0, g, mc, MR: gl.constexpr, PAT: gl.constexpr, BN: gl.constexpr):
     """Whether some (query in [mc, mc + MR), key in the BN keys at k0) pair is not allowed; `far`: the key tile
     is a BlockSparse strided block of this head (seen whole by every later query)."""
+    PATTERN: gl.constexpr = PAT[0]
     last = mc + MR - 1
     masked = k0 + BN - 1 > mc  # the causal diagonal
     if PATTERN == GL_SINK_WINDOW:
-        masked = masked | _leaves_window(k0, last, SINK, WINDOW, BN)
+        masked = masked | _leaves_window(k0, last, PAT, BN)
     elif PATTERN == GL_BLOCK_SPARSE:
-        masked = masked | (_leaves_local(k0, g, last, PB, LOCAL, DENSE_FROM) & (far == 0))
+        masked = masked | (_leaves_local(k0, g, last, PAT) & (far == 0))
     return masked
 
 
 @gluon.jit
-def _leaves_window(k0, last, SINK: gl.constexpr, WINDOW: gl.constexpr, BN: gl.constexpr):
+def _leaves_window(k0, last, PAT: gl.constexpr, BN: gl.constexpr):
     """SinkWindow: whether some non-sink key of the BN at k0 is out of the window of the query at `last`."""
+    SINK: gl.constexpr = PAT[1]
+    WINDOW: gl.constexpr = PAT[2]
     return (k0 + BN > SINK) & (last - k0 >= WINDOW)
 
 
 @gluon.jit
-def _leaves_local(k0, g, last, PB: gl.constexpr, LOCAL: gl.constexpr, DENSE_FROM: gl.constexpr):
+def _leaves_local(k0, g, last, PAT: gl.constexpr):
     """BlockSparse: whether the query at `last` has left the local blocks of the key block at k0 (KV head g, not
     dense); the block may still be a strided one, seen whole."""
+    PB: gl.constexpr = PAT[3]
+    LOCAL: gl.constexpr = PAT[4]
+    DENSE_FROM: gl.constexpr = PAT[7]
     return (last // PB - k0 // PB >= LOCAL) & (g < DENSE_FROM)
 
 
 @gluon.jit
-def _allowed(
-    t,
-    c,
-    g,
-    PATTERN: gl.constexpr,
-    SINK: gl.constexpr,
-    WINDOW: gl.constexpr,
-    PB: gl.constexpr,
-    LOCAL: gl.constexpr,
-    STRIDE: gl.constexpr,
-    STEP: gl.constexpr,
-    DENSE_FROM: gl.constexpr,
-):
+def _allowed(t, c, g, PAT: gl.constexpr):
     """Whether query positions `t` may attend key positions `c` (broadcast tensors) of KV head g."""
+    PATTERN: gl.constexpr = PAT[0]
+    SINK: gl.constexpr = PAT[1]
+    WINDOW: gl.constexpr = PAT[2]
+    PB: gl.constexpr = PAT[3]
+    LOCAL: gl.constexpr = PAT[4]
+    STRIDE: gl.constexpr = PAT[5]
+    STEP: gl.constexpr = PAT[6]
+    DENSE_FROM: gl.constexpr = PAT[7]
     ok = c <= t
     if PATTERN == GL_SINK_WINDOW:
         ok = ok & ((c < SINK) | (t - c < WINDOW))
@@ -190,111 +166,47 @@ def _allowed(
 
 
 @gluon.jit
-def _mask_tile(
-    s,
-    k0,
-    g,
-    mc,
-    rows,
-    cols,
-    MR: gl.constexpr,
-    PATTERN: gl.constexpr,
-    SINK: gl.constexpr,
-    WINDOW: gl.constexpr,
-    PB: gl.constexpr,
-    LOCAL: gl.constexpr,
-    STRIDE: gl.constexpr,
-    STEP: gl.constexpr,
-    DENSE_FROM: gl.constexpr,
-    BN: gl.constexpr,
-    MASK_SPLIT: gl.constexpr,
-):
-    """`_mask_scores` of a tile of scores s (query rows, keys k0 + cols) that `_needs_mask` flagged (query rows
-    [mc, mc + MR))."""
+def _mask_tile(s, k0, g, rows, cols, PAT: gl.constexpr):
+    """Scores s of a tile (query positions rows, keys k0 + cols) with the pairs `_allowed` forbids set to -inf."""
     t = gl.expand_dims(rows, 1)
     c = gl.expand_dims(k0 + cols, 0)
-    return _mask_scores(
-        s, t, c, k0, g, mc, MR, PATTERN, SINK, WINDOW, PB, LOCAL, STRIDE, STEP, DENSE_FROM, BN, MASK_SPLIT
-    )
+    return gl.where(_allowed(t, c, g, PAT), s, -float("inf"))
 
 
 @gluon.jit
-def _mask_scores(
-    s,
-    t,
-    c,
-    k0,
-    g,
-    mc,
-    MR: gl.constexpr,
-    PATTERN: gl.constexpr,
-    SINK: gl.constexpr,
-    WINDOW: gl.constexpr,
-    PB: gl.constexpr,
-    LOCAL: gl.constexpr,
-    STRIDE: gl.constexpr,
-    STEP: gl.constexpr,
-    DENSE_FROM: gl.constexpr,
-    BN: gl.constexpr,
-    MASK_SPLIT: gl.constexpr,
-):
-    """Scores s (query positions t, key positions c, broadcast to s's orientation) with the pairs the pattern forbids
-    set to -inf: by `_edge_mask` (MASK_SPLIT: only the constraint the tile can break) or by the full rule."""
-    if MASK_SPLIT:
-        out = _edge_mask(s, t, c, k0, g, mc, MR, PATTERN, SINK, WINDOW, PB, LOCAL, STRIDE, STEP, DENSE_FROM, BN)
-    else:
-        out = gl.where(_allowed(t, c, g, PATTERN, SINK, WINDOW, PB, LOCAL, STRIDE, STEP, DENSE_FROM), s, -float("inf"))
-    return out
-
-
-@gluon.jit
-def _edge_mask(
-    s,
-    t,
-    c,
-    k0,
-    g,
-    mc,
-    MR: gl.constexpr,
-    PATTERN: gl.constexpr,
-    SINK: gl.constexpr,
-    WINDOW: gl.constexpr,
-    PB: gl.constexpr,
-    LOCAL: gl.constexpr,
-    STRIDE: gl.constexpr,
-    STEP: gl.constexpr,
-    DENSE_FROM: gl.constexpr,
-    BN: gl.constexpr,
-):
+def _edge_mask(s, t, c, k0, g, mc, MR: gl.constexpr, PAT: gl.constexpr, BN: gl.constexpr):
     """Scores s of a tile `_needs_mask` flagged (queries [mc, mc + MR), keys [k0, k0 + BN)) with the forbidden
     pairs set to -inf, testing per element only the constraint the tile can break: the causal diagonal alone
     (c <= t), the SinkWindow window start alone (t - c < WINDOW) or a far query tile's sink tile (a key test, c <
     SINK), a BlockSparse local edge (a query test); the full rule otherwise. t and c are the query and key positions
     broadcast to s's orientation (queries x keys in the forward and dQ, keys x queries in dK/dV). The same allowed
     pairs as `_allowed` (benchmarks/results/gluon_edge_masks.md)."""
+    PATTERN: gl.constexpr = PAT[0]
+    SINK: gl.constexpr = PAT[1]
+    WINDOW: gl.constexpr = PAT[2]
+    PB: gl.constexpr = PAT[3]
+    LOCAL: gl.constexpr = PAT[4]
+    STRIDE: gl.constexpr = PAT[5]
+    STEP: gl.constexpr = PAT[6]
     causal = k0 + BN - 1 > mc  # some key after some query
     out = s
     if PATTERN == GL_SINK_WINDOW:
-        if not _leaves_window(k0, mc + MR - 1, SINK, WINDOW, BN):
+        if not _leaves_window(k0, mc + MR - 1, PAT, BN):
             out = gl.where(c <= t, s, -float("inf"))
         elif (not causal) & (k0 >= SINK):
             out = gl.where(t - c < WINDOW, s, -float("inf"))
         elif (not causal) & (mc - (k0 + BN - 1) >= WINDOW):  # every pair outside the window: only sinks are seen
             out = gl.where(c < SINK, s, -float("inf"))
         else:
-            out = gl.where(
-                _allowed(t, c, g, PATTERN, SINK, WINDOW, PB, LOCAL, STRIDE, STEP, DENSE_FROM), s, -float("inf")
-            )
+            out = gl.where(_allowed(t, c, g, PAT), s, -float("inf"))
     elif PATTERN == GL_BLOCK_SPARSE:
         j = k0 // PB  # a key tile lies inside one block
-        if not (_leaves_local(k0, g, mc + MR - 1, PB, LOCAL, DENSE_FROM) & (((j + g * STEP) % STRIDE) != 0)):
+        if not (_leaves_local(k0, g, mc + MR - 1, PAT) & (((j + g * STEP) % STRIDE) != 0)):
             out = gl.where(c <= t, s, -float("inf"))
         elif not causal:  # a local block some queries have left behind: a query test
             out = gl.where(t // PB - j < LOCAL, s, -float("inf"))
         else:
-            out = gl.where(
-                _allowed(t, c, g, PATTERN, SINK, WINDOW, PB, LOCAL, STRIDE, STEP, DENSE_FROM), s, -float("inf")
-            )
+            out = gl.where(_allowed(t, c, g, PAT), s, -float("inf"))
     else:
         out = gl.where(c <= t, s, -float("inf"))
     return out
@@ -338,20 +250,12 @@ def _consume(
     n_work,
     T,
     H,
-    PATTERN: gl.constexpr,
-    SINK: gl.constexpr,
-    WINDOW: gl.constexpr,
-    PB: gl.constexpr,
-    LOCAL: gl.constexpr,
-    STRIDE: gl.constexpr,
-    STEP: gl.constexpr,
-    DENSE_FROM: gl.constexpr,
+    PAT: gl.constexpr,
     G: gl.constexpr,
     BM: gl.constexpr,
     BN: gl.constexpr,
     D: gl.constexpr,
     STAGES: gl.constexpr,
-    MASK_SPLIT: gl.constexpr,
 ):
     """One consumer warpgroup: for each work item w0, w0 + step, ... (`_work_item`) its query rows
     [m0 + WHICH * BM, + BM) against every visited key tile. The ring's visit count runs on across work items;
@@ -378,7 +282,7 @@ def _consume(
     c = w0 * 0  # visits consumed so far: the ring's position
     for w in range(w0, n_work, step):
         m0, b, h, g = _work_item(w, n_m, H, G, MR)
-        n_far, lo, n_visit = _visit_plan(g, m0, MR, PATTERN, SINK, WINDOW, PB, LOCAL, STRIDE, STEP, DENSE_FROM, BN)
+        n_far, lo, n_visit = _visit_plan(g, m0, MR, PAT, BN)
         mc = m0 + WHICH * BM
         row0 = b * T + mc  # first flattened row of this warpgroup
         rows = mc + offs  # positions in the sequence
@@ -388,11 +292,9 @@ def _consume(
         st = c % STAGES
         mbarrier.wait(full.index(st), (c // STAGES) & 1)
         s = warpgroup_mma(qs, k_smem.index(st).permute((1, 0)), zero_s, use_acc=False)
-        k0 = _tile_of(0, g, n_far, lo, PATTERN, PB, STRIDE, STEP, BN) * BN
-        if _needs_mask(n_far > 0, k0, g, mc, BM, PATTERN, SINK, WINDOW, PB, LOCAL, DENSE_FROM, BN):
-            s = _mask_tile(
-                s, k0, g, mc, rows, cols, BM, PATTERN, SINK, WINDOW, PB, LOCAL, STRIDE, STEP, DENSE_FROM, BN, MASK_SPLIT
-            )
+        k0 = _tile_of(0, g, n_far, lo, PAT, BN) * BN
+        if _needs_mask(n_far > 0, k0, g, mc, BM, PAT, BN):
+            s = _mask_tile(s, k0, g, rows, cols, PAT)
         m_i = gl.max(s, axis=1) * qk_scale
         m_use = gl.where(m_i > -float("inf"), m_i, 0.0)  # a row may see nothing in a tile (exp2(-inf) = 0)
         p = gl.exp2(s * qk_scale - gl.expand_dims(m_use, 1))
@@ -408,27 +310,9 @@ def _consume(
             p_op = gl.convert_layout(p.to(k_desc.dtype), p_layout)
             acc_tok = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
             s = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok,))
-            k0 = _tile_of(i, g, n_far, lo, PATTERN, PB, STRIDE, STEP, BN) * BN
-            if _needs_mask(i < n_far, k0, g, mc, BM, PATTERN, SINK, WINDOW, PB, LOCAL, DENSE_FROM, BN):
-                s = _mask_tile(
-                    s,
-                    k0,
-                    g,
-                    mc,
-                    rows,
-                    cols,
-                    BM,
-                    PATTERN,
-                    SINK,
-                    WINDOW,
-                    PB,
-                    LOCAL,
-                    STRIDE,
-                    STEP,
-                    DENSE_FROM,
-                    BN,
-                    MASK_SPLIT,
-                )
+            k0 = _tile_of(i, g, n_far, lo, PAT, BN) * BN
+            if _needs_mask(i < n_far, k0, g, mc, BM, PAT, BN):
+                s = _mask_tile(s, k0, g, rows, cols, PAT)
             m_new = gl.maximum(m_i, gl.max(s, axis=1) * qk_scale)
             m_use = gl.where(m_new > -float("inf"), m_new, 0.0)
             alpha = gl.exp2(m_i - m_use)
@@ -468,10 +352,7 @@ def _load_visits(
     n_far,
     lo,
     n_visit,
-    PATTERN: gl.constexpr,
-    PB: gl.constexpr,
-    STRIDE: gl.constexpr,
-    STEP: gl.constexpr,
+    PAT: gl.constexpr,
     BN: gl.constexpr,
     STAGES: gl.constexpr,
 ):
@@ -480,7 +361,7 @@ def _load_visits(
     for i in range(n_visit):
         st = (c + i) % STAGES
         mbarrier.wait(empty.index(st), (((c + i) // STAGES) & 1) ^ 1)  # a fresh barrier passes parity 1 at once
-        row = kv_row + _tile_of(i, g, n_far, lo, PATTERN, PB, STRIDE, STEP, BN) * BN
+        row = kv_row + _tile_of(i, g, n_far, lo, PAT, BN) * BN
         bar = full.index(st)
         mbarrier.expect(bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
         _tma_load(k_desc, [row, kv_col], bar, k_smem.index(st))
@@ -500,14 +381,7 @@ def _loader(
     n_work,
     T,
     H,
-    PATTERN: gl.constexpr,
-    SINK: gl.constexpr,
-    WINDOW: gl.constexpr,
-    PB: gl.constexpr,
-    LOCAL: gl.constexpr,
-    STRIDE: gl.constexpr,
-    STEP: gl.constexpr,
-    DENSE_FROM: gl.constexpr,
+    PAT: gl.constexpr,
     G: gl.constexpr,
     MR: gl.constexpr,
     BN: gl.constexpr,
@@ -519,27 +393,9 @@ def _loader(
     c = w0 * 0  # visits loaded so far: the ring's position
     for w in range(w0, n_work, step):
         m0, b, _, g = _work_item(w, n_m, H, G, MR)
-        n_far, lo, n_visit = _visit_plan(g, m0, MR, PATTERN, SINK, WINDOW, PB, LOCAL, STRIDE, STEP, DENSE_FROM, BN)
+        n_far, lo, n_visit = _visit_plan(g, m0, MR, PAT, BN)
         _load_visits(
-            k_desc,
-            v_desc,
-            k_smem,
-            v_smem,
-            full,
-            empty,
-            c,
-            g,
-            b * T,
-            g * D,
-            n_far,
-            lo,
-            n_visit,
-            PATTERN,
-            PB,
-            STRIDE,
-            STEP,
-            BN,
-            STAGES,
+            k_desc, v_desc, k_smem, v_smem, full, empty, c, g, b * T, g * D, n_far, lo, n_visit, PAT, BN, STAGES
         )
         c += n_visit
 
@@ -555,20 +411,12 @@ def _fwd_ws_kernel(
     H,
     n_work,
     qk_scale,
-    PATTERN: gl.constexpr,
-    SINK: gl.constexpr,
-    WINDOW: gl.constexpr,
-    PB: gl.constexpr,
-    LOCAL: gl.constexpr,
-    STRIDE: gl.constexpr,
-    STEP: gl.constexpr,
-    DENSE_FROM: gl.constexpr,
+    PAT: gl.constexpr,
     G: gl.constexpr,
     BM: gl.constexpr,
     BN: gl.constexpr,
     D: gl.constexpr,
     STAGES: gl.constexpr,
-    MASK_SPLIT: gl.constexpr,
     num_warps: gl.constexpr,
 ):
     """Work items (`_work_item`) w = program_id, + num_programs, ...: one per program when launched with one
@@ -611,20 +459,12 @@ def _fwd_ws_kernel(
                     n_work,
                     T,
                     H,
-                    PATTERN,
-                    SINK,
-                    WINDOW,
-                    PB,
-                    LOCAL,
-                    STRIDE,
-                    STEP,
-                    DENSE_FROM,
+                    PAT,
                     G,
                     BM,
                     BN,
                     D,
                     STAGES,
-                    MASK_SPLIT,
                 ),
             ),
             (
@@ -648,50 +488,17 @@ def _fwd_ws_kernel(
                     n_work,
                     T,
                     H,
-                    PATTERN,
-                    SINK,
-                    WINDOW,
-                    PB,
-                    LOCAL,
-                    STRIDE,
-                    STEP,
-                    DENSE_FROM,
+                    PAT,
                     G,
                     BM,
                     BN,
                     D,
                     STAGES,
-                    MASK_SPLIT,
                 ),
             ),
             (
                 _loader,
-                (
-                    k_desc,
-                    v_desc,
-                    k_smem,
-                    v_smem,
-                    full,
-                    empty,
-                    w0,
-                    step,
-                    n_work,
-                    T,
-                    H,
-                    PATTERN,
-                    SINK,
-                    WINDOW,
-                    PB,
-                    LOCAL,
-                    STRIDE,
-                    STEP,
-                    DENSE_FROM,
-                    G,
-                    2 * BM,
-                    BN,
-                    D,
-                    STAGES,
-                ),
+                (k_desc, v_desc, k_smem, v_smem, full, empty, w0, step, n_work, T, H, PAT, G, 2 * BM, BN, D, STAGES),
             ),
         ],
         [4, 1],
@@ -702,9 +509,11 @@ def _fwd_ws_kernel(
 # ---------------------------------------------------------------------------------------------------------------
 # backward: dK and dV (the Triton dQ kernel runs first and writes delta = rowsum(o * do))
 @gluon.jit
-def _class_tile(m, far, j0, PB: gl.constexpr, STRIDE: gl.constexpr, TL: gl.constexpr):
+def _class_tile(m, far, j0, PAT: gl.constexpr, TL: gl.constexpr):
     """The m-th key tile (ascending) among the strided (`far`) or the local-only BlockSparse tiles of a KV head
     whose strided blocks are the blocks j = j0 (mod STRIDE)."""
+    PB: gl.constexpr = PAT[3]
+    STRIDE: gl.constexpr = PAT[5]
     SUB: gl.constexpr = PB // TL
     mb = m // SUB
     rel = mb - j0
@@ -713,21 +522,15 @@ def _class_tile(m, far, j0, PB: gl.constexpr, STRIDE: gl.constexpr, TL: gl.const
 
 
 @gluon.jit
-def _key_tile_pair(
-    lid,
-    g,
-    n_tiles,
-    PB: gl.constexpr,
-    STRIDE: gl.constexpr,
-    STEP: gl.constexpr,
-    DENSE_FROM: gl.constexpr,
-    BY_KIND: gl.constexpr,
-    TL: gl.constexpr,
-):
+def _key_tile_pair(lid, g, n_tiles, PAT: gl.constexpr, BY_KIND: gl.constexpr, TL: gl.constexpr):
     """The two key tiles of launch index `lid`: consecutive tiles (a, a + 1), or with BY_KIND (BlockSparse
     with stride > 1) consecutive tiles of one kind, strided pairs first: both tiles of a pair then see nearly the
     same query tiles (a strided block is seen by every later query, a local-only one by `local_blocks`), and the
     long pairs are scheduled first. A tile past the sequence (a list's end) means "nothing to do"."""
+    PB: gl.constexpr = PAT[3]
+    STRIDE: gl.constexpr = PAT[5]
+    STEP: gl.constexpr = PAT[6]
+    DENSE_FROM: gl.constexpr = PAT[7]
     a = 2 * lid
     b = a + 1
     if BY_KIND:
@@ -738,28 +541,23 @@ def _key_tile_pair(
         far = lid < n_far_pairs
         m = gl.where(far, 2 * lid, 2 * (lid - n_far_pairs))
         sparse = g < DENSE_FROM
-        a = gl.where(sparse, _class_tile(m, far, j0, PB, STRIDE, TL), a)
-        b = gl.where(sparse, _class_tile(m + 1, far, j0, PB, STRIDE, TL), b)
+        a = gl.where(sparse, _class_tile(m, far, j0, PAT, TL), a)
+        b = gl.where(sparse, _class_tile(m + 1, far, j0, PAT, TL), b)
     return a, b
 
 
 @gluon.jit
-def _query_range(
-    kt,
-    g,
-    n_tiles,
-    PATTERN: gl.constexpr,
-    SINK: gl.constexpr,
-    WINDOW: gl.constexpr,
-    PB: gl.constexpr,
-    LOCAL: gl.constexpr,
-    STRIDE: gl.constexpr,
-    STEP: gl.constexpr,
-    DENSE_FROM: gl.constexpr,
-    TL: gl.constexpr,
-):
+def _query_range(kt, g, n_tiles, PAT: gl.constexpr, TL: gl.constexpr):
     """(lo, hi, far): the query tiles [lo, hi) that see key tile kt (TL keys; queries in tiles of TL), and whether
     it is a strided BlockSparse block of head g. An empty range for a tile past the sequence."""
+    PATTERN: gl.constexpr = PAT[0]
+    SINK: gl.constexpr = PAT[1]
+    WINDOW: gl.constexpr = PAT[2]
+    PB: gl.constexpr = PAT[3]
+    LOCAL: gl.constexpr = PAT[4]
+    STRIDE: gl.constexpr = PAT[5]
+    STEP: gl.constexpr = PAT[6]
+    DENSE_FROM: gl.constexpr = PAT[7]
     k0 = kt * TL
     hi = n_tiles + kt * 0
     far = kt < 0
@@ -811,20 +609,12 @@ def _bwd_visits(
     t1,
     n_first,
     t2,
-    PATTERN: gl.constexpr,
-    SINK: gl.constexpr,
-    WINDOW: gl.constexpr,
-    PB: gl.constexpr,
-    LOCAL: gl.constexpr,
-    STRIDE: gl.constexpr,
-    STEP: gl.constexpr,
-    DENSE_FROM: gl.constexpr,
+    PAT: gl.constexpr,
     G: gl.constexpr,
     TL: gl.constexpr,
     D: gl.constexpr,
     STAGES: gl.constexpr,
     DESCEND: gl.constexpr,
-    MASK_SPLIT: gl.constexpr,
 ):
     """A consumer's visits [v0, v1) against its key tile (K, V in ks, vs once kvb passes; keys from k0): dK
     (unscaled) and dV, all products retired, the last visit's buffers released."""
@@ -855,12 +645,10 @@ def _bwd_visits(
         s, dk, dv = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok, dk, dv))
         if i > v0:
             mbarrier.arrive(empty.index((i - 1) % STAGES), count=1)
-        if _needs_mask(far, k0, g, q0, TL, PATTERN, SINK, WINDOW, PB, LOCAL, DENSE_FROM, TL):
+        if _needs_mask(far, k0, g, q0, TL, PAT, TL):
             qpos = gl.expand_dims(q0 + cols, 0)
             kpos = gl.expand_dims(k0 + keys, 1)
-            s = _mask_scores(
-                s, qpos, kpos, k0, g, q0, TL, PATTERN, SINK, WINDOW, PB, LOCAL, STRIDE, STEP, DENSE_FROM, TL, MASK_SPLIT
-            )
+            s = gl.where(_allowed(qpos, kpos, g, PAT), s, -float("inf"))
         p = gl.exp2(s * qk_scale - gl.expand_dims(lse_smem.index(st).load(col_layout), 0))
         p_op = gl.convert_layout(p.to(dt), op_layout)
         dv = warpgroup_mma(p_op, dos, dv, is_async=True)
@@ -917,20 +705,12 @@ def _bwd_consume(
     n_first,
     t2,
     n_visit,
-    PATTERN: gl.constexpr,
-    SINK: gl.constexpr,
-    WINDOW: gl.constexpr,
-    PB: gl.constexpr,
-    LOCAL: gl.constexpr,
-    STRIDE: gl.constexpr,
-    STEP: gl.constexpr,
-    DENSE_FROM: gl.constexpr,
+    PAT: gl.constexpr,
     G: gl.constexpr,
     TL: gl.constexpr,
     D: gl.constexpr,
     STAGES: gl.constexpr,
     DESCEND: gl.constexpr,
-    MASK_SPLIT: gl.constexpr,
 ):
     """One consumer warpgroup: dK, dV of key tile kt (TL keys) over its visits [v0, v1) of the streamed
     (query tile, head) visits. Transposed scores S^T = K Q^T (keys x queries), so that P^T and dS^T are register
@@ -968,20 +748,12 @@ def _bwd_consume(
         t1,
         n_first,
         t2,
-        PATTERN,
-        SINK,
-        WINDOW,
-        PB,
-        LOCAL,
-        STRIDE,
-        STEP,
-        DENSE_FROM,
+        PAT,
         G,
         TL,
         D,
         STAGES,
         DESCEND,
-        MASK_SPLIT,
     )
     _pass_visits(full, empty, v1, n_visit, STAGES)
     if mine:  # K and V are no longer needed: their buffers stage dK, dV
@@ -1051,14 +823,7 @@ def _dkdv_item(
     LEAD,
     HKV,
     T,
-    PATTERN: gl.constexpr,
-    SINK: gl.constexpr,
-    WINDOW: gl.constexpr,
-    PB: gl.constexpr,
-    LOCAL: gl.constexpr,
-    STRIDE: gl.constexpr,
-    STEP: gl.constexpr,
-    DENSE_FROM: gl.constexpr,
+    PAT: gl.constexpr,
     G: gl.constexpr,
     BY_KIND: gl.constexpr,
     TL: gl.constexpr,
@@ -1079,9 +844,9 @@ def _dkdv_item(
     g = sh % HKV
     row0 = (sh // HKV) * T
     n_tiles = T // TL
-    a, b = _key_tile_pair(lid, g, n_tiles, PB, STRIDE, STEP, DENSE_FROM, BY_KIND, TL)
-    lo_a, hi_a, far_a = _query_range(a, g, n_tiles, PATTERN, SINK, WINDOW, PB, LOCAL, STRIDE, STEP, DENSE_FROM, TL)
-    lo_b, hi_b, far_b = _query_range(b, g, n_tiles, PATTERN, SINK, WINDOW, PB, LOCAL, STRIDE, STEP, DENSE_FROM, TL)
+    a, b = _key_tile_pair(lid, g, n_tiles, PAT, BY_KIND, TL)
+    lo_a, hi_a, far_a = _query_range(a, g, n_tiles, PAT, TL)
+    lo_b, hi_b, far_b = _query_range(b, g, n_tiles, PAT, TL)
     n1 = hi_a - lo_a
     start2 = gl.maximum(hi_a, lo_b)
     n2 = gl.maximum(hi_b - start2, 0)
@@ -1120,42 +885,17 @@ def _dkdv_ws_kernel(
     LEAD,
     qk_scale,
     sm_scale,
-    PATTERN: gl.constexpr,
-    SINK: gl.constexpr,
-    WINDOW: gl.constexpr,
-    PB: gl.constexpr,
-    LOCAL: gl.constexpr,
-    STRIDE: gl.constexpr,
-    STEP: gl.constexpr,
-    DENSE_FROM: gl.constexpr,
+    PAT: gl.constexpr,
     G: gl.constexpr,
     BY_KIND: gl.constexpr,
     TL: gl.constexpr,
     D: gl.constexpr,
     STAGES: gl.constexpr,
     DESCEND: gl.constexpr,
-    MASK_SPLIT: gl.constexpr,
     num_warps: gl.constexpr,
 ):
     g, row0, a, far_a, v0_a, v1_a, b, far_b, v0_b, v1_b, t1, n_first, t2, n_visit = _dkdv_item(
-        gl.program_id(0),
-        SH,
-        NP,
-        LEAD,
-        HKV,
-        T,
-        PATTERN,
-        SINK,
-        WINDOW,
-        PB,
-        LOCAL,
-        STRIDE,
-        STEP,
-        DENSE_FROM,
-        G,
-        BY_KIND,
-        TL,
-        DESCEND,
+        gl.program_id(0), SH, NP, LEAD, HKV, T, PAT, G, BY_KIND, TL, DESCEND
     )
     q_smem = gl.allocate_shared_memory(q_desc.dtype, [STAGES, TL, D], q_desc.layout)
     do_smem = gl.allocate_shared_memory(do_desc.dtype, [STAGES, TL, D], do_desc.layout)
@@ -1205,20 +945,12 @@ def _dkdv_ws_kernel(
                     n_first,
                     t2,
                     n_visit,
-                    PATTERN,
-                    SINK,
-                    WINDOW,
-                    PB,
-                    LOCAL,
-                    STRIDE,
-                    STEP,
-                    DENSE_FROM,
+                    PAT,
                     G,
                     TL,
                     D,
                     STAGES,
                     DESCEND,
-                    MASK_SPLIT,
                 ),
             ),
             (
@@ -1252,20 +984,12 @@ def _dkdv_ws_kernel(
                     n_first,
                     t2,
                     n_visit,
-                    PATTERN,
-                    SINK,
-                    WINDOW,
-                    PB,
-                    LOCAL,
-                    STRIDE,
-                    STEP,
-                    DENSE_FROM,
+                    PAT,
                     G,
                     TL,
                     D,
                     STAGES,
                     DESCEND,
-                    MASK_SPLIT,
                 ),
             ),
             (
@@ -1333,20 +1057,12 @@ def _dq_consume(
     n_far,
     lo,
     n_visit,
-    PATTERN: gl.constexpr,
-    SINK: gl.constexpr,
-    WINDOW: gl.constexpr,
-    PB: gl.constexpr,
-    LOCAL: gl.constexpr,
-    STRIDE: gl.constexpr,
-    STEP: gl.constexpr,
-    DENSE_FROM: gl.constexpr,
+    PAT: gl.constexpr,
     HAS_DLSE: gl.constexpr,
     BM: gl.constexpr,
     BN: gl.constexpr,
     D: gl.constexpr,
     STAGES: gl.constexpr,
-    MASK_SPLIT: gl.constexpr,
 ):
     """One consumer warpgroup: dQ of query rows [m0 + WHICH * BM, + BM) over every visited key tile. Per tile
     S = Q K^T and dP = dO V^T are issued together, P = exp2(S - lse) once S is in, dS = P (dP - delta), and
@@ -1390,11 +1106,9 @@ def _dq_consume(
         s_tok = warpgroup_mma(qs, k_smem.index(st).permute((1, 0)), zero_s, use_acc=False, is_async=True)
         dp_tok = warpgroup_mma(dos, v_smem.index(st).permute((1, 0)), zero_s, use_acc=False, is_async=True)
         s = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok,))
-        k0 = _tile_of(i, g, n_far, lo, PATTERN, PB, STRIDE, STEP, BN) * BN
-        if _needs_mask(i < n_far, k0, g, mc, BM, PATTERN, SINK, WINDOW, PB, LOCAL, DENSE_FROM, BN):
-            s = _mask_tile(
-                s, k0, g, mc, rows, cols, BM, PATTERN, SINK, WINDOW, PB, LOCAL, STRIDE, STEP, DENSE_FROM, BN, MASK_SPLIT
-            )
+        k0 = _tile_of(i, g, n_far, lo, PAT, BN) * BN
+        if _needs_mask(i < n_far, k0, g, mc, BM, PAT, BN):
+            s = _edge_mask(s, gl.expand_dims(rows, 1), gl.expand_dims(k0 + cols, 0), k0, g, mc, BM, PAT, BN)
         p = gl.exp2(s * qk_scale - gl.expand_dims(lse, 1))
         dp = warpgroup_mma_wait(num_outstanding=0, deps=(dp_tok,))
         ds_op = gl.convert_layout((p * (dp - gl.expand_dims(delta, 1))).to(dt), op_layout)
@@ -1423,21 +1137,13 @@ def _dq_ws_kernel(
     H,
     qk_scale,
     sm_scale,
-    PATTERN: gl.constexpr,
-    SINK: gl.constexpr,
-    WINDOW: gl.constexpr,
-    PB: gl.constexpr,
-    LOCAL: gl.constexpr,
-    STRIDE: gl.constexpr,
-    STEP: gl.constexpr,
-    DENSE_FROM: gl.constexpr,
+    PAT: gl.constexpr,
     G: gl.constexpr,
     HAS_DLSE: gl.constexpr,
     BM: gl.constexpr,
     BN: gl.constexpr,
     D: gl.constexpr,
     STAGES: gl.constexpr,
-    MASK_SPLIT: gl.constexpr,
     num_warps: gl.constexpr,
 ):
     MR: gl.constexpr = 2 * BM
@@ -1461,7 +1167,7 @@ def _dq_ws_kernel(
         mbarrier.init(empty.index(si), count=2)  # both consumers release a buffer
     mbarrier.init(q_bars.index(0), count=1)
     mbarrier.init(q_bars.index(1), count=1)
-    n_far, lo, n_visit = _visit_plan(g, m0, MR, PATTERN, SINK, WINDOW, PB, LOCAL, STRIDE, STEP, DENSE_FROM, BN)
+    n_far, lo, n_visit = _visit_plan(g, m0, MR, PAT, BN)
     # the two consumers' argument tuples differ only in WHICH; they are written in place (a tuple held in a
     # variable loses its constexpr entries)
     gl.warp_specialize(
@@ -1497,20 +1203,12 @@ def _dq_ws_kernel(
                     n_far,
                     lo,
                     n_visit,
-                    PATTERN,
-                    SINK,
-                    WINDOW,
-                    PB,
-                    LOCAL,
-                    STRIDE,
-                    STEP,
-                    DENSE_FROM,
+                    PAT,
                     HAS_DLSE,
                     BM,
                     BN,
                     D,
                     STAGES,
-                    MASK_SPLIT,
                 ),
             ),
             (
@@ -1544,20 +1242,12 @@ def _dq_ws_kernel(
                     n_far,
                     lo,
                     n_visit,
-                    PATTERN,
-                    SINK,
-                    WINDOW,
-                    PB,
-                    LOCAL,
-                    STRIDE,
-                    STEP,
-                    DENSE_FROM,
+                    PAT,
                     HAS_DLSE,
                     BM,
                     BN,
                     D,
                     STAGES,
-                    MASK_SPLIT,
                 ),
             ),
             (
@@ -1576,10 +1266,7 @@ def _dq_ws_kernel(
                     n_far,
                     lo,
                     n_visit,
-                    PATTERN,
-                    PB,
-                    STRIDE,
-                    STEP,
+                    PAT,
                     BN,
                     STAGES,
                 ),
@@ -1591,106 +1278,45 @@ def _dq_ws_kernel(
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# host side
-# LONGGEN_GLUON -> the Hopper kernels that may run: 1 (default) all three, 0 none, or a comma-separated subset
-# (A/B of one kernel against its Triton counterpart, e.g. "fwd,dkdv" runs the Triton dQ kernel).
-PARTS = ("fwd", "dkdv", "dq")
-
-
-def _parts(flag: str) -> frozenset[str]:
-    if flag == "1":
-        return frozenset(PARTS)
-    if flag == "0":
-        return frozenset()
-    parts = flag.split(",")
-    if not all(p in PARTS for p in parts) or len(set(parts)) != len(parts):
-        raise ValueError(
-            f"LONGGEN_GLUON must be 1 (default: all Hopper kernels), 0 (none) or a comma-separated subset of "
-            f"{','.join(PARTS)}, got {flag!r}"
-        )
-    return frozenset(parts)
-
-
-def enabled(part: str = "fwd") -> bool:
-    """Whether the Hopper kernel `part` ("fwd", "dkdv" or "dq") may run (``LONGGEN_GLUON``, see `_parts`)."""
-    return part in _parts(os.environ.get("LONGGEN_GLUON", "1"))
-
-
-def _rule(name: str, rule: bool) -> bool:
-    """A tuning constant of this module that is -1 (take `rule`), 0 or 1 (A/B override)."""
-    value = globals()[name]
-    if value not in (-1, 0, 1):
-        raise ValueError(f"gluon_attention.{name} must be -1 (by the measured rule), 0 or 1, got {value!r}")
-    return rule if value == -1 else bool(value)
-
-
-def _blocksparse_gqa(group: int, kind: int) -> bool:
-    return kind == K_BLOCK_SPARSE and group > 1
-
-
+# host side: launch order and tiles (measured choices, see docs/kernels/attention.md)
 def dkdv_descends(group: int, kind: int) -> bool:
     """Whether the dK/dV kernel sweeps its query tiles from the last down (DESCEND): for Full without GQA and for
-    BlockSparse with GQA. Measured on the H200 (docs/kernels/attention.md, "dK/dV query sweep direction" and
-    "Edge masks, the dK/dV launch order revisited"): 7% faster at Full 128K without GQA, 3-4% slower with 4 query
-    heads per KV head; with `dkdv_pairs_first` 7% faster for BlockSparse 128K with 4 query heads per KV head (commit
-    df3880e), 0-5% slower for SinkWindow and for BlockSparse without GQA. `BWD_DESCEND` 0 / 1 overrides the rule
-    (A/B)."""
-    return _rule("BWD_DESCEND", (group == 1 and kind == K_FULL) or _blocksparse_gqa(group, kind))
+    BlockSparse with GQA."""
+    return (group == 1 and kind == K_FULL) or (kind == K_BLOCK_SPARSE and group > 1)
 
 
 def dkdv_pairs_first(group: int, kind: int) -> bool:
     """Whether the dK/dV programs are launched one head's key-tile pairs after another (after every head's long
     pairs, `dkdv_lead_pairs`) rather than with the heads innermost: for Full, whose concurrent programs of one head
-    then read the same Q / dO rows from L2 (measured on the H200, 2026-12-02: dK/dV kernel 485 -> 443 ms at Full 128K
-    with 32 KV heads, 445 -> 436 with 8), and for BlockSparse with GQA, measured together with `dkdv_descends`
-    (commit df3880e). SinkWindow and BlockSparse without GQA keep the heads innermost (same A/B, long pairs leading:
-    0-3% slower pairs first). `BWD_PAIRS_FIRST` 0 / 1 overrides the rule (A/B)."""
-    return _rule("BWD_PAIRS_FIRST", kind == K_FULL or _blocksparse_gqa(group, kind))
+    then read the same Q / dO rows from L2, and for BlockSparse with GQA."""
+    return kind == K_FULL or (kind == K_BLOCK_SPARSE and group > 1)
 
 
-def _long_pairs(cx: dict, n_tiles: int) -> int:
+def _long_pairs(pat: PatternParams, n_tiles: int) -> int:
     """Launch indices (per KV head) of the dK/dV pairs whose key tiles every later query sees: SinkWindow's sink
     tiles; BlockSparse's strided tiles, which `_key_tile_pair` pairs first (the most any head has); none for Full,
     whose pairs shorten steadily."""
-    if cx["PATTERN"] == K_SINK_WINDOW:
-        return (-(-cx["SINK"] // BWD_TILE) + 1) // 2
-    if cx["PATTERN"] == K_BLOCK_SPARSE and cx["STRIDE"] > 1:
-        sub = cx["PB"] // BWD_TILE
+    if pat.kind == K_SINK_WINDOW:
+        return (-(-pat.sink // BWD_TILE) + 1) // 2
+    if pat.kind == K_BLOCK_SPARSE and pat.stride > 1:
+        sub = pat.block // BWD_TILE
         n_blocks = -(-n_tiles // sub)
-        return (-(-n_blocks // cx["STRIDE"]) * sub + 1) // 2
+        return (-(-n_blocks // pat.stride) * sub + 1) // 2
     return 0
 
 
-def dkdv_lead_pairs(group: int, kind: int, cx: dict, n_tiles: int, n_pairs: int) -> int:
+def dkdv_lead_pairs(group: int, pat: PatternParams, n_tiles: int, n_pairs: int) -> int:
     """How many of each head's `n_pairs` dK/dV launch indices go first with the heads innermost (the kernel's LEAD):
     all of them unless `dkdv_pairs_first`, else the long pairs (`_long_pairs`), so that no head's long pairs start
     at the end of the launch and run on alone."""
-    return min(n_pairs, _long_pairs(cx, n_tiles)) if dkdv_pairs_first(group, kind) else n_pairs
-
-
-def dkdv_tuning(group: int, kind: int) -> dict:
-    """The dK/dV kernel's tuning constexprs for G query heads per KV head and a pattern kind, as launched (and
-    compiled by benchmarks/gluon_resources.py)."""
-    return dict(STAGES=BWD_STAGES, DESCEND=dkdv_descends(group, kind))
+    return min(n_pairs, _long_pairs(pat, n_tiles)) if dkdv_pairs_first(group, pat.kind) else n_pairs
 
 
 def fwd_persistent(kind: int) -> bool:
     """Whether the forward is launched persistent, one program per SM taking the work items in turn, instead of one
     program per work item: for the sparse patterns, whose short key ranges leave a program's prologue and epilogue
-    a large share of its time (measured on the H200, 2026-12-02: the forward kernel 4-6% faster for SinkWindow,
-    1-2.5% for BlockSparse; docs/kernels/attention.md). `FWD_PERSISTENT` 0 / 1 overrides the rule (A/B)."""
-    return _rule("FWD_PERSISTENT", kind != K_FULL)
-
-
-def mask_split(part: str) -> bool:
-    """Whether the kernel `part` ("fwd", "dq" or "dkdv") masks an edge tile with only the constraint it can break
-    (`_edge_mask`) instead of the full rule: the dQ kernel only (measured on the H200, 2026-12-02, SinkWindow
-    and BlockSparse 128K: dQ kernel 0.6-2.6% faster in all 8 paired samples, forward -1.7..+2.6%, +0.15 ms on
-    average; docs/kernels/attention.md; dK/dV timed 2026-12-02, no faster). `MASK_SPLIT` 0 / 1 overrides
-    the rule for all three (A/B)."""
-    if part not in ("fwd", "dq", "dkdv"):
-        raise ValueError(f"mask_split takes 'fwd', 'dq' or 'dkdv', got {part!r}")
-    return _rule("MASK_SPLIT", part == "dq")
+    a large share of its time."""
+    return kind != K_FULL
 
 
 @functools.cache
@@ -1698,47 +1324,12 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _fwd_programs(kind: int, n_work: int, device: torch.device) -> int:
+def _fwd_programs(kind: int, n_work: int, device: torch.device, tuning) -> int:
     """Programs to launch the forward with for `n_work` work items of 128 query rows (see `fwd_persistent`)."""
     if not fwd_persistent(kind):
         return n_work
-    if PERSISTENT_PROGRAMS < 0:
-        raise ValueError(f"gluon_attention.PERSISTENT_PROGRAMS must be >= 0 (0: one per SM), got {PERSISTENT_PROGRAMS}")
     sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    return min(n_work, PERSISTENT_PROGRAMS or sms)
-
-
-def _in_scope(q: torch.Tensor, head_dim: int, kind: int, block_size: int, seq_len: int) -> bool:
-    """The device, dtype, head_dim, pattern and length conditions of the module docstring."""
-    if not (_NEW_WS_API and q.is_cuda) or torch.cuda.get_device_capability(q.device) != (9, 0):
-        return False
-    if q.dtype not in (torch.float16, torch.bfloat16) or head_dim not in HEAD_DIMS:
-        return False
-    if kind not in (K_FULL, K_SINK_WINDOW, K_BLOCK_SPARSE) or (kind == K_BLOCK_SPARSE and block_size < 64):
-        return False
-    return seq_len > 0 and seq_len % (2 * ROWS) == 0
-
-
-def suits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: _Plan, batched: bool) -> bool:
-    """Whether this call is in the kernels' scope (see the module docstring; `enabled` says which of them run);
-    flattened inputs ``(total, heads, head_dim)``."""
-    shape, cx = plan.shape, plan.constexprs
-    if not batched or shape.padded or plan.q_offset != 0:
-        return False
-    if cx["KV_OFF"] != 0 or shape.num_kv_heads != shape.global_kv_heads:  # context-parallel slices
-        return False
-    if not _in_scope(q, shape.head_dim, plan.kind, cx["PB"], plan.max_len):
-        return False
-    return all(x.is_contiguous() and x.data_ptr() % 16 == 0 for x in (q, k, v))
-
-
-def takes_causal_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether a plain causal forward of ``(B, T, heads, head_dim)`` q, k, v with no gradient to compute is in
-    scope: the model's Full layers then run this kernel instead of PyTorch SDPA (measured faster than cuDNN's
-    forward on H100 and H200; training keeps SDPA, whose backward is faster than the Triton one)."""
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        return False
-    return enabled("fwd") and _in_scope(q, q.shape[-1], K_FULL, 1, q.shape[1])
+    return min(n_work, tuning.persistent_programs or sms)
 
 
 def _desc(x: torch.Tensor, rows: int) -> TensorDescriptor:
@@ -1750,159 +1341,72 @@ def _desc(x: torch.Tensor, rows: int) -> TensorDescriptor:
     return TensorDescriptor(x2, list(x2.shape), list(x2.stride()), [rows, d], layout)
 
 
-_PATTERN_ARGS = ("PATTERN", "SINK", "WINDOW", "PB", "LOCAL", "STRIDE", "STEP", "DENSE_FROM")
-
-
-def _pattern_args(plan: _Plan) -> dict[str, int]:
-    """The pattern's compile-time parameters, as every kernel here takes them."""
-    return {name: plan.constexprs[name] for name in _PATTERN_ARGS}
-
-
-def forward_tiles(kind: int, block_size: int) -> tuple[int, int]:
-    """(keys per K/V tile, ring stages) of the forward: FWD_BLOCK_N-key tiles (128), clamped to the pattern block
-    for BlockSparse (a key tile never straddles two blocks), with one stage more for 64-key tiles (FWD_STAGES
-    overrides)."""
-    if FWD_BLOCK_N not in (64, 128) or not isinstance(FWD_STAGES, int) or FWD_STAGES < 0:
-        raise ValueError(
-            f"gluon_attention.FWD_BLOCK_N must be 64 or 128 and FWD_STAGES an integer >= 0 (0: by the tile), got "
-            f"{FWD_BLOCK_N!r} / {FWD_STAGES!r}"
-        )
+def forward_tiles(kind: int, block_size: int, stages: int = 0) -> tuple[int, int]:
+    """(keys per K/V tile, ring stages) of the forward: 128-key tiles, clamped to the pattern block for BlockSparse
+    (a key tile never straddles two blocks), with one stage more for 64-key tiles (`stages` > 0 overrides)."""
     bn = FWD_BLOCK_N if kind != K_BLOCK_SPARSE else min(FWD_BLOCK_N, block_size)
-    return bn, FWD_STAGES or (3 if bn == 128 else 4)
+    return bn, stages or (3 if bn == 128 else 4)
 
 
 def dq_tiles(kind: int, block_size: int) -> tuple[int, int]:
-    """(keys per K/V tile, ring stages) of the dQ kernel: DQ_BLOCK_N / DQ_STAGES (measured: 64 / 4), the tile
-    clamped to the pattern block for BlockSparse (a key tile never straddles two blocks) with the ring's bytes kept."""
+    """(keys per K/V tile, ring stages) of the dQ kernel: 64 / 4, the tile clamped to the pattern block for
+    BlockSparse (a key tile never straddles two blocks) with the ring's bytes kept."""
     bn = DQ_BLOCK_N if kind != K_BLOCK_SPARSE else min(DQ_BLOCK_N, block_size)
     return bn, DQ_STAGES * DQ_BLOCK_N // bn
 
 
-def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: _Plan) -> tuple[torch.Tensor, torch.Tensor]:
-    """(o, lse in log2 units ``(total, H)``) for inputs `suits` accepted."""
+def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan) -> tuple[torch.Tensor, torch.Tensor]:
+    """(o, lse in log2 units ``(total, H)``) for inputs `longgen.kernels.dispatch.hopper_kernels` gave to "fwd"."""
     total, H, D = q.shape
     T = plan.max_len
-    BN, stages = forward_tiles(plan.kind, plan.constexprs["PB"])
+    BN, stages = forward_tiles(plan.kind, plan.pat.block, plan.tuning.fwd_stages)
     o = torch.empty_like(q)
     lse2 = torch.empty(total, H, dtype=torch.float32, device=q.device)
     n_work = T // (2 * ROWS) * plan.n_seqs * H
-    _fwd_ws_kernel[(_fwd_programs(plan.kind, n_work, q.device),)](
-        _desc(q, ROWS),
-        _desc(k, BN),
-        _desc(v, BN),
-        o,
-        lse2,
-        T,
-        H,
-        n_work,
-        plan.shape.scale * LOG2E,
-        **_pattern_args(plan),
-        G=plan.shape.group,
-        BM=ROWS,
-        BN=BN,
-        D=D,
-        STAGES=stages,
-        MASK_SPLIT=mask_split("fwd"),
-        num_warps=4,
-    )
+    _fwd_ws_kernel[(_fwd_programs(plan.kind, n_work, q.device, plan.tuning),)](
+        _desc(q, ROWS), _desc(k, BN), _desc(v, BN), o, lse2, T, H, n_work, plan.shape.scale * LOG2E,
+        PAT=tuple(plan.pat), G=plan.shape.group, BM=ROWS, BN=BN, D=D, STAGES=stages, num_warps=4,
+    )  # fmt: skip
     return o, lse2
 
 
-def dq_delta(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    o: torch.Tensor,
-    do: torch.Tensor,
-    lse2: torch.Tensor,
-    dlse: torch.Tensor | None,
-    delta: torch.Tensor,
-    dq: torch.Tensor,
-    plan: _Plan,
-) -> None:
-    """Writes dQ (like q) and delta = rowsum(o * do) - dlse ``(total, H)`` float32 (for `dkdv`) of a call whose
-    forward `suits` accepted: q, o, do ``(total, H, d)``, k, v ``(total, Hkv, d)``, contiguous and 16-byte aligned;
-    ``lse2`` the forward's LSE in log2 units, ``dlse`` the LSE gradient (natural units) or None."""
+def dq_delta(q, k, v, o, do, lse2, dlse: torch.Tensor | None, delta, dq, plan: Plan) -> None:
+    """Writes dQ (like q) and delta = rowsum(o * do) - dlse ``(total, H)`` float32 (for `dkdv`) of a call given to
+    "dq": q, o, do ``(total, H, d)``, k, v ``(total, Hkv, d)``, contiguous and 16-byte aligned; ``lse2`` the
+    forward's LSE in log2 units, ``dlse`` the LSE gradient (natural units) or None."""
     H, D = q.shape[1:]
-    bn, stages = dq_tiles(plan.kind, plan.constexprs["PB"])
+    bn, stages = dq_tiles(plan.kind, plan.pat.block)
     _dq_ws_kernel[(plan.max_len // (2 * ROWS), plan.n_seqs * H)](
-        _desc(q, ROWS),
-        _desc(k, bn),
-        _desc(v, bn),
-        _desc(do, ROWS),
-        _desc(dq, ROWS),
-        o,
-        do,
-        lse2,
+        _desc(q, ROWS), _desc(k, bn), _desc(v, bn), _desc(do, ROWS), _desc(dq, ROWS), o, do, lse2,
         delta if dlse is None else dlse,  # not read without an LSE gradient
-        delta,
-        plan.max_len,
-        H,
-        plan.shape.scale * LOG2E,
-        plan.shape.scale,
-        **_pattern_args(plan),
-        G=plan.shape.group,
-        HAS_DLSE=dlse is not None,
-        BM=ROWS,
-        BN=bn,
-        D=D,
-        STAGES=stages,
-        MASK_SPLIT=mask_split("dq"),
+        delta, plan.max_len, H, plan.shape.scale * LOG2E, plan.shape.scale,
+        PAT=tuple(plan.pat), G=plan.shape.group, HAS_DLSE=dlse is not None, BM=ROWS, BN=bn, D=D, STAGES=stages,
         num_warps=4,
-    )
+    )  # fmt: skip
 
 
-def dkdv(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    do: torch.Tensor,
-    lse2: torch.Tensor,
-    delta: torch.Tensor,
-    dk: torch.Tensor,
-    dv: torch.Tensor,
-    plan: _Plan,
-) -> None:
-    """Writes dK, dV (like k, v) of a call whose forward `suits` accepted: q, do ``(total, H, d)``, k, v
-    ``(total, Hkv, d)``, contiguous and 16-byte aligned; ``lse2`` (log2 units) and ``delta`` = rowsum(o * do)
-    ``(total, H)`` float32, as the Triton dQ kernel leaves them."""
+def dkdv(q, k, v, do, lse2, delta, dk, dv, plan: Plan) -> None:
+    """Writes dK, dV (like k, v) of a call given to "dkdv": q, do ``(total, H, d)``, k, v ``(total, Hkv, d)``,
+    contiguous and 16-byte aligned; ``lse2`` (log2 units) and ``delta`` = rowsum(o * do) ``(total, H)`` float32, as
+    the dQ kernel leaves them."""
     H, D = q.shape[1:]
     hkv = k.shape[1]
-    cx = plan.constexprs
+    pat, G = plan.pat, plan.shape.group
     n_tiles = plan.max_len // BWD_TILE
-    by_kind = cx["PATTERN"] == K_BLOCK_SPARSE and cx["STRIDE"] > 1
+    by_kind = pat.kind == K_BLOCK_SPARSE and pat.stride > 1
     # pairs of key tiles per program; pairing by kind needs more than half the tiles: one pair per odd-length list,
     # and the strided list counts the tiles of a last block past the sequence end (fewer than PB / 64 tiles;
     # programs left over find only tiles past the end and exit)
-    extra = cx["PB"] // BWD_TILE if by_kind else 0
+    extra = pat.block // BWD_TILE if by_kind else 0
     n_pairs = (n_tiles + 1) // 2 + extra
     sh = plan.n_seqs * hkv
+    lead = dkdv_lead_pairs(G, pat, n_tiles, n_pairs)
     _dkdv_ws_kernel[(sh * n_pairs,)](
-        _desc(q, BWD_TILE),
-        _desc(do, BWD_TILE),
-        _desc(k, BWD_TILE),
-        _desc(v, BWD_TILE),
-        _desc(dk, BWD_TILE),
-        _desc(dv, BWD_TILE),
-        lse2,
-        delta,
-        plan.max_len,
-        H,
-        hkv,
-        sh,
-        n_pairs,
-        dkdv_lead_pairs(plan.shape.group, plan.kind, cx, n_tiles, n_pairs),
-        plan.shape.scale * LOG2E,
-        plan.shape.scale,
-        **_pattern_args(plan),
-        G=plan.shape.group,
-        BY_KIND=by_kind,
-        TL=BWD_TILE,
-        D=D,
-        **dkdv_tuning(plan.shape.group, plan.kind),
-        MASK_SPLIT=mask_split("dkdv"),
-        num_warps=4,
-    )
+        _desc(q, BWD_TILE), _desc(do, BWD_TILE), _desc(k, BWD_TILE), _desc(v, BWD_TILE), _desc(dk, BWD_TILE),
+        _desc(dv, BWD_TILE), lse2, delta, plan.max_len, H, hkv, sh, n_pairs, lead, plan.shape.scale * LOG2E,
+        plan.shape.scale, PAT=tuple(pat), G=G, BY_KIND=by_kind, TL=BWD_TILE, D=D, STAGES=plan.tuning.bwd_stages,
+        DESCEND=dkdv_descends(G, pat.kind), num_warps=4,
+    )  # fmt: skip
 
 
-__all__ = ["HEAD_DIMS", "PARTS", "dkdv", "dq_delta", "enabled", "forward", "suits", "takes_causal_forward"]
+__all__ = ["dkdv", "dq_delta", "forward"]

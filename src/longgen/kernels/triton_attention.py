@@ -7,13 +7,15 @@ FlashAttention-2 tiling with an online softmax, reading top to bottom:
   kernel sums over the group in registers (no repeated K/V, no atomics).
 * Sequences. Every call is a set of packed sequences (``starts``, ``lens``); a batched input is equal-length
   packed sequences. Positions restart at 0 in each sequence.
-* Patterns. Pattern parameters and G are compile-time constants (a model uses one or two patterns), so block
-  arithmetic compiles to shifts. Which key tiles a query tile visits, and which query tiles visit a key tile, is
-  computed arithmetically for Full, SinkWindow and BlockSparse; BlockLayout uses a compact tile index built on
-  the host. Every tile range is split into masked edges and an unmasked interior (a constexpr MASK flag), so the
-  interior loop carries no branch and pipelines; `_allowed` (the formulas of `longgen.patterns`) masks edges.
-  Unmasked tiles lie inside the sequence, so their loads skip length tests; when every length is a whole number
-  of tiles (constexpr EVEN) no load does.
+* Patterns. The pattern travels as one compile-time tuple ``PAT`` (`longgen.kernels.plan.PatternParams`: kind,
+  sink, window, block, local, stride, step, dense_from; a model uses one or two patterns), so block arithmetic
+  compiles to shifts. Which key tiles a query tile visits, and which query tiles visit a key tile, is computed
+  arithmetically for Full, SinkWindow and BlockSparse; BlockLayout uses a compact tile index built on the host.
+  Every tile range is split into masked edges and an unmasked interior (a constexpr MASK flag), so the interior
+  loop carries no branch and pipelines; `_allowed` (the formulas of `longgen.patterns`) masks edges. Unmasked
+  tiles lie inside the sequence, so their loads skip length tests; when every length is a whole number of tiles
+  (constexpr EVEN) no load does. tests/test_kernel_tiles.py checks the visited tiles against
+  `Pattern.block_mask`.
   A call may hold a slice of the KV heads (context parallelism): the pattern helpers see the global head
   ``g + KV_OFF`` (a constexpr), the tensors are indexed with the local ``g``.
 * Load balance. dK/dV programs are launched tile-major with the longest columns first (BlockSparse's strided
@@ -24,91 +26,65 @@ Scores are kept in log2 units (scale * log2(e) folded into one multiply); the LS
 
 from __future__ import annotations
 
-import math
-import os
-from dataclasses import dataclass
-
 import torch
 import triton
 import triton.language as tl
 
+from longgen.kernels import dispatch
 from longgen.kernels.inputs import TRITON_HEAD_DIMS, AttentionShape
-from longgen.patterns import BlockLayout, BlockSparse, Full, SinkWindow
+from longgen.kernels.plan import K_BLOCK_SPARSE, K_LAYOUT, K_SINK_WINDOW, LOG2E, Plan, Tuning, interpreting, seq_tensors
 
-# pattern ids: plain ints on the host, constexpr globals inside the kernels
-K_FULL, K_SINK_WINDOW, K_BLOCK_SPARSE, K_LAYOUT = 0, 1, 2, 3
-FULL = tl.constexpr(K_FULL)
+# pattern kinds inside the kernels (the first entry of PAT)
 SINK_WINDOW = tl.constexpr(K_SINK_WINDOW)
 BLOCK_SPARSE = tl.constexpr(K_BLOCK_SPARSE)
 LAYOUT = tl.constexpr(K_LAYOUT)
-LOG2E = 1.4426950408889634
 LN2 = tl.constexpr(0.6931471805599453)
 
 
 # -------------------------------------------------------------------------------------------------------------
-# pattern semantics and iteration, shared by the three kernels
+# pattern semantics and iteration, shared by the three kernels (and the decoding kernel's `_allowed`)
 @triton.jit
-def _allowed(
-    t,
-    s,
-    g,
-    L,
-    LAY,
-    n_lay,
-    PATTERN: tl.constexpr,
-    SINK: tl.constexpr,
-    WINDOW: tl.constexpr,
-    PB: tl.constexpr,
-    LOCAL: tl.constexpr,
-    STRIDE: tl.constexpr,
-    STEP: tl.constexpr,
-    DENSE_FROM: tl.constexpr,
-):
+def _allowed(t, s, g, L, LAY, n_lay, PAT: tl.constexpr):
     """Exact mask for query positions t and key positions s (broadcast) of KV head g in a sequence of L."""
+    KIND: tl.constexpr = PAT[0]
+    PB: tl.constexpr = PAT[3]
     ok = (s <= t) & (s < L) & (t < L)
-    if PATTERN == SINK_WINDOW:
-        ok = ok & ((s < SINK) | (t - s < WINDOW))
-    elif PATTERN == BLOCK_SPARSE:
+    if KIND == SINK_WINDOW:
+        ok = ok & ((s < PAT[1]) | (t - s < PAT[2]))
+    elif KIND == BLOCK_SPARSE:
         i = t // PB
         j = s // PB
-        ok = ok & (((i - j) < LOCAL) | (((j + g * STEP) % STRIDE) == 0) | (g >= DENSE_FROM))
-    elif PATTERN == LAYOUT:
+        ok = ok & (((i - j) < PAT[4]) | (((j + g * PAT[6]) % PAT[5]) == 0) | (g >= PAT[7]))
+    elif KIND == LAYOUT:
         bits = tl.load(LAY + (g * n_lay + t // PB) * n_lay + s // PB, mask=ok, other=0)
         ok = ok & (bits != 0)
     return ok
 
 
 @triton.jit
-def _key_ranges(
-    g,
-    qs,
-    qe,
-    PATTERN: tl.constexpr,
-    SINK: tl.constexpr,
-    WINDOW: tl.constexpr,
-    PB: tl.constexpr,
-    LOCAL: tl.constexpr,
-    STRIDE: tl.constexpr,
-    STEP: tl.constexpr,
-    DENSE_FROM: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
+def _key_ranges(g, qs, qe, PAT: tl.constexpr, BLOCK_N: tl.constexpr):
     """Key tiles seen by query positions [qs, qe): `n_far` far tiles (see `_far_tile`), then the contiguous
     range [lo, hi) split as [lo, a) masked, [a, b) unmasked, [b, hi) masked (the causal diagonal)."""
+    KIND: tl.constexpr = PAT[0]
+    SINK: tl.constexpr = PAT[1]
+    WINDOW: tl.constexpr = PAT[2]
+    PB: tl.constexpr = PAT[3]
+    LOCAL: tl.constexpr = PAT[4]
+    STRIDE: tl.constexpr = PAT[5]
     hi = (qe + BLOCK_N - 1) // BLOCK_N
     n_far = 0
     lo = 0
     a = 0
-    if PATTERN == SINK_WINDOW:
+    if KIND == SINK_WINDOW:
         n_far = tl.minimum((tl.minimum(qe, SINK) + BLOCK_N - 1) // BLOCK_N, hi)
         lo = tl.maximum(n_far, tl.maximum(qs - WINDOW + 1, 0) // BLOCK_N)
         # tiles starting at or before qe - 1 - WINDOW hold pairs outside the window
         a = tl.minimum(tl.maximum((qe - 1 - WINDOW) // BLOCK_N + 1, lo), hi)
-    elif PATTERN == BLOCK_SPARSE:
+    elif KIND == BLOCK_SPARSE:
         SUB = PB // BLOCK_N
-        dense = g >= DENSE_FROM  # dense heads: no strided loop, local range from 0, no local edge
+        dense = g >= PAT[7]  # dense heads: no strided loop, local range from 0, no local edge
         local_lo = tl.where(dense, 0, tl.maximum(qs // PB - LOCAL + 1, 0))
-        j0 = (STRIDE - (g * STEP) % STRIDE) % STRIDE
+        j0 = (STRIDE - (g * PAT[6]) % STRIDE) % STRIDE
         n_far = tl.where(dense, 0, tl.maximum((local_lo - j0 + STRIDE - 1) // STRIDE, 0)) * SUB
         lo = local_lo * SUB
         # blocks the last rows of the tile no longer see locally
@@ -118,85 +94,66 @@ def _key_ranges(
 
 
 @triton.jit
-def _far_tile(
-    u, g, PATTERN: tl.constexpr, PB: tl.constexpr, STRIDE: tl.constexpr, STEP: tl.constexpr, BLOCK_N: tl.constexpr
-):
+def _far_tile(u, g, PAT: tl.constexpr, BLOCK_N: tl.constexpr):
     """The u-th far key tile: SinkWindow's sink tiles (u itself), BlockSparse's strided tiles."""
+    STRIDE: tl.constexpr = PAT[5]
     kt = u
-    if PATTERN == BLOCK_SPARSE:
-        SUB = PB // BLOCK_N
-        j0 = (STRIDE - (g * STEP) % STRIDE) % STRIDE
+    if PAT[0] == BLOCK_SPARSE:
+        SUB = PAT[3] // BLOCK_N
+        j0 = (STRIDE - (g * PAT[6]) % STRIDE) % STRIDE
         kt = (j0 + (u // SUB) * STRIDE) * SUB + u % SUB
     return kt
 
 
 @triton.jit
-def _query_ranges(
-    ks,
-    ke,
-    g,
-    L,
-    PATTERN: tl.constexpr,
-    SINK: tl.constexpr,
-    WINDOW: tl.constexpr,
-    PB: tl.constexpr,
-    LOCAL: tl.constexpr,
-    STRIDE: tl.constexpr,
-    STEP: tl.constexpr,
-    DENSE_FROM: tl.constexpr,
-    G: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-):
+def _query_ranges(ks, ke, g, L, PAT: tl.constexpr, G: tl.constexpr, BLOCK_M: tl.constexpr):
     """Query row tiles that see key positions [ks, ke): [m_lo, d) masked (diagonal), [d, e) unmasked,
     [e, m_hi) masked (window / local edge)."""
+    KIND: tl.constexpr = PAT[0]
+    SINK: tl.constexpr = PAT[1]
+    WINDOW: tl.constexpr = PAT[2]
+    PB: tl.constexpr = PAT[3]
+    LOCAL: tl.constexpr = PAT[4]
+    STRIDE: tl.constexpr = PAT[5]
     end = L
-    if PATTERN == SINK_WINDOW:
+    if KIND == SINK_WINDOW:
         end = tl.where(ks < SINK, L, tl.minimum(L, ke - 1 + WINDOW))
-    elif PATTERN == BLOCK_SPARSE:
+    elif KIND == BLOCK_SPARSE:
         jb = ks // PB
-        long_col = (g >= DENSE_FROM) | (((jb + g * STEP) % STRIDE) == 0)
+        long_col = (g >= PAT[7]) | (((jb + g * PAT[6]) % STRIDE) == 0)
         end = tl.where(long_col, L, tl.minimum(L, (jb + LOCAL) * PB))
     m_lo = (ks * G) // BLOCK_M
     m_hi = (end * G + BLOCK_M - 1) // BLOCK_M
     d = tl.minimum(tl.maximum(((ke - 1) * G + BLOCK_M - 1) // BLOCK_M, m_lo), m_hi)
     e = m_hi
-    if PATTERN == SINK_WINDOW:
+    if KIND == SINK_WINDOW:
         e_win = tl.minimum(tl.maximum(((ks + WINDOW) * G) // BLOCK_M, d), m_hi)
         e = tl.where(ke <= SINK, m_hi, tl.where(ks < SINK, d, e_win))
-    elif PATTERN == BLOCK_SPARSE:
+    elif KIND == BLOCK_SPARSE:
         jb = ks // PB
-        long_col = (g >= DENSE_FROM) | (((jb + g * STEP) % STRIDE) == 0)
+        long_col = (g >= PAT[7]) | (((jb + g * PAT[6]) % STRIDE) == 0)
         e_loc = tl.minimum(tl.maximum(((jb + LOCAL) * PB * G) // BLOCK_M, d), m_hi)
         e = tl.where(long_col, m_hi, e_loc)
     return m_lo, d, e, m_hi
 
 
 @triton.jit
-def _key_tile_order(
-    pid,
-    g,
-    n_blocks,
-    PATTERN: tl.constexpr,
-    PB: tl.constexpr,
-    STRIDE: tl.constexpr,
-    STEP: tl.constexpr,
-    DENSE_FROM: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
+def _key_tile_order(pid, g, n_blocks, PAT: tl.constexpr, BLOCK_N: tl.constexpr):
     """Launch index -> key tile, longest columns first. BlockSparse: strided blocks before the others (a
     bijection on whole pattern blocks); other patterns are longest-first in natural order."""
+    STRIDE: tl.constexpr = PAT[5]
     kt = pid
-    if PATTERN == BLOCK_SPARSE:
+    if PAT[0] == BLOCK_SPARSE:
         if STRIDE > 1:
-            SUB = PB // BLOCK_N
-            r = (STRIDE - (g * STEP) % STRIDE) % STRIDE
+            SUB = PAT[3] // BLOCK_N
+            r = (STRIDE - (g * PAT[6]) % STRIDE) % STRIDE
             n_strided = tl.maximum((n_blocks - r + STRIDE - 1) // STRIDE, 0)
             b = pid // SUB
             p = tl.maximum(b - n_strided, 0)
             c = p % (STRIDE - 1)
             jb_other = (p // (STRIDE - 1)) * STRIDE + tl.where(c < r, c, c + 1)
             jb = tl.where(b < n_strided, r + b * STRIDE, jb_other)
-            kt = tl.where(g < DENSE_FROM, jb * SUB + pid % SUB, pid)
+            kt = tl.where(g < PAT[7], jb * SUB + pid % SUB, pid)
     return kt
 
 
@@ -224,63 +181,44 @@ def _load_vec(ptrs, t, L, CHECK_LEN: tl.constexpr):
     return x
 
 
-# -------------------------------------------------------------------------------------------------------------
-# forward
 @triton.jit
-def _fwd_tiles(
-    acc,
-    m_i,
-    l_i,
-    q,
-    t,
-    g,
-    L,
-    K,
-    V,
-    skt,
-    svt,
-    LAY,
-    n_lay,
-    IDX,
-    lo,
-    hi,
-    qk_scale,
-    PATTERN: tl.constexpr,
-    SINK: tl.constexpr,
-    WINDOW: tl.constexpr,
-    PB: tl.constexpr,
-    LOCAL: tl.constexpr,
-    STRIDE: tl.constexpr,
-    STEP: tl.constexpr,
-    DENSE_FROM: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    MASK: tl.constexpr,
-    FAR: tl.constexpr,
-    INDEXED: tl.constexpr,
-    EVEN: tl.constexpr,
-):
-    """Online-softmax accumulation over key tiles u in [lo, hi) (far tiles via `_far_tile`, or an index)."""
-    CHECK_LEN: tl.constexpr = MASK and (INDEXED or not EVEN)  # edge tiles may pass the end
+def _visit(u, g, IDX, PAT: tl.constexpr, BLOCK_N: tl.constexpr, FAR: tl.constexpr, INDEXED: tl.constexpr):
+    """Key tile of loop index u: from the BlockLayout index, a far tile (`_far_tile`), or u itself."""
+    if INDEXED:
+        kt = tl.load(IDX + u)
+    elif FAR:
+        kt = _far_tile(u, g, PAT, BLOCK_N)
+    else:
+        kt = u
+    return kt
+
+
+# -------------------------------------------------------------------------------------------------------------
+# forward; `mask` = (t, g, L, LAY, n_lay): query positions, the global KV head, the length, the BlockLayout
+@triton.jit
+def _fwd_tiles(state, q, mask, kv, IDX, lo, hi, qk_scale, PAT: tl.constexpr, DIMS: tl.constexpr, FLAGS: tl.constexpr):
+    """Online-softmax accumulation of state = (acc, m_i, l_i) over key tiles u in [lo, hi) (far tiles via
+    `_far_tile`, or an index) of kv = (K, V, skt, svt); DIMS = (HEAD_DIM, BLOCK_D, BLOCK_N), FLAGS = (MASK, FAR,
+    INDEXED, EVEN)."""
+    HEAD_DIM: tl.constexpr = DIMS[0]
+    BLOCK_D: tl.constexpr = DIMS[1]
+    BLOCK_N: tl.constexpr = DIMS[2]
+    MASK: tl.constexpr = FLAGS[0]
+    CHECK_LEN: tl.constexpr = MASK and (FLAGS[2] or not FLAGS[3])  # edge tiles may pass the end
+    acc, m_i, l_i = state
+    t, g, L, LAY, n_lay = mask
+    K, V, skt, svt = kv
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     k_rel = offs_n[:, None] * skt + offs_d[None, :]  # a tile's element offsets: the loop adds a scalar
     v_rel = offs_n[:, None] * svt + offs_d[None, :]
     for u in range(lo, hi):
-        if INDEXED:
-            kt = tl.load(IDX + u)
-        elif FAR:
-            kt = _far_tile(u, g, PATTERN, PB, STRIDE, STEP, BLOCK_N)
-        else:
-            kt = u
+        kt = _visit(u, g, IDX, PAT, BLOCK_N, FLAGS[1], FLAGS[2])
         s = kt * BLOCK_N + offs_n
         k = _load_rows(K + kt * BLOCK_N * skt + k_rel, s, L, offs_d, HEAD_DIM, BLOCK_D, CHECK_LEN)
         qk = tl.dot(q, tl.trans(k))
         if MASK:
-            ok = _allowed(
-                t[:, None], s[None, :], g, L, LAY, n_lay, PATTERN, SINK, WINDOW, PB, LOCAL, STRIDE, STEP, DENSE_FROM
-            )
+            ok = _allowed(t[:, None], s[None, :], g, L, LAY, n_lay, PAT)
             qk = tl.where(ok, qk * qk_scale, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(qk, 1))
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
@@ -299,46 +237,11 @@ def _fwd_tiles(
 
 @triton.jit
 def _fwd_kernel(
-    Q,
-    K,
-    V,
-    O,
-    LSE,
-    STARTS,
-    QSTARTS,
-    LENS,
-    QOFF,
-    LAY,
-    n_lay,
-    IDX,
-    CNT,
-    idx_w,
-    sqt,
-    sqh,
-    skt,
-    skh,
-    svt,
-    svh,
-    sot,
-    soh,
-    qk_scale,
-    H,
-    PATTERN: tl.constexpr,
-    SINK: tl.constexpr,
-    WINDOW: tl.constexpr,
-    PB: tl.constexpr,
-    LOCAL: tl.constexpr,
-    STRIDE: tl.constexpr,
-    STEP: tl.constexpr,
-    DENSE_FROM: tl.constexpr,
-    G: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    KV_OFF: tl.constexpr = 0,
-    EVEN: tl.constexpr = False,
-):
+    Q, K, V, O, LSE, STARTS, QSTARTS, LENS, QOFF, LAY, n_lay, IDX, CNT, idx_w,
+    sqt, sqh, skt, skh, svt, svh, sot, soh, qk_scale, H,
+    PAT: tl.constexpr, G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, KV_OFF: tl.constexpr = 0, EVEN: tl.constexpr = False,
+):  # fmt: skip
     pid_m = tl.program_id(0)
     g = tl.program_id(1)
     gp = g + KV_OFF  # the global KV head: what the pattern sees (g indexes the local tensors)
@@ -358,256 +261,58 @@ def _fwd_kernel(
     qs = QOFF + row0 // G
     qe = tl.minimum(QOFF + (row0 + BLOCK_M - 1) // G + 1, L)
     q = tl.load(Q + (qstart + tq)[:, None] * sqt + head[:, None] * sqh + offs_d[None, :], mask=io_mask, other=0.0)
-    Kg = K + start * skt + g * skh
-    Vg = V + start * svt + g * svh
+    kv = (K + start * skt + g * skh, V + start * svt + g * svh, skt, svt)
+    mask = (t, gp, L, LAY, n_lay)
+    dims: tl.constexpr = (HEAD_DIM, BLOCK_D, BLOCK_N)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    if PATTERN == LAYOUT:
+    state = (acc, m_i, l_i)
+    if PAT[0] == LAYOUT:
         row = g * tl.num_programs(0) + pid_m
-        acc, m_i, l_i = _fwd_tiles(
-            acc,
-            m_i,
-            l_i,
-            q,
-            t,
-            gp,
-            L,
-            Kg,
-            Vg,
-            skt,
-            svt,
-            LAY,
-            n_lay,
-            IDX + row * idx_w,
-            0,
-            tl.load(CNT + row),
-            qk_scale,
-            PATTERN,
-            SINK,
-            WINDOW,
-            PB,
-            LOCAL,
-            STRIDE,
-            STEP,
-            DENSE_FROM,
-            HEAD_DIM,
-            BLOCK_D,
-            BLOCK_N,
-            True,
-            False,
-            True,
-            EVEN,
-        )
-    else:
-        n_far, lo, a, b, hi = _key_ranges(
-            gp, qs, qe, PATTERN, SINK, WINDOW, PB, LOCAL, STRIDE, STEP, DENSE_FROM, BLOCK_N
-        )
-        acc, m_i, l_i = _fwd_tiles(
-            acc,
-            m_i,
-            l_i,
-            q,
-            t,
-            gp,
-            L,
-            Kg,
-            Vg,
-            skt,
-            svt,
-            LAY,
-            n_lay,
-            IDX,
-            0,
-            n_far,
-            qk_scale,
-            PATTERN,
-            SINK,
-            WINDOW,
-            PB,
-            LOCAL,
-            STRIDE,
-            STEP,
-            DENSE_FROM,
-            HEAD_DIM,
-            BLOCK_D,
-            BLOCK_N,
-            PATTERN == SINK_WINDOW,
-            True,
-            False,
-            EVEN,
-        )
-        acc, m_i, l_i = _fwd_tiles(
-            acc,
-            m_i,
-            l_i,
-            q,
-            t,
-            gp,
-            L,
-            Kg,
-            Vg,
-            skt,
-            svt,
-            LAY,
-            n_lay,
-            IDX,
-            lo,
-            a,
-            qk_scale,
-            PATTERN,
-            SINK,
-            WINDOW,
-            PB,
-            LOCAL,
-            STRIDE,
-            STEP,
-            DENSE_FROM,
-            HEAD_DIM,
-            BLOCK_D,
-            BLOCK_N,
-            True,
-            False,
-            False,
-            EVEN,
-        )
-        acc, m_i, l_i = _fwd_tiles(
-            acc,
-            m_i,
-            l_i,
-            q,
-            t,
-            gp,
-            L,
-            Kg,
-            Vg,
-            skt,
-            svt,
-            LAY,
-            n_lay,
-            IDX,
-            a,
-            b,
-            qk_scale,
-            PATTERN,
-            SINK,
-            WINDOW,
-            PB,
-            LOCAL,
-            STRIDE,
-            STEP,
-            DENSE_FROM,
-            HEAD_DIM,
-            BLOCK_D,
-            BLOCK_N,
-            False,
-            False,
-            False,
-            EVEN,
-        )
-        acc, m_i, l_i = _fwd_tiles(
-            acc,
-            m_i,
-            l_i,
-            q,
-            t,
-            gp,
-            L,
-            Kg,
-            Vg,
-            skt,
-            svt,
-            LAY,
-            n_lay,
-            IDX,
-            b,
-            hi,
-            qk_scale,
-            PATTERN,
-            SINK,
-            WINDOW,
-            PB,
-            LOCAL,
-            STRIDE,
-            STEP,
-            DENSE_FROM,
-            HEAD_DIM,
-            BLOCK_D,
-            BLOCK_N,
-            True,
-            False,
-            False,
-            EVEN,
-        )
+        IDX_ROW = IDX + row * idx_w
+        state = _fwd_tiles(state, q, mask, kv, IDX_ROW, 0, tl.load(CNT + row), qk_scale, PAT, dims, (1, 0, 1, EVEN))
+    else:  # far tiles (masked for SinkWindow's sinks), the masked window / local edge, the interior, the diagonal
+        n_far, lo, a, b, hi = _key_ranges(gp, qs, qe, PAT, BLOCK_N)
+        FAR_MASK: tl.constexpr = PAT[0] == SINK_WINDOW
+        state = _fwd_tiles(state, q, mask, kv, IDX, 0, n_far, qk_scale, PAT, dims, (FAR_MASK, 1, 0, EVEN))
+        state = _fwd_tiles(state, q, mask, kv, IDX, lo, a, qk_scale, PAT, dims, (1, 0, 0, EVEN))
+        state = _fwd_tiles(state, q, mask, kv, IDX, a, b, qk_scale, PAT, dims, (0, 0, 0, EVEN))
+        state = _fwd_tiles(state, q, mask, kv, IDX, b, hi, qk_scale, PAT, dims, (1, 0, 0, EVEN))
+    acc, m_i, l_i = state
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
-    tl.store(
-        O + (qstart + tq)[:, None] * sot + head[:, None] * soh + offs_d[None, :],
-        out.to(O.dtype.element_ty),
-        mask=io_mask,
-    )
+    o_ptrs = O + (qstart + tq)[:, None] * sot + head[:, None] * soh + offs_d[None, :]
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=io_mask)
     tl.store(LSE + (qstart + tq) * H + head, m_i + tl.math.log2(l_safe), mask=t < L)
 
 
 # -------------------------------------------------------------------------------------------------------------
 # backward: dQ iterates like the forward; dK/dV iterates over the query row tiles that see a key tile
 @triton.jit
-def _dq_tiles(
-    dq,
-    q,
-    do,
-    lse,
-    delta,
-    t,
-    g,
-    L,
-    K,
-    V,
-    skt,
-    svt,
-    LAY,
-    n_lay,
-    IDX,
-    lo,
-    hi,
-    PATTERN: tl.constexpr,
-    SINK: tl.constexpr,
-    WINDOW: tl.constexpr,
-    PB: tl.constexpr,
-    LOCAL: tl.constexpr,
-    STRIDE: tl.constexpr,
-    STEP: tl.constexpr,
-    DENSE_FROM: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    MASK: tl.constexpr,
-    FAR: tl.constexpr,
-    INDEXED: tl.constexpr,
-    qk_scale,
-    EVEN: tl.constexpr,
-):
-    CHECK_LEN: tl.constexpr = MASK and (INDEXED or not EVEN)  # edge tiles may pass the end
+def _dq_tiles(dq, rows, mask, kv, IDX, lo, hi, qk_scale, PAT: tl.constexpr, DIMS: tl.constexpr, FLAGS: tl.constexpr):
+    """dQ of rows = (q, do, lse, delta) over key tiles u in [lo, hi), as `_fwd_tiles` visits them."""
+    HEAD_DIM: tl.constexpr = DIMS[0]
+    BLOCK_D: tl.constexpr = DIMS[1]
+    BLOCK_N: tl.constexpr = DIMS[2]
+    MASK: tl.constexpr = FLAGS[0]
+    CHECK_LEN: tl.constexpr = MASK and (FLAGS[2] or not FLAGS[3])  # edge tiles may pass the end
+    q, do, lse, delta = rows
+    t, g, L, LAY, n_lay = mask
+    K, V, skt, svt = kv
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     k_rel = offs_n[:, None] * skt + offs_d[None, :]  # a tile's element offsets: the loop adds a scalar
     v_rel = offs_n[:, None] * svt + offs_d[None, :]
     for u in range(lo, hi):
-        if INDEXED:
-            kt = tl.load(IDX + u)
-        elif FAR:
-            kt = _far_tile(u, g, PATTERN, PB, STRIDE, STEP, BLOCK_N)
-        else:
-            kt = u
+        kt = _visit(u, g, IDX, PAT, BLOCK_N, FLAGS[1], FLAGS[2])
         s = kt * BLOCK_N + offs_n
         k = _load_rows(K + kt * BLOCK_N * skt + k_rel, s, L, offs_d, HEAD_DIM, BLOCK_D, CHECK_LEN)
         v = _load_rows(V + kt * BLOCK_N * svt + v_rel, s, L, offs_d, HEAD_DIM, BLOCK_D, CHECK_LEN)
         qk = tl.dot(q, tl.trans(k)) * qk_scale
         p = tl.math.exp2(qk - lse[:, None])
         if MASK:
-            ok = _allowed(
-                t[:, None], s[None, :], g, L, LAY, n_lay, PATTERN, SINK, WINDOW, PB, LOCAL, STRIDE, STEP, DENSE_FROM
-            )
+            ok = _allowed(t[:, None], s[None, :], g, L, LAY, n_lay, PAT)
             p = tl.where(ok, p, 0.0)
         dp = tl.dot(do, tl.trans(v))
         ds = p * (dp - delta[:, None])
@@ -617,53 +322,11 @@ def _dq_tiles(
 
 @triton.jit
 def _dq_kernel(
-    Q,
-    K,
-    V,
-    DO,
-    DQ,
-    O,
-    LSE,
-    DLSE,
-    DELTA,
-    STARTS,
-    LENS,
-    LAY,
-    n_lay,
-    IDX,
-    CNT,
-    idx_w,
-    sqt,
-    sqh,
-    skt,
-    skh,
-    svt,
-    svh,
-    sdot,
-    sdoh,
-    sdqt,
-    sdqh,
-    sot,
-    soh,
-    qk_scale,
-    H,
-    HAS_DLSE: tl.constexpr,
-    PATTERN: tl.constexpr,
-    SINK: tl.constexpr,
-    WINDOW: tl.constexpr,
-    PB: tl.constexpr,
-    LOCAL: tl.constexpr,
-    STRIDE: tl.constexpr,
-    STEP: tl.constexpr,
-    DENSE_FROM: tl.constexpr,
-    G: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    KV_OFF: tl.constexpr = 0,
-    EVEN: tl.constexpr = False,
-):
+    Q, K, V, DO, DQ, O, LSE, DLSE, DELTA, STARTS, LENS, LAY, n_lay, IDX, CNT, idx_w,
+    sqt, sqh, skt, skh, svt, svh, sdot, sdoh, sdqt, sdqh, sot, soh, qk_scale, H, HAS_DLSE: tl.constexpr,
+    PAT: tl.constexpr, G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, KV_OFF: tl.constexpr = 0, EVEN: tl.constexpr = False,
+):  # fmt: skip
     pid_m = tl.program_id(0)
     g = tl.program_id(1)
     gp = g + KV_OFF  # the global KV head: what the pattern sees (g indexes the local tensors)
@@ -689,244 +352,45 @@ def _dq_kernel(
     if HAS_DLSE:
         delta -= tl.load(DLSE + (start + t) * H + head, mask=t < L, other=0.0)
     tl.store(DELTA + (start + t) * H + head, delta, mask=t < L)
-    Kg = K + start * skt + g * skh
-    Vg = V + start * svt + g * svh
+    kv = (K + start * skt + g * skh, V + start * svt + g * svh, skt, svt)
+    mask = (t, gp, L, LAY, n_lay)
+    rows = (q, do, lse, delta)
+    dims: tl.constexpr = (HEAD_DIM, BLOCK_D, BLOCK_N)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    if PATTERN == LAYOUT:
+    if PAT[0] == LAYOUT:
         row = g * tl.num_programs(0) + pid_m
-        dq = _dq_tiles(
-            dq,
-            q,
-            do,
-            lse,
-            delta,
-            t,
-            gp,
-            L,
-            Kg,
-            Vg,
-            skt,
-            svt,
-            LAY,
-            n_lay,
-            IDX + row * idx_w,
-            0,
-            tl.load(CNT + row),
-            PATTERN,
-            SINK,
-            WINDOW,
-            PB,
-            LOCAL,
-            STRIDE,
-            STEP,
-            DENSE_FROM,
-            HEAD_DIM,
-            BLOCK_D,
-            BLOCK_N,
-            True,
-            False,
-            True,
-            qk_scale,
-            EVEN,
-        )
-    else:
-        n_far, lo, a, b, hi = _key_ranges(
-            gp, qs, qe, PATTERN, SINK, WINDOW, PB, LOCAL, STRIDE, STEP, DENSE_FROM, BLOCK_N
-        )
-        dq = _dq_tiles(
-            dq,
-            q,
-            do,
-            lse,
-            delta,
-            t,
-            gp,
-            L,
-            Kg,
-            Vg,
-            skt,
-            svt,
-            LAY,
-            n_lay,
-            IDX,
-            0,
-            n_far,
-            PATTERN,
-            SINK,
-            WINDOW,
-            PB,
-            LOCAL,
-            STRIDE,
-            STEP,
-            DENSE_FROM,
-            HEAD_DIM,
-            BLOCK_D,
-            BLOCK_N,
-            PATTERN == SINK_WINDOW,
-            True,
-            False,
-            qk_scale,
-            EVEN,
-        )
-        dq = _dq_tiles(
-            dq,
-            q,
-            do,
-            lse,
-            delta,
-            t,
-            gp,
-            L,
-            Kg,
-            Vg,
-            skt,
-            svt,
-            LAY,
-            n_lay,
-            IDX,
-            lo,
-            a,
-            PATTERN,
-            SINK,
-            WINDOW,
-            PB,
-            LOCAL,
-            STRIDE,
-            STEP,
-            DENSE_FROM,
-            HEAD_DIM,
-            BLOCK_D,
-            BLOCK_N,
-            True,
-            False,
-            False,
-            qk_scale,
-            EVEN,
-        )
-        dq = _dq_tiles(
-            dq,
-            q,
-            do,
-            lse,
-            delta,
-            t,
-            gp,
-            L,
-            Kg,
-            Vg,
-            skt,
-            svt,
-            LAY,
-            n_lay,
-            IDX,
-            a,
-            b,
-            PATTERN,
-            SINK,
-            WINDOW,
-            PB,
-            LOCAL,
-            STRIDE,
-            STEP,
-            DENSE_FROM,
-            HEAD_DIM,
-            BLOCK_D,
-            BLOCK_N,
-            False,
-            False,
-            False,
-            qk_scale,
-            EVEN,
-        )
-        dq = _dq_tiles(
-            dq,
-            q,
-            do,
-            lse,
-            delta,
-            t,
-            gp,
-            L,
-            Kg,
-            Vg,
-            skt,
-            svt,
-            LAY,
-            n_lay,
-            IDX,
-            b,
-            hi,
-            PATTERN,
-            SINK,
-            WINDOW,
-            PB,
-            LOCAL,
-            STRIDE,
-            STEP,
-            DENSE_FROM,
-            HEAD_DIM,
-            BLOCK_D,
-            BLOCK_N,
-            True,
-            False,
-            False,
-            qk_scale,
-            EVEN,
-        )
+        IDX_ROW = IDX + row * idx_w
+        dq = _dq_tiles(dq, rows, mask, kv, IDX_ROW, 0, tl.load(CNT + row), qk_scale, PAT, dims, (1, 0, 1, EVEN))
+    else:  # the forward's ranges
+        n_far, lo, a, b, hi = _key_ranges(gp, qs, qe, PAT, BLOCK_N)
+        FAR_MASK: tl.constexpr = PAT[0] == SINK_WINDOW
+        dq = _dq_tiles(dq, rows, mask, kv, IDX, 0, n_far, qk_scale, PAT, dims, (FAR_MASK, 1, 0, EVEN))
+        dq = _dq_tiles(dq, rows, mask, kv, IDX, lo, a, qk_scale, PAT, dims, (1, 0, 0, EVEN))
+        dq = _dq_tiles(dq, rows, mask, kv, IDX, a, b, qk_scale, PAT, dims, (0, 0, 0, EVEN))
+        dq = _dq_tiles(dq, rows, mask, kv, IDX, b, hi, qk_scale, PAT, dims, (1, 0, 0, EVEN))
     dq = dq * (qk_scale * LN2)  # back from log2 units: d(score)/dq = scale * k
-    tl.store(
-        DQ + (start + t)[:, None] * sdqt + head[:, None] * sdqh + offs_d[None, :],
-        dq.to(DQ.dtype.element_ty),
-        mask=io_mask,
-    )
+    dq_ptrs = DQ + (start + t)[:, None] * sdqt + head[:, None] * sdqh + offs_d[None, :]
+    tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=io_mask)
 
 
 @triton.jit
-def _dkdv_tiles(
-    dk,
-    dv,
-    k,
-    v,
-    s,
-    g,
-    L,
-    Q,
-    DO,
-    LSE,
-    DELTA,
-    sqt,
-    sqh,
-    sdot,
-    sdoh,
-    H,
-    LAY,
-    n_lay,
-    IDX,
-    lo,
-    hi,
-    PATTERN: tl.constexpr,
-    SINK: tl.constexpr,
-    WINDOW: tl.constexpr,
-    PB: tl.constexpr,
-    LOCAL: tl.constexpr,
-    STRIDE: tl.constexpr,
-    STEP: tl.constexpr,
-    DENSE_FROM: tl.constexpr,
-    G: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    MASK: tl.constexpr,
-    INDEXED: tl.constexpr,
-    qk_scale,
-    EVEN: tl.constexpr,
-):
-    """Accumulate dK, dV of one key tile over query row tiles [lo, hi). Rows past the sequence end load
-    q = do = 0, so they add nothing even unmasked. Q, DO, LSE, DELTA point at the group's first query head;
-    g is the global KV head the pattern sees."""
+def _dkdv_tiles(grads, keys, mask, rows, IDX, lo, hi, qk_scale, PAT: tl.constexpr, DIMS: tl.constexpr, FLAGS):
+    """Accumulate grads = (dK, dV) of keys = (k, v, s) over query row tiles [lo, hi) of rows = (Q, DO, LSE, DELTA,
+    sqt, sqh, sdot, sdoh, H), which point at the group's first query head. Rows past the sequence end load
+    q = do = 0, so they add nothing even unmasked. mask = (g, L, LAY, n_lay), g the global KV head the pattern
+    sees; DIMS = (G, HEAD_DIM, BLOCK_D, BLOCK_M), FLAGS = (MASK, INDEXED, EVEN)."""
+    G: tl.constexpr = DIMS[0]
+    HEAD_DIM: tl.constexpr = DIMS[1]
+    BLOCK_D: tl.constexpr = DIMS[2]
+    BLOCK_M: tl.constexpr = DIMS[3]
+    INDEXED: tl.constexpr = FLAGS[1]
     # with EVEN lengths the row tiles a key tile sees lie inside the sequence (an index built for the longest
     # sequence may list tiles past a shorter one's end)
-    CHECK_LEN: tl.constexpr = INDEXED or not EVEN
+    CHECK_LEN: tl.constexpr = INDEXED or not FLAGS[2]
+    dk, dv = grads
+    k, v, s = keys
+    g, L, LAY, n_lay = mask
+    Q, DO, LSE, DELTA, sqt, sqh, sdot, sdoh, H = rows
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     # row r of a tile: position r // G, head r % G within the KV group (the pointers start at its first query
@@ -957,10 +421,8 @@ def _dkdv_tiles(
         lse = _load_vec(LSE + r_off, t, L, CHECK_LEN)
         qkT = tl.dot(k, tl.trans(q)) * qk_scale  # (keys, rows)
         pT = tl.math.exp2(qkT - lse[None, :])
-        if MASK:
-            ok = _allowed(
-                t[None, :], s[:, None], g, L, LAY, n_lay, PATTERN, SINK, WINDOW, PB, LOCAL, STRIDE, STEP, DENSE_FROM
-            )
+        if FLAGS[0]:
+            ok = _allowed(t[None, :], s[:, None], g, L, LAY, n_lay, PAT)
             pT = tl.where(ok, pT, 0.0)
         do = _load_rows(do_ptrs, t, L, offs_d, HEAD_DIM, BLOCK_D, CHECK_LEN)
         dv = tl.dot(pT.to(do.dtype), do, dv)
@@ -973,53 +435,12 @@ def _dkdv_tiles(
 
 @triton.jit
 def _dkdv_kernel(
-    Q,
-    K,
-    V,
-    DO,
-    DK,
-    DV,
-    LSE,
-    DELTA,
-    STARTS,
-    LENS,
-    LAY,
-    n_lay,
-    IDX,
-    CNT,
-    idx_w,
-    sqt,
-    sqh,
-    skt,
-    skh,
-    svt,
-    svh,
-    sdot,
-    sdoh,
-    sdkt,
-    sdkh,
-    sdvt,
-    sdvh,
-    qk_scale,
-    H,
-    n_kv_heads,
-    n_key_tiles,
-    PATTERN: tl.constexpr,
-    SINK: tl.constexpr,
-    WINDOW: tl.constexpr,
-    PB: tl.constexpr,
-    LOCAL: tl.constexpr,
-    STRIDE: tl.constexpr,
-    STEP: tl.constexpr,
-    DENSE_FROM: tl.constexpr,
-    G: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    KV_OFF: tl.constexpr = 0,
-    EVEN: tl.constexpr = False,
-):
+    Q, K, V, DO, DK, DV, LSE, DELTA, STARTS, LENS, LAY, n_lay, IDX, CNT, idx_w,
+    sqt, sqh, skt, skh, svt, svh, sdot, sdoh, sdkt, sdkh, sdvt, sdvh, qk_scale, H, n_kv_heads, n_key_tiles,
+    PAT: tl.constexpr, G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, KV_OFF: tl.constexpr = 0, EVEN: tl.constexpr = False,
+):  # fmt: skip
+    PB: tl.constexpr = PAT[3]
     # tile-major launch: every head's first (longest) key tiles are scheduled first
     g = tl.program_id(0) % n_kv_heads
     gp = g + KV_OFF  # the global KV head: what the pattern sees (g indexes the local tensors)
@@ -1029,13 +450,13 @@ def _dkdv_kernel(
     n_tiles = (L + BLOCK_N - 1) // BLOCK_N
     n_blocks = (L + PB - 1) // PB
     pid = tl.program_id(1)
-    if PATTERN == BLOCK_SPARSE:  # the longest-first order permutes whole pattern blocks
+    if PAT[0] == BLOCK_SPARSE:  # the longest-first order permutes whole pattern blocks
         n_launch = n_blocks * (PB // BLOCK_N)
     else:
         n_launch = n_tiles
     if pid >= n_launch:
         return
-    kt = _key_tile_order(pid, gp, n_blocks, PATTERN, PB, STRIDE, STEP, DENSE_FROM, BLOCK_N)
+    kt = _key_tile_order(pid, gp, n_blocks, PAT, BLOCK_N)
     if kt >= n_tiles:
         return
     ks = kt * BLOCK_N
@@ -1047,172 +468,24 @@ def _dkdv_kernel(
     v = tl.load(V + (start + s)[:, None] * svt + g * svh + offs_d[None, :], mask=kv_mask, other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    Qs = Q + start * sqt + g * G * sqh
-    DOs = DO + start * sdot + g * G * sdoh
-    LSEs = LSE + start * H + g * G
-    DELTAs = DELTA + start * H + g * G
-    if PATTERN == LAYOUT:
+    grads = (dk, dv)
+    keys = (k, v, s)
+    mask = (gp, L, LAY, n_lay)
+    rows = (
+        Q + start * sqt + g * G * sqh, DO + start * sdot + g * G * sdoh, LSE + start * H + g * G,
+        DELTA + start * H + g * G, sqt, sqh, sdot, sdoh, H,
+    )  # fmt: skip
+    dims: tl.constexpr = (G, HEAD_DIM, BLOCK_D, BLOCK_M)
+    if PAT[0] == LAYOUT:
         col = g * n_key_tiles + kt
-        dk, dv = _dkdv_tiles(
-            dk,
-            dv,
-            k,
-            v,
-            s,
-            gp,
-            L,
-            Qs,
-            DOs,
-            LSEs,
-            DELTAs,
-            sqt,
-            sqh,
-            sdot,
-            sdoh,
-            H,
-            LAY,
-            n_lay,
-            IDX + col * idx_w,
-            0,
-            tl.load(CNT + col),
-            PATTERN,
-            SINK,
-            WINDOW,
-            PB,
-            LOCAL,
-            STRIDE,
-            STEP,
-            DENSE_FROM,
-            G,
-            HEAD_DIM,
-            BLOCK_D,
-            BLOCK_M,
-            True,
-            True,
-            qk_scale,
-            EVEN,
-        )
-    else:
-        m_lo, d, e, m_hi = _query_ranges(
-            ks, ke, gp, L, PATTERN, SINK, WINDOW, PB, LOCAL, STRIDE, STEP, DENSE_FROM, G, BLOCK_M
-        )
-        dk, dv = _dkdv_tiles(
-            dk,
-            dv,
-            k,
-            v,
-            s,
-            gp,
-            L,
-            Qs,
-            DOs,
-            LSEs,
-            DELTAs,
-            sqt,
-            sqh,
-            sdot,
-            sdoh,
-            H,
-            LAY,
-            n_lay,
-            IDX,
-            m_lo,
-            d,
-            PATTERN,
-            SINK,
-            WINDOW,
-            PB,
-            LOCAL,
-            STRIDE,
-            STEP,
-            DENSE_FROM,
-            G,
-            HEAD_DIM,
-            BLOCK_D,
-            BLOCK_M,
-            True,
-            False,
-            qk_scale,
-            EVEN,
-        )
-        dk, dv = _dkdv_tiles(
-            dk,
-            dv,
-            k,
-            v,
-            s,
-            gp,
-            L,
-            Qs,
-            DOs,
-            LSEs,
-            DELTAs,
-            sqt,
-            sqh,
-            sdot,
-            sdoh,
-            H,
-            LAY,
-            n_lay,
-            IDX,
-            d,
-            e,
-            PATTERN,
-            SINK,
-            WINDOW,
-            PB,
-            LOCAL,
-            STRIDE,
-            STEP,
-            DENSE_FROM,
-            G,
-            HEAD_DIM,
-            BLOCK_D,
-            BLOCK_M,
-            False,
-            False,
-            qk_scale,
-            EVEN,
-        )
-        dk, dv = _dkdv_tiles(
-            dk,
-            dv,
-            k,
-            v,
-            s,
-            gp,
-            L,
-            Qs,
-            DOs,
-            LSEs,
-            DELTAs,
-            sqt,
-            sqh,
-            sdot,
-            sdoh,
-            H,
-            LAY,
-            n_lay,
-            IDX,
-            e,
-            m_hi,
-            PATTERN,
-            SINK,
-            WINDOW,
-            PB,
-            LOCAL,
-            STRIDE,
-            STEP,
-            DENSE_FROM,
-            G,
-            HEAD_DIM,
-            BLOCK_D,
-            BLOCK_M,
-            True,
-            False,
-            qk_scale,
-            EVEN,
-        )
+        IDX_COL = IDX + col * idx_w
+        grads = _dkdv_tiles(grads, keys, mask, rows, IDX_COL, 0, tl.load(CNT + col), qk_scale, PAT, dims, (1, 1, EVEN))
+    else:  # the masked diagonal, the interior, the masked window / local edge
+        m_lo, d, e, m_hi = _query_ranges(ks, ke, gp, L, PAT, G, BLOCK_M)
+        grads = _dkdv_tiles(grads, keys, mask, rows, IDX, m_lo, d, qk_scale, PAT, dims, (1, 0, EVEN))
+        grads = _dkdv_tiles(grads, keys, mask, rows, IDX, d, e, qk_scale, PAT, dims, (0, 0, EVEN))
+        grads = _dkdv_tiles(grads, keys, mask, rows, IDX, e, m_hi, qk_scale, PAT, dims, (1, 0, EVEN))
+    dk, dv = grads
     dk = dk * (qk_scale * LN2)
     tl.store(DK + (start + s)[:, None] * sdkt + g * sdkh + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=kv_mask)
     tl.store(DV + (start + s)[:, None] * sdvt + g * sdvh + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kv_mask)
@@ -1220,184 +493,12 @@ def _dkdv_kernel(
 
 # -------------------------------------------------------------------------------------------------------------
 # launch
-@dataclass(frozen=True)
-class Tiles:
-    """Tile sizes and launch settings of one kernel."""
-
-    block_m: int
-    block_n: int
-    num_warps: int
-    num_stages: int
-
-
-def _tile_config(head_dim: int, dtype: torch.dtype, interpret: bool) -> dict[str, Tiles]:
-    """Tile configuration per kernel ("fwd", "dq", "dkdv"); measured choices are in docs/kernels/attention.md."""
-    if interpret:
-        t = Tiles(16, 16, 1, 1)
-        return {"fwd": t, "dq": t, "dkdv": t}
-    return {
-        "fwd": Tiles(128, 64, 8, 3),
-        "dq": Tiles(128, 64, 8, 3) if head_dim > 64 else Tiles(128, 64, 4, 3),
-        "dkdv": Tiles(32, 64, 4, 4),
-    }
-
-
-def pattern_constexprs(p, hkv: int) -> dict[str, int]:
-    """The compile-time pattern parameters `_allowed` and the range helpers take, for a resolved pattern."""
-    sink = window = local = step = 0
-    stride = pb = 1
-    dense_from = hkv
-    if isinstance(p, Full):
-        kind = K_FULL
-    elif isinstance(p, SinkWindow):
-        kind, sink, window = K_SINK_WINDOW, p.sink, p.window
-    elif isinstance(p, BlockSparse):
-        kind, pb, local, stride = K_BLOCK_SPARSE, p.block_size, p.local_blocks, p.stride
-        step = max(1, stride // hkv)
-        dense_from = hkv - p.dense_kv_heads
-    elif isinstance(p, BlockLayout):
-        kind, pb = K_LAYOUT, p.block_size
-    else:  # pragma: no cover - every Pattern subclass is listed above
-        raise TypeError(f"no Triton kernel for pattern {p!r}")
-    return dict(
-        PATTERN=kind, SINK=sink, WINDOW=window, PB=pb, LOCAL=local, STRIDE=stride, STEP=step, DENSE_FROM=dense_from
-    )
-
-
-class _Plan:
-    """Everything the kernels need about one call: sequences, constexpr pattern parameters, tiles, indices."""
-
-    def __init__(
-        self, shape: AttentionShape, starts: torch.Tensor, lens: torch.Tensor, dtype: torch.dtype, q_offset: int = 0
-    ):
-        p = shape.pattern
-        device = starts.device
-        self.shape = shape
-        self.starts, self.lens = starts, lens
-        self.n_seqs = len(shape.seq_lens)
-        self.max_len = max(shape.seq_lens, default=0)
-        # queries: whole sequences, or (forward only, equal lengths) positions q_offset .. max_len - 1 of each
-        self.q_offset = q_offset
-        self.q_starts = starts
-        if q_offset:
-            self.q_starts = torch.arange(self.n_seqs, dtype=torch.int32, device=device) * (self.max_len - q_offset)
-        hkv, off = shape.num_kv_heads, shape.kv_head_offset
-        self.tiles = _tile_config(shape.head_dim, dtype, _interpreting())
-        self.constexprs = pattern_constexprs(p, shape.global_kv_heads)
-        kind, pb = self.constexprs["PATTERN"], self.constexprs["PB"]
-        if kind in (K_BLOCK_SPARSE, K_LAYOUT):  # key tiles never straddle pattern blocks
-            self.tiles = {
-                name: Tiles(t.block_m, min(t.block_n, pb), t.num_warps, t.num_stages) for name, t in self.tiles.items()
-            }
-        self.kind = kind
-        # EVEN: every sequence (and the query count) is a whole number of tiles, so no load needs a length test
-        tile = max(max(t.block_m, t.block_n) for t in self.tiles.values())
-        even = all(n % tile == 0 for n in (*shape.seq_lens, self.max_len - q_offset))
-        self.constexprs.update(
-            EVEN=even,
-            G=shape.group,
-            HEAD_DIM=shape.head_dim,
-            BLOCK_D=max(16, triton.next_power_of_2(shape.head_dim)),
-            KV_OFF=off,
-        )
-        # set by triton_attention where the Hopper Gluon kernels take the call (forward; dQ, dK/dV of the backward)
-        self.gluon_forward = self.gluon_dq = self.gluon_dkdv = False
-        self.layout = torch.zeros(1, dtype=torch.int8, device=device)
-        self.n_lay = 1
-        self.index: dict[str, tuple[torch.Tensor, torch.Tensor] | None] = {"fwd": None, "dq": None, "dkdv": None}
-        if kind == K_LAYOUT:
-            # the kernels read the layout at the global head, the tile index is built for the local heads
-            self.layout = p.layout.expand(shape.global_kv_heads, -1, -1).to(device=device, dtype=torch.int8)
-            self.layout = self.layout.contiguous()
-            self.n_lay = p.n_blocks
-            for name, t in self.tiles.items():
-                self.index[name] = _layout_index(
-                    p, hkv, self.max_len, shape.group, t, device, transpose=name == "dkdv", kv_head_offset=off
-                )
-
-    def launch_args(self, name: str) -> tuple:
-        """(layout, n_lay, index, counts, index width) for kernel `name`."""
-        index = self.index[name]
-        if index is None:
-            z = torch.zeros(1, dtype=torch.int32, device=self.starts.device)
-            return self.layout, self.n_lay, z, z, 0
-        idx, cnt = index
-        return self.layout, self.n_lay, idx, cnt, idx.shape[-1]
-
-    def meta(self, name: str) -> dict:
-        t = self.tiles[name]
-        return dict(
-            self.constexprs, BLOCK_M=t.block_m, BLOCK_N=t.block_n, num_warps=t.num_warps, num_stages=t.num_stages
-        )
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _layout_index(
-    p: BlockLayout,
-    hkv: int,
-    max_len: int,
-    G: int,
-    tiles: Tiles,
-    device,
-    transpose: bool = False,
-    kv_head_offset: int = 0,
-):
-    """Compact tile index of a BlockLayout: for each (KV head, query row tile) the key tiles it visits, or with
-    `transpose` for each (KV head, key tile) the query row tiles that visit it. Returns (index padded to the
-    longest list, counts), both int32 and flattened over (head, tile). The heads are the `hkv` layout heads from
-    `kv_head_offset` on."""
-    B, bm, bn = p.block_size, tiles.block_m, tiles.block_n
-    n_m = math.ceil(max_len * G / bm)
-    n_k = math.ceil(max_len / bn)
-    lay = p.layout if p.layout.shape[0] == 1 else p.layout[kv_head_offset : kv_head_offset + hkv]
-    lay = lay.expand(hkv, -1, -1)
-    m = torch.arange(n_m)
-    qs = (m * bm) // G
-    qe = torch.clamp(((m + 1) * bm - 1) // G + 1, max=max_len)
-    kt = torch.arange(n_k)
-    kb = (kt * bn) // B  # key tiles never straddle layout blocks (bn <= B)
-    visit = torch.zeros(hkv, n_m, n_k, dtype=torch.bool)
-    for extra in range(math.ceil(bm / G / B) + 2):  # layout rows one query tile can touch
-        rb = qs // B + extra
-        rows_ok = rb * B < qe
-        visit |= lay[:, rb.clamp(max=p.n_blocks - 1)][:, :, kb] & rows_ok[None, :, None]
-    visit &= (kt[None, :] * bn <= qe[:, None] - 1)[None]
-    if transpose:
-        visit = visit.transpose(1, 2)
-    cnt = visit.sum(-1).to(torch.int32)
-    width = max(1, int(cnt.max()) if cnt.numel() else 1)
-    n = visit.shape[-1]
-    order = torch.argsort((~visit).to(torch.int64) * n + torch.arange(n), dim=-1)  # visited first, ascending
-    idx = order[..., :width].to(torch.int32)
-    return idx.reshape(-1, width).to(device).contiguous(), cnt.reshape(-1).to(device).contiguous()
-
-
-def _seq_tensors(
-    shape: AttentionShape, cu_seqlens: torch.Tensor | None, row_len: int, device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    # built on the device where possible: a blocking host-to-device copy synchronises the stream (~2 stalls per
-    # layer of a prefill)
-    n = len(shape.seq_lens)
-    if cu_seqlens is None:
-        starts = torch.arange(n, dtype=torch.int32, device=device) * row_len
-    else:
-        starts = cu_seqlens[:-1].to(device, torch.int32)
-    if len(set(shape.seq_lens)) <= 1:
-        lens = torch.full((n,), shape.seq_lens[0] if n else 0, dtype=torch.int32, device=device)
-    else:
-        lens = torch.tensor(shape.seq_lens, dtype=torch.int32).to(device)
-    return starts, lens
-
-
 def _check_supported(q: torch.Tensor, shape: AttentionShape) -> None:
     if shape.head_dim not in TRITON_HEAD_DIMS:
         raise ValueError(f"the Triton kernels support head_dim in {TRITON_HEAD_DIMS}, got {shape.head_dim}")
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise TypeError(f"the Triton kernels support float16, bfloat16 and float32, got {q.dtype}")
-    if q.device.type != "cuda" and not _interpreting():
+    if q.device.type != "cuda" and not interpreting():
         raise ValueError("the Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors)")
     if q.device.type == "cuda" and q.dtype == torch.float32:
         raise TypeError("the Triton kernels take float16 or bfloat16 on the GPU; float32 runs on the reference")
@@ -1410,7 +511,7 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _forward(q, k, v, plan: _Plan):
+def _forward(q, k, v, plan: Plan):
     total, H, _ = q.shape
     if plan.shape.padded:  # padded positions are never written by the kernel: output 0, lse -inf
         o = torch.zeros_like(q)
@@ -1420,7 +521,7 @@ def _forward(q, k, v, plan: _Plan):
         lse2 = torch.empty(total, H, dtype=torch.float32, device=q.device)
     if total == 0 or plan.max_len == 0:
         return o, lse2
-    if plan.gluon_forward:
+    if "fwd" in plan.gluon:
         from longgen.kernels import gluon_attention
 
         return gluon_attention.forward(q, k, v, plan)
@@ -1453,7 +554,7 @@ def _forward(q, k, v, plan: _Plan):
     return o, lse2  # lse in log2 units, (total, H)
 
 
-def _backward(do, dlse, q, k, v, o, lse2, plan: _Plan):
+def _backward(do, dlse, q, k, v, o, lse2, plan: Plan):
     total, H, _ = q.shape
     alloc = torch.zeros_like if plan.shape.padded else torch.empty_like  # padding gets no gradient
     dq, dk, dv = alloc(q), alloc(k), alloc(v)
@@ -1468,12 +569,12 @@ def _backward(do, dlse, q, k, v, o, lse2, plan: _Plan):
     delta = torch.empty(total, H, dtype=torch.float32, device=q.device)
     qk_scale = plan.shape.scale * LOG2E
     hkv = plan.shape.num_kv_heads
-    if plan.gluon_dq or plan.gluon_dkdv:
+    if plan.gluon:
         from longgen.kernels import gluon_attention
 
         if not (do.is_contiguous() and do.data_ptr() % 16 == 0):
             do = do.clone(memory_format=torch.contiguous_format)  # TMA reads whole aligned rows
-    if plan.gluon_dq:
+    if "dq" in plan.gluon:
         gluon_attention.dq_delta(q, k, v, o, do, lse2, dlse if has_dlse else None, delta, dq, plan)
     else:
         meta = plan.meta("dq")
@@ -1508,14 +609,14 @@ def _backward(do, dlse, q, k, v, o, lse2, plan: _Plan):
             has_dlse,
             **meta,
         )
-    if plan.gluon_dkdv:
+    if "dkdv" in plan.gluon:
         gluon_attention.dkdv(q, k, v, do, lse2, delta, dk, dv, plan)
         return dq, dk, dv
     meta = plan.meta("dkdv")
     n_key_tiles = triton.cdiv(plan.max_len, meta["BLOCK_N"])
     n_launch = n_key_tiles
     if plan.kind == K_BLOCK_SPARSE:
-        pb = meta["PB"]
+        pb = plan.pat.block
         n_launch = triton.cdiv(plan.max_len, pb) * (pb // meta["BLOCK_N"])
     _dkdv_kernel[(hkv * plan.n_seqs, n_launch)](
         q,
@@ -1566,39 +667,34 @@ class _TritonAttention(torch.autograd.Function):
         return dq, dk, dv, None
 
 
-def _gluon_suits(q, k, v, plan: _Plan, batched: bool) -> bool:
-    """Whether the Hopper kernels (`longgen.kernels.gluon_attention`) take this call."""
-    if not q.is_cuda:
-        return False
-    try:
-        from longgen.kernels import gluon_attention
-    except ImportError:  # a Triton without Gluon
-        return False
-    return gluon_attention.suits(q, k, v, plan, batched)
-
-
 def triton_suffix_attention(q, k, v, shape: AttentionShape) -> torch.Tensor:
     """Forward only: q ``(B, n, H, d)`` are positions ``L - n .. L - 1`` of k, v ``(B, L, Hkv, d)`` (see
     `longgen.kernels.cache_attention.suffix_attention`); not for BlockLayout (its tile index starts at 0)."""
     _check_supported(q, shape)
     n, L = q.shape[1], k.shape[1]
-    starts, lens = _seq_tensors(shape, None, L, q.device)
-    plan = _Plan(shape, starts, lens, q.dtype, q_offset=L - n)
+    starts, lens = seq_tensors(shape, None, L, q.device)
+    plan = Plan(shape, starts, lens, q.dtype, q_offset=L - n)
     o, _ = _forward(_flat(q), _flat(k), _flat(v), plan)
     return o.reshape(q.shape)
 
 
-def triton_attention(q, k, v, shape: AttentionShape, cu_seqlens: torch.Tensor | None, return_lse: bool):
-    """Run the Triton kernels on validated inputs (see `longgen.sparse_attention`)."""
+def triton_attention(
+    q,
+    k,
+    v,
+    shape: AttentionShape,
+    cu_seqlens: torch.Tensor | None,
+    return_lse: bool,
+    tuning: Tuning | None = None,
+):
+    """Run the Triton kernels on validated inputs (see `longgen.sparse_attention`), and the Hopper Gluon kernels
+    where `dispatch.hopper_kernels` gives them the call; `tuning` overrides the measured launch settings."""
     _check_supported(q, shape)
     out_shape = q.shape
-    starts, lens = _seq_tensors(shape, cu_seqlens, q.shape[1] if cu_seqlens is None else 0, q.device)
-    plan = _Plan(shape, starts, lens, q.dtype)
+    starts, lens = seq_tensors(shape, cu_seqlens, q.shape[1] if cu_seqlens is None else 0, q.device)
+    plan = Plan(shape, starts, lens, q.dtype, tuning=tuning)
     q, k, v = _flat(q), _flat(k), _flat(v)
-    if _gluon_suits(q, k, v, plan, batched=cu_seqlens is None):
-        from longgen.kernels import gluon_attention
-
-        plan.gluon_forward, plan.gluon_dkdv, plan.gluon_dq = map(gluon_attention.enabled, gluon_attention.PARTS)
+    plan.gluon = dispatch.hopper_kernels(q, k, v, plan, batched=cu_seqlens is None)
     o, lse = _TritonAttention.apply(q, k, v, plan)
     o = o.reshape(out_shape)
     if not return_lse:

@@ -29,7 +29,8 @@ import triton
 import triton.language as tl
 
 from longgen.kernels.inputs import TRITON_HEAD_DIMS
-from longgen.kernels.triton_attention import LOG2E, Tiles, _allowed, _interpreting, pattern_constexprs
+from longgen.kernels.plan import LOG2E, PatternParams, Tiles, interpreting
+from longgen.kernels.triton_attention import _allowed
 from longgen.patterns import BlockLayout, Pattern
 
 # num_splits heuristic (see `default_num_splits`)
@@ -77,14 +78,7 @@ def _split_kernel(
     n_rows,
     n_splits,
     qk_scale,
-    PATTERN: tl.constexpr,
-    SINK: tl.constexpr,
-    WINDOW: tl.constexpr,
-    PB: tl.constexpr,
-    LOCAL: tl.constexpr,
-    STRIDE: tl.constexpr,
-    STEP: tl.constexpr,
-    DENSE_FROM: tl.constexpr,
+    PAT: tl.constexpr,
     G: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -128,22 +122,7 @@ def _split_kernel(
     for u in range(lo, hi):
         slot = u * BLOCK_N + offs_n
         kp = tl.load(Pg + slot * skps, mask=slot < n, other=-1).to(tl.int32)  # -1: empty slot or past kv_len
-        ok = _allowed(
-            tq[:, None],
-            tl.maximum(kp, 0)[None, :],
-            g,
-            L[:, None],
-            LAY,
-            n_lay,
-            PATTERN,
-            SINK,
-            WINDOW,
-            PB,
-            LOCAL,
-            STRIDE,
-            STEP,
-            DENSE_FROM,
-        )
+        ok = _allowed(tq[:, None], tl.maximum(kp, 0)[None, :], g, L[:, None], LAY, n_lay, PAT)
         ok = ok & (kp >= 0)[None, :]
         seen = tl.max(ok.to(tl.int32), 0) > 0  # slots some row may attend: the only K/V bytes read
         kv_mask = seen[:, None]
@@ -264,7 +243,7 @@ def default_num_splits(slots: int, programs: int, sm_count: int) -> int:
 def launch_splits(batch: int, q_len: int, heads: int, kv_heads: int, slots: int, device: torch.device) -> int:
     """The num_splits a call with these shapes uses by default (`default_num_splits` on `device`'s SMs)."""
     rows = q_len * (heads // kv_heads)
-    row_tiles = triton.cdiv(rows, tile_config(rows, _interpreting()).block_m)
+    row_tiles = triton.cdiv(rows, tile_config(rows, interpreting()).block_m)
     sms = (
         _sm_count(device.index if device.index is not None else torch.cuda.current_device())
         if device.type == "cuda"
@@ -300,7 +279,7 @@ def _check_supported(query: torch.Tensor) -> None:
     d = query.shape[-1]
     if d not in TRITON_HEAD_DIMS:
         raise ValueError(f"the Triton cache attention supports head_dim in {TRITON_HEAD_DIMS}, got {d}")
-    if query.device.type != "cuda" and not _interpreting():
+    if query.device.type != "cuda" and not interpreting():
         raise ValueError(
             f"the Triton cache attention needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors), got {query.device}"
         )
@@ -333,7 +312,7 @@ def triton_cache_attention(
     if out.numel() == 0:
         return out
     rows = Q * G
-    tiles = tile_config(rows, _interpreting())
+    tiles = tile_config(rows, interpreting())
     row_tiles = triton.cdiv(rows, tiles.block_m)
     if num_splits is None:
         num_splits = launch_splits(B, Q, H, hkv, S, query.device)
@@ -344,7 +323,7 @@ def triton_cache_attention(
     else:
         opart = lpart = out  # unused
     layout, n_lay, span = _layout_table(pattern, hkv, query.device)
-    meta = dict(pattern_constexprs(pattern, hkv), G=G, HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)))
+    meta = dict(PAT=tuple(PatternParams.of(pattern, hkv)), G=G, HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)))
     _split_kernel[(B * hkv, num_splits, row_tiles)](
         query,
         q_pos,

@@ -7,8 +7,8 @@ Registered with transformers' attention interface (and its mask interface) by `r
 * training / prefill without a cache: batched sequences, right-padded batches (``seqlens``), left/any padding
   (unpadded into packed sequences), and packed sequences whose ``position_ids`` restart at 0 (``cu_seqlens``);
   plain causal Full layers go to PyTorch SDPA (FlashAttention/cuDNN kernels), which is faster for them in
-  training; without gradients on an H100/H200 they run longgen's Hopper forward (`longgen.kernels.gluon_attention`),
-  which is faster than cuDNN's;
+  training, or without gradients on an H100/H200 to longgen's Hopper forward, which is faster than cuDNN's
+  (`longgen.kernels.dispatch.full_layer_backend`);
 * queries shorter than the keys (decoding with a transformers cache): `longgen.kernels.cache_attention` over
   all the keys. The compact KV cache of `longgen.infer` keeps only the keys the pattern still needs.
 """
@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from longgen.kernels import sparse_attention
+from longgen.kernels.dispatch import full_layer_backend
 from longgen.model.layout import LAYOUT_KEY, read_layout
 from longgen.patterns import Full, Pattern
 
@@ -105,20 +106,9 @@ def _attend_prefill(
     if cu_seqlens is not None:
         flat = [x.reshape(B * T, *x.shape[2:]) for x in (q, k, v)]
         return sparse_attention(*flat, pattern, cu_seqlens=cu_seqlens, scale=scale, **heads).view(q.shape)
-    if isinstance(pattern, Full) and not _hopper_causal_forward(q, k, v):
+    if isinstance(pattern, Full) and full_layer_backend(q, k, v) == "sdpa":
         return _sdpa(q, k, v, scale, is_causal=True)
     return sparse_attention(q, k, v, pattern, scale=scale, **heads)
-
-
-def _hopper_causal_forward(q, k, v) -> bool:
-    """Whether a Full layer's forward without gradients runs longgen's Hopper kernel instead of SDPA."""
-    if not q.is_cuda:
-        return False
-    try:
-        from longgen.kernels import gluon_attention
-    except ImportError:  # a Triton without Gluon
-        return False
-    return gluon_attention.takes_causal_forward(q, k, v)
 
 
 def _sdpa(q, k, v, scale, **kwargs) -> torch.Tensor:
