@@ -5,6 +5,10 @@ of the token in each slot (``-1``: empty). `cache_attention` computes the patter
 absolute positions over those slots; ``backend="triton"`` runs the flash-decoding kernels of
 `longgen.kernels.triton_cache_attention` (imported lazily, like `triton_attention`), ``"reference"`` plain PyTorch.
 
+Off CUDA (``backend="blocked"``, what ``"auto"`` picks there, as for `longgen.sparse_attention`), the reference runs
+with less work: only the slots before the longest ``kv_len`` are read, and a Full layer's cache whose keys all
+precede every query (decoding) goes to PyTorch SDPA without a mask.
+
 `suffix_attention` is the long-append case (a prompt slice after the cached part of the prompt) when the keys can
 be laid out in position order: the queries are the last positions of the key sequence, and the Triton prefill
 kernels run it with a query offset (only the key tiles the pattern keeps are visited).
@@ -17,12 +21,12 @@ import math
 import torch
 import torch.nn.functional as F
 
-from longgen.kernels.dispatch import triton_suits
+from longgen.kernels.dispatch import choose_backend, triton_suits
 from longgen.patterns import BlockLayout, Full, Pattern
 
-__all__ = ["cache_attention", "cache_attention_reference", "suffix_attention"]
+__all__ = ["cache_attention", "cache_attention_blocked", "cache_attention_reference", "suffix_attention"]
 
-BACKENDS = ("auto", "reference", "triton")
+BACKENDS = ("auto", "blocked", "reference", "triton")
 
 
 def cache_attention(
@@ -50,17 +54,19 @@ def cache_attention(
     num_splits: how many programs share one KV head's slots (flash-decoding); default from the cache size, the
     batch and the GPU's SM count (`triton_cache_attention.default_num_splits`). backend: ``"triton"`` (CUDA
     float16/bfloat16, or float16/float32 CPU tensors under ``TRITON_INTERPRET=1``; head_dim in TRITON_HEAD_DIMS),
-    ``"reference"`` (PyTorch), ``"auto"`` (Triton where it applies, else the reference). The Triton path makes
+    ``"reference"`` (PyTorch), ``"blocked"`` (the reference with less work, `cache_attention_blocked`), ``"auto"``
+    (`longgen.kernels.dispatch.choose_backend`: Triton where it applies, the reference on other CUDA tensors,
+    blocked off CUDA). The Triton path makes
     no host sync and launches a grid that depends only on shapes, so it can be captured in a CUDA graph. Positions
     past a BlockLayout's span see no key there (zeros); the reference raises instead.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     scale = _check_args(query, q_pos, key_cache, value_cache, k_pos, pattern, scale, kv_len, num_splits)
-    if backend == "reference" or (backend == "auto" and not triton_suits(query)):
-        return cache_attention_reference(
-            query, q_pos, key_cache, value_cache, k_pos, pattern, scale=scale, kv_len=kv_len
-        )
+    backend = choose_backend(query, backend)
+    if backend in ("reference", "blocked"):
+        attend = cache_attention_reference if backend == "reference" else cache_attention_blocked
+        return attend(query, q_pos, key_cache, value_cache, k_pos, pattern, scale=scale, kv_len=kv_len)
     from longgen.kernels.triton_cache_attention import triton_cache_attention
 
     p = pattern.resolve(key_cache.shape[1])
@@ -167,6 +173,38 @@ def cache_attention_reference(
     )
     out = out * seen.repeat_interleave(G, dim=1)
     return out.transpose(1, 2)
+
+
+def cache_attention_blocked(
+    query: torch.Tensor,
+    q_pos: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    k_pos: torch.Tensor,
+    pattern: Pattern,
+    *,
+    scale: float | None = None,
+    kv_len: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`cache_attention_reference`'s result with less work (the path off CUDA): only the slots before the longest
+    `kv_len` are read, and when the pattern is Full and every slot read holds a key at or before every query (a
+    Full layer's cache while decoding), PyTorch SDPA runs without a mask."""
+    if kv_len is not None:
+        n = int(kv_len.max())
+        key_cache, value_cache, k_pos = key_cache[:, :, :n], value_cache[:, :, :n], k_pos[:, :, :n]
+        kv_len = None if bool((kv_len == n).all()) else kv_len
+    if (
+        kv_len is None
+        and isinstance(pattern, Full)
+        and k_pos.numel() > 0
+        and bool((k_pos >= 0).all())
+        and bool(k_pos.max() <= q_pos.min())
+    ):
+        out = F.scaled_dot_product_attention(
+            query.transpose(1, 2), key_cache, value_cache, scale=scale, enable_gqa=key_cache.shape[1] != query.shape[2]
+        )
+        return out.transpose(1, 2)
+    return cache_attention_reference(query, q_pos, key_cache, value_cache, k_pos, pattern, scale=scale, kv_len=kv_len)
 
 
 def _check_args(query, q_pos, key_cache, value_cache, k_pos, pattern, scale, kv_len, num_splits) -> float:
