@@ -156,7 +156,7 @@ def test_triton_dkdv_visits_the_block_mask(p, hkv, L, G, BM, BN):
 @pytest.mark.parametrize("G,BM,BN", [(1, 16, 16), (2, 32, 16), (4, 64, 16)])
 @pytest.mark.parametrize("hkv,L", SHAPES)
 def test_triton_layout_index_is_the_block_mask(hkv, L, G, BM, BN):
-    """BlockLayout: the host-built tile index (`_layout_index`) lists exactly the block mask's tiles, both ways."""
+    """BlockLayout: the host-built tile index (`plan.layout_index`) lists exactly the block mask's tiles, both ways."""
     gen = torch.Generator().manual_seed(hkv * 1000 + L)
     n = -(-L // 16)
     lay = (torch.rand(hkv, n, n, generator=gen) < 0.4).tril() | torch.eye(n, dtype=torch.bool)

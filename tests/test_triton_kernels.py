@@ -393,3 +393,28 @@ def test_tune_attention_cases_take_pattern_parameters(monkeypatch):
     for bad in ("sink_window:131072", "window:1024:8", "full:1k:8", "sink_window/64:1024:8", "block_sparse/4,4:64:8"):
         with pytest.raises(ValueError, match="bad case"):
             parse_case(bad)
+
+
+def test_tuning_tiles_reach_the_kernels():
+    """`Tuning.tiles` (what benchmarks/tune_attention.py passes) replaces the tile table for every kernel, and the
+    results stay the reference's."""
+    from longgen.kernels.inputs import check_attention_args
+    from longgen.kernels.plan import Plan, Tiles, Tuning, seq_tensors
+    from longgen.kernels.triton_attention import triton_attention
+
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 96, h, 16, generator=g) for h in (4, 2, 2))
+    pattern = SinkWindow(5, 40)
+    tiles = {"fwd": Tiles(32, 16, 1, 1), "dq": Tiles(32, 16, 1, 1), "dkdv": Tiles(16, 32, 1, 1)}
+    shape = check_attention_args(q, k, v, pattern, None, None, None, 0, None)
+    plan = Plan(shape, *seq_tensors(shape, None, 96, "cpu"), q.dtype, tuning=Tuning(tiles=tiles))
+    assert plan.tiles == tiles
+    xs = [x.clone().requires_grad_() for x in (q, k, v)]
+    out = triton_attention(*xs, shape, None, False, Tuning(tiles=tiles))
+    out.sum().backward()
+    ys = [x.clone().requires_grad_() for x in (q, k, v)]
+    ref = reference_attention(*ys, pattern)
+    ref.sum().backward()
+    assert relerr(out, ref) < 1e-5
+    for a, b in zip(xs, ys, strict=True):
+        assert relerr(a.grad, b.grad) < 1e-5

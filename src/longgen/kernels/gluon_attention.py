@@ -18,11 +18,10 @@ registers are rebalanced with `setmaxnreg` (consumers 240, loader 24).
   then dV += P^T dO and dK += dS^T Q with P^T and dS^T as register operands, both retired within the visit. The
   dQ kernel runs first (it writes delta). For Full and for BlockSparse with GQA the programs of one head are launched
   together (after every head's long, strided pairs) and (Full without GQA, BlockSparse with GQA) sweep their query
-  tiles from the last down (`dkdv_pairs_first`, `dkdv_descends`: measured faster there at 128K); otherwise the heads
-  are innermost and the sweep goes upwards.
-* dQ of the backward (`_dq_ws_kernel`): the forward's
-  program and loader; a consumer computes delta for its 64 rows, then per key tile S = Q K^T and dP = dO V^T
-  together, dS = P (dP - delta), dQ += dS K. Otherwise the Triton dQ kernel runs.
+  tiles from the last down (`dkdv_pairs_first`, `dkdv_descends`); otherwise the heads are innermost and the sweep
+  goes upwards.
+* dQ of the backward (`_dq_ws_kernel`): the forward's program and loader; a consumer computes delta for its 64 rows,
+  then per key tile S = Q K^T and dP = dO V^T together, dS = P (dP - delta), dQ += dS K.
 
 Visited tiles, tile masks and the exact in-tile masks follow the Triton kernels (`_key_ranges`, `_query_ranges`,
 `_allowed`). Scores are in log2 units; the LSE is written in log2 units, (total, H), as the Triton forward writes
@@ -232,31 +231,10 @@ def _item_row(w, n_m, T, H, G: gl.constexpr, MR: gl.constexpr):
 # partitions
 @gluon.jit
 def _consume(
-    WHICH: gl.constexpr,
-    q_desc,
-    k_desc,
-    v_desc,
-    o_ptr,
-    lse_ptr,
-    q_smem,
-    k_smem,
-    v_smem,
-    full,
-    empty,
-    q_bars,
-    qk_scale,
-    w0,
-    step,
-    n_work,
-    T,
-    H,
-    PAT: gl.constexpr,
-    G: gl.constexpr,
-    BM: gl.constexpr,
-    BN: gl.constexpr,
-    D: gl.constexpr,
-    STAGES: gl.constexpr,
-):
+    WHICH: gl.constexpr, q_desc, k_desc, v_desc, o_ptr, lse_ptr, q_smem, k_smem, v_smem, full, empty, q_bars,
+    qk_scale, w0, step, n_work, T, H, PAT: gl.constexpr, G: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr,
+    D: gl.constexpr, STAGES: gl.constexpr,
+):  # fmt: skip
     """One consumer warpgroup: for each work item w0, w0 + step, ... (`_work_item`) its query rows
     [m0 + WHICH * BM, + BM) against every visited key tile. The ring's visit count runs on across work items;
     the next item's Q is loaded as soon as this item's last S is in, and O goes straight from registers to memory,
@@ -339,23 +317,9 @@ def _consume(
 
 @gluon.jit
 def _load_visits(
-    k_desc,
-    v_desc,
-    k_smem,
-    v_smem,
-    full,
-    empty,
-    c,
-    g,
-    kv_row,
-    kv_col,
-    n_far,
-    lo,
-    n_visit,
-    PAT: gl.constexpr,
-    BN: gl.constexpr,
-    STAGES: gl.constexpr,
-):
+    k_desc, v_desc, k_smem, v_smem, full, empty, c, g, kv_row, kv_col, n_far, lo, n_visit, PAT: gl.constexpr,
+    BN: gl.constexpr, STAGES: gl.constexpr,
+):  # fmt: skip
     """Streams one work item's visited K/V tiles into the ring from its position c (visits loaded before); waits
     for both consumers to release a buffer before reuse."""
     for i in range(n_visit):
@@ -370,24 +334,9 @@ def _load_visits(
 
 @gluon.jit
 def _loader(
-    k_desc,
-    v_desc,
-    k_smem,
-    v_smem,
-    full,
-    empty,
-    w0,
-    step,
-    n_work,
-    T,
-    H,
-    PAT: gl.constexpr,
-    G: gl.constexpr,
-    MR: gl.constexpr,
-    BN: gl.constexpr,
-    D: gl.constexpr,
-    STAGES: gl.constexpr,
-):
+    k_desc, v_desc, k_smem, v_smem, full, empty, w0, step, n_work, T, H, PAT: gl.constexpr, G: gl.constexpr,
+    MR: gl.constexpr, BN: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr,
+):  # fmt: skip
     """The forward's loader: the visited K/V tiles of work items w0, w0 + step, ... one item after another."""
     n_m = T // MR
     c = w0 * 0  # visits loaded so far: the ring's position
@@ -402,23 +351,9 @@ def _loader(
 
 @gluon.jit
 def _fwd_ws_kernel(
-    q_desc,
-    k_desc,
-    v_desc,
-    o_ptr,
-    lse_ptr,
-    T,
-    H,
-    n_work,
-    qk_scale,
-    PAT: gl.constexpr,
-    G: gl.constexpr,
-    BM: gl.constexpr,
-    BN: gl.constexpr,
-    D: gl.constexpr,
-    STAGES: gl.constexpr,
-    num_warps: gl.constexpr,
-):
+    q_desc, k_desc, v_desc, o_ptr, lse_ptr, T, H, n_work, qk_scale, PAT: gl.constexpr, G: gl.constexpr,
+    BM: gl.constexpr, BN: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr,
+):  # fmt: skip
     """Work items (`_work_item`) w = program_id, + num_programs, ...: one per program when launched with one
     program per item, several when launched persistent (one program per SM)."""
     w0 = gl.program_id(0)
@@ -441,59 +376,15 @@ def _fwd_ws_kernel(
             (
                 _consume,
                 (
-                    0,
-                    q_desc,
-                    k_desc,
-                    v_desc,
-                    o_ptr,
-                    lse_ptr,
-                    q_smem,
-                    k_smem,
-                    v_smem,
-                    full,
-                    empty,
-                    q_bars,
-                    qk_scale,
-                    w0,
-                    step,
-                    n_work,
-                    T,
-                    H,
-                    PAT,
-                    G,
-                    BM,
-                    BN,
-                    D,
-                    STAGES,
+                    0, q_desc, k_desc, v_desc, o_ptr, lse_ptr, q_smem, k_smem, v_smem, full, empty, q_bars, qk_scale,
+                    w0, step, n_work, T, H, PAT, G, BM, BN, D, STAGES,
                 ),
             ),
             (
                 _consume,
                 (
-                    1,
-                    q_desc,
-                    k_desc,
-                    v_desc,
-                    o_ptr,
-                    lse_ptr,
-                    q_smem,
-                    k_smem,
-                    v_smem,
-                    full,
-                    empty,
-                    q_bars,
-                    qk_scale,
-                    w0,
-                    step,
-                    n_work,
-                    T,
-                    H,
-                    PAT,
-                    G,
-                    BM,
-                    BN,
-                    D,
-                    STAGES,
+                    1, q_desc, k_desc, v_desc, o_ptr, lse_ptr, q_smem, k_smem, v_smem, full, empty, q_bars, qk_scale,
+                    w0, step, n_work, T, H, PAT, G, BM, BN, D, STAGES,
                 ),
             ),
             (
@@ -503,7 +394,7 @@ def _fwd_ws_kernel(
         ],
         [4, 1],
         [240, 24],
-    )
+    )  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -591,31 +482,10 @@ def _pass_visits(full, empty, v0, v1, STAGES: gl.constexpr):
 
 @gluon.jit
 def _bwd_visits(
-    ks,
-    vs,
-    kvb,
-    q_smem,
-    do_smem,
-    lse_smem,
-    delta_smem,
-    full,
-    empty,
-    qk_scale,
-    g,
-    k0,
-    far,
-    v0,
-    v1,
-    t1,
-    n_first,
-    t2,
-    PAT: gl.constexpr,
-    G: gl.constexpr,
-    TL: gl.constexpr,
-    D: gl.constexpr,
-    STAGES: gl.constexpr,
+    ks, vs, kvb, q_smem, do_smem, lse_smem, delta_smem, full, empty, qk_scale, g, k0, far, v0, v1, t1, n_first, t2,
+    PAT: gl.constexpr, G: gl.constexpr, TL: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr,
     DESCEND: gl.constexpr,
-):
+):  # fmt: skip
     """A consumer's visits [v0, v1) against its key tile (K, V in ks, vs once kvb passes; keys from k0): dK
     (unscaled) and dV, all products retired, the last visit's buffers released."""
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, TL, 16])
@@ -677,48 +547,18 @@ def _store_dkdv(dk, dv, sm_scale, ks, vs, dk_desc, dv_desc, row, col):
 
 @gluon.jit
 def _bwd_consume(
-    WHICH: gl.constexpr,
-    q_desc,
-    k_desc,
-    v_desc,
-    dk_desc,
-    dv_desc,
-    q_smem,
-    do_smem,
-    lse_smem,
-    delta_smem,
-    k_smem,
-    v_smem,
-    full,
-    empty,
-    kv_bars,
-    qk_scale,
-    sm_scale,
-    g,
-    H,
-    row0,
-    kt,
-    far,
-    v0,
-    v1,
-    t1,
-    n_first,
-    t2,
-    n_visit,
-    PAT: gl.constexpr,
-    G: gl.constexpr,
-    TL: gl.constexpr,
-    D: gl.constexpr,
-    STAGES: gl.constexpr,
+    WHICH: gl.constexpr, q_desc, k_desc, v_desc, dk_desc, dv_desc, q_smem, do_smem, lse_smem, delta_smem, k_smem,
+    v_smem, full, empty, kv_bars, qk_scale, sm_scale, g, H, row0, kt, far, v0, v1, t1, n_first, t2, n_visit,
+    PAT: gl.constexpr, G: gl.constexpr, TL: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr,
     DESCEND: gl.constexpr,
-):
+):  # fmt: skip
     """One consumer warpgroup: dK, dV of key tile kt (TL keys) over its visits [v0, v1) of the streamed
     (query tile, head) visits. Transposed scores S^T = K Q^T (keys x queries), so that P^T and dS^T are register
     operands of dV += P^T dO and dK += dS^T Q. Per visit the four products are issued asynchronously: S^T and
     dP^T = V dO^T together, dV once P^T is known (while dP^T completes), dK once dS^T is; dK and dV are retired at
     the visit's end (register operands cannot stay in flight around the loop), and the visit's buffers go back to
-    the loader once the next visit's S^T is in. Measured against P^T / dS^T staged in shared memory with dK kept in
-    flight: 4-13% faster (docs/kernels/attention.md)."""
+    the loader once the next visit's S^T is in (P^T / dS^T staged in shared memory instead, with dK kept in flight,
+    was slower: CHANGELOG.md, 2026-12-02)."""
     k0 = kt * TL
     ks = k_smem.index(WHICH)
     vs = v_smem.index(WHICH)
@@ -763,29 +603,9 @@ def _bwd_consume(
 
 @gluon.jit
 def _bwd_loader(
-    q_desc,
-    do_desc,
-    lse_ptr,
-    delta_ptr,
-    q_smem,
-    do_smem,
-    lse_smem,
-    delta_smem,
-    full,
-    empty,
-    g,
-    H,
-    row0,
-    t1,
-    n_first,
-    t2,
-    n_visit,
-    G: gl.constexpr,
-    TL: gl.constexpr,
-    D: gl.constexpr,
-    STAGES: gl.constexpr,
-    DESCEND: gl.constexpr,
-):
+    q_desc, do_desc, lse_ptr, delta_ptr, q_smem, do_smem, lse_smem, delta_smem, full, empty, g, H, row0, t1, n_first,
+    t2, n_visit, G: gl.constexpr, TL: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr, DESCEND: gl.constexpr,
+):  # fmt: skip
     """The dK/dV loader: streams the program's (query tile, head) visits into the ring, Q and dO tiles with TMA,
     and the tile's LSE and delta (strided by the head count in memory, so not TMA-able) loaded coalesced and stored
     to shared memory; a buffer is full once the TMA bytes have landed and this warp has arrived after its stores."""
@@ -817,18 +637,9 @@ def _bwd_loader(
 
 @gluon.jit
 def _dkdv_item(
-    p,
-    SH,
-    NP,
-    LEAD,
-    HKV,
-    T,
-    PAT: gl.constexpr,
-    G: gl.constexpr,
-    BY_KIND: gl.constexpr,
-    TL: gl.constexpr,
+    p, SH, NP, LEAD, HKV, T, PAT: gl.constexpr, G: gl.constexpr, BY_KIND: gl.constexpr, TL: gl.constexpr,
     DESCEND: gl.constexpr,
-):
+):  # fmt: skip
     """The dK/dV work item of launch index p (a pair of key tiles of one sequence and KV head): (g, row0, a, far_a,
     v0_a, v1_a, b, far_b, v0_b, v1_b, t1, n_first, t2, n_visit) -- the KV head, the sequence's first flattened row,
     each consumer's key tile, strided flag and run of visits, and the visits' query tiles (`_query_tile`)."""
@@ -869,31 +680,10 @@ def _dkdv_item(
 
 @gluon.jit
 def _dkdv_ws_kernel(
-    q_desc,
-    do_desc,
-    k_desc,
-    v_desc,
-    dk_desc,
-    dv_desc,
-    lse_ptr,
-    delta_ptr,
-    T,
-    H,
-    HKV,
-    SH,
-    NP,
-    LEAD,
-    qk_scale,
-    sm_scale,
-    PAT: gl.constexpr,
-    G: gl.constexpr,
-    BY_KIND: gl.constexpr,
-    TL: gl.constexpr,
-    D: gl.constexpr,
-    STAGES: gl.constexpr,
-    DESCEND: gl.constexpr,
-    num_warps: gl.constexpr,
-):
+    q_desc, do_desc, k_desc, v_desc, dk_desc, dv_desc, lse_ptr, delta_ptr, T, H, HKV, SH, NP, LEAD, qk_scale,
+    sm_scale, PAT: gl.constexpr, G: gl.constexpr, BY_KIND: gl.constexpr, TL: gl.constexpr, D: gl.constexpr,
+    STAGES: gl.constexpr, DESCEND: gl.constexpr, num_warps: gl.constexpr,
+):  # fmt: skip
     g, row0, a, far_a, v0_a, v1_a, b, far_b, v0_b, v1_b, t1, n_first, t2, n_visit = _dkdv_item(
         gl.program_id(0), SH, NP, LEAD, HKV, T, PAT, G, BY_KIND, TL, DESCEND
     )
@@ -917,153 +707,41 @@ def _dkdv_ws_kernel(
             (
                 _bwd_consume,
                 (
-                    0,
-                    q_desc,
-                    k_desc,
-                    v_desc,
-                    dk_desc,
-                    dv_desc,
-                    q_smem,
-                    do_smem,
-                    lse_smem,
-                    delta_smem,
-                    k_smem,
-                    v_smem,
-                    full,
-                    empty,
-                    kv_bars,
-                    qk_scale,
-                    sm_scale,
-                    g,
-                    H,
-                    row0,
-                    a,
-                    far_a,
-                    v0_a,
-                    v1_a,
-                    t1,
-                    n_first,
-                    t2,
-                    n_visit,
-                    PAT,
-                    G,
-                    TL,
-                    D,
-                    STAGES,
-                    DESCEND,
+                    0, q_desc, k_desc, v_desc, dk_desc, dv_desc, q_smem, do_smem, lse_smem, delta_smem, k_smem,
+                    v_smem, full, empty, kv_bars, qk_scale, sm_scale, g, H, row0, a, far_a, v0_a, v1_a, t1, n_first,
+                    t2, n_visit, PAT, G, TL, D, STAGES, DESCEND,
                 ),
             ),
             (
                 _bwd_consume,
                 (
-                    1,
-                    q_desc,
-                    k_desc,
-                    v_desc,
-                    dk_desc,
-                    dv_desc,
-                    q_smem,
-                    do_smem,
-                    lse_smem,
-                    delta_smem,
-                    k_smem,
-                    v_smem,
-                    full,
-                    empty,
-                    kv_bars,
-                    qk_scale,
-                    sm_scale,
-                    g,
-                    H,
-                    row0,
-                    b,
-                    far_b,
-                    v0_b,
-                    v1_b,
-                    t1,
-                    n_first,
-                    t2,
-                    n_visit,
-                    PAT,
-                    G,
-                    TL,
-                    D,
-                    STAGES,
-                    DESCEND,
+                    1, q_desc, k_desc, v_desc, dk_desc, dv_desc, q_smem, do_smem, lse_smem, delta_smem, k_smem,
+                    v_smem, full, empty, kv_bars, qk_scale, sm_scale, g, H, row0, b, far_b, v0_b, v1_b, t1, n_first,
+                    t2, n_visit, PAT, G, TL, D, STAGES, DESCEND,
                 ),
             ),
             (
                 _bwd_loader,
                 (
-                    q_desc,
-                    do_desc,
-                    lse_ptr,
-                    delta_ptr,
-                    q_smem,
-                    do_smem,
-                    lse_smem,
-                    delta_smem,
-                    full,
-                    empty,
-                    g,
-                    H,
-                    row0,
-                    t1,
-                    n_first,
-                    t2,
-                    n_visit,
-                    G,
-                    TL,
-                    D,
-                    STAGES,
-                    DESCEND,
+                    q_desc, do_desc, lse_ptr, delta_ptr, q_smem, do_smem, lse_smem, delta_smem, full, empty, g, H,
+                    row0, t1, n_first, t2, n_visit, G, TL, D, STAGES, DESCEND,
                 ),
             ),
         ],
         [4, 1],
         [240, 24],
-    )
+    )  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # backward: dQ (and delta = rowsum(o * do) for the dK/dV kernel); query rows per program as in the forward
 @gluon.jit
 def _dq_consume(
-    WHICH: gl.constexpr,
-    q_desc,
-    k_desc,
-    do_desc,
-    dq_desc,
-    o_ptr,
-    do_ptr,
-    lse_ptr,
-    dlse_ptr,
-    delta_ptr,
-    q_smem,
-    do_smem,
-    k_smem,
-    v_smem,
-    full,
-    empty,
-    q_bars,
-    qk_scale,
-    sm_scale,
-    m0,
-    g,
-    h,
-    H,
-    q_row,
-    q_col,
-    n_far,
-    lo,
-    n_visit,
-    PAT: gl.constexpr,
-    HAS_DLSE: gl.constexpr,
-    BM: gl.constexpr,
-    BN: gl.constexpr,
-    D: gl.constexpr,
+    WHICH: gl.constexpr, q_desc, k_desc, do_desc, dq_desc, o_ptr, do_ptr, lse_ptr, dlse_ptr, delta_ptr, q_smem,
+    do_smem, k_smem, v_smem, full, empty, q_bars, qk_scale, sm_scale, m0, g, h, H, q_row, q_col, n_far, lo, n_visit,
+    PAT: gl.constexpr, HAS_DLSE: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, D: gl.constexpr,
     STAGES: gl.constexpr,
-):
+):  # fmt: skip
     """One consumer warpgroup: dQ of query rows [m0 + WHICH * BM, + BM) over every visited key tile. Per tile
     S = Q K^T and dP = dO V^T are issued together, P = exp2(S - lse) once S is in, dS = P (dP - delta), and
     dQ += dS K with dS as a register operand; the tile's buffers go back to the loader once it is done. (Keeping
@@ -1123,29 +801,10 @@ def _dq_consume(
 
 @gluon.jit
 def _dq_ws_kernel(
-    q_desc,
-    k_desc,
-    v_desc,
-    do_desc,
-    dq_desc,
-    o_ptr,
-    do_ptr,
-    lse_ptr,
-    dlse_ptr,
-    delta_ptr,
-    T,
-    H,
-    qk_scale,
-    sm_scale,
-    PAT: gl.constexpr,
-    G: gl.constexpr,
-    HAS_DLSE: gl.constexpr,
-    BM: gl.constexpr,
-    BN: gl.constexpr,
-    D: gl.constexpr,
-    STAGES: gl.constexpr,
-    num_warps: gl.constexpr,
-):
+    q_desc, k_desc, v_desc, do_desc, dq_desc, o_ptr, do_ptr, lse_ptr, dlse_ptr, delta_ptr, T, H, qk_scale, sm_scale,
+    PAT: gl.constexpr, G: gl.constexpr, HAS_DLSE: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, D: gl.constexpr,
+    STAGES: gl.constexpr, num_warps: gl.constexpr,
+):  # fmt: skip
     MR: gl.constexpr = 2 * BM
     pid_m = T // MR - 1 - gl.program_id(0)  # longest key ranges first
     bh = gl.program_id(1)
@@ -1175,106 +834,30 @@ def _dq_ws_kernel(
             (
                 _dq_consume,
                 (
-                    0,
-                    q_desc,
-                    k_desc,
-                    do_desc,
-                    dq_desc,
-                    o_ptr,
-                    do_ptr,
-                    lse_ptr,
-                    dlse_ptr,
-                    delta_ptr,
-                    q_smem,
-                    do_smem,
-                    k_smem,
-                    v_smem,
-                    full,
-                    empty,
-                    q_bars,
-                    qk_scale,
-                    sm_scale,
-                    m0,
-                    g,
-                    h,
-                    H,
-                    q_row,
-                    q_col,
-                    n_far,
-                    lo,
-                    n_visit,
-                    PAT,
-                    HAS_DLSE,
-                    BM,
-                    BN,
-                    D,
-                    STAGES,
+                    0, q_desc, k_desc, do_desc, dq_desc, o_ptr, do_ptr, lse_ptr, dlse_ptr, delta_ptr, q_smem, do_smem,
+                    k_smem, v_smem, full, empty, q_bars, qk_scale, sm_scale, m0, g, h, H, q_row, q_col, n_far, lo,
+                    n_visit, PAT, HAS_DLSE, BM, BN, D, STAGES,
                 ),
             ),
             (
                 _dq_consume,
                 (
-                    1,
-                    q_desc,
-                    k_desc,
-                    do_desc,
-                    dq_desc,
-                    o_ptr,
-                    do_ptr,
-                    lse_ptr,
-                    dlse_ptr,
-                    delta_ptr,
-                    q_smem,
-                    do_smem,
-                    k_smem,
-                    v_smem,
-                    full,
-                    empty,
-                    q_bars,
-                    qk_scale,
-                    sm_scale,
-                    m0,
-                    g,
-                    h,
-                    H,
-                    q_row,
-                    q_col,
-                    n_far,
-                    lo,
-                    n_visit,
-                    PAT,
-                    HAS_DLSE,
-                    BM,
-                    BN,
-                    D,
-                    STAGES,
+                    1, q_desc, k_desc, do_desc, dq_desc, o_ptr, do_ptr, lse_ptr, dlse_ptr, delta_ptr, q_smem, do_smem,
+                    k_smem, v_smem, full, empty, q_bars, qk_scale, sm_scale, m0, g, h, H, q_row, q_col, n_far, lo,
+                    n_visit, PAT, HAS_DLSE, BM, BN, D, STAGES,
                 ),
             ),
             (
                 _load_visits,
-                (
-                    k_desc,
-                    v_desc,
-                    k_smem,
-                    v_smem,
-                    full,
-                    empty,
-                    0,  # one work item per program: the ring starts at its beginning
-                    g,
-                    b * T,
-                    g * D,
-                    n_far,
-                    lo,
-                    n_visit,
-                    PAT,
-                    BN,
+                (  # one work item per program: the ring starts at its beginning (0)
+                    k_desc, v_desc, k_smem, v_smem, full, empty, 0, g, b * T, g * D, n_far, lo, n_visit, PAT, BN,
                     STAGES,
                 ),
             ),
         ],
         [4, 1],
         [240, 24],
-    )
+    )  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------------------
