@@ -176,3 +176,20 @@ def test_each_record_holds_its_own_prompts_outcome(reproduce):
     records = score_items(model, tokenizer, items, lengths, log=lambda _: None)
     assert len(records) == len(items)
     assert {(r["task"], r["length"], r["index"]): r["correct"] for r in records} == expected
+
+
+def test_retrieval_document_lengths_and_whole_documents(reproduce):
+    """Extension retrieval documents span --extend-retrieval-min of the extended context up to all of it (so
+    needle-question distances cover it evenly); packing keeps documents from an eighth of it on whole."""
+    from reproduction.settings import DEFAULT
+    from reproduction.stages import retrieval_lengths, whole_min
+
+    assert retrieval_lengths(DEFAULT, "pretrain") == (512, 2048)
+    assert retrieval_lengths(DEFAULT, "extend") == (28672, 32768)
+    assert whole_min(DEFAULT, "pretrain") == 512 and whole_min(DEFAULT, "extend") == 4096
+    wide = dataclasses.replace(DEFAULT, extend_retrieval_min=0.125)
+    assert retrieval_lengths(wide, "extend") == (4096, 32768) and whole_min(wide, "extend") == 4096
+    assert whole_min(dataclasses.replace(DEFAULT, whole_docs=False), "extend") is None
+    for bad in (0.0, 1.5):
+        with pytest.raises(ValueError, match="--extend-retrieval-min must lie in"):
+            dataclasses.replace(DEFAULT, extend_retrieval_min=bad).validate()

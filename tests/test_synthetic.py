@@ -100,3 +100,25 @@ def test_the_first_wording_is_the_evaluations():
 
     assert PASSKEY_NEEDLES[0] == PASSKEY_NEEDLE.strip("\n")
     assert NIAH_NEEDLES[0] == NIAH_NEEDLE.strip("\n")
+
+
+def test_count_tokens_keeps_every_document_within_the_longest_length(tmp_path):
+    """Lengths are planned in characters; with a token counter no document is longer than lengths[1] tokens."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i, text in enumerate(FILLER):
+        (corpus / f"{i}.txt").write_text(text)
+    tokenizer = train_bpe_tokenizer(corpus, 300)
+
+    def count(docs):
+        return [len(ids) for ids in tokenizer(docs, add_special_tokens=False)["input_ids"]]
+
+    # 6 characters a token is far more than this tokenizer's: planned documents come out about twice too long
+    args = (FILLER, 6_000, (300, 600), 6.0, 3.0)
+    plain = write_retrieval_set(tmp_path / "plain.jsonl", *args, seed=2)
+    texts = [json.loads(x)["text"] for x in (tmp_path / "plain.jsonl").read_text().splitlines()]
+    assert max(count(texts)) > 600 and "remade" not in plain
+    fitted = write_retrieval_set(tmp_path / "fit.jsonl", *args, seed=2, count_tokens=count)
+    texts = [json.loads(x)["text"] for x in (tmp_path / "fit.jsonl").read_text().splitlines()]
+    assert max(count(texts)) <= 600 and fitted["remade"] > 0 and fitted["too_long"] == 0
+    assert fitted["tokens"] == sum(count(texts)) and fitted["documents"] == len(texts) == plain["documents"]

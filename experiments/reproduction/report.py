@@ -406,7 +406,8 @@ def write_plots(out: Path, s: Settings, variants: dict[str, dict], summary: dict
     ax.set_xlabel("prompt length (tokens)")
     ax.set_ylabel(f"retrieval accuracy, {len(TASKS)} tasks pooled (95% CI)")
     ax.set_ylim(-0.03, 1.03)
-    ax.legend(fontsize=7)
+    if ax.get_legend_handles_labels()[0]:  # nothing evaluated yet: no legend
+        ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out / "retrieval_by_length.png", dpi=110)
@@ -470,7 +471,8 @@ def write_plots(out: Path, s: Settings, variants: dict[str, dict], summary: dict
         ax.axvline(x, color="grey", ls="--", lw=0.8)
     ax.set_xlabel("token position; dashed: pre-training and extended context")
     ax.set_ylabel("mean loss (nats)")
-    ax.legend(fontsize=7)
+    if ax.get_legend_handles_labels()[0]:  # nothing evaluated yet: no legend
+        ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out / "ppl_by_position.png", dpi=110)

@@ -81,16 +81,20 @@ EVAL_STAGES = ("retrieval", "ppl")  # every variant's retrieval first
 
 
 def retrieval_lengths(s: Settings, stage: str) -> tuple[int, int]:
-    """Token lengths of the stage's synthetic retrieval documents: a quarter (pre-training) or an eighth
-    (extension) of the context, up to all of it."""
-    n = s.short_len if stage == "pretrain" else s.long_len
-    return max(16, n // 4 if stage == "pretrain" else n // 8), n
+    """Token lengths of the stage's synthetic retrieval documents: from a quarter of the context (pre-training)
+    or from --extend-retrieval-min of it (extension; near the whole context by default, so that needle-question
+    distances cover the whole extended context evenly), up to all of it."""
+    if stage == "pretrain":
+        return max(16, s.short_len // 4), s.short_len
+    return max(16, int(s.long_len * s.extend_retrieval_min)), s.long_len
 
 
 def whole_min(s: Settings, stage: str) -> int | None:
-    """`longgen.train`'s data.whole_min (None: off): documents as long as the shortest retrieval document or
-    longer are never cut by packing."""
-    return retrieval_lengths(s, stage)[0] if s.whole_docs else None
+    """`longgen.train`'s data.whole_min (None: off): documents from a quarter (pre-training) or an eighth
+    (extension) of the context on are never cut by packing, the retrieval documents among them."""
+    if not s.whole_docs:
+        return None
+    return min(retrieval_lengths(s, stage)[0], max(16, s.short_len // 4 if stage == "pretrain" else s.long_len // 8))
 
 
 def extend_upsample(s: Settings) -> list[list[float]]:
@@ -143,8 +147,9 @@ class Experiment:
         }
         if name == "prepare":
             fields = ("seed", "sources", "corpus_mb", "tokenizer_mb", "vocab_size", "heldout_docs", "short_len",
-                      "long_len", "retrieval_share_pretrain", "retrieval_share_extend", "facts_per_1k")  # fmt: skip
-            return {**{k: getattr(s, k) for k in fields}, "heldout_min_tokens": max(s.ppl_lengths), "format": 2}
+                      "long_len", "retrieval_share_pretrain", "retrieval_share_extend", "extend_retrieval_min",
+                      "facts_per_1k")  # fmt: skip
+            return {**{k: getattr(s, k) for k in fields}, "heldout_min_tokens": max(s.ppl_lengths), "format": 3}
         if name == "pretrain":
             model = [s.hidden_size, s.layers, s.heads, s.kv_heads, s.intermediate_size, s.short_len]
             steps, lr = self.plan["pretrain_steps"], s.pretrain_lr
@@ -302,6 +307,10 @@ class Experiment:
             f"({time.perf_counter() - t:.0f} s)")  # fmt: skip
 
         t = time.perf_counter()
+
+        def count_tokens(docs: list[str]) -> list[int]:  # none may exceed a training sequence (packing cuts it)
+            return [len(ids) for ids in tokenizer(docs, add_special_tokens=False)["input_ids"]]
+
         rules = extend_upsample(s)
         lengths = base.doc_lengths
         extend_tokens = float(np.where(lengths >= rules[0][0], lengths * rules[0][1], lengths * rules[1][1]).sum())
@@ -312,12 +321,16 @@ class Experiment:
         ):
             path = self.data / f"retrieval-{stage}.jsonl"
             total = int(share / (1 - share) * real)  # tokens that make `share` of what the loader draws from
-            made = write_retrieval_set(path, texts, total, span, chars_per_token, s.facts_per_1k, s.seed)
+            made = write_retrieval_set(path, texts, total, span, chars_per_token, s.facts_per_1k, s.seed,
+                                       count_tokens=count_tokens)  # fmt: skip
             sources = [str(base.path), str(path)]
             combined = tokenize_corpus(sources, tokenizer, cache, progress=interactive())  # the loader's cache
             sets[stage] = {**made, "path": str(path), "sources": sources, "corpus_tokens": combined.n_tokens}
         log(f"  synthetic retrieval documents: {sets['pretrain']['documents']} for pre-training, "
-            f"{sets['extend']['documents']} for extension ({time.perf_counter() - t:.0f} s)")  # fmt: skip
+            f"{sets['extend']['documents']} for extension; {sets['pretrain']['remade']} and "
+            f"{sets['extend']['remade']} made again shorter, being longer than a sequence; "
+            f"{sets['pretrain']['too_long']} and {sets['extend']['too_long']} still longer (packing cuts them) "
+            f"({time.perf_counter() - t:.0f} s)")  # fmt: skip
         manifest = {
             **sel.manifest(),
             "training_tokens": base.n_tokens,

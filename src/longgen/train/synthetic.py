@@ -22,7 +22,7 @@ import json
 import os
 import random
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -177,17 +177,41 @@ def write_retrieval_set(
     facts_per_1k: float,
     seed: int,
     kinds: Sequence[str] = RETRIEVAL_KINDS,
+    count_tokens: Callable[[list[str]], list[int]] | None = None,
 ) -> dict[str, int]:
     """Retrieval documents of uniformly random lengths in `lengths` (tokens) until about `total_tokens`, written
-    as ``.jsonl`` to `path`; returns their count and planned tokens."""
+    as ``.jsonl`` to `path`; returns their count and planned tokens.
+
+    Lengths are planned in characters (`chars_per_token` is an average, and numbers cost more tokens than prose),
+    so a document may come out longer than planned; one longer than a training sequence is cut by packing, and
+    the questions at its end lose their needles. With `count_tokens` (texts -> their token counts, e.g. a batch
+    call of the tokenizer) a document longer than ``lengths[1]`` tokens is made again from a plan shortened by
+    its measured excess, up to 10 times (``remade`` counts the documents made again, ``too_long`` those still
+    longer after that: their facts alone do not fit), and ``tokens`` is the measured total.
+    """
     lo, hi = lengths
     if not 1 <= lo <= hi:
         raise ValueError(f"lengths must be (min, max) with 1 <= min <= max, got {lengths}")
     rng = random.Random(f"{seed}:retrieval:{Path(path).name}")
-    docs, n_tokens = [], 0
+    planned, n_tokens = [], 0
     while n_tokens < total_tokens:
-        length = rng.randint(lo, hi)
-        docs.append(retrieval_document(rng, texts, length, chars_per_token, facts_per_1k, kinds))
-        n_tokens += length
+        planned.append(rng.randint(lo, hi))
+        n_tokens += planned[-1]
+    docs = [retrieval_document(rng, texts, n, chars_per_token, facts_per_1k, kinds) for n in planned]
+    out: dict[str, int] = {"documents": len(docs), "planned_tokens": n_tokens}
+    if count_tokens is None:
+        write_jsonl(path, docs)
+        return out
+    counts, plans, remade = list(count_tokens(docs)), list(planned), 0
+    for _ in range(10):  # a document's facts do not shrink with its plan: at most 10 attempts
+        over = [i for i, n in enumerate(counts) if n > hi]
+        if not over:
+            break
+        for i in over:
+            plans[i] = max(1, int(plans[i] * planned[i] / counts[i] * 0.98))
+            docs[i] = retrieval_document(rng, texts, plans[i], chars_per_token, facts_per_1k, kinds)
+        for i, n in zip(over, count_tokens([docs[i] for i in over]), strict=True):
+            counts[i] = n
+        remade += len(over)
     write_jsonl(path, docs)
-    return {"documents": len(docs), "planned_tokens": n_tokens}
+    return {**out, "tokens": sum(counts), "remade": remade, "too_long": sum(n > hi for n in counts)}
