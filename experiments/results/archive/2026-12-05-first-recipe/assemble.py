@@ -1,5 +1,9 @@
 """Assemble the committed report of the 2026-12-05 run from the two evaluations it made (files in `runs/`).
 
+Kept as the record of how this archived report was made. It runs with the reproduction code of commit 5ae8cc3,
+where this folder was `experiments/results/` (the held-out task was then `kv_lookup`):
+
+    git worktree add /tmp/longgen-5ae8cc3 5ae8cc3 && cd /tmp/longgen-5ae8cc3
     PYTHONPATH=src python experiments/results/assemble.py
 
 * `runs/eval_main_c96391b.json` — the report of commit c96391b, which evaluated full, both hybrids, all sparse,
