@@ -38,7 +38,7 @@ def test_tiny_end_to_end(reproduce, tmp_path, capsys):
     work, out = tmp_path / "work", tmp_path / "results"
     variants = (
         "full,hybrid_sinkwindow,hybrid_blocksparse,all_sparse,streaming_llm,hybrid_bottom,hybrid_nosink,hybrid_auto,"
-        "frontier_0.5"
+        "frontier_0.5,frontier_auto_0.5"
     )
     args = ["--tiny", "--work-dir", str(work), "--out-dir", str(out), "--variants", variants]
     assert reproduce.main(["all", *args, "--commit", "abc123"]) == 0
@@ -49,7 +49,7 @@ def test_tiny_end_to_end(reproduce, tmp_path, capsys):
     assert (work / "tokenizer" / "tokenizer.json").is_file()
     assert (work / "data" / "train.jsonl").is_file() and len(list((work / "data" / "heldout").iterdir())) == 2
     trained = ("full", "hybrid_sinkwindow", "hybrid_blocksparse", "all_sparse", "hybrid_bottom", "hybrid_nosink",
-               "hybrid_auto", "frontier_0.5")  # fmt: skip
+               "hybrid_auto", "frontier_0.5", "frontier_auto_0.5")  # fmt: skip
     for run in ("pretrain", *trained):
         assert (work / "runs" / run / "final" / "model.safetensors").is_file()
         assert all(math.isfinite(x) and x > 0 for x in _losses(work / "runs" / run))
@@ -63,7 +63,8 @@ def test_tiny_end_to_end(reproduce, tmp_path, capsys):
     assert quality["pretrain_len"] == 64 and quality["extended_len"] == 512
     assert quality["command"].startswith("python experiments/reproduce.py all --tiny")
     tasks = {"passkey", "niah", "niah_multikey", "variable_tracking", "parcel_weight"}
-    evaluated = [*trained[:4], "streaming_llm", *trained[4:], "frontier_0", "frontier_0.333"]  # + the sweep's aliases
+    aliases = ["frontier_0", "frontier_0.333", "frontier_auto_0", "frontier_auto_0.333"]  # all_sparse, the hybrids
+    evaluated = [*trained[:4], "streaming_llm", *trained[4:], *aliases]
     assert {r["variant"] for r in quality["rows"]} == set(evaluated)
     assert {r["task"] for r in quality["rows"]} == tasks and {r["length"] for r in quality["rows"]} == {320, 512}
     assert len(quality["rows"]) == len(evaluated) * len(tasks) * 2
@@ -80,8 +81,17 @@ def test_tiny_end_to_end(reproduce, tmp_path, capsys):
     # the full report: targets, the frontier (0 and 1/3 are all_sparse and hybrid_sinkwindow), per-prompt outcomes
     summary = json.loads((out / "reproduce.json").read_text())
     assert [t["met"] in (True, False) for t in summary["targets"]] == [True] * 6
-    assert [f["variant"] for f in summary["frontier"]] == ["frontier_0", "frontier_0.333", "frontier_0.5"]
-    assert [f["full_layers"] for f in summary["frontier"]] == [[], [2, 3], [1, 2, 3]]
+    assert [f["variant"] for f in summary["frontier"]] == [*aliases[:2], "frontier_0.5", *aliases[2:], "frontier_auto_0.5"]
+    assert [f["full_layers"] for f in summary["frontier"]][:3] == [[], [2, 3], [1, 2, 3]]
+    auto = summary["frontier"][3:]
+    assert [f["placement"] for f in auto] == ["auto"] * 3 and [len(f["full_layers"]) for f in auto] == [0, 2, 3]
+    assert auto[1]["full_layers"] == summary["variants"]["hybrid_auto"]["full_layers"]
+    # bottom and auto placement against the middle on the same prompts: each length, then all lengths
+    assert [(p["variant"], p["lengths"]) for p in summary["placement"]] == [
+        (v, lengths) for v in ("hybrid_bottom", "hybrid_auto") for lengths in ([320], [512], [320, 512])
+    ]
+    assert all(p["n"] == 15 * len(p["lengths"]) for p in summary["placement"])
+    assert "## Placement against the middle" in (out / "reproduce.md").read_text()
     assert len(summary["outcomes"]["full"]["passkey@320"]) == 3
     variants_out = summary["variants"]
     kv = {name: v["kv_bytes"]["512"] for name, v in variants_out.items()}
@@ -111,7 +121,7 @@ def test_tiny_end_to_end(reproduce, tmp_path, capsys):
     assert _losses(work / "runs" / "pretrain") == first
     capsys.readouterr()
     assert reproduce.main(["plan", *args]) == 0
-    assert "finished: 2/28 stages; next: extend-full" in capsys.readouterr().out
+    assert "finished: 2/31 stages; next: extend-full" in capsys.readouterr().out
 
 
 @pytest.mark.slow

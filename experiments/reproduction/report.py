@@ -17,7 +17,7 @@ from typing import Any
 
 from longgen.eval.stats import paired_difference, wilson_interval
 
-from .settings import FRONTIER, FRONTIER_ALIASES, FRONTIER_FRACTIONS, HELD_OUT_TASK, LABELS, TASKS, VARIANTS, Settings
+from .settings import FRONTIER_ALIASES, FRONTIER_POINTS, HELD_OUT_TASK, LABELS, PLACEMENTS, TASKS, VARIANTS, Settings
 from .stages import Experiment, log, write_json
 
 FILES = ("reproduce.json", "quality_summary.json", "reproduce.md", "retrieval_by_length.png", "frontier.png",
@@ -72,11 +72,12 @@ def write_report(s: Settings, variants: dict[str, dict], meta: dict[str, Any], o
         "pooled": pooled,
         "paired": paired,
         "frontier": frontier(s, variants),
+        "placement": placement(s, variants),
         "targets": targets(s, rows, paired, variants),
         "outcomes": {v: outcome_strings(r["records"]) for v, r in variants.items() if r.get("records")},
     }
     out.mkdir(parents=True, exist_ok=True)
-    # the sweep's 0 and 1/3 points are all_sparse and hybrid_sinkwindow: their rows again, under the sweep's names
+    # the sweep's 0 and 1/3 points are all_sparse and the main hybrids: their rows again, under the sweep's names
     aliases = [(a, v) for a, v in FRONTIER_ALIASES.items() if any(r["variant"] == v for r in rows)]
     rows_out = rows + [{**r, "variant": a} for a, v in aliases for r in rows if r["variant"] == v]
     paired_out = paired + [{**p, "variant": a} for a, v in aliases for p in paired if p["variant"] == v]
@@ -208,20 +209,38 @@ def _pooled_over(variants: dict, v: str, lengths: Sequence[int]) -> list[bool]:
 
 
 def frontier(s: Settings, variants: dict[str, dict]) -> list[dict[str, Any]]:
-    """SinkWindow hybrids by share of full layers: accuracy pooled over tasks and lengths >= 8K (Wilson interval),
-    analytic KV bytes at the extended length, measured extension tokens/s."""
+    """SinkWindow hybrids by share of full layers, placed in the middle or by `auto`: accuracy pooled over tasks
+    and lengths >= 8K (Wilson interval), analytic KV bytes at the extended length, measured extension tokens/s."""
     out = []
-    for name, fraction in zip(FRONTIER, FRONTIER_FRACTIONS, strict=True):
+    for name, where, fraction in FRONTIER_POINTS:
         v = FRONTIER_ALIASES.get(name, name)
         r = variants.get(v)
         if not r or not r.get("records"):
             continue
         hits = _pooled_over(variants, v, _far(s))
         lo, hi = wilson_interval(sum(hits), len(hits))
-        out.append({"variant": name, "model": v, "full_fraction": fraction, "full_layers": r["full_layers"],
+        out.append({"variant": name, "model": v, "placement": where, "full_fraction": fraction,
+                    "full_layers": r["full_layers"],
                     "accuracy_far": sum(hits) / len(hits), "ci_low": lo, "ci_high": hi, "n": len(hits),
                     "kv_bytes": r["kv_bytes"][str(s.long_len)],
                     "extension_tokens_per_s": r["extension"]["tokens_per_s"]})  # fmt: skip
+    return out
+
+
+def placement(s: Settings, variants: dict[str, dict]) -> list[dict[str, Any]]:
+    """Bottom and auto placement against the middle (`hybrid_sinkwindow`, the same number of full layers) on the
+    same prompts: the paired difference by length and over all lengths, with Newcombe's interval."""
+    out = []
+    if not (variants.get("hybrid_sinkwindow") or {}).get("records"):
+        return out
+    for v in ("hybrid_bottom", "hybrid_auto"):
+        if not (variants.get(v) or {}).get("records"):
+            continue
+        for lengths in [[n] for n in s.eval_lengths] + [list(s.eval_lengths)]:
+            mine, middle = (_pooled_over(variants, x, lengths) for x in (v, "hybrid_sinkwindow"))
+            d = paired_difference(mine, middle)
+            out.append({"variant": v, "lengths": lengths, "n": d.n, "diff_vs_middle": d.diff, "diff_ci_low": d.ci_low,
+                        "diff_ci_high": d.ci_high, "mcnemar_p": d.p_value})  # fmt: skip
     return out
 
 
@@ -359,8 +378,16 @@ def format_report(summary: dict, s: Settings) -> str:
     rows = [[LABELS[v], t, *(f"{100 * r['accuracy']:.0f}" if (r := by.get((v, t, n))) else "—" for n in s.eval_lengths)]
             for v in variants for t in TASKS]  # fmt: skip
     lines += _table(["variant", "task", *map(_k, s.eval_lengths)], rows, text_columns=2)
+    if summary.get("placement"):
+        lines += ["", "## Placement against the middle, same prompts (points; 95% interval, Newcombe)", ""]
+        by = {(p["variant"], tuple(p["lengths"])): p for p in summary["placement"]}
+        rows = [[LABELS[v], *(f"{100 * p['diff_vs_middle']:+.1f} ({100 * p['diff_ci_low']:+.1f} to "
+                              f"{100 * p['diff_ci_high']:+.1f})" if (p := by.get((v, key))) else "—"
+                              for key in [(n,) for n in s.eval_lengths] + [tuple(s.eval_lengths)])]
+                for v in dict.fromkeys(p["variant"] for p in summary["placement"])]  # fmt: skip
+        lines += _table(["variant", *map(_k, s.eval_lengths), "all"], rows)
     if summary["frontier"]:
-        lines += ["", "## Cost-quality frontier: SinkWindow hybrids by share of full layers (middle)", ""]
+        lines += ["", "## Cost-quality frontier: SinkWindow hybrids by share of full layers (middle or auto)", ""]
         rows = [[f["variant"], ",".join(map(str, f["full_layers"])) or "none",
                  f"{100 * f['accuracy_far']:.1f} ({_ci(f['ci_low'], f['ci_high'])})", f"{f['kv_bytes'] / 2**20:,.1f}",
                  f"{f['extension_tokens_per_s']:,.0f}"] for f in summary["frontier"]]  # fmt: skip
@@ -414,22 +441,26 @@ def write_plots(out: Path, s: Settings, variants: dict[str, dict], summary: dict
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    pts = summary["frontier"]
-    if pts:
-        x = [f["kv_bytes"] / 2**20 for f in pts]
-        y = [f["accuracy_far"] for f in pts]
-        err = [[max(0.0, a - f["ci_low"]) for a, f in zip(y, pts, strict=True)],
-               [max(0.0, f["ci_high"] - a) for a, f in zip(y, pts, strict=True)]]  # fmt: skip
-        ax.errorbar(x, y, yerr=err, marker="o", capsize=3)
-        for f, xi, yi in zip(pts, x, y, strict=True):
-            ax.annotate(f"{f['full_fraction']:.0%} full", (xi, yi), textcoords="offset points", xytext=(4, -12),
-                        fontsize=8)  # fmt: skip
+    if summary["frontier"]:
+        for where in PLACEMENTS:
+            pts = [f for f in summary["frontier"] if f["placement"] == where]
+            if not pts:
+                continue
+            x = [f["kv_bytes"] / 2**20 for f in pts]
+            y = [f["accuracy_far"] for f in pts]
+            err = [[max(0.0, a - f["ci_low"]) for a, f in zip(y, pts, strict=True)],
+                   [max(0.0, f["ci_high"] - a) for a, f in zip(y, pts, strict=True)]]  # fmt: skip
+            ax.errorbar(x, y, yerr=err, marker="o" if where == "middle" else "s", capsize=3,
+                        label=f"full layers: {where}")  # fmt: skip
+            for f, xi, yi in zip(pts, x, y, strict=True):
+                ax.annotate(f"{f['full_fraction']:.0%} full", (xi, yi), textcoords="offset points",
+                            xytext=(4, -12 if where == "middle" else 6), fontsize=8)  # fmt: skip
         full = variants.get("full")
         if full and full.get("records"):
             hits = _pooled_over(variants, "full", _far(s))
             ax.scatter([full["kv_bytes"][str(s.long_len)] / 2**20], [sum(hits) / len(hits)], marker="*", s=120,
                        color="black", label="full attention", zorder=3)  # fmt: skip
-            ax.legend(fontsize=8)
+        ax.legend(fontsize=8)
     ax.set_xlabel(f"KV cache at {_k(s.long_len)} tokens (MiB, bf16, batch 1)")
     ax.set_ylabel("retrieval accuracy at >= 8K (95% CI)")
     ax.set_ylim(-0.03, 1.03)

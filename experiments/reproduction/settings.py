@@ -9,16 +9,28 @@ MAIN = ("full", "hybrid_sinkwindow", "hybrid_blocksparse", "all_sparse", "stream
 FRONTIER_FRACTIONS = (0.0, 1 / 6, 1 / 4, 1 / 3, 1 / 2)
 
 
-def frontier_name(fraction: float) -> str:
-    """``frontier_<fraction>``: the SinkWindow hybrid with this share of full layers (middle placement)."""
-    return f"frontier_{fraction:.3g}"
+PLACEMENTS = ("middle", "auto")  # how the frontier's full layers are chosen
 
 
-FRONTIER = tuple(frontier_name(f) for f in FRONTIER_FRACTIONS)
-# frontier_0 is all_sparse and frontier_0.333 is hybrid_sinkwindow: the same models, evaluated once
-FRONTIER_ALIASES = {frontier_name(0.0): "all_sparse", frontier_name(1 / 3): "hybrid_sinkwindow"}
+def frontier_name(fraction: float, placement: str = "middle") -> str:
+    """``frontier_<fraction>`` (full layers in the middle) or ``frontier_auto_<fraction>`` (chosen by
+    `longgen.convert(full_layers="auto")`): the SinkWindow hybrid with this share of full layers."""
+    return f"frontier_{'' if placement == 'middle' else placement + '_'}{fraction:.3g}"
+
+
+# (name, placement, fraction) of every point of the sweep
+FRONTIER_POINTS = tuple((frontier_name(f, p), p, f) for p in PLACEMENTS for f in FRONTIER_FRACTIONS)
+FRONTIER = tuple(name for name, p, _ in FRONTIER_POINTS if p == "middle")
+# with no full layer both are all_sparse; at 1/3 they are the main hybrids: the same models, evaluated once
+FRONTIER_ALIASES = {
+    frontier_name(0.0): "all_sparse",
+    frontier_name(1 / 3): "hybrid_sinkwindow",
+    frontier_name(0.0, "auto"): "all_sparse",
+    frontier_name(1 / 3, "auto"): "hybrid_auto",
+}
 VARIANTS = (
-    *MAIN, "hybrid_bottom", "hybrid_nosink", "hybrid_auto", *(f for f in FRONTIER if f not in FRONTIER_ALIASES)
+    *MAIN, "hybrid_bottom", "hybrid_nosink", "hybrid_auto",
+    *(name for name, _, _ in FRONTIER_POINTS if name not in FRONTIER_ALIASES),
 )  # fmt: skip
 LABELS = {
     "full": "1. full attention",
@@ -29,7 +41,7 @@ LABELS = {
     "hybrid_bottom": "6. full layers at the bottom",
     "hybrid_nosink": "7. SinkWindow hybrid without sink tokens",
     "hybrid_auto": "8. SinkWindow hybrid, full layers chosen by calibration",
-    **{f: f"SinkWindow hybrid, {frac:.0%} full" for f, frac in zip(FRONTIER, FRONTIER_FRACTIONS, strict=True)},
+    **{name: f"SinkWindow hybrid, {frac:.0%} full ({p})" for name, p, frac in FRONTIER_POINTS},
 }
 TRAINED_TASKS = ("passkey", "niah", "niah_multikey", "variable_tracking")
 HELD_OUT_TASK = "parcel_weight"  # a fact in a template the training data never contains
@@ -189,7 +201,7 @@ def extend_cost(s: Settings, variant: str) -> float:
     are full plus what the sparse layers keep (causal block work at `long_len`, a rough guide for the plan)."""
     third = {v: 1 / 3 for v in ("hybrid_sinkwindow", "hybrid_blocksparse", "hybrid_bottom", "hybrid_nosink",
                                 "hybrid_auto")}  # fmt: skip
-    fractions = {"full": 1.0, "all_sparse": 0.0, **third, **dict(zip(FRONTIER, FRONTIER_FRACTIONS, strict=True))}
+    fractions = {"full": 1.0, "all_sparse": 0.0, **third, **{name: f for name, _, f in FRONTIER_POINTS}}
     full = round(s.layers * fractions[variant]) / s.layers
     sparse_keep = 0.35 if variant == "hybrid_blocksparse" else 0.1
     return 0.35 + 0.65 * (full + (1 - full) * sparse_keep)  # ~35% of full attention's step is not attention

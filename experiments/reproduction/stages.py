@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .corpus import file_name, select_documents
-from .settings import FRONTIER, FRONTIER_ALIASES, FRONTIER_FRACTIONS, TASKS, Settings, batch_shape, plan
+from .settings import FRONTIER_ALIASES, FRONTIER_POINTS, TASKS, Settings, batch_shape, plan
 
 
 class DeadlineReached(BaseException):  # a BaseException, so that no `except Exception` in a library swallows it
@@ -450,6 +450,14 @@ class Experiment:
 
         s = self.s
         sink_window = SinkWindow(s.sink, s.window)
+        auto = {  # the full layers chosen by the pre-trained model's attention on training text
+            "full_layers": "auto",
+            "pattern": sink_window,
+            "calibration": [str(self.data / "train.jsonl")],
+            "calibration_length": s.short_len,
+            "calibration_sequences": 8,
+            "device": self.device(),
+        }
         specs = {
             "full": None,
             "hybrid_sinkwindow": {"full_layers": "middle", "pattern": sink_window},
@@ -458,19 +466,12 @@ class Experiment:
             "hybrid_bottom": {"full_layers": "bottom", "pattern": sink_window},
             # a plain sliding window: what `longgen export --format transformers` can hand to other engines
             "hybrid_nosink": {"full_layers": "middle", "pattern": SinkWindow(0, s.window)},
-            # as many full layers as the middle third, chosen by the pre-trained model's attention on training text
-            "hybrid_auto": {
-                "full_layers": "auto",
-                "pattern": sink_window,
-                "calibration": [str(self.data / "train.jsonl")],
-                "calibration_length": s.short_len,
-                "calibration_sequences": 8,
-                "device": self.device(),
-            },
+            "hybrid_auto": auto,  # as many full layers as the middle third
         }
-        for name, fraction in zip(FRONTIER, FRONTIER_FRACTIONS, strict=True):
+        for name, placement, fraction in FRONTIER_POINTS:
             if name not in FRONTIER_ALIASES:
-                specs[name] = {"full_layers": "middle", "full_fraction": fraction, "pattern": sink_window}
+                where = auto if placement == "auto" else {"full_layers": "middle", "pattern": sink_window}
+                specs[name] = {**where, "full_fraction": fraction}
         if variant not in specs:
             raise ValueError(f"{variant!r} is not trained; trained variants: {', '.join(specs)}")
         return specs[variant]
