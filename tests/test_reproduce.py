@@ -81,7 +81,8 @@ def test_tiny_end_to_end(reproduce, tmp_path, capsys):
     # the full report: targets, the frontier (0 and 1/3 are all_sparse and hybrid_sinkwindow), per-prompt outcomes
     summary = json.loads((out / "reproduce.json").read_text())
     assert [t["met"] in (True, False) for t in summary["targets"]] == [True] * 6
-    assert [f["variant"] for f in summary["frontier"]] == [*aliases[:2], "frontier_0.5", *aliases[2:], "frontier_auto_0.5"]
+    points = [*aliases[:2], "frontier_0.5", *aliases[2:], "frontier_auto_0.5"]
+    assert [f["variant"] for f in summary["frontier"]] == points
     assert [f["full_layers"] for f in summary["frontier"]][:3] == [[], [2, 3], [1, 2, 3]]
     auto = summary["frontier"][3:]
     assert [f["placement"] for f in auto] == ["auto"] * 3 and [len(f["full_layers"]) for f in auto] == [0, 2, 3]
