@@ -8,8 +8,8 @@
    the middle, the rest SinkWindow) and a full-attention baseline (same RoPE change);
 4. evaluation: pass-key retrieval by length (the same seeded prompts for every model, scored in batched
    forward passes by `longgen.eval.forced.greedy_matches`) for both and for StreamingLLM applied to the full
-   model (no extra training), perplexity by position, KV-cache bytes actually allocated, training and
-   generation speed;
+   model (no extra training), perplexity by position, KV-cache bytes actually allocated, training speed, and
+   prefill and generation speed through the serving runner (`longgen.infer.ModelRunner`);
 5. one comparison table, ``summary.json`` and one figure (``demo.png``) in the output folder.
 """
 
@@ -41,10 +41,11 @@ class DemoConfig:
     corpus_mb: float = 3.0  # of standard-library source text
     vocab_size: int = 2048
     hidden_size: int = 128
+    intermediate_size: int = 512  # MLP width
     layers: int = 6
     heads: int = 4
     kv_heads: int = 2
-    short_len: int = 256  # pre-training context
+    short_len: int = 1024  # pre-training context
     factor: int = 4  # context extension factor
     sink: int = 16  # SinkWindow of the hybrid's sparse layers, and of StreamingLLM
     window: int = 128
@@ -82,6 +83,7 @@ TINY = DemoConfig(
     corpus_mb=0.25,
     vocab_size=320,
     hidden_size=64,
+    intermediate_size=256,
     layers=3,
     short_len=64,
     sink=4,
@@ -193,52 +195,52 @@ def _train(
     return {"final": final, "loss": rows[-1]["loss"], "train_tokens_per_s": sum(tps) / len(tps)}
 
 
-def measure_inference(path: Path, length: int, device: str, new_tokens: int = 32, repeats: int = 3) -> dict[str, float]:
-    """KV bytes the hybrid cache allocates for a `length`-token sequence, and speed at that length (one sequence):
-    prefill of a ``length - new_tokens``-token prompt (random tokens), and generation (greedy decoding) of the
-    `new_tokens` after it, timed as ``generate(new_tokens + 1) - generate(1)`` so the prefill is not counted.
-    Best of `repeats` runs."""
-    from longgen.infer import HybridCache, analytic_kv_bytes
+def measure_inference(
+    path: Path, length: int, device: str, new_tokens: int = 32, batch: int = 4, repeats: int = 3
+) -> dict[str, float]:
+    """KV bytes the hybrid cache allocates for a `length`-token sequence, and speed at that length through the
+    serving runner (`longgen.infer.ModelRunner`): prefill of a ``length - new_tokens``-token prompt (random tokens,
+    one sequence), and generation: `batch` sequences with such prompts, each decoding `new_tokens` tokens greedily
+    (tokens/s over all of them, the prefill not counted). Best of `repeats` runs."""
+    from longgen.infer import HybridCache, ModelRunner, analytic_kv_bytes
     from longgen.infer.cache import cache_kwargs
     from longgen.model import load_model
 
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     model = load_model(path, dtype=dtype).to(device).eval()
-    model.generation_config.eos_token_id = None
-    prompt = torch.randint(
-        0, model.config.vocab_size, (1, length - new_tokens), generator=torch.Generator().manual_seed(0)
-    ).to(device)
+    gen = torch.Generator().manual_seed(0)
+    prompts = torch.randint(0, model.config.vocab_size, (batch, length - new_tokens), generator=gen).to(device)
 
-    def generate(n: int) -> float:
-        t0 = time.perf_counter()
-        model.generate(
-            prompt,
-            attention_mask=torch.ones_like(prompt),
-            max_new_tokens=n,
-            min_new_tokens=n,
-            do_sample=False,
-            pad_token_id=0,
-            **cache_kwargs(HybridCache(model.config)),
-        )
-        return time.perf_counter() - t0
+    def sync() -> None:
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
 
-    with torch.no_grad():
+    with torch.inference_mode():
         cache = HybridCache(model.config, max_length=length)
-        model(prompt, use_cache=True, **cache_kwargs(cache))
+        model(prompts[:1], use_cache=True, **cache_kwargs(cache))
         stored = sum(int(cache.stored_tokens(i).sum()) for i in range(model.config.num_hidden_layers))
+        runner = ModelRunner(model, max_batch=batch, max_len=length, compile=False)
         prefill, decode = [], []
         for _ in range(repeats):
+            sync()
             t0 = time.perf_counter()
-            model(prompt, use_cache=True, **cache_kwargs(HybridCache(model.config)))
+            runner.prefill(0, prompts[0])
+            sync()
             prefill.append(time.perf_counter() - t0)
-            one = generate(1)
-            decode.append(generate(new_tokens + 1) - one)
+            logits = torch.stack([runner.prefill(row, prompts[row]) for row in range(batch)])
+            sync()
+            t0 = time.perf_counter()
+            for _ in range(new_tokens):
+                logits = runner.decode(logits.argmax(-1))
+            sync()
+            decode.append(time.perf_counter() - t0)
     return {
         "kv_bytes": cache.allocated_bytes(),
         "kv_bytes_stored": stored * 2 * model.config.head_dim * dtype.itemsize,
         "kv_bytes_analytic": analytic_kv_bytes(model.config, length - new_tokens, bytes_per_value=dtype.itemsize),
-        "prefill_tokens_per_s": prompt.shape[1] / min(prefill),
-        "generate_tokens_per_s": new_tokens / max(min(decode), 1e-9),
+        "prefill_tokens_per_s": prompts.shape[1] / min(prefill),
+        "generate_tokens_per_s": batch * new_tokens / min(decode),
+        "generate_batch": batch,
     }
 
 
@@ -336,7 +338,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     model_cfg = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=cfg.hidden_size,
-        intermediate_size=cfg.hidden_size * 4,
+        intermediate_size=cfg.intermediate_size,
         num_hidden_layers=cfg.layers,
         num_attention_heads=cfg.heads,
         num_key_value_heads=cfg.kv_heads,
@@ -431,6 +433,7 @@ def format_summary(summary: dict) -> str:
     v = summary["variants"]
     long_len = str(summary["extended_len"])
     lengths = list(v["full_attention"]["passkey_by_length"])
+    batch = v["full_attention"].get("generate_batch", 1)
 
     def get(fmt: str, *keys: str):
         def cell(r: dict) -> str:
@@ -448,7 +451,7 @@ def format_summary(summary: dict) -> str:
         ("KV cache allocated (KiB)", lambda r: f"{r['kv_bytes'] / 1024:,.0f}" if "kv_bytes" in r else "-"),
         ("training tokens/s (extension)", get("{:,.0f}", "train_tokens_per_s")),
         ("prefill tokens/s", get("{:,.0f}", "prefill_tokens_per_s")),
-        ("generation tokens/s (decoding)", get("{:,.1f}", "generate_tokens_per_s")),
+        (f"generation tokens/s ({batch} sequences)", get("{:,.1f}", "generate_tokens_per_s")),
     ]
     width = max(len(r[0]) for r in rows) + 2
     names = [n for n in VARIANTS if n in v]
