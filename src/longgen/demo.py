@@ -20,6 +20,7 @@ import json
 import os
 import random
 import shutil
+import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -192,7 +193,8 @@ def _train(
     final = train(load_config(raw=raw))
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     tps = [r["tokens_per_s"] for r in rows[1:]] or [rows[-1]["tokens_per_s"]]  # the first step warms up
-    return {"final": final, "loss": rows[-1]["loss"], "train_tokens_per_s": sum(tps) / len(tps)}
+    # the median step: a few steps slowed by other work on the machine do not move it
+    return {"final": final, "loss": rows[-1]["loss"], "train_tokens_per_s": statistics.median(tps)}
 
 
 def measure_inference(
