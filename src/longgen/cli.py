@@ -223,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
         "demo",
         help="the whole LongGen story in minutes on a CPU: pre-train, convert, extend, evaluate, compare",
         description="Pre-trains a tiny Llama on the Python standard library's sources and synthetic retrieval "
-        "documents, converts a copy into a LongGen hybrid, extends it and a full-attention copy to 4x the context with "
+        "documents, converts a copy into a LongGen hybrid, extends it and a full-attention copy to 8x the context with "
         "the same budget, and compares them and StreamingLLM applied to the full model (pass-key retrieval by length, "
         "perplexity by position, KV-cache bytes, training and generation speed). Nothing is downloaded.",
     )
