@@ -89,7 +89,7 @@ def test_passkey_prompts_are_exact_and_seeded(tmp_path):
     [
         ({"retrieval_share": 1.0}, "retrieval_share"),
         ({"factor": 1}, "factor"),
-        ({"window": 4096}, "window"),
+        ({"window": 8192}, "window"),  # not below the extended length (1024 x 8)
         ({"short_len": 32}, "short_len"),
         ({"passkey_prompts": 0}, "passkey_prompts"),
         ({"device": "tpu"}, "device"),
