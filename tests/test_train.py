@@ -334,6 +334,32 @@ def test_ctrl_c_prints_one_line_with_the_step_and_the_last_checkpoint(workspace,
     ), message
 
 
+def test_ctrl_c_during_a_checkpoint_save_finishes_the_save_then_stops(workspace, tmp_path, monkeypatch):
+    """Ctrl-C while torch.distributed.checkpoint writes (it would wrap the KeyboardInterrupt in a
+    CheckpointException: a traceback, exit code 1, a lost checkpoint) is held until the save is done."""
+    import longgen.train.loop as loop
+
+    real_save = loop.save_checkpoint
+
+    def save_with_ctrl_c(out, step, *args, **kwargs):
+        if step == 4:
+            os.kill(os.getpid(), signal.SIGINT)  # arrives while the checkpoint of step 4 is being written
+        return real_save(out, step, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "save_checkpoint", save_with_ctrl_c)
+    out = tmp_path / "run"
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(loop.TrainingInterrupted) as stopped:
+        train(load_config(raw=config(workspace, out, train__steps=8)))
+    assert stopped.value.exit_code == 130
+    assert str(stopped.value) == (
+        f"interrupted during step 4 of 8; last checkpoint: step 4 ({list_checkpoints(out)[-1][1]}); continue with "
+        "--resume"
+    )
+    assert [s for s, _ in list_checkpoints(out)] == [2, 4]
+    assert signal.getsignal(signal.SIGINT) is before
+
+
 @pytest.mark.slow
 def test_sigterm_writes_a_checkpoint_of_the_current_step_and_resume_continues_from_it(workspace, tmp_path):
     code, _, stderr, out = _stopped_by(signal.SIGTERM, workspace, tmp_path)

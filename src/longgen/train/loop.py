@@ -351,7 +351,8 @@ def train(cfg: TrainConfig) -> Path:
                     "rng": rng_state(),
                     "run": record,
                 }
-                save_checkpoint(out, step, wrapped, optimizer, extra, rank=rank, keep=t.keep_checkpoints)
+                with stops.ctrl_c_after_saving():
+                    save_checkpoint(out, step, wrapped, optimizer, extra, rank=rank, keep=t.keep_checkpoints)
             if kill_after and step == kill_after:
                 os.kill(os.getpid(), signal.SIGKILL)
             if stop and step < t.steps:
@@ -381,6 +382,23 @@ class _Stops:
 
     def _on_sigterm(self, signum, frame) -> None:
         self.sigterm = True
+
+    @contextlib.contextmanager
+    def ctrl_c_after_saving(self):
+        """A checkpoint being written is finished before Ctrl-C stops the run: torch.distributed.checkpoint turns a
+        KeyboardInterrupt inside its save into a CheckpointException (a traceback instead of the one line), and the
+        checkpoint would be lost. Ctrl-C during the save is held and raised right after it."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        held: list[int] = []
+        previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+        if held:
+            raise KeyboardInterrupt
 
     def stop_after_sigterm(self) -> None:
         raise TrainingInterrupted(
