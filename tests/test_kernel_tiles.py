@@ -62,7 +62,6 @@ def _python(module):
 
 TRITON = _python(ta)
 GLUON = _python(ga)
-LAYOUT = torch.tensor([[1, 0, 0, 0], [1, 1, 0, 0], [0, 1, 1, 0], [1, 0, 1, 1]], dtype=torch.bool)
 PATTERNS = [
     Full(),
     SinkWindow(5, 20),

@@ -20,7 +20,6 @@ def frontier_name(fraction: float, placement: str = "middle") -> str:
 
 # (name, placement, fraction) of every point of the sweep
 FRONTIER_POINTS = tuple((frontier_name(f, p), p, f) for p in PLACEMENTS for f in FRONTIER_FRACTIONS)
-FRONTIER = tuple(name for name, p, _ in FRONTIER_POINTS if p == "middle")
 # with no full layer both are all_sparse; at 1/3 they are the main hybrids: the same models, evaluated once
 FRONTIER_ALIASES = {
     frontier_name(0.0): "all_sparse",
