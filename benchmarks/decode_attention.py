@@ -60,7 +60,10 @@ def bench(fn) -> float:
     return float(do_bench(fn, warmup=25, rep=200, return_mode="median"))
 
 
-def run_case(name, pattern, tokens, batch, kv_heads, q_len, num_splits, peak_gbps) -> dict:
+def run_case(name, pattern, tokens, batch, kv_heads, q_len, num_splits, peak_gbps, scan=None) -> dict:
+    """Time one case; `scan` (BLOCK_N, warps, stages) replaces the kernel's measured scan tiles."""
+    from longgen.kernels import triton_cache_attention as kernels
+
     dt, dev = torch.bfloat16, "cuda"
     k_pos = compact_positions(pattern, tokens, batch, kv_heads, q_len).to(dev)
     slots = k_pos.shape[-1]
@@ -79,14 +82,16 @@ def run_case(name, pattern, tokens, batch, kv_heads, q_len, num_splits, peak_gbp
     kv_bytes = read_slots * 2 * HEAD_DIM * k.element_size()
     total_bytes = kv_bytes + k_pos.numel() * k_pos.element_size() + 2 * q.numel() * q.element_size()
 
-    ours = lambda: cache_attention(q, q_pos, k, v, k_pos, pattern, num_splits=num_splits, backend="triton")  # noqa: E731
+    if scan is None:
+        ours = lambda: cache_attention(q, q_pos, k, v, k_pos, pattern, num_splits=num_splits, backend="triton")  # noqa: E731
+    else:  # the same kernels with other scan tiles (the public function always uses the measured ones)
+        p, scale = pattern.resolve(kv_heads), HEAD_DIM**-0.5
+        ours = lambda: kernels.triton_cache_attention(q, q_pos, k, v, k_pos, p, scale, None, num_splits, scan)  # noqa: E731
     ms = bench(ours)
     qt = q.transpose(1, 2).contiguous()  # SDPA's (B, H, q, d); a causal-free decode over every slot
     sdpa = lambda: F.scaled_dot_product_attention(qt, k, v, enable_gqa=kv_heads != HEADS)  # noqa: E731
     sdpa_ms = bench(sdpa)
     sdpa_bytes = 2 * k.numel() * k.element_size() + 2 * q.numel() * q.element_size()
-
-    from longgen.kernels import triton_cache_attention as kernels
 
     splits = num_splits or kernels.launch_splits(batch, q_len, HEADS, kv_heads, slots, q.device)
     ideal_ms = total_bytes / (peak_gbps * 1e9) * 1e3
@@ -101,7 +106,7 @@ def run_case(name, pattern, tokens, batch, kv_heads, q_len, num_splits, peak_gbp
         "slots": slots,
         "read_slots": read_slots,
         "num_splits": splits,
-        "tiles": f"{kernels.BLOCK_N},{kernels.NUM_WARPS},{kernels.NUM_STAGES}",  # BLOCK_N, warps, stages
+        "tiles": ",".join(map(str, scan or kernels.SCAN_TILES)),  # BLOCK_N, warps, stages
         "bytes": total_bytes,
         "ms": round(ms, 4),
         "gbps": round(total_bytes / ms / 1e6, 1),
@@ -179,16 +184,16 @@ def main(argv=None) -> int:
         return 2
     from longgen.kernels import triton_cache_attention as kernels
 
-    if args.tiles is not None:
-        kernels.BLOCK_N, kernels.NUM_WARPS, kernels.NUM_STAGES = args.tiles
     out = Path(args.out)
     result = json.loads(out.read_text()) if out.exists() else {"rows": []}
-    tiles = {"block_n": kernels.BLOCK_N, "num_warps": kernels.NUM_WARPS, "num_stages": kernels.NUM_STAGES}
+    tiles = dict(zip(("block_n", "num_warps", "num_stages"), args.tiles or kernels.SCAN_TILES, strict=True))
     result.update(run_metadata(), peak_gbps=args.peak_gbps, tiles=tiles)
     for batch in args.batch:
         for kv in args.kv_heads:
             for name, pattern, tokens in cases(args.full_lens, args.sparse_len, kv):
-                row = run_case(name, pattern, tokens, batch, kv, args.q_len, args.num_splits, args.peak_gbps)
+                row = run_case(
+                    name, pattern, tokens, batch, kv, args.q_len, args.num_splits, args.peak_gbps, args.tiles
+                )
                 key = (row["pattern"], row["tokens"], row["batch"], row["kv_heads"], row["q_len"])
                 result["rows"] = [
                     r

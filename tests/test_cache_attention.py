@@ -135,6 +135,15 @@ def test_default_num_splits():
     assert default_num_splits(10**7, 1, 132) == 128
 
 
+def test_scan_tiles_are_an_argument_not_a_module_setting():
+    from longgen.kernels.plan import Tiles
+    from longgen.kernels.triton_cache_attention import SCAN_TILES, tile_config
+
+    assert tile_config(8, False) == Tiles(16, *SCAN_TILES)  # 8 packed rows -> BLOCK_M 16 (tl.dot's minimum)
+    assert tile_config(200, False, (32, 8, 2)) == Tiles(64, 32, 8, 2)  # what decode_attention.py --tiles sweeps
+    assert tile_config(8, True, (32, 8, 2)) == Tiles(16, 16, 1, 1)  # the interpreter's tiles stay small
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # arguments
 def test_bad_arguments_are_clear_errors():

@@ -204,12 +204,14 @@ def _combine_kernel(
 
 # -------------------------------------------------------------------------------------------------------------
 # launch
-# GPU tile settings; benchmarks/decode_attention.py --tiles overrides them to sweep
-BLOCK_N, NUM_WARPS, NUM_STAGES = 64, 4, 3
+# GPU scan settings of `_split_kernel` (BLOCK_N, num_warps, num_stages); benchmarks/decode_attention.py --tiles
+# passes others to `triton_cache_attention` to sweep them
+SCAN_TILES = (64, 4, 3)
 
 
-def tile_config(rows: int, interpret: bool) -> Tiles:
-    """Tiles of `_split_kernel` for `rows` = Q * G packed rows (BLOCK_M >= 16 for tl.dot, at most 64).
+def tile_config(rows: int, interpret: bool, scan: tuple[int, int, int] = SCAN_TILES) -> Tiles:
+    """Tiles of `_split_kernel` for `rows` = Q * G packed rows (BLOCK_M >= 16 for tl.dot, at most 64) and `scan`
+    = (BLOCK_N, num_warps, num_stages) on a GPU.
 
     Decoding is memory-bound (each K/V slot is read once per KV head), so the choice is about bytes in flight. With
     3 stages the pipeliner loads k_pos two tiles ahead and K/V (2 x 16 KB at BLOCK_N 64, d 128) one tile ahead
@@ -218,7 +220,7 @@ def tile_config(rows: int, interpret: bool) -> Tiles:
     """
     if interpret:
         return Tiles(16, 16, 1, 1)
-    return Tiles(min(64, max(16, triton.next_power_of_2(rows))), BLOCK_N, NUM_WARPS, NUM_STAGES)
+    return Tiles(min(64, max(16, triton.next_power_of_2(rows))), *scan)
 
 
 @functools.cache
@@ -301,8 +303,10 @@ def triton_cache_attention(
     scale: float,
     kv_len: torch.Tensor | None,
     num_splits: int | None,
+    scan: tuple[int, int, int] = SCAN_TILES,
 ) -> torch.Tensor:
-    """Run the kernels on validated inputs (see `longgen.kernels.cache_attention`); `pattern` is resolved."""
+    """Run the kernels on validated inputs (see `longgen.kernels.cache_attention`); `pattern` is resolved. `scan`:
+    (BLOCK_N, num_warps, num_stages) of the GPU scan, the measured `SCAN_TILES` unless a benchmark sweeps them."""
     _check_supported(query)
     B, Q, H, d = query.shape
     hkv, S = key_cache.shape[1], key_cache.shape[2]
@@ -312,7 +316,7 @@ def triton_cache_attention(
     if out.numel() == 0:
         return out
     rows = Q * G
-    tiles = tile_config(rows, interpreting())
+    tiles = tile_config(rows, interpreting(), scan)
     row_tiles = triton.cdiv(rows, tiles.block_m)
     if num_splits is None:
         num_splits = launch_splits(B, Q, H, hkv, S, query.device)
