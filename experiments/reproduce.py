@@ -48,7 +48,7 @@ if importlib.util.find_spec("longgen") is None:  # a checkout that is not instal
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from reproduction.report import build_report
-from reproduction.settings import DEFAULT, TINY, VARIANTS, Settings
+from reproduction.settings import DEFAULT, TINY, VARIANTS, Settings, trained_for
 from reproduction.stages import EVAL_STAGES, Deadline, DeadlineReached, Experiment, interactive, log
 
 STAGES = ("plan", "prepare", "pretrain", "extend", "eval", "report", "all")
@@ -142,14 +142,14 @@ def current_commit() -> str:
 
 def run(exp: Experiment, stage: str, picked: Sequence[str] | None, provenance: dict[str, str]) -> None:
     s = exp.s
+    if stage == "extend" and picked and "streaming_llm" in picked:  # before any work, not after the others
+        raise ValueError("streaming_llm is not trained: it is model 1 (`full`) with StreamingLLM at inference")
     if stage in ("prepare", "all"):
         exp.run("prepare")
     if stage in ("pretrain", "all"):
         exp.run("pretrain")
     if stage in ("extend", "all"):
-        for v in picked or s.trained:
-            if v == "streaming_llm":
-                raise ValueError("streaming_llm is not trained: it is model 1 (`full`) with StreamingLLM at inference")
+        for v in trained_for(picked) if picked else s.trained:  # `all --variant streaming_llm` trains `full`
             exp.run(f"extend-{v}")
     if stage in ("eval", "all"):
         for task in EVAL_STAGES:

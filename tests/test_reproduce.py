@@ -152,6 +152,20 @@ def test_stopped_stage_resumes(reproduce, tmp_path, monkeypatch, capsys):
     assert [json.loads(x)["step"] for x in rows] == [1, 2, 3, 4]  # steps 3-4 logged after the resume, once
 
 
+@pytest.mark.slow
+def test_streaming_llm_alone_trains_model_1_and_is_evaluated(reproduce, tmp_path, capsys):
+    """`all --variant streaming_llm` extends `full` (StreamingLLM is model 1 at inference) and evaluates only
+    StreamingLLM; `extend --variant streaming_llm` is refused before any work is done."""
+    work = tmp_path / "work"
+    args = ["--tiny", "--work-dir", str(work), "--out-dir", str(tmp_path / "out")]
+    assert reproduce.main(["extend", "--variant", "full", "--variant", "streaming_llm", *args]) == 2
+    assert "streaming_llm is not trained" in capsys.readouterr().err
+    assert not (work / "state").exists()  # refused before prepare
+    assert reproduce.main(["all", "--variant", "streaming_llm", *args]) == 0
+    done = sorted(p.stem for p in (work / "state").iterdir())
+    assert done == ["eval-streaming_llm-ppl", "eval-streaming_llm-retrieval", "extend-full", "prepare", "pretrain"]
+
+
 def test_each_record_holds_its_own_prompts_outcome(reproduce):
     """Prompts are scored length by length; each record must carry the outcome of its own prompt. Here every
     other prompt's answer is what the model itself generates (True), the rest a wrong answer (False)."""

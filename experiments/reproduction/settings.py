@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from collections.abc import Sequence
 from typing import Any
 
 MAIN = ("full", "hybrid_sinkwindow", "hybrid_blocksparse", "all_sparse", "streaming_llm")
@@ -45,6 +46,13 @@ LABELS = {
 TRAINED_TASKS = ("passkey", "niah", "niah_multikey", "variable_tracking")
 HELD_OUT_TASK = "parcel_weight"  # a fact in a template the training data never contains
 TASKS = (*TRAINED_TASKS, HELD_OUT_TASK)
+
+
+def trained_for(variants: Sequence[str]) -> list[str]:
+    """The extension runs that evaluating `variants` needs, in VARIANTS order: StreamingLLM is model 1 (`full`)
+    with StreamingLLM at inference, so it needs `full` and no run of its own."""
+    wanted = set(variants) | ({"full"} if "streaming_llm" in variants else set())
+    return [v for v in VARIANTS if v in wanted and v != "streaming_llm"]
 
 
 def _help(text: str) -> Any:
@@ -144,8 +152,7 @@ class Settings:
     @property
     def trained(self) -> list[str]:
         """Variants that need an extension run (StreamingLLM evaluates model 1, `full`)."""
-        wanted = set(self.variants) | ({"full"} if "streaming_llm" in self.variants else set())
-        return [v for v in VARIANTS if v in wanted and v != "streaming_llm"]
+        return trained_for(self.variants)
 
     @property
     def ppl_lengths(self) -> list[int]:
