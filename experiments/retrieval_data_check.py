@@ -2,11 +2,12 @@
 
     PYTHONPATH=src python experiments/retrieval_data_check.py [--out experiments/results/retrieval_data_check.json]
 
-1. Needle-question distances: the share of pairs more than 4K / 8K / 16K / 20K / 26K tokens apart for extension
-   documents of 4K-32K tokens (the recipe of the 2026-12-05 run) and of 28K-32K (`--extend-retrieval-min 0.875`).
-   A simulation of `longgen.train.synthetic.retrieval_document`'s placement rule in token units: 3 facts per 1K
-   tokens, each needle at a uniform place, its question at the document's end half of the time, else at a
-   uniform place after the needle.
+1. Needle-question distances: the share of pairs more than 4K / 8K / 16K / 20K / 26K / 28K tokens apart for
+   extension documents of 4K-32K tokens (the second recipe) and of 28K-32K (`--extend-retrieval-min 0.875`), the
+   latter also with 1/8 and 1/4 of the facts far (`--extend-far-share`). A simulation of
+   `longgen.train.synthetic.retrieval_document`'s placement rule in token units: 3 facts per 1K tokens, each
+   needle at a uniform place, its question at the document's end half of the time, else at a uniform place after
+   the needle; a far fact's needle in the first eighth and its question at the end.
 2. Planned against actual length: documents planned at 4K-32K tokens at the corpus's characters per token,
    tokenized with a 16K-token BPE trained on 12 MB of the standard library (as `reproduce.py` trains its own).
 """
@@ -24,13 +25,19 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
-def distance_shares(lo: int, hi: int, docs: int = 20_000, seed: int = 0) -> dict[str, float]:
+def distance_shares(lo: int, hi: int, far_share: float = 0.0, docs: int = 20_000, seed: int = 0) -> dict[str, float]:
     rng = random.Random(seed)
-    bounds = (4096, 8192, 16384, 20480, 26000)
+    bounds = (4096, 8192, 16384, 20480, 26000, 28672)
     over, total = dict.fromkeys(bounds, 0), 0
     for _ in range(docs):
         length = rng.randint(lo, hi)
         for _ in range(max(1, round(length * 3 / 1024))):
+            if far_share and rng.random() < far_share:  # `retrieval_document(far_share=...)`: first eighth, end
+                needle, ask = rng.uniform(0, length / 8), length
+                total += 1
+                for b in bounds:
+                    over[b] += ask - needle > b
+                continue
             needle = rng.uniform(0, length)
             ask = length if rng.random() < 0.5 else rng.uniform(needle, length)
             total += 1
@@ -72,6 +79,7 @@ def main() -> None:
         "command": "PYTHONPATH=src python " + " ".join(sys.argv),
         "distances_4k_32k": distance_shares(4096, 32768),
         "distances_28k_32k": distance_shares(28672, 32768),
+        **{f"distances_28k_32k_far_{f}": distance_shares(28672, 32768, f) for f in (0.125, 0.25)},
         "planned_vs_actual": planned_vs_actual(),
     }
     Path(a.out).write_text(json.dumps(result, indent=1) + "\n")

@@ -207,7 +207,7 @@ def test_retrieval_document_lengths_and_whole_documents(reproduce):
     """Extension retrieval documents span --extend-retrieval-min of the extended context up to all of it (so
     needle-question distances cover it evenly); packing keeps documents from an eighth of it on whole."""
     from reproduction.settings import DEFAULT
-    from reproduction.stages import retrieval_lengths, whole_min
+    from reproduction.stages import far_share, retrieval_lengths, whole_min
 
     assert retrieval_lengths(DEFAULT, "pretrain") == (512, 2048)
     assert retrieval_lengths(DEFAULT, "extend") == (28672, 32768)
@@ -218,3 +218,22 @@ def test_retrieval_document_lengths_and_whole_documents(reproduce):
     for bad in (0.0, 1.5):
         with pytest.raises(ValueError, match="--extend-retrieval-min must lie in"):
             dataclasses.replace(DEFAULT, extend_retrieval_min=bad).validate()
+    # a quarter of the extension's facts far apart, none in pre-training
+    assert far_share(DEFAULT, "extend") == 0.25 and far_share(DEFAULT, "pretrain") == 0.0
+    with pytest.raises(ValueError, match=r"--extend-far-share must lie in \[0, 1\], got -0.1"):
+        dataclasses.replace(DEFAULT, extend_far_share=-0.1).validate()
+
+
+def test_the_recorded_run_rebuilds_to_its_committed_summary(reproduce, tmp_path):
+    """The committed results rebuild from their reproduce.json alone to the committed quality_summary.json, and a
+    setting missing from a saved run (recorded before it existed) reads as what such runs did (no far facts)."""
+    from reproduction.report import rebuild_report
+
+    results = EXPERIMENTS / "results"
+    saved = json.loads((results / "reproduce.json").read_text())
+    saved["settings"].pop("extend_far_share", None)
+    summary = rebuild_report(saved, tmp_path)
+    assert summary["settings"]["extend_far_share"] == 0.0
+    assert json.loads((tmp_path / "quality_summary.json").read_text()) == json.loads(
+        (results / "quality_summary.json").read_text()
+    )

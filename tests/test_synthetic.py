@@ -64,6 +64,22 @@ def test_documents_are_reproducible_and_about_the_asked_length(tmp_path):
     assert all(set(r) == {"text"} and r["text"] for r in rows)
 
 
+def test_far_facts_are_stated_in_the_first_eighth_and_asked_at_the_end():
+    question = r"(?:mentioned in the provided text is|\? It is|number noted for \w+ was) \d+\.$"  # every wording
+    needle = r"^(?!What|The number noted).*numbers? (?:for|of) \w+ is:? \d+\.$"
+    for seed in range(5):
+        doc = retrieval_document(random.Random(seed), FILLER, 4000, 3.0, 3.0, kinds=["niah"], far_share=1.0)
+        lines = doc.split("\n")
+        stated, asked = _lines(doc, needle), _lines(doc, question)
+        assert len(stated) == len(asked) == round(4000 * 3.0 / 1024)
+        assert max(stated) < len(lines) / 8 + 2 * len(stated)  # the first eighth of the filler lines
+        filler_after = [i for i, line in enumerate(lines) if line and i > min(asked) and not re.search(question, line)]
+        assert not filler_after  # every question after the last filler line
+        # the same document without far facts spreads them out
+        spread = _lines(retrieval_document(random.Random(seed), FILLER, 4000, 3.0, 3.0, kinds=["niah"]), needle)
+        assert max(spread) > len(lines) / 2
+
+
 def test_bad_input_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="unknown kind of fact 'x'"):
         make_fact("x", random.Random(0), "w")
@@ -71,6 +87,8 @@ def test_bad_input_is_a_clear_error(tmp_path):
         retrieval_document(random.Random(0), FILLER, 100, 3.0, 3.0, kinds=["nope"])
     with pytest.raises(ValueError, match="no texts"):
         retrieval_document(random.Random(0), [], 100, 3.0, 3.0)
+    with pytest.raises(ValueError, match=r"far_share must lie in \[0, 1\], got 1.5"):
+        retrieval_document(random.Random(0), FILLER, 100, 3.0, 3.0, far_share=1.5)
     with pytest.raises(ValueError, match="1 <= min <= max"):
         write_retrieval_set(tmp_path / "r.jsonl", FILLER, 10, (50, 10), 3.0, 3.0, seed=0)
 

@@ -43,13 +43,18 @@ def build_report(exp: Experiment, commit: str = "unknown", command: str = "") ->
     return summary
 
 
+# settings added after runs were recorded, and what those runs did instead (a saved reproduce.json lacking one ran so)
+BEFORE_THE_SETTING = {"extend_retrieval_min": 0.125, "extend_far_share": 0.0}
+
+
 def rebuild_report(saved: dict[str, Any], out: Path, **changes: Any) -> dict[str, Any]:
     """The report again from a saved ``reproduce.json`` (its settings, variants and per-prompt outcomes), without
     the work folder: for new tables or plots of a finished run. `changes` replace top-level entries of `saved`
     first (e.g. ``outcomes``, ``commit``, ``command``)."""
     saved = {**saved, **changes}
     fields = {f.name for f in dataclasses.fields(Settings)}
-    s = Settings(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved["settings"].items() if k in fields})
+    given = {**BEFORE_THE_SETTING, **saved["settings"]}  # a run older than a setting ran without it
+    s = Settings(**{k: tuple(v) if isinstance(v, list) else v for k, v in given.items() if k in fields})
     variants = {}
     for v, r in saved["variants"].items():
         if v in saved["outcomes"]:

@@ -78,6 +78,10 @@ class Settings:
     extend_retrieval_min: float = field(
         default=0.875, metadata=_help("shortest synthetic retrieval document of the extension, a share of --long-len")
     )
+    extend_far_share: float = field(
+        default=0.25,
+        metadata=_help("share of the extension's synthetic facts stated in the first eighth, asked at the end"),
+    )
     whole_docs: bool = field(default=True, metadata=_help("packing never cuts a document of retrieval length"))
     facts_per_1k: float = field(default=3.0, metadata=_help("facts stated and asked per 1K synthetic tokens"))
     # model
@@ -137,6 +141,8 @@ class Settings:
             raise ValueError(f"--long-len ({self.long_len}) must be >= --short-len ({self.short_len})")
         if self.hidden_size % self.heads or self.heads % self.kv_heads:
             raise ValueError("--hidden-size must be a multiple of --heads, and --heads a multiple of --kv-heads")
+        if not 0 <= self.extend_far_share <= 1:
+            raise ValueError(f"--extend-far-share must lie in [0, 1], got {self.extend_far_share}")
         if not 0 < self.extend_retrieval_min <= 1:
             raise ValueError(f"--extend-retrieval-min must lie in (0, 1], got {self.extend_retrieval_min}")
         for name in ("retrieval_share_pretrain", "retrieval_share_extend"):

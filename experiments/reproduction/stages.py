@@ -89,6 +89,13 @@ def retrieval_lengths(s: Settings, stage: str) -> tuple[int, int]:
     return max(16, int(s.long_len * s.extend_retrieval_min)), s.long_len
 
 
+def far_share(s: Settings, stage: str) -> float:
+    """Share of the stage's synthetic facts placed far apart (needles in a document's first eighth, the question at
+    its end): --extend-far-share in the extension, where distances near the whole context are otherwise rare
+    (`results/retrieval_data_check.json`); none in pre-training."""
+    return s.extend_far_share if stage == "extend" else 0.0
+
+
 def whole_min(s: Settings, stage: str) -> int | None:
     """`longgen.train`'s data.whole_min (None: off): documents from a quarter (pre-training) or an eighth
     (extension) of the context on are never cut by packing, the retrieval documents among them."""
@@ -148,7 +155,7 @@ class Experiment:
         if name == "prepare":
             fields = ("seed", "sources", "corpus_mb", "tokenizer_mb", "vocab_size", "heldout_docs", "short_len",
                       "long_len", "retrieval_share_pretrain", "retrieval_share_extend", "extend_retrieval_min",
-                      "facts_per_1k")  # fmt: skip
+                      "extend_far_share", "facts_per_1k")  # fmt: skip
             return {**{k: getattr(s, k) for k in fields}, "heldout_min_tokens": max(s.ppl_lengths), "format": 3}
         if name == "pretrain":
             model = [s.hidden_size, s.layers, s.heads, s.kv_heads, s.intermediate_size, s.short_len]
@@ -322,7 +329,7 @@ class Experiment:
             path = self.data / f"retrieval-{stage}.jsonl"
             total = int(share / (1 - share) * real)  # tokens that make `share` of what the loader draws from
             made = write_retrieval_set(path, texts, total, span, chars_per_token, s.facts_per_1k, s.seed,
-                                       count_tokens=count_tokens)  # fmt: skip
+                                       count_tokens=count_tokens, far_share=far_share(s, stage))  # fmt: skip
             sources = [str(base.path), str(path)]
             combined = tokenize_corpus(sources, tokenizer, cache, progress=interactive())  # the loader's cache
             sets[stage] = {**made, "path": str(path), "sources": sources, "corpus_tokens": combined.n_tokens}

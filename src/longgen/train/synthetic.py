@@ -12,7 +12,9 @@ several wordings (the first wording of each is the one `longgen.eval`'s prompts 
 
 Needles sit at uniformly random lines, including the first; half the questions come at the end of the document
 (as in an evaluation prompt, so the needle-question distance covers the whole length), the others at a random
-later line (so a piece of a document cut by packing still holds answerable questions).
+later line (so a piece of a document cut by packing still holds answerable questions). With ``far_share``, that
+share of the facts is stated in the first eighth of the document and asked at its end: the longest distances,
+rare under uniform placement.
 """
 
 from __future__ import annotations
@@ -117,11 +119,16 @@ def retrieval_document(
     chars_per_token: float,
     facts_per_1k: float,
     kinds: Sequence[str] = RETRIEVAL_KINDS,
+    far_share: float = 0.0,
 ) -> str:
     """About `n_tokens` tokens of `texts` with ``facts_per_1k`` facts per 1,024 tokens (at least one) of the
-    given `kinds`, each stated at random lines and asked for later (see the module's docstring)."""
+    given `kinds`, each stated at random lines and asked for later (see the module's docstring). `far_share`:
+    the share of facts, on average, whose needles sit in the first eighth of the lines and whose question comes
+    at the end: distances near the document's whole length, rare under uniform placement."""
     if not texts:
         raise ValueError("retrieval documents need some filler text; got no texts")
+    if not 0 <= far_share <= 1:
+        raise ValueError(f"far_share must lie in [0, 1], got {far_share}")
     unknown = [k for k in kinds if k not in RETRIEVAL_KINDS]
     if unknown or not kinds:
         raise ValueError(f"kinds must be some of {RETRIEVAL_KINDS}, got {list(kinds)}")
@@ -141,8 +148,12 @@ def retrieval_document(
     lines = lines[: max(1, len(lines) - extra // 40)]
     events = []  # (line slot, order, text): needles before their question, in chain order
     for j, fact in enumerate(facts):
-        slots = sorted(rng.randint(0, len(lines)) for _ in fact.needles)
-        ask = len(lines) if rng.random() < 0.5 else rng.randint(slots[-1], len(lines))
+        if far_share and rng.random() < far_share:  # no draw at 0: documents without far facts stay as they were
+            slots = sorted(rng.randint(0, len(lines) // 8) for _ in fact.needles)
+            ask = len(lines)
+        else:
+            slots = sorted(rng.randint(0, len(lines)) for _ in fact.needles)
+            ask = len(lines) if rng.random() < 0.5 else rng.randint(slots[-1], len(lines))
         events += [
             (slot, 0, j, i, f"\n{text}\n") for i, (slot, text) in enumerate(zip(slots, fact.needles, strict=True))
         ]
@@ -178,6 +189,7 @@ def write_retrieval_set(
     seed: int,
     kinds: Sequence[str] = RETRIEVAL_KINDS,
     count_tokens: Callable[[list[str]], list[int]] | None = None,
+    far_share: float = 0.0,
 ) -> dict[str, int]:
     """Retrieval documents of uniformly random lengths in `lengths` (tokens) until about `total_tokens`, written
     as ``.jsonl`` to `path`; returns their count and planned tokens.
@@ -187,7 +199,8 @@ def write_retrieval_set(
     the questions at its end lose their needles. With `count_tokens` (texts -> their token counts, e.g. a batch
     call of the tokenizer) a document longer than ``lengths[1]`` tokens is made again from a plan shortened by
     its measured excess, up to 10 times (``remade`` counts the documents made again, ``too_long`` those still
-    longer after that: their facts alone do not fit), and ``tokens`` is the measured total.
+    longer after that: their facts alone do not fit), and ``tokens`` is the measured total. `far_share`: see
+    `retrieval_document`.
     """
     lo, hi = lengths
     if not 1 <= lo <= hi:
@@ -197,7 +210,7 @@ def write_retrieval_set(
     while n_tokens < total_tokens:
         planned.append(rng.randint(lo, hi))
         n_tokens += planned[-1]
-    docs = [retrieval_document(rng, texts, n, chars_per_token, facts_per_1k, kinds) for n in planned]
+    docs = [retrieval_document(rng, texts, n, chars_per_token, facts_per_1k, kinds, far_share) for n in planned]
     out: dict[str, int] = {"documents": len(docs), "planned_tokens": n_tokens}
     if count_tokens is None:
         write_jsonl(path, docs)
@@ -209,7 +222,7 @@ def write_retrieval_set(
             break
         for i in over:
             plans[i] = max(1, int(plans[i] * planned[i] / counts[i] * 0.98))
-            docs[i] = retrieval_document(rng, texts, plans[i], chars_per_token, facts_per_1k, kinds)
+            docs[i] = retrieval_document(rng, texts, plans[i], chars_per_token, facts_per_1k, kinds, far_share)
         for i, n in zip(over, count_tokens([docs[i] for i in over]), strict=True):
             counts[i] = n
         remade += len(over)
