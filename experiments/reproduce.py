@@ -48,7 +48,7 @@ if importlib.util.find_spec("longgen") is None:  # a checkout that is not instal
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from reproduction.report import build_report
-from reproduction.settings import DEFAULT, TINY, VARIANTS, Settings, trained_for
+from reproduction.settings import DEFAULT, TINY, VARIANTS, Settings
 from reproduction.stages import EVAL_STAGES, Deadline, DeadlineReached, Experiment, interactive, log
 
 STAGES = ("plan", "prepare", "pretrain", "extend", "eval", "report", "all")
@@ -144,14 +144,17 @@ def run(exp: Experiment, stage: str, picked: Sequence[str] | None, provenance: d
     s = exp.s
     if stage == "extend" and picked and "streaming_llm" in picked:  # before any work, not after the others
         raise ValueError("streaming_llm is not trained: it is model 1 (`full`) with StreamingLLM at inference")
-    if stage in ("prepare", "all"):
+    if stage == "all":  # each variant evaluated as soon as it is trained (`all --variant streaming_llm` trains full)
+        for name in exp.stage_names(picked):
+            exp.run(name)
+    if stage == "prepare":
         exp.run("prepare")
-    if stage in ("pretrain", "all"):
+    if stage == "pretrain":
         exp.run("pretrain")
-    if stage in ("extend", "all"):
-        for v in trained_for(picked) if picked else s.trained:  # `all --variant streaming_llm` trains `full`
+    if stage == "extend":
+        for v in picked or s.trained:
             exp.run(f"extend-{v}")
-    if stage in ("eval", "all"):
+    if stage == "eval":
         for task in EVAL_STAGES:
             for v in picked or s.variants:
                 exp.run(f"eval-{v}-{task}")

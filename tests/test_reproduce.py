@@ -152,6 +152,23 @@ def test_stopped_stage_resumes(reproduce, tmp_path, monkeypatch, capsys):
     assert [json.loads(x)["step"] for x in rows] == [1, 2, 3, 4]  # steps 3-4 logged after the resume, once
 
 
+def test_all_evaluates_each_variant_as_soon_as_it_is_trained(reproduce, tmp_path):
+    """A call cut short still has results: `all` evaluates each variant's retrieval right after its extension
+    (StreamingLLM right after `full`, which it needs), perplexity last."""
+    from reproduction.settings import DEFAULT
+    from reproduction.stages import Experiment
+
+    exp = Experiment(dataclasses.replace(DEFAULT, work_dir=str(tmp_path)))
+    assert exp.stage_names(["streaming_llm", "hybrid_sinkwindow"]) == [
+        "prepare", "pretrain", "extend-full", "eval-streaming_llm-retrieval", "extend-hybrid_sinkwindow",
+        "eval-hybrid_sinkwindow-retrieval", "eval-streaming_llm-ppl", "eval-hybrid_sinkwindow-ppl",
+    ]  # fmt: skip
+    names = exp.stage_names()  # the main comparison
+    assert names[2:6] == ["extend-full", "eval-full-retrieval", "extend-hybrid_sinkwindow",
+                          "eval-hybrid_sinkwindow-retrieval"]  # fmt: skip
+    assert len(names) == 2 + 4 + 5 * 2 and names.count("extend-full") == 1
+
+
 @pytest.mark.slow
 def test_streaming_llm_alone_trains_model_1_and_is_evaluated(reproduce, tmp_path, capsys):
     """`all --variant streaming_llm` extends `full` (StreamingLLM is model 1 at inference) and evaluates only

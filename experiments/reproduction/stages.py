@@ -16,12 +16,13 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from .corpus import file_name, select_documents
-from .settings import FRONTIER_ALIASES, FRONTIER_POINTS, TASKS, Settings, batch_shape, plan
+from .settings import FRONTIER_ALIASES, FRONTIER_POINTS, TASKS, Settings, batch_shape, plan, trained_for
 
 
 class DeadlineReached(BaseException):  # a BaseException, so that no `except Exception` in a library swallows it
@@ -124,9 +125,16 @@ class Experiment:
 
     # -- bookkeeping ---------------------------------------------------------------------------------------
 
-    def stage_names(self) -> list[str]:
-        names = ["prepare", "pretrain", *(f"extend-{v}" for v in self.s.trained)]
-        return names + [f"eval-{v}-{t}" for t in EVAL_STAGES for v in self.s.variants]  # retrieval first
+    def stage_names(self, variants: Sequence[str] | None = None) -> list[str]:
+        """The stages `all` runs for `variants` (default: the settings'), in its order: each variant's retrieval is
+        evaluated as soon as its model is trained, so a call cut short still reports the variants it finished;
+        perplexity comes last."""
+        variants = list(variants or self.s.variants)
+        names = ["prepare", "pretrain"]
+        for v in variants:
+            names += [f"extend-{t}" for t in trained_for([v]) if f"extend-{t}" not in names]
+            names.append(f"eval-{v}-{EVAL_STAGES[0]}")
+        return names + [f"eval-{v}-{t}" for t in EVAL_STAGES[1:] for v in variants]
 
     def done(self, name: str) -> dict | None:
         """The record of stage `name` when it finished (perhaps for other settings), else None."""
