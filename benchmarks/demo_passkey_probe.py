@@ -1,6 +1,6 @@
 """How fast the demo's model shape learns pass-key retrieval from short pass-key documents alone (CPU).
 
-    PYTHONPATH=src python benchmarks/demo_passkey_probe.py --init-std 0.02 [--steps 400] \
+    PYTHONPATH=src python benchmarks/demo_passkey_probe.py --init-std 0.02 [--steps 400] [--seed 0] \
         [--out benchmarks/results/demo/passkey_probe_init0.02.json]
 
 Outside the demo's pipeline: the demo's corpus, tokenizer (2,048-token BPE) and model shape (6 layers, hidden 128,
@@ -33,6 +33,7 @@ def main() -> None:
     p.add_argument("--init-std", type=float, default=0.02)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--seed", type=int, default=0, help="of the weights and the documents")
     p.add_argument("--out", default=None)
     a = p.parse_args()
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -41,8 +42,8 @@ def main() -> None:
     from longgen.eval.prompts import PASSKEY_ANSWER_PREFIX, PASSKEY_NEEDLE, PASSKEY_QUESTION, build_prompt
     from longgen.train.tokenizer import train_bpe_tokenizer
 
-    torch.manual_seed(0)
-    rng = random.Random(1)
+    torch.manual_seed(a.seed)
+    rng = random.Random(a.seed + 1)
     work = Path(tempfile.mkdtemp(prefix="passkey-probe-"))
     corpus, heldout = build_corpus(work, 3.0)
     tok = train_bpe_tokenizer(corpus, 2048)
@@ -99,10 +100,12 @@ def main() -> None:
         "command": "PYTHONPATH=src python " + " ".join(sys.argv),
         "torch": torch.__version__,
         "init_std": a.init_std,
+        "seed": a.seed,
         "lr": a.lr,
         "log": log,
     }
-    out = Path(a.out or f"benchmarks/results/demo/passkey_probe_init{a.init_std:g}.json")
+    seed = f"_seed{a.seed}" if a.seed else ""
+    out = Path(a.out or f"benchmarks/results/demo/passkey_probe_init{a.init_std:g}{seed}.json")
     out.write_text(json.dumps(result, indent=1) + "\n")
 
 
