@@ -3,14 +3,15 @@
     PYTHONPATH=src python benchmarks/demo_passkey_probe.py --init-std 0.02 [--steps 400] [--seed 0] \
         [--out benchmarks/results/demo/passkey_probe_init0.02.json]
 
-Outside the demo's pipeline: the demo's corpus, tokenizer (2,048-token BPE) and model shape (6 layers, hidden 128,
-4 heads, 2 KV heads, MLP 512, tied embeddings), with the weights drawn at `--init-std` (Llama's
-``initializer_range``). Each step trains on 64 rows of 64 tokens, each row one pass-key document in the
-evaluation's wording (`longgen.eval.prompts`: training-corpus text with the needle at a random depth, then the
-question, the answer prefix and the 5-digit key; 52 to 64 tokens, padding not scored), AdamW (betas 0.9/0.95,
-weight decay 0.1) at a constant `--lr` after 10 warm-up steps, gradients clipped at 1. Every 50 steps: the demo's
-pass-key score (`longgen.demo.score_passkey`: exact greedy key, 50 prompts of held-out text) at 64 and 256 tokens,
-and the share of the key's digits predicted right at 64 tokens (teacher-forced).
+Outside the demo's pipeline: the demo's corpus, tokenizer (2,048-token BPE) and model shape (6 layers, hidden 128, 4
+heads, 2 KV heads, MLP 512, tied embeddings), with the weights drawn at `--init-std` (Llama's
+``initializer_range``). Each step trains on 64 rows of 64 tokens (`--max-len` L > 64: 4,096 // L rows of L tokens),
+each row one pass-key document in the evaluation's wording (`longgen.eval.prompts`: training-corpus text with the
+needle at a random depth, then the question, the answer prefix and the 5-digit key; 52 to 64 tokens, or log-uniform
+from 52 to L; padding not scored), AdamW (betas 0.9/0.95, weight decay 0.1) at a constant `--lr` after 10 warm-up
+steps, gradients clipped at 1. Every 50 steps: the demo's pass-key score (`longgen.demo.score_passkey`: exact greedy
+key, 50 prompts of held-out text) at 64 and 256 tokens, and the share of the key's digits predicted right at 64
+tokens (teacher-forced).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--seed", type=int, default=0, help="of the weights and the documents")
+    p.add_argument("--max-len", type=int, default=64, help="> 64: documents of 52 to this many tokens, log-uniform")
     p.add_argument("--out", default=None)
     a = p.parse_args()
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -50,7 +52,8 @@ def main() -> None:
     text = tok("\n\n".join(f.read_text() for f in sorted(corpus.iterdir())), add_special_tokens=False)["input_ids"]
     hay = tok("\n\n".join(f.read_text() for f in heldout), add_special_tokens=False)["input_ids"]
     prompts = passkey_prompts(tok, hay, [64, 256], 50, 0)
-    seq, rows = 64, 64
+    seq = max(64, a.max_len)
+    rows = 4096 // seq  # 4,096 tokens a step (padding included)
 
     def document(n: int) -> list[int]:
         key = str(rng.randint(10_000, 99_999))
@@ -71,7 +74,10 @@ def main() -> None:
     for step in range(1, a.steps + 1):
         for g in opt.param_groups:
             g["lr"] = a.lr * min(1.0, step / 10)
-        docs = [document(rng.randint(52, seq)) for _ in range(rows)]
+        if seq == 64:
+            docs = [document(rng.randint(52, seq)) for _ in range(rows)]
+        else:
+            docs = [document(round(52 * (seq / 52) ** rng.random())) for _ in range(rows)]
         x = torch.tensor([d + [tok.eos_token_id] * (seq - len(d)) for d in docs])
         labels = torch.tensor([d + [-100] * (seq - len(d)) for d in docs])
         model(input_ids=x, labels=labels).loss.backward()
@@ -101,10 +107,11 @@ def main() -> None:
         "torch": torch.__version__,
         "init_std": a.init_std,
         "seed": a.seed,
+        "max_len": seq,
         "lr": a.lr,
         "log": log,
     }
-    seed = f"_seed{a.seed}" if a.seed else ""
+    seed = (f"_seed{a.seed}" if a.seed else "") + (f"_len{seq}" if seq > 64 else "")
     out = Path(a.out or f"benchmarks/results/demo/passkey_probe_init{a.init_std:g}{seed}.json")
     out.write_text(json.dumps(result, indent=1) + "\n")
 
