@@ -36,6 +36,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--seed", type=int, default=0, help="of the weights and the documents")
     p.add_argument("--max-len", type=int, default=64, help="> 64: documents of 52 to this many tokens, log-uniform")
+    p.add_argument("--then-max-len", type=int, default=0, help="a second phase with this --max-len")
+    p.add_argument("--then-steps", type=int, default=0, help="steps of the second phase")
     p.add_argument("--out", default=None)
     a = p.parse_args()
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -71,7 +73,10 @@ def main() -> None:
     model = LlamaForCausalLM(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.1, betas=(0.9, 0.95))
     log, start = [], time.perf_counter()
-    for step in range(1, a.steps + 1):
+    for step in range(1, a.steps + a.then_steps + 1):
+        if step == a.steps + 1:
+            seq = max(64, a.then_max_len)
+            rows = 4096 // seq
         for g in opt.param_groups:
             g["lr"] = a.lr * min(1.0, step / 10)
         if seq == 64:
@@ -107,11 +112,14 @@ def main() -> None:
         "torch": torch.__version__,
         "init_std": a.init_std,
         "seed": a.seed,
-        "max_len": seq,
+        "max_len": max(64, a.max_len),
+        "then_max_len": a.then_max_len,
+        "then_steps": a.then_steps,
         "lr": a.lr,
         "log": log,
     }
-    seed = (f"_seed{a.seed}" if a.seed else "") + (f"_len{seq}" if seq > 64 else "")
+    seed = (f"_seed{a.seed}" if a.seed else "") + (f"_len{a.max_len}" if a.max_len > 64 else "")
+    seed += f"_then{a.then_max_len}" if a.then_steps else ""
     out = Path(a.out or f"benchmarks/results/demo/passkey_probe_init{a.init_std:g}{seed}.json")
     out.write_text(json.dumps(result, indent=1) + "\n")
 
