@@ -11,7 +11,7 @@ needle at a random depth, then the question, the answer prefix and the 5-digit k
 from 52 to L; padding not scored), AdamW (betas 0.9/0.95, weight decay 0.1) at a constant `--lr` after 10 warm-up
 steps, gradients clipped at 1. Every 50 steps: the demo's pass-key score (`longgen.demo.score_passkey`: exact greedy
 key, 50 prompts of held-out text) at 64 and 256 tokens, and the share of the key's digits predicted right at 64
-tokens (teacher-forced).
+tokens (teacher-forced). `--then-max-len L2 --then-steps N`: N more steps as with `--max-len L2`.
 """
 
 from __future__ import annotations
