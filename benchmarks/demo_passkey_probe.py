@@ -11,7 +11,9 @@ needle at a random depth, then the question, the answer prefix and the 5-digit k
 from 52 to L; padding not scored), AdamW (betas 0.9/0.95, weight decay 0.1) at a constant `--lr` after 10 warm-up
 steps, gradients clipped at 1. Every 50 steps: the demo's pass-key score (`longgen.demo.score_passkey`: exact greedy
 key, 50 prompts of held-out text) at 64 and 256 tokens, and the share of the key's digits predicted right at 64
-tokens (teacher-forced). `--then-max-len L2 --then-steps N`: N more steps as with `--max-len L2`.
+tokens (teacher-forced). `--then-max-len L2 --then-steps N`: N more steps as with `--max-len L2`. `--packed`: each
+step's documents packed into one row with positions restarting at 0 in each, through longgen's attention with every
+layer Full (what `longgen.train` does to a plain model), instead of one padded row a document.
 """
 
 from __future__ import annotations
@@ -38,6 +40,9 @@ def main() -> None:
     p.add_argument("--max-len", type=int, default=64, help="> 64: documents of 52 to this many tokens, log-uniform")
     p.add_argument("--then-max-len", type=int, default=0, help="a second phase with this --max-len")
     p.add_argument("--then-steps", type=int, default=0, help="steps of the second phase")
+    p.add_argument("--packed", action="store_true",
+                   help="a step's documents in one row (positions restart at 0 in each), through longgen's "
+                        "attention with every layer Full, as longgen.train runs a plain model")  # fmt: skip
     p.add_argument("--out", default=None)
     a = p.parse_args()
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -71,6 +76,10 @@ def main() -> None:
                       tie_word_embeddings=True, initializer_range=a.init_std, eos_token_id=tok.eos_token_id,
                       pad_token_id=tok.eos_token_id, bos_token_id=None)  # fmt: skip
     model = LlamaForCausalLM(cfg)
+    if a.packed:
+        from longgen import convert
+
+        convert(model, full_fraction=1.0)  # what longgen.train does to a plain model: packed documents kept apart
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.1, betas=(0.9, 0.95))
     log, start = [], time.perf_counter()
     for step in range(1, a.steps + a.then_steps + 1):
@@ -83,9 +92,15 @@ def main() -> None:
             docs = [document(rng.randint(52, seq)) for _ in range(rows)]
         else:
             docs = [document(round(52 * (seq / 52) ** rng.random())) for _ in range(rows)]
-        x = torch.tensor([d + [tok.eos_token_id] * (seq - len(d)) for d in docs])
-        labels = torch.tensor([d + [-100] * (seq - len(d)) for d in docs])
-        model(input_ids=x, labels=labels).loss.backward()
+        if a.packed:  # one row; no document predicts the next one's first token
+            x = torch.tensor([[t for d in docs for t in d]])
+            pos = torch.tensor([[i for d in docs for i in range(len(d))]])
+            labels = torch.tensor([[t for d in docs for t in [-100, *d[1:]]]])
+            model(input_ids=x, position_ids=pos, labels=labels).loss.backward()
+        else:
+            x = torch.tensor([d + [tok.eos_token_id] * (seq - len(d)) for d in docs])
+            labels = torch.tensor([d + [-100] * (seq - len(d)) for d in docs])
+            model(input_ids=x, labels=labels).loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad()
@@ -116,10 +131,12 @@ def main() -> None:
         "then_max_len": a.then_max_len,
         "then_steps": a.then_steps,
         "lr": a.lr,
+        "packed": a.packed,
         "log": log,
     }
     seed = (f"_seed{a.seed}" if a.seed else "") + (f"_len{a.max_len}" if a.max_len > 64 else "")
     seed += f"_then{a.then_max_len}" if a.then_steps else ""
+    seed += "_packed" if a.packed else ""
     out = Path(a.out or f"benchmarks/results/demo/passkey_probe_init{a.init_std:g}{seed}.json")
     out.write_text(json.dumps(result, indent=1) + "\n")
 
