@@ -13,7 +13,8 @@ steps, gradients clipped at 1. Every 50 steps: the demo's pass-key score (`longg
 key, 50 prompts of held-out text) at 64 and 256 tokens, and the share of the key's digits predicted right at 64
 tokens (teacher-forced). `--then-max-len L2 --then-steps N`: N more steps as with `--max-len L2`. `--packed`: each
 step's documents packed into one row with positions restarting at 0 in each, through longgen's attention with every
-layer Full (what `longgen.train` does to a plain model), instead of one padded row a document.
+layer Full (what `longgen.train` does to a plain model), instead of one padded row a document. `--pool N`: the
+documents of the first phase drawn from N made once (a data file's fixed set, seen many times) instead of fresh.
 """
 
 from __future__ import annotations
@@ -43,6 +44,12 @@ def main() -> None:
     p.add_argument("--packed", action="store_true",
                    help="a step's documents in one row (positions restart at 0 in each), through longgen's "
                         "attention with every layer Full, as longgen.train runs a plain model")  # fmt: skip
+    p.add_argument(
+        "--pool",
+        type=int,
+        default=0,
+        help="draw each step's documents from this many made once (0: a fresh document every time)",
+    )
     p.add_argument("--out", default=None)
     a = p.parse_args()
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -81,14 +88,18 @@ def main() -> None:
 
         convert(model, full_fraction=1.0)  # what longgen.train does to a plain model: packed documents kept apart
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.1, betas=(0.9, 0.95))
-    log, start = [], time.perf_counter()
+    log, start, pool = [], time.perf_counter(), []
     for step in range(1, a.steps + a.then_steps + 1):
         if step == a.steps + 1:
             seq = max(64, a.then_max_len)
             rows = 4096 // seq
         for g in opt.param_groups:
             g["lr"] = a.lr * min(1.0, step / 10)
-        if seq == 64:
+        if a.pool and seq == 64:  # a fixed set seen again and again, as a data file is
+            if not pool:
+                pool.extend(document(rng.randint(52, seq)) for _ in range(a.pool))
+            docs = [rng.choice(pool) for _ in range(rows)]
+        elif seq == 64:
             docs = [document(rng.randint(52, seq)) for _ in range(rows)]
         else:
             docs = [document(round(52 * (seq / 52) ** rng.random())) for _ in range(rows)]
@@ -132,11 +143,13 @@ def main() -> None:
         "then_steps": a.then_steps,
         "lr": a.lr,
         "packed": a.packed,
+        "pool": a.pool,
         "log": log,
     }
     seed = (f"_seed{a.seed}" if a.seed else "") + (f"_len{a.max_len}" if a.max_len > 64 else "")
     seed += f"_then{a.then_max_len}" if a.then_steps else ""
     seed += "_packed" if a.packed else ""
+    seed += f"_pool{a.pool}" if a.pool else ""
     out = Path(a.out or f"benchmarks/results/demo/passkey_probe_init{a.init_std:g}{seed}.json")
     out.write_text(json.dumps(result, indent=1) + "\n")
 
