@@ -15,6 +15,8 @@ tokens (teacher-forced). `--then-max-len L2 --then-steps N`: N more steps as wit
 step's documents packed into one row with positions restarting at 0 in each, through longgen's attention with every
 layer Full (what `longgen.train` does to a plain model), instead of one padded row a document. `--pool N`: the
 documents of the first phase drawn from N made once (a data file's fixed set, seen many times) instead of fresh.
+`--through-train`: `--steps` x 64 fresh documents through `longgen.train` with the same settings instead of the
+probe's loop (rows of 128 tokens, documents kept whole), scored at the end.
 """
 
 from __future__ import annotations
@@ -49,6 +51,12 @@ def main() -> None:
         type=int,
         default=0,
         help="draw each step's documents from this many made once (0: a fresh document every time)",
+    )
+    p.add_argument(
+        "--through-train",
+        action="store_true",
+        help="the same documents (fresh, --steps x 64) and settings through longgen.train (rows of 128 tokens, "
+        "documents kept whole), scored once at the end",
     )
     p.add_argument("--out", default=None)
     a = p.parse_args()
@@ -87,8 +95,13 @@ def main() -> None:
         from longgen import convert
 
         convert(model, full_fraction=1.0)  # what longgen.train does to a plain model: packed documents kept apart
-    opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.1, betas=(0.9, 0.95))
     log, start, pool = [], time.perf_counter(), []
+    if a.through_train:
+        log.append(_through_train(a, model, tok, [document(rng.randint(52, 64)) for _ in range(a.steps * 64)],
+                                  work, prompts, start))  # fmt: skip
+        print(json.dumps(log[-1]), flush=True)
+        a.steps = a.then_steps = 0  # the loop below is the probe's own
+    opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.1, betas=(0.9, 0.95))
     for step in range(1, a.steps + a.then_steps + 1):
         if step == a.steps + 1:
             seq = max(64, a.then_max_len)
@@ -144,14 +157,48 @@ def main() -> None:
         "lr": a.lr,
         "packed": a.packed,
         "pool": a.pool,
+        "through_train": a.through_train,
         "log": log,
     }
     seed = (f"_seed{a.seed}" if a.seed else "") + (f"_len{a.max_len}" if a.max_len > 64 else "")
     seed += f"_then{a.then_max_len}" if a.then_steps else ""
     seed += "_packed" if a.packed else ""
     seed += f"_pool{a.pool}" if a.pool else ""
+    seed += "_train" if a.through_train else ""
     out = Path(a.out or f"benchmarks/results/demo/passkey_probe_init{a.init_std:g}{seed}.json")
     out.write_text(json.dumps(result, indent=1) + "\n")
+
+
+def _through_train(a, model, tok, docs: list[list[int]], work: Path, prompts, start: float) -> dict:
+    """Train `model` on `docs` with `longgen.train` as the probe trains (constant lr after 10 warm-up steps, 4,096
+    tokens a step, AdamW 0.9/0.95, weight decay 0.1, clip 1) and score it: where the two differ is the loop."""
+    import numpy as np
+    from transformers import AutoModelForCausalLM
+
+    from longgen.demo import score_passkey
+    from longgen.train import train
+    from longgen.train.config import load_config
+
+    ids = work / "passkey-ids"  # a tokenized corpus directory: one document a probe document, eos after each
+    ids.mkdir()
+    rows = [np.asarray([*d, tok.eos_token_id], np.uint32) for d in docs]
+    np.concatenate(rows).tofile(ids / "tokens.bin")
+    np.save(ids / "offsets.npy", np.concatenate([[0], np.cumsum([len(r) for r in rows])]).astype(np.int64))
+    (ids / "meta.json").write_text("{}")
+    model.save_pretrained(work / "init")
+    tok.save_pretrained(work / "init")
+    raw = {
+        "model": {"path": str(work / "init"), "dtype": "float32"},
+        "data": {"sources": [str(ids)], "seq_len": 128, "whole_min": 52, "cache_dir": str(work / "cache")},
+        "optim": {"lr": a.lr, "warmup_steps": 10, "schedule": "constant"},
+        "train": {"steps": a.steps, "batch_size": 32, "output_dir": str(work / "run"), "save_every": a.steps,
+                  "device": "cpu", "tensorboard": False, "seed": a.seed},
+    }  # fmt: skip
+    final = train(load_config(raw=raw))
+    trained = AutoModelForCausalLM.from_pretrained(final, dtype=torch.float32).eval()
+    score = score_passkey(trained, tok, prompts)
+    return {"step": a.steps, "seconds": round(time.perf_counter() - start), "documents": len(docs),
+            "passkey_accuracy": {k: v["accuracy"] for k, v in score.items()}}  # fmt: skip
 
 
 if __name__ == "__main__":
