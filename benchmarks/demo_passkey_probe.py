@@ -60,6 +60,8 @@ def main() -> None:
     )
     p.add_argument("--out", default=None)
     a = p.parse_args()
+    if a.through_train and a.then_steps:
+        p.error("--through-train runs one phase: leave out --then-steps")
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from longgen.demo import build_corpus, passkey_prompts, score_passkey
@@ -100,9 +102,8 @@ def main() -> None:
         log.append(_through_train(a, model, tok, [document(rng.randint(52, 64)) for _ in range(a.steps * 64)],
                                   work, prompts, start))  # fmt: skip
         print(json.dumps(log[-1]), flush=True)
-        a.steps = a.then_steps = 0  # the loop below is the probe's own
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.1, betas=(0.9, 0.95))
-    for step in range(1, a.steps + a.then_steps + 1):
+    for step in range(1, 0 if a.through_train else a.steps + a.then_steps + 1):  # the probe's own loop
         if step == a.steps + 1:
             seq = max(64, a.then_max_len)
             rows = 4096 // seq

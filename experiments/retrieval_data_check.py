@@ -34,12 +34,9 @@ def distance_shares(lo: int, hi: int, far_share: float = 0.0, docs: int = 20_000
         for _ in range(max(1, round(length * 3 / 1024))):
             if far_share and rng.random() < far_share:  # `retrieval_document(far_share=...)`: first eighth, end
                 needle, ask = rng.uniform(0, length / 8), length
-                total += 1
-                for b in bounds:
-                    over[b] += ask - needle > b
-                continue
-            needle = rng.uniform(0, length)
-            ask = length if rng.random() < 0.5 else rng.uniform(needle, length)
+            else:
+                needle = rng.uniform(0, length)
+                ask = length if rng.random() < 0.5 else rng.uniform(needle, length)
             total += 1
             for b in bounds:
                 over[b] += ask - needle > b
