@@ -132,6 +132,7 @@ def cases():
         yield "gluon H8/2 d128", name, attention(p, 8, 2, 128, 512, B=2, on=True)
         yield "gluon H4/4 d64 dlse", name, attention(p, 4, 4, 64, 256, on=True, dlse=True)
         yield "triton H4/4 d64 odd dlse", name, attention(p, 4, 4, 64, 300, dlse=True)
+        yield "triton H6/2 d96 odd dlse", name, attention(p, 6, 2, 96, 300, dlse=True)  # G = 3: tiles split positions
         yield "triton varlen", name, attention(p, 8, 2, 64, 0, cu=torch.tensor([0, 100, 356], dtype=torch.int32))
         yield "triton kv slice", name, attention(p, 4, 2, 64, 256, off=2, total=4)
         yield "suffix", name, suffix(p)

@@ -411,9 +411,9 @@ def _dkdv_tiles(grads, keys, mask, rows, IDX, lo, hi, qk_scale, PAT: tl.constexp
             t = t0 + t_rel
             q_ptrs, do_ptrs, r_off = Q + t0 * sqt + q_rel, DO + t0 * sdot + do_rel, t0 * H + r_rel
         else:
-            rows = m * BLOCK_M + offs_m
-            t = rows // G
-            head = rows % G
+            r = m * BLOCK_M + offs_m  # not `rows`: that name holds the pointer bundle
+            t = r // G
+            head = r % G
             q_ptrs = Q + t[:, None] * sqt + head[:, None] * sqh + offs_d[None, :]
             do_ptrs = DO + t[:, None] * sdot + head[:, None] * sdoh + offs_d[None, :]
             r_off = t * H + head
