@@ -87,12 +87,15 @@ def test_tiny_end_to_end(reproduce, tmp_path, capsys):
     auto = summary["frontier"][3:]
     assert [f["placement"] for f in auto] == ["auto"] * 3 and [len(f["full_layers"]) for f in auto] == [0, 2, 3]
     assert auto[1]["full_layers"] == summary["variants"]["hybrid_auto"]["full_layers"]
-    # bottom and auto placement against the middle on the same prompts: each length, then all lengths
+    # bottom and auto placement, and no sink tokens, against the SinkWindow hybrid on the same prompts: each
+    # length, then all lengths
+    changed = [v for v in ("hybrid_bottom", "hybrid_auto", "hybrid_nosink") if v in trained]
+    assert len(changed) == 3
     assert [(p["variant"], p["lengths"]) for p in summary["placement"]] == [
-        (v, lengths) for v in ("hybrid_bottom", "hybrid_auto") for lengths in ([320], [512], [320, 512])
+        (v, lengths) for v in changed for lengths in ([320], [512], [320, 512])
     ]
     assert all(p["n"] == 15 * len(p["lengths"]) for p in summary["placement"])
-    assert "## Placement against the middle" in (out / "reproduce.md").read_text()
+    assert "## Against the SinkWindow hybrid (middle, same full layers)" in (out / "reproduce.md").read_text()
     assert len(summary["outcomes"]["full"]["passkey@320"]) == 3
     variants_out = summary["variants"]
     kv = {name: v["kv_bytes"]["512"] for name, v in variants_out.items()}

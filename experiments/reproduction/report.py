@@ -233,12 +233,14 @@ def frontier(s: Settings, variants: dict[str, dict]) -> list[dict[str, Any]]:
 
 
 def placement(s: Settings, variants: dict[str, dict]) -> list[dict[str, Any]]:
-    """Bottom and auto placement against the middle (`hybrid_sinkwindow`, the same number of full layers) on the
-    same prompts: the paired difference by length and over all lengths, with Newcombe's interval."""
+    """The variants that change one thing of the SinkWindow hybrid (`hybrid_sinkwindow`: the same number of full
+    layers) against it on the same prompts: bottom and auto placement, and no sink tokens (what exporting to
+    engines that know only sliding windows costs). The paired difference by length and over all lengths, with
+    Newcombe's interval."""
     out = []
     if not (variants.get("hybrid_sinkwindow") or {}).get("records"):
         return out
-    for v in ("hybrid_bottom", "hybrid_auto"):
+    for v in ("hybrid_bottom", "hybrid_auto", "hybrid_nosink"):
         if not (variants.get(v) or {}).get("records"):
             continue
         for lengths in [[n] for n in s.eval_lengths] + [list(s.eval_lengths)]:
@@ -384,7 +386,8 @@ def format_report(summary: dict, s: Settings) -> str:
             for v in variants for t in TASKS]  # fmt: skip
     lines += _table(["variant", "task", *map(_k, s.eval_lengths)], rows, text_columns=2)
     if summary.get("placement"):
-        lines += ["", "## Placement against the middle, same prompts (points; 95% interval, Newcombe)", ""]
+        lines += ["", "## Against the SinkWindow hybrid (middle, same full layers), same prompts (points; 95% interval, "
+                  "Newcombe)", ""]
         by = {(p["variant"], tuple(p["lengths"])): p for p in summary["placement"]}
         rows = [[LABELS[v], *(f"{100 * p['diff_vs_middle']:+.1f} ({100 * p['diff_ci_low']:+.1f} to "
                               f"{100 * p['diff_ci_high']:+.1f})" if (p := by.get((v, key))) else "—"
