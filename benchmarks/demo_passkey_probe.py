@@ -15,6 +15,7 @@ tokens (teacher-forced). `--then-max-len L2 --then-steps N`: N more steps as wit
 step's documents packed into one row with positions restarting at 0 in each, through longgen's attention with every
 layer Full (what `longgen.train` does to a plain model), instead of one padded row a document. `--pool N`: the
 documents of the first phase drawn from N made once (a data file's fixed set, seen many times) instead of fresh.
+`--step-tokens N`: N tokens a step instead of 4,096 (rows of the same length, so fewer documents a step).
 `--through-train`: `--steps` x 64 fresh documents through `longgen.train` with the same settings instead of the
 probe's loop (rows of 128 tokens, documents kept whole), scored at the end.
 """
@@ -58,6 +59,7 @@ def main() -> None:
         help="the same documents (fresh, --steps x 64) and settings through longgen.train (rows of 128 tokens, "
         "documents kept whole), scored once at the end",
     )
+    p.add_argument("--step-tokens", type=int, default=4096, help="tokens a step (padding included)")
     p.add_argument("--out", default=None)
     a = p.parse_args()
     if a.through_train and a.then_steps:
@@ -77,7 +79,7 @@ def main() -> None:
     hay = tok("\n\n".join(f.read_text() for f in heldout), add_special_tokens=False)["input_ids"]
     prompts = passkey_prompts(tok, hay, [64, 256], 50, 0)
     seq = max(64, a.max_len)
-    rows = 4096 // seq  # 4,096 tokens a step (padding included)
+    rows = a.step_tokens // seq  # --step-tokens a step (padding included)
 
     def document(n: int) -> list[int]:
         key = str(rng.randint(10_000, 99_999))
@@ -106,7 +108,7 @@ def main() -> None:
     for step in range(1, 0 if a.through_train else a.steps + a.then_steps + 1):  # the probe's own loop
         if step == a.steps + 1:
             seq = max(64, a.then_max_len)
-            rows = 4096 // seq
+            rows = a.step_tokens // seq
         for g in opt.param_groups:
             g["lr"] = a.lr * min(1.0, step / 10)
         if a.pool and seq == 64:  # a fixed set seen again and again, as a data file is

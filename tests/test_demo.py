@@ -8,7 +8,15 @@ import sys
 
 import pytest
 
-from longgen.demo import TINY, VARIANTS, DemoConfig, format_summary, passkey_lengths, passkey_prompts
+from longgen.demo import (
+    TINY,
+    VARIANTS,
+    DemoConfig,
+    format_summary,
+    passkey_documents,
+    passkey_lengths,
+    passkey_prompts,
+)
 from longgen.train.tokenizer import train_bpe_tokenizer
 
 
@@ -50,9 +58,10 @@ def test_demo_tiny_end_to_end(tmp_path):
     for model in ("longgen_hybrid", "full_attention"):
         assert (out / "runs" / model / "final" / "model.safetensors").is_file()
     assert (out / "corpus").is_dir() and (out / "models" / "init" / "tokenizer.json").is_file()
-    for stage in ("pretrain", "extend"):
-        lines = (out / "retrieval" / f"retrieval-{stage}.jsonl").read_text().splitlines()
-        assert lines and all("text" in json.loads(x) for x in lines[:5])
+    for stage in ("lookup", "pretrain", "extend"):
+        lines = (out / "passkey" / f"passkey-{stage}.jsonl").read_text().splitlines()
+        assert lines and all("The pass key is" in json.loads(x)["text"] for x in lines[:5])
+    assert set(summary["passkey_while_pretraining"]) == {"lookup", "pretrain"}
     figure = out / "demo.png"
     assert summary["figure"] == str(figure) and figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     tail = r.stdout.strip().splitlines()
@@ -84,10 +93,34 @@ def test_passkey_prompts_are_exact_and_seeded(tmp_path):
         passkey_prompts(tok, haystack[:300], [400], 2, seed=0)
 
 
+def test_passkey_documents_have_their_exact_lengths(tmp_path):
+    """Training documents tokenize to exactly the asked length with the end-of-text token training appends, hold
+    the evaluation's needle, question and answer, and differ (fresh keys and depths)."""
+    import random
+
+    text = "def f(x):\n    return x + 1  # the quick brown fox jumps over the lazy dog 0123456789\n" * 60
+    (tmp_path / "a.txt").write_text(text)
+    tok = train_bpe_tokenizer(tmp_path, 300)
+    ids = tok(text * 4, add_special_tokens=False)["input_ids"]
+    lengths = [128, 128, 160, 257, 400]  # this tokenizer spends ~90 tokens on the needle and question
+    docs = passkey_documents(tok, ids, lengths, random.Random(0))
+    assert [len(tok(d, add_special_tokens=False)["input_ids"]) + 1 for d in docs] == lengths
+    for d in docs:
+        key = d.rsplit(" ", 1)[1].rstrip(".")
+        assert len(key) == 5 and key.isdigit()
+        assert f"The pass key is {key}. Remember it." in d and d.endswith(f"What is the pass key? The pass key is {key}.")
+    assert len(set(docs)) == len(docs)
+    with pytest.raises(ValueError, match="training text"):
+        passkey_documents(tok, ids[:300], [300], random.Random(0))
+
+
 @pytest.mark.parametrize(
     "change, message",
     [
-        ({"retrieval_share": 1.0}, "retrieval_share"),
+        ({"passkey_share": 1.0}, "passkey_share"),
+        ({"lookup_len": 2048}, "lookup_len"),
+        ({"lookup_steps": -1}, "lookup_steps"),
+        ({"init_std": 0.0}, "init_std"),
         ({"factor": 1}, "factor"),
         ({"window": 8192}, "window"),  # not below the extended length (1024 x 8)
         ({"short_len": 32}, "short_len"),

@@ -222,9 +222,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "demo",
         help="the whole LongGen story in minutes on a CPU: pre-train, convert, extend, evaluate, compare",
-        description="Pre-trains a tiny Llama on the Python standard library's sources and synthetic retrieval "
-        "documents, converts a copy into a LongGen hybrid, extends it and a full-attention copy to 8x the context with "
-        "the same budget, and compares them and StreamingLLM applied to the full model (pass-key retrieval by length, "
+        description="Pre-trains a tiny Llama on the Python standard library's sources and pass-key documents "
+        "(short ones first, so that it learns to look a key up), converts a copy into a LongGen hybrid whose full "
+        "layers are the ones its look-up needs, extends it and a full-attention copy to 8x the context with the same "
+        "budget, and compares them and StreamingLLM applied to the full model (pass-key retrieval by length, "
         "perplexity by position, KV-cache bytes, training and generation speed). Nothing is downloaded.",
     )
     from longgen.demo import DemoConfig
@@ -245,10 +246,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--window", type=positive_int, default=None, help=f"SinkWindow window ({d.window})")
     p.add_argument("--corpus-mb", type=float, default=None, help=f"training text in MB ({d.corpus_mb:g})")
     p.add_argument(
-        "--retrieval-share",
+        "--lookup-steps",
+        type=int,
+        default=None,
+        help=f"first phase: steps on short pass-key documents, 0 to skip it ({d.lookup_steps})",
+    )
+    p.add_argument(
+        "--passkey-share",
         type=float,
         default=None,
-        help=f"share of training tokens from synthetic retrieval documents ({d.retrieval_share:g})",
+        help=f"share of pre-training and extension sequences that are pass-key documents ({d.passkey_share:g})",
     )
     p.add_argument(
         "--passkey-prompts", type=positive_int, default=None, help=f"pass-key prompts per length ({d.passkey_prompts})"

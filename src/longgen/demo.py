@@ -1,11 +1,16 @@
 """`longgen demo`: the whole LongGen story, small enough to run on a laptop CPU in minutes, nothing downloaded.
 
 1. a corpus of real long documents (the Python standard library's own source files), a BPE tokenizer trained on
-   it, and synthetic retrieval documents (`longgen.train.synthetic`: pass keys and magic numbers stated in that
-   text and asked for later), which teach a model trained for minutes to look things up in its context;
-2. a tiny Llama pre-trained at a short context;
-3. two copies extended to `factor` x the context with the same budget: a LongGen hybrid (1/3 full layers in
-   the middle, the rest SinkWindow) and a full-attention baseline (same RoPE change);
+   it, and pass-key documents made of that text (a 5-digit key stated at a random depth, asked for at the end, in
+   the evaluation's wording; fresh ones for every training sequence that holds one);
+2. a tiny Llama that first learns to look a key up in short documents (64 tokens: a model this small learns the
+   copying there within minutes, and not at all at 1,024 tokens), then is pre-trained at a short context on the
+   text and pass-key documents of that length;
+3. two copies extended to `factor` x the context with the same budget: a LongGen hybrid (1/3 of the layers
+   full, the rest SinkWindow) and a full-attention baseline (same RoPE change), on the text and pass-key
+   documents of the extended length. The hybrid's full layers are those the pre-trained model's look-up needs,
+   measured (`retrieval_layers`): in a model this small one layer at a random depth does it, not necessarily
+   the middle ones that LongGen keeps in large models;
 4. evaluation: pass-key retrieval by length (the same seeded prompts for every model, scored in batched
    forward passes by `longgen.eval.forced.greedy_matches`) for both and for StreamingLLM applied to the full
    model (no extra training), perplexity by position, KV-cache bytes actually allocated, training speed, and
@@ -17,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import random
 import shutil
@@ -50,12 +56,16 @@ class DemoConfig:
     factor: int = 8  # context extension factor (1024 -> 8192: attention dominates the work, as at long context)
     sink: int = 16  # SinkWindow of the hybrid's sparse layers, and of StreamingLLM
     window: int = 128
+    init_std: float = 0.15  # weight init (Llama's initializer_range): 0.02 needs ~2x the steps to learn look-ups
+    lookup_len: int = 64  # first phase: pass-key documents of this many tokens only
+    lookup_steps: int = 600
+    lookup_batch_tokens: int = 2048
+    lookup_lr: float = 3e-3  # constant after 10 warm-up steps
     batch_tokens: int = 4096  # tokens per optimizer step (pre-training and extension alike)
     pretrain_steps: int = 150
     extend_steps: int = 40
     lr: float = 2e-3
-    retrieval_share: float = 0.4  # share of training tokens from synthetic retrieval documents
-    facts_per_1k: float = 8.0  # facts stated and asked per 1,024 tokens of a retrieval document
+    passkey_share: float = 0.75  # about this share of pre-training and extension sequences hold a pass-key document
     passkey_prompts: int = 50  # pass-key prompts per length (the same for every model)
     seed: int = 0
 
@@ -63,8 +73,15 @@ class DemoConfig:
         """Raise ValueError for settings the demo cannot run with."""
         if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"device must be cpu or cuda, got {self.device!r}")
-        if not 0.0 <= self.retrieval_share < 1.0:
-            raise ValueError(f"retrieval_share must be in [0, 1), got {self.retrieval_share}")
+        if not 0.0 <= self.passkey_share < 1.0:
+            raise ValueError(f"passkey_share must be in [0, 1), got {self.passkey_share}")
+        if not 48 <= self.lookup_len <= self.short_len:
+            raise ValueError(
+                f"lookup_len must be from 48 (a pass-key document's fixed parts need ~40 tokens) to short_len "
+                f"({self.short_len}), got {self.lookup_len}"
+            )
+        if self.lookup_batch_tokens < self.lookup_len:
+            raise ValueError(f"lookup_batch_tokens ({self.lookup_batch_tokens}) must hold a lookup_len document")
         if self.factor < 2:
             raise ValueError(f"factor must be >= 2 (the demo extends the context), got {self.factor}")
         if self.short_len < 64:
@@ -73,7 +90,9 @@ class DemoConfig:
             raise ValueError(
                 f"window ({self.window}) must be below the extended length ({self.short_len * self.factor})"
             )
-        for name in ("corpus_mb", "facts_per_1k", "lr"):
+        if self.lookup_steps < 0:
+            raise ValueError(f"lookup_steps must be >= 0 (0 skips the first phase), got {self.lookup_steps}")
+        for name in ("corpus_mb", "init_std", "lr", "lookup_lr"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.passkey_prompts < 1:
@@ -86,9 +105,13 @@ TINY = DemoConfig(
     hidden_size=64,
     intermediate_size=256,
     layers=3,
-    short_len=64,
+    short_len=128,  # a 320-token vocabulary spends ~90 tokens on a pass key's needle and question
+    factor=4,
     sink=4,
     window=32,
+    lookup_len=112,
+    lookup_steps=4,
+    lookup_batch_tokens=224,
     batch_tokens=512,
     pretrain_steps=6,
     extend_steps=3,
@@ -137,34 +160,91 @@ def build_corpus(out: Path, megabytes: float, held_out: int = 6) -> tuple[Path, 
     return corpus, copies
 
 
-def write_retrieval_data(cfg: DemoConfig, corpus: Path, tokenizer: Any, out: Path) -> dict[str, Path]:
-    """Synthetic retrieval documents (`longgen.train.synthetic`) made of the corpus's text, sized so that they
-    are `cfg.retrieval_share` of the tokens each stage trains on: ``{"pretrain": path, "extend": path}``
-    (lengths up to the pre-training and the extended context)."""
-    from longgen.train.synthetic import write_retrieval_set
+def passkey_documents(tokenizer: Any, text: list[int], lengths: list[int], rng: random.Random) -> list[str]:
+    """One pass-key document per entry of `lengths`, each tokenizing to exactly that many tokens with the
+    end-of-text token training appends: a span of `text` (token ids of training text) with a 5-digit key's needle
+    at a random depth, then the question, the answer prefix and `` <key>.``, worded as the evaluation's prompts
+    (`passkey_prompts`)."""
+    from longgen.eval.prompts import build_prompt
 
-    texts = [p.read_text(encoding="utf-8", errors="replace") for p in sorted(corpus.iterdir())]
-    sample = texts[: max(1, len(texts) // 10)]
-    chars_per_token = sum(map(len, sample)) / sum(len(ids) for ids in tokenizer(sample)["input_ids"])
-    corpus_tokens = sum(map(len, texts)) / chars_per_token
-    total = int(cfg.retrieval_share / (1 - cfg.retrieval_share) * corpus_tokens)
+    if lengths and len(text) <= max(lengths):
+        raise ValueError(f"the training text has {len(text)} tokens; {max(lengths)}-token documents need more")
+    docs: list[str] = []
+    todo = list(lengths)
+    while todo:
+        batch = []
+        for length in todo:
+            key = str(rng.randint(10_000, 99_999))
+            answer = tokenizer(f" {key}.", add_special_tokens=False)["input_ids"]
+            start = rng.randrange(len(text) - length)
+            prompt = build_prompt(
+                tokenizer,
+                length - 1 - len(answer),
+                text[start : start + length],
+                needles=[PASSKEY_NEEDLE.format(k=key)],
+                depths=[rng.random()],
+                question=PASSKEY_QUESTION,
+                answer_prefix=PASSKEY_ANSWER_PREFIX,
+            )
+            batch.append(tokenizer.decode(prompt.input_ids + answer))
+        # decoding and tokenizing again almost always gives the same tokens; a document that does not is made anew
+        counts = [len(ids) for ids in tokenizer(batch, add_special_tokens=False)["input_ids"]]
+        docs += [d for d, n, length in zip(batch, counts, todo, strict=True) if n == length - 1]
+        todo = [length for n, length in zip(counts, todo, strict=True) if n != length - 1]
+    return docs
+
+
+def write_passkey_data(
+    cfg: DemoConfig, corpus: Path, tokenizer: Any, out: Path
+) -> tuple[dict[str, Path], list[int]]:
+    """The pass-key documents of each training stage as ``.jsonl`` (``{"lookup", "pretrain", "extend"}`` ->
+    path) and the corpus's token ids. Fresh documents for every sequence that holds one. `lookup`: one of
+    `cfg.lookup_len` tokens per sequence of that phase. `pretrain` and `extend`: lengths log-uniform from the
+    previous stage's length to the stage's own (short ones teach the look-up, long ones carry it to the new
+    length), each starting a sequence that the corpus's text fills up, as many as make about `cfg.passkey_share`
+    of the stage's sequences hold one."""
+    from longgen.train.synthetic import write_jsonl
+
+    text = tokenizer(
+        "\n\n".join(p.read_text(encoding="utf-8", errors="replace") for p in sorted(corpus.iterdir())),
+        add_special_tokens=False,
+    )["input_ids"]
+    rng = random.Random(f"{cfg.seed}:passkey-documents")
+    long_len = cfg.short_len * cfg.factor
+    plan = {"lookup": [cfg.lookup_len] * (cfg.lookup_steps * (cfg.lookup_batch_tokens // cfg.lookup_len))}
+    for stage, lo, hi in (("pretrain", cfg.lookup_len, cfg.short_len), ("extend", cfg.short_len, long_len)):
+        mean = (hi - lo) / math.log(hi / lo) if hi > lo else hi  # of the log-uniform lengths
+        # `share` of the text fills the documents' sequences, the rest makes sequences of its own
+        with_doc = cfg.passkey_share * len(text) / max(1.0, hi - mean)
+        count = math.ceil(with_doc) if cfg.passkey_share else 0
+        plan[stage] = [round(lo * (hi / lo) ** rng.random()) for _ in range(count)]
     out.mkdir(parents=True, exist_ok=True)
     paths = {}
-    for stage, length in (("pretrain", cfg.short_len), ("extend", cfg.short_len * cfg.factor)):
-        paths[stage] = out / f"retrieval-{stage}.jsonl"
-        span = (max(32, length // 4), length)
-        made = write_retrieval_set(paths[stage], texts, total, span, chars_per_token, cfg.facts_per_1k, cfg.seed)
-        print(f"  {stage}: {made['documents']} retrieval documents, ~{made['planned_tokens']:,} tokens", flush=True)
-    return paths
+    for stage, lengths in plan.items():
+        paths[stage] = out / f"passkey-{stage}.jsonl"
+        write_jsonl(paths[stage], passkey_documents(tokenizer, text, lengths, rng))
+        span = f"{min(lengths):,}-{max(lengths):,}" if lengths else "no"
+        print(f"  {stage}: {len(lengths):,} pass-key documents of {span} tokens", flush=True)
+    return paths, text
 
 
 def _train(
-    cfg: DemoConfig, model_path: Path, sources: list[Path], out: Path, seq_len: int, steps: int
+    cfg: DemoConfig,
+    model_path: Path,
+    sources: list[Path],
+    out: Path,
+    seq_len: int,
+    steps: int,
+    *,
+    batch_tokens: int | None = None,
+    lr: float | None = None,
+    schedule: str = "cosine",
+    whole_min: int,
 ) -> dict[str, Any]:
     from longgen.train import load_config, train
 
     shutil.rmtree(out, ignore_errors=True)  # the demo's own run folder: a rerun starts over
-    batch = max(1, cfg.batch_tokens // seq_len)
+    batch = max(1, (batch_tokens or cfg.batch_tokens) // seq_len)
     raw = {
         "model": {
             "path": str(model_path),
@@ -175,10 +255,14 @@ def _train(
             "sources": [str(s) for s in sources],
             "seq_len": seq_len,
             "cache_dir": str(out.parent / "token-cache"),
-            "upsample": [[seq_len, 2.0]],
+            "whole_min": whole_min,  # pass-key documents are never cut: each starts a sequence
             "seed": cfg.seed,
         },
-        "optim": {"lr": cfg.lr, "warmup_steps": max(1, steps // 10), "schedule": "cosine"},
+        "optim": {
+            "lr": lr or cfg.lr,
+            "warmup_steps": min(10, max(1, steps // 10)),
+            "schedule": schedule,
+        },
         "train": {
             "steps": steps,
             "batch_size": batch,
@@ -312,6 +396,49 @@ def score_passkey(model: Any, tokenizer: Any, prompts: dict[int, tuple[list, lis
     return result
 
 
+def _passkey_check(model_path: Path, tokenizer: Any, haystack: list[int], cfg: DemoConfig, length: int) -> str:
+    """Pass-key accuracy of a training phase's model at `length` tokens (its own context), as progress output."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).to(cfg.device).eval()
+    prompts = passkey_prompts(tokenizer, haystack, [length], cfg.passkey_prompts, cfg.seed + 1)
+    cell = score_passkey(model, tokenizer, prompts)[str(length)]
+    return f"pass key at {length} tokens {cell['correct']}/{cell['n']}"
+
+
+def retrieval_layers(
+    model_path: Path, tokenizer: Any, text: list[int], cfg: DemoConfig
+) -> tuple[list[int], list[float]]:
+    """The layers the pre-trained model's pass-key look-up needs: for each layer alone made SinkWindow(cfg.sink,
+    cfg.window), the mean log-probability of the key's tokens on `cfg.passkey_prompts` prompts of `cfg.short_len`
+    tokens made of `text` (training text, not the evaluation's); returns the third of the layers that lose most
+    (LongGen's share of full layers), sorted, and the loss per layer (nats per key token, base minus changed)."""
+    from transformers import AutoModelForCausalLM
+
+    from longgen import convert
+    from longgen.patterns import SinkWindow
+
+    ps, answers = passkey_prompts(tokenizer, text, [cfg.short_len], cfg.passkey_prompts, cfg.seed + 2)[cfg.short_len]
+    ids = torch.tensor([p + a for p, a in zip(ps, answers, strict=True)], device=cfg.device)
+    n = len(answers[0])  # every key is a space and 5 digits
+
+    def key_logprob(sparse_layer: int | None) -> float:
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).to(cfg.device).eval()
+        layers = [i for i in range(model.config.num_hidden_layers) if i != sparse_layer]
+        convert(model, full_layers=layers, pattern=SinkWindow(cfg.sink, cfg.window))
+        total = 0.0
+        with torch.inference_mode():
+            for rows in ids.split(8):
+                logits = model(input_ids=rows, logits_to_keep=n + 1).logits[:, :-1].float()
+                total += logits.log_softmax(-1).gather(-1, rows[:, -n:, None]).sum().item()
+        return total / (len(ids) * n)
+
+    base = key_logprob(None)
+    loss = [base - key_logprob(i) for i in range(cfg.layers)]
+    keep = max(1, round(cfg.layers / 3))
+    return sorted(sorted(range(cfg.layers), key=lambda i: -loss[i])[:keep]), loss
+
+
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     """Run the pipeline; returns the summary (also written to ``out_dir/summary.json``)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
@@ -332,10 +459,14 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     corpus, heldout = build_corpus(out, cfg.corpus_mb)
     tokenizer = train_bpe_tokenizer(corpus, cfg.vocab_size)
     print(f"  BPE tokenizer, {len(tokenizer)} tokens", flush=True)
-    retrieval = write_retrieval_data(cfg, corpus, tokenizer, out / "retrieval")
+    passkey, train_text = write_passkey_data(cfg, corpus, tokenizer, out / "passkey")
     print(f"  ({time.perf_counter() - t:.0f} s)", flush=True)
 
-    t = _stage(2, f"pre-train a tiny Llama at {cfg.short_len} tokens ({cfg.pretrain_steps} steps)")
+    t = _stage(
+        2,
+        f"pre-train a tiny Llama: {cfg.lookup_steps} steps on {cfg.lookup_len}-token pass-key documents, then "
+        f"{cfg.pretrain_steps} steps at {cfg.short_len} tokens",
+    )
     init = out / "models" / "init"
     model_cfg = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -349,17 +480,37 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         pad_token_id=tokenizer.eos_token_id,
         bos_token_id=None,
         tie_word_embeddings=True,
+        initializer_range=cfg.init_std,
     )
     AutoModelForCausalLM.from_config(model_cfg).save_pretrained(init)
     tokenizer.save_pretrained(init)
     runs = out / "runs"
-    pre = _train(cfg, init, [corpus, retrieval["pretrain"]], runs / "pretrain", cfg.short_len, cfg.pretrain_steps)
-    print(f"  loss {pre['loss']:.3f} ({time.perf_counter() - t:.0f} s)", flush=True)
+    # held-out text for the pass-key prompts of every evaluation
+    haystack = tokenizer("\n\n".join(p.read_text(encoding="utf-8") for p in heldout), add_special_tokens=False)
+    start_from, progress = init, {}
+    if cfg.lookup_steps:
+        lookup = _train(cfg, init, [passkey["lookup"]], runs / "lookup", cfg.lookup_len, cfg.lookup_steps,
+                        batch_tokens=cfg.lookup_batch_tokens, lr=cfg.lookup_lr, schedule="constant",
+                        whole_min=cfg.lookup_len)  # fmt: skip
+        start_from = lookup["final"]
+        progress["lookup"] = _passkey_check(start_from, tokenizer, haystack["input_ids"], cfg, cfg.lookup_len)
+        print(f"  look-up phase: loss {lookup['loss']:.3f}, {progress['lookup']}", flush=True)
+    pre = _train(cfg, start_from, [corpus, passkey["pretrain"]], runs / "pretrain", cfg.short_len, cfg.pretrain_steps,
+                 whole_min=cfg.lookup_len)  # fmt: skip
+    progress["pretrain"] = _passkey_check(pre["final"], tokenizer, haystack["input_ids"], cfg, cfg.short_len)
+    print(f"  loss {pre['loss']:.3f}, {progress['pretrain']} ({time.perf_counter() - t:.0f} s)", flush=True)
 
     t = _stage(3, f"convert and extend both copies to {long_len} tokens ({cfg.extend_steps} steps each)")
+    full_layers, layer_loss = retrieval_layers(pre["final"], tokenizer, train_text, cfg)
+    print(
+        f"  pass-key loss when one layer alone is made SinkWindow({cfg.sink}, {cfg.window}), nats per key token: "
+        + ", ".join(f"layer {i} {x:+.2f}" for i, x in enumerate(layer_loss))
+        + f"; the hybrid keeps layers {full_layers} full",
+        flush=True,
+    )
     trained = {
         "full_attention": {"full_fraction": 1.0},
-        "longgen_hybrid": {"pattern": SinkWindow(cfg.sink, cfg.window)},
+        "longgen_hybrid": {"pattern": SinkWindow(cfg.sink, cfg.window), "full_layers": full_layers},
     }
     results: dict[str, dict[str, Any]] = {}
     for name, kwargs in trained.items():
@@ -367,7 +518,8 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         convert_checkpoint(
             pre["final"], converted, force=True, progress=False, target_length=long_len, rope="ntk", **kwargs
         )
-        ext = _train(cfg, converted, [corpus, retrieval["extend"]], runs / name, long_len, cfg.extend_steps)
+        ext = _train(cfg, converted, [corpus, passkey["extend"]], runs / name, long_len, cfg.extend_steps,
+                     whole_min=cfg.short_len)  # fmt: skip
         results[name] = {
             "model": str(ext["final"]),
             "extension_loss": ext["loss"],
@@ -379,7 +531,6 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
 
     t = _stage(4, "evaluate: pass-key retrieval by length, perplexity by position, KV cache, generation speed")
     eval_tokenizer = AutoTokenizer.from_pretrained(results["full_attention"]["model"])
-    haystack = eval_tokenizer("\n\n".join(p.read_text(encoding="utf-8") for p in heldout), add_special_tokens=False)
     fixed = len(
         eval_tokenizer(PASSKEY_NEEDLE.format(k=12345) + PASSKEY_QUESTION + " " + PASSKEY_ANSWER_PREFIX)["input_ids"]
     )
@@ -415,6 +566,9 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         "extended_len": long_len,
         "config": dataclasses.asdict(cfg),
         "pretrain_loss": pre["loss"],
+        "passkey_while_pretraining": progress,
+        "hybrid_full_layers": full_layers,
+        "layer_passkey_loss": layer_loss,
         "variants": results,
     }
     figure = out / "demo.png"
