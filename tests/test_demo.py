@@ -108,7 +108,8 @@ def test_passkey_documents_have_their_exact_lengths(tmp_path):
     for d in docs:
         key = d.rsplit(" ", 1)[1].rstrip(".")
         assert len(key) == 5 and key.isdigit()
-        assert f"The pass key is {key}. Remember it." in d and d.endswith(f"What is the pass key? The pass key is {key}.")
+        assert f"The pass key is {key}. Remember it." in d
+        assert d.endswith(f"What is the pass key? The pass key is {key}.")
     assert len(set(docs)) == len(docs)
     with pytest.raises(ValueError, match="training text"):
         passkey_documents(tok, ids[:300], [300], random.Random(0))

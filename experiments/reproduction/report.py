@@ -386,8 +386,8 @@ def format_report(summary: dict, s: Settings) -> str:
             for v in variants for t in TASKS]  # fmt: skip
     lines += _table(["variant", "task", *map(_k, s.eval_lengths)], rows, text_columns=2)
     if summary.get("placement"):
-        lines += ["", "## Against the SinkWindow hybrid (middle, same full layers), same prompts (points; 95% interval, "
-                  "Newcombe)", ""]
+        title = "Against the SinkWindow hybrid (middle, same full layers), same prompts"
+        lines += ["", f"## {title} (points; 95% interval, Newcombe)", ""]
         by = {(p["variant"], tuple(p["lengths"])): p for p in summary["placement"]}
         rows = [[LABELS[v], *(f"{100 * p['diff_vs_middle']:+.1f} ({100 * p['diff_ci_low']:+.1f} to "
                               f"{100 * p['diff_ci_high']:+.1f})" if (p := by.get((v, key))) else "—"
