@@ -62,7 +62,7 @@ class DemoConfig:
     lookup_batch_tokens: int = 2048
     lookup_lr: float = 3e-3  # constant after 10 warm-up steps
     batch_tokens: int = 4096  # tokens per optimizer step (pre-training and extension alike)
-    pretrain_steps: int = 150
+    pretrain_steps: int = 300
     extend_steps: int = 40
     lr: float = 2e-3
     passkey_share: float = 0.75  # about this share of pre-training and extension sequences hold a pass-key document
