@@ -160,13 +160,28 @@ def build_corpus(out: Path, megabytes: float, held_out: int = 6) -> tuple[Path, 
     return corpus, copies
 
 
+def _passkey_prompt(tokenizer: Any, length: int, span: list[int], key: str, depth: float) -> list[int]:
+    """A `length`-token pass-key prompt's ids: `span` (text token ids) with `key`'s needle at `depth`, then the
+    question and the answer prefix, worded as `longgen eval passkey`."""
+    from longgen.eval.prompts import build_prompt
+
+    prompt = build_prompt(
+        tokenizer,
+        length,
+        span,
+        needles=[PASSKEY_NEEDLE.format(k=key)],
+        depths=[depth],
+        question=PASSKEY_QUESTION,
+        answer_prefix=PASSKEY_ANSWER_PREFIX,
+    )
+    return prompt.input_ids
+
+
 def passkey_documents(tokenizer: Any, text: list[int], lengths: list[int], rng: random.Random) -> list[str]:
     """One pass-key document per entry of `lengths`, each tokenizing to exactly that many tokens with the
     end-of-text token training appends: a span of `text` (token ids of training text) with a 5-digit key's needle
     at a random depth, then the question, the answer prefix and `` <key>.``, worded as the evaluation's prompts
     (`passkey_prompts`)."""
-    from longgen.eval.prompts import build_prompt
-
     if lengths and len(text) <= max(lengths):
         raise ValueError(f"the training text has {len(text)} tokens; {max(lengths)}-token documents need more")
     docs: list[str] = []
@@ -177,16 +192,9 @@ def passkey_documents(tokenizer: Any, text: list[int], lengths: list[int], rng: 
             key = str(rng.randint(10_000, 99_999))
             answer = tokenizer(f" {key}.", add_special_tokens=False)["input_ids"]
             start = rng.randrange(len(text) - length)
-            prompt = build_prompt(
-                tokenizer,
-                length - 1 - len(answer),
-                text[start : start + length],
-                needles=[PASSKEY_NEEDLE.format(k=key)],
-                depths=[rng.random()],
-                question=PASSKEY_QUESTION,
-                answer_prefix=PASSKEY_ANSWER_PREFIX,
-            )
-            batch.append(tokenizer.decode(prompt.input_ids + answer))
+            span = text[start : start + length]
+            prompt = _passkey_prompt(tokenizer, length - 1 - len(answer), span, key, rng.random())
+            batch.append(tokenizer.decode(prompt + answer))
         # decoding and tokenizing again almost always gives the same tokens; a document that does not is made anew
         counts = [len(ids) for ids in tokenizer(batch, add_special_tokens=False)["input_ids"]]
         docs += [d for d, n, length in zip(batch, counts, todo, strict=True) if n == length - 1]
@@ -194,9 +202,7 @@ def passkey_documents(tokenizer: Any, text: list[int], lengths: list[int], rng: 
     return docs
 
 
-def write_passkey_data(
-    cfg: DemoConfig, corpus: Path, tokenizer: Any, out: Path
-) -> tuple[dict[str, Path], list[int]]:
+def write_passkey_data(cfg: DemoConfig, corpus: Path, tokenizer: Any, out: Path) -> tuple[dict[str, Path], list[int]]:
     """The pass-key documents of each training stage as ``.jsonl`` (``{"lookup", "pretrain", "extend"}`` ->
     path) and the corpus's token ids. Fresh documents for every sequence that holds one. `lookup`: one of
     `cfg.lookup_len` tokens per sequence of that phase. `pretrain` and `extend`: lengths log-uniform from the
@@ -349,8 +355,6 @@ def passkey_prompts(
     with a seeded 5-digit key's needle at depth ``(i + 0.5) / n`` (depths spread evenly over the context), the
     question and the answer prefix, worded as in `longgen eval passkey`; its answer is `` <key>``.
     """
-    from longgen.eval.prompts import build_prompt
-
     out = {}
     for length in lengths:
         if len(haystack) <= length:
@@ -360,16 +364,7 @@ def passkey_prompts(
         for i in range(n):
             key = str(rng.randint(10_000, 99_999))
             start = rng.randrange(len(haystack) - length)
-            p = build_prompt(
-                tokenizer,
-                length,
-                haystack[start : start + length],
-                needles=[PASSKEY_NEEDLE.format(k=key)],
-                depths=[(i + 0.5) / n],
-                question=PASSKEY_QUESTION,
-                answer_prefix=PASSKEY_ANSWER_PREFIX,
-            )
-            prompts.append(p.input_ids)
+            prompts.append(_passkey_prompt(tokenizer, length, haystack[start : start + length], key, (i + 0.5) / n))
             answers.append(tokenizer(f" {key}", add_special_tokens=False)["input_ids"])
         out[length] = (prompts, answers)
     return out
