@@ -9,6 +9,7 @@ only when every rank has finished, so a killed run never leaves a checkpoint tha
 from __future__ import annotations
 
 import contextlib
+import itertools
 import random
 import shutil
 import warnings
@@ -25,9 +26,24 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 PREFIX = "step-"
 
 
-def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+_BARRIERS = itertools.count()
+
+
+def barrier() -> None:
+    """Wait until every rank gets here (nothing without torch.distributed), through the rendezvous store.
+
+    Not a collective: gloo's worker threads free a finished collective's tensors after its caller has moved on,
+    which takes the GIL. A collective just before the process exits thus races the interpreter's shutdown, and the
+    process aborts ("terminate called without an active exception"; `dist.barrier()` here failed about one
+    two-process training run in 30, an all-reduce as well). The store keeps no tensors, and while one rank waits
+    for the others its GIL is free for the workers to finish.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    store = dist.distributed_c10d._get_default_store()
+    key = f"longgen/barrier/{next(_BARRIERS)}"
+    store.set(f"{key}/{dist.get_rank()}", "1")
+    store.wait([f"{key}/{r}" for r in range(dist.get_world_size())])
 
 
 @contextlib.contextmanager
@@ -91,19 +107,19 @@ def save_checkpoint(
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-    _barrier()
+    barrier()
     model_sd, optim_sd = get_state_dict(model, optimizer)
     with _one_process():
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
     torch.save(extra, tmp / f"extra-rank{rank}.pt")
-    _barrier()
+    barrier()
     if rank == 0:
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
         for _, old in list_checkpoints(output_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
-    _barrier()
+    barrier()
     return final
 
 

@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from longgen.train.checkpoint import (
+    barrier,
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
@@ -91,7 +92,7 @@ def _prepare_output(out: Path, t, rank: int) -> None:
             elif path.exists():
                 path.unlink()
     if dist.is_initialized():
-        dist.barrier()
+        barrier()
 
 
 def _run_record(cfg: TrainConfig, loader) -> dict[str, Any]:
@@ -259,11 +260,11 @@ def train(cfg: TrainConfig) -> Path:
     torch.manual_seed(t.seed)
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path)
     if rank != 0:  # rank 0 tokenizes into the shared cache first; the others then read it
-        dist.barrier()
+        barrier()
     # the context ranks of one data-parallel rank share its batches (and each takes its shard of the sequences)
     loader = build_loader(cfg.data, tokenizer, t.batch_size, rank=cp.dp_rank, world_size=cp.dp_size, progress=rank == 0)
     if rank == 0 and dist.is_initialized():
-        dist.barrier()
+        barrier()
     model, original_config = _load_model(cfg, device)
     dtype = getattr(torch, cfg.model.dtype)
     wrapped = CausalLMLoss(model, t.loss_chunk)
@@ -456,7 +457,7 @@ def _export(out: Path, wrapped: CausalLMLoss, tokenizer, original_config, rank: 
         tmp.rename(final)
         print(f"exported {final}")
     if dist.is_initialized():
-        dist.barrier()
+        barrier()
     return final
 
 
