@@ -229,6 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
         "perplexity by position, KV-cache bytes, training and generation speed). Nothing is downloaded.",
     )
     from longgen.demo import DemoConfig
+    from longgen.model.rope import ROPE_CHOICES
 
     d = DemoConfig()  # the help shows the real defaults
     p.add_argument("--out-dir", default=None, help=f"output folder ({d.out_dir})")
@@ -242,6 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hidden-size", type=positive_int, default=None, help=f"({d.hidden_size})")
     p.add_argument("--short-len", type=positive_int, default=None, help=f"pre-training context ({d.short_len})")
     p.add_argument("--factor", type=positive_int, default=None, help=f"context extension factor ({d.factor})")
+    p.add_argument("--rope", choices=list(ROPE_CHOICES), default=None, help=f"RoPE change of the extension ({d.rope})")
     p.add_argument("--sink", type=int, default=None, help=f"SinkWindow sink of the hybrid and StreamingLLM ({d.sink})")
     p.add_argument("--window", type=positive_int, default=None, help=f"SinkWindow window ({d.window})")
     p.add_argument("--corpus-mb", type=float, default=None, help=f"training text in MB ({d.corpus_mb:g})")

@@ -7,10 +7,12 @@
    copying there within minutes, and not at all at 1,024 tokens), then is pre-trained at a short context on the
    text and pass-key documents of that length;
 3. two copies extended to `factor` x the context with the same budget: a LongGen hybrid (1/3 of the layers
-   full, the rest SinkWindow) and a full-attention baseline (same RoPE change), on the text and pass-key
-   documents of the extended length. The hybrid's full layers are those the pre-trained model's look-up needs,
-   measured (`retrieval_layers`): in a model this small one layer at a random depth does it, not necessarily
-   the middle ones that LongGen keeps in large models;
+   full, the rest SinkWindow) and a full-attention baseline, on the text and pass-key documents of the extended
+   length. Both get the YaRN RoPE change (`rope`): it keeps the fast rotary frequencies that a look-up's copying
+   rests on as they were trained; the NTK change alters them all and, in a model with 32-dimensional heads, costs
+   most of the look-up before any training at the new length. The hybrid's full layers are those the pre-trained
+   model's look-up needs, measured (`retrieval_layers`): in a model this small one layer at a random depth does
+   it, not necessarily the middle ones that LongGen keeps in large models;
 4. evaluation: pass-key retrieval by length (the same seeded prompts for every model, scored in batched
    forward passes by `longgen.eval.forced.greedy_matches`) for both and for StreamingLLM applied to the full
    model (no extra training), perplexity by position, KV-cache bytes actually allocated, training speed, and
@@ -54,6 +56,7 @@ class DemoConfig:
     kv_heads: int = 2
     short_len: int = 1024  # pre-training context
     factor: int = 8  # context extension factor (1024 -> 8192: attention dominates the work, as at long context)
+    rope: str = "yarn"  # the RoPE change of the extension (`longgen.model.extend_rope`)
     sink: int = 16  # SinkWindow of the hybrid's sparse layers, and of StreamingLLM
     window: int = 128
     init_std: float = 0.15  # weight init (Llama's initializer_range): 0.02 needs ~2x the steps to learn look-ups
@@ -62,7 +65,7 @@ class DemoConfig:
     lookup_batch_tokens: int = 2048
     lookup_lr: float = 3e-3  # constant after 10 warm-up steps
     batch_tokens: int = 4096  # tokens per optimizer step (pre-training and extension alike)
-    pretrain_steps: int = 300
+    pretrain_steps: int = 600
     extend_steps: int = 40
     lr: float = 2e-3
     passkey_share: float = 0.75  # about this share of pre-training and extension sequences hold a pass-key document
@@ -82,6 +85,10 @@ class DemoConfig:
             )
         if self.lookup_batch_tokens < self.lookup_len:
             raise ValueError(f"lookup_batch_tokens ({self.lookup_batch_tokens}) must hold a lookup_len document")
+        from longgen.model.rope import ROPE_CHOICES
+
+        if self.rope not in ROPE_CHOICES:
+            raise ValueError(f"rope must be one of {', '.join(ROPE_CHOICES)}, got {self.rope!r}")
         if self.factor < 2:
             raise ValueError(f"factor must be >= 2 (the demo extends the context), got {self.factor}")
         if self.short_len < 64:
@@ -287,6 +294,39 @@ def _train(
     return {"final": final, "loss": rows[-1]["loss"], "train_tokens_per_s": statistics.median(tps)}
 
 
+def measure_training_speed(
+    paths: dict[str, Path], seq_len: int, device: str, rounds: int = 5, seed: int = 0
+) -> dict[str, float]:
+    """Training tokens/s of each model folder in `paths` at `seq_len` tokens: forward and backward of one sequence
+    (random tokens) through the training loop's model and loss, the models taking turns, one warm-up step and then
+    `rounds` timed steps each. Taking turns makes the ratio robust: a change in the machine's load slows every model
+    alike. Returns ``{name: tokens/s}`` from each model's median step."""
+    from longgen.train.loop import load_training_model
+    from longgen.train.loss import CausalLMLoss
+
+    models = {name: CausalLMLoss(load_training_model(p, device)[0], 2048).train() for name, p in paths.items()}
+    vocab = next(iter(models.values())).lm.config.vocab_size
+    ids = torch.randint(0, vocab, (1, seq_len), generator=torch.Generator().manual_seed(seed)).to(device)
+    pos = torch.arange(seq_len, device=device)[None]
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for r in range(rounds + 1):
+        for name, model in models.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            total, n = model(ids, pos, ids)
+            (total / n).backward()
+            _sync(device)
+            if r:  # the first round warms up
+                times[name].append(time.perf_counter() - t0)
+            model.zero_grad(set_to_none=True)
+    return {name: seq_len / statistics.median(t) for name, t in times.items()}
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
 def measure_inference(
     path: Path, length: int, device: str, new_tokens: int = 32, batch: int = 4, repeats: int = 3
 ) -> dict[str, float]:
@@ -303,10 +343,6 @@ def measure_inference(
     gen = torch.Generator().manual_seed(0)
     prompts = torch.randint(0, model.config.vocab_size, (batch, length - new_tokens), generator=gen).to(device)
 
-    def sync() -> None:
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-
     with torch.inference_mode():
         cache = HybridCache(model.config, max_length=length)
         model(prompts[:1], use_cache=True, **cache_kwargs(cache))
@@ -314,17 +350,17 @@ def measure_inference(
         runner = ModelRunner(model, max_batch=batch, max_len=length, compile=False)
         prefill, decode = [], []
         for _ in range(repeats):
-            sync()
+            _sync(device)
             t0 = time.perf_counter()
             runner.prefill(0, prompts[0])
-            sync()
+            _sync(device)
             prefill.append(time.perf_counter() - t0)
             logits = torch.stack([runner.prefill(row, prompts[row]) for row in range(batch)])
-            sync()
+            _sync(device)
             t0 = time.perf_counter()
             for _ in range(new_tokens):
                 logits = runner.decode(logits.argmax(-1))
-            sync()
+            _sync(device)
             decode.append(time.perf_counter() - t0)
     return {
         "kv_bytes": cache.allocated_bytes(),
@@ -511,16 +547,24 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     for name, kwargs in trained.items():
         converted = out / "models" / f"{name}-converted"
         convert_checkpoint(
-            pre["final"], converted, force=True, progress=False, target_length=long_len, rope="ntk", **kwargs
+            pre["final"], converted, force=True, progress=False, target_length=long_len, rope=cfg.rope, **kwargs
         )
         ext = _train(cfg, converted, [corpus, passkey["extend"]], runs / name, long_len, cfg.extend_steps,
                      whole_min=cfg.short_len)  # fmt: skip
         results[name] = {
             "model": str(ext["final"]),
             "extension_loss": ext["loss"],
-            "train_tokens_per_s": ext["train_tokens_per_s"],
+            "extension_tokens_per_s": ext["train_tokens_per_s"],
         }
-        print(f"  {name}: loss {ext['loss']:.3f}, {ext['train_tokens_per_s']:,.0f} training tokens/s", flush=True)
+        print(f"  {name}: loss {ext['loss']:.3f}, {ext['train_tokens_per_s']:,.0f} tokens/s while training", flush=True)
+    speed = measure_training_speed({name: Path(results[name]["model"]) for name in trained}, long_len, cfg.device)
+    for name, tps in speed.items():
+        results[name]["train_tokens_per_s"] = tps
+    print(
+        f"  training speed at {long_len} tokens, the models taking turns: "
+        + ", ".join(f"{name} {tps:,.0f} tokens/s" for name, tps in speed.items()),
+        flush=True,
+    )
     results["streaming_llm"] = {"model": results["full_attention"]["model"], "applied_to": "full_attention"}
     print(f"  ({time.perf_counter() - t:.0f} s)", flush=True)
 
@@ -600,7 +644,7 @@ def format_summary(summary: dict) -> str:
     rows += [
         (f"perplexity over {long_len} tokens", get("{:.2f}", "perplexity", "ppl_by_length", long_len)),
         ("KV cache allocated (KiB)", lambda r: f"{r['kv_bytes'] / 1024:,.0f}" if "kv_bytes" in r else "-"),
-        ("training tokens/s (extension)", get("{:,.0f}", "train_tokens_per_s")),
+        (f"training tokens/s at {long_len}", get("{:,.0f}", "train_tokens_per_s")),
         ("prefill tokens/s", get("{:,.0f}", "prefill_tokens_per_s")),
         (f"generation tokens/s ({batch} sequences)", get("{:,.1f}", "generate_tokens_per_s")),
     ]

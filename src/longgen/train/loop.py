@@ -151,24 +151,28 @@ def _dist_setup(cfg: TrainConfig) -> tuple[int, int, torch.device]:
     return rank, world, torch.device("cpu")
 
 
-def _load_model(cfg: TrainConfig, device: torch.device):
+def load_training_model(
+    path: str | Path, device: torch.device | str, *, activation_checkpointing: bool = False, compile: bool = False
+):
+    """The model of folder `path` as training runs it, in float32 on `device`: a hybrid as converted; a plain model
+    with every layer Full, so that packed documents stay separate exactly as in a hybrid. Returns ``(model,
+    config)``: the plain model's own config, to export it with, or None for a hybrid."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from longgen.model import check_model_folder, convert, enable_activation_checkpointing, is_hybrid, load_model
 
-    path = check_model_folder(cfg.model.path, weights=True)
+    path = check_model_folder(path, weights=True)
     if is_hybrid(AutoConfig.from_pretrained(path)):
         model = load_model(path, dtype=torch.float32)
         original_config = None
     else:
-        # full-attention baseline: all layers Full, so packed documents stay separate exactly as for the hybrid
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
         original_config = copy.deepcopy(model.config)
         convert(model, full_fraction=1.0)
     model.config.use_cache = False
-    if cfg.model.activation_checkpointing:
+    if activation_checkpointing:
         enable_activation_checkpointing(model)
-    if cfg.model.compile:
+    if compile:
         for layer in model.model.layers:
             layer.compile()
     return model.to(device), original_config
@@ -265,7 +269,10 @@ def train(cfg: TrainConfig) -> Path:
     loader = build_loader(cfg.data, tokenizer, t.batch_size, rank=cp.dp_rank, world_size=cp.dp_size, progress=rank == 0)
     if rank == 0 and dist.is_initialized():
         barrier()
-    model, original_config = _load_model(cfg, device)
+    m = cfg.model
+    model, original_config = load_training_model(
+        m.path, device, activation_checkpointing=m.activation_checkpointing, compile=m.compile
+    )
     dtype = getattr(torch, cfg.model.dtype)
     wrapped = CausalLMLoss(model, t.loss_chunk)
     sharded = dist.is_initialized()
