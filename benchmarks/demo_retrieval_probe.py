@@ -4,12 +4,19 @@
         --out benchmarks/results/demo/layer_probe.json
     PYTHONPATH=src python benchmarks/demo_retrieval_probe.py depth --demo-dir longgen-demo \
         --out benchmarks/results/demo/depth_probe.json
+    PYTHONPATH=src python benchmarks/demo_retrieval_probe.py extend --demo-dir longgen-demo --rope yarn \
+        --steps 40 --work-dir /tmp/probe-yarn --out benchmarks/results/demo/extend_yarn.json
 
 `layers`: the pre-trained model (``runs/pretrain/final``) converted without training, with every set of one, two
 or three full layers (the rest SinkWindow(sink, window) of the run's config), scored on the demo's own pass-key
 prompts at the pre-training length: which layers the look-up needs. `depth`: the two extended models
 (``runs/full_attention/final``, ``runs/longgen_hybrid/final``) on the demo's prompts at 4x and 8x the pre-training
-length, correct prompts per fifth of needle depth (first fifth: needle farthest from the question).
+length, correct prompts per fifth of needle depth (first fifth: needle farthest from the question). `extend`
+(trains, in `--work-dir`): the pre-trained model converted with `--rope` (all layers full, or `--full-layers` with
+the run's SinkWindow elsewhere), first scored as it is (`--steps 0`) or extended `--steps` steps to `--factor` x
+the pre-training length on text and pass-key documents made as the demo makes them, then scored at 1x, 4x and the
+new length by fifth of depth. Its prompts are the demo's own (the held-out files in the demo's order); `layers`
+and `depth` join the held-out files in name order, so their prompts are another seeded set.
 """
 
 from __future__ import annotations
@@ -27,16 +34,20 @@ from common import git_commit
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("mode", choices=["layers", "depth"])
+    p.add_argument("mode", choices=["layers", "depth", "extend"])
     p.add_argument("--demo-dir", required=True, help="the output folder of a finished `longgen demo`")
     p.add_argument("--out", required=True)
+    p.add_argument("--rope", default="yarn", help="extend: the RoPE change (yarn)")
+    p.add_argument("--steps", type=int, default=40, help="extend: extension steps, 0 scores the conversion (40)")
+    p.add_argument("--factor", type=int, default=None, help="extend: extension factor (the run's)")
+    p.add_argument("--full-layers", default=None, help="extend: e.g. 0,4 for a hybrid (all layers full)")
+    p.add_argument("--work-dir", default=None, help="extend: folder for the converted and extended models")
     a = p.parse_args()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from longgen import convert
     from longgen.demo import passkey_prompts, score_passkey
     from longgen.eval.baseline import load_for_eval
-    from longgen.eval.forced import greedy_matches
     from longgen.patterns import SinkWindow
 
     d = Path(a.demo_dir)
@@ -59,17 +70,12 @@ def main() -> None:
             cell = score_passkey(model, tok, prompts)[str(short)]
             rows.append({"full_layers": "all" if full is None else list(full), "correct": cell["correct"], "n": n})
             print(json.dumps(rows[-1]), flush=True)
-    else:
-        digits = {i for c in "0123456789" for i in tok(c, add_special_tokens=False)["input_ids"]}
-        lengths = [short * 4, short * cfg["factor"]]
-        prompts = passkey_prompts(tok, hay, lengths, n, cfg["seed"])
+    elif a.mode == "depth":
         for name in ("full_attention", "longgen_hybrid"):
             model, _ = load_for_eval(str(d / f"runs/{name}/final"), device="cpu")
-            for length in lengths:
-                ok = greedy_matches(model, *prompts[length], reject_next=digits, max_batch_tokens=16_384)
-                fifths = [sum(ok[i * n // 5 : (i + 1) * n // 5]) for i in range(5)]
-                rows.append({"model": name, "length": length, "correct_by_depth_fifth": fifths, "n": n})
-                print(json.dumps(rows[-1]), flush=True)
+            rows += [{"model": name, **r} for r in by_depth(model, tok, hay, [short * 4, short * cfg["factor"]], cfg)]
+    else:
+        rows = extend(a, d, cfg, tok)
     result = {
         "device": f"CPU, {torch.get_num_threads()} threads",
         "date": datetime.date.today().isoformat(),
@@ -80,6 +86,60 @@ def main() -> None:
         "rows": rows,
     }
     Path(a.out).write_text(json.dumps(result, indent=1) + "\n")
+
+
+def by_depth(model, tok, hay: list[int], lengths: list[int], cfg: dict) -> list[dict]:
+    """Pass key at each length on the demo's seeded prompts: correct prompts per fifth of needle depth."""
+    from longgen.demo import passkey_prompts
+    from longgen.eval.forced import greedy_matches
+
+    n = cfg["passkey_prompts"]
+    digits = {i for c in "0123456789" for i in tok(c, add_special_tokens=False)["input_ids"]}
+    prompts = passkey_prompts(tok, hay, lengths, n, cfg["seed"])
+    rows = []
+    for length in lengths:
+        ok = greedy_matches(model, *prompts[length], reject_next=digits, max_batch_tokens=16_384)
+        fifths = [sum(ok[i * n // 5 : (i + 1) * n // 5]) for i in range(5)]
+        rows.append({"length": length, "correct": sum(ok), "correct_by_depth_fifth": fifths, "n": n})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def extend(a: argparse.Namespace, d: Path, cfg: dict, tok) -> list[dict]:
+    """The `extend` mode: convert the demo's pre-trained model with `a.rope`, extend it, score it."""
+    from longgen.demo import DemoConfig, _train, write_passkey_data
+    from longgen.eval.baseline import load_for_eval
+    from longgen.model import convert_checkpoint
+    from longgen.patterns import SinkWindow
+
+    if a.work_dir is None:
+        raise SystemExit("extend needs --work-dir (the converted and extended models go there)")
+    known = {f for f in DemoConfig.__dataclass_fields__}
+    demo = DemoConfig(**{k: v for k, v in cfg.items() if k in known})
+    if a.factor:
+        demo.factor = a.factor
+    long_len, work = demo.short_len * demo.factor, Path(a.work_dir)
+    layers = {"full_fraction": 1.0}
+    if a.full_layers:
+        layers = {
+            "full_layers": [int(x) for x in a.full_layers.split(",")],
+            "pattern": SinkWindow(demo.sink, demo.window),
+        }
+    model_dir = work / "converted"
+    convert_checkpoint(d / "runs/pretrain/final", model_dir, force=True, progress=False, target_length=long_len,
+                       rope=a.rope, **layers)  # fmt: skip
+    info = {"rope": a.rope, "steps": a.steps, "extended_len": long_len, "full_layers": a.full_layers or "all"}
+    if a.steps:
+        passkey, _ = write_passkey_data(demo, d / "corpus", tok, work / "passkey")
+        ext = _train(demo, model_dir, [d / "corpus", passkey["extend"]], work / "run", long_len, a.steps,
+                     whole_min=demo.short_len)  # fmt: skip
+        model_dir = ext["final"]
+        info |= {"extension_loss": ext["loss"], "train_tokens_per_s": ext["train_tokens_per_s"]}
+    heldout = sorted((d / "heldout").iterdir(), key=lambda f: f.stat().st_size)  # the demo's order
+    hay = tok("\n\n".join(f.read_text(encoding="utf-8") for f in heldout), add_special_tokens=False)["input_ids"]
+    model, _ = load_for_eval(str(model_dir), device="cpu")
+    lengths = sorted({demo.short_len, demo.short_len * 4, long_len})
+    return [{**info, **r} for r in by_depth(model, tok, hay, lengths, cfg)]
 
 
 if __name__ == "__main__":
