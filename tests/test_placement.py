@@ -1,12 +1,21 @@
 """Automatic placement of the full layers (``full_layers="auto"``): the score, the choice, the record, the CLI."""
 
+import copy
+
 import pytest
 import torch
 from transformers import AutoConfig
 
 from longgen import BlockSparse, Full, SinkWindow
 from longgen.model import convert, convert_config, is_hybrid, load_model, read_layout
-from longgen.model.placement import attention_mass_outside, choose_full_layers, full_layer_count, score_layers
+from longgen.model.placement import (
+    SCORE_NAMES,
+    attention_mass_outside,
+    choose_full_layers,
+    full_layer_count,
+    loss_scores,
+    score_layers,
+)
 from test_model import tiny as tiny_model
 
 PATTERNS = [SinkWindow(3, 8), SinkWindow(0, 5), BlockSparse(16, 1, 2), BlockSparse(16, 1, 3, dense_kv_heads=1)]
@@ -135,6 +144,58 @@ def test_the_layers_that_attend_far_are_chosen():
     assert choose_full_layers(s, full_layer_count(4, 0.5, None)) == [0, 3]  # "middle" would keep [1, 2]
 
 
+def test_loss_scores_equal_the_losses_of_the_converted_models():
+    """Layer i's loss score is the loss of the model converted with layer i alone sparse, minus the plain model's:
+    over every token but the first, and over `targets` (here each row's last token)."""
+    model = synthetic().eval()
+    ids = torch.randint(0, 128, (2, 48), generator=torch.Generator().manual_seed(3))
+    pattern = SinkWindow(2, 8)
+    last = torch.zeros_like(ids, dtype=torch.bool)
+    last[:, -1] = True
+    scores = loss_scores(model, ids, pattern, progress=False, chunk=7)
+    on_last = loss_scores(model, ids, pattern, targets=last, progress=False)
+    assert scores.heads is None and scores.score == "loss" and (scores.sequences, scores.length) == (2, 48)
+    assert model.config._attn_implementation == "sdpa"  # restored
+
+    def losses(m):
+        with torch.no_grad():
+            logp = m(ids).logits[:, :-1].float().log_softmax(-1).gather(-1, ids[:, 1:, None])[..., 0]
+        return -logp.mean().item(), -logp[:, -1].mean().item()
+
+    base = losses(model)
+    for i in range(4):
+        sparse = copy.deepcopy(model)
+        convert(sparse, full_layers=[j for j in range(4) if j != i], pattern=pattern)
+        every, final = losses(sparse)
+        assert scores.layers[i] == pytest.approx(every - base[0], abs=2e-5)
+        assert on_last.layers[i] == pytest.approx(final - base[1], abs=2e-5)
+    assert min(abs(x) for x in (scores.layers[0], scores.layers[3])) > 1e-4  # well above the tolerance: they matter
+
+
+def test_loss_score_through_convert_and_its_errors():
+    model = synthetic().eval()
+    ids = torch.randint(0, 128, (1, 64), generator=torch.Generator().manual_seed(4))
+    first = torch.zeros_like(ids, dtype=torch.bool)
+    with pytest.raises(ValueError, match="targets must mark at least one token"):
+        loss_scores(model, ids, SinkWindow(2, 8), targets=first, progress=False)
+    first[0, 0] = True
+    with pytest.raises(ValueError, match="not a sequence's first"):
+        loss_scores(model, ids, SinkWindow(2, 8), targets=first, progress=False)
+    with pytest.raises(ValueError, match="bool tensor of the shape of input_ids"):
+        loss_scores(model, ids, SinkWindow(2, 8), targets=first[:, 1:], progress=False)
+    with pytest.raises(ValueError, match="score must be one of outside, loss"):
+        convert(copy.deepcopy(model), full_layers="auto", score="kl", calibration=ids, pattern=SinkWindow(2, 8))
+    with pytest.raises(ValueError, match="targets: only for score='loss'"):
+        convert(copy.deepcopy(model), full_layers="auto", targets=first, calibration=ids, pattern=SinkWindow(2, 8))
+    want = loss_scores(model, ids, SinkWindow(2, 8), progress=False).layers
+    convert(model, full_layers="auto", score="loss", full_count=1, calibration=ids, pattern=SinkWindow(2, 8),
+            progress=False)  # fmt: skip
+    rec = model.config.longgen["placement_scores"]
+    assert rec["score"] == SCORE_NAMES["loss"] and "heads" not in rec
+    assert rec["layers"] == pytest.approx(want, abs=1e-6)
+    assert [i for i, p in enumerate(read_layout(model.config)) if isinstance(p, Full)] == choose_full_layers(want, 1)
+
+
 def word_tokenizer():
     """A whitespace WordLevel tokenizer over w0..w126 ([UNK] = 127), as `longgen convert` would load it."""
     from tokenizers import Tokenizer, models, pre_tokenizers
@@ -236,6 +297,11 @@ def test_cli_convert_auto_inspect_and_load_back(checkpoint, tmp_path, capsys):
     model = load_model(dst)  # the saved hybrid loads back and runs
     with torch.no_grad():
         assert torch.isfinite(model(torch.arange(128)[None]).logits).all()
+    code, out, err = cli(capsys, "convert", src, tmp_path / "by_loss", *args, "--calibration-sequences", 1,
+                         "--placement-score", "loss", "--sink", 4, "--window", 16, "--full-count", 1)  # fmt: skip
+    assert code == 0, err
+    scores = AutoConfig.from_pretrained(tmp_path / "by_loss").longgen["placement_scores"]
+    assert scores["score"] == SCORE_NAMES["loss"] and len(scores["layers"]) == 4 and "heads" not in scores
 
 
 def test_errors(checkpoint, tmp_path, capsys):
@@ -257,6 +323,8 @@ def test_errors(checkpoint, tmp_path, capsys):
     assert code == 2 and "calibration: only for full_layers='auto'" in err, err
     code, _, err = cli(capsys, "convert", src, dst, "--full-count", 2)
     assert code == 2 and "full_count: only for full_layers='auto'" in err, err
+    code, _, err = cli(capsys, "convert", src, dst, "--placement-score", "loss")
+    assert code == 2 and "score: only for full_layers='auto'" in err, err
     assert not dst.exists()
     model = tiny()
     ids = torch.zeros(1, 64, dtype=torch.long)

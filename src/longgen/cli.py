@@ -76,6 +76,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         "calibration": args.calibration,
         "calibration_length": args.calibration_length,
         "calibration_sequences": args.calibration_sequences,
+        "score": args.placement_score,
         "device": args.device,
     }
     config = convert_checkpoint(
@@ -300,6 +301,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="auto: tokens per calibration sequence (min(max_position_embeddings, 8192))",
     )
     p.add_argument("--calibration-sequences", type=positive_int, default=None, help="auto: calibration sequences (4)")
+    p.add_argument(
+        "--placement-score",
+        choices=["outside", "loss"],
+        default=None,
+        help="auto: outside (default: attention probability outside the pattern, one pass a sequence) or loss "
+        "(the loss increase when the layer alone is sparse, layers + 1 passes a sequence)",
+    )
     p.add_argument("--device", default=None, help="auto: where the model runs (cuda if available, else cpu)")
     _add_pattern_args(p)
     p.add_argument("--target-length", type=positive_int, default=None, help="new maximum context length")

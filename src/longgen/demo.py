@@ -440,34 +440,23 @@ def _passkey_check(model_path: Path, tokenizer: Any, haystack: list[int], cfg: D
 def retrieval_layers(
     model_path: Path, tokenizer: Any, text: list[int], cfg: DemoConfig
 ) -> tuple[list[int], list[float]]:
-    """The layers the pre-trained model's pass-key look-up needs: for each layer alone made SinkWindow(cfg.sink,
-    cfg.window), the mean log-probability of the key's tokens on `cfg.passkey_prompts` prompts of `cfg.short_len`
-    tokens made of `text` (training text, not the evaluation's); returns the third of the layers that lose most
-    (LongGen's share of full layers), sorted, and the loss per layer (nats per key token, base minus changed)."""
+    """The layers the pre-trained model's pass-key look-up needs, by `longgen.model.placement.loss_scores`: for
+    each layer alone made SinkWindow(cfg.sink, cfg.window), the loss increase on the key's tokens of
+    `cfg.passkey_prompts` prompts of `cfg.short_len` tokens made of `text` (training text, not the evaluation's);
+    returns the third of the layers that lose most (LongGen's share of full layers), sorted, and the loss per layer
+    (nats per key token)."""
     from transformers import AutoModelForCausalLM
 
-    from longgen import convert
+    from longgen.model.placement import choose_full_layers, loss_scores
     from longgen.patterns import SinkWindow
 
     ps, answers = passkey_prompts(tokenizer, text, [cfg.short_len], cfg.passkey_prompts, cfg.seed + 2)[cfg.short_len]
     ids = torch.tensor([p + a for p, a in zip(ps, answers, strict=True)], device=cfg.device)
-    n = len(answers[0])  # every key is a space and 5 digits
-
-    def key_logprob(sparse_layer: int | None) -> float:
-        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).to(cfg.device).eval()
-        layers = [i for i in range(model.config.num_hidden_layers) if i != sparse_layer]
-        convert(model, full_layers=layers, pattern=SinkWindow(cfg.sink, cfg.window))
-        total = 0.0
-        with torch.inference_mode():
-            for rows in ids.split(8):
-                logits = model(input_ids=rows, logits_to_keep=n + 1).logits[:, :-1].float()
-                total += logits.log_softmax(-1).gather(-1, rows[:, -n:, None]).sum().item()
-        return total / (len(ids) * n)
-
-    base = key_logprob(None)
-    loss = [base - key_logprob(i) for i in range(cfg.layers)]
-    keep = max(1, round(cfg.layers / 3))
-    return sorted(sorted(range(cfg.layers), key=lambda i: -loss[i])[:keep]), loss
+    targets = torch.zeros_like(ids, dtype=torch.bool)
+    targets[:, -len(answers[0]) :] = True  # every key is a space and 5 digits
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).to(cfg.device).eval()
+    scores = loss_scores(model, ids, SinkWindow(cfg.sink, cfg.window), targets=targets, progress=False)
+    return choose_full_layers(scores.layers, max(1, round(cfg.layers / 3))), scores.layers
 
 
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:

@@ -10,6 +10,13 @@ ever built. The model runs once per calibration sequence with ordinary full atte
 attention function registered with transformers' `AttentionInterface` that records the score of every layer (and
 head) as the forward pass reaches it. The layers with the highest mean score become the full layers.
 
+The other score (``score="loss"``): for each layer, the next-token loss with that layer alone made sparse, minus
+the loss with every layer full, in nats per token, mean over the calibration tokens (or over `targets`, e.g. the
+answers of retrieval prompts). It runs the model ``layers + 1`` times a sequence instead of once, and asks what the
+outside mass only suggests: whether the layer's distant attention matters to the model's predictions. In a model
+whose attention is spread everywhere (a tiny model trained briefly, say) the outside mass is nearly flat and misses
+the one layer that does a look-up; the loss increase finds it.
+
 Recorded in the converted config as ``config.longgen["placement"] = "auto"`` plus
 ``config.longgen["placement_scores"]`` (see `placement_record`).
 """
@@ -31,10 +38,16 @@ from longgen.sources import iter_documents
 SCORING_IMPLEMENTATION = "longgen_placement"
 DEFAULT_CALIBRATION_LENGTH = 8192  # capped at the model's max_position_embeddings
 DEFAULT_CALIBRATION_SEQUENCES = 4
-SCORE_NAME = "attention probability outside the pattern, mean over calibration queries"
+SCORE_NAMES = {
+    "outside": "attention probability outside the pattern, mean over calibration queries",
+    "loss": "next-token loss increase (nats) with the layer alone sparse, mean over calibration tokens",
+}
 STDLIB_CALIBRATION = "python standard library"
 # convert() keyword arguments that only `full_layers="auto"` takes
-AUTO_OPTIONS = ("calibration", "tokenizer", "calibration_length", "calibration_sequences", "full_count", "progress")
+AUTO_OPTIONS = (
+    "calibration", "tokenizer", "calibration_length", "calibration_sequences", "full_count", "progress", "score",
+    "targets",
+)  # fmt: skip
 
 
 def attention_mass_outside(
@@ -52,21 +65,25 @@ def attention_mass_outside(
 
 @dataclass
 class LayerScores:
-    """Mean attention mass outside the pattern: `layers[i]` for layer i, `heads[i][h]` for its query head h."""
+    """A score per layer, `layers[i]` for layer i; for the outside mass also `heads[i][h]` for its query head h
+    (None for the loss increase, which is a layer's)."""
 
     layers: list[float]
-    heads: list[list[float]]
+    heads: list[list[float]] | None
     sequences: int
     length: int
+    score: str = "outside"
 
 
 class _Recorder:
-    """Per-layer, per-head sums of the outside mass over the queries seen so far."""
+    """Per-layer, per-head sums of the outside mass over the queries seen so far; or, for the loss score
+    (`sparse_layer` set, possibly to -1 for none), which layer runs the pattern."""
 
-    def __init__(self, pattern: Pattern, num_layers: int):
+    def __init__(self, pattern: Pattern, num_layers: int, sparse_layer: int | None = None):
         self.pattern = pattern
         self.sums: list[torch.Tensor | None] = [None] * num_layers
         self.queries = [0] * num_layers
+        self.sparse_layer = sparse_layer
 
 
 _RECORDER: _Recorder | None = None  # set only while `score_layers` runs
@@ -89,6 +106,9 @@ def _scoring_attention(
     if attention_mask is not None and not bool(attention_mask.all()):
         raise ValueError("placement scoring takes whole sequences without padding")
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+    if _RECORDER.sparse_layer is not None:  # the loss score: one layer runs the pattern, the others full attention
+        pattern = _RECORDER.pattern if module.layer_idx == _RECORDER.sparse_layer else Full()
+        return sparse_attention(q, k, v, pattern, scale=scaling), None
     out, lse_full = sparse_attention(q, k, v, Full(), scale=scaling, return_lse=True)
     _, lse_pattern = sparse_attention(q, k, k, _RECORDER.pattern, scale=scaling, return_lse=True)
     outside = (1 - torch.exp(lse_pattern.float() - lse_full.float())).clamp_(0, 1)  # (B, H, T)
@@ -141,6 +161,64 @@ def score_layers(model: Any, input_ids: torch.Tensor, pattern: Pattern, *, progr
         raise ValueError(f"layers {missing} never called the attention function; cannot score them")
     heads = [(s / n).tolist() for s, n in zip(recorder.sums, recorder.queries, strict=True)]
     return LayerScores([sum(h) / len(h) for h in heads], heads, input_ids.shape[0], input_ids.shape[1])
+
+
+@torch.no_grad()
+def loss_scores(
+    model: Any,
+    input_ids: torch.Tensor,
+    pattern: Pattern,
+    *,
+    targets: torch.Tensor | None = None,
+    progress: bool = True,
+    chunk: int = 2048,
+) -> LayerScores:
+    """Score every layer of the transformers causal LM `model` by the loss increase when it alone runs `pattern`
+    (the other layers full attention): the mean next-token loss over the calibration tokens, in nats, minus the
+    loss with every layer full. `input_ids` ``(sequences, length)``; `targets` (bool, same shape) marks the tokens
+    whose prediction counts (default: every token but the first). Runs ``layers + 1`` forward passes a sequence;
+    logits are made `chunk` positions at a time. The model's attention implementation is restored after."""
+    global _RECORDER
+    from tqdm.auto import tqdm
+
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype.is_floating_point:
+        raise ValueError(f"input_ids must be an integer tensor (sequences, length), got {_describe(input_ids)}")
+    if targets is None:
+        targets = torch.ones_like(input_ids, dtype=torch.bool)
+        targets[:, 0] = False
+    elif not isinstance(targets, torch.Tensor) or targets.dtype != torch.bool or targets.shape != input_ids.shape:
+        raise ValueError(f"targets must be a bool tensor of the shape of input_ids, got {_describe(targets)}")
+    elif bool(targets[:, 0].any()) or not bool(targets.any()):
+        raise ValueError("targets must mark at least one token, and not a sequence's first (nothing predicts it)")
+    config = model.config
+    num_kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    check_pattern(pattern, input_ids.shape[1], num_kv)
+    _register_scoring()
+    saved = config._attn_implementation
+    layers = config.num_hidden_layers
+    _RECORDER = recorder = _Recorder(pattern.resolve(num_kv), layers, sparse_layer=-1)
+    device = next(model.parameters()).device
+    head = model.get_output_embeddings()
+    nll = torch.zeros(layers + 1, dtype=torch.float64)  # [0]: every layer full; [i + 1]: layer i sparse
+    try:
+        config._attn_implementation = SCORING_IMPLEMENTATION
+        for row, want in tqdm(
+            list(zip(input_ids, targets, strict=True)), desc="placement scores (loss)", unit=" seq",
+            disable=not progress,
+        ):  # fmt: skip
+            row = row[None].to(device)
+            where = want[1:].nonzero().squeeze(1).to(device)  # position t predicts token t + 1
+            for i in range(-1, layers):
+                recorder.sparse_layer = i
+                hidden = model.base_model(input_ids=row, use_cache=False).last_hidden_state[0]
+                for part in where.split(chunk):
+                    logits = head(hidden[part]).float()
+                    nll[i + 1] -= logits.log_softmax(-1).gather(-1, row[0, part + 1, None]).sum().double().cpu()
+    finally:
+        config._attn_implementation = saved
+        _RECORDER = None
+    per_token = nll / int(targets.sum())
+    return LayerScores((per_token[1:] - per_token[0]).tolist(), None, input_ids.shape[0], input_ids.shape[1], "loss")
 
 
 def check_pattern(pattern: Any, length: int, num_kv_heads: int) -> None:
@@ -233,14 +311,23 @@ def auto_full_layers(
     calibration_length: int | None = None,
     calibration_sequences: int = DEFAULT_CALIBRATION_SEQUENCES,
     progress: bool = True,
+    score: str = "outside",
+    targets: torch.Tensor | None = None,
 ) -> tuple[list[int], dict[str, Any]]:
     """Score `model`'s layers on calibration text and return (the full layers, the `placement_record`).
 
+    score: ``"outside"`` (attention mass outside the pattern, one forward pass a sequence) or ``"loss"`` (loss
+        increase with the layer alone sparse, ``layers + 1`` passes; `targets` marks the tokens that count, with
+        token-id calibration only).
     calibration: None (the standard library's sources), files/folders of text (needs `tokenizer`), or token ids
         ``(sequences, length)``. calibration_length: tokens per sequence, default
         ``min(max_position_embeddings, 8192)``. pattern: the sparse layers' pattern (default SinkWindow(64, 2048)).
     The number of full layers is `full_count`, or ``round(L * full_fraction)`` like ``"middle"`` (default 1/3).
     """
+    if score not in SCORE_NAMES:
+        raise ValueError(f"score must be one of {', '.join(SCORE_NAMES)}, got {score!r}")
+    if targets is not None and (score != "loss" or not isinstance(calibration, torch.Tensor)):
+        raise ValueError("targets: only for score='loss' with calibration token ids (sequences, length)")
     config = model.config
     n_full = full_layer_count(config.num_hidden_layers, full_fraction, full_count)
     pattern = SinkWindow() if pattern is None else pattern
@@ -266,7 +353,10 @@ def auto_full_layers(
             source = [str(calibration)]
         else:
             source = [str(c) for c in calibration]
-    scores = score_layers(model, ids, pattern, progress=progress)
+    if score == "loss":
+        scores = loss_scores(model, ids, pattern, targets=targets, progress=progress)
+    else:
+        scores = score_layers(model, ids, pattern, progress=progress)
     return choose_full_layers(scores.layers, n_full), placement_record(scores, pattern.resolve(num_kv), source)
 
 
@@ -293,16 +383,18 @@ def check_auto_options(
 
 def placement_record(scores: LayerScores, pattern: Pattern, source: Any) -> dict[str, Any]:
     """The JSON-able ``config.longgen["placement_scores"]`` of an automatic placement."""
-    return {
-        "score": SCORE_NAME,
+    record = {
+        "score": SCORE_NAMES[scores.score],
         "pattern": pattern.to_dict(),
         "calibration": source,
         "calibration_length": scores.length,
         "sequences": scores.sequences,
         "tokens": scores.length * scores.sequences,
         "layers": [round(s, 6) for s in scores.layers],
-        "heads": [[round(s, 6) for s in h] for h in scores.heads],
     }
+    if scores.heads is not None:
+        record["heads"] = [[round(s, 6) for s in h] for h in scores.heads]
+    return record
 
 
 def _describe(x: Any) -> str:
