@@ -38,7 +38,7 @@ def test_tiny_end_to_end(reproduce, tmp_path, capsys):
     work, out = tmp_path / "work", tmp_path / "results"
     variants = (
         "full,hybrid_sinkwindow,hybrid_blocksparse,all_sparse,streaming_llm,hybrid_bottom,hybrid_nosink,hybrid_auto,"
-        "frontier_0.5,frontier_auto_0.5"
+        "hybrid_auto_loss,frontier_0.5,frontier_auto_0.5"
     )
     args = ["--tiny", "--work-dir", str(work), "--out-dir", str(out), "--variants", variants]
     assert reproduce.main(["all", *args, "--commit", "abc123"]) == 0
@@ -49,7 +49,7 @@ def test_tiny_end_to_end(reproduce, tmp_path, capsys):
     assert (work / "tokenizer" / "tokenizer.json").is_file()
     assert (work / "data" / "train.jsonl").is_file() and len(list((work / "data" / "heldout").iterdir())) == 2
     trained = ("full", "hybrid_sinkwindow", "hybrid_blocksparse", "all_sparse", "hybrid_bottom", "hybrid_nosink",
-               "hybrid_auto", "frontier_0.5", "frontier_auto_0.5")  # fmt: skip
+               "hybrid_auto", "hybrid_auto_loss", "frontier_0.5", "frontier_auto_0.5")  # fmt: skip
     for run in ("pretrain", *trained):
         assert (work / "runs" / run / "final" / "model.safetensors").is_file()
         assert all(math.isfinite(x) and x > 0 for x in _losses(work / "runs" / run))
@@ -89,8 +89,8 @@ def test_tiny_end_to_end(reproduce, tmp_path, capsys):
     assert auto[1]["full_layers"] == summary["variants"]["hybrid_auto"]["full_layers"]
     # bottom and auto placement, and no sink tokens, against the SinkWindow hybrid on the same prompts: each
     # length, then all lengths
-    changed = [v for v in ("hybrid_bottom", "hybrid_auto", "hybrid_nosink") if v in trained]
-    assert len(changed) == 3
+    changed = [v for v in ("hybrid_bottom", "hybrid_auto", "hybrid_auto_loss", "hybrid_nosink") if v in trained]
+    assert len(changed) == 4
     assert [(p["variant"], p["lengths"]) for p in summary["placement"]] == [
         (v, lengths) for v in changed for lengths in ([320], [512], [320, 512])
     ]
@@ -103,6 +103,7 @@ def test_tiny_end_to_end(reproduce, tmp_path, capsys):
     assert variants_out["hybrid_bottom"]["full_layers"] == [0, 1]
     assert variants_out["hybrid_nosink"]["sparse_pattern"] == "SinkWindow(sink=0, window=32)"
     assert len(variants_out["hybrid_auto"]["full_layers"]) == 2  # as many as the middle third, chosen by score
+    assert len(variants_out["hybrid_auto_loss"]["full_layers"]) == 2
     for v in variants_out.values():
         assert all(math.isfinite(p) and p > 1 for p in v["ppl"]["ppl_by_length"].values())
 
@@ -125,7 +126,7 @@ def test_tiny_end_to_end(reproduce, tmp_path, capsys):
     assert _losses(work / "runs" / "pretrain") == first
     capsys.readouterr()
     assert reproduce.main(["plan", *args]) == 0
-    assert "finished: 2/31 stages; next: extend-full" in capsys.readouterr().out
+    assert "finished: 2/34 stages; next: extend-full" in capsys.readouterr().out
 
 
 @pytest.mark.slow

@@ -240,7 +240,7 @@ def placement(s: Settings, variants: dict[str, dict]) -> list[dict[str, Any]]:
     out = []
     if not (variants.get("hybrid_sinkwindow") or {}).get("records"):
         return out
-    for v in ("hybrid_bottom", "hybrid_auto", "hybrid_nosink"):
+    for v in ("hybrid_bottom", "hybrid_auto", "hybrid_auto_loss", "hybrid_nosink"):
         if not (variants.get(v) or {}).get("records"):
             continue
         for lengths in [[n] for n in s.eval_lengths] + [list(s.eval_lengths)]:

@@ -29,7 +29,7 @@ FRONTIER_ALIASES = {
     frontier_name(1 / 3, "auto"): "hybrid_auto",
 }
 VARIANTS = (
-    *MAIN, "hybrid_bottom", "hybrid_nosink", "hybrid_auto",
+    *MAIN, "hybrid_bottom", "hybrid_nosink", "hybrid_auto", "hybrid_auto_loss",
     *(name for name, _, _ in FRONTIER_POINTS if name not in FRONTIER_ALIASES),
 )  # fmt: skip
 LABELS = {
@@ -41,6 +41,7 @@ LABELS = {
     "hybrid_bottom": "6. full layers at the bottom",
     "hybrid_nosink": "7. SinkWindow hybrid without sink tokens",
     "hybrid_auto": "8. SinkWindow hybrid, full layers chosen by calibration",
+    "hybrid_auto_loss": "9. SinkWindow hybrid, full layers chosen by calibration (loss score)",
     **{name: f"SinkWindow hybrid, {frac:.0%} full ({p})" for name, p, frac in FRONTIER_POINTS},
 }
 TRAINED_TASKS = ("passkey", "niah", "niah_multikey", "variable_tracking")
@@ -212,7 +213,7 @@ def extend_cost(s: Settings, variant: str) -> float:
     """Planned seconds of one extension step's tokens relative to full attention's: the share of the layers that
     are full plus what the sparse layers keep (causal block work at `long_len`, a rough guide for the plan)."""
     third = {v: 1 / 3 for v in ("hybrid_sinkwindow", "hybrid_blocksparse", "hybrid_bottom", "hybrid_nosink",
-                                "hybrid_auto")}  # fmt: skip
+                                "hybrid_auto", "hybrid_auto_loss")}  # fmt: skip
     fractions = {"full": 1.0, "all_sparse": 0.0, **third, **{name: f for name, _, f in FRONTIER_POINTS}}
     full = round(s.layers * fractions[variant]) / s.layers
     sparse_keep = 0.35 if variant == "hybrid_blocksparse" else 0.1

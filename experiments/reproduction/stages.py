@@ -482,6 +482,8 @@ class Experiment:
             # a plain sliding window: what `longgen export --format transformers` can hand to other engines
             "hybrid_nosink": {"full_layers": "middle", "pattern": SinkWindow(0, s.window)},
             "hybrid_auto": auto,  # as many full layers as the middle third
+            # the same, chosen by the loss increase with each layer alone sparse (score="loss")
+            "hybrid_auto_loss": {**auto, "score": "loss"},
         }
         for name, placement, fraction in FRONTIER_POINTS:
             if name not in FRONTIER_ALIASES:
