@@ -42,9 +42,16 @@ def test_demo_tiny_end_to_end(tmp_path):
         v = variants[name]
         by_length = v["passkey_by_length"]
         assert long_len in by_length and list(by_length) == list(variants["full_attention"]["passkey_by_length"])
-        for cell in by_length.values():
+        for length, cell in by_length.items():
             assert cell["n"] == TINY.passkey_prompts and 0.0 <= cell["accuracy"] <= 1.0
-            assert cell["accuracy"] == cell["correct"] / cell["n"]
+            assert cell["accuracy"] == cell["correct"] / cell["n"] == sum(cell["outcomes"]) / cell["n"]
+            if name == "full_attention":
+                assert "vs_full" not in cell
+                continue
+            full = variants["full_attention"]["passkey_by_length"][length]
+            d = cell["vs_full"]  # paired on the same prompts
+            assert d["diff"] == pytest.approx(cell["accuracy"] - full["accuracy"])
+            assert d["ci_low"] <= d["diff"] <= d["ci_high"] and 0 <= d["mcnemar_p"] <= 1
         assert math.isfinite(v["perplexity"]["ppl_by_length"][long_len])
         assert (out / "eval" / name / "ppl.json").is_file()
     hybrid, full = variants["longgen_hybrid"], variants["full_attention"]

@@ -15,8 +15,9 @@
    it, not necessarily the middle ones that LongGen keeps in large models;
 4. evaluation: pass-key retrieval by length (the same seeded prompts for every model, scored in batched
    forward passes by `longgen.eval.forced.greedy_matches`) for both and for StreamingLLM applied to the full
-   model (no extra training), perplexity by position, KV-cache bytes actually allocated, training speed, and
-   prefill and generation speed through the serving runner (`longgen.infer.ModelRunner`);
+   model (no extra training), each against full attention on the same prompts (`compare_to_full`), perplexity
+   by position, KV-cache bytes actually allocated, training speed, and prefill and generation speed through the
+   serving runner (`longgen.infer.ModelRunner`);
 5. one comparison table, ``summary.json`` and one figure (``demo.png``) in the output folder.
 """
 
@@ -409,7 +410,7 @@ def passkey_prompts(
 def score_passkey(model: Any, tokenizer: Any, prompts: dict[int, tuple[list, list]]) -> dict[str, dict[str, Any]]:
     """Pass-key accuracy by length: whether greedy decoding gives exactly the key (and no further digit), decided
     by `greedy_matches` in batched forward passes. Returns ``{"<length>": {"n", "correct", "accuracy",
-    "interval"}}`` with the 95% Wilson interval."""
+    "interval", "outcomes"}}`` with the 95% Wilson interval and each prompt's outcome (for paired comparisons)."""
     from longgen.eval.forced import greedy_matches
     from longgen.eval.stats import wilson_interval
 
@@ -423,6 +424,7 @@ def score_passkey(model: Any, tokenizer: Any, prompts: dict[int, tuple[list, lis
             "correct": correct,
             "accuracy": correct / len(ok),
             "interval": list(wilson_interval(correct, len(ok))),
+            "outcomes": [bool(x) for x in ok],
         }
     return result
 
@@ -585,6 +587,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
             res.update(measure_inference(Path(res["model"]), long_len, cfg.device))
         acc = ", ".join(f"{n}: {v['accuracy']:.0%}" for n, v in res["passkey_by_length"].items())
         print(f"  {name}: pass key by length {acc}", flush=True)
+    compare_to_full(results)
     print(f"  ({time.perf_counter() - t:.0f} s)", flush=True)
 
     _stage(5, "summary")
@@ -612,6 +615,20 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     return summary
 
 
+def compare_to_full(variants: dict[str, dict[str, Any]]) -> None:
+    """Add to every pass-key cell of the variants other than full attention its difference to full attention on the
+    same prompts (``"vs_full"``: accuracy difference, its 95% interval for paired proportions, McNemar's p)."""
+    from longgen.eval.stats import paired_difference
+
+    full = variants["full_attention"]["passkey_by_length"]
+    for name, res in variants.items():
+        if name == "full_attention":
+            continue
+        for length, cell in res["passkey_by_length"].items():
+            d = paired_difference(cell["outcomes"], full[length]["outcomes"])
+            cell["vs_full"] = {"diff": d.diff, "ci_low": d.ci_low, "ci_high": d.ci_high, "mcnemar_p": d.p_value}
+
+
 def format_summary(summary: dict) -> str:
     """The closing table: one column per variant (`VARIANTS`), a row per measurement ("-" where none applies)."""
     v = summary["variants"]
@@ -629,8 +646,13 @@ def format_summary(summary: dict) -> str:
 
         return cell
 
+    def versus(r: dict) -> str:
+        d = r["passkey_by_length"][long_len].get("vs_full")
+        return "-" if d is None else f"{d['diff']:+.0%} ({d['ci_low']:+.0%}, {d['ci_high']:+.0%})"
+
     rows = [(f"pass-key accuracy at {n}", get("{:.0%}", "passkey_by_length", n, "accuracy")) for n in lengths]
     rows += [
+        (f"pass key minus full at {long_len} (95% CI)", versus),
         (f"perplexity over {long_len} tokens", get("{:.2f}", "perplexity", "ppl_by_length", long_len)),
         ("KV cache allocated (KiB)", lambda r: f"{r['kv_bytes'] / 1024:,.0f}" if "kv_bytes" in r else "-"),
         (f"training tokens/s at {long_len}", get("{:,.0f}", "train_tokens_per_s")),
@@ -639,8 +661,8 @@ def format_summary(summary: dict) -> str:
     ]
     width = max(len(r[0]) for r in rows) + 2
     names = [n for n in VARIANTS if n in v]
-    lines = [f"{'':<{width}}" + "".join(f"{n:>17}" for n in names)]
-    lines += [f"{label:<{width}}" + "".join(f"{fmt(v[n]):>17}" for n in names) for label, fmt in rows]
+    lines = [f"{'':<{width}}" + "".join(f"{n:>19}" for n in names)]
+    lines += [f"{label:<{width}}" + "".join(f"{fmt(v[n]):>19}" for n in names) for label, fmt in rows]
     return "\n".join(lines)
 
 
