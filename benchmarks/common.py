@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import sys
 from pathlib import Path
 
 import torch
+
+from longgen.provenance import cpu_name, git_commit
 
 
 def parse_tuning(text: str):
@@ -60,41 +63,11 @@ def save_result(out: str | Path, result: dict, markdown: str | None = None) -> N
         out.with_suffix(".md").write_text(markdown)
 
 
-def git_commit() -> str:
-    """HEAD of the repository this file is in, with "+changes" when tracked files differ from it; a copy of the
-    tree without .git (as on a GPU machine) takes it from the LONGGEN_COMMIT environment variable, else "unknown"."""
-    import os
-    import subprocess
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parent.parent
-
-    def run(*args: str) -> str:
-        try:
-            return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True).stdout.strip()
-        except OSError:  # no git on this machine
-            return ""
-
-    head = run("rev-parse", "--short=12", "HEAD")
-    if not head:
-        return os.environ.get("LONGGEN_COMMIT", "unknown")
-    return head + ("+changes" if run("status", "--porcelain", "--untracked-files=no") else "")
-
-
 def cpu_run_metadata() -> dict:
     """command, device (CPU model, cores, threads torch uses), torch, commit, date and load of a CPU run."""
-    import os
-    import platform
-
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
     return {
         "command": "PYTHONPATH=src python " + " ".join([sys.argv[0], *sys.argv[1:]]),
-        "device": f"{model}, {os.cpu_count()} cores, torch using {torch.get_num_threads()} threads",
+        "device": cpu_name(),
         "torch": torch.__version__,
         "commit": git_commit(),
         "date": datetime.date.today().isoformat(),

@@ -35,6 +35,8 @@ def test_demo_tiny_end_to_end(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["pretrain_len"] == TINY.short_len and summary["extended_len"] == TINY.short_len * TINY.factor
     assert 0 < summary["wall_s"] < 900
+    assert summary["command"] == f"longgen demo --tiny --out-dir {out}" and "cores" in summary["device"]
+    assert summary["date"] and summary["commit"]  # a commit hash here, "unknown" in a copy without .git
     variants = summary["variants"]
     assert sorted(variants) == sorted(VARIANTS)
     long_len = str(summary["extended_len"])

@@ -592,6 +592,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
 
     _stage(5, "summary")
     summary = {
+        **_run_record(cfg.device),
         "wall_s": time.perf_counter() - start,
         "pretrain_len": cfg.short_len,
         "extended_len": long_len,
@@ -613,6 +614,23 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         f"untrained conversion); models, metrics, evaluation JSON and summary.json are in {out}"
     )
     return summary
+
+
+def _run_record(device: str) -> dict[str, str]:
+    """Device, date, commit and command of this run, as every result of the project carries them."""
+    import datetime
+    import sys
+
+    from longgen.provenance import cpu_name, git_commit
+
+    argv = sys.argv
+    command = ["longgen", *argv[1:]] if Path(argv[0]).name in ("longgen", "__main__.py") else argv
+    return {
+        "device": torch.cuda.get_device_name(device) if device.startswith("cuda") else cpu_name(),
+        "date": datetime.date.today().isoformat(),
+        "commit": git_commit(),
+        "command": " ".join(command),
+    }
 
 
 def compare_to_full(variants: dict[str, dict[str, Any]]) -> None:
