@@ -90,15 +90,13 @@ def main() -> None:
 
 def by_depth(model, tok, hay: list[int], lengths: list[int], cfg: dict) -> list[dict]:
     """Pass key at each length on the demo's seeded prompts: correct prompts per fifth of needle depth."""
-    from longgen.demo import passkey_prompts
-    from longgen.eval.forced import greedy_matches
+    from longgen.demo import passkey_prompts, score_passkey
 
     n = cfg["passkey_prompts"]
-    digits = {i for c in "0123456789" for i in tok(c, add_special_tokens=False)["input_ids"]}
-    prompts = passkey_prompts(tok, hay, lengths, n, cfg["seed"])
+    scored = score_passkey(model, tok, passkey_prompts(tok, hay, lengths, n, cfg["seed"]))
     rows = []
     for length in lengths:
-        ok = greedy_matches(model, *prompts[length], reject_next=digits, max_batch_tokens=16_384)
+        ok = scored[str(length)]["outcomes"]
         fifths = [sum(ok[i * n // 5 : (i + 1) * n // 5]) for i in range(5)]
         rows.append({"length": length, "correct": sum(ok), "correct_by_depth_fifth": fifths, "n": n})
         print(json.dumps(rows[-1]), flush=True)

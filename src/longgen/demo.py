@@ -42,6 +42,7 @@ from longgen.train.tokenizer import train_bpe_tokenizer
 
 SKIP_DIRS = {"site-packages", "test", "tests", "idlelib", "turtledemo", "__pycache__", "lib2to3", "ensurepip"}
 VARIANTS = ("full_attention", "longgen_hybrid", "streaming_llm")
+LOSS_CHUNK = 2048  # positions a step whose logits training makes at once (train.loss_chunk)
 
 
 @dataclass
@@ -285,7 +286,7 @@ def _train(
             "device": cfg.device,
             "tensorboard": False,
             "seed": cfg.seed,
-            "loss_chunk": 2048,
+            "loss_chunk": LOSS_CHUNK,
         },
     }
     final = train(load_config(raw=raw))
@@ -305,7 +306,7 @@ def measure_training_speed(
     from longgen.train.loop import load_training_model
     from longgen.train.loss import CausalLMLoss
 
-    models = {name: CausalLMLoss(load_training_model(p, device)[0], 2048).train() for name, p in paths.items()}
+    models = {name: CausalLMLoss(load_training_model(p, device)[0], LOSS_CHUNK).train() for name, p in paths.items()}
     vocab = next(iter(models.values())).lm.config.vocab_size
     ids = torch.randint(0, vocab, (1, seq_len), generator=torch.Generator().manual_seed(seed)).to(device)
     pos = torch.arange(seq_len, device=device)[None]

@@ -23,8 +23,9 @@ Recorded in the converted config as ``config.longgen["placement"] = "auto"`` plu
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -128,6 +129,31 @@ def _register_scoring() -> None:
     AttentionMaskInterface.register(SCORING_IMPLEMENTATION, flash_attention_mask)  # None for unpadded input
 
 
+def _check_ids(input_ids: Any) -> None:
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype.is_floating_point:
+        raise ValueError(f"input_ids must be an integer tensor (sequences, length), got {_describe(input_ids)}")
+
+
+@contextlib.contextmanager
+def _scoring(model: Any, input_ids: Any, pattern: Pattern, sparse_layer: int | None = None) -> Iterator[_Recorder]:
+    """Check the calibration ids and the pattern, then run `model`'s attention through `_scoring_attention` with a
+    fresh recorder (yielded) until the block ends; the model's attention implementation is restored after."""
+    global _RECORDER
+    _check_ids(input_ids)
+    config = model.config
+    num_kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    check_pattern(pattern, input_ids.shape[1], num_kv)
+    _register_scoring()
+    saved = config._attn_implementation
+    _RECORDER = _Recorder(pattern.resolve(num_kv), config.num_hidden_layers, sparse_layer)
+    try:
+        config._attn_implementation = SCORING_IMPLEMENTATION
+        yield _RECORDER
+    finally:
+        config._attn_implementation = saved
+        _RECORDER = None
+
+
 @torch.no_grad()
 def score_layers(model: Any, input_ids: torch.Tensor, pattern: Pattern, *, progress: bool = True) -> LayerScores:
     """Score every layer of the transformers causal LM `model` on the calibration sequences `input_ids`
@@ -136,26 +162,12 @@ def score_layers(model: Any, input_ids: torch.Tensor, pattern: Pattern, *, progr
 
     `pattern` is resolved for the model's number of KV heads. Returns the mean outside mass per layer and head.
     """
-    global _RECORDER
     from tqdm.auto import tqdm
 
-    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype.is_floating_point:
-        raise ValueError(f"input_ids must be an integer tensor (sequences, length), got {_describe(input_ids)}")
-    config = model.config
-    num_kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    check_pattern(pattern, input_ids.shape[1], num_kv)
-    _register_scoring()
-    saved = config._attn_implementation
-    _RECORDER = _Recorder(pattern.resolve(num_kv), config.num_hidden_layers)
-    recorder = _RECORDER
     device = next(model.parameters()).device
-    try:
-        config._attn_implementation = SCORING_IMPLEMENTATION
+    with _scoring(model, input_ids, pattern) as recorder:
         for row in tqdm(input_ids, desc="placement scores", unit=" seq", disable=not progress):
             model.base_model(input_ids=row[None].to(device), use_cache=False)  # no LM head: no (T, vocab) logits
-    finally:
-        config._attn_implementation = saved
-        _RECORDER = None
     missing = [i for i, s in enumerate(recorder.sums) if s is None]
     if missing:
         raise ValueError(f"layers {missing} never called the attention function; cannot score them")
@@ -178,11 +190,9 @@ def loss_scores(
     loss with every layer full. `input_ids` ``(sequences, length)``; `targets` (bool, same shape) marks the tokens
     whose prediction counts (default: every token but the first). Runs ``layers + 1`` forward passes a sequence;
     logits are made `chunk` positions at a time. The model's attention implementation is restored after."""
-    global _RECORDER
     from tqdm.auto import tqdm
 
-    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype.is_floating_point:
-        raise ValueError(f"input_ids must be an integer tensor (sequences, length), got {_describe(input_ids)}")
+    _check_ids(input_ids)
     if targets is None:
         targets = torch.ones_like(input_ids, dtype=torch.bool)
         targets[:, 0] = False
@@ -190,18 +200,11 @@ def loss_scores(
         raise ValueError(f"targets must be a bool tensor of the shape of input_ids, got {_describe(targets)}")
     elif bool(targets[:, 0].any()) or not bool(targets.any()):
         raise ValueError("targets must mark at least one token, and not a sequence's first (nothing predicts it)")
-    config = model.config
-    num_kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    check_pattern(pattern, input_ids.shape[1], num_kv)
-    _register_scoring()
-    saved = config._attn_implementation
-    layers = config.num_hidden_layers
-    _RECORDER = recorder = _Recorder(pattern.resolve(num_kv), layers, sparse_layer=-1)
+    layers = model.config.num_hidden_layers
     device = next(model.parameters()).device
     head = model.get_output_embeddings()
     nll = torch.zeros(layers + 1, dtype=torch.float64)  # [0]: every layer full; [i + 1]: layer i sparse
-    try:
-        config._attn_implementation = SCORING_IMPLEMENTATION
+    with _scoring(model, input_ids, pattern, sparse_layer=-1) as recorder:
         for row, want in tqdm(
             list(zip(input_ids, targets, strict=True)), desc="placement scores (loss)", unit=" seq",
             disable=not progress,
@@ -214,9 +217,6 @@ def loss_scores(
                 for part in where.split(chunk):
                     logits = head(hidden[part]).float()
                     nll[i + 1] -= logits.log_softmax(-1).gather(-1, row[0, part + 1, None]).sum().double().cpu()
-    finally:
-        config._attn_implementation = saved
-        _RECORDER = None
     per_token = nll / int(targets.sum())
     return LayerScores((per_token[1:] - per_token[0]).tolist(), None, input_ids.shape[0], input_ids.shape[1], "loss")
 

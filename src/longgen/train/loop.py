@@ -91,8 +91,7 @@ def _prepare_output(out: Path, t, rank: int) -> None:
                 shutil.rmtree(path)
             elif path.exists():
                 path.unlink()
-    if dist.is_initialized():
-        barrier()
+    barrier()
 
 
 def _run_record(cfg: TrainConfig, loader) -> dict[str, Any]:
@@ -267,7 +266,7 @@ def train(cfg: TrainConfig) -> Path:
         barrier()
     # the context ranks of one data-parallel rank share its batches (and each takes its shard of the sequences)
     loader = build_loader(cfg.data, tokenizer, t.batch_size, rank=cp.dp_rank, world_size=cp.dp_size, progress=rank == 0)
-    if rank == 0 and dist.is_initialized():
+    if rank == 0:
         barrier()
     m = cfg.model
     model, original_config = load_training_model(
@@ -463,8 +462,7 @@ def _export(out: Path, wrapped: CausalLMLoss, tokenizer, original_config, rank: 
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
         print(f"exported {final}")
-    if dist.is_initialized():
-        barrier()
+    barrier()
     return final
 
 
