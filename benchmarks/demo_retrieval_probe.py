@@ -4,6 +4,8 @@
         --out benchmarks/results/demo/layer_probe.json
     PYTHONPATH=src python benchmarks/demo_retrieval_probe.py depth --demo-dir longgen-demo \
         --out benchmarks/results/demo/depth_probe.json
+    PYTHONPATH=src python benchmarks/demo_retrieval_probe.py keys --demo-dir longgen-demo \
+        --prompts 100 --out benchmarks/results/demo/key_probe.json
     PYTHONPATH=src python benchmarks/demo_retrieval_probe.py extend --demo-dir longgen-demo --rope yarn \
         --steps 40 --work-dir /tmp/probe-yarn --out benchmarks/results/demo/extend_yarn.json
 
@@ -11,7 +13,10 @@
 or three full layers (the rest SinkWindow(sink, window) of the run's config), scored on the demo's own pass-key
 prompts at the pre-training length: which layers the look-up needs. `depth`: the two extended models
 (``runs/full_attention/final``, ``runs/longgen_hybrid/final``) on the demo's prompts at 4x and 8x the pre-training
-length, correct prompts per fifth of needle depth (first fifth: needle farthest from the question). `extend`
+length, correct prompts per fifth of needle depth (first fifth: needle farthest from the question). `keys`: the
+pre-trained model at its own length and the two extended models at every length of the demo's table, their
+prompts split by the key: one whose first four digits repeat a digit (copying it digit by digit from the one
+before is ambiguous) or not, each share with its 95% Wilson interval. `extend`
 (trains, in `--work-dir`): the pre-trained model converted with `--rope` (all layers full, or `--full-layers` with
 the run's SinkWindow elsewhere), first scored as it is (`--steps 0`) or extended `--steps` steps to `--factor` x
 the pre-training length on text and pass-key documents made as the demo makes them, then scored at 1x, 4x and the
@@ -34,13 +39,14 @@ from common import git_commit
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("mode", choices=["layers", "depth", "extend"])
+    p.add_argument("mode", choices=["layers", "depth", "keys", "extend"])
     p.add_argument("--demo-dir", required=True, help="the output folder of a finished `longgen demo`")
     p.add_argument("--out", required=True)
     p.add_argument("--rope", default="yarn", help="extend: the RoPE change (yarn)")
     p.add_argument("--steps", type=int, default=40, help="extend: extension steps, 0 scores the conversion (40)")
     p.add_argument("--factor", type=int, default=None, help="extend: extension factor (the run's)")
     p.add_argument("--full-layers", default=None, help="extend: e.g. 0,4 for a hybrid (all layers full)")
+    p.add_argument("--prompts", type=int, default=None, help="keys: prompts a length (the run's)")
     p.add_argument("--work-dir", default=None, help="extend: folder for the converted and extended models")
     a = p.parse_args()
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -74,6 +80,19 @@ def main() -> None:
         for name in ("full_attention", "longgen_hybrid"):
             model, _ = load_for_eval(str(d / f"runs/{name}/final"), device="cpu")
             rows += [{"model": name, **r} for r in by_depth(model, tok, hay, [short * 4, short * cfg["factor"]], cfg)]
+    elif a.mode == "keys":
+        from longgen.demo import passkey_lengths
+
+        n = a.prompts or n
+        models = [("pretrain", [short])]
+        models += [(name, passkey_lengths(short, cfg["factor"], 64)) for name in ("full_attention", "longgen_hybrid")]
+        for name, lengths in models:
+            model, _ = load_for_eval(str(d / f"runs/{name}/final"), device="cpu")
+            prompts = passkey_prompts(tok, hay, lengths, n, cfg["seed"])
+            scored = score_passkey(model, tok, prompts)
+            for length in lengths:
+                rows.append({"model": name, "length": length, **by_key(tok, prompts[length][1], scored[str(length)])})
+                print(json.dumps(rows[-1]), flush=True)
     else:
         rows = extend(a, d, cfg, tok)
     result = {
@@ -101,6 +120,22 @@ def by_depth(model, tok, hay: list[int], lengths: list[int], cfg: dict) -> list[
         rows.append({"length": length, "correct": sum(ok), "correct_by_depth_fifth": fifths, "n": n})
         print(json.dumps(rows[-1]), flush=True)
     return rows
+
+
+def by_key(tok, answers: list[list[int]], cell: dict) -> dict:
+    """Correct prompts among keys whose first four digits repeat a digit and among the others, with intervals."""
+    from longgen.eval.stats import wilson_interval
+
+    repeats = [len(set(tok.decode(a).strip()[:4])) < 4 for a in answers]
+    row = {"correct": cell["correct"], "n": cell["n"]}
+    for label, want in (("repeated_digit", True), ("distinct_digits", False)):
+        ok = [o for o, r in zip(cell["outcomes"], repeats, strict=True) if r == want]
+        row[label] = {
+            "correct": sum(ok),
+            "n": len(ok),
+            "interval": [round(x, 3) for x in wilson_interval(sum(ok), len(ok))],
+        }
+    return row
 
 
 def extend(a: argparse.Namespace, d: Path, cfg: dict, tok) -> list[dict]:
