@@ -71,8 +71,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="experiments/results/retrieval_data_check.json")
     a = p.parse_args()
+    from longgen.provenance import cpu_name, git_commit
+
     result = {
+        "device": cpu_name(),
         "date": datetime.date.today().isoformat(),
+        "commit": git_commit(),
         "command": "PYTHONPATH=src python " + " ".join(sys.argv),
         "distances_4k_32k": distance_shares(4096, 32768),
         "distances_28k_32k": distance_shares(28672, 32768),

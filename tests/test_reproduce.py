@@ -4,6 +4,7 @@ skipped; the same seed gives the same pre-training losses; stages resume after b
 import dataclasses
 import json
 import math
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -28,7 +29,7 @@ def _losses(run: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-QUALITY_KEYS = {"device", "commit", "command", "pretrain_len", "extended_len", "rows", "paired"}
+QUALITY_KEYS = {"device", "date", "commit", "command", "pretrain_len", "extended_len", "rows", "paired"}
 ROW_KEYS = {"variant", "task", "length", "n", "correct", "accuracy", "ci_low", "ci_high"}
 PAIRED_KEYS = {"variant", "length", "n", "diff_vs_full", "diff_ci_low", "diff_ci_high"}
 
@@ -60,6 +61,9 @@ def test_tiny_end_to_end(reproduce, tmp_path, capsys):
     # the summary for tools, in exactly the documented shape
     quality = json.loads((out / "quality_summary.json").read_text())
     assert set(quality) == QUALITY_KEYS and quality["commit"] == "abc123"
+    assert re.fullmatch(r"\d{4}-\d{2}-\d{2}", quality["date"]) and quality["device"] == "cpu"
+    saved = json.loads((out / "reproduce.json").read_text())
+    assert {k: saved[k] for k in ("device", "date", "commit")} == {k: quality[k] for k in ("device", "date", "commit")}
     assert quality["pretrain_len"] == 64 and quality["extended_len"] == 512
     assert quality["command"].startswith("python experiments/reproduce.py all --tiny")
     tasks = {"passkey", "niah", "niah_multikey", "variable_tracking", "parcel_weight"}

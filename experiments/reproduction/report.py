@@ -68,8 +68,10 @@ def write_report(s: Settings, variants: dict[str, dict], meta: dict[str, Any], o
     """Accuracies, paired differences, frontier and targets of `variants` (each with its per-prompt ``records``
     when evaluated), written as ``FILES`` into `out`; prints the markdown and returns the JSON summary."""
     rows, pooled, paired = accuracy_rows(s, variants)
+    run = {"device": meta["environment"]["device"], "date": meta["environment"]["date"][:10]}
     summary = {
         "title": "LongGen quality: a 16x context extension, full attention against the hybrids",
+        **run,
         "settings": dataclasses.asdict(s),
         **meta,
         "variants": {v: {k: x for k, x in r.items() if k != "records"} for v, r in variants.items()},
@@ -87,7 +89,7 @@ def write_report(s: Settings, variants: dict[str, dict], meta: dict[str, Any], o
     rows_out = rows + [{**r, "variant": a} for a, v in aliases for r in rows if r["variant"] == v]
     paired_out = paired + [{**p, "variant": a} for a, v in aliases for p in paired if p["variant"] == v]
     quality = {
-        "device": meta["environment"]["device"],
+        **run,
         "commit": meta["commit"],
         "command": meta["command"],
         "pretrain_len": s.short_len,
