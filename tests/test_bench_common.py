@@ -1,4 +1,5 @@
-"""benchmarks/common.py: every result file carries its device, date, commit and command; launch tunings parse."""
+"""benchmarks/common.py: every result file carries its device, date, commit and command (new ones when saved, the
+committed ones outside the archives checked here); launch tunings parse."""
 
 import json
 from pathlib import Path
@@ -46,3 +47,22 @@ def test_parse_tuning(common):
         common.parse_tuning("BWD_STAGES=4")
     with pytest.raises(ValueError, match="bad knob 'tiles=1'"):
         common.parse_tuning("tiles=1")
+
+
+def test_every_current_result_file_names_its_run():
+    """Outside the archives, every result JSON says on what, when, from which code and by which command it ran."""
+    root = Path(__file__).resolve().parents[1]
+    files = [
+        f
+        for folder in ("benchmarks/results", "experiments/results")
+        for f in sorted((root / folder).rglob("*.json"))
+        if "archive" not in f.relative_to(root).parts
+    ]
+    assert len(files) > 20
+    lacking = {}
+    for f in files:
+        record = json.loads(f.read_text())
+        missing = [k for k in RECORD if not (isinstance(record, dict) and str(record.get(k) or "").strip())]
+        if missing:
+            lacking[str(f.relative_to(root))] = missing
+    assert not lacking, lacking
