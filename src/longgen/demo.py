@@ -297,12 +297,13 @@ def _train(
 
 
 def measure_training_speed(
-    paths: dict[str, Path], seq_len: int, device: str, rounds: int = 5, seed: int = 0
+    paths: dict[str, Path], seq_len: int, device: str, rounds: int = 5, seed: int = 0, flush: bool = True
 ) -> dict[str, float]:
     """Training tokens/s of each model folder in `paths` at `seq_len` tokens: forward and backward of one sequence
     (random tokens) through the training loop's model and loss, the models taking turns, one warm-up step and then
     `rounds` timed steps each. Taking turns makes the ratio robust: a change in the machine's load slows every model
-    alike. Subnormal floats count as zero, as in training (`longgen.train.loop.flush_denormals`). Returns
+    alike. Subnormal floats count as zero, as in training (`longgen.train.loop.flush_denormals`; `flush` False:
+    they do not). Returns
     ``{name: tokens/s}`` from each model's median step."""
     from longgen.train.loop import flush_denormals, load_training_model
     from longgen.train.loss import CausalLMLoss
@@ -312,7 +313,7 @@ def measure_training_speed(
     ids = torch.randint(0, vocab, (1, seq_len), generator=torch.Generator().manual_seed(seed)).to(device)
     pos = torch.arange(seq_len, device=device)[None]
     times: dict[str, list[float]] = {name: [] for name in models}
-    with flush_denormals():
+    with flush_denormals(flush):
         for r in range(rounds + 1):
             for name, model in models.items():
                 _sync(device)
