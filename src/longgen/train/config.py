@@ -51,7 +51,7 @@ class TrainSection:
     loss_chunk: int = 4096  # positions per chunk of the output projection + cross entropy
     device: str = "auto"  # auto | cpu | cuda
     tensorboard: bool = True
-    flush_denormals: bool = True  # CPU: subnormal floats count as zero while training (they are up to 100x slower)
+    flush_denormals: bool = True  # CPU: subnormal floats count as zero while training (they are slow)
     resume: bool = False  # continue the run in output_dir from its latest checkpoint (same model, data, seq_len)
     overwrite: bool = False  # delete an earlier run's checkpoints, metrics and export in output_dir, start over
     change_steps: bool = False  # with resume: `steps` is a new total for the run (the LR schedule follows it)

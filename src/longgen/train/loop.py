@@ -98,10 +98,10 @@ def _prepare_output(out: Path, t, rank: int) -> None:
 @contextlib.contextmanager
 def flush_denormals(enabled: bool = True) -> Iterator[None]:
     """Inside, the CPU reads and writes subnormal floats (below 1.2e-38 in float32) as zero; the setting before is
-    restored on leaving. CPUs compute with subnormals up to 100x slower, and training makes them: tiny gradients
+    restored on leaving. CPUs compute with subnormals much more slowly, and training makes them: tiny gradients
     (the loss is a mean over every token of a step). Measured on a 2-core x86 CPU, one 8,192-token training step
-    of a 6-layer model (hidden 192, 6 heads of 32): 19.5 s without, 2.6 s with (PyTorch's CPU attention backward
-    spent 3 s a layer on them). GPUs are unaffected. Nothing changes with `enabled` False."""
+    of a 6-layer model (hidden 192, 6 heads of 32): 20.8 s without, 15.3 s with
+    (`benchmarks/results/cpu_subnormals.json`). GPUs are unaffected. Nothing changes with `enabled` False."""
     if not enabled:
         yield
         return
