@@ -303,8 +303,7 @@ def measure_training_speed(
     (random tokens) through the training loop's model and loss, the models taking turns, one warm-up step and then
     `rounds` timed steps each. Taking turns makes the ratio robust: a change in the machine's load slows every model
     alike. Subnormal floats count as zero, as in training (`longgen.train.loop.flush_denormals`; `flush` False:
-    they do not). Returns
-    ``{name: tokens/s}`` from each model's median step."""
+    they do not). Returns ``{name: tokens/s}`` from each model's median step."""
     from longgen.train.loop import flush_denormals, load_training_model
     from longgen.train.loss import CausalLMLoss
 
