@@ -358,8 +358,8 @@ def format_report(summary: dict, s: Settings) -> str:
         lines += [
             f"Llama, {pre['parameters'] / 1e6:.0f}M parameters ({s.layers} layers, hidden {s.hidden_size}, {s.heads} "
             f"heads, {s.kv_heads} KV heads), pre-trained on {pre['tokens'] / 1e6:.1f}M tokens at {_k(s.short_len)}; "
-            f"each variant extended to {_k(s.long_len)} ({s.long_len // s.short_len}x) on the same "
-            f"{summary['plan']['extend_tokens_per_variant'] / 1e6:.1f}M tokens. {env['device']}, torch "
+            f"each variant extended to {_k(s.long_len)} ({s.long_len // s.short_len}x, RoPE change {s.rope}) on the "
+            f"same {summary['plan']['extend_tokens_per_variant'] / 1e6:.1f}M tokens. {env['device']}, torch "
             f"{env['torch']}, commit {summary['commit']}, {env['date']}.",
             "",
         ]

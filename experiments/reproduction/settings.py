@@ -93,7 +93,9 @@ class Settings:
     intermediate_size: int = 1536
     short_len: int = field(default=2048, metadata=_help("pre-training context"))
     long_len: int = field(default=32768, metadata=_help("extended context"))
-    rope: str = field(default="ntk", metadata=_help("RoPE change for the extension: ntk | yarn | linear | none"))
+    rope: str = field(
+        default="yarn", metadata=_help("RoPE change for the extension: yarn | ntk | linear | none (see RUN.md)")
+    )
     # sparse patterns; StreamingLLM uses the SinkWindow ones, so its layers keep what the hybrid's sparse ones keep
     sink: int = 64
     window: int = 1024
