@@ -112,7 +112,7 @@ class Settings:
     compile: bool = False
     checkpoints_per_run: int = field(default=0, metadata=_help("0: one a minute of planned training"))
     # the time plan (`plan`): training steps follow from these unless given
-    budget_minutes: float = field(default=19.0, metadata=_help("planned wall time of the main comparison"))
+    budget_minutes: float = field(default=20.5, metadata=_help("planned wall time of the main comparison"))
     assume_pretrain_tps: float = field(default=320_000, metadata=_help("tokens/s at --short-len (H100: 329K)"))
     assume_extend_tps: float = field(
         default=200_000, metadata=_help("tokens/s at --long-len, full attention (H100: 208K)")
@@ -120,7 +120,7 @@ class Settings:
     assume_eval_tps: float = field(default=400_000, metadata=_help("prompt tokens/s in evaluation, full attention"))
     # evaluation
     eval_lengths: tuple[int, ...] = (2048, 4096, 8192, 16384, 32768)
-    prompts_per_task: int = field(default=40, metadata=_help("prompts per (task, length); needle depths evenly spaced"))
+    prompts_per_task: int = field(default=80, metadata=_help("prompts per (task, length); needle depths evenly spaced"))
     answer_room: int = field(default=32, metadata=_help("a length-n prompt is n minus this many tokens"))
     ppl_docs: int = 4
     ppl_bucket: int = 1024
