@@ -20,8 +20,10 @@ before is ambiguous) or not, each share with its 95% Wilson interval. `extend`
 (trains, in `--work-dir`): the pre-trained model converted with `--rope` (all layers full, or `--full-layers` with
 the run's SinkWindow elsewhere), first scored as it is (`--steps 0`) or extended `--steps` steps to `--factor` x
 the pre-training length on text and pass-key documents made as the demo makes them, then scored at 1x, 4x and the
-new length by fifth of depth. Its prompts are the demo's own (the held-out files in the demo's order); `layers`
-and `depth` join the held-out files in name order, so their prompts are another seeded set.
+new length by fifth of depth; `--attention-factor` sets YaRN's attention temperature (transformers'
+``attention_factor``, which scales cos and sin, so the logits by its square). Its prompts are the demo's own (the
+held-out files in the demo's order); `layers` and `depth` join the held-out files in name order, so their prompts
+are another seeded set.
 """
 
 from __future__ import annotations
@@ -45,6 +47,9 @@ def main() -> None:
     p.add_argument("--rope", default="yarn", help="extend: the RoPE change (yarn)")
     p.add_argument("--steps", type=int, default=40, help="extend: extension steps, 0 scores the conversion (40)")
     p.add_argument("--factor", type=int, default=None, help="extend: extension factor (the run's)")
+    p.add_argument(
+        "--attention-factor", type=float, default=None, help="extend, --rope yarn: YaRN's temperature (0.1 ln f + 1)"
+    )
     p.add_argument("--full-layers", default=None, help="extend: e.g. 0,4 for a hybrid (all layers full)")
     p.add_argument("--prompts", type=int, default=None, help="keys: prompts a length (the run's)")
     p.add_argument("--work-dir", default=None, help="extend: folder for the converted and extended models")
@@ -162,6 +167,14 @@ def extend(a: argparse.Namespace, d: Path, cfg: dict, tok) -> list[dict]:
     convert_checkpoint(d / "runs/pretrain/final", model_dir, force=True, progress=False, target_length=long_len,
                        rope=a.rope, **layers)  # fmt: skip
     info = {"rope": a.rope, "steps": a.steps, "extended_len": long_len, "full_layers": a.full_layers or "all"}
+    if a.attention_factor is not None:
+        if a.rope != "yarn":
+            raise SystemExit("--attention-factor is YaRN's: it needs --rope yarn")
+        config_file = model_dir / "config.json"
+        config = json.loads(config_file.read_text())
+        config["rope_parameters"]["attention_factor"] = a.attention_factor
+        config_file.write_text(json.dumps(config, indent=2))
+        info["attention_factor"] = a.attention_factor
     if a.steps:
         passkey, _ = write_passkey_data(demo, d / "corpus", tok, work / "passkey")
         ext = _train(demo, model_dir, [d / "corpus", passkey["extend"]], work / "run", long_len, a.steps,
