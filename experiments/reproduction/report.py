@@ -421,6 +421,12 @@ def format_report(summary: dict, s: Settings) -> str:
     return "\n".join(lines)
 
 
+def _legend_beside(ax) -> None:
+    """The legend to the right of the axes, where it hides no curve (none when nothing was evaluated yet)."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+
+
 def write_plots(out: Path, s: Settings, variants: dict[str, dict], summary: dict) -> None:
     """retrieval_by_length.png (pooled accuracy with 95% intervals), frontier.png (accuracy at >= 8K against KV
     bytes), niah_heatmaps.png (single-needle accuracy by depth and length) and ppl_by_position.png."""
@@ -429,7 +435,7 @@ def write_plots(out: Path, s: Settings, variants: dict[str, dict], summary: dict
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig, ax = plt.subplots(figsize=(9.5, 4.2))
     for v in variants:
         pts = [r for r in summary["pooled"] if r["variant"] == v]
         if pts:
@@ -443,8 +449,7 @@ def write_plots(out: Path, s: Settings, variants: dict[str, dict], summary: dict
     ax.set_xlabel("prompt length (tokens)")
     ax.set_ylabel(f"retrieval accuracy, {len(TASKS)} tasks pooled (95% CI)")
     ax.set_ylim(-0.03, 1.03)
-    if ax.get_legend_handles_labels()[0]:  # nothing evaluated yet: no legend
-        ax.legend(fontsize=7)
+    _legend_beside(ax)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out / "retrieval_by_length.png", dpi=110)
@@ -503,7 +508,7 @@ def write_plots(out: Path, s: Settings, variants: dict[str, dict], summary: dict
     fig.savefig(out / "niah_heatmaps.png", dpi=110)
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(6.5, 4))
+    fig, ax = plt.subplots(figsize=(9, 4))
     for v, r in variants.items():
         by = (r.get("ppl") or {}).get("by_position")
         if by:
@@ -512,8 +517,7 @@ def write_plots(out: Path, s: Settings, variants: dict[str, dict], summary: dict
         ax.axvline(x, color="grey", ls="--", lw=0.8)
     ax.set_xlabel("token position; dashed: pre-training and extended context")
     ax.set_ylabel("mean loss (nats)")
-    if ax.get_legend_handles_labels()[0]:  # nothing evaluated yet: no legend
-        ax.legend(fontsize=7)
+    _legend_beside(ax)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out / "ppl_by_position.png", dpi=110)
