@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import sys
+import textwrap
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -500,7 +501,7 @@ def write_plots(out: Path, s: Settings, variants: dict[str, dict], summary: dict
                 ax.text(j, i, f"{a:.2f}", ha="center", va="center", fontsize=6)
         ax.set_xticks(range(len(s.eval_lengths)), [_k(n) for n in s.eval_lengths], fontsize=7)
         ax.set_yticks(range(bins), [f"{i / bins:.0%}-{(i + 1) / bins:.0%}" for i in range(bins)], fontsize=6)
-        ax.set_title(LABELS[v], fontsize=8)
+        ax.set_title(textwrap.fill(LABELS[v], 26), fontsize=8)  # long labels on two lines, inside the panel
     fig.supxlabel("prompt length (tokens)")
     fig.supylabel("needle depth")
     fig.suptitle("needle in a haystack (single needle)", fontsize=9)
