@@ -54,6 +54,8 @@ def main() -> None:
     p.add_argument("--prompts", type=int, default=None, help="keys: prompts a length (the run's)")
     p.add_argument("--work-dir", default=None, help="extend: folder for the converted and extended models")
     a = p.parse_args()
+    if a.attention_factor is not None and (a.mode != "extend" or a.rope != "yarn"):
+        p.error("--attention-factor is YaRN's attention temperature: it needs the extend mode and --rope yarn")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from longgen import convert
@@ -167,9 +169,7 @@ def extend(a: argparse.Namespace, d: Path, cfg: dict, tok) -> list[dict]:
     convert_checkpoint(d / "runs/pretrain/final", model_dir, force=True, progress=False, target_length=long_len,
                        rope=a.rope, **layers)  # fmt: skip
     info = {"rope": a.rope, "steps": a.steps, "extended_len": long_len, "full_layers": a.full_layers or "all"}
-    if a.attention_factor is not None:
-        if a.rope != "yarn":
-            raise SystemExit("--attention-factor is YaRN's: it needs --rope yarn")
+    if a.attention_factor is not None:  # transformers' YaRN reads it from the config's rope_parameters
         config_file = model_dir / "config.json"
         config = json.loads(config_file.read_text())
         config["rope_parameters"]["attention_factor"] = a.attention_factor

@@ -94,7 +94,7 @@ class Settings:
     short_len: int = field(default=2048, metadata=_help("pre-training context"))
     long_len: int = field(default=32768, metadata=_help("extended context"))
     rope: str = field(
-        default="yarn", metadata=_help("RoPE change for the extension: yarn | ntk | linear | none (see RUN.md)")
+        default="yarn", metadata=_help("RoPE change of the extension: yarn | ntk | linear | none (why: results/RUN.md)")
     )
     # sparse patterns; StreamingLLM uses the SinkWindow ones, so its layers keep what the hybrid's sparse ones keep
     sink: int = 64
