@@ -28,6 +28,8 @@ or by --deadline-minutes) resumes where it stopped (training from its last check
     report    tables, JSON and plots in --out-dir; prints the comparison
     all       the stages above, in order
     plan      sizes, the time plan and which stages are done (starts nothing)
+    merge     one report in --out-dir from the reproduce.json of runs of the same recipe on different days
+              (--from A/reproduce.json --from B/reproduce.json; a variant in several is taken from the first)
 
     PYTHONPATH=src python experiments/reproduce.py all --deadline-minutes 9    # GPU: see experiments/README.md
     PYTHONPATH=src python experiments/reproduce.py all --tiny                  # CPU, about a minute
@@ -48,11 +50,11 @@ from pathlib import Path
 if importlib.util.find_spec("longgen") is None:  # a checkout that is not installed: use its src/
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from reproduction.report import build_report
+from reproduction.report import build_report, merge_reports
 from reproduction.settings import DEFAULT, TINY, VARIANTS, Settings
 from reproduction.stages import EVAL_STAGES, Deadline, DeadlineReached, Experiment, interactive, log
 
-STAGES = ("plan", "prepare", "pretrain", "extend", "eval", "report", "all")
+STAGES = ("plan", "prepare", "pretrain", "extend", "eval", "report", "all", "merge")
 EXIT_UNFINISHED = 75  # stopped at --deadline-minutes: run the same command again to continue
 
 
@@ -84,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="redo the stages run now even if they finished")
     p.add_argument("--deadline-minutes", type=float, help=f"stop after this long (exit code {EXIT_UNFINISHED})")
     p.add_argument("--commit", help="the commit of the code that runs, for the results (default: git rev-parse HEAD)")
+    p.add_argument("--from", dest="runs", action="append", metavar="REPRODUCE_JSON",
+                   help="merge: a run's reproduce.json (two or more, the main comparison's first)")  # fmt: skip
     group = p.add_argument_group("settings (defaults: the GPU preset; --tiny has its own)")
     for f in dataclasses.fields(Settings):
         default = getattr(DEFAULT, f.name)
@@ -163,8 +167,35 @@ def run(exp: Experiment, stage: str, picked: Sequence[str] | None, provenance: d
         build_report(exp, **provenance)
 
 
+def merge(args: argparse.Namespace, given: Sequence[str]) -> int:
+    """The `merge` stage: `merge_reports` of the --from files into --out-dir."""
+    import json
+
+    saved = []
+    for path in args.runs or []:
+        try:
+            saved.append(json.loads(Path(path).read_text()))
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"--from {path}: not a readable reproduce.json ({e})") from None
+        if not {"settings", "plan", "variants", "outcomes", "commit"} <= saved[-1].keys():
+            raise ValueError(f"--from {path}: not a report of experiments/reproduce.py (no settings or outcomes)")
+    out = Path(args.out_dir or DEFAULT.out_dir)
+    merge_reports(saved, out, command=shlex.join(["python", "experiments/reproduce.py", *given]))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    given = sys.argv[1:] if argv is None else list(argv)
+    if (args.stage == "merge") != bool(args.runs):
+        print("error: --from goes with the merge stage, which needs it (two or more reproduce.json)", file=sys.stderr)
+        return 2
+    if args.stage == "merge":
+        try:
+            return merge(args, given)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     try:
         exp = Experiment(settings_from_args(args), force=args.force)
     except ValueError as e:
@@ -177,7 +208,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         from transformers.utils import logging
 
         logging.disable_progress_bar()
-    given = sys.argv[1:] if argv is None else list(argv)
     provenance = {
         "commit": args.commit or current_commit(),
         "command": shlex.join(["python", "experiments/reproduce.py", *given]),

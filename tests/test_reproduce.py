@@ -262,3 +262,80 @@ def test_the_recorded_run_rebuilds_to_its_committed_summary(reproduce, tmp_path)
     assert json.loads((tmp_path / "quality_summary.json").read_text()) == json.loads(
         (results / "quality_summary.json").read_text()
     )
+
+
+def _split(saved: dict, variants: list[str], commit: str) -> dict:
+    """`saved` as if a run had evaluated only `variants` (a report keeps every variant's record and outcomes)."""
+    return {
+        **saved,
+        "commit": commit,
+        "variants": {v: saved["variants"][v] for v in variants},
+        "outcomes": {v: saved["outcomes"][v] for v in variants if v in saved["outcomes"]},
+    }
+
+
+def test_merge_of_two_runs_equals_the_run_that_had_them_all(reproduce, tmp_path, capsys):
+    """The recorded run cut into two runs (the second with another commit) and merged with `reproduce.py merge`
+    gives the recorded quality_summary.json's rows and paired differences; the report names each run and its
+    variants; a variant in both runs comes from the first."""
+    saved = json.loads((EXPERIMENTS / "results" / "reproduce.json").read_text())
+    names = list(saved["variants"])
+    first, second = names[: len(names) // 2], names[len(names) // 2 :]
+    assert "full" in first and second
+    run_b = _split(saved, [*second, first[-1]], "bbbbbbb")
+    run_b["outcomes"][first[-1]] = {k: v.replace("0", "x").replace("1", "0").replace("x", "1")
+                                    for k, v in saved["outcomes"][first[-1]].items()}  # fmt: skip
+    files = []
+    for i, run in enumerate([_split(saved, first, "aaaaaaa"), run_b]):
+        files.append(tmp_path / f"run{i}.json")
+        files[-1].write_text(json.dumps(run))
+    out = tmp_path / "merged"
+    code = reproduce.main(["merge", "--from", str(files[0]), "--from", str(files[1]), "--out-dir", str(out)])
+    assert code == 0
+    merged = json.loads((out / "quality_summary.json").read_text())
+    recorded = json.loads((EXPERIMENTS / "results" / "quality_summary.json").read_text())
+    assert merged["commit"] == "aaaaaaa + bbbbbbb" and merged["command"].startswith("python experiments/reproduce.py")
+    assert merged["rows"] == recorded["rows"] and merged["paired"] == recorded["paired"]
+    report = (out / "reproduce.md").read_text()
+    assert "Merged from 2 runs" in report
+    assert f"commit aaaaaaa, {saved['date']}, {saved['device']}: {', '.join(first)}" in report
+    assert f"commit bbbbbbb, {saved['date']}, {saved['device']}: {', '.join(second)}" in report
+    summary = json.loads((out / "reproduce.json").read_text())
+    assert [r["variants"] for r in summary["runs"]] == [first, second]
+    # the merged report rebuilds to itself, runs included
+    from reproduction.report import rebuild_report
+
+    again = rebuild_report(summary, tmp_path / "again")
+    assert again["runs"] == summary["runs"]
+    assert json.loads((tmp_path / "again" / "quality_summary.json").read_text()) == merged
+
+
+def test_merge_refuses_runs_of_another_recipe_and_bad_input(reproduce, tmp_path, capsys):
+    saved = json.loads((EXPERIMENTS / "results" / "reproduce.json").read_text())
+    other = _split(saved, ["hybrid_bottom"], "bbbbbbb")
+    other["settings"] = {**saved["settings"], "extend_lr": 1e-3, "budget_minutes": 30.0, "work_dir": "/elsewhere"}
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps(_split(saved, ["full"], "aaaaaaa")))
+    b.write_text(json.dumps(other))
+    out = tmp_path / "merged"
+    assert reproduce.main(["merge", "--from", str(a), "--from", str(b), "--out-dir", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "they differ in extend_lr;" in err  # budget_minutes and work_dir steer a run: not a difference
+    other["settings"]["extend_lr"] = saved["settings"]["extend_lr"]
+    other["plan"] = {**saved["plan"], "extend_steps": saved["plan"]["extend_steps"] + 1}
+    b.write_text(json.dumps(other))
+    assert reproduce.main(["merge", "--from", str(a), "--from", str(b), "--out-dir", str(out)]) == 2
+    assert "differ in plan extend_steps" in capsys.readouterr().err
+    assert reproduce.main(["merge", "--from", str(a), "--out-dir", str(out)]) == 2
+    assert "at least two runs" in capsys.readouterr().err
+    (tmp_path / "bad.json").write_text("{")
+    assert reproduce.main(["merge", "--from", str(a), "--from", str(tmp_path / "bad.json")]) == 2
+    assert "not a readable reproduce.json" in capsys.readouterr().err
+    assert reproduce.main(["merge", "--from", str(a), "--from", str(tmp_path / "missing.json")]) == 2
+    assert "not a readable reproduce.json" in capsys.readouterr().err
+    (tmp_path / "other.json").write_text(json.dumps({"rows": []}))
+    assert reproduce.main(["merge", "--from", str(a), "--from", str(tmp_path / "other.json")]) == 2
+    assert "not a report of experiments/reproduce.py" in capsys.readouterr().err
+    assert reproduce.main(["merge"]) == 2 and "--from goes with the merge stage" in capsys.readouterr().err
+    assert reproduce.main(["plan", "--from", str(a)]) == 2 and "--from goes with" in capsys.readouterr().err
+    assert not out.exists()

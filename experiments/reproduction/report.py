@@ -62,7 +62,51 @@ def rebuild_report(saved: dict[str, Any], out: Path, **changes: Any) -> dict[str
             r = {**r, "records": records_from_outcomes(saved["outcomes"][v], s.prompts_per_task)}
         variants[v] = r
     meta = {k: saved[k] for k in ("plan", "environment", "commit", "command", "corpus", "pretrain", "stage_seconds")}
+    if saved.get("runs"):  # a merged report keeps where each variant came from
+        meta["runs"] = saved["runs"]
     return write_report(s, variants, meta, out)
+
+
+# settings that steer a run, not what it trains or asks: runs that differ only in these can be merged
+RUN_CONTROL = frozenset({
+    "work_dir", "out_dir", "device", "variants", "budget_minutes", "assume_pretrain_tps", "assume_extend_tps",
+    "assume_eval_tps", "checkpoints_per_run", "compile",
+})  # fmt: skip
+
+
+def merge_reports(saved: Sequence[dict[str, Any]], out: Path, command: str) -> dict[str, Any]:
+    """One report from the saved ``reproduce.json`` of runs of the same recipe that evaluated different variants
+    (the main comparison one day, the frontier another, pre-training repeated from the same seed), written into
+    `out`. A variant evaluated by several runs is taken from the first that has it. The runs must agree on every
+    setting that decides the models and the prompts (all but `RUN_CONTROL`) and on the planned training steps;
+    ValueError names what differs. The report lists each run (commit, date, device, command) with its variants."""
+    if len(saved) < 2:
+        raise ValueError(f"merging needs the reports of at least two runs, got {len(saved)}")
+    first = saved[0]
+    for i, run in enumerate(saved[1:], start=2):
+        keys = sorted((set(first["settings"]) | set(run["settings"])) - RUN_CONTROL)
+        differ = [k for k in keys if first["settings"].get(k) != run["settings"].get(k)]
+        differ += [f"plan {k}" for k in ("pretrain_steps", "extend_steps") if first["plan"][k] != run["plan"][k]]
+        if differ:
+            raise ValueError(
+                f"run {i} (commit {run['commit']}) is not the recipe of run 1 (commit {first['commit']}): they differ "
+                f"in {', '.join(differ)}; only runs that differ in {', '.join(sorted(RUN_CONTROL))} can be merged"
+            )
+    variants: dict[str, dict] = {}
+    outcomes: dict[str, str] = {}
+    runs = []
+    for run in saved:
+        taken = [v for v in run["variants"] if v not in variants]
+        for v in taken:
+            variants[v] = run["variants"][v]
+            if v in run["outcomes"]:
+                outcomes[v] = run["outcomes"][v]
+        runs.append({k: run[k] for k in ("commit", "date", "device", "command")} | {"variants": taken})
+    settings = {**first["settings"], "variants": [v for v in VARIANTS if v in variants]}
+    commit = " + ".join(run["commit"] for run in saved)
+    return rebuild_report(
+        first, out, variants=variants, outcomes=outcomes, settings=settings, commit=commit, command=command, runs=runs
+    )
 
 
 def write_report(s: Settings, variants: dict[str, dict], meta: dict[str, Any], out: Path) -> dict[str, Any]:
@@ -364,6 +408,13 @@ def format_report(summary: dict, s: Settings) -> str:
             f"{env['torch']}, commit {summary['commit']}, {env['date']}.",
             "",
         ]
+    if summary.get("runs"):
+        lines += [f"Merged from {len(summary['runs'])} runs of this recipe (the pre-training repeated from the same "
+                  "seed in each; a variant's paired difference against full attention from another run compares "
+                  "models of two pre-trainings):", ""]  # fmt: skip
+        lines += [f"- commit {r['commit']}, {r['date']}, {r['device']}: {', '.join(r['variants']) or 'nothing new'} "
+                  f"(`{r['command']}`)" for r in summary["runs"]]  # fmt: skip
+        lines += [""]
     verdict = {True: "met", False: "NOT met", None: "not evaluated"}
     lines += ["## Targets", "", "| target | verdict | numbers |", "| --- | --- | --- |"]
     lines += [f"| {c['target']} | {verdict[c['met']]} | {c['detail']} |" for c in summary["targets"]]
