@@ -8,6 +8,8 @@
         --prompts 100 --out benchmarks/results/demo/key_probe.json
     PYTHONPATH=src python benchmarks/demo_retrieval_probe.py extend --demo-dir longgen-demo --rope yarn \
         --steps 40 --work-dir /tmp/probe-yarn --out benchmarks/results/demo/extend_yarn.json
+    PYTHONPATH=src python benchmarks/demo_retrieval_probe.py layouts --demo-dir longgen-demo \
+        --work-dir /tmp/probe-layouts --out benchmarks/results/demo/layout_swap.json
 
 `layers`: the pre-trained model (``runs/pretrain/final``) converted without training, with every set of one, two
 or three full layers (the rest SinkWindow(sink, window) of the run's config), scored on the demo's own pass-key
@@ -16,7 +18,10 @@ prompts at the pre-training length: which layers the look-up needs. `depth`: the
 length, correct prompts per fifth of needle depth (first fifth: needle farthest from the question). `keys`: the
 pre-trained model at its own length and the two extended models at every length of the demo's table, their
 prompts split by the key: one whose first four digits repeat a digit (copying it digit by digit from the one
-before is ambiguous) or not, each share with its 95% Wilson interval. `extend`
+before is ambiguous) or not, each share with its 95% Wilson interval. `layouts`: each of the two extended
+models as trained and with the other's layer layout at inference (no training; copies in `--work-dir`): the
+full-attention model with the hybrid's sparse layers made SinkWindow, the hybrid with every layer full, on the
+demo's prompts at 1x, 4x and the extended length: which layers' reach costs the look-up at length. `extend`
 (trains, in `--work-dir`): the pre-trained model converted with `--rope` (all layers full, or `--full-layers` with
 the run's SinkWindow elsewhere), first scored as it is (`--steps 0`) or extended `--steps` steps to `--factor` x
 the pre-training length on text and pass-key documents made as the demo makes them, then scored at 1x, 4x and the
@@ -41,7 +46,7 @@ from common import git_commit
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("mode", choices=["layers", "depth", "keys", "extend"])
+    p.add_argument("mode", choices=["layers", "depth", "keys", "layouts", "extend"])
     p.add_argument("--demo-dir", required=True, help="the output folder of a finished `longgen demo`")
     p.add_argument("--out", required=True)
     p.add_argument("--rope", default="yarn", help="extend: the RoPE change (yarn)")
@@ -52,7 +57,7 @@ def main() -> None:
     )
     p.add_argument("--full-layers", default=None, help="extend: e.g. 0,4 for a hybrid (all layers full)")
     p.add_argument("--prompts", type=int, default=None, help="keys: prompts a length (the run's)")
-    p.add_argument("--work-dir", default=None, help="extend: folder for the converted and extended models")
+    p.add_argument("--work-dir", default=None, help="extend, layouts: folder for the models it makes")
     a = p.parse_args()
     if a.attention_factor is not None and (a.mode != "extend" or a.rope != "yarn"):
         p.error("--attention-factor is YaRN's attention temperature: it needs the extend mode and --rope yarn")
@@ -100,6 +105,8 @@ def main() -> None:
             for length in lengths:
                 rows.append({"model": name, "length": length, **by_key(tok, prompts[length][1], scored[str(length)])})
                 print(json.dumps(rows[-1]), flush=True)
+    elif a.mode == "layouts":
+        rows = layouts(a, d, cfg, tok)
     else:
         rows = extend(a, d, cfg, tok)
     result = {
@@ -143,6 +150,42 @@ def by_key(tok, answers: list[list[int]], cell: dict) -> dict:
             "interval": [round(x, 3) for x in wilson_interval(sum(ok), len(ok))],
         }
     return row
+
+
+def layouts(a: argparse.Namespace, d: Path, cfg: dict, tok) -> list[dict]:
+    """The `layouts` mode: both extended models with their own and with the other's layer layout."""
+    import shutil
+
+    from longgen.demo import passkey_prompts, score_passkey
+    from longgen.eval.baseline import load_for_eval
+
+    if a.work_dir is None:
+        raise SystemExit("layouts needs --work-dir (the models with swapped layouts go there)")
+    own = {n: json.loads((d / f"runs/{n}/final/config.json").read_text())["longgen"]["layers"] for n in
+           ("full_attention", "longgen_hybrid")}  # fmt: skip
+    heldout = sorted((d / "heldout").iterdir(), key=lambda f: f.stat().st_size)  # the demo's order
+    hay = tok("\n\n".join(f.read_text(encoding="utf-8") for f in heldout), add_special_tokens=False)["input_ids"]
+    short = cfg["short_len"]
+    lengths = sorted({short, short * 4, short * cfg["factor"]})
+    prompts = passkey_prompts(tok, hay, lengths, cfg["passkey_prompts"], cfg["seed"])
+    rows = []
+    for name, other in (("full_attention", "longgen_hybrid"), ("longgen_hybrid", "full_attention")):
+        for layout_of in (name, other):
+            model_dir = d / f"runs/{name}/final"
+            if layout_of != name:  # the same weights, the other model's layers (config.longgen)
+                model_dir = Path(a.work_dir) / f"{name}-as-{layout_of}"
+                shutil.copytree(d / f"runs/{name}/final", model_dir, dirs_exist_ok=True)
+                config = json.loads((model_dir / "config.json").read_text())
+                config["longgen"]["layers"] = own[layout_of]
+                (model_dir / "config.json").write_text(json.dumps(config, indent=2))
+            model, _ = load_for_eval(str(model_dir), device="cpu")
+            scored = score_passkey(model, tok, prompts)
+            full = [i for i, layer in enumerate(own[layout_of]) if layer == "full_attention"]
+            rows.append({"weights": name, "layout_of": layout_of, "full_layers": full,
+                         "correct": {str(n): scored[str(n)]["correct"] for n in lengths},
+                         "n": cfg["passkey_prompts"]})  # fmt: skip
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
 
 
 def extend(a: argparse.Namespace, d: Path, cfg: dict, tok) -> list[dict]:
