@@ -158,6 +158,7 @@ def layouts(a: argparse.Namespace, d: Path, cfg: dict, tok) -> list[dict]:
 
     from longgen.demo import passkey_prompts, score_passkey
     from longgen.eval.baseline import load_for_eval
+    from longgen.eval.stats import paired_difference
 
     if a.work_dir is None:
         raise SystemExit("layouts needs --work-dir (the models with swapped layouts go there)")
@@ -181,10 +182,18 @@ def layouts(a: argparse.Namespace, d: Path, cfg: dict, tok) -> list[dict]:
             model, _ = load_for_eval(str(model_dir), device="cpu")
             scored = score_passkey(model, tok, prompts)
             full = [i for i, layer in enumerate(own[layout_of]) if layer == "full_attention"]
-            rows.append({"weights": name, "layout_of": layout_of, "full_layers": full,
-                         "correct": {str(n): scored[str(n)]["correct"] for n in lengths},
-                         "n": cfg["passkey_prompts"]})  # fmt: skip
-            print(json.dumps(rows[-1]), flush=True)
+            row = {"weights": name, "layout_of": layout_of, "full_layers": full, "n": cfg["passkey_prompts"]}
+            row["correct"] = {str(n): scored[str(n)]["correct"] for n in lengths}
+            row["outcomes"] = {str(n): "".join("1" if x else "0" for x in scored[str(n)]["outcomes"]) for n in lengths}
+            if layout_of != name:  # paired on the same prompts: the other layout minus the model's own
+                mine = rows[-1]["outcomes"]
+                row["diff_vs_own_layout"] = {}
+                for n in map(str, lengths):
+                    diff = paired_difference([c == "1" for c in row["outcomes"][n]], [c == "1" for c in mine[n]])
+                    ci, p = [diff.ci_low, diff.ci_high], diff.p_value
+                    row["diff_vs_own_layout"][n] = {"diff": diff.diff, "ci": ci, "mcnemar_p": p}
+            rows.append(row)
+            print(json.dumps({k: v for k, v in row.items() if k != "outcomes"}), flush=True)
     return rows
 
 
