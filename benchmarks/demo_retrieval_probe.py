@@ -152,6 +152,12 @@ def by_key(tok, answers: list[list[int]], cell: dict) -> dict:
     return row
 
 
+def demo_haystack(d: Path, tok) -> list[int]:
+    """The token ids the demo's own evaluation prompts are cut from: its held-out files in the demo's order."""
+    heldout = sorted((d / "heldout").iterdir(), key=lambda f: f.stat().st_size)
+    return tok("\n\n".join(f.read_text(encoding="utf-8") for f in heldout), add_special_tokens=False)["input_ids"]
+
+
 def layouts(a: argparse.Namespace, d: Path, cfg: dict, tok) -> list[dict]:
     """The `layouts` mode: both extended models with their own and with the other's layer layout."""
     import shutil
@@ -164,8 +170,7 @@ def layouts(a: argparse.Namespace, d: Path, cfg: dict, tok) -> list[dict]:
         raise SystemExit("layouts needs --work-dir (the models with swapped layouts go there)")
     own = {n: json.loads((d / f"runs/{n}/final/config.json").read_text())["longgen"]["layers"] for n in
            ("full_attention", "longgen_hybrid")}  # fmt: skip
-    heldout = sorted((d / "heldout").iterdir(), key=lambda f: f.stat().st_size)  # the demo's order
-    hay = tok("\n\n".join(f.read_text(encoding="utf-8") for f in heldout), add_special_tokens=False)["input_ids"]
+    hay = demo_haystack(d, tok)
     short = cfg["short_len"]
     lengths = sorted({short, short * 4, short * cfg["factor"]})
     prompts = passkey_prompts(tok, hay, lengths, cfg["passkey_prompts"], cfg["seed"])
@@ -185,11 +190,12 @@ def layouts(a: argparse.Namespace, d: Path, cfg: dict, tok) -> list[dict]:
             row = {"weights": name, "layout_of": layout_of, "full_layers": full, "n": cfg["passkey_prompts"]}
             row["correct"] = {str(n): scored[str(n)]["correct"] for n in lengths}
             row["outcomes"] = {str(n): "".join("1" if x else "0" for x in scored[str(n)]["outcomes"]) for n in lengths}
-            if layout_of != name:  # paired on the same prompts: the other layout minus the model's own
-                mine = rows[-1]["outcomes"]
+            if layout_of == name:
+                own_scored = scored
+            else:  # paired on the same prompts: the other layout minus the model's own
                 row["diff_vs_own_layout"] = {}
                 for n in map(str, lengths):
-                    diff = paired_difference([c == "1" for c in row["outcomes"][n]], [c == "1" for c in mine[n]])
+                    diff = paired_difference(scored[n]["outcomes"], own_scored[n]["outcomes"])
                     ci, p = [diff.ci_low, diff.ci_high], diff.p_value
                     row["diff_vs_own_layout"][n] = {"diff": diff.diff, "ci": ci, "mcnemar_p": p}
             rows.append(row)
@@ -233,8 +239,7 @@ def extend(a: argparse.Namespace, d: Path, cfg: dict, tok) -> list[dict]:
                      whole_min=demo.short_len)  # fmt: skip
         model_dir = ext["final"]
         info |= {"extension_loss": ext["loss"], "train_tokens_per_s": ext["train_tokens_per_s"]}
-    heldout = sorted((d / "heldout").iterdir(), key=lambda f: f.stat().st_size)  # the demo's order
-    hay = tok("\n\n".join(f.read_text(encoding="utf-8") for f in heldout), add_special_tokens=False)["input_ids"]
+    hay = demo_haystack(d, tok)
     model, _ = load_for_eval(str(model_dir), device="cpu")
     lengths = sorted({demo.short_len, demo.short_len * 4, long_len})
     return [{**info, **r} for r in by_depth(model, tok, hay, lengths, cfg)]
