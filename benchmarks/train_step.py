@@ -130,6 +130,9 @@ def run(
     return row
 
 
+RUN_KEYS = ("command", "commit", "date", "device")  # what each row records of the invocation that measured it
+
+
 def _key(row: dict) -> tuple:
     """(variant, then what a speedup compares across): rows before `--shape` were the 7B shape, unpacked, with
     activation checkpointing."""
@@ -145,14 +148,23 @@ def _key(row: dict) -> tuple:
 
 
 def markdown(res: dict) -> str:
+    header = markdown_header(
+        "Training step: full attention vs LongGen hybrids",
+        res,
+        "bf16 autocast, float32 AdamW; median of the timed steps. Shape `llama2-7b`: Llama-2-7B-shaped layers; "
+        "`repro`: the quality experiment's 46M model. Packed: sequences of `seq` tokens a row. Speedups compare "
+        "rows that differ only in the variant (vs full) or only in compilation (compiled vs eager).",
+    )
+    runs = list(dict.fromkeys((r["command"], r["commit"], r["date"]) for r in res["rows"] if "command" in r))
+    if len(runs) > 1:  # rows of several invocations: each row records its own (RUN_KEYS) in the JSON
+        at = next(i for i, line in enumerate(header) if line.startswith("Command: "))
+        header[at : at + 1] = [
+            "Commands (the rows' own, in the order they ran; device line: the last):",
+            "",
+            *(f"- `{c}` (commit {commit}, {date})" for c, commit, date in runs),
+        ]
     lines = [
-        *markdown_header(
-            "Training step: full attention vs LongGen hybrids",
-            res,
-            "bf16 autocast, float32 AdamW; median of the timed steps. Shape `llama2-7b`: Llama-2-7B-shaped layers; "
-            "`repro`: the quality experiment's 46M model. Packed: sequences of `seq` tokens a row. Speedups compare "
-            "rows that differ only in the variant (vs full) or only in compilation (compiled vs eager).",
-        ),
+        *header,
         "| shape | variant | seq | packed | layers | checkpointing | compiled | step ms | tokens/s | peak GB "
         "| vs full | compiled vs eager |",
         "|---|---|---:|---:|---:|---|---|---:|---:|---:|---:|---:|",
@@ -200,6 +212,7 @@ def main(argv=None) -> int:
     for T in args.seq_lens:
         for v in args.variants:
             row = run(args.layers, T, v, args.steps, args.compile, args.shape, args.pack, checkpointing)
+            row.update({k: res[k] for k in RUN_KEYS})  # a file that gathers several invocations stays traceable
             print(
                 f"{v:<22} T={T:>6} x{args.pack}: step {row['step_ms']:9.1f} ms  {row['tokens_per_s']:9,.0f} tok/s  "
                 f"peak {row['peak_mem_gb']:.1f} GB",

@@ -66,3 +66,23 @@ def test_every_current_result_file_names_its_run():
         if missing:
             lacking[str(f.relative_to(root))] = missing
     assert not lacking, lacking
+
+
+def _step_row(command: str, compile: bool, step_ms: float) -> dict:
+    return {"variant": "full", "seq_len": 2048, "layers": 12, "compile": compile, "shape": "repro", "pack": 32,
+            "checkpointing": False, "step_ms": step_ms, "tokens_per_s": 65536 / step_ms * 1e3, "peak_mem_gb": 1.0,
+            "command": command, "commit": "0123456789ab", "date": "2026-12-06", "device": RECORD["device"]}  # fmt: skip
+
+
+def test_train_step_table_names_each_invocation_and_compares_compiled_to_eager(common):
+    import train_step
+
+    meta = {**RECORD, "torch": "2.11", "triton": "3.6"}
+    one = train_step.markdown({**meta, "rows": [_step_row("x", False, 200.0)]})
+    assert "Command: `x`" in one and "Commands" not in one
+    two = train_step.markdown({**meta, "rows": [_step_row("eager cmd", False, 200.0), _step_row("x", True, 100.0)]})
+    assert "Command: `x`" not in two
+    assert "- `eager cmd` (commit 0123456789ab, 2026-12-06)" in two and "- `x` (commit" in two
+    assert two.index("eager cmd") < two.index("- `x`")  # in the order they ran
+    compiled = next(line for line in two.splitlines() if line.startswith("| repro | full") and "| yes |" in line)
+    assert compiled.rstrip(" |").endswith("2.00")  # 200 ms eager / 100 ms compiled
