@@ -32,6 +32,9 @@ from common import llama2_7b_config, markdown_header, run_metadata, save_result
 import longgen
 from longgen.train.loss import CausalLMLoss
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+from reproduction.settings import DEFAULT as REPRO  # the `repro` shape: the quality experiment's model
+
 
 def model_config(shape: str, layers: int | None, max_len: int):
     """The transformers config of `shape` (see the module's docstring) with `layers` layers (None: the shape's)."""
@@ -40,12 +43,12 @@ def model_config(shape: str, layers: int | None, max_len: int):
     if shape == "llama2-7b":
         return llama2_7b_config(layers or 6, max_len)
     return LlamaConfig(
-        vocab_size=16384,
-        hidden_size=512,
-        intermediate_size=1536,
-        num_hidden_layers=layers or 12,
-        num_attention_heads=8,
-        num_key_value_heads=4,
+        vocab_size=REPRO.vocab_size,
+        hidden_size=REPRO.hidden_size,
+        intermediate_size=REPRO.intermediate_size,
+        num_hidden_layers=layers or REPRO.layers,
+        num_attention_heads=REPRO.heads,
+        num_key_value_heads=REPRO.kv_heads,
         tie_word_embeddings=True,
         max_position_embeddings=max_len,
     )
@@ -54,8 +57,9 @@ def model_config(shape: str, layers: int | None, max_len: int):
 def patterns(shape: str) -> dict:
     if shape == "llama2-7b":
         sink_window, block_sparse = longgen.SinkWindow(64, 2048), longgen.BlockSparse(64, 16, 32)
-    else:
-        sink_window, block_sparse = longgen.SinkWindow(64, 1024), longgen.BlockSparse(64, 16, 4)
+    else:  # the experiment's (its stride: the number of KV heads)
+        sink_window = longgen.SinkWindow(REPRO.sink, REPRO.window)
+        block_sparse = longgen.BlockSparse(REPRO.block_size, REPRO.local_blocks, REPRO.kv_heads)
     return {"hybrid_sink_window": sink_window, "hybrid_block_sparse": block_sparse}
 
 
@@ -130,6 +134,7 @@ def run(
     return row
 
 
+VARIANTS = ("full", "hybrid_sink_window", "hybrid_block_sparse")
 RUN_KEYS = ("command", "commit", "date", "device")  # what each row records of the invocation that measured it
 
 
@@ -191,17 +196,13 @@ def main(argv=None) -> int:
     ap.add_argument("--seq-lens", type=int, nargs="+", default=[32768, 65536, 131072])
     ap.add_argument("--pack", type=int, default=1, help="sequences of each length packed in one row (1)")
     ap.add_argument("--checkpointing", choices=["on", "off"], default="on", help="activation checkpointing (on)")
-    ap.add_argument("--variants", nargs="+", default=["full", "hybrid_sink_window", "hybrid_block_sparse"])
+    ap.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--compile", action="store_true", help="torch.compile each decoder layer (train loop option)")
     ap.add_argument("--out", default="benchmarks/results/train_step.json")
     args = ap.parse_args(argv)
-    bad = [v for v in args.variants if v not in ("full", "hybrid_sink_window", "hybrid_block_sparse")]
-    if bad or args.pack < 1 or args.steps < 1 or (args.layers is not None and args.layers < 1):
-        ap.error(
-            f"variants must be among full, hybrid_sink_window, hybrid_block_sparse (got {bad or args.variants}); "
-            f"--pack, --steps and --layers must be >= 1"
-        )
+    if args.pack < 1 or args.steps < 1 or (args.layers is not None and args.layers < 1):
+        ap.error(f"--pack, --steps and --layers must be >= 1 (got {args.pack}, {args.steps}, {args.layers})")
     if not torch.cuda.is_available():
         print("benchmarks/train_step.py needs a CUDA GPU", file=sys.stderr)
         return 2
