@@ -282,7 +282,7 @@ def test_merge_of_two_runs_equals_the_run_that_had_them_all(reproduce, tmp_path,
     names = list(saved["variants"])
     first, second = names[: len(names) // 2], names[len(names) // 2 :]
     assert "full" in first and second
-    run_b = _split(saved, [*second, first[-1]], "bbbbbbb")
+    run_b = {**_split(saved, [*second, first[-1]], "bbbbbbb"), "device": "another GPU"}
     run_b["outcomes"][first[-1]] = {k: v.replace("0", "x").replace("1", "0").replace("x", "1")
                                     for k, v in saved["outcomes"][first[-1]].items()}  # fmt: skip
     files = []
@@ -299,9 +299,16 @@ def test_merge_of_two_runs_equals_the_run_that_had_them_all(reproduce, tmp_path,
     report = (out / "reproduce.md").read_text()
     assert "Merged from 2 runs" in report
     assert f"commit aaaaaaa, {saved['date']}, {saved['device']}: {', '.join(first)}" in report
-    assert f"commit bbbbbbb, {saved['date']}, {saved['device']}: {', '.join(second)}" in report
+    assert f"commit bbbbbbb, {saved['date']}, another GPU: {', '.join(second)}" in report
     summary = json.loads((out / "reproduce.json").read_text())
     assert [r["variants"] for r in summary["runs"]] == [first, second]
+    # throughput measured on two GPUs: each variant, frontier point and table row names the one that timed it
+    assert {v: r["device"] for v, r in summary["variants"].items()} == {
+        **dict.fromkeys(first, saved["device"]), **dict.fromkeys(second, "another GPU")}  # fmt: skip
+    on = {f["variant"]: f["device"] for f in summary["frontier"]}
+    assert on["frontier_0"] == "another GPU" and on["frontier_0.333"] == saved["device"]
+    tps = f"{saved['variants']['all_sparse']['extension']['tokens_per_s']:,.0f} (another GPU)"
+    assert report.count(tps) == 3 and "extension tokens/s (device)" in report  # frontier_0, frontier_auto_0, layout
     # the merged report rebuilds to itself, runs included
     from reproduction.report import rebuild_report
 

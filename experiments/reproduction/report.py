@@ -97,8 +97,8 @@ def merge_reports(saved: Sequence[dict[str, Any]], out: Path, command: str) -> d
     runs = []
     for run in saved:
         taken = [v for v in run["variants"] if v not in variants]
-        for v in taken:
-            variants[v] = run["variants"][v]
+        for v in taken:  # each variant keeps the device its throughput was measured on
+            variants[v] = {**run["variants"][v], "device": run["variants"][v].get("device", run["device"])}
             if v in run["outcomes"]:
                 outcomes[v] = run["outcomes"][v]
         runs.append({k: run[k] for k in ("commit", "date", "device", "command")} | {"variants": taken})
@@ -123,7 +123,7 @@ def write_report(s: Settings, variants: dict[str, dict], meta: dict[str, Any], o
         "accuracy": rows,
         "pooled": pooled,
         "paired": paired,
-        "frontier": frontier(s, variants),
+        "frontier": frontier(s, variants, run["device"]),
         "placement": placement(s, variants),
         "targets": targets(s, rows, paired, variants),
         "outcomes": {v: outcome_strings(r["records"]) for v, r in variants.items() if r.get("records")},
@@ -260,9 +260,10 @@ def _pooled_over(variants: dict, v: str, lengths: Sequence[int]) -> list[bool]:
     return [keyed[k] for k in sorted(keyed) if k[1] in lengths]
 
 
-def frontier(s: Settings, variants: dict[str, dict]) -> list[dict[str, Any]]:
+def frontier(s: Settings, variants: dict[str, dict], device: str) -> list[dict[str, Any]]:
     """SinkWindow hybrids by share of full layers, placed in the middle or by `auto`: accuracy pooled over tasks
-    and lengths >= 8K (Wilson interval), analytic KV bytes at the extended length, measured extension tokens/s."""
+    and lengths >= 8K (Wilson interval), analytic KV bytes at the extended length, measured extension tokens/s and
+    the device that measured it (a merged run's variant keeps its own run's; `device` for the others)."""
     out = []
     for name, where, fraction in FRONTIER_POINTS:
         v = FRONTIER_ALIASES.get(name, name)
@@ -275,7 +276,8 @@ def frontier(s: Settings, variants: dict[str, dict]) -> list[dict[str, Any]]:
                     "full_layers": r["full_layers"],
                     "accuracy_far": sum(hits) / len(hits), "ci_low": lo, "ci_high": hi, "n": len(hits),
                     "kv_bytes": r["kv_bytes"][str(s.long_len)],
-                    "extension_tokens_per_s": r["extension"]["tokens_per_s"]})  # fmt: skip
+                    "extension_tokens_per_s": r["extension"]["tokens_per_s"],
+                    "device": r.get("device", device)})  # fmt: skip
     return out
 
 
@@ -450,11 +452,14 @@ def format_report(summary: dict, s: Settings) -> str:
         lines += _table(["variant", *map(_k, s.eval_lengths), "all"], rows)
     if summary["frontier"]:
         lines += ["", "## Cost-quality frontier: SinkWindow hybrids by share of full layers (middle or auto)", ""]
+        devices = len({f.get("device") for f in summary["frontier"]}) > 1  # runs on other GPUs: say which timed it
         rows = [[f["variant"], ",".join(map(str, f["full_layers"])) or "none",
                  f"{100 * f['accuracy_far']:.1f} ({_ci(f['ci_low'], f['ci_high'])})", f"{f['kv_bytes'] / 2**20:,.1f}",
-                 f"{f['extension_tokens_per_s']:,.0f}"] for f in summary["frontier"]]  # fmt: skip
+                 f"{f['extension_tokens_per_s']:,.0f}" + (f" ({f['device']})" if devices else "")]
+                for f in summary["frontier"]]  # fmt: skip
         lines += _table(["variant", "full layers", f"accuracy >= 8K, % (n = {summary['frontier'][0]['n']})",
-                         f"KV MiB @{_k(s.long_len)}", "extension tokens/s"], rows, text_columns=2)  # fmt: skip
+                         f"KV MiB @{_k(s.long_len)}", "extension tokens/s" + (" (device)" if devices else "")],
+                        rows, text_columns=2)  # fmt: skip
     lines += ["", "## Perplexity of held-out documents by context length", ""]
     rows = []
     for v, r in variants.items():
@@ -462,14 +467,16 @@ def format_report(summary: dict, s: Settings) -> str:
         rows.append([LABELS[v], *(f"{by_len[str(n)]:.2f}" if str(n) in by_len else "—" for n in s.ppl_lengths)])
     lines += _table(["variant", *map(_k, s.ppl_lengths)], rows)
     lines += ["", "## Layout, extension training, KV cache (bf16, batch 1, analytic)", ""]
-    rows = []
+    rows, devices = [], len({r.get("device") for r in variants.values()}) > 1
     for v, r in variants.items():
         ext, kv = r["extension"], r.get("kv_bytes", {})
         tps = f"{ext['tokens_per_s']:,.0f}" if r["model_of"] == v else f"({LABELS[r['model_of']].split('.')[0]}'s)"
+        tps += f" ({r['device']})" if devices and r["model_of"] == v else ""
         rows.append([LABELS[v], ",".join(map(str, r.get("full_layers", []))) or "none", r.get("sparse_pattern") or
                      "none", f"{ext['loss_final']:.3f}", tps, f"{kv[str(s.long_len)] / 2**20:,.1f}"])  # fmt: skip
-    lines += _table(["variant", "full layers", "sparse layers", "extension loss", "tokens/s",
-                     f"KV MiB @{_k(s.long_len)}"], rows, text_columns=3)  # fmt: skip
+    lines += _table(["variant", "full layers", "sparse layers", "extension loss",
+                     "tokens/s" + (" (device)" if devices else ""), f"KV MiB @{_k(s.long_len)}"], rows,
+                    text_columns=3)  # fmt: skip
     return "\n".join(lines)
 
 
