@@ -91,15 +91,24 @@ def test_tiny_end_to_end(reproduce, tmp_path, capsys):
     auto = summary["frontier"][3:]
     assert [f["placement"] for f in auto] == ["auto"] * 3 and [len(f["full_layers"]) for f in auto] == [0, 2, 3]
     assert auto[1]["full_layers"] == summary["variants"]["hybrid_auto"]["full_layers"]
-    # bottom and auto placement, and no sink tokens, against the SinkWindow hybrid on the same prompts: each
-    # length, then all lengths
+    # bottom and auto placement, and no sink tokens, against the SinkWindow hybrid on the same prompts, and auto
+    # against middle along the frontier: each length, then all lengths
     changed = [v for v in ("hybrid_bottom", "hybrid_auto", "hybrid_auto_loss", "hybrid_nosink") if v in trained]
     assert len(changed) == 4
-    assert [(p["variant"], p["lengths"]) for p in summary["placement"]] == [
-        (v, lengths) for v in changed for lengths in ([320], [512], [320, 512])
+    against = [*((v, "hybrid_sinkwindow") for v in changed), ("frontier_auto_0.5", "frontier_0.5")]
+    assert [(p["variant"], p["against"], p["lengths"]) for p in summary["placement"]] == [
+        (v, a, lengths) for v, a in against for lengths in ([320], [512], [320, 512])
     ]
     assert all(p["n"] == 15 * len(p["lengths"]) for p in summary["placement"])
-    assert "## Against the SinkWindow hybrid (middle, same full layers)" in (out / "reproduce.md").read_text()
+    hits = {
+        v: sum(s.count("1") for s in summary["outcomes"][v].values()) for v in ("frontier_auto_0.5", "frontier_0.5")
+    }
+    assert summary["placement"][-1]["diff_vs_middle"] == pytest.approx(
+        (hits["frontier_auto_0.5"] - hits["frontier_0.5"]) / 30
+    )
+    report = (out / "reproduce.md").read_text()
+    assert "## Against full layers in the middle (as many full layers), same prompts" in report
+    assert "| SinkWindow hybrid, 50% full (auto) | SinkWindow hybrid, 50% full (middle) |" in report
     assert len(summary["outcomes"]["full"]["passkey@320"]) == 3
     variants_out = summary["variants"]
     kv = {name: v["kv_bytes"]["512"] for name, v in variants_out.items()}
@@ -264,12 +273,28 @@ def test_the_recorded_run_rebuilds_to_its_committed_summary(reproduce, tmp_path)
     )
 
 
+def test_the_committed_runs_merge_to_the_committed_results(reproduce, tmp_path):
+    """experiments/results is the merge of the runs kept in experiments/results/runs: merging them again gives the
+    committed quality_summary.json (all but the command, which names the output folder) and report."""
+    results = EXPERIMENTS / "results"
+    runs = sorted((results / "runs").glob("*.json"), key=lambda p: p.name != "e24dd0b_main.json")  # main run first
+    assert len(runs) == 2
+    out = tmp_path / "merged"
+    assert reproduce.main(["merge", *(a for p in runs for a in ("--from", str(p))), "--out-dir", str(out)]) == 0
+    merged, committed = (json.loads((d / "quality_summary.json").read_text()) for d in (out, results))
+    assert {k: v for k, v in merged.items() if k != "command"} == {k: v for k, v in committed.items() if k != "command"}
+    assert committed["command"].startswith("python experiments/reproduce.py merge --from experiments/results/runs/")
+    body = [(d / "reproduce.md").read_text().split("\n## Targets", 1)[1] for d in (out, results)]
+    assert body[0] == body[1]
+
+
 def _split(saved: dict, variants: list[str], commit: str) -> dict:
-    """`saved` as if a run had evaluated only `variants` (a report keeps every variant's record and outcomes)."""
+    """`saved` as if a run had evaluated only `variants` (a report keeps every variant's record and outcomes; a
+    merged one also where each variant ran, which a single run's does not)."""
     return {
-        **saved,
+        **{k: x for k, x in saved.items() if k != "runs"},
         "commit": commit,
-        "variants": {v: saved["variants"][v] for v in variants},
+        "variants": {v: {k: x for k, x in saved["variants"][v].items() if k != "device"} for v in variants},
         "outcomes": {v: saved["outcomes"][v] for v in variants if v in saved["outcomes"]},
     }
 
@@ -305,10 +330,17 @@ def test_merge_of_two_runs_equals_the_run_that_had_them_all(reproduce, tmp_path,
     # throughput measured on two GPUs: each variant, frontier point and table row names the one that timed it
     assert {v: r["device"] for v, r in summary["variants"].items()} == {
         **dict.fromkeys(first, saved["device"]), **dict.fromkeys(second, "another GPU")}  # fmt: skip
-    on = {f["variant"]: f["device"] for f in summary["frontier"]}
-    assert on["frontier_0"] == "another GPU" and on["frontier_0.333"] == saved["device"]
-    tps = f"{saved['variants']['all_sparse']['extension']['tokens_per_s']:,.0f} (another GPU)"
-    assert report.count(tps) == 3 and "extension tokens/s (device)" in report  # frontier_0, frontier_auto_0, layout
+    frontier = summary["frontier"]
+    assert [f["device"] for f in frontier] == [
+        "another GPU" if f["model"] in second else saved["device"] for f in frontier
+    ]
+    timed_b = [f for f in frontier if f["model"] in second]
+    assert timed_b and len(timed_b) < len(frontier)
+    v = timed_b[0]["model"]
+    tps = f"{saved['variants'][v]['extension']['tokens_per_s']:,.0f} (another GPU)"
+    # in the frontier table (once per point it is) and the layout table
+    assert report.count(tps) == 1 + sum(f["model"] == v for f in frontier)
+    assert "extension tokens/s (device)" in report
     # the merged report rebuilds to itself, runs included
     from reproduction.report import rebuild_report
 

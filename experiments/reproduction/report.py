@@ -282,21 +282,25 @@ def frontier(s: Settings, variants: dict[str, dict], device: str) -> list[dict[s
 
 
 def placement(s: Settings, variants: dict[str, dict]) -> list[dict[str, Any]]:
-    """The variants that change one thing of the SinkWindow hybrid (`hybrid_sinkwindow`: the same number of full
-    layers) against it on the same prompts: bottom and auto placement, and no sink tokens (what exporting to
-    engines that know only sliding windows costs). The paired difference by length and over all lengths, with
-    Newcombe's interval."""
+    """The variants that change one thing of a SinkWindow hybrid with full layers in the middle, against it on the
+    same prompts: bottom and auto placement, and no sink tokens (what exporting to engines that know only sliding
+    windows costs), against `hybrid_sinkwindow`; along the frontier, auto against middle placement of as many full
+    layers (`frontier_auto_<f>` against `frontier_<f>`, one run's models). The paired difference by length and over
+    all lengths, with Newcombe's interval."""
+    pairs = [(v, "hybrid_sinkwindow") for v in ("hybrid_bottom", "hybrid_auto", "hybrid_auto_loss", "hybrid_nosink")]
+    middle = {f: name for name, where, f in FRONTIER_POINTS if where == "middle"}
+    pairs += [
+        (name, middle[f]) for name, where, f in FRONTIER_POINTS if where == "auto" and middle[f] not in FRONTIER_ALIASES
+    ]
     out = []
-    if not (variants.get("hybrid_sinkwindow") or {}).get("records"):
-        return out
-    for v in ("hybrid_bottom", "hybrid_auto", "hybrid_auto_loss", "hybrid_nosink"):
-        if not (variants.get(v) or {}).get("records"):
+    for v, against in pairs:
+        if not all((variants.get(x) or {}).get("records") for x in (v, against)):
             continue
         for lengths in [[n] for n in s.eval_lengths] + [list(s.eval_lengths)]:
-            mine, middle = (_pooled_over(variants, x, lengths) for x in (v, "hybrid_sinkwindow"))
+            mine, middle = (_pooled_over(variants, x, lengths) for x in (v, against))
             d = paired_difference(mine, middle)
-            out.append({"variant": v, "lengths": lengths, "n": d.n, "diff_vs_middle": d.diff, "diff_ci_low": d.ci_low,
-                        "diff_ci_high": d.ci_high, "mcnemar_p": d.p_value})  # fmt: skip
+            out.append({"variant": v, "against": against, "lengths": lengths, "n": d.n, "diff_vs_middle": d.diff,
+                        "diff_ci_low": d.ci_low, "diff_ci_high": d.ci_high, "mcnemar_p": d.p_value})  # fmt: skip
     return out
 
 
@@ -442,14 +446,15 @@ def format_report(summary: dict, s: Settings) -> str:
             for v in variants for t in TASKS]  # fmt: skip
     lines += _table(["variant", "task", *map(_k, s.eval_lengths)], rows, text_columns=2)
     if summary.get("placement"):
-        title = "Against the SinkWindow hybrid (middle, same full layers), same prompts"
+        title = "Against full layers in the middle (as many full layers), same prompts"
         lines += ["", f"## {title} (points; 95% interval, Newcombe)", ""]
         by = {(p["variant"], tuple(p["lengths"])): p for p in summary["placement"]}
-        rows = [[LABELS[v], *(f"{100 * p['diff_vs_middle']:+.1f} ({100 * p['diff_ci_low']:+.1f} to "
-                              f"{100 * p['diff_ci_high']:+.1f})" if (p := by.get((v, key))) else "—"
-                              for key in [(n,) for n in s.eval_lengths] + [tuple(s.eval_lengths)])]
-                for v in dict.fromkeys(p["variant"] for p in summary["placement"])]  # fmt: skip
-        lines += _table(["variant", *map(_k, s.eval_lengths), "all"], rows)
+        rows = [[LABELS[v], LABELS[against], *(f"{100 * p['diff_vs_middle']:+.1f} ({100 * p['diff_ci_low']:+.1f} to "
+                                              f"{100 * p['diff_ci_high']:+.1f})" if (p := by.get((v, key))) else "—"
+                                              for key in [(n,) for n in s.eval_lengths] + [tuple(s.eval_lengths)])]
+                for v, against in dict.fromkeys((p["variant"], p.get("against", "hybrid_sinkwindow"))
+                                                for p in summary["placement"])]  # fmt: skip
+        lines += _table(["variant", "against", *map(_k, s.eval_lengths), "all"], rows, text_columns=2)
     if summary["frontier"]:
         lines += ["", "## Cost-quality frontier: SinkWindow hybrids by share of full layers (middle or auto)", ""]
         devices = len({f.get("device") for f in summary["frontier"]}) > 1  # runs on other GPUs: say which timed it
@@ -486,6 +491,12 @@ def _legend_beside(ax) -> None:
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
 
 
+def _style(i: int) -> dict[str, Any]:
+    """Line style of the `i`-th variant: ten colours, then the same colours dashed with squares, so that no two of
+    up to twenty variants look alike."""
+    return {"color": f"C{i % 10}", "ls": "-" if i < 10 else "--", "marker": "o" if i < 10 else "s"}
+
+
 def write_plots(out: Path, s: Settings, variants: dict[str, dict], summary: dict) -> None:
     """retrieval_by_length.png (pooled accuracy with 95% intervals), frontier.png (accuracy at >= 8K against KV
     bytes), niah_heatmaps.png (single-needle accuracy by depth and length) and ppl_by_position.png."""
@@ -495,14 +506,14 @@ def write_plots(out: Path, s: Settings, variants: dict[str, dict], summary: dict
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(9.5, 4.2))
-    for v in variants:
+    for i, v in enumerate(variants):
         pts = [r for r in summary["pooled"] if r["variant"] == v]
         if pts:
             x = [r["length"] for r in pts]
             y = [r["accuracy"] for r in pts]
             err = [[max(0.0, a - r["ci_low"]) for a, r in zip(y, pts, strict=True)],
                    [max(0.0, r["ci_high"] - a) for a, r in zip(y, pts, strict=True)]]  # fmt: skip
-            ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=LABELS[v])
+            ax.errorbar(x, y, yerr=err, capsize=3, label=LABELS[v], **_style(i))
     ax.set_xscale("log", base=2)
     ax.set_xticks(list(s.eval_lengths), [_k(n) for n in s.eval_lengths])
     ax.set_xlabel("prompt length (tokens)")
@@ -543,11 +554,14 @@ def write_plots(out: Path, s: Settings, variants: dict[str, dict], summary: dict
     fig.savefig(out / "frontier.png", dpi=110)
     plt.close(fig)
 
-    bins = 5
+    bins, per_row = 5, 6
     shown = [v for v in variants if variants[v].get("records")]
-    fig, axes = plt.subplots(1, max(1, len(shown)), figsize=(2 + 2.3 * max(1, len(shown)), 3.4), squeeze=False)
-    for col, v in enumerate(shown):
-        ax = axes[0][col]
+    rows, cols = -(-max(1, len(shown)) // per_row), min(per_row, max(1, len(shown)))
+    fig, axes = plt.subplots(rows, cols, figsize=(2 + 2.3 * cols, 0.4 + 3.0 * rows), squeeze=False)
+    for ax in axes.flat[len(shown) :]:
+        ax.set_visible(False)
+    for k, v in enumerate(shown):
+        ax = axes[k // per_row][k % per_row]
         grid = [[[] for _ in s.eval_lengths] for _ in range(bins)]
         for r in variants[v]["records"]:
             if r["task"] == "niah":
@@ -568,10 +582,11 @@ def write_plots(out: Path, s: Settings, variants: dict[str, dict], summary: dict
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(9, 4))
-    for v, r in variants.items():
+    for i, (v, r) in enumerate(variants.items()):
         by = (r.get("ppl") or {}).get("by_position")
         if by:
-            ax.plot([(b["start"] + b["end"]) / 2 for b in by], [b["loss"] for b in by], lw=1, label=LABELS[v])
+            style = {**_style(i), "marker": None}
+            ax.plot([(b["start"] + b["end"]) / 2 for b in by], [b["loss"] for b in by], lw=1, label=LABELS[v], **style)
     for x in (s.short_len, s.long_len):
         ax.axvline(x, color="grey", ls="--", lw=0.8)
     ax.set_xlabel("token position; dashed: pre-training and extended context")
