@@ -452,12 +452,12 @@ def format_report(summary: dict, s: Settings) -> str:
         rows = [[LABELS[v], LABELS[against], *(f"{100 * p['diff_vs_middle']:+.1f} ({100 * p['diff_ci_low']:+.1f} to "
                                               f"{100 * p['diff_ci_high']:+.1f})" if (p := by.get((v, key))) else "—"
                                               for key in [(n,) for n in s.eval_lengths] + [tuple(s.eval_lengths)])]
-                for v, against in dict.fromkeys((p["variant"], p.get("against", "hybrid_sinkwindow"))
-                                                for p in summary["placement"])]  # fmt: skip
+                for v, against in dict.fromkeys((p["variant"], p["against"]) for p in summary["placement"])
+                ]  # fmt: skip
         lines += _table(["variant", "against", *map(_k, s.eval_lengths), "all"], rows, text_columns=2)
+    devices = len({r["device"] for r in summary.get("runs", [])}) > 1  # merged runs on several GPUs: name each
     if summary["frontier"]:
         lines += ["", "## Cost-quality frontier: SinkWindow hybrids by share of full layers (middle or auto)", ""]
-        devices = len({f.get("device") for f in summary["frontier"]}) > 1  # runs on other GPUs: say which timed it
         rows = [[f["variant"], ",".join(map(str, f["full_layers"])) or "none",
                  f"{100 * f['accuracy_far']:.1f} ({_ci(f['ci_low'], f['ci_high'])})", f"{f['kv_bytes'] / 2**20:,.1f}",
                  f"{f['extension_tokens_per_s']:,.0f}" + (f" ({f['device']})" if devices else "")]
@@ -472,7 +472,7 @@ def format_report(summary: dict, s: Settings) -> str:
         rows.append([LABELS[v], *(f"{by_len[str(n)]:.2f}" if str(n) in by_len else "—" for n in s.ppl_lengths)])
     lines += _table(["variant", *map(_k, s.ppl_lengths)], rows)
     lines += ["", "## Layout, extension training, KV cache (bf16, batch 1, analytic)", ""]
-    rows, devices = [], len({r.get("device") for r in variants.values()}) > 1
+    rows = []
     for v, r in variants.items():
         ext, kv = r["extension"], r.get("kv_bytes", {})
         tps = f"{ext['tokens_per_s']:,.0f}" if r["model_of"] == v else f"({LABELS[r['model_of']].split('.')[0]}'s)"
@@ -556,7 +556,8 @@ def write_plots(out: Path, s: Settings, variants: dict[str, dict], summary: dict
 
     bins, per_row = 5, 6
     shown = [v for v in variants if variants[v].get("records")]
-    rows, cols = -(-max(1, len(shown)) // per_row), min(per_row, max(1, len(shown)))
+    panels = max(1, len(shown))
+    rows, cols = -(-panels // per_row), min(per_row, panels)
     fig, axes = plt.subplots(rows, cols, figsize=(2 + 2.3 * cols, 0.4 + 3.0 * rows), squeeze=False)
     for ax in axes.flat[len(shown) :]:
         ax.set_visible(False)
