@@ -288,6 +288,20 @@ def test_the_committed_runs_merge_to_the_committed_results(reproduce, tmp_path):
     assert body[0] == body[1]
 
 
+def test_the_extension_tokens_probe_compares_to_its_committed_table():
+    """The probe's compare.md is what its compare.py makes of the committed reports: the probe's full attention and
+    the main run's, paired on the same prompts."""
+    import importlib.util
+
+    folder = EXPERIMENTS / "results" / "probes" / "2026-12-06-extension-tokens"
+    spec = importlib.util.spec_from_file_location("probe_compare", folder / "compare.py")
+    compare = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(compare)
+    text = compare.report()
+    assert text == (folder / "compare.md").read_text()
+    assert "| niah | 40 / 40 | 39 / 39 | 40 / 40 | 40 / 40 | 39 / 36 |" in text
+
+
 def _split(saved: dict, variants: list[str], commit: str) -> dict:
     """`saved` as if a run had evaluated only `variants` (a report keeps every variant's record and outcomes; a
     merged one also where each variant ran, which a single run's does not)."""
