@@ -363,17 +363,37 @@ def test_merge_of_two_runs_equals_the_run_that_had_them_all(reproduce, tmp_path,
     assert json.loads((tmp_path / "again" / "quality_summary.json").read_text()) == merged
 
 
+def test_the_plan_keeps_the_recipes_steps_and_fills_the_budget_only_where_they_are_zero(reproduce):
+    """The default steps are the recorded runs' (1,636 and 559, whatever the budget or the assumed speeds); with
+    steps 0 they are derived from --budget-minutes, and the planned main comparison then fills the budget to within
+    a step of each kind."""
+    from reproduction.settings import DEFAULT, MAIN_TRAINED, extend_cost, plan
+
+    for s in (DEFAULT, dataclasses.replace(DEFAULT, budget_minutes=40.0, assume_extend_tps=1e6)):
+        assert (plan(s)["pretrain_steps"], plan(s)["extend_steps"]) == (1636, 559)
+    derived = []
+    for minutes in (20.5, 30.0):
+        s = dataclasses.replace(DEFAULT, pretrain_steps=0, extend_steps=0, budget_minutes=minutes)
+        p = plan(s)
+        pre_step = p["pretrain"]["tokens_per_step"] / s.assume_pretrain_tps
+        ext_step = p["extend"]["tokens_per_step"] / s.assume_extend_tps * sum(extend_cost(s, v) for v in MAIN_TRAINED)
+        assert -(pre_step + ext_step) < p["seconds"]["main_total"] - minutes * 60 <= 1e-6
+        derived.append((p["pretrain_steps"], p["extend_steps"]))
+    assert derived[1][0] > derived[0][0] and derived[1][1] > derived[0][1]
+
+
 def test_merge_refuses_runs_of_another_recipe_and_bad_input(reproduce, tmp_path, capsys):
     saved = json.loads((EXPERIMENTS / "results" / "reproduce.json").read_text())
     other = _split(saved, ["hybrid_bottom"], "bbbbbbb")
-    other["settings"] = {**saved["settings"], "extend_lr": 1e-3, "budget_minutes": 30.0, "work_dir": "/elsewhere"}
+    other["settings"] = {**saved["settings"], "extend_lr": 1e-3, "budget_minutes": 30.0, "work_dir": "/elsewhere",
+                         "pretrain_steps": 1636, "extend_steps": 559}  # fmt: skip  # given where run 1 derived them
     a, b = tmp_path / "a.json", tmp_path / "b.json"
     a.write_text(json.dumps(_split(saved, ["full"], "aaaaaaa")))
     b.write_text(json.dumps(other))
     out = tmp_path / "merged"
     assert reproduce.main(["merge", "--from", str(a), "--from", str(b), "--out-dir", str(out)]) == 2
     err = capsys.readouterr().err
-    assert "they differ in extend_lr;" in err  # budget_minutes and work_dir steer a run: not a difference
+    assert "they differ in extend_lr;" in err  # budget, given steps and work_dir steer a run: not a difference
     other["settings"]["extend_lr"] = saved["settings"]["extend_lr"]
     other["plan"] = {**saved["plan"], "extend_steps": saved["plan"]["extend_steps"] + 1}
     b.write_text(json.dumps(other))

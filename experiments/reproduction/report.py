@@ -70,8 +70,8 @@ def rebuild_report(saved: dict[str, Any], out: Path, **changes: Any) -> dict[str
 # settings that steer a run, not what it trains or asks: runs that differ only in these can be merged
 RUN_CONTROL = frozenset({
     "work_dir", "out_dir", "device", "variants", "budget_minutes", "assume_pretrain_tps", "assume_extend_tps",
-    "assume_eval_tps", "checkpoints_per_run", "compile",
-})  # fmt: skip
+    "assume_eval_tps", "checkpoints_per_run", "compile", "pretrain_steps", "extend_steps",
+})  # fmt: skip  # the steps themselves are compared as planned (given, or derived from the budget)
 
 
 def merge_reports(saved: Sequence[dict[str, Any]], out: Path, command: str) -> dict[str, Any]:

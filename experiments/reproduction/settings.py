@@ -104,20 +104,26 @@ class Settings:
     # training
     batch_tokens: int = field(default=65536, metadata=_help("tokens per optimizer step (all training)"))
     micro_batch_tokens: int = field(default=65536, metadata=_help("tokens per forward/backward pass"))
-    pretrain_steps: int = field(default=0, metadata=_help("0: from --budget-minutes"))
-    extend_steps: int = field(default=0, metadata=_help("0: from --budget-minutes"))
+    pretrain_steps: int = field(default=1636, metadata=_help("pre-training steps (0: from --budget-minutes)"))
+    extend_steps: int = field(
+        default=559, metadata=_help("extension steps, the same for every variant (0: from --budget-minutes)")
+    )
     pretrain_lr: float = 1e-3
     extend_lr: float = 4e-4
     activation_checkpointing: bool = False
     compile: bool = False
     checkpoints_per_run: int = field(default=0, metadata=_help("0: one a minute of planned training"))
-    # the time plan (`plan`): training steps follow from these unless given
-    budget_minutes: float = field(default=20.5, metadata=_help("planned wall time of the main comparison"))
+    # the time plan (`plan`): the planned minutes, and the steps where --pretrain-steps / --extend-steps are 0
+    budget_minutes: float = field(
+        default=20.5, metadata=_help("with steps 0: the main comparison's wall time they are planned to fill")
+    )
     assume_pretrain_tps: float = field(default=320_000, metadata=_help("tokens/s at --short-len (H100: 329K)"))
     assume_extend_tps: float = field(
         default=200_000, metadata=_help("tokens/s at --long-len, full attention (H100: 208K)")
     )
-    assume_eval_tps: float = field(default=400_000, metadata=_help("prompt tokens/s in evaluation, full attention"))
+    assume_eval_tps: float = field(
+        default=700_000, metadata=_help("prompt tokens/s in evaluation, full attention (H100: 730K)")
+    )
     # evaluation
     eval_lengths: tuple[int, ...] = (2048, 4096, 8192, 16384, 32768)
     prompts_per_task: int = field(default=80, metadata=_help("prompts per (task, length); needle depths evenly spaced"))
@@ -209,32 +215,36 @@ def batch_shape(s: Settings, seq_len: int) -> tuple[int, int]:
 
 
 MAIN_TRAINED = ("full", "hybrid_sinkwindow", "hybrid_blocksparse", "all_sparse")
+SPARSE_EVAL = 0.75  # a sparse variant's evaluation time, a share of full attention's (H100: 15-20 s against 21-24 s)
 
 
 def extend_cost(s: Settings, variant: str) -> float:
-    """Planned seconds of one extension step's tokens relative to full attention's: the share of the layers that
-    are full plus what the sparse layers keep (causal block work at `long_len`, a rough guide for the plan)."""
+    """Planned seconds of one extension step relative to full attention's: 62% of full attention's step is not
+    attention, and a sparse layer's attention costs what it keeps of full attention's (7% for SinkWindow, 35% for
+    BlockSparse). Fitted to the extensions at 32K of the H100 run of 2026-12-06 (`results/RUN.md`): full attention
+    200K tokens/s; SinkWindow hybrids with 0, 1/6, 1/4, 1/3, 1/2 of the layers full 307K, 289K, 277K, 260K, 248K
+    (predicted 309K, 283K, 272K, 262K, 243K); BlockSparse hybrid 238K (240K). A guide for other sizes."""
     third = {v: 1 / 3 for v in ("hybrid_sinkwindow", "hybrid_blocksparse", "hybrid_bottom", "hybrid_nosink",
                                 "hybrid_auto", "hybrid_auto_loss")}  # fmt: skip
     fractions = {"full": 1.0, "all_sparse": 0.0, **third, **{name: f for name, _, f in FRONTIER_POINTS}}
     full = round(s.layers * fractions[variant]) / s.layers
-    sparse_keep = 0.35 if variant == "hybrid_blocksparse" else 0.1
-    return 0.35 + 0.65 * (full + (1 - full) * sparse_keep)  # ~35% of full attention's step is not attention
+    sparse_keep = 0.35 if variant == "hybrid_blocksparse" else 0.07
+    return 0.62 + 0.38 * (full + (1 - full) * sparse_keep)
 
 
 def plan(s: Settings) -> dict[str, Any]:
-    """Training steps and the planned seconds of each stage, from --budget-minutes and the assumptions.
+    """Training steps and the planned seconds of each stage at the assumed throughput.
 
-    The budget is that of the main comparison (full, both hybrids, all sparse, StreamingLLM): fixed costs are
-    estimated first (preparation, evaluation, loading and exporting per training run), the rest is split
+    The steps are the recipe's (--pretrain-steps, --extend-steps); where one is 0 it is derived from
+    --budget-minutes, the wall time of the main comparison (full, both hybrids, all sparse, StreamingLLM): fixed
+    costs are estimated first (preparation, evaluation, loading and exporting per training run), the rest is split
     between pre-training (40%) and the four extensions, which all get the same steps (the same token budget).
     Other variants (bottom placement, the frontier) reuse the pre-trained model and the same step count.
-    Explicit --pretrain-steps / --extend-steps win over the plan.
     """
     prepare_s = 30 + 0.35 * s.corpus_mb  # walk, read, tokenizer training, tokenization (~16 cores)
     prompt_tokens = len(TASKS) * s.prompts_per_task * sum(s.eval_lengths)
-    eval_full_s = prompt_tokens / s.assume_eval_tps + 20  # + loading, perplexity
-    main_eval_s = sum(eval_full_s * (1.0 if v == "full" else 0.5) for v in MAIN)
+    eval_full_s = prompt_tokens / s.assume_eval_tps + 8  # + loading, perplexity
+    main_eval_s = sum(eval_full_s * (1.0 if v == "full" else SPARSE_EVAL) for v in MAIN)
     overhead_s = 15 * (1 + len(MAIN_TRAINED))  # per training run: load, data cache, checkpoints, export
     train_s = s.budget_minutes * 60 - prepare_s - main_eval_s - overhead_s
     pre_bs, pre_acc = batch_shape(s, s.short_len)
@@ -283,7 +293,7 @@ def plan(s: Settings) -> dict[str, Any]:
             "pretrain": pretrain_s + 15,
             "extend": extend_each,
             "eval_full": eval_full_s,
-            "eval_sparse": eval_full_s * 0.5,
+            "eval_sparse": eval_full_s * SPARSE_EVAL,
             "main_total": prepare_s + pretrain_s + 15 + sum(extend_each[v] for v in MAIN_TRAINED) + main_eval_s,
         },
         "assumptions": {
