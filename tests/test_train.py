@@ -66,6 +66,33 @@ def test_compiled_layers_train_like_eager_ones(workspace, tmp_path):
         torch.testing.assert_close(torch.tensor(losses(tmp_path / run)), eager, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
+def test_compiled_layers_share_a_few_graphs_whatever_the_depth(tmp_path):
+    """Compiling each decoder layer of a 12-layer hybrid (full and SinkWindow layers) makes a few graphs for all of
+    them, not graphs per layer: the layers run the same code, attention runs between the graphs, so a compiled
+    run's warm-up does not grow with depth and no layer falls back to eager at the recompile limit."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import longgen
+    from longgen.train.loop import load_training_model
+
+    cfg = LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=12,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)  # fmt: skip
+    model = LlamaForCausalLM(cfg)
+    longgen.convert(model, pattern=longgen.SinkWindow(4, 32))
+    model.save_pretrained(tmp_path / "hybrid")
+    compiled, _ = load_training_model(tmp_path / "hybrid", "cpu", compile=True)
+    torch._dynamo.reset()
+    counters.clear()
+    x = torch.randint(0, 256, (1, 128), generator=torch.Generator().manual_seed(0))
+    for _ in range(2):
+        compiled(input_ids=x, labels=x).loss.backward()
+    assert 1 <= counters["stats"]["unique_graphs"] <= 4, dict(counters["stats"])
+    assert not counters["recompiles"], dict(counters["recompiles"])
+
+
 def test_chunked_loss_equals_transformers_loss(workspace):
     import longgen
 
