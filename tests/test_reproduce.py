@@ -277,8 +277,9 @@ def test_the_committed_runs_merge_to_the_committed_results(reproduce, tmp_path):
     """experiments/results is the merge of the runs kept in experiments/results/runs: merging them again gives the
     committed quality_summary.json (all but the command, which names the output folder) and report."""
     results = EXPERIMENTS / "results"
-    runs = sorted((results / "runs").glob("*.json"), key=lambda p: (p.name != "e24dd0b_main.json", p.name))
-    assert [p.name for p in runs] == ["e24dd0b_main.json", "515bc58_frontier.json", "679ae98_auto.json"]
+    names = ["e24dd0b_main.json", "515bc58_frontier.json", "679ae98_auto.json"]  # in RUN.md's order, main run first
+    assert sorted(p.name for p in (results / "runs").glob("*.json")) == sorted(names)
+    runs = [results / "runs" / name for name in names]
     out = tmp_path / "merged"
     assert reproduce.main(["merge", *(a for p in runs for a in ("--from", str(p))), "--out-dir", str(out)]) == 0
     merged, committed = (json.loads((d / "quality_summary.json").read_text()) for d in (out, results))

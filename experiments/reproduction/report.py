@@ -297,8 +297,8 @@ def placement(s: Settings, variants: dict[str, dict]) -> list[dict[str, Any]]:
         if not all((variants.get(x) or {}).get("records") for x in (v, against)):
             continue
         for lengths in [[n] for n in s.eval_lengths] + [list(s.eval_lengths)]:
-            mine, middle = (_pooled_over(variants, x, lengths) for x in (v, against))
-            d = paired_difference(mine, middle)
+            mine, theirs = (_pooled_over(variants, x, lengths) for x in (v, against))
+            d = paired_difference(mine, theirs)
             out.append({"variant": v, "against": against, "lengths": lengths, "n": d.n, "diff_vs_middle": d.diff,
                         "diff_ci_low": d.ci_low, "diff_ci_high": d.ci_high, "mcnemar_p": d.p_value})  # fmt: skip
     return out

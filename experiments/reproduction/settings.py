@@ -216,6 +216,7 @@ def batch_shape(s: Settings, seq_len: int) -> tuple[int, int]:
 
 MAIN_TRAINED = ("full", "hybrid_sinkwindow", "hybrid_blocksparse", "all_sparse")
 SPARSE_EVAL = 0.75  # a sparse variant's evaluation time, a share of full attention's (H100: 15-20 s against 21-24 s)
+RUN_OVERHEAD_S = 15  # seconds a training run spends besides its steps: load, data cache, checkpoints, export
 
 
 def extend_cost(s: Settings, variant: str) -> float:
@@ -245,7 +246,7 @@ def plan(s: Settings) -> dict[str, Any]:
     prompt_tokens = len(TASKS) * s.prompts_per_task * sum(s.eval_lengths)
     eval_full_s = prompt_tokens / s.assume_eval_tps + 8  # + loading, perplexity
     main_eval_s = sum(eval_full_s * (1.0 if v == "full" else SPARSE_EVAL) for v in MAIN)
-    overhead_s = 15 * (1 + len(MAIN_TRAINED))  # per training run: load, data cache, checkpoints, export
+    overhead_s = RUN_OVERHEAD_S * (1 + len(MAIN_TRAINED))
     train_s = s.budget_minutes * 60 - prepare_s - main_eval_s - overhead_s
     pre_bs, pre_acc = batch_shape(s, s.short_len)
     ext_bs, ext_acc = batch_shape(s, s.long_len)
@@ -269,7 +270,9 @@ def plan(s: Settings) -> dict[str, Any]:
     def save_every(steps: int, step_s: float) -> int:  # a call cut off at its deadline loses at most this much
         return max(1, steps // s.checkpoints_per_run if s.checkpoints_per_run else int(60 / step_s))
 
-    extend_each = {v: extend_steps * full_step_s * extend_cost(s, v) + 15 for v in VARIANTS if v != "streaming_llm"}
+    extend_each = {
+        v: extend_steps * full_step_s * extend_cost(s, v) + RUN_OVERHEAD_S for v in VARIANTS if v != "streaming_llm"
+    }
     return {
         "pretrain_steps": pretrain_steps,
         "extend_steps": extend_steps,
@@ -290,17 +293,21 @@ def plan(s: Settings) -> dict[str, Any]:
         "eval_prompts_per_variant": len(TASKS) * s.prompts_per_task * len(s.eval_lengths),
         "seconds": {
             "prepare": prepare_s,
-            "pretrain": pretrain_s + 15,
+            "pretrain": pretrain_s + RUN_OVERHEAD_S,
             "extend": extend_each,
             "eval_full": eval_full_s,
             "eval_sparse": eval_full_s * SPARSE_EVAL,
-            "main_total": prepare_s + pretrain_s + 15 + sum(extend_each[v] for v in MAIN_TRAINED) + main_eval_s,
+            "main_total": prepare_s
+            + pretrain_s
+            + RUN_OVERHEAD_S
+            + sum(extend_each[v] for v in MAIN_TRAINED)
+            + main_eval_s,
         },
         "assumptions": {
             "pretrain_tokens_per_s": s.assume_pretrain_tps,
             "extend_tokens_per_s_full": s.assume_extend_tps,
             "eval_prompt_tokens_per_s_full": s.assume_eval_tps,
             "prepare_s": "30 + 0.35 per MB of corpus",
-            "seconds_per_training_run_besides_steps": 15,
+            "seconds_per_training_run_besides_steps": RUN_OVERHEAD_S,
         },
     }

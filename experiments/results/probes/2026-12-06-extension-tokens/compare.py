@@ -15,21 +15,21 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE.parents[1]
-sys.path.insert(0, str(RESULTS.parents[1] / "src"))
+sys.path[:0] = [str(RESULTS.parents[1] / "src"), str(RESULTS.parent)]
+
+from reproduction.settings import TASKS  # noqa: E402
 
 from longgen.eval.stats import paired_difference, wilson_interval  # noqa: E402
 
-TASKS = ("passkey", "niah", "niah_multikey", "variable_tracking", "parcel_weight")
-LENGTHS = (2048, 4096, 8192, 16384, 32768)
 
-
-def outcomes(path: Path) -> tuple[dict[str, str], dict]:
+def outcomes(path: Path) -> tuple[dict[str, str], dict, tuple[int, ...]]:
+    """Full attention's outcome strings, its extension record and the evaluation lengths of a saved report."""
     saved = json.loads(path.read_text())
-    return saved["outcomes"]["full"], saved["variants"]["full"]["extension"]
+    return saved["outcomes"]["full"], saved["variants"]["full"]["extension"], tuple(saved["settings"]["eval_lengths"])
 
 
-def pooled(o: dict[str, str], lengths, tasks=TASKS) -> list[bool]:
-    return [c == "1" for n in lengths for t in tasks for c in o[f"{t}@{n}"]]
+def pooled(o: dict[str, str], lengths) -> list[bool]:
+    return [c == "1" for n in lengths for t in TASKS for c in o[f"{t}@{n}"]]
 
 
 def _pct(correct: int, n: int) -> str:
@@ -43,8 +43,10 @@ def _diff(a: list[bool], b: list[bool]) -> str:
 
 
 def report() -> str:
-    probe, probe_ext = outcomes(HERE / "reproduce.json")
-    main, main_ext = outcomes(RESULTS / "runs" / "e24dd0b_main.json")
+    probe, probe_ext, lengths = outcomes(HERE / "reproduce.json")
+    main, main_ext, main_lengths = outcomes(RESULTS / "runs" / "e24dd0b_main.json")
+    if lengths != main_lengths:
+        raise ValueError(f"the runs were evaluated at different lengths: {lengths} and {main_lengths}")
     label = {
         "probe": f"probe: {probe_ext['steps']} steps, {probe_ext['tokens'] / 1e6:.1f}M tokens",
         "main": f"main run: {main_ext['steps']} steps, {main_ext['tokens'] / 1e6:.1f}M tokens",
@@ -62,14 +64,15 @@ def report() -> str:
         "| length | " + " | ".join(label.values()) + " | difference |",
         "| --- | ---: | ---: | ---: |",
     ]
-    groups = [(f"{n // 1024}K", (n,)) for n in LENGTHS] + [(">= 8K", LENGTHS[2:]), ("all", LENGTHS)]
-    for name, lengths in groups:
-        a, b = pooled(probe, lengths), pooled(main, lengths)
+    far = tuple(n for n in lengths if n >= 8192)
+    groups = [(f"{n // 1024}K", (n,)) for n in lengths] + [(">= 8K", far), ("all", lengths)]
+    for name, group in groups:
+        a, b = pooled(probe, group), pooled(main, group)
         lines.append(f"| {name} | {_pct(sum(a), len(a))} | {_pct(sum(b), len(b))} | {_diff(a, b)} |")
     lines += ["", "## Correct of 40, by task (probe / main run)", ""]
-    lines += ["| task | " + " | ".join(f"{n // 1024}K" for n in LENGTHS) + " |", "| --- |" + " ---: |" * len(LENGTHS)]
+    lines += ["| task | " + " | ".join(f"{n // 1024}K" for n in lengths) + " |", "| --- |" + " ---: |" * len(lengths)]
     for t in TASKS:
-        cells = [f"{probe[f'{t}@{n}'].count('1')} / {main[f'{t}@{n}'].count('1')}" for n in LENGTHS]
+        cells = [f"{probe[f'{t}@{n}'].count('1')} / {main[f'{t}@{n}'].count('1')}" for n in lengths]
         lines.append(f"| {t} | " + " | ".join(cells) + " |")
 
     def missed(o: dict[str, str]) -> str:  # prompt i of n has its needle at depth i / (n - 1)
