@@ -270,6 +270,7 @@ def plan(s: Settings) -> dict[str, Any]:
     def save_every(steps: int, step_s: float) -> int:  # a call cut off at its deadline loses at most this much
         return max(1, steps // s.checkpoints_per_run if s.checkpoints_per_run else int(60 / step_s))
 
+    pretrain_total = pretrain_s + RUN_OVERHEAD_S
     extend_each = {
         v: extend_steps * full_step_s * extend_cost(s, v) + RUN_OVERHEAD_S for v in VARIANTS if v != "streaming_llm"
     }
@@ -293,15 +294,11 @@ def plan(s: Settings) -> dict[str, Any]:
         "eval_prompts_per_variant": len(TASKS) * s.prompts_per_task * len(s.eval_lengths),
         "seconds": {
             "prepare": prepare_s,
-            "pretrain": pretrain_s + RUN_OVERHEAD_S,
+            "pretrain": pretrain_total,
             "extend": extend_each,
             "eval_full": eval_full_s,
             "eval_sparse": eval_full_s * SPARSE_EVAL,
-            "main_total": prepare_s
-            + pretrain_s
-            + RUN_OVERHEAD_S
-            + sum(extend_each[v] for v in MAIN_TRAINED)
-            + main_eval_s,
+            "main_total": prepare_s + pretrain_total + sum(extend_each[v] for v in MAIN_TRAINED) + main_eval_s,
         },
         "assumptions": {
             "pretrain_tokens_per_s": s.assume_pretrain_tps,
