@@ -111,16 +111,17 @@ def print_plan(exp: Experiment) -> None:
     s, p = exp.s, exp.plan
     sec = p["seconds"]
     pre, ext, ext_s = p["pretrain"], p["extend"], sec["extend"]
+    tps = p["assumptions"]
     given = s.pretrain_steps and s.extend_steps
     log(f"plan ({'steps given' if given else f'--budget-minutes {s.budget_minutes:g}'}; times at the assumed "
         f"throughput; work {exp.work}; results {exp.out}):")  # fmt: skip
     log(f"  pre-train {p['pretrain_steps']} steps x {pre['tokens_per_step']:,} tokens at {s.short_len} "
         f"= {p['pretrain_tokens'] / 1e6:.1f}M tokens, ~{sec['pretrain'] / 60:.1f} min at "
-        f"{s.assume_pretrain_tps:,.0f} tokens/s")  # fmt: skip
+        f"{tps['pretrain_tokens_per_s']:,.0f} tokens/s")  # fmt: skip
     log(f"  extend {len(s.trained)} variants x {p['extend_steps']} steps x {ext['tokens_per_step']:,} tokens at "
         f"{s.long_len} = {p['extend_tokens_per_variant'] / 1e6:.1f}M tokens each, "
         f"{', '.join(f'{v} ~{ext_s[v] / 60:.1f}' for v in s.trained)} min (full attention at "
-        f"{s.assume_extend_tps:,.0f} tokens/s)")  # fmt: skip
+        f"{tps['extend_tokens_per_s_full']:,.0f} tokens/s{', compiled layers' if s.compile else ''})")  # fmt: skip
     log(f"  evaluate {len(s.variants)} variants x {p['eval_prompts_per_variant']} prompts + perplexity, "
         f"~{sec['eval_full'] / 60:.1f} min for full attention; prepare ~{sec['prepare'] / 60:.1f} min; "
         f"main comparison ~{sec['main_total'] / 60:.1f} min")  # fmt: skip

@@ -273,10 +273,10 @@ def test_the_recorded_run_rebuilds_to_its_committed_summary(reproduce, tmp_path)
     )
 
 
-def test_the_committed_runs_merge_to_the_committed_results(reproduce, tmp_path):
-    """experiments/results is the merge of the runs kept in experiments/results/runs: merging them again gives the
-    committed quality_summary.json (all but the command, which names the output folder) and report."""
-    results = EXPERIMENTS / "results"
+def test_the_archived_runs_merge_to_their_committed_results(reproduce, tmp_path):
+    """The fifth recipe's results (archived) are the merge of the runs kept beside them in runs/: merging them again
+    gives the committed quality_summary.json (all but the command, which names the output folder) and report."""
+    results = EXPERIMENTS / "results" / "archive" / "2026-12-06-fifth-recipe"
     names = ["e24dd0b_main.json", "515bc58_frontier.json", "679ae98_auto.json"]  # in RUN.md's order, main run first
     assert sorted(p.name for p in (results / "runs").glob("*.json")) == sorted(names)
     runs = [results / "runs" / name for name in names]
@@ -284,7 +284,8 @@ def test_the_committed_runs_merge_to_the_committed_results(reproduce, tmp_path):
     assert reproduce.main(["merge", *(a for p in runs for a in ("--from", str(p))), "--out-dir", str(out)]) == 0
     merged, committed = (json.loads((d / "quality_summary.json").read_text()) for d in (out, results))
     assert {k: v for k, v in merged.items() if k != "command"} == {k: v for k, v in committed.items() if k != "command"}
-    assert committed["command"].startswith("python experiments/reproduce.py merge --from experiments/results/runs/")
+    assert committed["command"].startswith("python experiments/reproduce.py merge --from ")
+    assert [a.rsplit("/", 1)[-1] for a in committed["command"].split() if a.endswith(".json")] == names
     body = [(d / "reproduce.md").read_text().split("\n## Targets", 1)[1] for d in (out, results)]
     assert body[0] == body[1]
 
@@ -365,36 +366,44 @@ def test_merge_of_two_runs_equals_the_run_that_had_them_all(reproduce, tmp_path,
 
 
 def test_the_plan_keeps_the_recipes_steps_and_fills_the_budget_only_where_they_are_zero(reproduce):
-    """The default steps are the recorded runs' (1,636 and 559, whatever the budget or the assumed speeds); with
+    """The default steps are the recorded run's (1,636 and 1,118, whatever the budget or the assumed speeds); with
     steps 0 they are derived from --budget-minutes, and the planned main comparison then fills the budget to within
-    a step of each kind."""
-    from reproduction.settings import DEFAULT, MAIN_TRAINED, extend_cost, plan
+    a step of each kind, eager or compiled, at the H100's speed or at the one given."""
+    from reproduction.settings import DEFAULT, MAIN_TRAINED, assumed_tps, extend_cost, plan
 
     for s in (DEFAULT, dataclasses.replace(DEFAULT, budget_minutes=40.0, assume_extend_tps=1e6)):
-        assert (plan(s)["pretrain_steps"], plan(s)["extend_steps"]) == (1636, 559)
+        assert (plan(s)["pretrain_steps"], plan(s)["extend_steps"]) == (1636, 1118)
     derived = []
-    for minutes in (20.5, 30.0):
-        s = dataclasses.replace(DEFAULT, pretrain_steps=0, extend_steps=0, budget_minutes=minutes)
+    for minutes, compiled, tps in ((20.5, True, 0), (30.0, True, 0), (30.0, False, 0), (30.0, False, 400_000)):
+        s = dataclasses.replace(DEFAULT, pretrain_steps=0, extend_steps=0, budget_minutes=minutes, compile=compiled,
+                                assume_extend_tps=tps)  # fmt: skip
         p = plan(s)
-        pre_step = p["pretrain"]["tokens_per_step"] / s.assume_pretrain_tps
-        ext_step = p["extend"]["tokens_per_step"] / s.assume_extend_tps * sum(extend_cost(s, v) for v in MAIN_TRAINED)
+        pre_tps, ext_tps = assumed_tps(s)
+        assert p["assumptions"]["extend_tokens_per_s_full"] == ext_tps == (tps or (250_000 if compiled else 200_000))
+        pre_step = p["pretrain"]["tokens_per_step"] / pre_tps
+        ext_step = p["extend"]["tokens_per_step"] / ext_tps * sum(extend_cost(s, v) for v in MAIN_TRAINED)
         assert -(pre_step + ext_step) < p["seconds"]["main_total"] - minutes * 60 <= 1e-6
         derived.append((p["pretrain_steps"], p["extend_steps"]))
+    # more minutes, more steps; compiled layers, more steps in the same minutes; so does a faster assumed extension
     assert derived[1][0] > derived[0][0] and derived[1][1] > derived[0][1]
+    assert derived[1][0] > derived[2][0] and derived[1][1] > derived[2][1]
+    assert derived[3][1] > derived[2][1]
+    # a compiled step spends a larger share in attention, so sparse layers save more of it
+    assert extend_cost(DEFAULT, "all_sparse") < extend_cost(dataclasses.replace(DEFAULT, compile=False), "all_sparse")
 
 
 def test_merge_refuses_runs_of_another_recipe_and_bad_input(reproduce, tmp_path, capsys):
     saved = json.loads((EXPERIMENTS / "results" / "reproduce.json").read_text())
-    other = _split(saved, ["hybrid_bottom"], "bbbbbbb")
+    other = _split(saved, ["hybrid_blocksparse"], "bbbbbbb")
     other["settings"] = {**saved["settings"], "extend_lr": 1e-3, "budget_minutes": 30.0, "work_dir": "/elsewhere",
-                         "pretrain_steps": 1636, "extend_steps": 559}  # fmt: skip  # given where run 1 derived them
+                         "compile": False}  # fmt: skip
     a, b = tmp_path / "a.json", tmp_path / "b.json"
     a.write_text(json.dumps(_split(saved, ["full"], "aaaaaaa")))
     b.write_text(json.dumps(other))
     out = tmp_path / "merged"
     assert reproduce.main(["merge", "--from", str(a), "--from", str(b), "--out-dir", str(out)]) == 2
     err = capsys.readouterr().err
-    assert "they differ in extend_lr;" in err  # budget, given steps and work_dir steer a run: not a difference
+    assert "they differ in extend_lr;" in err  # budget, compiling and work_dir steer a run: not a difference
     other["settings"]["extend_lr"] = saved["settings"]["extend_lr"]
     other["plan"] = {**saved["plan"], "extend_steps": saved["plan"]["extend_steps"] + 1}
     b.write_text(json.dumps(other))

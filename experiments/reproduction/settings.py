@@ -106,20 +106,22 @@ class Settings:
     micro_batch_tokens: int = field(default=65536, metadata=_help("tokens per forward/backward pass"))
     pretrain_steps: int = field(default=1636, metadata=_help("pre-training steps (0: from --budget-minutes)"))
     extend_steps: int = field(
-        default=559, metadata=_help("extension steps, the same for every variant (0: from --budget-minutes)")
+        default=1118, metadata=_help("extension steps, the same for every variant (0: from --budget-minutes)")
     )
     pretrain_lr: float = 1e-3
     extend_lr: float = 4e-4
     activation_checkpointing: bool = False
-    compile: bool = False
+    compile: bool = field(default=True, metadata=_help("torch.compile each decoder layer (on a CPU: slow to start)"))
     checkpoints_per_run: int = field(default=0, metadata=_help("0: one a minute of planned training"))
     # the time plan (`plan`): the planned minutes, and the steps where --pretrain-steps / --extend-steps are 0
     budget_minutes: float = field(
         default=20.5, metadata=_help("with steps 0: the main comparison's wall time they are planned to fill")
     )
-    assume_pretrain_tps: float = field(default=320_000, metadata=_help("tokens/s at --short-len (H100: 329K)"))
+    assume_pretrain_tps: float = field(
+        default=0, metadata=_help("tokens/s at --short-len (0: the H100's, 550K compiled, 320K not)")
+    )
     assume_extend_tps: float = field(
-        default=200_000, metadata=_help("tokens/s at --long-len, full attention (H100: 208K)")
+        default=0, metadata=_help("tokens/s at --long-len, full attention (0: the H100's, 250K compiled, 200K not)")
     )
     assume_eval_tps: float = field(
         default=700_000, metadata=_help("prompt tokens/s in evaluation, full attention (H100: 730K)")
@@ -196,6 +198,7 @@ TINY = Settings(
     batch_tokens=1024,
     micro_batch_tokens=1024,
     checkpoints_per_run=2,
+    compile=False,
     pretrain_steps=6,
     extend_steps=2,
     pretrain_lr=3e-3,
@@ -219,18 +222,42 @@ SPARSE_EVAL = 0.75  # a sparse variant's evaluation time, a share of full attent
 RUN_OVERHEAD_S = 15  # seconds a training run spends besides its steps: load, data cache, checkpoints, export
 
 
+@dataclass(frozen=True)
+class Speed:
+    """The time plan's throughput for the default model on one H100 (bf16), eager or with compiled layers."""
+
+    pretrain_tps: float  # tokens/s at 2K
+    extend_tps: float  # tokens/s at 32K, full attention
+    not_attention: float  # the share of a full-attention extension step that is not attention
+
+
+H100 = {  # by --compile; fitted to the runs of 2026-12-06 (results/RUN.md and archive/2026-12-06-fifth-recipe)
+    False: Speed(pretrain_tps=320_000, extend_tps=200_000, not_attention=0.62),
+    True: Speed(pretrain_tps=550_000, extend_tps=250_000, not_attention=0.47),
+}
+
+
+def assumed_tps(s: Settings) -> tuple[float, float]:
+    """(pre-training, full attention's extension) tokens/s of the plan: --assume-*-tps where given, else the H100's."""
+    speed = H100[s.compile]
+    return s.assume_pretrain_tps or speed.pretrain_tps, s.assume_extend_tps or speed.extend_tps
+
+
 def extend_cost(s: Settings, variant: str) -> float:
-    """Planned seconds of one extension step relative to full attention's: 62% of full attention's step is not
-    attention, and a sparse layer's attention costs what it keeps of full attention's (7% for SinkWindow, 35% for
-    BlockSparse). Fitted to the extensions at 32K of the H100 run of 2026-12-06 (`results/RUN.md`): full attention
-    200K tokens/s; SinkWindow hybrids with 0, 1/6, 1/4, 1/3, 1/2 of the layers full 307K, 289K, 277K, 260K, 248K
-    (predicted 309K, 283K, 272K, 262K, 243K); BlockSparse hybrid 238K (240K). A guide for other sizes."""
+    """Planned seconds of one extension step relative to full attention's: what is not attention costs the same,
+    and a sparse layer's attention costs what it keeps of full attention's (7% for SinkWindow, 35% for BlockSparse).
+    Fitted to the H100 runs' extensions at 32K. Compiled layers (commit 3485a18), 47% not attention: full attention
+    254K tokens/s; SinkWindow hybrid 375K (predicted 379K), BlockSparse hybrid 336K (330K), all sparse 498K (501K).
+    Eager (the fifth recipe's runs), 62%: full attention 200K; SinkWindow hybrids with 0, 1/6, 1/4, 1/3, 1/2 of the
+    layers full 307K, 289K, 277K, 260K, 248K (predicted 309K, 283K, 272K, 262K, 243K); BlockSparse 238K (240K). A
+    guide for other sizes."""
     third = {v: 1 / 3 for v in ("hybrid_sinkwindow", "hybrid_blocksparse", "hybrid_bottom", "hybrid_nosink",
                                 "hybrid_auto", "hybrid_auto_loss")}  # fmt: skip
     fractions = {"full": 1.0, "all_sparse": 0.0, **third, **{name: f for name, _, f in FRONTIER_POINTS}}
     full = round(s.layers * fractions[variant]) / s.layers
     sparse_keep = 0.35 if variant == "hybrid_blocksparse" else 0.07
-    return 0.62 + 0.38 * (full + (1 - full) * sparse_keep)
+    other = H100[s.compile].not_attention
+    return other + (1 - other) * (full + (1 - full) * sparse_keep)
 
 
 def plan(s: Settings) -> dict[str, Any]:
@@ -260,12 +287,13 @@ def plan(s: Settings) -> dict[str, Any]:
             "--extend-steps"
         )
     ext_units = sum(extend_cost(s, v) for v in MAIN_TRAINED)  # in full-attention extension steps
+    pre_tps, ext_tps = assumed_tps(s)
     if not pretrain_steps:
-        pretrain_steps = max(1, int(0.4 * train_s * s.assume_pretrain_tps / pre_tokens))
+        pretrain_steps = max(1, int(0.4 * train_s * pre_tps / pre_tokens))
     if not extend_steps:
-        extend_steps = max(1, int(0.6 * train_s / ext_units * s.assume_extend_tps / ext_tokens))
-    pretrain_s = pretrain_steps * pre_tokens / s.assume_pretrain_tps
-    full_step_s = ext_tokens / s.assume_extend_tps
+        extend_steps = max(1, int(0.6 * train_s / ext_units * ext_tps / ext_tokens))
+    pretrain_s = pretrain_steps * pre_tokens / pre_tps
+    full_step_s = ext_tokens / ext_tps
 
     def save_every(steps: int, step_s: float) -> int:  # a call cut off at its deadline loses at most this much
         return max(1, steps // s.checkpoints_per_run if s.checkpoints_per_run else int(60 / step_s))
@@ -281,7 +309,7 @@ def plan(s: Settings) -> dict[str, Any]:
             "batch_size": pre_bs,
             "grad_accum": pre_acc,
             "tokens_per_step": pre_tokens,
-            "save_every": save_every(pretrain_steps, pre_tokens / s.assume_pretrain_tps),
+            "save_every": save_every(pretrain_steps, pre_tokens / pre_tps),
         },
         "extend": {
             "batch_size": ext_bs,
@@ -301,8 +329,8 @@ def plan(s: Settings) -> dict[str, Any]:
             "main_total": prepare_s + pretrain_total + sum(extend_each[v] for v in MAIN_TRAINED) + main_eval_s,
         },
         "assumptions": {
-            "pretrain_tokens_per_s": s.assume_pretrain_tps,
-            "extend_tokens_per_s_full": s.assume_extend_tps,
+            "pretrain_tokens_per_s": pre_tps,
+            "extend_tokens_per_s_full": ext_tps,
             "eval_prompt_tokens_per_s_full": s.assume_eval_tps,
             "prepare_s": "30 + 0.35 per MB of corpus",
             "seconds_per_training_run_besides_steps": RUN_OVERHEAD_S,
