@@ -107,7 +107,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     return s
 
 
-def print_plan(exp: Experiment) -> None:
+def print_plan(exp: Experiment, picked: Sequence[str] | None = None) -> None:
+    """The plan of the main comparison, then what is left of `all` for `picked` (default: the settings' variants)."""
     s, p = exp.s, exp.plan
     sec = p["seconds"]
     pre, ext, ext_s = p["pretrain"], p["extend"], sec["extend"]
@@ -125,11 +126,11 @@ def print_plan(exp: Experiment) -> None:
     log(f"  evaluate {len(s.variants)} variants x {p['eval_prompts_per_variant']} prompts + perplexity, "
         f"~{sec['eval_full'] / 60:.1f} min for full attention; prepare ~{sec['prepare'] / 60:.1f} min; "
         f"main comparison ~{sec['main_total'] / 60:.1f} min")  # fmt: skip
-    names = exp.stage_names()
+    names = exp.stage_names(picked)
     pending = [n for n in names if not exp.current(n)]
     status = f"  finished: {len(names) - len(pending)}/{len(names)} stages"
     if pending:
-        status += f"; next: {pending[0]}; ~{exp.remaining_seconds() / 60:.1f} min of planned work left"
+        status += f"; next: {pending[0]}; ~{exp.remaining_seconds(picked) / 60:.1f} min of planned work left"
     log(status)
 
 
@@ -202,7 +203,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print_plan(exp)
+    print_plan(exp, args.variant)
     if args.stage == "plan":
         return 0
     if not interactive():  # a log, not a terminal: no loading bars from transformers
@@ -222,7 +223,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "same command again to continue")  # fmt: skip
         if args.stage == "all" and exp.current("pretrain"):  # a partial report, in case no call follows
             build_report(exp, **provenance)
-        print_plan(exp)
+        print_plan(exp, args.variant)
         return EXIT_UNFINISHED
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

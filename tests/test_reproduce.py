@@ -140,6 +140,9 @@ def test_tiny_end_to_end(reproduce, tmp_path, capsys):
     capsys.readouterr()
     assert reproduce.main(["plan", *args]) == 0
     assert "finished: 2/34 stages; next: extend-full" in capsys.readouterr().out
+    # with --variant, what `all --variant ...` has left: its extension, retrieval and perplexity
+    assert reproduce.main(["plan", "--variant", "hybrid_bottom", *args]) == 0
+    assert "finished: 2/5 stages; next: extend-hybrid_bottom" in capsys.readouterr().out
 
 
 @pytest.mark.slow

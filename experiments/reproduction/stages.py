@@ -244,10 +244,10 @@ class Experiment:
         log(f"[{name}] finished in {seconds:.0f} s")
         return result
 
-    def remaining_seconds(self) -> float:
-        """Planned seconds of the stages not finished for the current settings."""
+    def remaining_seconds(self, variants: Sequence[str] | None = None) -> float:
+        """Planned seconds of the stages `all` runs for `variants` that are not finished for the current settings."""
         sec, total = self.plan["seconds"], 0.0
-        for name in self.stage_names():
+        for name in self.stage_names(variants):
             if self.current(name):
                 continue
             if name in ("prepare", "pretrain"):
