@@ -144,6 +144,23 @@ def test_tiny_end_to_end(reproduce, tmp_path, capsys):
     assert reproduce.main(["plan", "--variant", "hybrid_bottom", *args]) == 0
     assert "finished: 2/5 stages; next: extend-hybrid_bottom" in capsys.readouterr().out
 
+    # another extension run (--extend-replica 1): the same pre-trained model, data and prompts, another data order
+    # and seed for the extension alone; its results replace the recorded extension's in the work folder
+    from reproduction.settings import TINY
+
+    full_losses = _losses(work / "runs" / "full")
+    asked = json.loads((out / "reproduce.json").read_text())["outcomes"]["full"]
+    assert reproduce.main(["all", "--variant", "full", "--extend-replica", "1", *args]) == 0
+    printed = capsys.readouterr().out
+    assert "[prepare] finished earlier" in printed and "[pretrain] finished earlier" in printed
+    assert "[extend-full] running" in printed and "no checkpoint in" in printed  # started over, nothing resumed
+    replica = _losses(work / "runs" / "full")
+    assert len(replica) == len(full_losses) and replica != full_losses
+    again = json.loads((out / "reproduce.json").read_text())
+    assert again["settings"]["extend_replica"] == 1 and again["outcomes"]["full"].keys() == asked.keys()
+    with pytest.raises(ValueError, match="--extend-replica must be >= 0"):
+        dataclasses.replace(TINY, extend_replica=-1).validate()
+
 
 @pytest.mark.slow
 def test_stopped_stage_resumes(reproduce, tmp_path, monkeypatch, capsys):
@@ -408,6 +425,12 @@ def test_merge_refuses_runs_of_another_recipe_and_bad_input(reproduce, tmp_path,
     err = capsys.readouterr().err
     assert "they differ in extend_lr;" in err  # budget, compiling and work_dir steer a run: not a difference
     other["settings"]["extend_lr"] = saved["settings"]["extend_lr"]
+    # another extension run of the same recipe is other models of the same variants: not merged
+    other["settings"]["extend_replica"] = 1
+    b.write_text(json.dumps(other))
+    assert reproduce.main(["merge", "--from", str(a), "--from", str(b), "--out-dir", str(out)]) == 2
+    assert "they differ in extend_replica;" in capsys.readouterr().err
+    other["settings"]["extend_replica"] = 0  # the recorded run predates the setting: it ran as 0
     other["plan"] = {**saved["plan"], "extend_steps": saved["plan"]["extend_steps"] + 1}
     b.write_text(json.dumps(other))
     assert reproduce.main(["merge", "--from", str(a), "--from", str(b), "--out-dir", str(out)]) == 2

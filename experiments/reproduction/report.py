@@ -45,7 +45,7 @@ def build_report(exp: Experiment, commit: str = "unknown", command: str = "") ->
 
 
 # settings added after runs were recorded, and what those runs did instead (a saved reproduce.json lacking one ran so)
-BEFORE_THE_SETTING = {"extend_retrieval_min": 0.125, "extend_far_share": 0.0}
+BEFORE_THE_SETTING = {"extend_retrieval_min": 0.125, "extend_far_share": 0.0, "extend_replica": 0}
 
 
 def rebuild_report(saved: dict[str, Any], out: Path, **changes: Any) -> dict[str, Any]:
@@ -83,9 +83,10 @@ def merge_reports(saved: Sequence[dict[str, Any]], out: Path, command: str) -> d
     if len(saved) < 2:
         raise ValueError(f"merging needs the reports of at least two runs, got {len(saved)}")
     first = saved[0]
+    recipe = [{**BEFORE_THE_SETTING, **run["settings"]} for run in saved]  # a run older than a setting ran without it
     for i, run in enumerate(saved[1:], start=2):
-        keys = sorted((set(first["settings"]) | set(run["settings"])) - RUN_CONTROL)
-        differ = [k for k in keys if first["settings"].get(k) != run["settings"].get(k)]
+        keys = sorted((set(recipe[0]) | set(recipe[i - 1])) - RUN_CONTROL)
+        differ = [k for k in keys if recipe[0].get(k) != recipe[i - 1].get(k)]
         differ += [f"plan {k}" for k in ("pretrain_steps", "extend_steps") if first["plan"][k] != run["plan"][k]]
         if differ:
             raise ValueError(

@@ -110,6 +110,9 @@ class Settings:
     )
     pretrain_lr: float = 1e-3
     extend_lr: float = 4e-4
+    extend_replica: int = field(
+        default=0, metadata=_help("another extension run: data order and seed --seed + N (0: the recorded run's)")
+    )
     activation_checkpointing: bool = False
     compile: bool = field(default=True, metadata=_help("torch.compile each decoder layer (on a CPU: slow to start)"))
     checkpoints_per_run: int = field(default=0, metadata=_help("0: one a minute of planned training"))
@@ -163,6 +166,8 @@ class Settings:
             raise ValueError(f"--eval-lengths must be longer than --answer-room ({self.answer_room})")
         if max(self.eval_lengths) > self.long_len:
             raise ValueError(f"--eval-lengths must be at most --long-len ({self.long_len}): prompts are not truncated")
+        if self.extend_replica < 0:
+            raise ValueError(f"--extend-replica must be >= 0 (0: the recorded extension), got {self.extend_replica}")
         if self.prompts_per_task < 2 or self.ppl_docs < 1 or self.checkpoints_per_run < 0:
             raise ValueError("--prompts-per-task must be >= 2, --ppl-docs >= 1, --checkpoints-per-run >= 0")
 
@@ -209,6 +214,11 @@ TINY = Settings(
     ppl_docs=1,
     ppl_bucket=64,
 )
+
+
+def train_seed(s: Settings, stage: str) -> int:
+    """The seed of a training run's data order and randomness: --seed, plus --extend-replica for an extension."""
+    return s.seed + (s.extend_replica if stage == "extend" else 0)
 
 
 def batch_shape(s: Settings, seq_len: int) -> tuple[int, int]:

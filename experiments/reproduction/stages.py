@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .corpus import file_name, select_documents
-from .settings import FRONTIER_ALIASES, FRONTIER_POINTS, TASKS, Settings, batch_shape, plan, trained_for
+from .settings import FRONTIER_ALIASES, FRONTIER_POINTS, TASKS, Settings, batch_shape, plan, train_seed, trained_for
 
 
 class DeadlineReached(BaseException):  # a BaseException, so that no `except Exception` in a library swallows it
@@ -181,6 +181,7 @@ class Experiment:
                 "batch_tokens": s.batch_tokens,
                 "lr": s.extend_lr,
                 **train,
+                "seed": train_seed(s, "extend"),
             }
         if name.startswith("eval-"):
             variant, task = name.removeprefix("eval-").rsplit("-", 1)
@@ -385,7 +386,7 @@ class Experiment:
                 "cache_dir": str(self.work / "token-cache"),
                 "upsample": upsample,
                 "whole_min": whole_min(s, stage),
-                "seed": s.seed,
+                "seed": train_seed(s, stage),
             },
             "optim": {"lr": lr, "warmup_steps": max(1, min(100, steps // 10)), "schedule": "cosine"},
             "train": {
@@ -398,7 +399,7 @@ class Experiment:
                 "device": device,
                 "tensorboard": False,
                 "progress": interactive(),
-                "seed": s.seed,
+                "seed": train_seed(s, stage),
                 "resume": True,
             },
         }
