@@ -288,6 +288,9 @@ def test_the_recorded_run_rebuilds_to_its_committed_summary(reproduce, tmp_path)
     saved["settings"].pop("extend_far_share", None)
     summary = rebuild_report(saved, tmp_path)
     assert summary["settings"]["extend_far_share"] == 0.0
+    # no auto-placed hybrid in this run: the frontier is the middle series alone, all sparse to the middle third
+    assert [(f["variant"], f["model"]) for f in summary["frontier"]] == [
+        ("frontier_0", "all_sparse"), ("frontier_0.333", "hybrid_sinkwindow")]  # fmt: skip
     assert json.loads((tmp_path / "quality_summary.json").read_text()) == json.loads(
         (results / "quality_summary.json").read_text()
     )

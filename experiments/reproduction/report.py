@@ -262,9 +262,10 @@ def _pooled_over(variants: dict, v: str, lengths: Sequence[int]) -> list[bool]:
 
 
 def frontier(s: Settings, variants: dict[str, dict], device: str) -> list[dict[str, Any]]:
-    """SinkWindow hybrids by share of full layers, placed in the middle or by `auto`: accuracy pooled over tasks
-    and lengths >= 8K (Wilson interval), analytic KV bytes at the extended length, measured extension tokens/s and
-    the device that measured it (a merged run's variant keeps its own run's; `device` for the others)."""
+    """SinkWindow hybrids by share of full layers, placed in the middle or by `auto` (a placement with at least one
+    hybrid evaluated; all sparse starts each series): accuracy pooled over tasks and lengths >= 8K (Wilson
+    interval), analytic KV bytes at the extended length, measured extension tokens/s and the device that measured
+    it (a merged run's variant keeps its own run's; `device` for the others)."""
     out = []
     for name, where, fraction in FRONTIER_POINTS:
         v = FRONTIER_ALIASES.get(name, name)
@@ -279,7 +280,9 @@ def frontier(s: Settings, variants: dict[str, dict], device: str) -> list[dict[s
                     "kv_bytes": r["kv_bytes"][str(s.long_len)],
                     "extension_tokens_per_s": r["extension"]["tokens_per_s"],
                     "device": r.get("device", device)})  # fmt: skip
-    return out
+    # all sparse starts both series: a placement none of whose hybrids was evaluated has no series
+    shown = {f["placement"] for f in out if f["model"] != "all_sparse"}
+    return [f for f in out if f["placement"] in shown]
 
 
 def placement(s: Settings, variants: dict[str, dict]) -> list[dict[str, Any]]:
