@@ -30,6 +30,8 @@ or by --deadline-minutes) resumes where it stopped (training from its last check
     plan      sizes, the time plan and which stages are done (starts nothing)
     merge     one report in --out-dir from the reproduce.json of runs of the same recipe on different days
               (--from A/reproduce.json --from B/reproduce.json; a variant in several is taken from the first)
+    replicas  replicas.md and replicas.json in --out-dir: how the variants' differences to full attention move
+              between runs that differ only in --extend-replica (--from A/reproduce.json --from B/reproduce.json)
 
     PYTHONPATH=src python experiments/reproduce.py all --deadline-minutes 9    # GPU: see experiments/README.md
     PYTHONPATH=src python experiments/reproduce.py all --tiny                  # CPU, about a minute
@@ -50,11 +52,12 @@ from pathlib import Path
 if importlib.util.find_spec("longgen") is None:  # a checkout that is not installed: use its src/
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from reproduction.report import build_report, merge_reports
+from reproduction.report import build_report, load_reports, merge_reports
 from reproduction.settings import DEFAULT, TINY, VARIANTS, Settings
 from reproduction.stages import EVAL_STAGES, Deadline, DeadlineReached, Experiment, interactive, log
 
-STAGES = ("plan", "prepare", "pretrain", "extend", "eval", "report", "all", "merge")
+STAGES = ("plan", "prepare", "pretrain", "extend", "eval", "report", "all", "merge", "replicas")
+FROM_RUNS = ("merge", "replicas")  # the stages that read --from reports instead of a work folder
 EXIT_UNFINISHED = 75  # stopped at --deadline-minutes: run the same command again to continue
 
 
@@ -87,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--deadline-minutes", type=float, help=f"stop after this long (exit code {EXIT_UNFINISHED})")
     p.add_argument("--commit", help="the commit of the code that runs, for the results (default: git rev-parse HEAD)")
     p.add_argument("--from", dest="runs", action="append", metavar="REPRODUCE_JSON",
-                   help="merge: a run's reproduce.json (two or more, the main comparison's first)")  # fmt: skip
+                   help="merge, replicas: a run's reproduce.json (two or more; merge: main run first)")  # fmt: skip
     group = p.add_argument_group("settings (defaults: the GPU preset; --tiny has its own)")
     for f in dataclasses.fields(Settings):
         default = getattr(DEFAULT, f.name)
@@ -169,32 +172,28 @@ def run(exp: Experiment, stage: str, picked: Sequence[str] | None, provenance: d
         build_report(exp, **provenance)
 
 
-def merge(args: argparse.Namespace, given: Sequence[str]) -> int:
-    """The `merge` stage: `merge_reports` of the --from files into --out-dir."""
-    import json
+def from_runs(args: argparse.Namespace, given: Sequence[str]) -> int:
+    """The stages that read --from files: `merge` (`merge_reports`) and `replicas` (`write_replicas`), into
+    --out-dir."""
+    from reproduction.replicas import write_replicas
 
-    saved = []
-    for path in args.runs or []:
-        try:
-            saved.append(json.loads(Path(path).read_text()))
-        except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"--from {path}: not a readable reproduce.json ({e})") from None
-        if not {"settings", "plan", "variants", "outcomes", "commit"} <= saved[-1].keys():
-            raise ValueError(f"--from {path}: not a report of experiments/reproduce.py (no settings or outcomes)")
+    saved = load_reports(args.runs)
     out = Path(args.out_dir or DEFAULT.out_dir)
-    merge_reports(saved, out, command=shlex.join(["python", "experiments/reproduce.py", *given]))
+    command = shlex.join(["python", "experiments/reproduce.py", *given])
+    (merge_reports if args.stage == "merge" else write_replicas)(saved, out, command=command)
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     given = sys.argv[1:] if argv is None else list(argv)
-    if (args.stage == "merge") != bool(args.runs):
-        print("error: --from goes with the merge stage, which needs it (two or more reproduce.json)", file=sys.stderr)
+    if (args.stage in FROM_RUNS) != bool(args.runs):
+        print("error: --from goes with the merge and replicas stages, which need it (two or more reproduce.json)",
+              file=sys.stderr)  # fmt: skip
         return 2
-    if args.stage == "merge":
+    if args.stage in FROM_RUNS:
         try:
-            return merge(args, given)
+            return from_runs(args, given)
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2

@@ -448,6 +448,55 @@ def test_merge_refuses_runs_of_another_recipe_and_bad_input(reproduce, tmp_path,
     (tmp_path / "other.json").write_text(json.dumps({"rows": []}))
     assert reproduce.main(["merge", "--from", str(a), "--from", str(tmp_path / "other.json")]) == 2
     assert "not a report of experiments/reproduce.py" in capsys.readouterr().err
-    assert reproduce.main(["merge"]) == 2 and "--from goes with the merge stage" in capsys.readouterr().err
+    assert reproduce.main(["merge"]) == 2 and "--from goes with the merge and replicas" in capsys.readouterr().err
     assert reproduce.main(["plan", "--from", str(a)]) == 2 and "--from goes with" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_replicas_compare_training_runs_on_the_same_prompts(reproduce, tmp_path, capsys):
+    """`reproduce.py replicas`: the recorded run as replica 0 and, as replica 1, the same run with the SinkWindow
+    hybrid answering every variable-tracking prompt at 32K. Per replica the paired differences are each run's own;
+    the mean is their average and the spread their difference, with bootstrap intervals; a variant that answered
+    alike in both runs has no spread at all. Runs that are not replicas of one recipe are refused."""
+    saved = json.loads((EXPERIMENTS / "results" / "reproduce.json").read_text())
+    recorded = {(p["variant"], p["length"]): p for p in saved["paired"]}
+    other = json.loads(json.dumps(saved))
+    other["commit"], other["settings"]["extend_replica"] = "bbbbbbb", 1
+    sw = other["outcomes"]["hybrid_sinkwindow"]
+    gained = sw["variable_tracking@32768"].count("0")
+    assert gained > 0
+    sw["variable_tracking@32768"] = "1" * len(sw["variable_tracking@32768"])
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps(saved))
+    b.write_text(json.dumps(other))
+    out = tmp_path / "replicas"
+    assert reproduce.main(["replicas", "--from", str(a), "--from", str(b), "--out-dir", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "## 2. LongGen hybrid, SinkWindow" in text and "replica 1 − replica 0" in text
+    summary = json.loads((out / "replicas.json").read_text())
+    assert summary["command"].startswith("python experiments/reproduce.py replicas --from ")
+    assert (out / "replicas.md").read_text() in text
+    by = {v: {tuple(r["lengths"]): r for r in rows} for v, rows in summary["variants"].items()}
+    assert set(by) == {"hybrid_sinkwindow", "hybrid_blocksparse", "all_sparse", "streaming_llm"}
+    row = by["hybrid_sinkwindow"][(32768,)]
+    first, second = row["per_run"]
+    assert first["diff"] == pytest.approx(recorded["hybrid_sinkwindow", 32768]["diff_vs_full"])
+    assert first["ci_low"] == pytest.approx(recorded["hybrid_sinkwindow", 32768]["diff_ci_low"])
+    assert second["diff"] == pytest.approx(first["diff"] + gained / row["n"])
+    assert row["mean"]["diff"] == pytest.approx((first["diff"] + second["diff"]) / 2)
+    assert row["mean"]["ci_low"] < row["mean"]["diff"] < row["mean"]["ci_high"]
+    (spread,) = row["spread"]
+    assert spread["diff"] == pytest.approx(gained / row["n"]) and spread["ci_low"] > 0  # more than the prompts explain
+    same = by["hybrid_blocksparse"][(8192, 16384, 32768)]
+    assert same["spread"][0] | {"replica": 0} == {"replica": 0, "minus": 0, "diff": 0.0, "ci_low": 0.0, "ci_high": 0.0}
+    assert same["per_run"][0]["diff"] == pytest.approx(same["mean"]["diff"])
+    assert text.count("target applied to the mean over replicas") == 2  # the two hybrids, not the baselines
+    # not replicas of one recipe, or not replicas at all
+    other["settings"]["extend_lr"] = 1e-3
+    b.write_text(json.dumps(other))
+    assert reproduce.main(["replicas", "--from", str(a), "--from", str(b), "--out-dir", str(out)]) == 2
+    assert "they differ in extend_lr;" in capsys.readouterr().err
+    assert reproduce.main(["replicas", "--from", str(a), "--from", str(a), "--out-dir", str(out)]) == 2
+    assert "each run must be another --extend-replica; got replicas [0, 0]" in capsys.readouterr().err
+    assert reproduce.main(["replicas", "--out-dir", str(out)]) == 2
+    assert "--from goes with the merge and replicas stages" in capsys.readouterr().err

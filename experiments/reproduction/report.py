@@ -74,6 +74,38 @@ RUN_CONTROL = frozenset({
 })  # fmt: skip  # the steps themselves are compared as planned (given, or derived from the budget)
 
 
+def load_reports(paths: Sequence[str]) -> list[dict[str, Any]]:
+    """The saved ``reproduce.json`` at `paths` (--from); ValueError for one that cannot be read or is not one."""
+    import json
+
+    saved = []
+    for path in paths:
+        try:
+            saved.append(json.loads(Path(path).read_text()))
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"--from {path}: not a readable reproduce.json ({e})") from None
+        needed = {"settings", "plan", "variants", "outcomes", "commit"}
+        if not isinstance(saved[-1], dict) or not needed <= set(saved[-1]):
+            raise ValueError(f"--from {path}: not a report of experiments/reproduce.py (no settings or outcomes)")
+    return saved
+
+
+def check_same_recipe(saved: Sequence[dict[str, Any]], may_differ: frozenset[str], what: str) -> None:
+    """ValueError naming the first run whose recipe is not run 1's: a setting outside `may_differ`, or the planned
+    training steps. A run recorded before a setting existed counts as what it ran (`BEFORE_THE_SETTING`)."""
+    first = saved[0]
+    recipe = [{**BEFORE_THE_SETTING, **run["settings"]} for run in saved]
+    for i, run in enumerate(saved[1:], start=1):
+        keys = sorted((set(recipe[0]) | set(recipe[i])) - may_differ)
+        differ = [k for k in keys if recipe[0].get(k) != recipe[i].get(k)]
+        differ += [f"plan {k}" for k in ("pretrain_steps", "extend_steps") if first["plan"][k] != run["plan"][k]]
+        if differ:
+            raise ValueError(
+                f"run {i + 1} (commit {run['commit']}) is not the recipe of run 1 (commit {first['commit']}): they "
+                f"differ in {', '.join(differ)}; only runs that differ in {', '.join(sorted(may_differ))} can be {what}"
+            )
+
+
 def merge_reports(saved: Sequence[dict[str, Any]], out: Path, command: str) -> dict[str, Any]:
     """One report from the saved ``reproduce.json`` of runs of the same recipe that evaluated different variants
     (the main comparison one day, the frontier another, pre-training repeated from the same seed), written into
@@ -82,17 +114,8 @@ def merge_reports(saved: Sequence[dict[str, Any]], out: Path, command: str) -> d
     ValueError names what differs. The report lists each run (commit, date, device, command) with its variants."""
     if len(saved) < 2:
         raise ValueError(f"merging needs the reports of at least two runs, got {len(saved)}")
+    check_same_recipe(saved, RUN_CONTROL, "merged")
     first = saved[0]
-    recipe = [{**BEFORE_THE_SETTING, **run["settings"]} for run in saved]  # a run older than a setting ran without it
-    for i, run in enumerate(saved[1:], start=2):
-        keys = sorted((set(recipe[0]) | set(recipe[i - 1])) - RUN_CONTROL)
-        differ = [k for k in keys if recipe[0].get(k) != recipe[i - 1].get(k)]
-        differ += [f"plan {k}" for k in ("pretrain_steps", "extend_steps") if first["plan"][k] != run["plan"][k]]
-        if differ:
-            raise ValueError(
-                f"run {i} (commit {run['commit']}) is not the recipe of run 1 (commit {first['commit']}): they differ "
-                f"in {', '.join(differ)}; only runs that differ in {', '.join(sorted(RUN_CONTROL))} can be merged"
-            )
     variants: dict[str, dict] = {}
     outcomes: dict[str, str] = {}
     runs = []

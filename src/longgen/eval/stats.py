@@ -4,14 +4,18 @@ Two models answering the same prompts are compared through their discordant pair
 `paired_difference` gives the difference of accuracies with Newcombe's interval for paired proportions (method
 10 of Newcombe, *Statistics in Medicine* 17:2635, 1998: Wilson intervals of both accuracies combined through the
 phi correlation of the pairs), which stays sensible at 0 or 100% and with few discordant pairs, and McNemar's
-exact two-sided p-value.
+exact two-sided p-value. `bootstrap_interval` is for statistics of several models on the same prompts that have no
+closed-form interval (e.g. a difference averaged over training runs): prompts are resampled, the same resample for
+every model.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+
+import numpy as np
 
 Z95 = 1.959963984540054  # the standard normal's 97.5% quantile
 
@@ -77,3 +81,28 @@ def mcnemar_exact(a_only: int, b_only: int) -> float:
     k = min(a_only, b_only)
     tail = sum(math.comb(m, i) for i in range(k + 1)) / 2**m
     return min(1.0, 2 * tail)
+
+
+def bootstrap_interval(
+    statistic: Callable[[np.ndarray], np.ndarray],
+    n: int,
+    *,
+    resamples: int = 10_000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of a statistic of `n` prompts: `statistic` gets a ``(resamples, n)`` array of
+    prompt indices, each row drawn with replacement (seeded), and returns the statistic of each row; the interval is
+    the central `level` share of those values."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be a positive int, got {n!r}")
+    if isinstance(resamples, bool) or not isinstance(resamples, int) or resamples < 100:
+        raise ValueError(f"resamples must be an int >= 100, got {resamples!r}")
+    if not 0 < level < 1:
+        raise ValueError(f"level must lie in (0, 1), got {level!r}")
+    rows = np.random.default_rng(seed).integers(0, n, size=(resamples, n))
+    values = np.asarray(statistic(rows), dtype=np.float64)
+    if values.shape != (resamples,):
+        raise ValueError(f"statistic must return one value per resample, shape ({resamples},); got {values.shape}")
+    low, high = np.quantile(values, [(1 - level) / 2, (1 + level) / 2])
+    return float(low), float(high)
