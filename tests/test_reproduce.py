@@ -160,6 +160,8 @@ def test_tiny_end_to_end(reproduce, tmp_path, capsys):
     assert again["settings"]["extend_replica"] == 1 and again["outcomes"]["full"].keys() == asked.keys()
     with pytest.raises(ValueError, match="--extend-replica must be >= 0"):
         dataclasses.replace(TINY, extend_replica=-1).validate()
+    with pytest.raises(ValueError, match=r"--assume-extend-tps must be >= 0 \(0: the H100's\)"):
+        dataclasses.replace(TINY, assume_extend_tps=-1.0).validate()
 
 
 @pytest.mark.slow

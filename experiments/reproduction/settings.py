@@ -166,6 +166,9 @@ class Settings:
             raise ValueError(f"--eval-lengths must be longer than --answer-room ({self.answer_room})")
         if max(self.eval_lengths) > self.long_len:
             raise ValueError(f"--eval-lengths must be at most --long-len ({self.long_len}): prompts are not truncated")
+        if self.assume_pretrain_tps < 0 or self.assume_extend_tps < 0 or self.assume_eval_tps <= 0:
+            raise ValueError("--assume-pretrain-tps and --assume-extend-tps must be >= 0 (0: the H100's), "
+                             "--assume-eval-tps > 0")  # fmt: skip
         if self.extend_replica < 0:
             raise ValueError(f"--extend-replica must be >= 0 (0: the recorded extension), got {self.extend_replica}")
         if self.prompts_per_task < 2 or self.ppl_docs < 1 or self.checkpoints_per_run < 0:
