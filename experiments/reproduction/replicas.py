@@ -18,17 +18,13 @@ import numpy as np
 
 from longgen.eval.stats import bootstrap_interval, paired_difference
 
-from .report import BEFORE_THE_SETTING, RUN_CONTROL, check_same_recipe
-from .settings import LABELS, TASKS, VARIANTS
+from .report import BEFORE_THE_SETTING, RUN_CONTROL, _k, _pooled_over, check_same_recipe, records_from_outcomes
+from .settings import LABELS, VARIANTS
 from .stages import write_json
 
 RESAMPLES = 10_000
 TARGETED = ("hybrid_sinkwindow", "hybrid_blocksparse")  # the variants the hybrids' target is about
 FILES = ("replicas.json", "replicas.md")
-
-
-def _k(n: int) -> str:
-    return f"{n // 1024}K"
 
 
 def compare_replicas(saved: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -42,7 +38,6 @@ def compare_replicas(saved: Sequence[dict[str, Any]]) -> dict[str, Any]:
     check_same_recipe(saved, RUN_CONTROL | {"extend_replica"}, "compared as replicas")
     if not all("full" in run["outcomes"] for run in saved):
         raise ValueError("every run must have evaluated full attention (`full`): the differences are against it")
-    keys = list(saved[0]["outcomes"]["full"])
     variants = [v for v in VARIANTS if v != "full" and all(v in run["outcomes"] for run in saved)]
     if not variants:
         raise ValueError("no variant besides full attention was evaluated by every run")
@@ -52,19 +47,22 @@ def compare_replicas(saved: Sequence[dict[str, Any]]) -> dict[str, Any]:
             if {k: len(bits) for k, bits in run["outcomes"][v].items()} != shape:
                 raise ValueError(f"run {i + 1} asked {v} other prompts than run 1 asked full attention (tasks, "
                                  "lengths or prompts per task differ): replicas answer the same prompts")  # fmt: skip
-    lengths = sorted({int(k.rsplit("@", 1)[1]) for k in keys})
+    lengths = sorted({int(k.rsplit("@", 1)[1]) for k in shape})
     groups = [[n] for n in lengths] + [[n for n in lengths if n >= 8192] or [lengths[-1]], lengths]
 
-    def hits(run: dict, variant: str, group: list[int]) -> np.ndarray:
-        bits = "".join(run["outcomes"][variant][f"{t}@{n}"] for t in TASKS for n in group)
-        return np.frombuffer(bits.encode(), dtype=np.uint8) == ord("1")
+    per_task = saved[0]["settings"]["prompts_per_task"]
+    records = [{v: {"records": records_from_outcomes(run["outcomes"][v], per_task)} for v in ("full", *variants)}
+               for run in saved]  # fmt: skip
+
+    def hits(i: int, variant: str, group: list[int]) -> np.ndarray:
+        return np.array(_pooled_over(records[i], variant, group))
 
     out: dict[str, Any] = {}
     for v in variants:
         table = []
         for group in groups:
-            a = np.stack([hits(run, v, group) for run in saved])
-            b = np.stack([hits(run, "full", group) for run in saved])
+            a = np.stack([hits(i, v, group) for i in range(len(saved))])
+            b = np.stack([hits(i, "full", group) for i in range(len(saved))])
             d = a.astype(np.int8) - b.astype(np.int8)  # per run and prompt: +1, 0 or -1
             n = d.shape[1]
             per_run = []

@@ -152,14 +152,17 @@ class Experiment:
     def key(self, name: str) -> dict[str, Any]:
         """Everything that decides stage `name`'s result; ValueError when a stage it builds on is not finished."""
         s = self.s
-        train = {
-            "batch": [s.batch_tokens, s.micro_batch_tokens],
-            "seed": s.seed,
-            "device": self.device(),
-            "activation_checkpointing": s.activation_checkpointing,
-            "compile": s.compile,
-            "whole_docs": s.whole_docs,
-        }
+
+        def train(stage: str) -> dict[str, Any]:
+            return {
+                "batch": [s.batch_tokens, s.micro_batch_tokens],
+                "seed": train_seed(s, stage),
+                "device": self.device(),
+                "activation_checkpointing": s.activation_checkpointing,
+                "compile": s.compile,
+                "whole_docs": s.whole_docs,
+            }
+
         if name == "prepare":
             fields = ("seed", "sources", "corpus_mb", "tokenizer_mb", "vocab_size", "heldout_docs", "short_len",
                       "long_len", "retrieval_share_pretrain", "retrieval_share_extend", "extend_retrieval_min",
@@ -168,7 +171,8 @@ class Experiment:
         if name == "pretrain":
             model = [s.hidden_size, s.layers, s.heads, s.kv_heads, s.intermediate_size, s.short_len]
             steps, lr = self.plan["pretrain_steps"], s.pretrain_lr
-            return {"prepare": self.fingerprint("prepare"), "model": model, "steps": steps, "lr": lr, **train}
+            prepared = self.fingerprint("prepare")
+            return {"prepare": prepared, "model": model, "steps": steps, "lr": lr, **train("pretrain")}
         if name.startswith("extend-"):
             variant = name.removeprefix("extend-")
             spec = self.variant_spec(variant)
@@ -180,8 +184,7 @@ class Experiment:
                 "steps": self.plan["extend_steps"],
                 "batch_tokens": s.batch_tokens,
                 "lr": s.extend_lr,
-                **train,
-                "seed": train_seed(s, "extend"),
+                **train("extend"),
             }
         if name.startswith("eval-"):
             variant, task = name.removeprefix("eval-").rsplit("-", 1)
