@@ -210,16 +210,21 @@ def test_all_evaluates_each_variant_as_soon_as_it_is_trained(reproduce, tmp_path
 
 @pytest.mark.slow
 def test_streaming_llm_alone_trains_model_1_and_is_evaluated(reproduce, tmp_path, capsys):
-    """`all --variant streaming_llm` extends `full` (StreamingLLM is model 1 at inference) and evaluates only
-    StreamingLLM; `extend --variant streaming_llm` is refused before any work is done."""
-    work = tmp_path / "work"
-    args = ["--tiny", "--work-dir", str(work), "--out-dir", str(tmp_path / "out")]
+    """`all --variant streaming_llm` evaluates only StreamingLLM, on `full`'s model (model 1 at inference);
+    `extend --variant streaming_llm` is refused before any work is done. Until it is evaluated, StreamingLLM
+    is not in the report, though the model it would run on is trained."""
+    work, out = tmp_path / "work", tmp_path / "out"
+    args = ["--tiny", "--work-dir", str(work), "--out-dir", str(out)]
     assert reproduce.main(["extend", "--variant", "full", "--variant", "streaming_llm", *args]) == 2
     assert "streaming_llm is not trained" in capsys.readouterr().err
     assert not (work / "state").exists()  # refused before prepare
+    for stage in (["prepare"], ["pretrain"], ["extend", "--variant", "full"], ["report"]):
+        assert reproduce.main([*stage, *args]) == 0
+    assert list(json.loads((out / "reproduce.json").read_text())["variants"]) == ["full"]
     assert reproduce.main(["all", "--variant", "streaming_llm", *args]) == 0
     done = sorted(p.stem for p in (work / "state").iterdir())
     assert done == ["eval-streaming_llm-ppl", "eval-streaming_llm-retrieval", "extend-full", "prepare", "pretrain"]
+    assert list(json.loads((out / "reproduce.json").read_text())["variants"]) == ["full", "streaming_llm"]
 
 
 def test_each_record_holds_its_own_prompts_outcome(reproduce):
@@ -343,7 +348,8 @@ def _split(saved: dict, variants: list[str], commit: str) -> dict:
 def test_merge_of_two_runs_equals_the_run_that_had_them_all(reproduce, tmp_path, capsys):
     """The recorded run cut into two runs (the second with another commit) and merged with `reproduce.py merge`
     gives the recorded quality_summary.json's rows and paired differences; the report names each run and its
-    variants; a variant in both runs comes from the first."""
+    variants; a variant evaluated in both runs comes from the first, one listed but not evaluated in the first
+    from the second."""
     saved = json.loads((EXPERIMENTS / "results" / "reproduce.json").read_text())
     names = list(saved["variants"])
     first, second = names[: len(names) // 2], names[len(names) // 2 :]
@@ -351,8 +357,12 @@ def test_merge_of_two_runs_equals_the_run_that_had_them_all(reproduce, tmp_path,
     run_b = {**_split(saved, [*second, first[-1]], "bbbbbbb"), "device": "another GPU"}
     run_b["outcomes"][first[-1]] = {k: v.replace("0", "x").replace("1", "0").replace("x", "1")
                                     for k, v in saved["outcomes"][first[-1]].items()}  # fmt: skip
+    run_a = _split(saved, first, "aaaaaaa")
+    # as a run recorded before a variant not evaluated was left out of the report: StreamingLLM, with `full`
+    # trained, listed without outcomes; the merge takes it from the run that evaluated it
+    run_a["variants"]["streaming_llm"] = {**run_b["variants"]["streaming_llm"], "ppl": None}
     files = []
-    for i, run in enumerate([_split(saved, first, "aaaaaaa"), run_b]):
+    for i, run in enumerate([run_a, run_b]):
         files.append(tmp_path / f"run{i}.json")
         files[-1].write_text(json.dumps(run))
     out = tmp_path / "merged"

@@ -58,6 +58,8 @@ def rebuild_report(saved: dict[str, Any], out: Path, **changes: Any) -> dict[str
     s = Settings(**{k: tuple(v) if isinstance(v, list) else v for k, v in given.items() if k in fields})
     variants = {}
     for v, r in saved["variants"].items():
+        if not saved_has_own_result(saved, v):
+            continue  # recorded before such a variant was left out
         if v in saved["outcomes"]:
             r = {**r, "records": records_from_outcomes(saved["outcomes"][v], s.prompts_per_task)}
         variants[v] = r
@@ -120,7 +122,7 @@ def merge_reports(saved: Sequence[dict[str, Any]], out: Path, command: str) -> d
     outcomes: dict[str, str] = {}
     runs = []
     for run in saved:
-        taken = [v for v in run["variants"] if v not in variants]
+        taken = [v for v in run["variants"] if v not in variants and saved_has_own_result(run, v)]
         for v in taken:  # each variant keeps the device its throughput was measured on
             variants[v] = {**run["variants"][v], "device": run["variants"][v].get("device", run["device"])}
             if v in run["outcomes"]:
@@ -183,8 +185,21 @@ def write_report(s: Settings, variants: dict[str, dict], meta: dict[str, Any], o
     return summary
 
 
+def has_own_result(variant: str, model_of: str, evaluated: bool) -> bool:
+    """Whether a variant with a trained model belongs in the report: one trained for itself always; one evaluated
+    on another variant's model (StreamingLLM on `full`'s) once it is evaluated."""
+    return model_of == variant or evaluated
+
+
+def saved_has_own_result(saved: dict[str, Any], variant: str) -> bool:
+    """`has_own_result` for a variant of a saved ``reproduce.json``."""
+    record = saved["variants"][variant]
+    return has_own_result(variant, record["model_of"], variant in saved["outcomes"] or bool(record.get("ppl")))
+
+
 def variant_record(exp: Experiment, variant: str) -> dict[str, Any] | None:
-    """Everything current about `variant`, or None when it has no current result at all."""
+    """Everything current about `variant`, or None when it has no result of its own yet (nothing trained for
+    it, or, for a variant evaluated on another one's model, nothing evaluated)."""
     s = exp.s
     trained, options = exp.model_of(variant)
     ext_name = f"extend-{trained}"
@@ -199,6 +214,8 @@ def variant_record(exp: Experiment, variant: str) -> dict[str, Any] | None:
     for task in ("retrieval", "ppl"):
         name = f"eval-{variant}-{task}"
         record[task] = exp.result(name) if exp.current(name) else None
+    if not has_own_result(variant, trained, record["retrieval"] is not None or record["ppl"] is not None):
+        return None
     record["records"] = (record.pop("retrieval") or {}).get("records")
     if record["ppl"]:
         record["ppl"] = record["ppl"]["summary"]
