@@ -303,6 +303,32 @@ def test_the_recorded_run_rebuilds_to_its_committed_summary(reproduce, tmp_path)
     )
 
 
+def test_the_recorded_replicas_rebuild_to_their_committed_comparison(reproduce, tmp_path):
+    """The committed second training run rebuilds from its reproduce.json to its committed summary, and
+    `replicas` over the two committed runs gives the committed replicas.json: the SinkWindow hybrid's mean
+    difference at 32K and its interval as RUN.md quotes them."""
+    from reproduction.report import rebuild_report
+
+    replicas = EXPERIMENTS / "results" / "replicas"
+    run = replicas / "replica1"
+    rebuild_report(json.loads((run / "reproduce.json").read_text()), tmp_path / "run")
+    rebuilt = json.loads((tmp_path / "run" / "quality_summary.json").read_text())
+    assert rebuilt == json.loads((run / "quality_summary.json").read_text())
+    committed = json.loads((replicas / "replicas.json").read_text())
+    froms = ["experiments/results/reproduce.json", "experiments/results/replicas/replica1/reproduce.json"]
+    assert committed["command"] == (
+        f"python experiments/reproduce.py replicas --from {froms[0]} --from {froms[1]} "
+        "--out-dir experiments/results/replicas"
+    )
+    root = EXPERIMENTS.parent
+    args = ["replicas", *(x for f in froms for x in ("--from", str(root / f))), "--out-dir", str(tmp_path / "cmp")]
+    assert reproduce.main(args) == 0
+    again = json.loads((tmp_path / "cmp" / "replicas.json").read_text())
+    assert {k: v for k, v in again.items() if k != "command"} == {k: v for k, v in committed.items() if k != "command"}
+    (row,) = [r for r in committed["variants"]["hybrid_sinkwindow"] if r["lengths"] == [32768]]
+    assert [round(100 * row["mean"][k], 1) for k in ("diff", "ci_low", "ci_high")] == [-3.2, -5.4, -1.3]
+
+
 def test_the_archived_runs_merge_to_their_committed_results(reproduce, tmp_path):
     """The fifth recipe's results (archived) are the merge of the runs kept beside them in runs/: merging them again
     gives the committed quality_summary.json (all but the command, which names the output folder) and report."""
