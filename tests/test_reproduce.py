@@ -513,6 +513,8 @@ def test_replicas_compare_training_runs_on_the_same_prompts(reproduce, tmp_path,
     assert "## 2. LongGen hybrid, SinkWindow" in text and "replica 1 − replica 0" in text
     summary = json.loads((out / "replicas.json").read_text())
     assert summary["command"].startswith("python experiments/reproduce.py replicas --from ")
+    assert summary["commit"] == f"{saved['commit']} + bbbbbbb" and summary["device"] == saved["device"]
+    assert summary["date"] == saved["date"]
     assert (out / "replicas.md").read_text() in text
     by = {v: {tuple(r["lengths"]): r for r in rows} for v, rows in summary["variants"].items()}
     assert set(by) == {"hybrid_sinkwindow", "hybrid_blocksparse", "all_sparse", "streaming_llm"}

@@ -84,7 +84,12 @@ def compare_replicas(saved: Sequence[dict[str, Any]]) -> dict[str, Any]:
         out[v] = table
     runs = [{k: run.get(k) for k in ("commit", "date", "device", "command")} | {"extend_replica": r}
             for run, r in zip(saved, replicas, strict=True)]  # fmt: skip
-    return {"runs": runs, "lengths": lengths, "resamples": RESAMPLES, "variants": out}
+    made = {  # what the comparison was made from, as a merged report names it: every run's commit and GPU
+        "commit": " + ".join(str(run["commit"]) for run in runs),
+        "device": " + ".join(dict.fromkeys(str(run["device"]) for run in runs)),
+        "date": max(str(run["date"]) for run in runs),
+    }
+    return {**made, "runs": runs, "lengths": lengths, "resamples": RESAMPLES, "variants": out}
 
 
 def _group_name(group: list[int], lengths: list[int]) -> str:
