@@ -264,11 +264,12 @@ def test_each_record_holds_its_own_prompts_outcome(reproduce):
     assert {(r["task"], r["length"], r["index"]): r["correct"] for r in records} == expected
 
 
-def test_retrieval_document_lengths_and_whole_documents(reproduce):
+def test_retrieval_document_lengths_and_whole_documents(reproduce, tmp_path):
     """Extension retrieval documents span --extend-retrieval-min of the extended context up to all of it (so
-    needle-question distances cover it evenly); packing keeps documents from an eighth of it on whole."""
+    needle-question distances cover it evenly); packing keeps documents from an eighth of it on whole; far facts
+    and longer variable chains are the extension's settings."""
     from reproduction.settings import DEFAULT
-    from reproduction.stages import far_share, retrieval_lengths, whole_min
+    from reproduction.stages import Experiment, chain_max, far_share, retrieval_lengths, whole_min
 
     assert retrieval_lengths(DEFAULT, "pretrain") == (512, 2048)
     assert retrieval_lengths(DEFAULT, "extend") == (28672, 32768)
@@ -283,6 +284,14 @@ def test_retrieval_document_lengths_and_whole_documents(reproduce):
     assert far_share(DEFAULT, "extend") == 0.25 and far_share(DEFAULT, "pretrain") == 0.0
     with pytest.raises(ValueError, match=r"--extend-far-share must lie in \[0, 1\], got -0.1"):
         dataclasses.replace(DEFAULT, extend_far_share=-0.1).validate()
+    # variable chains of 2-4 names unless --extend-chain-max says more, in the extension only; the default keeps
+    # the data key the recorded runs were made with
+    longer = dataclasses.replace(DEFAULT, extend_chain_max=6)
+    assert [chain_max(s, st) for s in (DEFAULT, longer) for st in ("pretrain", "extend")] == [4, 4, 4, 6]
+    keys = [Experiment(dataclasses.replace(s, work_dir=str(tmp_path))).key("prepare") for s in (DEFAULT, longer)]
+    assert "extend_chain_max" not in keys[0] and keys[1] == {**keys[0], "extend_chain_max": 6}
+    with pytest.raises(ValueError, match=r"--extend-chain-max must be >= 2 .*, got 1"):
+        dataclasses.replace(DEFAULT, extend_chain_max=1).validate()
 
 
 def test_the_recorded_run_rebuilds_to_its_committed_summary(reproduce, tmp_path):

@@ -1,5 +1,6 @@
 """longgen.train.synthetic (retrieval training documents) and longgen.train.tokenizer."""
 
+import hashlib
 import json
 import random
 import re
@@ -54,6 +55,33 @@ def test_variable_chains_resolve_to_the_asked_value():
         assert fact.question.endswith(f" {values[last]}.")
 
 
+def _chain_lengths(doc: str) -> list[int]:
+    """Names in each variable chain of a document: a chain starts where a name is set to a number."""
+    starts = len(re.findall(r"^(?:VAR [A-Z]{5} = |Let [A-Z]{5} be )\d+\.$", doc, re.M))
+    hops = len(re.findall(r"^(?:VAR [A-Z]{5} = |Let [A-Z]{5} be )[A-Z]{5}\.$", doc, re.M))
+    return [starts, hops]
+
+
+def test_longer_chains_with_chain_max_and_the_default_unchanged(tmp_path):
+    """`chain_max` sets the longest variable chain (2 names at least); the default is 4, drawing the same documents
+    as before the setting; the chains of a set with 6 are longer on average."""
+    docs = "".join(retrieval_document(random.Random(seed), FILLER, 3000, 3.0, 4.0) for seed in range(3))
+    assert hashlib.sha256(docs.encode()).hexdigest()[:16] == "bfe94f99ca3635ed"  # the documents of before
+    rng = random.Random(5)
+    names = {
+        m: [len(make_fact("variable_tracking", rng, "w", chain_max=m).needles) for _ in range(300)] for m in (2, 6)
+    }
+    assert set(names[2]) == {2} and set(names[6]) == {2, 3, 4, 5, 6}
+    averages = []
+    for m in (4, 6):
+        write_retrieval_set(tmp_path / f"{m}.jsonl", FILLER, 20_000, (1000, 2000), 3.0, 4.0, seed=1,
+                            kinds=["variable_tracking"], chain_max=m)  # fmt: skip
+        text = "\n".join(json.loads(x)["text"] for x in (tmp_path / f"{m}.jsonl").read_text().splitlines())
+        starts, hops = _chain_lengths(text)
+        averages.append((starts + hops) / starts)
+    assert 2.8 < averages[0] < 3.2 and 3.7 < averages[1] < 4.3  # uniform over 2-4 names: 3; over 2-6: 4
+
+
 def test_documents_are_reproducible_and_about_the_asked_length(tmp_path):
     a = retrieval_document(random.Random(7), FILLER, 2000, 3.0, 3.0)
     assert a == retrieval_document(random.Random(7), FILLER, 2000, 3.0, 3.0)
@@ -89,6 +117,9 @@ def test_bad_input_is_a_clear_error(tmp_path):
         retrieval_document(random.Random(0), [], 100, 3.0, 3.0)
     with pytest.raises(ValueError, match=r"far_share must lie in \[0, 1\], got 1.5"):
         retrieval_document(random.Random(0), FILLER, 100, 3.0, 3.0, far_share=1.5)
+    for bad in (1, 2.5, True):
+        with pytest.raises(ValueError, match=rf"chain_max .* must be an integer >= 2, got {bad!r}"):
+            retrieval_document(random.Random(0), FILLER, 100, 3.0, 3.0, chain_max=bad)
     with pytest.raises(ValueError, match="1 <= min <= max"):
         write_retrieval_set(tmp_path / "r.jsonl", FILLER, 10, (50, 10), 3.0, 3.0, seed=0)
 

@@ -83,6 +83,9 @@ class Settings:
         default=0.25,
         metadata=_help("share of the extension's synthetic facts stated in the first eighth, asked at the end"),
     )
+    extend_chain_max: int = field(
+        default=4, metadata=_help("names in the longest variable chain of the extension's synthetic documents (>= 2)")
+    )
     whole_docs: bool = field(default=True, metadata=_help("packing never cuts a document of retrieval length"))
     facts_per_1k: float = field(default=3.0, metadata=_help("facts stated and asked per 1K synthetic tokens"))
     # model
@@ -159,6 +162,8 @@ class Settings:
             raise ValueError(f"--extend-far-share must lie in [0, 1], got {self.extend_far_share}")
         if not 0 < self.extend_retrieval_min <= 1:
             raise ValueError(f"--extend-retrieval-min must lie in (0, 1], got {self.extend_retrieval_min}")
+        if self.extend_chain_max < 2:
+            raise ValueError(f"--extend-chain-max must be >= 2 (a value and one name), got {self.extend_chain_max}")
         for name in ("retrieval_share_pretrain", "retrieval_share_extend"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must lie in [0, 1)")

@@ -97,6 +97,12 @@ def far_share(s: Settings, stage: str) -> float:
     return s.extend_far_share if stage == "extend" else 0.0
 
 
+def chain_max(s: Settings, stage: str) -> int:
+    """Names in the longest variable chain of the stage's synthetic documents: --extend-chain-max in the extension,
+    the library's 4 in pre-training."""
+    return s.extend_chain_max if stage == "extend" else 4
+
+
 def whole_min(s: Settings, stage: str) -> int | None:
     """`longgen.train`'s data.whole_min (None: off): documents from a quarter (pre-training) or an eighth
     (extension) of the context on are never cut by packing, the retrieval documents among them."""
@@ -167,7 +173,10 @@ class Experiment:
             fields = ("seed", "sources", "corpus_mb", "tokenizer_mb", "vocab_size", "heldout_docs", "short_len",
                       "long_len", "retrieval_share_pretrain", "retrieval_share_extend", "extend_retrieval_min",
                       "extend_far_share", "facts_per_1k")  # fmt: skip
-            return {**{k: getattr(s, k) for k in fields}, "heldout_min_tokens": max(s.ppl_lengths), "format": 3}
+            key = {**{k: getattr(s, k) for k in fields}, "heldout_min_tokens": max(s.ppl_lengths), "format": 3}
+            if s.extend_chain_max != 4:  # the recipe's data keep the key they were made with
+                key["extend_chain_max"] = s.extend_chain_max
+            return key
         if name == "pretrain":
             model = [s.hidden_size, s.layers, s.heads, s.kv_heads, s.intermediate_size, s.short_len]
             steps, lr = self.plan["pretrain_steps"], s.pretrain_lr
@@ -341,7 +350,8 @@ class Experiment:
             path = self.data / f"retrieval-{stage}.jsonl"
             total = int(share / (1 - share) * real)  # tokens that make `share` of what the loader draws from
             made = write_retrieval_set(path, texts, total, span, chars_per_token, s.facts_per_1k, s.seed,
-                                       count_tokens=count_tokens, far_share=far_share(s, stage))  # fmt: skip
+                                       count_tokens=count_tokens, far_share=far_share(s, stage),
+                                       chain_max=chain_max(s, stage))  # fmt: skip
             sources = [str(base.path), str(path)]
             combined = tokenize_corpus(sources, tokenizer, cache, progress=interactive())  # the loader's cache
             sets[stage] = {**made, "path": str(path), "sources": sources, "corpus_tokens": combined.n_tokens}

@@ -8,7 +8,8 @@ several wordings (the first wording of each is the one `longgen.eval`'s prompts 
 * ``passkey`` — "The pass key is 12345. ..." (at most one a document, so the question is never ambiguous);
 * ``niah`` — magic numbers keyed by a word of the document ("The special magic number for lantern is: ...");
   several a document, so every other one is a distractor (multi-key retrieval);
-* ``variable_tracking`` — a chain ``VAR A = 12345. ... VAR B = A. ...`` asked for by its last name.
+* ``variable_tracking`` — a chain ``VAR A = 12345. ... VAR B = A. ...`` of 2 to ``chain_max`` names (4 unless
+  given), asked for by its last name.
 
 Needles sit at uniformly random lines, including the first; half the questions come at the end of the document
 (as in an evaluation prompt, so the needle-question distance covers the whole length), the others at a random
@@ -19,6 +20,7 @@ rare under uniform placement.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import os
@@ -78,8 +80,9 @@ def _number(rng: random.Random, digits: tuple[int, int]) -> str:
     return str(rng.randint(10 ** (n - 1), 10**n - 1))
 
 
-def make_fact(kind: str, rng: random.Random, word: str) -> Fact:
-    """One fact of `kind` (see `RETRIEVAL_KINDS`); `word` keys the magic number of a ``niah`` fact."""
+def make_fact(kind: str, rng: random.Random, word: str, chain_max: int = 4) -> Fact:
+    """One fact of `kind` (see `RETRIEVAL_KINDS`); `word` keys the magic number of a ``niah`` fact; a
+    ``variable_tracking`` chain has 2 to `chain_max` names."""
     if kind == "passkey":
         k = _number(rng, (4, 7))
         return Fact((_pick(rng, PASSKEY_NEEDLES).format(k=k),), _pick(rng, PASSKEY_QUESTIONS).format(k=k))
@@ -88,11 +91,17 @@ def make_fact(kind: str, rng: random.Random, word: str) -> Fact:
         return Fact((_pick(rng, NIAH_NEEDLES).format(w=word, v=v),), _pick(rng, NIAH_QUESTIONS).format(w=word, v=v))
     if kind == "variable_tracking":
         v, style = _number(rng, (4, 6)), rng.randrange(2)
-        names = ["".join(rng.choice(_LETTERS) for _ in range(5)) for _ in range(rng.randint(2, 4))]
+        _check_chain_max(chain_max)
+        names = ["".join(rng.choice(_LETTERS) for _ in range(5)) for _ in range(rng.randint(2, chain_max))]
         needles = [VT_FIRST[style].format(a=names[0], v=v)]
         needles += [VT_HOP[style].format(a=a, b=b) for a, b in itertools.pairwise(names)]
         return Fact(tuple(needles), VT_QUESTIONS[style].format(b=names[-1], v=v))
     raise ValueError(f"unknown kind of fact {kind!r}; choose from {RETRIEVAL_KINDS}")
+
+
+def _check_chain_max(chain_max: int) -> None:
+    if isinstance(chain_max, bool) or not isinstance(chain_max, int) or chain_max < 2:
+        raise ValueError(f"chain_max (names in the longest variable chain) must be an integer >= 2, got {chain_max!r}")
 
 
 def _distinct(found: list[str], n: int) -> list[str]:
@@ -120,11 +129,13 @@ def retrieval_document(
     facts_per_1k: float,
     kinds: Sequence[str] = RETRIEVAL_KINDS,
     far_share: float = 0.0,
+    chain_max: int = 4,
 ) -> str:
     """About `n_tokens` tokens of `texts` with ``facts_per_1k`` facts per 1,024 tokens (at least one) of the
     given `kinds`, each stated at random lines and asked for later (see the module's docstring). `far_share`:
     the share of facts, on average, whose needles sit in the first eighth of the lines and whose question comes
-    at the end: distances near the document's whole length, rare under uniform placement."""
+    at the end: distances near the document's whole length, rare under uniform placement. `chain_max`: names in
+    the longest variable chain (at least 2)."""
     if not texts:
         raise ValueError("retrieval documents need some filler text; got no texts")
     if not 0 <= far_share <= 1:
@@ -132,6 +143,7 @@ def retrieval_document(
     unknown = [k for k in kinds if k not in RETRIEVAL_KINDS]
     if unknown or not kinds:
         raise ValueError(f"kinds must be some of {RETRIEVAL_KINDS}, got {list(kinds)}")
+    _check_chain_max(chain_max)
     n_facts = max(1, round(n_tokens * facts_per_1k / 1024))
     lines = _filler(rng, texts, int(n_tokens * chars_per_token))
     found = list(dict.fromkeys(re.findall(r"\b[a-z]{4,10}\b", "\n".join(lines))))
@@ -142,7 +154,7 @@ def retrieval_document(
         kind = rng.choice(choices)
         if kind == "passkey" and len(choices) > 1:
             choices.remove("passkey")  # one pass key a document
-        facts.append(make_fact(kind, rng, words[i]))
+        facts.append(make_fact(kind, rng, words[i], chain_max))
     # fewer characters of filler for what the facts add
     extra = sum(len(n) + 2 for f in facts for n in f.needles) + sum(len(f.question) + 2 for f in facts)
     lines = lines[: max(1, len(lines) - extra // 40)]
@@ -190,6 +202,7 @@ def write_retrieval_set(
     kinds: Sequence[str] = RETRIEVAL_KINDS,
     count_tokens: Callable[[list[str]], list[int]] | None = None,
     far_share: float = 0.0,
+    chain_max: int = 4,
 ) -> dict[str, int]:
     """Retrieval documents of uniformly random lengths in `lengths` (tokens) until about `total_tokens`, written
     as ``.jsonl`` to `path`; returns their count and planned tokens.
@@ -199,8 +212,8 @@ def write_retrieval_set(
     the questions at its end lose their needles. With `count_tokens` (texts -> their token counts, e.g. a batch
     call of the tokenizer) a document longer than ``lengths[1]`` tokens is made again from a plan shortened by
     its measured excess, up to 10 times (``remade`` counts the documents made again, ``too_long`` those still
-    longer after that: their facts alone do not fit), and ``tokens`` is the measured total. `far_share`: see
-    `retrieval_document`.
+    longer after that: their facts alone do not fit), and ``tokens`` is the measured total. `far_share`,
+    `chain_max`: see `retrieval_document`.
     """
     lo, hi = lengths
     if not 1 <= lo <= hi:
@@ -210,7 +223,11 @@ def write_retrieval_set(
     while n_tokens < total_tokens:
         planned.append(rng.randint(lo, hi))
         n_tokens += planned[-1]
-    docs = [retrieval_document(rng, texts, n, chars_per_token, facts_per_1k, kinds, far_share) for n in planned]
+    made = functools.partial(
+        retrieval_document, rng, texts, chars_per_token=chars_per_token, facts_per_1k=facts_per_1k, kinds=kinds,
+        far_share=far_share, chain_max=chain_max,
+    )  # fmt: skip
+    docs = [made(n_tokens=n) for n in planned]
     out: dict[str, int] = {"documents": len(docs), "planned_tokens": n_tokens}
     if count_tokens is None:
         write_jsonl(path, docs)
@@ -222,7 +239,7 @@ def write_retrieval_set(
             break
         for i in over:
             plans[i] = max(1, int(plans[i] * planned[i] / counts[i] * 0.98))
-            docs[i] = retrieval_document(rng, texts, plans[i], chars_per_token, facts_per_1k, kinds, far_share)
+            docs[i] = made(n_tokens=plans[i])
         for i, n in zip(over, count_tokens([docs[i] for i in over]), strict=True):
             counts[i] = n
         remade += len(over)
