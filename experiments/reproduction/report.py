@@ -18,7 +18,17 @@ from typing import Any
 
 from longgen.eval.stats import paired_difference, wilson_interval
 
-from .settings import FRONTIER_ALIASES, FRONTIER_POINTS, HELD_OUT_TASK, LABELS, PLACEMENTS, TASKS, VARIANTS, Settings
+from .settings import (
+    CHAIN_MAX,
+    FRONTIER_ALIASES,
+    FRONTIER_POINTS,
+    HELD_OUT_TASK,
+    LABELS,
+    PLACEMENTS,
+    TASKS,
+    VARIANTS,
+    Settings,
+)
 from .stages import Experiment, log, write_json
 
 FILES = ("reproduce.json", "quality_summary.json", "reproduce.md", "retrieval_by_length.png", "frontier.png",
@@ -46,7 +56,7 @@ def build_report(exp: Experiment, commit: str = "unknown", command: str = "") ->
 
 # settings added after runs were recorded, and what those runs did instead (a saved reproduce.json lacking one ran so)
 BEFORE_THE_SETTING = {
-    "extend_retrieval_min": 0.125, "extend_far_share": 0.0, "extend_replica": 0, "extend_chain_max": 4,
+    "extend_retrieval_min": 0.125, "extend_far_share": 0.0, "extend_replica": 0, "extend_chain_max": CHAIN_MAX,
 }  # fmt: skip
 
 

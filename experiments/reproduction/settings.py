@@ -44,6 +44,8 @@ LABELS = {
     "hybrid_auto_loss": "9. SinkWindow hybrid, full layers chosen by calibration (loss score)",
     **{name: f"SinkWindow hybrid, {frac:.0%} full ({p})" for name, p, frac in FRONTIER_POINTS},
 }
+# longgen.train.synthetic.CHAIN_MAX, the recorded runs' longest variable chain (not imported: it would load torch)
+CHAIN_MAX = 4
 TRAINED_TASKS = ("passkey", "niah", "niah_multikey", "variable_tracking")
 HELD_OUT_TASK = "parcel_weight"  # a fact in a template the training data never contains
 TASKS = (*TRAINED_TASKS, HELD_OUT_TASK)
@@ -84,7 +86,8 @@ class Settings:
         metadata=_help("share of the extension's synthetic facts stated in the first eighth, asked at the end"),
     )
     extend_chain_max: int = field(
-        default=4, metadata=_help("names in the longest variable chain of the extension's synthetic documents (>= 2)")
+        default=CHAIN_MAX,
+        metadata=_help("names in the longest variable chain of the extension's synthetic documents (>= 2)"),
     )
     whole_docs: bool = field(default=True, metadata=_help("packing never cuts a document of retrieval length"))
     facts_per_1k: float = field(default=3.0, metadata=_help("facts stated and asked per 1K synthetic tokens"))

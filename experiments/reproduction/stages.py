@@ -22,7 +22,17 @@ from pathlib import Path
 from typing import Any
 
 from .corpus import file_name, select_documents
-from .settings import FRONTIER_ALIASES, FRONTIER_POINTS, TASKS, Settings, batch_shape, plan, train_seed, trained_for
+from .settings import (
+    CHAIN_MAX,
+    FRONTIER_ALIASES,
+    FRONTIER_POINTS,
+    TASKS,
+    Settings,
+    batch_shape,
+    plan,
+    train_seed,
+    trained_for,
+)
 
 
 class DeadlineReached(BaseException):  # a BaseException, so that no `except Exception` in a library swallows it
@@ -99,8 +109,8 @@ def far_share(s: Settings, stage: str) -> float:
 
 def chain_max(s: Settings, stage: str) -> int:
     """Names in the longest variable chain of the stage's synthetic documents: --extend-chain-max in the extension,
-    the library's 4 in pre-training."""
-    return s.extend_chain_max if stage == "extend" else 4
+    the library's default in pre-training."""
+    return s.extend_chain_max if stage == "extend" else CHAIN_MAX
 
 
 def whole_min(s: Settings, stage: str) -> int | None:
@@ -174,7 +184,7 @@ class Experiment:
                       "long_len", "retrieval_share_pretrain", "retrieval_share_extend", "extend_retrieval_min",
                       "extend_far_share", "facts_per_1k")  # fmt: skip
             key = {**{k: getattr(s, k) for k in fields}, "heldout_min_tokens": max(s.ppl_lengths), "format": 3}
-            if s.extend_chain_max != 4:  # the recipe's data keep the key they were made with
+            if s.extend_chain_max != CHAIN_MAX:  # the recipe's data keep the key they were made with
                 key["extend_chain_max"] = s.extend_chain_max
             return key
         if name == "pretrain":

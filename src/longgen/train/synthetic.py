@@ -8,8 +8,8 @@ several wordings (the first wording of each is the one `longgen.eval`'s prompts 
 * ``passkey`` — "The pass key is 12345. ..." (at most one a document, so the question is never ambiguous);
 * ``niah`` — magic numbers keyed by a word of the document ("The special magic number for lantern is: ...");
   several a document, so every other one is a distractor (multi-key retrieval);
-* ``variable_tracking`` — a chain ``VAR A = 12345. ... VAR B = A. ...`` of 2 to ``chain_max`` names (4 unless
-  given), asked for by its last name.
+* ``variable_tracking`` — a chain ``VAR A = 12345. ... VAR B = A. ...`` of 2 to ``chain_max`` names
+  (``CHAIN_MAX``, 4, unless given), asked for by its last name.
 
 Needles sit at uniformly random lines, including the first; half the questions come at the end of the document
 (as in an evaluation prompt, so the needle-question distance covers the whole length), the others at a random
@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 RETRIEVAL_KINDS = ("passkey", "niah", "variable_tracking")
+CHAIN_MAX = 4  # names in the longest variable chain unless `chain_max` says otherwise
 _FALLBACK_WORDS = ("apple", "river", "castle", "garden", "silver", "window", "thunder", "lantern", "meadow", "harbor")
 _LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
@@ -80,7 +81,7 @@ def _number(rng: random.Random, digits: tuple[int, int]) -> str:
     return str(rng.randint(10 ** (n - 1), 10**n - 1))
 
 
-def make_fact(kind: str, rng: random.Random, word: str, chain_max: int = 4) -> Fact:
+def make_fact(kind: str, rng: random.Random, word: str, chain_max: int = CHAIN_MAX) -> Fact:
     """One fact of `kind` (see `RETRIEVAL_KINDS`); `word` keys the magic number of a ``niah`` fact; a
     ``variable_tracking`` chain has 2 to `chain_max` names."""
     if kind == "passkey":
@@ -129,7 +130,7 @@ def retrieval_document(
     facts_per_1k: float,
     kinds: Sequence[str] = RETRIEVAL_KINDS,
     far_share: float = 0.0,
-    chain_max: int = 4,
+    chain_max: int = CHAIN_MAX,
 ) -> str:
     """About `n_tokens` tokens of `texts` with ``facts_per_1k`` facts per 1,024 tokens (at least one) of the
     given `kinds`, each stated at random lines and asked for later (see the module's docstring). `far_share`:
@@ -202,7 +203,7 @@ def write_retrieval_set(
     kinds: Sequence[str] = RETRIEVAL_KINDS,
     count_tokens: Callable[[list[str]], list[int]] | None = None,
     far_share: float = 0.0,
-    chain_max: int = 4,
+    chain_max: int = CHAIN_MAX,
 ) -> dict[str, int]:
     """Retrieval documents of uniformly random lengths in `lengths` (tokens) until about `total_tokens`, written
     as ``.jsonl`` to `path`; returns their count and planned tokens.
