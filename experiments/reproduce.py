@@ -32,6 +32,8 @@ or by --deadline-minutes) resumes where it stopped (training from its last check
               (--from A/reproduce.json --from B/reproduce.json; a variant in several is taken from the first)
     replicas  replicas.md and replicas.json in --out-dir: how the variants' differences to full attention move
               between runs that differ only in --extend-replica (--from A/reproduce.json --from B/reproduce.json)
+    compare   compare.md and compare.json in --out-dir: runs of different recipes on the same prompts (a probe
+              against the recorded run; --from A/reproduce.json --from B/reproduce.json, A the reference)
 
     PYTHONPATH=src python experiments/reproduce.py all --deadline-minutes 9    # GPU: see experiments/README.md
     PYTHONPATH=src python experiments/reproduce.py all --tiny                  # CPU, about a minute
@@ -56,8 +58,8 @@ from reproduction.report import build_report, load_reports, merge_reports
 from reproduction.settings import DEFAULT, TINY, VARIANTS, Settings
 from reproduction.stages import EVAL_STAGES, Deadline, DeadlineReached, Experiment, interactive, log
 
-STAGES = ("plan", "prepare", "pretrain", "extend", "eval", "report", "all", "merge", "replicas")
-FROM_RUNS = ("merge", "replicas")  # the stages that read --from reports instead of a work folder
+STAGES = ("plan", "prepare", "pretrain", "extend", "eval", "report", "all", "merge", "replicas", "compare")
+FROM_RUNS = ("merge", "replicas", "compare")  # the stages that read --from reports instead of a work folder
 EXIT_UNFINISHED = 75  # stopped at --deadline-minutes: run the same command again to continue
 
 
@@ -90,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--deadline-minutes", type=float, help=f"stop after this long (exit code {EXIT_UNFINISHED})")
     p.add_argument("--commit", help="the commit of the code that runs, for the results (default: git rev-parse HEAD)")
     p.add_argument("--from", dest="runs", action="append", metavar="REPRODUCE_JSON",
-                   help="merge, replicas: a run's reproduce.json (two or more; merge: main run first)")  # fmt: skip
+                   help="merge, replicas, compare: a run's reproduce.json (two or more; merge: the main run "
+                        "first; compare: the reference first)")  # fmt: skip
     group = p.add_argument_group("settings (defaults: the GPU preset; --tiny has its own)")
     for f in dataclasses.fields(Settings):
         default = getattr(DEFAULT, f.name)
@@ -173,14 +176,15 @@ def run(exp: Experiment, stage: str, picked: Sequence[str] | None, provenance: d
 
 
 def from_runs(args: argparse.Namespace, given: Sequence[str]) -> int:
-    """The stages that read --from files: `merge` (`merge_reports`) and `replicas` (`write_replicas`), into
-    --out-dir."""
-    from reproduction.replicas import write_replicas
+    """The stages that read --from files, into --out-dir: `merge` (`merge_reports`), `replicas` (`write_replicas`)
+    and `compare` (`write_compare`)."""
+    from reproduction.runs import write_compare, write_replicas
 
     saved = load_reports(args.runs)
     out = Path(args.out_dir or DEFAULT.out_dir)
     command = shlex.join(["python", "experiments/reproduce.py", *given])
-    (merge_reports if args.stage == "merge" else write_replicas)(saved, out, command=command)
+    write = {"merge": merge_reports, "replicas": write_replicas, "compare": write_compare}[args.stage]
+    write(saved, out, command=command)
     return 0
 
 
@@ -188,8 +192,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     given = sys.argv[1:] if argv is None else list(argv)
     if (args.stage in FROM_RUNS) != bool(args.runs):
-        print("error: --from goes with the merge and replicas stages, which need it (two or more reproduce.json)",
-              file=sys.stderr)  # fmt: skip
+        print("error: --from goes with the merge, replicas and compare stages, which need it (two or more "
+              "reproduce.json)", file=sys.stderr)  # fmt: skip
         return 2
     if args.stage in FROM_RUNS:
         try:

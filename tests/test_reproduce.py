@@ -355,18 +355,102 @@ def test_the_archived_runs_merge_to_their_committed_results(reproduce, tmp_path)
     assert body[0] == body[1]
 
 
-def test_the_extension_tokens_probe_compares_to_its_committed_table():
-    """The probe's compare.md is what its compare.py makes of the committed reports: the probe's full attention and
-    the main run's, paired on the same prompts."""
-    import importlib.util
+PROBES = EXPERIMENTS / "results" / "probes"
 
-    folder = EXPERIMENTS / "results" / "probes" / "2026-12-06-extension-tokens"
-    spec = importlib.util.spec_from_file_location("probe_compare", folder / "compare.py")
-    compare = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(compare)
-    text = compare.report()
+
+@pytest.mark.parametrize(
+    ("probe", "line"),
+    [
+        ("2026-12-06-extension-tokens", "| niah | 40 / 40 | 39 / 39 | 40 / 40 | 40 / 40 | 36 / 39 |"),
+        ("2026-12-07-longer-chains", "| 16K | -0.2 (-2.9 to +2.4) | -7.3 (-10.3 to -4.5) | -7.0 (-11.2 to -3.0) |"),
+    ],
+)
+def test_the_probes_compare_to_their_committed_tables(reproduce, tmp_path, probe, line):
+    """A probe's compare.json and compare.md are what its recorded `compare` command makes of the committed reports
+    (the reference run first), and hold the line its RUN.md quotes."""
+    folder = PROBES / probe
+    committed = json.loads((folder / "compare.json").read_text())
+    args = committed["command"].split()
+    assert args[:3] == ["python", "experiments/reproduce.py", "compare"]
+    froms = [args[i + 1] for i, a in enumerate(args) if a == "--from"]
+    assert froms[-1] == f"experiments/results/probes/{probe}/reproduce.json"
+    given = [x for f in froms for x in ("--from", str(EXPERIMENTS.parent / f))]
+    assert reproduce.main(["compare", *given, "--out-dir", str(tmp_path)]) == 0
+    again = json.loads((tmp_path / "compare.json").read_text())
+    assert {k: v for k, v in again.items() if k != "command"} == {k: v for k, v in committed.items() if k != "command"}
+    text = (tmp_path / "compare.md").read_text()
     assert text == (folder / "compare.md").read_text()
-    assert "| niah | 40 / 40 | 39 / 39 | 40 / 40 | 40 / 40 | 39 / 36 |" in text
+    assert line in text
+
+
+def test_compare_sets_runs_of_different_recipes_side_by_side(reproduce, tmp_path, capsys):
+    """`reproduce.py compare`: the recorded run against a copy made with longer variable chains in which the
+    SinkWindow hybrid answers every variable-tracking prompt at 32K and full attention loses one needle. The
+    setting that differs is named; each variant is paired with itself across the runs and against full attention
+    within each; runs that asked other prompts, a single run and runs with no variant in common are refused."""
+    saved = json.loads((EXPERIMENTS / "results" / "reproduce.json").read_text())
+    recorded = {(p["variant"], p["length"]): p for p in saved["paired"]}
+    other = json.loads(json.dumps(saved))
+    other["commit"], other["settings"]["extend_chain_max"] = "ccccccc", 6
+    sw = other["outcomes"]["hybrid_sinkwindow"]
+    key = "variable_tracking@32768"
+    gained = sw[key].count("0")
+    sw[key] = "1" * len(sw[key])
+    needles = other["outcomes"]["full"]["niah@32768"]
+    lost = needles.index("1")
+    other["outcomes"]["full"]["niah@32768"] = needles[:lost] + "0" + needles[lost + 1 :]
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps(saved))
+    b.write_text(json.dumps(other))
+    out = tmp_path / "cmp"
+    assert reproduce.main(["compare", "--from", str(a), "--from", str(b), "--out-dir", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert (out / "compare.md").read_text() in text
+    assert "- run 2: commit ccccccc," in text and "differs from run 1 in extend_chain_max 4 → 6" in text
+    summary = json.loads((out / "compare.json").read_text())
+    assert summary["commit"] == f"{saved['commit']} + ccccccc" and summary["device"] == saved["device"]
+    assert summary["runs"][0]["differs"] == [] and summary["runs"][1]["differs"] == [["extend_chain_max", 4, 6]]
+    assert list(summary["variants"]) == ["full", "hybrid_sinkwindow", "hybrid_blocksparse", "all_sparse",
+                                         "streaming_llm"]  # fmt: skip
+    rows = {v: {tuple(r["lengths"]): r for r in s["rows"]} for v, s in summary["variants"].items()}
+    row = rows["hybrid_sinkwindow"][(32768,)]
+    first, second = row["accuracy"]
+    assert second["correct"] - first["correct"] == gained
+    (change,) = row["minus_first"]
+    assert change["diff"] == pytest.approx(gained / row["n"]) and (change["only_this"], change["only_first"]) == (
+        gained, 0)  # fmt: skip
+    against = row["against_full"]
+    assert against["per_run"][0]["diff"] == pytest.approx(recorded["hybrid_sinkwindow", 32768]["diff_vs_full"])
+    assert against["per_run"][1]["diff"] == pytest.approx(against["per_run"][0]["diff"] + (gained + 1) / row["n"])
+    (moved,) = against["moved"]
+    assert moved["diff"] == pytest.approx((gained + 1) / row["n"]) and moved["ci_low"] > 0
+    assert "against_full" not in rows["full"][(32768,)]
+    untouched = rows["hybrid_blocksparse"][(2048,)]
+    assert untouched["minus_first"][0] | {"ci_low": 0, "ci_high": 0} == {"diff": 0.0, "ci_low": 0, "ci_high": 0,
+                                                                         "only_this": 0, "only_first": 0}  # fmt: skip
+    full = summary["variants"]["full"]
+    per_task = summary["per_task"]
+    assert full["by_task"]["niah@32768"] == [needles.count("1"), needles.count("1") - 1]
+    assert full["niah_missed"][1] == sorted([*full["niah_missed"][0], lost / (per_task - 1)])
+    assert f"{100 * lost / (per_task - 1):.0f}%" in text
+    # refused: other prompts, one run, no variant in common
+    other["settings"]["prompts_per_task"] = per_task + 1
+    b.write_text(json.dumps(other))
+    assert reproduce.main(["compare", "--from", str(a), "--from", str(b), "--out-dir", str(out)]) == 2
+    assert "asked other prompts than run 1: they differ in prompts_per_task;" in capsys.readouterr().err
+    other["settings"]["prompts_per_task"] = per_task
+    other["outcomes"]["full"]["niah@32768"] += "1"
+    b.write_text(json.dumps(other))
+    assert reproduce.main(["compare", "--from", str(a), "--from", str(b), "--out-dir", str(out)]) == 2
+    assert "run 2 asked full other prompts than run 1 asked full" in capsys.readouterr().err
+    assert reproduce.main(["compare", "--from", str(a), "--out-dir", str(out)]) == 2
+    assert "at least two runs, got 1" in capsys.readouterr().err
+    only_full = {**saved, "outcomes": {"full": saved["outcomes"]["full"]}}
+    only_sw = {**saved, "outcomes": {"hybrid_sinkwindow": saved["outcomes"]["hybrid_sinkwindow"]}}
+    a.write_text(json.dumps(only_full))
+    b.write_text(json.dumps(only_sw))
+    assert reproduce.main(["compare", "--from", str(a), "--from", str(b), "--out-dir", str(out)]) == 2
+    assert "no variant was evaluated by every run" in capsys.readouterr().err
 
 
 def _split(saved: dict, variants: list[str], commit: str) -> dict:
@@ -495,7 +579,8 @@ def test_merge_refuses_runs_of_another_recipe_and_bad_input(reproduce, tmp_path,
     (tmp_path / "other.json").write_text(json.dumps({"rows": []}))
     assert reproduce.main(["merge", "--from", str(a), "--from", str(tmp_path / "other.json")]) == 2
     assert "not a report of experiments/reproduce.py" in capsys.readouterr().err
-    assert reproduce.main(["merge"]) == 2 and "--from goes with the merge and replicas" in capsys.readouterr().err
+    assert reproduce.main(["merge"]) == 2
+    assert "--from goes with the merge, replicas and compare" in capsys.readouterr().err
     assert reproduce.main(["plan", "--from", str(a)]) == 2 and "--from goes with" in capsys.readouterr().err
     assert not out.exists()
 
@@ -548,4 +633,4 @@ def test_replicas_compare_training_runs_on_the_same_prompts(reproduce, tmp_path,
     assert reproduce.main(["replicas", "--from", str(a), "--from", str(a), "--out-dir", str(out)]) == 2
     assert "each run must be another --extend-replica; got replicas [0, 0]" in capsys.readouterr().err
     assert reproduce.main(["replicas", "--out-dir", str(out)]) == 2
-    assert "--from goes with the merge and replicas stages" in capsys.readouterr().err
+    assert "--from goes with the merge, replicas and compare stages" in capsys.readouterr().err

@@ -104,16 +104,21 @@ def load_reports(paths: Sequence[str]) -> list[dict[str, Any]]:
     return saved
 
 
+def recipe_differences(first: dict[str, Any], run: dict[str, Any], may_differ: frozenset[str]) -> list[tuple]:
+    """How the saved `run`'s recipe differs from `first`'s: ``(name, first's value, run's value)`` for each setting
+    outside `may_differ` and each planned training step count (named ``plan pretrain_steps`` / ``plan
+    extend_steps``). A run recorded before a setting existed counts as what it ran (`BEFORE_THE_SETTING`)."""
+    a, b = ({**BEFORE_THE_SETTING, **r["settings"]} for r in (first, run))
+    differ = [(k, a.get(k), b.get(k)) for k in sorted((set(a) | set(b)) - may_differ) if a.get(k) != b.get(k)]
+    plans = [(f"plan {k}", first["plan"][k], run["plan"][k]) for k in ("pretrain_steps", "extend_steps")]
+    return differ + [p for p in plans if p[1] != p[2]]
+
+
 def check_same_recipe(saved: Sequence[dict[str, Any]], may_differ: frozenset[str], what: str) -> None:
-    """ValueError naming the first run whose recipe is not run 1's: a setting outside `may_differ`, or the planned
-    training steps. A run recorded before a setting existed counts as what it ran (`BEFORE_THE_SETTING`)."""
+    """ValueError naming the first run whose recipe is not run 1's (`recipe_differences` outside `may_differ`)."""
     first = saved[0]
-    recipe = [{**BEFORE_THE_SETTING, **run["settings"]} for run in saved]
     for i, run in enumerate(saved[1:], start=1):
-        keys = sorted((set(recipe[0]) | set(recipe[i])) - may_differ)
-        differ = [k for k in keys if recipe[0].get(k) != recipe[i].get(k)]
-        differ += [f"plan {k}" for k in ("pretrain_steps", "extend_steps") if first["plan"][k] != run["plan"][k]]
-        if differ:
+        if differ := [d[0] for d in recipe_differences(first, run, may_differ)]:
             raise ValueError(
                 f"run {i + 1} (commit {run['commit']}) is not the recipe of run 1 (commit {first['commit']}): they "
                 f"differ in {', '.join(differ)}; only runs that differ in {', '.join(sorted(may_differ))} can be {what}"

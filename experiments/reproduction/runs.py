@@ -1,0 +1,319 @@
+"""Saved runs set side by side on the same seeded prompts (their ``reproduce.json``, read with --from).
+
+`replicas`: runs of one recipe that differ only in `--extend-replica` (every extension again from the same
+pre-trained model, data and prompts, in another data order and seed): how much the comparison moves between
+training runs. For each variant against full attention, by length, at >= 8K and over all lengths: each run's paired
+difference (Newcombe's interval: the prompts' sampling only), the difference averaged over the runs, and each run's
+difference minus the first run's. The last two have percentile bootstrap intervals over prompts, the same resampled
+prompts for every run and model, so they too cover the prompts' sampling only: where the spread's interval excludes
+0, the training runs differ by more than the prompts can explain.
+
+`compare`: runs whose recipes may differ (a probe against the recorded run), as long as they asked the same prompts.
+It names the settings that differ from run 1's, and for each variant that every run evaluated gives: its accuracy in
+each run and each run minus run 1 on the same prompts (Newcombe); its difference to full attention in each run and
+how far that moved from run 1's (bootstrap, as the spread of `replicas`); correct answers by task and length; the
+needles missed at the longest length, by depth. A recipe's effect is only told apart from a training run's own
+spread by the replicas' spread, which these intervals do not contain.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from longgen.eval.stats import bootstrap_interval, paired_difference, wilson_interval
+
+from .report import (
+    BEFORE_THE_SETTING,
+    RUN_CONTROL,
+    _k,
+    _pooled_over,
+    check_same_recipe,
+    recipe_differences,
+    records_from_outcomes,
+)
+from .settings import LABELS, TASKS, VARIANTS
+from .stages import write_json
+
+RESAMPLES = 10_000
+TARGETED = ("hybrid_sinkwindow", "hybrid_blocksparse")  # the variants the hybrids' target is about
+FILES = ("replicas.json", "replicas.md")
+COMPARE_FILES = ("compare.json", "compare.md")
+MISSES_LISTED = 12  # compare.md lists the depths of at most this many missed needles a run (compare.json: all)
+PROMPTS = ("seed", "sources", "corpus_mb", "tokenizer_mb", "vocab_size", "heldout_docs", "long_len", "eval_lengths",
+           "prompts_per_task", "answer_room")  # fmt: skip  # the settings that decide the prompts and their haystacks
+
+
+class _Runs:
+    """The outcomes of saved runs that asked the same prompts: per-prompt hits of a variant pooled over lengths."""
+
+    def __init__(self, saved: Sequence[dict[str, Any]], variants: Sequence[str], what: str):
+        shape = {k: len(bits) for k, bits in saved[0]["outcomes"][variants[0]].items()}
+        for i, run in enumerate(saved):
+            for v in variants:
+                if {k: len(bits) for k, bits in run["outcomes"][v].items()} != shape:
+                    raise ValueError(
+                        f"run {i + 1} asked {v} other prompts than run 1 asked {variants[0]} (tasks, "
+                        f"lengths or prompts per task differ): {what} answer the same prompts"
+                    )
+        self.lengths = sorted({int(k.rsplit("@", 1)[1]) for k in shape})
+        far = [n for n in self.lengths if n >= 8192] or [self.lengths[-1]]
+        self.groups = [[n] for n in self.lengths] + [far, self.lengths]
+        self.per_task = saved[0]["settings"]["prompts_per_task"]
+        self.records = [{v: {"records": records_from_outcomes(run["outcomes"][v], self.per_task)} for v in variants}
+                        for run in saved]  # fmt: skip
+
+    def hits(self, i: int, variant: str, group: list[int]) -> np.ndarray:
+        return np.array(_pooled_over(self.records[i], variant, group))
+
+    def against_full(self, v: str, group: list[int]) -> tuple[np.ndarray, list[dict[str, Any]], list[dict[str, Any]]]:
+        """Per run and prompt `v`'s hit minus full attention's (+1, 0 or -1); each run's paired difference (Newcombe);
+        each later run's difference minus run 1's (bootstrap)."""
+        a = np.stack([self.hits(i, v, group) for i in range(len(self.records))])
+        b = np.stack([self.hits(i, "full", group) for i in range(len(self.records))])
+        d = a.astype(np.int8) - b.astype(np.int8)
+        per_run = []
+        for x, y in zip(a, b, strict=True):
+            p = paired_difference(x.tolist(), y.tolist())
+            per_run.append({"diff": p.diff, "ci_low": p.ci_low, "ci_high": p.ci_high, "only_variant": p.a_only,
+                            "only_full": p.b_only})  # fmt: skip
+        moved = []
+        for r in range(1, len(d)):
+            gap = (d[r] - d[0]).astype(np.float32)
+            lo, hi = bootstrap_interval(lambda rows, g=gap: g[rows].mean(axis=1), d.shape[1], resamples=RESAMPLES)
+            moved.append({"diff": float((d[r] - d[0]).mean()), "ci_low": lo, "ci_high": hi})
+        return d, per_run, moved
+
+
+def _made_from(saved: Sequence[dict[str, Any]]) -> dict[str, str]:
+    """What a comparison was made from, as a merged report names it: every run's commit and GPU, the latest date."""
+    return {
+        "commit": " + ".join(str(run["commit"]) for run in saved),
+        "device": " + ".join(dict.fromkeys(str(run["device"]) for run in saved)),
+        "date": max(str(run["date"]) for run in saved),
+    }
+
+
+def _shared_variants(saved: Sequence[dict[str, Any]]) -> list[str]:
+    return [v for v in VARIANTS if all(v in run["outcomes"] for run in saved)]
+
+
+def compare_replicas(saved: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The comparison of the saved ``reproduce.json`` of two or more replicas of one recipe; ValueError names what
+    does not fit (too few runs, a replica given twice, another recipe, a variant or full attention missing)."""
+    if len(saved) < 2:
+        raise ValueError(f"comparing replicas needs the reports of at least two runs, got {len(saved)}")
+    replicas = [{**BEFORE_THE_SETTING, **run["settings"]}["extend_replica"] for run in saved]
+    if len(set(replicas)) < len(replicas):
+        raise ValueError(f"each run must be another --extend-replica; got replicas {replicas}")
+    check_same_recipe(saved, RUN_CONTROL | {"extend_replica"}, "compared as replicas")
+    if not all("full" in run["outcomes"] for run in saved):
+        raise ValueError("every run must have evaluated full attention (`full`): the differences are against it")
+    variants = [v for v in _shared_variants(saved) if v != "full"]
+    if not variants:
+        raise ValueError("no variant besides full attention was evaluated by every run")
+    runs = _Runs(saved, ["full", *variants], "replicas")
+
+    out: dict[str, Any] = {}
+    for v in variants:
+        table = []
+        for group in runs.groups:
+            d, per_run, moved = runs.against_full(v, group)
+            n = d.shape[1]
+            mean = d.mean(axis=0, dtype=np.float32)
+            low, high = bootstrap_interval(lambda rows, m=mean: m[rows].mean(axis=1), n, resamples=RESAMPLES)
+            table.append({"lengths": group, "n": n,
+                          "per_run": [{"replica": r, **p} for r, p in zip(replicas, per_run, strict=True)],
+                          "mean": {"diff": float(d.mean()), "ci_low": low, "ci_high": high},
+                          "spread": [{"replica": r, "minus": replicas[0], **m}
+                                     for r, m in zip(replicas[1:], moved, strict=True)]})  # fmt: skip
+        out[v] = table
+    listed = [{k: run.get(k) for k in ("commit", "date", "device", "command")} | {"extend_replica": r}
+              for run, r in zip(saved, replicas, strict=True)]  # fmt: skip
+    return {**_made_from(saved), "runs": listed, "lengths": runs.lengths, "resamples": RESAMPLES, "variants": out}
+
+
+def compare_runs(saved: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The comparison of the saved ``reproduce.json`` of two or more runs that asked the same prompts, their recipes
+    free to differ (see the module); ValueError names what does not fit (too few runs, other prompts, no variant
+    evaluated by every run)."""
+    if len(saved) < 2:
+        raise ValueError(f"comparing runs needs the reports of at least two runs, got {len(saved)}")
+    settings = [{**BEFORE_THE_SETTING, **run["settings"]} for run in saved]
+    for i, s in enumerate(settings[1:], start=2):
+        if differ := [k for k in PROMPTS if s.get(k) != settings[0].get(k)]:
+            raise ValueError(f"run {i} (commit {saved[i - 1]['commit']}) asked other prompts than run 1: they differ "
+                             f"in {', '.join(differ)}; runs are compared on the same prompts")  # fmt: skip
+    variants = _shared_variants(saved)
+    if not variants:
+        raise ValueError("no variant was evaluated by every run")
+    runs = _Runs(saved, variants, "compared runs")
+    longest = runs.lengths[-1]
+
+    out: dict[str, Any] = {}
+    for v in variants:
+        rows = []
+        for group in runs.groups:
+            hits = [runs.hits(i, v, group) for i in range(len(saved))]
+            n = len(hits[0])
+            accuracy = []
+            for x in hits:
+                lo, hi = wilson_interval(int(x.sum()), n)
+                accuracy.append({"correct": int(x.sum()), "accuracy": float(x.mean()), "ci_low": lo, "ci_high": hi})
+            minus_first = []
+            for x in hits[1:]:
+                p = paired_difference(x.tolist(), hits[0].tolist())
+                minus_first.append({"diff": p.diff, "ci_low": p.ci_low, "ci_high": p.ci_high, "only_this": p.a_only,
+                                    "only_first": p.b_only})  # fmt: skip
+            row: dict[str, Any] = {"lengths": group, "n": n, "accuracy": accuracy, "minus_first": minus_first}
+            if v != "full" and "full" in variants:
+                _, per_run, moved = runs.against_full(v, group)
+                row["against_full"] = {"per_run": per_run, "moved": moved}
+            rows.append(row)
+        by_task = {f"{t}@{n}": [run["outcomes"][v][f"{t}@{n}"].count("1") for run in saved]
+                   for t in TASKS for n in runs.lengths if f"{t}@{n}" in saved[0]["outcomes"][v]}  # fmt: skip
+        missed = None
+        if f"niah@{longest}" in saved[0]["outcomes"][v]:  # prompt i of n has its needle at depth i / (n - 1)
+            missed = [[i / (runs.per_task - 1) for i, c in enumerate(run["outcomes"][v][f"niah@{longest}"]) if c == "0"]
+                      for run in saved]  # fmt: skip
+        extension = [run["variants"].get(v, {}).get("extension") or {} for run in saved]
+        extension = [{k: e.get(k) for k in ("steps", "tokens", "loss_final")} for e in extension]
+        out[v] = {"rows": rows, "by_task": by_task, "niah_missed": missed, "extension": extension}
+    listed = [{k: run.get(k) for k in ("commit", "date", "device", "command")}
+              | {"differs": [list(d) for d in recipe_differences(saved[0], run, RUN_CONTROL)]}
+              for run in saved]  # fmt: skip
+    return {**_made_from(saved), "runs": listed, "lengths": runs.lengths, "per_task": runs.per_task,
+            "resamples": RESAMPLES, "variants": out}  # fmt: skip
+
+
+def _group_name(group: list[int], lengths: list[int]) -> str:
+    if group == lengths:
+        return "all lengths"
+    if len(group) == 1:
+        return _k(group[0])
+    return f">= {_k(group[0])}"
+
+
+def _pts(x: dict) -> str:
+    return f"{100 * x['diff']:+.1f} ({100 * x['ci_low']:+.1f} to {100 * x['ci_high']:+.1f})"
+
+
+def _table(head: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(head) + " |", "| --- | " + " | ".join("---:" for _ in head[1:]) + " |",
+            *("| " + " | ".join(cells) + " |" for cells in rows)]  # fmt: skip
+
+
+def format_replicas(summary: dict[str, Any]) -> str:
+    """The markdown of `compare_replicas`'s summary."""
+    runs, lengths = summary["runs"], summary["lengths"]
+    reps = [r["extend_replica"] for r in runs]
+    resamples = f"{summary['resamples']:,}"
+    lines = [
+        "# The comparison across training runs (`--extend-replica`)",
+        "",
+        *(f"- replica {r['extend_replica']}: commit {r['commit']}, {r['date']}, {r['device']}" for r in runs),
+        "",
+        "Each variant minus full attention on the same prompts, in points. Per replica: the paired difference with "
+        "Newcombe's 95% interval. Mean: the difference averaged over the replicas; spread: a replica's difference "
+        f"minus replica {reps[0]}'s; both with percentile bootstrap 95% intervals over prompts ({resamples} "
+        "resamples, the same prompts for every replica and model). All intervals cover the prompts' sampling only; "
+        "where the spread's excludes 0, the training runs differ by more than the prompts explain.",
+    ]
+    for v, rows in summary["variants"].items():
+        head = ["lengths", "prompts", *(f"replica {r} − full" for r in reps), "mean − full",
+                *(f"replica {r} − replica {reps[0]}" for r in reps[1:])]  # fmt: skip
+        cells = [[_group_name(row["lengths"], lengths), str(row["n"]), *(_pts(p) for p in row["per_run"]),
+                  _pts(row["mean"]), *(_pts(s) for s in row["spread"])] for row in rows]  # fmt: skip
+        lines += ["", f"## {LABELS[v]}", "", *_table(head, cells)]
+        if v not in TARGETED:
+            continue
+        single = [row for row in rows if len(row["lengths"]) == 1]
+        worst = min(single, key=lambda row: row["mean"]["diff"])
+        lowest = min(single, key=lambda row: row["mean"]["ci_low"])
+        met = worst["mean"]["diff"] >= -0.02 and lowest["mean"]["ci_low"] >= -0.05
+        lines += ["", f"The hybrids' target applied to the mean over replicas (>= −2 points at every length, interval "
+                      f"lower end >= −5): {'met' if met else 'NOT met'}; worst {100 * worst['mean']['diff']:+.1f} at "
+                      f"{_k(worst['lengths'][0])}, lowest end {100 * lowest['mean']['ci_low']:+.1f} at "
+                      f"{_k(lowest['lengths'][0])}."]  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def _setting(value: Any) -> str:
+    return ",".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
+def format_compare(summary: dict[str, Any]) -> str:
+    """The markdown of `compare_runs`'s summary."""
+    runs, lengths = summary["runs"], summary["lengths"]
+    names = [f"run {i}" for i in range(1, len(runs) + 1)]
+    lines = ["# Runs compared on the same prompts", ""]
+    for name, run in zip(names, runs, strict=True):
+        differs = "; ".join(f"{k} {_setting(a)} → {_setting(b)}" for k, a, b in run["differs"])
+        what = "the reference" if name == "run 1" else f"differs from run 1 in {differs or 'nothing'}"
+        lines.append(f"- {name}: commit {run['commit']}, {run['date']}, {run['device']}; {what}")
+    lines += [
+        "",
+        "Accuracy in % with the 95% Wilson interval, pooled over the tasks. `run k − run 1`: the same variant on the "
+        "same prompts, in points, with Newcombe's 95% interval and the prompts only run k / only run 1 answered. "
+        "`− full`: the variant minus full attention within a run (Newcombe). `moved`: run k's difference to full "
+        f"attention minus run 1's, with a percentile bootstrap 95% interval over prompts ({summary['resamples']:,} "
+        "resamples). The intervals cover the prompts' sampling only, not a training run's own spread: compare a move "
+        "with the spread between replicas of one recipe (`reproduce.py replicas`).",
+    ]
+
+    def pct(a: dict) -> str:
+        return f"{100 * a['accuracy']:.1f} ({100 * a['ci_low']:.0f}-{100 * a['ci_high']:.0f})"
+
+    def paired(p: dict) -> str:
+        return f"{_pts(p)}; {p['only_this']}/{p['only_first']}"
+
+    for v, result in summary["variants"].items():
+        rows = result["rows"]
+        lines += ["", f"## {LABELS[v]}", ""]
+        ext = [e for e in result["extension"] if e.get("steps")]
+        if len(ext) == len(runs):
+            lines += ["Extension: " + "; ".join(
+                f"{name} {e['steps']} steps, {e['tokens'] / 1e6:.1f}M tokens, final loss {e['loss_final']:.3f}"
+                for name, e in zip(names, ext, strict=True)) + ".", ""]  # fmt: skip
+        head = ["lengths", "prompts", *names, *(f"{n} − run 1" for n in names[1:])]
+        cells = [[_group_name(r["lengths"], lengths), str(r["n"]), *(pct(a) for a in r["accuracy"]),
+                  *(paired(p) for p in r["minus_first"])] for r in rows]  # fmt: skip
+        lines += _table(head, cells)
+        if all("against_full" in r for r in rows):
+            head = ["lengths", *(f"{n} − full" for n in names), *(f"moved: {n} − run 1" for n in names[1:])]
+            cells = [[_group_name(r["lengths"], lengths), *(_pts(p) for p in r["against_full"]["per_run"]),
+                      *(_pts(m) for m in r["against_full"]["moved"])] for r in rows]  # fmt: skip
+            lines += ["", *_table(head, cells)]
+        tasks = list(dict.fromkeys(key.rsplit("@", 1)[0] for key in result["by_task"]))
+        cells = [[t, *(" / ".join(map(str, result["by_task"].get(f"{t}@{n}", []))) for n in lengths)] for t in tasks]
+        lines += ["", f"Correct of {summary['per_task']} by task ({' / '.join(names)}):", "",
+                  *_table(["task", *(_k(n) for n in lengths)], cells)]  # fmt: skip
+        if result["niah_missed"] is not None:
+            depths = [(", ".join(f"{100 * x:.0f}%" for x in m) or "none") if len(m) <= MISSES_LISTED
+                      else f"{len(m)} of {summary['per_task']}" for m in result["niah_missed"]]  # fmt: skip
+            lines += ["", f"Needles missed at {_k(lengths[-1])}, by depth: "
+                          + "; ".join(f"{n} {d}" for n, d in zip(names, depths, strict=True)) + "."]  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def _write(summary: dict[str, Any], text: str, out: Path, files: tuple[str, str]) -> dict[str, Any]:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / files[1]).write_text(text)
+    write_json(out / files[0], summary)
+    print(text, flush=True)
+    return summary
+
+
+def write_replicas(saved: Sequence[dict[str, Any]], out: Path, command: str) -> dict[str, Any]:
+    """`compare_replicas` written into `out` as ``FILES`` (with `command`); prints the markdown."""
+    summary = {**compare_replicas(saved), "command": command}
+    return _write(summary, format_replicas(summary), out, FILES)
+
+
+def write_compare(saved: Sequence[dict[str, Any]], out: Path, command: str) -> dict[str, Any]:
+    """`compare_runs` written into `out` as ``COMPARE_FILES`` (with `command`); prints the markdown."""
+    summary = {**compare_runs(saved), "command": command}
+    return _write(summary, format_compare(summary), out, COMPARE_FILES)
