@@ -383,26 +383,35 @@ def test_the_probes_compare_to_their_committed_tables(reproduce, tmp_path, probe
     assert line in text
 
 
+def _recorded_and_sinkwindow_tracking_all(tmp_path: Path, commit: str, **settings) -> tuple[dict, dict, int]:
+    """The recorded run's reproduce.json, and a copy with `commit` and `settings` in which the SinkWindow hybrid
+    answers every variable-tracking prompt at 32K (written as a.json and b.json in `tmp_path`); and how many of
+    those it gained."""
+    saved = json.loads((EXPERIMENTS / "results" / "reproduce.json").read_text())
+    other = json.loads(json.dumps(saved))
+    other["commit"] = commit
+    other["settings"].update(settings)
+    sw = other["outcomes"]["hybrid_sinkwindow"]
+    gained = sw["variable_tracking@32768"].count("0")
+    assert gained > 0
+    sw["variable_tracking@32768"] = "1" * len(sw["variable_tracking@32768"])
+    (tmp_path / "a.json").write_text(json.dumps(saved))
+    (tmp_path / "b.json").write_text(json.dumps(other))
+    return saved, other, gained
+
+
 def test_compare_sets_runs_of_different_recipes_side_by_side(reproduce, tmp_path, capsys):
     """`reproduce.py compare`: the recorded run against a copy made with longer variable chains in which the
     SinkWindow hybrid answers every variable-tracking prompt at 32K and full attention loses one needle. The
     setting that differs is named; each variant is paired with itself across the runs and against full attention
     within each; runs that asked other prompts, a single run and runs with no variant in common are refused."""
-    saved = json.loads((EXPERIMENTS / "results" / "reproduce.json").read_text())
+    saved, other, gained = _recorded_and_sinkwindow_tracking_all(tmp_path, "ccccccc", extend_chain_max=6)
     recorded = {(p["variant"], p["length"]): p for p in saved["paired"]}
-    other = json.loads(json.dumps(saved))
-    other["commit"], other["settings"]["extend_chain_max"] = "ccccccc", 6
-    sw = other["outcomes"]["hybrid_sinkwindow"]
-    key = "variable_tracking@32768"
-    gained = sw[key].count("0")
-    sw[key] = "1" * len(sw[key])
+    a, b, out = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "cmp"
     needles = other["outcomes"]["full"]["niah@32768"]
-    lost = needles.index("1")
+    lost = needles.index("1")  # and full attention misses one more needle
     other["outcomes"]["full"]["niah@32768"] = needles[:lost] + "0" + needles[lost + 1 :]
-    a, b = tmp_path / "a.json", tmp_path / "b.json"
-    a.write_text(json.dumps(saved))
     b.write_text(json.dumps(other))
-    out = tmp_path / "cmp"
     assert reproduce.main(["compare", "--from", str(a), "--from", str(b), "--out-dir", str(out)]) == 0
     text = capsys.readouterr().out
     assert (out / "compare.md").read_text() in text
@@ -590,18 +599,9 @@ def test_replicas_compare_training_runs_on_the_same_prompts(reproduce, tmp_path,
     hybrid answering every variable-tracking prompt at 32K. Per replica the paired differences are each run's own;
     the mean is their average and the spread their difference, with bootstrap intervals; a variant that answered
     alike in both runs has no spread at all. Runs that are not replicas of one recipe are refused."""
-    saved = json.loads((EXPERIMENTS / "results" / "reproduce.json").read_text())
+    saved, other, gained = _recorded_and_sinkwindow_tracking_all(tmp_path, "bbbbbbb", extend_replica=1)
     recorded = {(p["variant"], p["length"]): p for p in saved["paired"]}
-    other = json.loads(json.dumps(saved))
-    other["commit"], other["settings"]["extend_replica"] = "bbbbbbb", 1
-    sw = other["outcomes"]["hybrid_sinkwindow"]
-    gained = sw["variable_tracking@32768"].count("0")
-    assert gained > 0
-    sw["variable_tracking@32768"] = "1" * len(sw["variable_tracking@32768"])
-    a, b = tmp_path / "a.json", tmp_path / "b.json"
-    a.write_text(json.dumps(saved))
-    b.write_text(json.dumps(other))
-    out = tmp_path / "replicas"
+    a, b, out = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "replicas"
     assert reproduce.main(["replicas", "--from", str(a), "--from", str(b), "--out-dir", str(out)]) == 0
     text = capsys.readouterr().out
     assert "## 2. LongGen hybrid, SinkWindow" in text and "replica 1 − replica 0" in text
