@@ -108,6 +108,20 @@ def test_tiny_end_to_end(reproduce, tmp_path, capsys):
     )
     report = (out / "reproduce.md").read_text()
     assert "## Against full layers in the middle (as many full layers), same prompts" in report
+    # the paired difference by task: each variant's discordant prompts per task add up to its pooled ones
+    by_task = summary["paired_by_task"]
+    assert len(by_task) == len(summary["paired"]) * len(tasks) and {p["task"] for p in by_task} == tasks
+    for pooled in summary["paired"]:
+        parts = [p for p in by_task if (p["variant"], p["length"]) == (pooled["variant"], pooled["length"])]
+        assert all(p["n"] == 3 for p in parts) and len(parts) == len(tasks)
+        for key in ("only_variant", "only_full"):
+            assert sum(p[key] for p in parts) == pooled[key]
+        assert sum(p["diff_vs_full"] for p in parts) == pytest.approx(pooled["diff_vs_full"] * len(tasks))
+    sw, full = (summary["outcomes"][v]["niah@512"] for v in ("hybrid_sinkwindow", "full"))
+    variant_only = sum(a == "1" and b == "0" for a, b in zip(sw, full, strict=True))
+    (row,) = [p for p in by_task if (p["variant"], p["task"], p["length"]) == ("hybrid_sinkwindow", "niah", 512)]
+    assert row["only_variant"] == variant_only
+    assert "## Paired difference against full attention by task" in report
     assert "| SinkWindow hybrid, 50% full (auto) | SinkWindow hybrid, 50% full (middle) |" in report
     assert len(summary["outcomes"]["full"]["passkey@320"]) == 3
     variants_out = summary["variants"]

@@ -155,7 +155,7 @@ def merge_reports(saved: Sequence[dict[str, Any]], out: Path, command: str) -> d
 def write_report(s: Settings, variants: dict[str, dict], meta: dict[str, Any], out: Path) -> dict[str, Any]:
     """Accuracies, paired differences, frontier and targets of `variants` (each with its per-prompt ``records``
     when evaluated), written as ``FILES`` into `out`; prints the markdown and returns the JSON summary."""
-    rows, pooled, paired = accuracy_rows(s, variants)
+    rows, pooled, paired, by_task = accuracy_rows(s, variants)
     run = {"device": meta["environment"]["device"], "date": meta["environment"]["date"][:10]}
     summary = {
         "title": "LongGen quality: a 16x context extension, full attention against the hybrids",
@@ -166,6 +166,7 @@ def write_report(s: Settings, variants: dict[str, dict], meta: dict[str, Any], o
         "accuracy": rows,
         "pooled": pooled,
         "paired": paired,
+        "paired_by_task": by_task,
         "frontier": frontier(s, variants, run["device"]),
         "placement": placement(s, variants),
         "targets": targets(s, rows, paired, variants),
@@ -261,9 +262,15 @@ def layout_record(model: Path, options: dict, lengths: Sequence[int]) -> dict[st
     }
 
 
-def accuracy_rows(s: Settings, variants: dict[str, dict]) -> tuple[list, list, list]:
-    """(rows per variant x task x length, pooled rows per variant x length, paired differences vs full)."""
-    rows, pooled, paired = [], [], []
+def accuracy_rows(s: Settings, variants: dict[str, dict]) -> tuple[list, list, list, list]:
+    """(rows per variant x task x length, pooled rows per variant x length, paired differences vs full pooled over
+    the tasks, the same by task)."""
+    rows, pooled, paired, by_task = [], [], [], []
+
+    def versus_full(variant: str, length: int, d, **task: str) -> dict[str, Any]:
+        return {"variant": variant, **task, "length": length, "n": d.n, "diff_vs_full": d.diff, "diff_ci_low": d.ci_low,
+                "diff_ci_high": d.ci_high, "only_variant": d.a_only, "only_full": d.b_only,
+                "mcnemar_p": d.p_value}  # fmt: skip
 
     def row(variant: str, task: str, length: int, hits: list[bool]) -> dict[str, Any]:
         lo, hi = wilson_interval(sum(hits), len(hits))
@@ -283,11 +290,11 @@ def accuracy_rows(s: Settings, variants: dict[str, dict]) -> tuple[list, list, l
                 rows.append(row(v, t, n, outcomes(r["records"], n, [t])))
             pooled.append(row(v, "all", n, outcomes(r["records"], n)))
             if full and v != "full":
-                d = paired_difference(outcomes(r["records"], n), outcomes(full, n))
-                paired.append({"variant": v, "length": n, "n": d.n, "diff_vs_full": d.diff, "diff_ci_low": d.ci_low,
-                               "diff_ci_high": d.ci_high, "only_variant": d.a_only, "only_full": d.b_only,
-                               "mcnemar_p": d.p_value})  # fmt: skip
-    return rows, pooled, paired
+                paired.append(versus_full(v, n, paired_difference(outcomes(r["records"], n), outcomes(full, n))))
+                for t in TASKS:
+                    d = paired_difference(outcomes(r["records"], n, [t]), outcomes(full, n, [t]))
+                    by_task.append(versus_full(v, n, d, task=t))
+    return rows, pooled, paired, by_task
 
 
 def outcome_strings(records: list[dict]) -> dict[str, str]:
@@ -506,6 +513,14 @@ def format_report(summary: dict, s: Settings) -> str:
     rows = [[LABELS[v], t, *(f"{100 * r['accuracy']:.0f}" if (r := by.get((v, t, n))) else "—" for n in s.eval_lengths)]
             for v in variants for t in TASKS]  # fmt: skip
     lines += _table(["variant", "task", *map(_k, s.eval_lengths)], rows, text_columns=2)
+    if summary["paired_by_task"]:  # empty without full attention
+        lines += ["", "## Paired difference against full attention by task (points; discordant prompts variant-only / "
+                  f"full-only of {s.prompts_per_task})", ""]  # fmt: skip
+        by = {(p["variant"], p["task"], p["length"]): p for p in summary["paired_by_task"]}
+        rows = [[LABELS[v], t, *(f"{100 * p['diff_vs_full']:+.1f} ({p['only_variant']}/{p['only_full']})"
+                                 if (p := by.get((v, t, n))) else "—" for n in s.eval_lengths)]
+                for v in variants if v != "full" and any(key[0] == v for key in by) for t in TASKS]  # fmt: skip
+        lines += _table(["variant", "task", *map(_k, s.eval_lengths)], rows, text_columns=2)
     if summary.get("placement"):
         title = "Against full layers in the middle (as many full layers), same prompts"
         lines += ["", f"## {title} (points; 95% interval, Newcombe)", ""]
