@@ -55,7 +55,7 @@ if importlib.util.find_spec("longgen") is None:  # a checkout that is not instal
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from reproduction.report import build_report, load_reports, merge_reports
-from reproduction.settings import DEFAULT, TINY, VARIANTS, Settings
+from reproduction.settings import DEFAULT, MEASURED_SHAPE, TINY, VARIANTS, Settings
 from reproduction.stages import EVAL_STAGES, Deadline, DeadlineReached, Experiment, interactive, log
 
 STAGES = ("plan", "prepare", "pretrain", "extend", "eval", "report", "all", "merge", "replicas", "compare")
@@ -122,6 +122,12 @@ def print_plan(exp: Experiment, picked: Sequence[str] | None = None) -> None:
     given = s.pretrain_steps and s.extend_steps
     log(f"plan ({'steps given' if given else f'--budget-minutes {s.budget_minutes:g}'}; times at the assumed "
         f"throughput; work {exp.work}; results {exp.out}):")  # fmt: skip
+    scaled = tps["per_token_time_vs_measured_shape"]
+    if any(getattr(s, k) != v for k, v in MEASURED_SHAPE.items()) and not (s.assume_pretrain_tps and
+                                                                          s.assume_extend_tps):  # fmt: skip
+        log(f"  (the H100's speeds were measured with another model or lengths; scaled by multiply-adds per token: "
+            f"pre-training x{scaled['pretrain']:.2f}, full attention's extension x{scaled['extend']:.2f} the time; "
+            "a guide: --assume-pretrain-tps / --assume-extend-tps give measured ones)")  # fmt: skip
     log(f"  pre-train {p['pretrain_steps']} steps x {pre['tokens_per_step']:,} tokens at {s.short_len} "
         f"= {p['pretrain_tokens'] / 1e6:.1f}M tokens, ~{sec['pretrain'] / 60:.1f} min at "
         f"{tps['pretrain_tokens_per_s']:,.0f} tokens/s")  # fmt: skip

@@ -542,6 +542,39 @@ def test_merge_of_two_runs_equals_the_run_that_had_them_all(reproduce, tmp_path,
     assert json.loads((tmp_path / "again" / "quality_summary.json").read_text()) == merged
 
 
+def test_the_plan_scales_the_measured_speeds_to_another_model_by_multiply_adds(reproduce, capsys):
+    """The H100's speeds hold for the model they were measured with; for a deeper model or a longer context the
+    plan scales them by multiply-adds per token (hand-computed here), keeps speeds given with --assume-*-tps, and
+    says that it scaled."""
+    from reproduction.settings import DEFAULT, H100, extend_cost, plan, shape_cost
+
+    same = shape_cost(DEFAULT)
+    assert (same.pretrain, same.extend, same.not_attention) == pytest.approx((1, 1, H100[True].not_attention))
+    deep = dataclasses.replace(DEFAULT, layers=18)
+    # weights: 12 or 18 layers x 3,145,728 (q, o 512x512; k, v 512x256; MLP 3x512x1536) + 8,388,608 (output layer);
+    # attention at 2K: 12 or 18 layers x 512 x 2048
+    cost = shape_cost(deep)
+    assert cost.pretrain == pytest.approx((18 * 3_145_728 + 8_388_608 + 18 * 512 * 2048) / 58_720_256)
+    weights = 0.47 * (18 * 3_145_728 + 8_388_608) / 46_137_344
+    assert cost.extend == pytest.approx(weights + 0.53 * 1.5)
+    assert cost.not_attention == pytest.approx(weights / cost.extend)
+    assert extend_cost(deep, "full") == 1 and extend_cost(deep, "all_sparse") < 1
+    base, p = plan(DEFAULT), plan(deep)
+    assert p["assumptions"]["pretrain_tokens_per_s"] == pytest.approx(550_000 / cost.pretrain)
+    assert p["assumptions"]["extend_tokens_per_s_full"] == pytest.approx(250_000 / cost.extend)
+    overhead = 15
+    ratio = (p["seconds"]["extend"]["full"] - overhead) / (base["seconds"]["extend"]["full"] - overhead)
+    assert ratio == pytest.approx(cost.extend)
+    longer = shape_cost(dataclasses.replace(DEFAULT, long_len=65536))
+    assert longer.extend == pytest.approx(0.47 + 0.53 * 2) and longer.pretrain == pytest.approx(1)
+    given = dataclasses.replace(deep, assume_pretrain_tps=1e6, assume_extend_tps=2e5)
+    assert plan(given)["assumptions"]["extend_tokens_per_s_full"] == 2e5
+    assert reproduce.main(["plan", "--layers", "18"]) == 0
+    assert "scaled by multiply-adds per token: pre-training x1.43" in capsys.readouterr().out
+    assert reproduce.main(["plan"]) == 0
+    assert "scaled by multiply-adds" not in capsys.readouterr().out
+
+
 def test_the_plan_keeps_the_recipes_steps_and_fills_the_budget_only_where_they_are_zero(reproduce):
     """The default steps are the recorded run's (1,636 and 1,118, whatever the budget or the assumed speeds); with
     steps 0 they are derived from --budget-minutes, and the planned main comparison then fills the budget to within

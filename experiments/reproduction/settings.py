@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 MAIN = ("full", "hybrid_sinkwindow", "hybrid_blocksparse", "all_sparse", "streaming_llm")
@@ -245,7 +245,8 @@ RUN_OVERHEAD_S = 15  # seconds a training run spends besides its steps: load, da
 
 @dataclass(frozen=True)
 class Speed:
-    """The time plan's throughput for the default model on one H100 (bf16), eager or with compiled layers."""
+    """The time plan's throughput for the model of `MEASURED_SHAPE` on one H100 (bf16), eager or with compiled
+    layers."""
 
     pretrain_tps: float  # tokens/s at 2K
     extend_tps: float  # tokens/s at 32K, full attention
@@ -256,12 +257,54 @@ H100 = {  # by --compile; fitted to the runs of 2026-12-06 (results/RUN.md and a
     False: Speed(pretrain_tps=320_000, extend_tps=200_000, not_attention=0.62),
     True: Speed(pretrain_tps=550_000, extend_tps=250_000, not_attention=0.47),
 }
+MEASURED_SHAPE = {  # the model and lengths those speeds were measured with
+    "hidden_size": 512, "layers": 12, "heads": 8, "kv_heads": 4, "intermediate_size": 1536, "vocab_size": 16384,
+    "short_len": 2048, "long_len": 32768,
+}  # fmt: skip
+
+
+def _matmul_flops(m: dict[str, int]) -> float:
+    """Multiply-adds per token of the weight matrices (attention projections, MLP, output layer)."""
+    d, kv = m["hidden_size"], m["hidden_size"] // m["heads"] * m["kv_heads"]
+    return m["layers"] * (2 * d * d + 2 * d * kv + 3 * d * m["intermediate_size"]) + d * m["vocab_size"]
+
+
+def _attention_flops(m: dict[str, int], n: int) -> float:
+    """Multiply-adds per token of causal attention over `n` tokens in every layer (n / 2 keys on average, two
+    products: scores and values)."""
+    return m["layers"] * m["hidden_size"] * n
+
+
+@dataclass(frozen=True)
+class ShapeCost:
+    """Per-token time of this model relative to `MEASURED_SHAPE`'s, from multiply-adds: what scales the assumed
+    throughput when the model or the lengths differ (not where --assume-*-tps gives the throughput)."""
+
+    pretrain: float  # a pre-training token at --short-len
+    extend: float  # a full-attention extension token at --long-len
+    not_attention: float  # the share of a full-attention extension step that is not attention, for this shape
+
+
+def shape_cost(s: Settings) -> ShapeCost:
+    m = {k: getattr(s, k) for k in MEASURED_SHAPE}
+    ref = MEASURED_SHAPE
+    pretrain = (_matmul_flops(m) + _attention_flops(m, s.short_len)) / (
+        _matmul_flops(ref) + _attention_flops(ref, ref["short_len"])
+    )
+    other = H100[s.compile].not_attention * _matmul_flops(m) / _matmul_flops(ref)
+    attention = (
+        (1 - H100[s.compile].not_attention) * _attention_flops(m, s.long_len) / _attention_flops(ref, ref["long_len"])
+    )
+    return ShapeCost(pretrain=pretrain, extend=other + attention, not_attention=other / (other + attention))
 
 
 def assumed_tps(s: Settings) -> tuple[float, float]:
-    """(pre-training, full attention's extension) tokens/s of the plan: --assume-*-tps where given, else the H100's."""
-    speed = H100[s.compile]
-    return s.assume_pretrain_tps or speed.pretrain_tps, s.assume_extend_tps or speed.extend_tps
+    """(pre-training, full attention's extension) tokens/s of the plan: --assume-*-tps where given, else the H100's
+    for `MEASURED_SHAPE` scaled by `shape_cost`."""
+    speed, cost = H100[s.compile], shape_cost(s)
+    return s.assume_pretrain_tps or speed.pretrain_tps / cost.pretrain, s.assume_extend_tps or (
+        speed.extend_tps / cost.extend
+    )
 
 
 def extend_cost(s: Settings, variant: str) -> float:
@@ -270,14 +313,14 @@ def extend_cost(s: Settings, variant: str) -> float:
     Fitted to the H100 runs' extensions at 32K. Compiled layers (commit 3485a18), 47% not attention: full attention
     254K tokens/s; SinkWindow hybrid 375K (predicted 379K), BlockSparse hybrid 336K (330K), all sparse 498K (501K).
     Eager (the fifth recipe's runs), 62%: full attention 200K; SinkWindow hybrids with 0, 1/6, 1/4, 1/3, 1/2 of the
-    layers full 307K, 289K, 277K, 260K, 248K (predicted 309K, 283K, 272K, 262K, 243K); BlockSparse 238K (240K). A
-    guide for other sizes."""
+    layers full 307K, 289K, 277K, 260K, 248K (predicted 309K, 283K, 272K, 262K, 243K); BlockSparse 238K (240K). For
+    another model or length the not-attention share is `shape_cost`'s; a guide."""
     third = {v: 1 / 3 for v in ("hybrid_sinkwindow", "hybrid_blocksparse", "hybrid_bottom", "hybrid_nosink",
                                 "hybrid_auto", "hybrid_auto_loss")}  # fmt: skip
     fractions = {"full": 1.0, "all_sparse": 0.0, **third, **{name: f for name, _, f in FRONTIER_POINTS}}
     full = round(s.layers * fractions[variant]) / s.layers
     sparse_keep = 0.35 if variant == "hybrid_blocksparse" else 0.07
-    other = H100[s.compile].not_attention
+    other = shape_cost(s).not_attention
     return other + (1 - other) * (full + (1 - full) * sparse_keep)
 
 
@@ -353,6 +396,7 @@ def plan(s: Settings) -> dict[str, Any]:
             "pretrain_tokens_per_s": pre_tps,
             "extend_tokens_per_s_full": ext_tps,
             "eval_prompt_tokens_per_s_full": s.assume_eval_tps,
+            "per_token_time_vs_measured_shape": asdict(shape_cost(s)),
             "prepare_s": "30 + 0.35 per MB of corpus",
             "seconds_per_training_run_besides_steps": RUN_OVERHEAD_S,
         },
