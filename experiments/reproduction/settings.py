@@ -263,13 +263,13 @@ MEASURED_SHAPE = {  # the model and lengths those speeds were measured with
 }  # fmt: skip
 
 
-def _matmul_flops(m: dict[str, int]) -> float:
+def _weight_macs(m: dict[str, int]) -> float:
     """Multiply-adds per token of the weight matrices (attention projections, MLP, output layer)."""
     d, kv = m["hidden_size"], m["hidden_size"] // m["heads"] * m["kv_heads"]
     return m["layers"] * (2 * d * d + 2 * d * kv + 3 * d * m["intermediate_size"]) + d * m["vocab_size"]
 
 
-def _attention_flops(m: dict[str, int], n: int) -> float:
+def _attention_macs(m: dict[str, int], n: int) -> float:
     """Multiply-adds per token of causal attention over `n` tokens in every layer (n / 2 keys on average, two
     products: scores and values)."""
     return m["layers"] * m["hidden_size"] * n
@@ -286,14 +286,15 @@ class ShapeCost:
 
 
 def shape_cost(s: Settings) -> ShapeCost:
+    """`ShapeCost` of the settings' model and lengths (1, 1 and the H100's share for `MEASURED_SHAPE`)."""
     m = {k: getattr(s, k) for k in MEASURED_SHAPE}
     ref = MEASURED_SHAPE
-    pretrain = (_matmul_flops(m) + _attention_flops(m, s.short_len)) / (
-        _matmul_flops(ref) + _attention_flops(ref, ref["short_len"])
+    pretrain = (_weight_macs(m) + _attention_macs(m, s.short_len)) / (
+        _weight_macs(ref) + _attention_macs(ref, ref["short_len"])
     )
-    other = H100[s.compile].not_attention * _matmul_flops(m) / _matmul_flops(ref)
+    other = H100[s.compile].not_attention * _weight_macs(m) / _weight_macs(ref)
     attention = (
-        (1 - H100[s.compile].not_attention) * _attention_flops(m, s.long_len) / _attention_flops(ref, ref["long_len"])
+        (1 - H100[s.compile].not_attention) * _attention_macs(m, s.long_len) / _attention_macs(ref, ref["long_len"])
     )
     return ShapeCost(pretrain=pretrain, extend=other + attention, not_attention=other / (other + attention))
 
