@@ -60,13 +60,18 @@ BEFORE_THE_SETTING = {
 }  # fmt: skip
 
 
+def ran_with(saved: dict[str, Any]) -> dict[str, Any]:
+    """The settings a saved run ran with: a run older than a setting ran without it (`BEFORE_THE_SETTING`)."""
+    return {**BEFORE_THE_SETTING, **saved["settings"]}
+
+
 def rebuild_report(saved: dict[str, Any], out: Path, **changes: Any) -> dict[str, Any]:
     """The report again from a saved ``reproduce.json`` (its settings, variants and per-prompt outcomes), without
     the work folder: for new tables or plots of a finished run. `changes` replace top-level entries of `saved`
     first (e.g. ``outcomes``, ``commit``, ``command``)."""
     saved = {**saved, **changes}
     fields = {f.name for f in dataclasses.fields(Settings)}
-    given = {**BEFORE_THE_SETTING, **saved["settings"]}  # a run older than a setting ran without it
+    given = ran_with(saved)
     s = Settings(**{k: tuple(v) if isinstance(v, list) else v for k, v in given.items() if k in fields})
     variants = {}
     for v, r in saved["variants"].items():
@@ -107,8 +112,8 @@ def load_reports(paths: Sequence[str]) -> list[dict[str, Any]]:
 def recipe_differences(first: dict[str, Any], run: dict[str, Any], may_differ: frozenset[str]) -> list[tuple]:
     """How the saved `run`'s recipe differs from `first`'s: ``(name, first's value, run's value)`` for each setting
     outside `may_differ` and each planned training step count (named ``plan pretrain_steps`` / ``plan
-    extend_steps``). A run recorded before a setting existed counts as what it ran (`BEFORE_THE_SETTING`)."""
-    a, b = ({**BEFORE_THE_SETTING, **r["settings"]} for r in (first, run))
+    extend_steps``). A run recorded before a setting existed counts as what it ran (`ran_with`)."""
+    a, b = ran_with(first), ran_with(run)
     differ = [(k, a.get(k), b.get(k)) for k in sorted((set(a) | set(b)) - may_differ) if a.get(k) != b.get(k)]
     plans = [(f"plan {k}", first["plan"][k], run["plan"][k]) for k in ("pretrain_steps", "extend_steps")]
     return differ + [p for p in plans if p[1] != p[2]]
@@ -273,9 +278,7 @@ def accuracy_rows(s: Settings, variants: dict[str, dict]) -> tuple[list, list, l
                 "mcnemar_p": d.p_value}  # fmt: skip
 
     def row(variant: str, task: str, length: int, hits: list[bool]) -> dict[str, Any]:
-        lo, hi = wilson_interval(sum(hits), len(hits))
-        return {"variant": variant, "task": task, "length": length, "n": len(hits), "correct": sum(hits),
-                "accuracy": sum(hits) / len(hits), "ci_low": lo, "ci_high": hi}  # fmt: skip
+        return {"variant": variant, "task": task, "length": length, "n": len(hits), **accuracy_of(hits)}
 
     def outcomes(records: list[dict], length: int, tasks: Sequence[str] = TASKS) -> list[bool]:
         keyed = {(r["task"], r["index"]): r["correct"] for r in records if r["length"] == length}
@@ -295,6 +298,13 @@ def accuracy_rows(s: Settings, variants: dict[str, dict]) -> tuple[list, list, l
                     d = paired_difference(outcomes(r["records"], n, [t]), outcomes(full, n, [t]))
                     by_task.append(versus_full(v, n, d, task=t))
     return rows, pooled, paired, by_task
+
+
+def accuracy_of(hits: Sequence[bool]) -> dict[str, Any]:
+    """Correct answers of the prompts `hits`, their share and its 95% Wilson interval."""
+    correct = int(sum(hits))
+    lo, hi = wilson_interval(correct, len(hits))
+    return {"correct": correct, "accuracy": correct / len(hits), "ci_low": lo, "ci_high": hi}
 
 
 def outcome_strings(records: list[dict]) -> dict[str, str]:

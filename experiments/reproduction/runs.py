@@ -24,14 +24,16 @@ from typing import Any
 
 import numpy as np
 
-from longgen.eval.stats import bootstrap_interval, paired_difference, wilson_interval
+from longgen.eval.stats import PairedDifference, bootstrap_interval, paired_difference
 
 from .report import (
-    BEFORE_THE_SETTING,
     RUN_CONTROL,
     _k,
     _pooled_over,
+    _table,
+    accuracy_of,
     check_same_recipe,
+    ran_with,
     recipe_differences,
     records_from_outcomes,
 )
@@ -77,15 +79,23 @@ class _Runs:
         d = a.astype(np.int8) - b.astype(np.int8)
         per_run = []
         for x, y in zip(a, b, strict=True):
-            p = paired_difference(x.tolist(), y.tolist())
-            per_run.append({"diff": p.diff, "ci_low": p.ci_low, "ci_high": p.ci_high, "only_variant": p.a_only,
-                            "only_full": p.b_only})  # fmt: skip
+            per_run.append(_paired(paired_difference(x.tolist(), y.tolist()), "only_variant", "only_full"))
         moved = []
         for r in range(1, len(d)):
             gap = (d[r] - d[0]).astype(np.float32)
             lo, hi = bootstrap_interval(lambda rows, g=gap: g[rows].mean(axis=1), d.shape[1], resamples=RESAMPLES)
             moved.append({"diff": float((d[r] - d[0]).mean()), "ci_low": lo, "ci_high": hi})
         return d, per_run, moved
+
+
+def _paired(p: PairedDifference, only_a: str, only_b: str) -> dict[str, Any]:
+    """A paired difference as the JSON gives it, its discordant prompts under the names `only_a` and `only_b`."""
+    return {"diff": p.diff, "ci_low": p.ci_low, "ci_high": p.ci_high, only_a: p.a_only, only_b: p.b_only}
+
+
+def _listed(run: dict[str, Any]) -> dict[str, Any]:
+    """Where a saved run came from: its commit, date, device and command."""
+    return {k: run.get(k) for k in ("commit", "date", "device", "command")}
 
 
 def _made_from(saved: Sequence[dict[str, Any]]) -> dict[str, str]:
@@ -106,7 +116,7 @@ def compare_replicas(saved: Sequence[dict[str, Any]]) -> dict[str, Any]:
     does not fit (too few runs, a replica given twice, another recipe, a variant or full attention missing)."""
     if len(saved) < 2:
         raise ValueError(f"comparing replicas needs the reports of at least two runs, got {len(saved)}")
-    replicas = [{**BEFORE_THE_SETTING, **run["settings"]}["extend_replica"] for run in saved]
+    replicas = [ran_with(run)["extend_replica"] for run in saved]
     if len(set(replicas)) < len(replicas):
         raise ValueError(f"each run must be another --extend-replica; got replicas {replicas}")
     check_same_recipe(saved, RUN_CONTROL | {"extend_replica"}, "compared as replicas")
@@ -131,8 +141,7 @@ def compare_replicas(saved: Sequence[dict[str, Any]]) -> dict[str, Any]:
                           "spread": [{"replica": r, "minus": replicas[0], **m}
                                      for r, m in zip(replicas[1:], moved, strict=True)]})  # fmt: skip
         out[v] = table
-    listed = [{k: run.get(k) for k in ("commit", "date", "device", "command")} | {"extend_replica": r}
-              for run, r in zip(saved, replicas, strict=True)]  # fmt: skip
+    listed = [_listed(run) | {"extend_replica": r} for run, r in zip(saved, replicas, strict=True)]
     return {**_made_from(saved), "runs": listed, "lengths": runs.lengths, "resamples": RESAMPLES, "variants": out}
 
 
@@ -142,7 +151,7 @@ def compare_runs(saved: Sequence[dict[str, Any]]) -> dict[str, Any]:
     evaluated by every run)."""
     if len(saved) < 2:
         raise ValueError(f"comparing runs needs the reports of at least two runs, got {len(saved)}")
-    settings = [{**BEFORE_THE_SETTING, **run["settings"]} for run in saved]
+    settings = [ran_with(run) for run in saved]
     for i, s in enumerate(settings[1:], start=2):
         if differ := [k for k in PROMPTS if s.get(k) != settings[0].get(k)]:
             raise ValueError(f"run {i} (commit {saved[i - 1]['commit']}) asked other prompts than run 1: they differ "
@@ -159,16 +168,10 @@ def compare_runs(saved: Sequence[dict[str, Any]]) -> dict[str, Any]:
         for group in runs.groups:
             hits = [runs.hits(i, v, group) for i in range(len(saved))]
             n = len(hits[0])
-            accuracy = []
-            for x in hits:
-                lo, hi = wilson_interval(int(x.sum()), n)
-                accuracy.append({"correct": int(x.sum()), "accuracy": float(x.mean()), "ci_low": lo, "ci_high": hi})
-            minus_first = []
-            for x in hits[1:]:
-                p = paired_difference(x.tolist(), hits[0].tolist())
-                minus_first.append({"diff": p.diff, "ci_low": p.ci_low, "ci_high": p.ci_high, "only_this": p.a_only,
-                                    "only_first": p.b_only})  # fmt: skip
-            row: dict[str, Any] = {"lengths": group, "n": n, "accuracy": accuracy, "minus_first": minus_first}
+            minus_first = [_paired(paired_difference(x.tolist(), hits[0].tolist()), "only_this", "only_first")
+                           for x in hits[1:]]  # fmt: skip
+            row: dict[str, Any] = {"lengths": group, "n": n, "accuracy": [accuracy_of(x.tolist()) for x in hits],
+                                   "minus_first": minus_first}  # fmt: skip
             if v != "full" and "full" in variants:
                 _, per_run, moved = runs.against_full(v, group)
                 row["against_full"] = {"per_run": per_run, "moved": moved}
@@ -182,8 +185,7 @@ def compare_runs(saved: Sequence[dict[str, Any]]) -> dict[str, Any]:
         extension = [run["variants"].get(v, {}).get("extension") or {} for run in saved]
         extension = [{k: e.get(k) for k in ("steps", "tokens", "loss_final")} for e in extension]
         out[v] = {"rows": rows, "by_task": by_task, "niah_missed": missed, "extension": extension}
-    listed = [{k: run.get(k) for k in ("commit", "date", "device", "command")}
-              | {"differs": [list(d) for d in recipe_differences(saved[0], run, RUN_CONTROL)]}
+    listed = [_listed(run) | {"differs": [list(d) for d in recipe_differences(saved[0], run, RUN_CONTROL)]}
               for run in saved]  # fmt: skip
     return {**_made_from(saved), "runs": listed, "lengths": runs.lengths, "per_task": runs.per_task,
             "resamples": RESAMPLES, "variants": out}  # fmt: skip
@@ -199,11 +201,6 @@ def _group_name(group: list[int], lengths: list[int]) -> str:
 
 def _pts(x: dict) -> str:
     return f"{100 * x['diff']:+.1f} ({100 * x['ci_low']:+.1f} to {100 * x['ci_high']:+.1f})"
-
-
-def _table(head: list[str], rows: list[list[str]]) -> list[str]:
-    return ["| " + " | ".join(head) + " |", "| --- | " + " | ".join("---:" for _ in head[1:]) + " |",
-            *("| " + " | ".join(cells) + " |" for cells in rows)]  # fmt: skip
 
 
 def format_replicas(summary: dict[str, Any]) -> str:
