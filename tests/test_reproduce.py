@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+# the recorded main comparison, one run (experiments/results is it merged with the frontier's run)
+MAIN_RUN = EXPERIMENTS / "results" / "runs" / "3485a18_main.json"
 
 
 @pytest.fixture(scope="module")
@@ -309,8 +311,8 @@ def test_retrieval_document_lengths_and_whole_documents(reproduce, tmp_path):
 
 
 def test_the_recorded_run_rebuilds_to_its_committed_summary(reproduce, tmp_path):
-    """The committed results rebuild from their reproduce.json alone to the committed quality_summary.json, and a
-    setting missing from a saved run (recorded before it existed) reads as what such runs did (no far facts)."""
+    """The committed results rebuild from their (merged) reproduce.json alone to the committed quality_summary.json,
+    and a setting missing from a saved run (recorded before it existed) reads as what such runs did (no far facts)."""
     from reproduction.report import rebuild_report
 
     results = EXPERIMENTS / "results"
@@ -318,9 +320,10 @@ def test_the_recorded_run_rebuilds_to_its_committed_summary(reproduce, tmp_path)
     saved["settings"].pop("extend_far_share", None)
     summary = rebuild_report(saved, tmp_path)
     assert summary["settings"]["extend_far_share"] == 0.0
-    # no auto-placed hybrid in this run: the frontier is the middle series alone, all sparse to the middle third
+    # no auto-placed hybrid in these runs: the frontier is the middle series alone, all sparse to the middle third
     assert [(f["variant"], f["model"]) for f in summary["frontier"]] == [
-        ("frontier_0", "all_sparse"), ("frontier_0.333", "hybrid_sinkwindow")]  # fmt: skip
+        ("frontier_0", "all_sparse"), ("frontier_0.167", "frontier_0.167"), ("frontier_0.333", "hybrid_sinkwindow")
+    ]  # fmt: skip
     assert json.loads((tmp_path / "quality_summary.json").read_text()) == json.loads(
         (results / "quality_summary.json").read_text()
     )
@@ -338,7 +341,7 @@ def test_the_recorded_replicas_rebuild_to_their_committed_comparison(reproduce, 
     rebuilt = json.loads((tmp_path / "run" / "quality_summary.json").read_text())
     assert rebuilt == json.loads((run / "quality_summary.json").read_text())
     committed = json.loads((replicas / "replicas.json").read_text())
-    froms = ["experiments/results/reproduce.json", "experiments/results/replicas/replica1/reproduce.json"]
+    froms = ["experiments/results/runs/3485a18_main.json", "experiments/results/replicas/replica1/reproduce.json"]
     assert committed["command"] == (
         f"python experiments/reproduce.py replicas --from {froms[0]} --from {froms[1]} "
         "--out-dir experiments/results/replicas"
@@ -352,11 +355,18 @@ def test_the_recorded_replicas_rebuild_to_their_committed_comparison(reproduce, 
     assert [round(100 * row["mean"][k], 1) for k in ("diff", "ci_low", "ci_high")] == [-3.2, -5.4, -1.3]
 
 
-def test_the_archived_runs_merge_to_their_committed_results(reproduce, tmp_path):
-    """The fifth recipe's results (archived) are the merge of the runs kept beside them in runs/: merging them again
-    gives the committed quality_summary.json (all but the command, which names the output folder) and report."""
-    results = EXPERIMENTS / "results" / "archive" / "2026-12-06-fifth-recipe"
-    names = ["e24dd0b_main.json", "515bc58_frontier.json", "679ae98_auto.json"]  # in RUN.md's order, main run first
+@pytest.mark.parametrize(
+    ("folder", "names"),
+    [  # in RUN.md's order, main run first
+        ("archive/2026-12-06-fifth-recipe", ["e24dd0b_main.json", "515bc58_frontier.json", "679ae98_auto.json"]),
+        (".", ["3485a18_main.json", "0d6986e_frontier.json"]),
+    ],
+)
+def test_merged_results_are_the_merge_of_their_runs(reproduce, tmp_path, folder, names):
+    """Results merged from several runs (the recorded ones, the fifth recipe's archived ones) are the merge of the
+    runs kept beside them in runs/: merging them again gives the committed quality_summary.json (all but the command,
+    which names the output folder) and report."""
+    results = EXPERIMENTS / "results" / folder
     assert sorted(p.name for p in (results / "runs").glob("*.json")) == sorted(names)
     runs = [results / "runs" / name for name in names]
     out = tmp_path / "merged"
@@ -401,7 +411,7 @@ def _recorded_and_sinkwindow_tracking_all(tmp_path: Path, commit: str, **setting
     """The recorded run's reproduce.json, and a copy with `commit` and `settings` in which the SinkWindow hybrid
     answers every variable-tracking prompt at 32K (written as a.json and b.json in `tmp_path`); and how many of
     those it gained."""
-    saved = json.loads((EXPERIMENTS / "results" / "reproduce.json").read_text())
+    saved = json.loads(MAIN_RUN.read_text())
     other = json.loads(json.dumps(saved))
     other["commit"] = commit
     other["settings"].update(settings)
@@ -488,11 +498,12 @@ def _split(saved: dict, variants: list[str], commit: str) -> dict:
 
 
 def test_merge_of_two_runs_equals_the_run_that_had_them_all(reproduce, tmp_path, capsys):
-    """The recorded run cut into two runs (the second with another commit) and merged with `reproduce.py merge`
-    gives the recorded quality_summary.json's rows and paired differences; the report names each run and its
-    variants; a variant evaluated in both runs comes from the first, one listed but not evaluated in the first
-    from the second."""
-    saved = json.loads((EXPERIMENTS / "results" / "reproduce.json").read_text())
+    """The recorded main run cut into two runs (the second with another commit) and merged with `reproduce.py
+    merge` gives the main run's rows and paired differences; the report names each run and its variants; a variant
+    evaluated in both runs comes from the first, one listed but not evaluated in the first from the second."""
+    from reproduction.report import rebuild_report
+
+    saved = json.loads(MAIN_RUN.read_text())
     names = list(saved["variants"])
     first, second = names[: len(names) // 2], names[len(names) // 2 :]
     assert "full" in first and second
@@ -511,7 +522,8 @@ def test_merge_of_two_runs_equals_the_run_that_had_them_all(reproduce, tmp_path,
     code = reproduce.main(["merge", "--from", str(files[0]), "--from", str(files[1]), "--out-dir", str(out)])
     assert code == 0
     merged = json.loads((out / "quality_summary.json").read_text())
-    recorded = json.loads((EXPERIMENTS / "results" / "quality_summary.json").read_text())
+    rebuild_report(saved, tmp_path / "main")
+    recorded = json.loads((tmp_path / "main" / "quality_summary.json").read_text())
     assert merged["commit"] == "aaaaaaa + bbbbbbb" and merged["command"].startswith("python experiments/reproduce.py")
     assert merged["rows"] == recorded["rows"] and merged["paired"] == recorded["paired"]
     report = (out / "reproduce.md").read_text()
@@ -603,7 +615,7 @@ def test_the_plan_keeps_the_recipes_steps_and_fills_the_budget_only_where_they_a
 
 
 def test_merge_refuses_runs_of_another_recipe_and_bad_input(reproduce, tmp_path, capsys):
-    saved = json.loads((EXPERIMENTS / "results" / "reproduce.json").read_text())
+    saved = json.loads(MAIN_RUN.read_text())
     other = _split(saved, ["hybrid_blocksparse"], "bbbbbbb")
     other["settings"] = {**saved["settings"], "extend_lr": 1e-3, "budget_minutes": 30.0, "work_dir": "/elsewhere",
                          "compile": False}  # fmt: skip
