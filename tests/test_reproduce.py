@@ -324,6 +324,9 @@ def test_the_recorded_run_rebuilds_to_its_committed_summary(reproduce, tmp_path)
     assert [(f["variant"], f["model"]) for f in summary["frontier"]] == [
         ("frontier_0", "all_sparse"), ("frontier_0.167", "frontier_0.167"), ("frontier_0.333", "hybrid_sinkwindow")
     ]  # fmt: skip
+    # quality_summary.json names the frontier's points as the frontier does: no auto series, no frontier_auto_0 rows
+    named = {r["variant"] for r in json.loads((tmp_path / "quality_summary.json").read_text())["rows"]}
+    assert {"frontier_0", "frontier_0.167", "frontier_0.333"} <= named and not any("auto" in v for v in named)
     assert json.loads((tmp_path / "quality_summary.json").read_text()) == json.loads(
         (results / "quality_summary.json").read_text()
     )

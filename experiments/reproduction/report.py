@@ -178,8 +178,9 @@ def write_report(s: Settings, variants: dict[str, dict], meta: dict[str, Any], o
         "outcomes": {v: outcome_strings(r["records"]) for v, r in variants.items() if r.get("records")},
     }
     out.mkdir(parents=True, exist_ok=True)
-    # the sweep's 0 and 1/3 points are all_sparse and the main hybrids: their rows again, under the sweep's names
-    aliases = [(a, v) for a, v in FRONTIER_ALIASES.items() if any(r["variant"] == v for r in rows)]
+    # the sweep's 0 and 1/3 points are all_sparse and the main hybrids: their rows again, under the names of the
+    # points the frontier shows (no auto series, no frontier_auto_0)
+    aliases = [(f["variant"], f["model"]) for f in summary["frontier"] if f["variant"] != f["model"]]
     rows_out = rows + [{**r, "variant": a} for a, v in aliases for r in rows if r["variant"] == v]
     paired_out = paired + [{**p, "variant": a} for a, v in aliases for p in paired if p["variant"] == v]
     quality = {
