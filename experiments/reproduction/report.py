@@ -348,10 +348,10 @@ def frontier(s: Settings, variants: dict[str, dict], device: str) -> list[dict[s
         if not r or not r.get("records"):
             continue
         hits = _pooled_over(variants, v, _far(s))
-        lo, hi = wilson_interval(sum(hits), len(hits))
+        acc = accuracy_of(hits)
         out.append({"variant": name, "model": v, "placement": where, "full_fraction": fraction,
                     "full_layers": r["full_layers"],
-                    "accuracy_far": sum(hits) / len(hits), "ci_low": lo, "ci_high": hi, "n": len(hits),
+                    "accuracy_far": acc["accuracy"], "ci_low": acc["ci_low"], "ci_high": acc["ci_high"], "n": len(hits),
                     "kv_bytes": r["kv_bytes"][str(s.long_len)],
                     "extension_tokens_per_s": r["extension"]["tokens_per_s"],
                     "device": r.get("device", device)})  # fmt: skip
