@@ -15,7 +15,8 @@ import longgen  # noqa: F401  (after the line above)
 # each on a 2-core machine spend their time switching)
 _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if _workers > 1:
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // _workers))
+    _cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)  # as xdist
+    torch.set_num_threads(max(1, _cores // _workers))
 
 # With torch 2.13 on CPU, the first float64 exp of some processes that have imported longgen was seen to be off
 # by about 3e-9 (relative); later exps were exact. Float64 tests compare two paths at 1e-10 (the first one to run
