@@ -321,12 +321,14 @@ def test_the_recorded_run_rebuilds_to_its_committed_summary(reproduce, tmp_path)
     summary = rebuild_report(saved, tmp_path)
     assert summary["settings"]["extend_far_share"] == 0.0
     # no auto-placed hybrid in these runs: the frontier is the middle series alone, all sparse to the middle third
+    frontier = ["frontier_0", "frontier_0.167", "frontier_0.25", "frontier_0.333", "frontier_0.5"]
     assert [(f["variant"], f["model"]) for f in summary["frontier"]] == [
-        ("frontier_0", "all_sparse"), ("frontier_0.167", "frontier_0.167"), ("frontier_0.333", "hybrid_sinkwindow")
+        (frontier[0], "all_sparse"), *((v, v) for v in frontier[1:3]), (frontier[3], "hybrid_sinkwindow"),
+        (frontier[4], frontier[4])
     ]  # fmt: skip
     # quality_summary.json names the frontier's points as the frontier does: no auto series, no frontier_auto_0 rows
     named = {r["variant"] for r in json.loads((tmp_path / "quality_summary.json").read_text())["rows"]}
-    assert {"frontier_0", "frontier_0.167", "frontier_0.333"} <= named and not any("auto" in v for v in named)
+    assert set(frontier) <= named and not any("auto" in v for v in named)
     assert json.loads((tmp_path / "quality_summary.json").read_text()) == json.loads(
         (results / "quality_summary.json").read_text()
     )
@@ -362,7 +364,7 @@ def test_the_recorded_replicas_rebuild_to_their_committed_comparison(reproduce, 
     ("folder", "names"),
     [  # in RUN.md's order, main run first
         ("archive/2026-12-06-fifth-recipe", ["e24dd0b_main.json", "515bc58_frontier.json", "679ae98_auto.json"]),
-        (".", ["3485a18_main.json", "0d6986e_frontier.json"]),
+        (".", ["3485a18_main.json", "0d6986e_frontier.json", "0140326_frontier_bottom.json"]),
     ],
 )
 def test_merged_results_are_the_merge_of_their_runs(reproduce, tmp_path, folder, names):
