@@ -624,9 +624,10 @@ def write_plots(out: Path, s: Settings, variants: dict[str, dict], summary: dict
                    [max(0.0, f["ci_high"] - a) for a, f in zip(y, pts, strict=True)]]  # fmt: skip
             ax.errorbar(x, y, yerr=err, marker="o" if where == "middle" else "s", capsize=3,
                         label=f"full layers: {where}")  # fmt: skip
-            for f, xi, yi in zip(pts, x, y, strict=True):
-                ax.annotate(f"{f['full_fraction']:.0%} full", (xi, yi), textcoords="offset points",
-                            xytext=(4, -12 if where == "middle" else 6), fontsize=8)  # fmt: skip
+            for j, (f, xi, yi) in enumerate(zip(pts, x, y, strict=True)):  # middle: below and above in turn
+                dy = (-12, 6)[j % 2] if where == "middle" else 6  # so that neighbours' labels do not run together
+                ax.annotate(f"{f['full_fraction']:.0%} full", (xi, yi), textcoords="offset points", xytext=(4, dy),
+                            fontsize=8)  # fmt: skip
         full = variants.get("full")
         if full and full.get("records"):
             hits = _pooled_over(variants, "full", _far(s))
