@@ -320,15 +320,17 @@ def test_the_recorded_run_rebuilds_to_its_committed_summary(reproduce, tmp_path)
     saved["settings"].pop("extend_far_share", None)
     summary = rebuild_report(saved, tmp_path)
     assert summary["settings"]["extend_far_share"] == 0.0
-    # no auto-placed hybrid in these runs: the frontier is the middle series alone, all sparse to the middle third
+    # the middle series from all sparse to half the layers full, then the auto-placed one to a third
     frontier = ["frontier_0", "frontier_0.167", "frontier_0.25", "frontier_0.333", "frontier_0.5"]
+    auto = ["frontier_auto_0", "frontier_auto_0.167", "frontier_auto_0.333"]
     assert [(f["variant"], f["model"]) for f in summary["frontier"]] == [
         (frontier[0], "all_sparse"), *((v, v) for v in frontier[1:3]), (frontier[3], "hybrid_sinkwindow"),
-        (frontier[4], frontier[4])
+        (frontier[4], frontier[4]), (auto[0], "all_sparse"), (auto[1], auto[1]), (auto[2], "hybrid_auto")
     ]  # fmt: skip
-    # quality_summary.json names the frontier's points as the frontier does: no auto series, no frontier_auto_0 rows
+    assert [f["full_layers"] for f in summary["frontier"][-2:]] == [[0, 11], [0, 7, 10, 11]]
+    # quality_summary.json names the frontier's points as the frontier does: both series, no auto point not run
     named = {r["variant"] for r in json.loads((tmp_path / "quality_summary.json").read_text())["rows"]}
-    assert set(frontier) <= named and not any("auto" in v for v in named)
+    assert set(frontier + auto) <= named and not {"frontier_auto_0.25", "frontier_auto_0.5"} & named
     assert json.loads((tmp_path / "quality_summary.json").read_text()) == json.loads(
         (results / "quality_summary.json").read_text()
     )
@@ -358,13 +360,23 @@ def test_the_recorded_replicas_rebuild_to_their_committed_comparison(reproduce, 
     assert {k: v for k, v in again.items() if k != "command"} == {k: v for k, v in committed.items() if k != "command"}
     (row,) = [r for r in committed["variants"]["hybrid_sinkwindow"] if r["lengths"] == [32768]]
     assert [round(100 * row["mean"][k], 1) for k in ("diff", "ci_low", "ci_high")] == [-3.2, -5.4, -1.3]
+    (row,) = [r for r in committed["variants"]["hybrid_blocksparse"] if r["lengths"] == [16384]]
+    assert [round(100 * row["mean"][k], 1) for k in ("diff", "ci_low", "ci_high")] == [-2.8, -4.6, -1.0]
+    # replica 1 is a merge of two runs on two GPUs: it is listed as both, with the later date
+    assert {k: committed["runs"][1][k] for k in ("commit", "date", "device")} == {
+        "commit": "d89aa38 + c7fe8fe",
+        "date": "2026-12-07",
+        "device": "NVIDIA H200 + NVIDIA H100 80GB HBM3",
+    }
+    assert committed["commit"] == "3485a18 + d89aa38 + c7fe8fe"
 
 
 @pytest.mark.parametrize(
     ("folder", "names"),
     [  # in RUN.md's order, main run first
         ("archive/2026-12-06-fifth-recipe", ["e24dd0b_main.json", "515bc58_frontier.json", "679ae98_auto.json"]),
-        (".", ["3485a18_main.json", "0d6986e_frontier.json", "0140326_frontier_bottom.json"]),
+        (".", ["3485a18_main.json", "0d6986e_frontier.json", "0140326_frontier_bottom.json", "c7fe8fe_auto.json"]),
+        ("replicas/replica1", ["d89aa38_full_sinkwindow.json", "c7fe8fe_blocksparse.json"]),
     ],
 )
 def test_merged_results_are_the_merge_of_their_runs(reproduce, tmp_path, folder, names):

@@ -94,16 +94,19 @@ def _paired(p: PairedDifference, only_a: str, only_b: str) -> dict[str, Any]:
 
 
 def _listed(run: dict[str, Any]) -> dict[str, Any]:
-    """Where a saved run came from: its commit, date, device and command."""
-    return {k: run.get(k) for k in ("commit", "date", "device", "command")}
+    """Where a saved run came from: its commit, date, device and command; for a merged report (`merge`), every
+    merged run's commit and GPU and the latest date, as `_made_from` names them."""
+    return {k: run.get(k) for k in ("commit", "date", "device", "command")} | _made_from([run])
 
 
 def _made_from(saved: Sequence[dict[str, Any]]) -> dict[str, str]:
-    """What a comparison was made from, as a merged report names it: every run's commit and GPU, the latest date."""
+    """What a comparison was made from, as a merged report names it: every run's commit and GPU, the latest date;
+    a saved report that is itself a merge counts as the runs it lists."""
+    runs = [r for run in saved for r in (run.get("runs") or [run])]
     return {
-        "commit": " + ".join(str(run["commit"]) for run in saved),
-        "device": " + ".join(dict.fromkeys(str(run["device"]) for run in saved)),
-        "date": max(str(run["date"]) for run in saved),
+        "commit": " + ".join(str(run["commit"]) for run in runs),
+        "device": " + ".join(dict.fromkeys(str(run["device"]) for run in runs)),
+        "date": max(str(run["date"]) for run in runs),
     }
 
 
