@@ -614,6 +614,7 @@ def write_plots(out: Path, s: Settings, variants: dict[str, dict], summary: dict
 
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     if summary["frontier"]:
+        labelled: set[str] = set()
         for where in PLACEMENTS:
             pts = [f for f in summary["frontier"] if f["placement"] == where]
             if not pts:
@@ -624,10 +625,15 @@ def write_plots(out: Path, s: Settings, variants: dict[str, dict], summary: dict
                    [max(0.0, f["ci_high"] - a) for a, f in zip(y, pts, strict=True)]]  # fmt: skip
             ax.errorbar(x, y, yerr=err, marker="o" if where == "middle" else "s", capsize=3,
                         label=f"full layers: {where}")  # fmt: skip
-            for j, (f, xi, yi) in enumerate(zip(pts, x, y, strict=True)):  # middle: below and above in turn
-                dy = (-12, 6)[j % 2] if where == "middle" else 6  # so that neighbours' labels do not run together
-                ax.annotate(f"{f['full_fraction']:.0%} full", (xi, yi), textcoords="offset points", xytext=(4, dy),
-                            fontsize=8)  # fmt: skip
+            for j, (f, xi, yi) in enumerate(zip(pts, x, y, strict=True)):
+                if where == "middle":  # below and above in turn, so that neighbours' labels do not run together
+                    ax.annotate(f"{f['full_fraction']:.0%} full", (xi, yi), textcoords="offset points",
+                                xytext=(4, (-12, 6)[j % 2]), fontsize=8)  # fmt: skip
+                elif f["model"] not in labelled:  # the others name their layers, up and to the left
+                    layers = ",".join(map(str, f["full_layers"])) or "none"
+                    ax.annotate(f"layers {layers}", (xi, yi), textcoords="offset points", xytext=(-4, 6),
+                                ha="right", fontsize=8)  # fmt: skip
+                labelled.add(f["model"])  # a model two series share (all sparse) is labelled once
         full = variants.get("full")
         if full and full.get("records"):
             hits = _pooled_over(variants, "full", _far(s))
