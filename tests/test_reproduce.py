@@ -404,6 +404,7 @@ PROBES = EXPERIMENTS / "results" / "probes"
     [
         ("2026-12-06-extension-tokens", "| niah | 40 / 40 | 39 / 39 | 40 / 40 | 40 / 40 | 36 / 39 |"),
         ("2026-12-07-longer-chains", "| 16K | -0.2 (-2.9 to +2.4) | -7.3 (-10.3 to -4.5) | -7.0 (-11.2 to -3.0) |"),
+        ("2026-12-07-deeper-model", "| 16K | -0.2 (-2.9 to +2.4) | -3.8 (-5.9 to -1.6) | -3.5 (-6.8 to -0.5) |"),
     ],
 )
 def test_the_probes_compare_to_their_committed_tables(reproduce, tmp_path, probe, line):
