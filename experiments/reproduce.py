@@ -19,7 +19,8 @@ of five retrieval tasks at five lengths; the report gives accuracies with interv
 full attention, the cost-quality frontier and perplexity by position, and checks the targets.
 
 Stages write into --work-dir and skip what is finished for the same settings; a stage stopped half-way (killed,
-or by --deadline-minutes) resumes where it stopped (training from its last checkpoint):
+or by --deadline-minutes) resumes where it stopped (training from its last checkpoint; the deadline lets a training
+run checkpoint the step it is in):
 
     prepare   corpus, held-out documents, BPE tokenizer, token caches, synthetic retrieval documents
     pretrain  the base model at --short-len
@@ -89,7 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tiny", action="store_true", help="tiny sizes: the whole pipeline on a CPU in about a minute")
     p.add_argument("--variant", action="append", choices=VARIANTS, help="extend/eval: only this one (repeatable)")
     p.add_argument("--force", action="store_true", help="redo the stages run now even if they finished")
-    p.add_argument("--deadline-minutes", type=float, help=f"stop after this long (exit code {EXIT_UNFINISHED})")
+    p.add_argument(
+        "--deadline-minutes",
+        type=float,
+        help=f"stop after this long (exit code {EXIT_UNFINISHED}); training checkpoints its step first",
+    )
     p.add_argument("--commit", help="the commit of the code that runs, for the results (default: git rev-parse HEAD)")
     p.add_argument("--from", dest="runs", action="append", metavar="REPRODUCE_JSON",
                    help="merge, replicas, compare: a run's reproduce.json (two or more; merge: the main run "

@@ -4,7 +4,9 @@ skipped; the same seed gives the same pre-training losses; stages resume after b
 import dataclasses
 import json
 import math
+import os
 import re
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -205,6 +207,35 @@ def test_stopped_stage_resumes(reproduce, tmp_path, monkeypatch, capsys):
     assert "resumed from" in capsys.readouterr().out
     rows = (work / "runs" / "pretrain" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["step"] for x in rows] == [1, 2, 3, 4]  # steps 3-4 logged after the resume, once
+
+
+@pytest.mark.slow
+def test_the_deadline_lets_training_checkpoint_its_current_step(reproduce, tmp_path, monkeypatch, capsys):
+    """The deadline's alarm (sent here during pre-training's step 3 of 8, checkpoints every 4 steps) stops the run
+    after that step with a checkpoint of it and exit code 75; the next call resumes from step 3, losing no step."""
+    import longgen.train.loop as loop
+
+    work = tmp_path / "work"
+    args = ["--tiny", "--work-dir", str(work), "--out-dir", str(tmp_path / "out"), "--pretrain-steps", "8"]
+    real_shard, calls = loop.shard_batch, []
+
+    def shard_with_alarm(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:  # the first micro-batch of step 3
+            os.kill(os.getpid(), signal.SIGALRM)
+        return real_shard(*a, **k)
+
+    assert reproduce.main(["prepare", *args]) == 0
+    monkeypatch.setattr(loop, "shard_batch", shard_with_alarm)
+    assert reproduce.main(["pretrain", *args, "--deadline-minutes", "10"]) == reproduce.EXIT_UNFINISHED
+    assert "stopped at the deadline" in capsys.readouterr().out
+    assert [s for s, _ in loop.list_checkpoints(work / "runs" / "pretrain")] == [3]
+    assert signal.getsignal(signal.SIGALRM) == signal.SIG_DFL and signal.getitimer(signal.ITIMER_REAL)[0] == 0
+    monkeypatch.setattr(loop, "shard_batch", real_shard)
+    assert reproduce.main(["pretrain", *args]) == 0
+    assert "(step 3)" in capsys.readouterr().out
+    rows = (work / "runs" / "pretrain" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in rows] == list(range(1, 9))
 
 
 def test_all_evaluates_each_variant_as_soon_as_it_is_trained(reproduce, tmp_path):

@@ -422,6 +422,36 @@ def test_ctrl_c_during_a_checkpoint_save_finishes_the_save_then_stops(workspace,
     assert signal.getsignal(signal.SIGINT) is before
 
 
+def test_request_stop_checkpoints_the_current_step_and_stops(workspace, tmp_path, monkeypatch):
+    """`request_stop` (here from inside step 3, as a time limit's signal handler would) does what SIGTERM does: the
+    step finishes, a checkpoint of it is written, `TrainingInterrupted` says so with exit code 143; with no
+    training loop running it does nothing and says so."""
+    import longgen.train.loop as loop
+    from longgen.train import request_stop
+
+    assert request_stop() is False
+    real_shard, calls, answers = loop.shard_batch, [], []
+
+    def shard_and_ask_to_stop(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:  # the first micro-batch of step 3
+            answers.append(request_stop())
+        return real_shard(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "shard_batch", shard_and_ask_to_stop)
+    out = tmp_path / "run"
+    with pytest.raises(loop.TrainingInterrupted) as stopped:
+        train(load_config(raw=config(workspace, out, train__steps=8, train__save_every=5)))
+    assert answers == [True] and stopped.value.exit_code == 143
+    assert [s for s, _ in list_checkpoints(out)] == [3]  # the step it was in, not a save_every multiple
+    assert str(stopped.value) == (
+        f"stopped by request_stop() after step 3 of 8; wrote checkpoint {list_checkpoints(out)[-1][1]}; continue "
+        "with --resume"
+    )
+    assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()][-1] == 3
+    assert request_stop() is False  # the loop is gone
+
+
 @pytest.mark.slow
 def test_sigterm_writes_a_checkpoint_of_the_current_step_and_resume_continues_from_it(workspace, tmp_path):
     code, _, stderr, out = _stopped_by(signal.SIGTERM, workspace, tmp_path)

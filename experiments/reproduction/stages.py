@@ -8,6 +8,7 @@ interrupted with the same key keeps its outputs, so a training run resumes from 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -40,15 +41,43 @@ class DeadlineReached(BaseException):  # a BaseException, so that no `except Exc
 
 
 class Deadline:
-    """Raise `DeadlineReached` in the main thread `minutes` after entering (no deadline when None)."""
+    """Raise `DeadlineReached` in the main thread `minutes` after entering (no deadline when None).
+
+    A training run inside `Deadline.saving_training()` is instead asked to stop (`longgen.train.request_stop`, what
+    SIGTERM does): it finishes its step, writes a checkpoint of it and stops, and that becomes `DeadlineReached`;
+    so a call stopped at its deadline loses no training step. Should the run not stop within `GRACE_S` (a step or a
+    checkpoint that hangs), `DeadlineReached` is raised where it is.
+    """
+
+    GRACE_S = 30.0
+    _fired = False  # class-wide: the stages do not hold the Deadline
 
     def __init__(self, minutes: float | None):
         self.minutes = minutes
 
     def _fire(self, signum, frame):
+        loop = sys.modules.get("longgen.train.loop")  # not imported: no training runs
+        if not Deadline._fired and loop is not None and loop.request_stop():
+            Deadline._fired = True
+            signal.setitimer(signal.ITIMER_REAL, self.GRACE_S)
+            return
         raise DeadlineReached
 
+    @staticmethod
+    @contextlib.contextmanager
+    def saving_training():
+        """Around a `longgen.train.train` call: the stop the deadline asked for becomes `DeadlineReached`."""
+        from longgen.train import TrainingInterrupted
+
+        try:
+            yield
+        except TrainingInterrupted as e:
+            if Deadline._fired and e.exit_code == 128 + signal.SIGTERM:
+                raise DeadlineReached from e
+            raise
+
     def __enter__(self):
+        Deadline._fired = False
         if self.minutes:
             signal.signal(signal.SIGALRM, self._fire)
             signal.setitimer(signal.ITIMER_REAL, self.minutes * 60)
@@ -426,7 +455,7 @@ class Experiment:
                 "resume": True,
             },
         }
-        with Heartbeat(out / "metrics.jsonl", steps):
+        with Heartbeat(out / "metrics.jsonl", steps), Deadline.saving_training():
             final = train(load_config(raw=raw))
         rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
         losses = [r["loss"] for r in rows]

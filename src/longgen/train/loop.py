@@ -47,8 +47,8 @@ class NonFiniteLossError(RuntimeError):
 
 
 class TrainingInterrupted(RuntimeError):
-    """The run was stopped by Ctrl-C (SIGINT, exit code 130) or SIGTERM (143: a checkpoint of the step was written
-    first). The message says at which step and how to resume."""
+    """The run was stopped by Ctrl-C (SIGINT, exit code 130), or by SIGTERM or `request_stop` (143: a checkpoint of
+    the step was written first). The message says at which step and how to resume."""
 
     def __init__(self, message: str, exit_code: int):
         super().__init__(message)
@@ -397,22 +397,39 @@ def train(cfg: TrainConfig) -> Path:
     return final
 
 
+_RUNNING: list[_Stops] = []  # the training loop of this process while it runs
+
+
+def request_stop() -> bool:
+    """Ask the training loop running in this process to do what SIGTERM makes it do: finish its step, write a
+    checkpoint of it and raise `TrainingInterrupted` (exit code 143). For a caller's own time limit; safe to call
+    from a signal handler or another thread. Returns False (and does nothing) when no training loop is running."""
+    if not _RUNNING:
+        return False
+    _RUNNING[-1].request("request_stop()")
+    return True
+
+
 class _Stops:
-    """Around the training loop: SIGTERM (what cluster schedulers send before killing a job) only sets a flag, and
-    the loop then writes a checkpoint of its current step and stops; Ctrl-C becomes one line saying where the run
-    stands. Both raise `TrainingInterrupted`."""
+    """Around the training loop: SIGTERM (what cluster schedulers send before killing a job) or `request_stop` only
+    sets a flag, and the loop then writes a checkpoint of its current step and stops; Ctrl-C becomes one line saying
+    where the run stands. Both raise `TrainingInterrupted`."""
 
     def __init__(self, out: Path, t, bar):
         self.out, self.t, self.bar = out, t, bar
-        self.step, self.sigterm, self.previous = 0, False, None
+        self.step, self.sigterm, self.previous, self.by = 0, False, None, "SIGTERM"
 
     def __enter__(self) -> _Stops:
         if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
             self.previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        _RUNNING.append(self)
         return self
 
+    def request(self, by: str) -> None:
+        self.sigterm, self.by = True, by
+
     def _on_sigterm(self, signum, frame) -> None:
-        self.sigterm = True
+        self.request("SIGTERM")
 
     @contextlib.contextmanager
     def ctrl_c_after_saving(self):
@@ -433,12 +450,13 @@ class _Stops:
 
     def stop_after_sigterm(self) -> None:
         raise TrainingInterrupted(
-            f"stopped by SIGTERM after step {self.step} of {self.t.steps}; wrote checkpoint "
+            f"stopped by {self.by} after step {self.step} of {self.t.steps}; wrote checkpoint "
             f"{latest_checkpoint(self.out)}; continue with --resume",
             128 + signal.SIGTERM,
         )
 
     def __exit__(self, kind, exc, tb) -> None:
+        _RUNNING.remove(self)
         if self.previous is not None:
             signal.signal(signal.SIGTERM, self.previous)
         if kind is not None and self.bar is not None:
