@@ -636,6 +636,34 @@ def test_the_plan_scales_the_measured_speeds_to_another_model_by_multiply_adds(r
     assert "scaled by multiply-adds" not in capsys.readouterr().out
 
 
+def test_the_plan_costs_a_sparse_layer_by_the_pairs_its_pattern_keeps():
+    """A sparse layer's planned attention time is the share of causal pairs its pattern keeps at --long-len
+    (hand-counted here) times the time per pair fitted to the H100 runs, so the recorded patterns keep their fitted
+    7% and 35%; a wider window, no sink tokens or fewer KV heads (BlockSparse's stride) change it accordingly."""
+    from reproduction.settings import DEFAULT, H100, extend_cost, kept_share
+
+    pairs = 32768 * 32769 // 2
+    # last 1,024 keys of each query, plus the first 64 of those queries more than 1,024 tokens in
+    window = 1024 * 1025 // 2 + (32768 - 1024) * 1024
+    sink = 64 * 65 // 2 + (32768 - 1024 - 64) * 64
+    assert kept_share(DEFAULT, "hybrid_sinkwindow") == pytest.approx((window + sink) / pairs)
+    assert kept_share(DEFAULT, "hybrid_nosink") == pytest.approx(window / pairs)
+    # 512 blocks: 16 local a row (fewer in the first rows), and every 4th (4 KV heads) of the 496 x 497 / 2 others
+    blocks = 16 * 17 // 2 + (512 - 16) * 16 + 496 * 497 / 2 / 4
+    assert kept_share(DEFAULT, "hybrid_blocksparse") == pytest.approx(blocks / (512 * 513 / 2))
+    other = H100[True].not_attention
+    assert extend_cost(DEFAULT, "all_sparse") == pytest.approx(other + (1 - other) * 0.07, rel=1e-5)
+    hybrid = extend_cost(DEFAULT, "hybrid_blocksparse")
+    assert hybrid == pytest.approx(other + (1 - other) * (4 / 12 + 8 / 12 * 0.35), rel=1e-5)
+    wider = dataclasses.replace(DEFAULT, window=2048)
+    assert kept_share(wider, "all_sparse") > 1.9 * kept_share(DEFAULT, "all_sparse")
+    assert extend_cost(wider, "all_sparse") > extend_cost(DEFAULT, "all_sparse")
+    three = dataclasses.replace(DEFAULT, heads=6, kv_heads=3, hidden_size=384)
+    assert kept_share(three, "hybrid_blocksparse") > kept_share(DEFAULT, "hybrid_blocksparse")
+    whole = dataclasses.replace(DEFAULT, window=32768)
+    assert kept_share(whole, "all_sparse") == pytest.approx(1) and extend_cost(whole, "all_sparse") <= 1
+
+
 def test_the_plan_keeps_the_recipes_steps_and_fills_the_budget_only_where_they_are_zero(reproduce):
     """The default steps are the recorded run's (1,636 and 1,118, whatever the budget or the assumed speeds); with
     steps 0 they are derived from --budget-minutes, and the planned main comparison then fills the budget to within

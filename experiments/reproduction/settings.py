@@ -308,19 +308,51 @@ def assumed_tps(s: Settings) -> tuple[float, float]:
     )
 
 
+def _capped_sum(n: int, cap: int) -> int:
+    """sum(min(k, cap) for k in 1..n)."""
+    if n <= 0:
+        return 0
+    m = min(n, cap)
+    return m * (m + 1) // 2 + (n - m) * cap
+
+
+def kept_share(s: Settings, variant: str) -> float:
+    """Share of causal attention's (query, key) pairs at --long-len that a sparse layer of `variant` computes.
+    SinkWindow (every sparse variant but the BlockSparse hybrid; `hybrid_nosink` without sink tokens): a query's
+    last --window keys and the first --sink. BlockSparse, counted in blocks: a query block's --local-blocks last
+    blocks and every stride-th of the others (stride: the KV heads, at most 64, as `longgen.patterns` resolves it)."""
+    n = s.long_len
+    if variant == "hybrid_blocksparse":
+        blocks, stride = -(-n // s.block_size), min(s.kv_heads, 64)
+        far = max(0, blocks - s.local_blocks)
+        kept = _capped_sum(blocks, s.local_blocks) + far * (far + 1) / 2 / stride
+        return kept / (blocks * (blocks + 1) / 2)
+    sink = 0 if variant == "hybrid_nosink" else s.sink
+    return (_capped_sum(n, s.window) + _capped_sum(n - s.window, sink)) / (n * (n + 1) / 2)
+
+
+# time per kept pair relative to full attention's, fitted to the compiled H100 runs at 32K (commit 3485a18):
+# SinkWindow(64, 1024) took 7% of full attention's attention time for 6.5% of its pairs, BlockSparse(64, 16 local
+# blocks, stride 4) 35% for 29.6% (its per-block bookkeeping)
+PAIR_COST = {"sinkwindow": 0.07 / 0.065303, "blocksparse": 0.35 / 0.296098}
+
+
 def extend_cost(s: Settings, variant: str) -> float:
     """Planned seconds of one extension step relative to full attention's: what is not attention costs the same,
-    and a sparse layer's attention costs what it keeps of full attention's (7% for SinkWindow, 35% for BlockSparse).
-    Fitted to the H100 runs' extensions at 32K. Compiled layers (commit 3485a18), 47% not attention: full attention
-    254K tokens/s; SinkWindow hybrid 375K (predicted 379K), BlockSparse hybrid 336K (330K), all sparse 498K (501K).
-    Eager (the fifth recipe's runs), 62%: full attention 200K; SinkWindow hybrids with 0, 1/6, 1/4, 1/3, 1/2 of the
-    layers full 307K, 289K, 277K, 260K, 248K (predicted 309K, 283K, 272K, 262K, 243K); BlockSparse 238K (240K). For
-    another model or length the not-attention share is `shape_cost`'s; a guide."""
+    and a sparse layer's attention costs its `kept_share` of full attention's pairs at `PAIR_COST` (so 7% for
+    SinkWindow(64, 1024) and 35% for BlockSparse(64, 16) at 32K). Fitted to the H100 runs' extensions at 32K.
+    Compiled layers (commit 3485a18), 47% not attention: full attention 254K tokens/s; SinkWindow hybrid 375K
+    (predicted 379K), BlockSparse hybrid 336K (330K), all sparse 498K (501K). Eager (the fifth recipe's runs), 62%:
+    full attention 200K; SinkWindow hybrids with 0, 1/6, 1/4, 1/3, 1/2 of the layers full 307K, 289K, 277K, 260K,
+    248K (predicted 309K, 283K, 272K, 262K, 243K); BlockSparse 238K (240K). For another model or length the
+    not-attention share is `shape_cost`'s, and a narrower model runs slower than planned
+    (results/probes/2026-12-07-deeper-model); a guide."""
     third = {v: 1 / 3 for v in ("hybrid_sinkwindow", "hybrid_blocksparse", "hybrid_bottom", "hybrid_nosink",
                                 "hybrid_auto", "hybrid_auto_loss")}  # fmt: skip
     fractions = {"full": 1.0, "all_sparse": 0.0, **third, **{name: f for name, _, f in FRONTIER_POINTS}}
     full = round(s.layers * fractions[variant]) / s.layers
-    sparse_keep = 0.35 if variant == "hybrid_blocksparse" else 0.07
+    kind = "blocksparse" if variant == "hybrid_blocksparse" else "sinkwindow"
+    sparse_keep = min(1.0, PAIR_COST[kind] * kept_share(s, variant))
     other = shape_cost(s).not_attention
     return other + (1 - other) * (full + (1 - full) * sparse_keep)
 
