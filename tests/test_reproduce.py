@@ -238,6 +238,31 @@ def test_the_deadline_lets_training_checkpoint_its_current_step(reproduce, tmp_p
     assert [json.loads(x)["step"] for x in rows] == list(range(1, 9))
 
 
+@pytest.mark.slow
+def test_a_stage_that_cannot_finish_before_the_deadline_is_not_started(reproduce, tmp_path, capsys):
+    """An evaluation (it cannot resume half-way) starts only with its planned seconds left before the deadline, a
+    training stage with a minute; otherwise the call stops at once with exit code 75 and the next one runs it."""
+    from reproduction.settings import TINY
+    from reproduction.stages import TRAINING_START_S, Experiment
+
+    work = tmp_path / "work"
+    args = ["--tiny", "--work-dir", str(work), "--out-dir", str(tmp_path / "out")]
+    for stage in (["prepare"], ["pretrain"], ["extend", "--variant", "full"]):
+        assert reproduce.main([*stage, *args]) == 0
+    exp = Experiment(dataclasses.replace(TINY, work_dir=str(work)))
+    need = exp.seconds_to_start("eval-full-retrieval")
+    assert need == exp.planned_seconds("eval-full-retrieval") > 6 and exp.seconds_to_start("pretrain") == 60
+    capsys.readouterr()
+    assert reproduce.main(["eval", "--variant", "full", *args, "--deadline-minutes", "0.1"]) == 75
+    printed = capsys.readouterr().out
+    assert f"[eval-full-retrieval] not started: it needs ~{need:.0f} s, " in printed and "running" not in printed
+    assert not exp.current("eval-full-retrieval")
+    assert reproduce.main(["extend", "--variant", "hybrid_sinkwindow", *args, "--deadline-minutes", "0.5"]) == 75
+    assert f"needs ~{TRAINING_START_S:.0f} s" in capsys.readouterr().out
+    assert reproduce.main(["eval", "--variant", "full", *args, "--deadline-minutes", "5"]) == 0
+    assert exp.current("eval-full-retrieval")
+
+
 def test_all_evaluates_each_variant_as_soon_as_it_is_trained(reproduce, tmp_path):
     """A call cut short still has results: `all` evaluates each variant's retrieval right after its extension
     (StreamingLLM right after `full`, which it needs), perplexity last."""

@@ -35,6 +35,8 @@ from .settings import (
     trained_for,
 )
 
+TRAINING_START_S = 60.0  # a training stage is not started closer to the deadline: loading and compiling come first
+
 
 class DeadlineReached(BaseException):  # a BaseException, so that no `except Exception` in a library swallows it
     """--deadline-minutes passed; finished work is kept and the next call continues."""
@@ -51,6 +53,12 @@ class Deadline:
 
     GRACE_S = 30.0
     _fired = False  # class-wide: the stages do not hold the Deadline
+    _ends: float | None = None  # time.monotonic() at the deadline
+
+    @staticmethod
+    def seconds_left() -> float | None:
+        """Seconds until the deadline of the call (None: no deadline)."""
+        return None if Deadline._ends is None else Deadline._ends - time.monotonic()
 
     def __init__(self, minutes: float | None):
         self.minutes = minutes
@@ -79,11 +87,13 @@ class Deadline:
     def __enter__(self):
         Deadline._fired = False
         if self.minutes:
+            Deadline._ends = time.monotonic() + self.minutes * 60
             signal.signal(signal.SIGALRM, self._fire)
             signal.setitimer(signal.ITIMER_REAL, self.minutes * 60)
         return self
 
     def __exit__(self, *exc):
+        Deadline._ends = None
         if self.minutes:
             signal.setitimer(signal.ITIMER_REAL, 0)
             signal.signal(signal.SIGALRM, signal.SIG_DFL)
@@ -274,6 +284,10 @@ class Experiment:
         if record is not None and record["key"] == key_hash and not self.force:
             log(f"[{name}] finished earlier with these settings: skipped")
             return record["result"]
+        left, need = Deadline.seconds_left(), self.seconds_to_start(name)
+        if left is not None and left < need:
+            log(f"[{name}] not started: it needs ~{need:.0f} s, {max(left, 0):.0f} s are left before the deadline")
+            raise DeadlineReached
         if self.force or (started or {}).get("key") != key_hash:  # resume only what was started with this key
             for p in self.outputs(name):
                 shutil.rmtree(p, ignore_errors=True)
@@ -296,22 +310,26 @@ class Experiment:
         log(f"[{name}] finished in {seconds:.0f} s")
         return result
 
+    def planned_seconds(self, name: str) -> float:
+        """Planned seconds of stage `name` at the assumed throughput."""
+        sec = self.plan["seconds"]
+        if name in ("prepare", "pretrain"):
+            return sec[name]
+        if name.startswith("extend-"):
+            return sec["extend"][name.removeprefix("extend-")]
+        variant, task = name.removeprefix("eval-").rsplit("-", 1)
+        each = sec["eval_full"] if variant == "full" else sec["eval_sparse"]
+        return each * (0.9 if task == "retrieval" else 0.1)
+
+    def seconds_to_start(self, name: str) -> float:
+        """The time before the deadline a stage needs to be started: an evaluation its planned seconds (it cannot
+        resume half-way), a training stage `TRAINING_START_S` (it checkpoints the step it is in at the deadline,
+        but loading and compiling come first)."""
+        return self.planned_seconds(name) if name.startswith("eval-") else TRAINING_START_S
+
     def remaining_seconds(self, variants: Sequence[str] | None = None) -> float:
         """Planned seconds of the stages `all` runs for `variants` that are not finished for the current settings."""
-        sec, total = self.plan["seconds"], 0.0
-        for name in self.stage_names(variants):
-            if self.current(name):
-                continue
-            if name in ("prepare", "pretrain"):
-                total += sec[name]
-            elif name.startswith("extend-"):
-                total += sec["extend"][name.removeprefix("extend-")]
-            else:
-                variant, task = name.removeprefix("eval-").rsplit("-", 1)
-                each = sec["eval_full"] if self.model_of(variant)[0] == "full" and variant == "full" else \
-                    sec["eval_sparse"]  # fmt: skip
-                total += each * (0.9 if task == "retrieval" else 0.1)
-        return total
+        return sum(self.planned_seconds(n) for n in self.stage_names(variants) if not self.current(n))
 
     def device(self) -> str:
         if self.s.device != "auto":
