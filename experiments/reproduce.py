@@ -9,6 +9,7 @@ extended to 16x the context (32K), each with the same token budget:
     LongGen hybrid, BlockSparse               hybrid_blocksparse
     all layers sparse                         all_sparse          (SinkWindow)
     full layers at the bottom                 hybrid_bottom       (SinkWindow)
+    full layers interleaved                   hybrid_interleave   (one a segment: 1, 4, 7, 10 of 12)
     without sink tokens: SinkWindow(0, W)     hybrid_nosink       (exportable to stock transformers)
     full layers chosen by calibration         hybrid_auto         (longgen.convert(full_layers="auto"))
     the same by the loss score                hybrid_auto_loss    (full_layers="auto", score="loss")

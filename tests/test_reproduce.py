@@ -42,8 +42,8 @@ PAIRED_KEYS = {"variant", "length", "n", "diff_vs_full", "diff_ci_low", "diff_ci
 def test_tiny_end_to_end(reproduce, tmp_path, capsys):
     work, out = tmp_path / "work", tmp_path / "results"
     variants = (
-        "full,hybrid_sinkwindow,hybrid_blocksparse,all_sparse,streaming_llm,hybrid_bottom,hybrid_nosink,hybrid_auto,"
-        "hybrid_auto_loss,frontier_0.5,frontier_auto_0.5"
+        "full,hybrid_sinkwindow,hybrid_blocksparse,all_sparse,streaming_llm,hybrid_bottom,hybrid_interleave,"
+        "hybrid_nosink,hybrid_auto,hybrid_auto_loss,frontier_0.5,frontier_auto_0.5"
     )
     args = ["--tiny", "--work-dir", str(work), "--out-dir", str(out), "--variants", variants]
     assert reproduce.main(["all", *args, "--commit", "abc123"]) == 0
@@ -53,8 +53,8 @@ def test_tiny_end_to_end(reproduce, tmp_path, capsys):
     # every stage left its artefacts
     assert (work / "tokenizer" / "tokenizer.json").is_file()
     assert (work / "data" / "train.jsonl").is_file() and len(list((work / "data" / "heldout").iterdir())) == 2
-    trained = ("full", "hybrid_sinkwindow", "hybrid_blocksparse", "all_sparse", "hybrid_bottom", "hybrid_nosink",
-               "hybrid_auto", "hybrid_auto_loss", "frontier_0.5", "frontier_auto_0.5")  # fmt: skip
+    trained = ("full", "hybrid_sinkwindow", "hybrid_blocksparse", "all_sparse", "hybrid_bottom", "hybrid_interleave",
+               "hybrid_nosink", "hybrid_auto", "hybrid_auto_loss", "frontier_0.5", "frontier_auto_0.5")  # fmt: skip
     for run in ("pretrain", *trained):
         assert (work / "runs" / run / "final" / "model.safetensors").is_file()
         assert all(math.isfinite(x) and x > 0 for x in _losses(work / "runs" / run))
@@ -95,10 +95,10 @@ def test_tiny_end_to_end(reproduce, tmp_path, capsys):
     auto = summary["frontier"][3:]
     assert [f["placement"] for f in auto] == ["auto"] * 3 and [len(f["full_layers"]) for f in auto] == [0, 2, 3]
     assert auto[1]["full_layers"] == summary["variants"]["hybrid_auto"]["full_layers"]
-    # bottom and auto placement, and no sink tokens, against the SinkWindow hybrid on the same prompts, and auto
-    # against middle along the frontier: each length, then all lengths
-    changed = [v for v in ("hybrid_bottom", "hybrid_auto", "hybrid_auto_loss", "hybrid_nosink") if v in trained]
-    assert len(changed) == 4
+    # bottom, interleaved and auto placement, and no sink tokens, against the SinkWindow hybrid on the same prompts,
+    # and auto against middle along the frontier: each length, then all lengths
+    changed = ["hybrid_bottom", "hybrid_interleave", "hybrid_auto", "hybrid_auto_loss", "hybrid_nosink"]
+    assert set(changed) <= set(trained)
     against = [*((v, "hybrid_sinkwindow") for v in changed), ("frontier_auto_0.5", "frontier_0.5")]
     assert [(p["variant"], p["against"], p["lengths"]) for p in summary["placement"]] == [
         (v, a, lengths) for v, a in against for lengths in ([320], [512], [320, 512])
@@ -132,6 +132,7 @@ def test_tiny_end_to_end(reproduce, tmp_path, capsys):
     kv = {name: v["kv_bytes"]["512"] for name, v in variants_out.items()}
     assert kv["hybrid_sinkwindow"] < kv["full"] and kv["streaming_llm"] < kv["hybrid_sinkwindow"]
     assert variants_out["hybrid_bottom"]["full_layers"] == [0, 1]
+    assert variants_out["hybrid_interleave"]["full_layers"] == [1, 4]  # the middle of each half of 6 layers
     assert variants_out["hybrid_nosink"]["sparse_pattern"] == "SinkWindow(sink=0, window=32)"
     assert len(variants_out["hybrid_auto"]["full_layers"]) == 2  # as many as the middle third, chosen by score
     assert len(variants_out["hybrid_auto_loss"]["full_layers"]) == 2
@@ -157,7 +158,7 @@ def test_tiny_end_to_end(reproduce, tmp_path, capsys):
     assert _losses(work / "runs" / "pretrain") == first
     capsys.readouterr()
     assert reproduce.main(["plan", *args]) == 0
-    assert "finished: 2/34 stages; next: extend-full" in capsys.readouterr().out
+    assert "finished: 2/37 stages; next: extend-full" in capsys.readouterr().out
     # with --variant, what `all --variant ...` has left: its extension, retrieval and perplexity
     assert reproduce.main(["plan", "--variant", "hybrid_bottom", *args]) == 0
     assert "finished: 2/5 stages; next: extend-hybrid_bottom" in capsys.readouterr().out

@@ -29,7 +29,7 @@ FRONTIER_ALIASES = {
     frontier_name(1 / 3, "auto"): "hybrid_auto",
 }
 VARIANTS = (
-    *MAIN, "hybrid_bottom", "hybrid_nosink", "hybrid_auto", "hybrid_auto_loss",
+    *MAIN, "hybrid_bottom", "hybrid_nosink", "hybrid_auto", "hybrid_auto_loss", "hybrid_interleave",
     *(name for name, _, _ in FRONTIER_POINTS if name not in FRONTIER_ALIASES),
 )  # fmt: skip
 LABELS = {
@@ -42,6 +42,7 @@ LABELS = {
     "hybrid_nosink": "7. SinkWindow hybrid without sink tokens",
     "hybrid_auto": "8. SinkWindow hybrid, full layers chosen by calibration",
     "hybrid_auto_loss": "9. SinkWindow hybrid, full layers chosen by calibration (loss score)",
+    "hybrid_interleave": "10. SinkWindow hybrid, full layers interleaved",
     **{name: f"SinkWindow hybrid, {frac:.0%} full ({p})" for name, p, frac in FRONTIER_POINTS},
 }
 # longgen.train.synthetic.CHAIN_MAX, the recorded runs' longest variable chain (not imported: it would load torch)
@@ -348,7 +349,7 @@ def extend_cost(s: Settings, variant: str) -> float:
     not-attention share is `shape_cost`'s, and a narrower model runs slower than planned
     (results/probes/2026-12-07-deeper-model); a guide."""
     third = {v: 1 / 3 for v in ("hybrid_sinkwindow", "hybrid_blocksparse", "hybrid_bottom", "hybrid_nosink",
-                                "hybrid_auto", "hybrid_auto_loss")}  # fmt: skip
+                                "hybrid_auto", "hybrid_auto_loss", "hybrid_interleave")}  # fmt: skip
     fractions = {"full": 1.0, "all_sparse": 0.0, **third, **{name: f for name, _, f in FRONTIER_POINTS}}
     full = round(s.layers * fractions[variant]) / s.layers
     kind = "blocksparse" if variant == "hybrid_blocksparse" else "sinkwindow"

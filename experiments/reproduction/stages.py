@@ -550,6 +550,8 @@ class Experiment:
             "hybrid_blocksparse": {"full_layers": "middle", "pattern": BlockSparse(s.block_size, s.local_blocks)},
             "all_sparse": {"full_fraction": 0.0, "pattern": sink_window},
             "hybrid_bottom": {"full_layers": "bottom", "pattern": sink_window},
+            # one full layer in the middle of each of as many equal segments (12 layers: 1, 4, 7, 10)
+            "hybrid_interleave": {"full_layers": "interleave", "pattern": sink_window},
             # a plain sliding window: what `longgen export --format transformers` can hand to other engines
             "hybrid_nosink": {"full_layers": "middle", "pattern": SinkWindow(0, s.window)},
             "hybrid_auto": auto,  # as many full layers as the middle third
