@@ -349,7 +349,7 @@ def train(cfg: TrainConfig) -> Path:
                     (part * (world / n_global)).backward()
                 loss_sum += part.detach()
             # one reduction carries the loss and whether any rank got SIGTERM: every rank stops after the same step
-            sums = _all_sum(torch.stack([loss_sum, torch.tensor(float(stops.sigterm), device=device)]))
+            sums = _all_sum(torch.stack([loss_sum, torch.tensor(float(stops.asked_by is not None), device=device)]))
             loss, stop = (sums[0] / n_global).item(), bool(sums[1] > 0)
             grad_norm = torch.nn.utils.clip_grad_norm_(wrapped.parameters(), _clip_value(cfg))
             if hasattr(grad_norm, "full_tensor"):
@@ -387,7 +387,7 @@ def train(cfg: TrainConfig) -> Path:
             if kill_after and step == kill_after:
                 os.kill(os.getpid(), signal.SIGKILL)
             if stop and step < t.steps:
-                stops.stop_after_sigterm()
+                stops.stop_as_asked()
     if bar is not None:
         bar.close()
     metrics.close()
@@ -417,7 +417,9 @@ class _Stops:
 
     def __init__(self, out: Path, t, bar):
         self.out, self.t, self.bar = out, t, bar
-        self.step, self.sigterm, self.previous, self.by = 0, False, None, "SIGTERM"
+        self.step, self.previous = 0, None
+        # what asked this rank's loop to stop after its step (None on a rank stopping because another was asked)
+        self.asked_by: str | None = None
 
     def __enter__(self) -> _Stops:
         if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
@@ -426,7 +428,7 @@ class _Stops:
         return self
 
     def request(self, by: str) -> None:
-        self.sigterm, self.by = True, by
+        self.asked_by = by
 
     def _on_sigterm(self, signum, frame) -> None:
         self.request("SIGTERM")
@@ -448,9 +450,9 @@ class _Stops:
         if held:
             raise KeyboardInterrupt
 
-    def stop_after_sigterm(self) -> None:
+    def stop_as_asked(self) -> None:
         raise TrainingInterrupted(
-            f"stopped by {self.by} after step {self.step} of {self.t.steps}; wrote checkpoint "
+            f"stopped by {self.asked_by or 'SIGTERM'} after step {self.step} of {self.t.steps}; wrote checkpoint "
             f"{latest_checkpoint(self.out)}; continue with --resume",
             128 + signal.SIGTERM,
         )
