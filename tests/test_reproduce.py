@@ -300,6 +300,20 @@ def test_streaming_llm_alone_trains_model_1_and_is_evaluated(reproduce, tmp_path
     assert list(json.loads((out / "reproduce.json").read_text())["variants"]) == ["full", "streaming_llm"]
 
 
+@pytest.mark.slow
+def test_a_report_times_the_stages_of_the_variants_it_reports(reproduce, tmp_path):
+    """`all --variant X` for a variant outside the settings' list (a probe's): the report's stage_seconds has X's
+    extension and evaluations beside preparation and pre-training."""
+    out = tmp_path / "out"
+    args = ["--tiny", "--work-dir", str(tmp_path / "work"), "--out-dir", str(out)]
+    assert reproduce.main(["all", "--variant", "hybrid_nosink", *args]) == 0
+    saved = json.loads((out / "reproduce.json").read_text())
+    assert "hybrid_nosink" not in saved["settings"]["variants"] and list(saved["variants"]) == ["hybrid_nosink"]
+    assert list(saved["stage_seconds"]) == ["prepare", "pretrain", "extend-hybrid_nosink",
+                                            "eval-hybrid_nosink-retrieval", "eval-hybrid_nosink-ppl"]  # fmt: skip
+    assert all(x > 0 for x in saved["stage_seconds"].values())
+
+
 def test_each_record_holds_its_own_prompts_outcome(reproduce):
     """Prompts are scored length by length; each record must carry the outcome of its own prompt. Here every
     other prompt's answer is what the model itself generates (True), the rest a wrong answer (False)."""
@@ -432,7 +446,16 @@ def test_the_recorded_replicas_rebuild_to_their_committed_comparison(reproduce, 
     ("folder", "names"),
     [  # in RUN.md's order, main run first
         ("archive/2026-12-06-fifth-recipe", ["e24dd0b_main.json", "515bc58_frontier.json", "679ae98_auto.json"]),
-        (".", ["3485a18_main.json", "0d6986e_frontier.json", "0140326_frontier_bottom.json", "c7fe8fe_auto.json"]),
+        (
+            ".",
+            [
+                "3485a18_main.json",
+                "0d6986e_frontier.json",
+                "0140326_frontier_bottom.json",
+                "c7fe8fe_auto.json",
+                "c4ab611_interleave.json",
+            ],
+        ),
         ("replicas/replica1", ["d89aa38_full_sinkwindow.json", "c7fe8fe_blocksparse.json"]),
     ],
 )
@@ -462,6 +485,7 @@ PROBES = EXPERIMENTS / "results" / "probes"
         ("2026-12-06-extension-tokens", "| niah | 40 / 40 | 39 / 39 | 40 / 40 | 40 / 40 | 36 / 39 |"),
         ("2026-12-07-longer-chains", "| 16K | -0.2 (-2.9 to +2.4) | -7.3 (-10.3 to -4.5) | -7.0 (-11.2 to -3.0) |"),
         ("2026-12-07-deeper-model", "| 16K | -0.2 (-2.9 to +2.4) | -3.8 (-5.9 to -1.6) | -3.5 (-6.8 to -0.5) |"),
+        ("2026-12-07-wider-window", "| 16K | -0.2 (-2.9 to +2.4) | -2.0 (-4.2 to +0.1) | -1.8 (-4.3 to +0.7) |"),
     ],
 )
 def test_the_probes_compare_to_their_committed_tables(reproduce, tmp_path, probe, line):
@@ -559,6 +583,92 @@ def test_compare_sets_runs_of_different_recipes_side_by_side(reproduce, tmp_path
     b.write_text(json.dumps(only_sw))
     assert reproduce.main(["compare", "--from", str(a), "--from", str(b), "--out-dir", str(out)]) == 2
     assert "no variant was evaluated by every run" in capsys.readouterr().err
+
+
+def test_full_attention_does_not_read_the_pattern_settings(reproduce, tmp_path, monkeypatch):
+    """What `compare` relies on to measure a pattern probe against run 1's full attention: every stage key that
+    decides full attention's model and answers is the same whatever PATTERN_SETTINGS hold, while the hybrids' and
+    StreamingLLM's change with them."""
+    from reproduction.settings import PATTERN_SETTINGS, TINY
+    from reproduction.stages import Experiment
+
+    monkeypatch.setattr(Experiment, "fingerprint", lambda self, name: f"finished {name}")
+    base = dataclasses.replace(TINY, work_dir=str(tmp_path), out_dir=str(tmp_path))
+    other = dataclasses.replace(base, **{k: 2 * getattr(base, k) for k in PATTERN_SETTINGS})
+    shared = ["prepare", "pretrain", "extend-full", "eval-full-retrieval", "eval-full-ppl"]
+    changed = ["extend-hybrid_sinkwindow", "extend-hybrid_blocksparse", "eval-streaming_llm-retrieval"]
+    keys = [{name: Experiment(s).key(name) for name in shared + changed} for s in (base, other)]
+    assert all(keys[0][name] == keys[1][name] for name in shared)
+    assert all(keys[0][name] != keys[1][name] for name in changed)
+
+
+def _with_sinkwindow_as_full_but(saved: dict, n: int, lost: int) -> dict[str, str]:
+    """The SinkWindow hybrid's outcomes as full attention's, but `lost` more prompts missed at length `n`."""
+    out = dict(saved["outcomes"]["full"])
+    flipped = 0
+    for key in (k for k in out if k.endswith(f"@{n}")):
+        bits = list(out[key])
+        for i, bit in enumerate(bits):
+            if bit == "1" and flipped < lost:
+                bits[i], flipped = "0", flipped + 1
+        out[key] = "".join(bits)
+    assert flipped == lost
+    return out
+
+
+def test_compare_measures_a_pattern_probe_against_run_1s_full_attention(reproduce, tmp_path, capsys):
+    """A run of the hybrids alone whose recipe differs from run 1's only in the sparse patterns' settings (another
+    window) is measured against run 1's full attention, the model it would have trained; the hybrids' target is
+    applied to each run, a difference of exactly -2 points meeting it though float subtraction lands below -0.02.
+    A run without full attention that differs in anything else gets no difference to full attention."""
+    from longgen.eval.stats import paired_difference
+
+    saved = json.loads(MAIN_RUN.read_text())
+    probe = _split(saved, ["hybrid_sinkwindow", "hybrid_blocksparse"], "ddddddd")
+    probe["settings"] |= {"window": 2048, "local_blocks": 32}
+    n = 16384
+    probe["outcomes"]["hybrid_sinkwindow"] = _with_sinkwindow_as_full_but(saved, n, 8)
+    a, b, out = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "cmp"
+    a.write_text(json.dumps(saved))
+    b.write_text(json.dumps(probe))
+    assert reproduce.main(["compare", "--from", str(a), "--from", str(b), "--out-dir", str(out)]) == 0
+    text = capsys.readouterr().out
+    summary = json.loads((out / "compare.json").read_text())
+    assert [r["full_of_run"] for r in summary["runs"]] == [1, 1]
+    assert "did not evaluate full attention and is measured against run 1's" in text
+    assert list(summary["variants"]) == ["hybrid_sinkwindow", "hybrid_blocksparse"]
+    recorded = {(p["variant"], p["length"]): p for p in saved["paired"]}
+    for v in ("hybrid_sinkwindow", "hybrid_blocksparse"):
+        for row in (r for r in summary["variants"][v]["rows"] if len(r["lengths"]) == 1):
+            first, second = row["against_full"]["per_run"]
+            assert first["diff"] == pytest.approx(recorded[v, row["lengths"][0]]["diff_vs_full"])
+            if v == "hybrid_blocksparse":  # the same outcomes in both runs, against the same full attention
+                assert second == first
+            else:
+                expected = -8 / 400 if row["lengths"] == [n] else 0.0
+                assert second["diff"] == pytest.approx(expected) and second["only_variant"] == 0
+    full, sw = (saved["outcomes"]["full"], probe["outcomes"]["hybrid_sinkwindow"])
+    hits = [[b == "1" for k in full if k.endswith(f"@{n}") for b in o[k]] for o in (sw, full)]
+    assert paired_difference(*hits).diff < -0.02  # the float a plain comparison would reject
+    sw_target = summary["variants"]["hybrid_sinkwindow"]["target"]
+    assert [t["met"] for t in sw_target] == [False, True]
+    assert sw_target[1]["worst"] == {"length": n, "diff": pytest.approx(-0.02)}
+    assert "run 1 NOT met; worst -3.2 at 32K, lowest end -6.2 at 32K; run 2 met; worst -2.0 at 16K" in text
+    # one prompt more is below the target; a probe that changed anything else gets no full attention of run 1
+    probe["outcomes"]["hybrid_sinkwindow"] = _with_sinkwindow_as_full_but(saved, n, 9)
+    b.write_text(json.dumps(probe))
+    assert reproduce.main(["compare", "--from", str(a), "--from", str(b), "--out-dir", str(out)]) == 0
+    summary = json.loads((out / "compare.json").read_text())
+    assert [t["met"] for t in summary["variants"]["hybrid_sinkwindow"]["target"]] == [False, False]
+    assert "run 2 NOT met; worst -2.2 at 16K" in capsys.readouterr().out
+    probe["settings"]["extend_chain_max"] = 6
+    b.write_text(json.dumps(probe))
+    assert reproduce.main(["compare", "--from", str(a), "--from", str(b), "--out-dir", str(out)]) == 0
+    assert "measured against run 1's" not in capsys.readouterr().out
+    summary = json.loads((out / "compare.json").read_text())
+    assert [r["full_of_run"] for r in summary["runs"]] == [None, None]
+    assert all("against_full" not in r for s in summary["variants"].values() for r in s["rows"])
+    assert summary["variants"]["hybrid_sinkwindow"]["target"] is None
 
 
 def _split(saved: dict, variants: list[str], commit: str) -> dict:
