@@ -625,7 +625,7 @@ def test_compare_measures_a_pattern_probe_against_run_1s_full_attention(reproduc
 
     saved = json.loads(MAIN_RUN.read_text())
     probe = _split(saved, ["hybrid_sinkwindow", "hybrid_blocksparse"], "ddddddd")
-    probe["settings"] |= {"window": 2048, "local_blocks": 32}
+    probe["settings"] = {**saved["settings"], "window": 2048, "local_blocks": 32}
     n = 16384
     probe["outcomes"]["hybrid_sinkwindow"] = _with_sinkwindow_as_full_but(saved, n, 8)
     a, b, out = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "cmp"
@@ -635,6 +635,7 @@ def test_compare_measures_a_pattern_probe_against_run_1s_full_attention(reproduc
     text = capsys.readouterr().out
     summary = json.loads((out / "compare.json").read_text())
     assert [r["full_of_run"] for r in summary["runs"]] == [1, 1]
+    assert summary["runs"][1]["differs"] == [["local_blocks", 16, 32], ["window", 1024, 2048]]
     assert "did not evaluate full attention and is measured against run 1's" in text
     assert list(summary["variants"]) == ["hybrid_sinkwindow", "hybrid_blocksparse"]
     recorded = {(p["variant"], p["length"]): p for p in saved["paired"]}
@@ -825,6 +826,41 @@ def test_the_plan_keeps_the_recipes_steps_and_fills_the_budget_only_where_they_a
     assert derived[3][1] > derived[2][1]
     # a compiled step spends a larger share in attention, so sparse layers save more of it
     assert extend_cost(DEFAULT, "all_sparse") < extend_cost(dataclasses.replace(DEFAULT, compile=False), "all_sparse")
+
+
+def test_merge_takes_only_full_attention_from_a_run_of_another_pattern(reproduce, tmp_path, capsys):
+    """A run of the hybrids with another window merged with the recorded run: full attention, which reads no
+    pattern setting, comes from the recorded run; all sparse and StreamingLLM, which read the window, are left out
+    and the report says so; the hybrids' paired differences are those against the recorded full attention."""
+    saved = json.loads(MAIN_RUN.read_text())
+    probe = _split(saved, ["hybrid_sinkwindow", "hybrid_blocksparse"], "ddddddd")
+    probe["settings"] = {**saved["settings"], "window": 2048, "local_blocks": 32}
+    probe["outcomes"]["hybrid_sinkwindow"] = _with_sinkwindow_as_full_but(saved, 16384, 8)
+    a, b, out = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "merged"
+    a.write_text(json.dumps(probe))
+    b.write_text(json.dumps(saved))
+    assert reproduce.main(["merge", "--from", str(a), "--from", str(b), "--out-dir", str(out)]) == 0
+    text = capsys.readouterr().out
+    merged = json.loads((out / "reproduce.json").read_text())
+    assert list(merged["variants"]) == ["hybrid_sinkwindow", "hybrid_blocksparse", "full"]
+    assert merged["settings"]["window"] == 2048 and merged["outcomes"]["full"] == saved["outcomes"]["full"]
+    assert merged["runs"][1]["variants"] == ["full"]
+    assert merged["runs"][1]["left_out"] == ["all_sparse", "streaming_llm"]
+    assert "its recipe differs in local_blocks 32 → 16, window 2048 → 1024, which all_sparse, streaming_llm read: " \
+           "left out" in text  # fmt: skip
+    recorded = {(p["variant"], p["length"]): p for p in saved["paired"]}
+    for p in merged["paired"]:
+        if p["variant"] == "hybrid_blocksparse":
+            assert p == recorded["hybrid_blocksparse", p["length"]]
+    (sw,) = [p for p in merged["paired"] if (p["variant"], p["length"]) == ("hybrid_sinkwindow", 16384)]
+    assert sw["diff_vs_full"] == pytest.approx(-0.02)
+    (target,) = [c for c in merged["targets"] if c["target"].startswith("2. LongGen hybrid, SinkWindow")]
+    assert target["met"] is True  # exactly -2 points at 16K, 0 elsewhere
+    # a run that differs in anything else is still refused
+    saved["settings"]["extend_lr"] = 1e-3
+    b.write_text(json.dumps(saved))
+    assert reproduce.main(["merge", "--from", str(a), "--from", str(b), "--out-dir", str(out)]) == 2
+    assert "they differ in extend_lr;" in capsys.readouterr().err
 
 
 def test_merge_refuses_runs_of_another_recipe_and_bad_input(reproduce, tmp_path, capsys):

@@ -24,6 +24,8 @@ from .settings import (
     FRONTIER_POINTS,
     HELD_OUT_TASK,
     LABELS,
+    PATTERN_FREE,
+    PATTERN_SETTINGS,
     PLACEMENTS,
     TASKS,
     VARIANTS,
@@ -130,26 +132,42 @@ def check_same_recipe(saved: Sequence[dict[str, Any]], may_differ: frozenset[str
             )
 
 
+def _differs(run: dict[str, Any]) -> str:
+    """How a merged run's recipe differs from the first run's, as its line in the report ends ("" when it does not)."""
+    if not run.get("differs"):
+        return ""
+    text = "; its recipe differs in " + ", ".join(f"{k} {a} → {b}" for k, a, b in run["differs"])
+    return text + (f", which {', '.join(run['left_out'])} read: left out" if run["left_out"] else "")
+
+
 def merge_reports(saved: Sequence[dict[str, Any]], out: Path, command: str) -> dict[str, Any]:
     """One report from the saved ``reproduce.json`` of runs of the same recipe that evaluated different variants
     (the main comparison one day, the frontier another, pre-training repeated from the same seed), written into
     `out`. A variant evaluated by several runs is taken from the first that has it. The runs must agree on every
     setting that decides the models and the prompts (all but `RUN_CONTROL`) and on the planned training steps;
-    ValueError names what differs. The report lists each run (commit, date, device, command) with its variants."""
+    ValueError names what differs. One exception: a run may differ from run 1 in the sparse patterns' settings
+    (`PATTERN_SETTINGS`) too; from it only full attention, which reads none of them, is taken (a recipe that changes
+    a pattern keeps its full attention), and its other variants are left out. The report lists each run (commit,
+    date, device, command) with the variants taken from it, and for such a run the settings that differ and the
+    variants left out."""
     if len(saved) < 2:
         raise ValueError(f"merging needs the reports of at least two runs, got {len(saved)}")
-    check_same_recipe(saved, RUN_CONTROL, "merged")
+    check_same_recipe(saved, RUN_CONTROL | PATTERN_SETTINGS, "merged")
     first = saved[0]
     variants: dict[str, dict] = {}
     outcomes: dict[str, str] = {}
     runs = []
     for run in saved:
         taken = [v for v in run["variants"] if v not in variants and saved_has_own_result(run, v)]
+        differs = recipe_differences(first, run, RUN_CONTROL)
+        left_out = [v for v in taken if differs and v not in PATTERN_FREE]  # they read the settings that differ
+        taken = [v for v in taken if v not in left_out]
         for v in taken:  # each variant keeps the device its throughput was measured on
             variants[v] = {**run["variants"][v], "device": run["variants"][v].get("device", run["device"])}
             if v in run["outcomes"]:
                 outcomes[v] = run["outcomes"][v]
-        runs.append({k: run[k] for k in ("commit", "date", "device", "command")} | {"variants": taken})
+        runs.append({k: run[k] for k in ("commit", "date", "device", "command")} | {"variants": taken}
+                    | ({"differs": [list(d) for d in differs], "left_out": left_out} if differs else {}))  # fmt: skip
     settings = {**first["settings"], "variants": [v for v in VARIANTS if v in variants]}
     commit = " + ".join(run["commit"] for run in saved)
     return rebuild_report(
@@ -509,7 +527,7 @@ def format_report(summary: dict, s: Settings) -> str:
                   "seed in each; a variant's paired difference against full attention from another run compares "
                   "models of two pre-trainings):", ""]  # fmt: skip
         lines += [f"- commit {r['commit']}, {r['date']}, {r['device']}: {', '.join(r['variants']) or 'nothing new'} "
-                  f"(`{r['command']}`)" for r in summary["runs"]]  # fmt: skip
+                  f"(`{r['command']}`){_differs(r)}" for r in summary["runs"]]  # fmt: skip
         lines += [""]
     verdict = {True: "met", False: "NOT met", None: "not evaluated"}
     lines += ["## Targets", "", "| target | verdict | numbers |", "| --- | --- | --- |"]

@@ -46,8 +46,9 @@ LABELS = {
     **{name: f"SinkWindow hybrid, {frac:.0%} full ({p})" for name, p, frac in FRONTIER_POINTS},
 }
 # the settings only the sparse patterns read (and StreamingLLM at inference): full attention's model and answers do
-# not depend on them, so runs that differ only in these share full attention (`reproduce.py compare`)
+# not depend on them, so runs that differ only in these share full attention (`reproduce.py compare` and `merge`)
 PATTERN_SETTINGS = frozenset({"sink", "window", "block_size", "local_blocks"})
+PATTERN_FREE = frozenset({"full"})  # the variants that read none of PATTERN_SETTINGS
 # longgen.train.synthetic.CHAIN_MAX, the recorded runs' longest variable chain (not imported: it would load torch)
 CHAIN_MAX = 4
 TRAINED_TASKS = ("passkey", "niah", "niah_multikey", "variable_tracking")
