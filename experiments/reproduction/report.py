@@ -411,6 +411,17 @@ def at_least(x: float, bound: float) -> bool:
     return x >= bound - EXACT
 
 
+def hybrid_target(single: Sequence[tuple[int, dict[str, float]]], tolerance: float, ci_tolerance: float) -> dict:
+    """The hybrids' target applied to one series of differences to full attention, ``(length, {"diff", "ci_low"})``
+    a length: every difference at least -tolerance and every interval's lower end at least -ci_tolerance; with the
+    worst difference and the lowest end, each with its length."""
+    worst = min(single, key=lambda x: x[1]["diff"])
+    lowest = min(single, key=lambda x: x[1]["ci_low"])
+    met = all(at_least(p["diff"], -tolerance) and at_least(p["ci_low"], -ci_tolerance) for _, p in single)
+    return {"met": met, "worst": {"length": worst[0], "diff": worst[1]["diff"]},
+            "lowest": {"length": lowest[0], "ci_low": lowest[1]["ci_low"]}}  # fmt: skip
+
+
 def targets(s: Settings, rows: list, paired: list, variants: dict) -> list[dict[str, Any]]:
     """The issue's targets, each `met` True/False, or None when a variant it needs was not evaluated."""
     checks = []
@@ -432,15 +443,14 @@ def targets(s: Settings, rows: list, paired: list, variants: dict) -> list[dict[
     for v in ("hybrid_sinkwindow", "hybrid_blocksparse"):
 
         def near(v=v) -> tuple[bool, str]:
-            mine = [p for p in paired if p["variant"] == v]
-            worst = min(mine, key=lambda p: p["diff_vs_full"])
-            low = min(mine, key=lambda p: p["diff_ci_low"])
-            ok = all(at_least(p["diff_vs_full"], -s.tolerance) and at_least(p["diff_ci_low"], -s.ci_tolerance)
-                     for p in mine)  # fmt: skip
-            return ok, (
-                f"worst difference {100 * worst['diff_vs_full']:+.1f} points at {_k(worst['length'])}; lowest "
-                f"interval end {100 * low['diff_ci_low']:+.1f} points at {_k(low['length'])} ({low['n']} paired "
-                "prompts a length)"
+            mine = {p["length"]: p for p in paired if p["variant"] == v}
+            t = hybrid_target([(n, {"diff": p["diff_vs_full"], "ci_low": p["diff_ci_low"]}) for n, p in mine.items()],
+                              s.tolerance, s.ci_tolerance)  # fmt: skip
+            worst, low = t["worst"], t["lowest"]
+            return t["met"], (
+                f"worst difference {100 * worst['diff']:+.1f} points at {_k(worst['length'])}; lowest interval end "
+                f"{100 * low['ci_low']:+.1f} points at {_k(low['length'])} ({mine[low['length']]['n']} paired prompts "
+                "a length)"
             )
 
         add(f"{LABELS[v]}: paired difference vs full >= {-100 * s.tolerance:+.0f} points at every length, interval "

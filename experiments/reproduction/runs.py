@@ -35,8 +35,8 @@ from .report import (
     _pooled_over,
     _table,
     accuracy_of,
-    at_least,
     check_same_recipe,
+    hybrid_target,
     ran_with,
     recipe_differences,
     records_from_outcomes,
@@ -136,17 +136,6 @@ def _full_of(saved: Sequence[dict[str, Any]]) -> list[int] | None:
         else:
             return None
     return out
-
-
-def hybrid_target(single: Sequence[tuple[int, dict[str, float]]], tolerance: float, ci_tolerance: float) -> dict:
-    """The hybrids' target applied to one series of differences to full attention, ``(length, {"diff", "ci_low"})``
-    a length: every difference at least -tolerance and every interval's lower end at least -ci_tolerance; with the
-    worst difference and the lowest end, each with its length."""
-    worst = min(single, key=lambda x: x[1]["diff"])
-    lowest = min(single, key=lambda x: x[1]["ci_low"])
-    met = all(at_least(p["diff"], -tolerance) and at_least(p["ci_low"], -ci_tolerance) for _, p in single)
-    return {"met": met, "worst": {"length": worst[0], "diff": worst[1]["diff"]},
-            "lowest": {"length": lowest[0], "ci_low": lowest[1]["ci_low"]}}  # fmt: skip
 
 
 def _tolerances(run: dict[str, Any]) -> dict[str, float]:
