@@ -602,8 +602,23 @@ def test_full_attention_does_not_read_the_pattern_settings(reproduce, tmp_path, 
     assert all(keys[0][name] != keys[1][name] for name in changed)
 
 
-def _with_sinkwindow_as_full_but(saved: dict, n: int, lost: int) -> dict[str, str]:
-    """The SinkWindow hybrid's outcomes as full attention's, but `lost` more prompts missed at length `n`."""
+def _run_on(reproduce, capsys, stage: str, runs: list[dict], tmp_path: Path) -> tuple[str, dict]:
+    """`reproduce.py <stage> --from ...` on the saved `runs` (written into `tmp_path`): what it printed, and the JSON
+    it wrote (compare.json, or merge's reproduce.json)."""
+    given = []
+    for i, run in enumerate(runs):
+        (tmp_path / f"run{i}.json").write_text(json.dumps(run))
+        given += ["--from", str(tmp_path / f"run{i}.json")]
+    assert reproduce.main([stage, *given, "--out-dir", str(tmp_path / stage)]) == 0
+    name = "compare.json" if stage == "compare" else "reproduce.json"
+    return capsys.readouterr().out, json.loads((tmp_path / stage / name).read_text())
+
+
+def _wider_window_probe(saved: dict, lost: int, n: int = 16384) -> dict:
+    """`saved` as a run of the two hybrids alone with twice the window and local blocks, in which the SinkWindow
+    hybrid answers what full attention answers but `lost` prompts at length `n`."""
+    probe = _split(saved, ["hybrid_sinkwindow", "hybrid_blocksparse"], "ddddddd")
+    probe["settings"] = {**saved["settings"], "window": 2048, "local_blocks": 32}
     out = dict(saved["outcomes"]["full"])
     flipped = 0
     for key in (k for k in out if k.endswith(f"@{n}")):
@@ -613,7 +628,8 @@ def _with_sinkwindow_as_full_but(saved: dict, n: int, lost: int) -> dict[str, st
                 bits[i], flipped = "0", flipped + 1
         out[key] = "".join(bits)
     assert flipped == lost
-    return out
+    probe["outcomes"]["hybrid_sinkwindow"] = out
+    return probe
 
 
 def test_compare_measures_a_pattern_probe_against_run_1s_full_attention(reproduce, tmp_path, capsys):
@@ -624,16 +640,9 @@ def test_compare_measures_a_pattern_probe_against_run_1s_full_attention(reproduc
     from longgen.eval.stats import paired_difference
 
     saved = json.loads(MAIN_RUN.read_text())
-    probe = _split(saved, ["hybrid_sinkwindow", "hybrid_blocksparse"], "ddddddd")
-    probe["settings"] = {**saved["settings"], "window": 2048, "local_blocks": 32}
     n = 16384
-    probe["outcomes"]["hybrid_sinkwindow"] = _with_sinkwindow_as_full_but(saved, n, 8)
-    a, b, out = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "cmp"
-    a.write_text(json.dumps(saved))
-    b.write_text(json.dumps(probe))
-    assert reproduce.main(["compare", "--from", str(a), "--from", str(b), "--out-dir", str(out)]) == 0
-    text = capsys.readouterr().out
-    summary = json.loads((out / "compare.json").read_text())
+    probe = _wider_window_probe(saved, 8, n)
+    text, summary = _run_on(reproduce, capsys, "compare", [saved, probe], tmp_path)
     assert [r["full_of_run"] for r in summary["runs"]] == [1, 1]
     assert summary["runs"][1]["differs"] == [["local_blocks", 16, 32], ["window", 1024, 2048]]
     assert "did not evaluate full attention and is measured against run 1's" in text
@@ -656,17 +665,13 @@ def test_compare_measures_a_pattern_probe_against_run_1s_full_attention(reproduc
     assert sw_target[1]["worst"] == {"length": n, "diff": pytest.approx(-0.02)}
     assert "run 1 NOT met; worst -3.2 at 32K, lowest end -6.2 at 32K; run 2 met; worst -2.0 at 16K" in text
     # one prompt more is below the target; a probe that changed anything else gets no full attention of run 1
-    probe["outcomes"]["hybrid_sinkwindow"] = _with_sinkwindow_as_full_but(saved, n, 9)
-    b.write_text(json.dumps(probe))
-    assert reproduce.main(["compare", "--from", str(a), "--from", str(b), "--out-dir", str(out)]) == 0
-    summary = json.loads((out / "compare.json").read_text())
+    probe = _wider_window_probe(saved, 9, n)
+    text, summary = _run_on(reproduce, capsys, "compare", [saved, probe], tmp_path)
     assert [t["met"] for t in summary["variants"]["hybrid_sinkwindow"]["target"]] == [False, False]
-    assert "run 2 NOT met; worst -2.2 at 16K" in capsys.readouterr().out
+    assert "run 2 NOT met; worst -2.2 at 16K" in text
     probe["settings"]["extend_chain_max"] = 6
-    b.write_text(json.dumps(probe))
-    assert reproduce.main(["compare", "--from", str(a), "--from", str(b), "--out-dir", str(out)]) == 0
-    assert "measured against run 1's" not in capsys.readouterr().out
-    summary = json.loads((out / "compare.json").read_text())
+    text, summary = _run_on(reproduce, capsys, "compare", [saved, probe], tmp_path)
+    assert "measured against run 1's" not in text
     assert [r["full_of_run"] for r in summary["runs"]] == [None, None]
     assert all("against_full" not in r for s in summary["variants"].values() for r in s["rows"])
     assert summary["variants"]["hybrid_sinkwindow"]["target"] is None
@@ -833,15 +838,8 @@ def test_merge_takes_only_full_attention_from_a_run_of_another_pattern(reproduce
     pattern setting, comes from the recorded run; all sparse and StreamingLLM, which read the window, are left out
     and the report says so; the hybrids' paired differences are those against the recorded full attention."""
     saved = json.loads(MAIN_RUN.read_text())
-    probe = _split(saved, ["hybrid_sinkwindow", "hybrid_blocksparse"], "ddddddd")
-    probe["settings"] = {**saved["settings"], "window": 2048, "local_blocks": 32}
-    probe["outcomes"]["hybrid_sinkwindow"] = _with_sinkwindow_as_full_but(saved, 16384, 8)
-    a, b, out = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "merged"
-    a.write_text(json.dumps(probe))
-    b.write_text(json.dumps(saved))
-    assert reproduce.main(["merge", "--from", str(a), "--from", str(b), "--out-dir", str(out)]) == 0
-    text = capsys.readouterr().out
-    merged = json.loads((out / "reproduce.json").read_text())
+    probe = _wider_window_probe(saved, 8)
+    text, merged = _run_on(reproduce, capsys, "merge", [probe, saved], tmp_path)
     assert list(merged["variants"]) == ["hybrid_sinkwindow", "hybrid_blocksparse", "full"]
     assert merged["settings"]["window"] == 2048 and merged["outcomes"]["full"] == saved["outcomes"]["full"]
     assert merged["runs"][1]["variants"] == ["full"]
@@ -858,8 +856,9 @@ def test_merge_takes_only_full_attention_from_a_run_of_another_pattern(reproduce
     assert target["met"] is True  # exactly -2 points at 16K, 0 elsewhere
     # a run that differs in anything else is still refused
     saved["settings"]["extend_lr"] = 1e-3
-    b.write_text(json.dumps(saved))
-    assert reproduce.main(["merge", "--from", str(a), "--from", str(b), "--out-dir", str(out)]) == 2
+    (tmp_path / "run1.json").write_text(json.dumps(saved))
+    runs = ["--from", str(tmp_path / "run0.json"), "--from", str(tmp_path / "run1.json")]
+    assert reproduce.main(["merge", *runs, "--out-dir", str(tmp_path / "refused")]) == 2
     assert "they differ in extend_lr;" in capsys.readouterr().err
 
 
