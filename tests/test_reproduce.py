@@ -202,10 +202,15 @@ def test_stopped_stage_resumes(reproduce, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(loop, "save_checkpoint", save_then_stop)
     assert reproduce.main(["all", *args]) == reproduce.EXIT_UNFINISHED
     assert (work / "state" / "prepare.json").is_file() and not (work / "state" / "pretrain.json").exists()
+    before = json.loads((work / "state" / "pretrain.started").read_text())["seconds"]
+    assert before > 0
     monkeypatch.setattr(loop, "save_checkpoint", save)
     capsys.readouterr()
     assert reproduce.main(["pretrain", *args]) == 0
-    assert "resumed from" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "resumed from" in printed and " s with the calls before)" in printed
+    # the stage's seconds are both calls' (the report's stage_seconds and a variant's extension seconds)
+    assert json.loads((work / "state" / "pretrain.json").read_text())["seconds"] > before
     rows = (work / "runs" / "pretrain" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["step"] for x in rows] == [1, 2, 3, 4]  # steps 3-4 logged after the resume, once
 

@@ -152,7 +152,8 @@ def merge_reports(saved: Sequence[dict[str, Any]], out: Path, command: str) -> d
     variants left out."""
     if len(saved) < 2:
         raise ValueError(f"merging needs the reports of at least two runs, got {len(saved)}")
-    check_same_recipe(saved, RUN_CONTROL | PATTERN_SETTINGS, "merged")
+    check_same_recipe(saved, RUN_CONTROL | PATTERN_SETTINGS, "merged (from a run that differs in "
+                      f"{', '.join(sorted(PATTERN_SETTINGS))}, only {', '.join(sorted(PATTERN_FREE))})")  # fmt: skip
     first = saved[0]
     variants: dict[str, dict] = {}
     outcomes: dict[str, str] = {}

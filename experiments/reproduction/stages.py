@@ -288,26 +288,35 @@ class Experiment:
         if left is not None and left < need:
             log(f"[{name}] not started: it needs ~{need:.0f} s, {max(left, 0):.0f} s are left before the deadline")
             raise DeadlineReached
+        earlier = 0.0  # seconds the stage ran in earlier calls that were stopped (it resumes from their work)
         if self.force or (started or {}).get("key") != key_hash:  # resume only what was started with this key
             for p in self.outputs(name):
                 shutil.rmtree(p, ignore_errors=True)
+        else:
+            earlier = started.get("seconds", 0.0)
         (self.state / f"{name}.json").unlink(missing_ok=True)
-        write_json(self.state / f"{name}.started", {"key": key_hash, "settings": key})
+        started_file = self.state / f"{name}.started"
+        write_json(started_file, {"key": key_hash, "settings": key, "seconds": earlier})
         log(f"[{name}] running")
         t0 = time.perf_counter()
-        if name == "prepare":
-            result = self._prepare()
-        elif name == "pretrain":
-            result = self._pretrain()
-        elif name.startswith("extend-"):
-            result = self._extend(name.removeprefix("extend-"))
-        else:
-            result = self._evaluate(*name.removeprefix("eval-").rsplit("-", 1))
-        seconds = time.perf_counter() - t0
+        try:
+            if name == "prepare":
+                result = self._prepare()
+            elif name == "pretrain":
+                result = self._pretrain()
+            elif name.startswith("extend-"):
+                result = self._extend(name.removeprefix("extend-"))
+            else:
+                result = self._evaluate(*name.removeprefix("eval-").rsplit("-", 1))
+        except BaseException:  # stopped (the deadline, a signal, an error): the next call adds on to these seconds
+            write_json(started_file, {"key": key_hash, "settings": key, "seconds": earlier + time.perf_counter() - t0})
+            raise
+        now = time.perf_counter() - t0
+        seconds = earlier + now
         record = {"key": key_hash, "result": result, "seconds": seconds, "finished": datetime.now(UTC).isoformat()}
         write_json(self.state / f"{name}.json", record)
-        (self.state / f"{name}.started").unlink(missing_ok=True)
-        log(f"[{name}] finished in {seconds:.0f} s")
+        started_file.unlink(missing_ok=True)
+        log(f"[{name}] finished in {now:.0f} s" + (f" ({seconds:.0f} s with the calls before)" if earlier else ""))
         return result
 
     def planned_seconds(self, name: str) -> float:
