@@ -204,7 +204,8 @@ def compare_runs(saved: Sequence[dict[str, Any]]) -> dict[str, Any]:
     if not variants:
         raise ValueError("no variant was evaluated by every run")
     full_of = _full_of(saved)
-    runs = _Runs(saved, list(dict.fromkeys([*variants, *(["full"] if full_of else [])])), "compared runs", full_of)
+    needed = [*variants, *(["full"] if full_of and "full" not in variants else [])]  # full: a run may borrow run 1's
+    runs = _Runs(saved, needed, "compared runs", full_of)
     longest = runs.lengths[-1]
     tolerances = _tolerances(saved[0])
 

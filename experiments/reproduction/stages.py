@@ -296,7 +296,11 @@ class Experiment:
             earlier = started.get("seconds", 0.0)
         (self.state / f"{name}.json").unlink(missing_ok=True)
         started_file = self.state / f"{name}.started"
-        write_json(started_file, {"key": key_hash, "settings": key, "seconds": earlier})
+
+        def mark_started(seconds: float) -> None:  # the key it runs with, and the seconds it ran so far
+            write_json(started_file, {"key": key_hash, "settings": key, "seconds": seconds})
+
+        mark_started(earlier)
         log(f"[{name}] running")
         t0 = time.perf_counter()
         try:
@@ -309,7 +313,7 @@ class Experiment:
             else:
                 result = self._evaluate(*name.removeprefix("eval-").rsplit("-", 1))
         except BaseException:  # stopped (the deadline, a signal, an error): the next call adds on to these seconds
-            write_json(started_file, {"key": key_hash, "settings": key, "seconds": earlier + time.perf_counter() - t0})
+            mark_started(earlier + time.perf_counter() - t0)
             raise
         now = time.perf_counter() - t0
         seconds = earlier + now
