@@ -11,6 +11,7 @@ extended to 16x the context (32K), each with the same token budget:
     full layers at the bottom                 hybrid_bottom       (SinkWindow)
     full layers interleaved                   hybrid_interleave   (one a segment: 1, 4, 7, 10 of 12)
     without sink tokens: SinkWindow(0, W)     hybrid_nosink       (exportable to stock transformers)
+    BlockSparse hybrid with a sink block      hybrid_blocksparse_sink (the first block seen by every KV head)
     full layers chosen by calibration         hybrid_auto         (longgen.convert(full_layers="auto"))
     the same by the loss score                hybrid_auto_loss    (full_layers="auto", score="loss")
     SinkWindow hybrids, 1/6, 1/4, 1/2 full    frontier_0.167, frontier_0.25, frontier_0.5

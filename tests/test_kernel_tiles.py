@@ -175,6 +175,33 @@ def test_triton_layout_index_is_the_block_mask(hkv, L, G, BM, BN):
                 assert got == torch.nonzero(mask).flatten().tolist(), (transpose, g, r)
 
 
+def test_a_layout_plan_reuses_the_device_tensors_of_the_same_layout_and_shape():
+    """A BlockLayout call's layout and tile indices are built once per layout and shape, not at every call (a
+    training step would rebuild them on the host for every sparse layer): an equal layout in another object reuses
+    them, another layout or length gets its own, and each is `layout_index`'s."""
+    from longgen.kernels.inputs import AttentionShape
+
+    def plan(p, L):
+        shape = AttentionShape(p, 4, 2, 64, 0.125, varlen=False, padded=False, seq_lens=(L, L))
+        starts, lens = torch.tensor([0, L], dtype=torch.int32), torch.full((2,), L, dtype=torch.int32)
+        return kplan.Plan(shape, starts, lens, torch.bfloat16)
+
+    gen = torch.Generator().manual_seed(7)
+    lay = (torch.rand(2, 8, 8, generator=gen) < 0.4).tril() | torch.eye(8, dtype=torch.bool)
+    first = plan(BlockLayout(lay, 16), 128)
+    again = plan(BlockLayout(lay.clone(), 16), 128)
+    assert again.layout is first.layout and all(again.index[k] is first.index[k] for k in ("fwd", "dq", "dkdv"))
+    other = lay.clone()
+    other[:, 7, 0] = ~other[:, 7, 0]
+    for p, L in ((BlockLayout(other, 16), 128), (BlockLayout(lay, 16), 96)):
+        mine = plan(p, L)
+        assert mine.index["fwd"][0] is not first.index["fwd"][0]
+        for name, t in mine.tiles.items():
+            want = kplan.layout_index(p, 2, L, 2, t, "cpu", transpose=name == "dkdv")
+            assert all(torch.equal(a, b) for a, b in zip(mine.index[name], want, strict=True))
+        assert torch.equal(mine.layout, p.layout.to(torch.int8))
+
+
 @pytest.mark.parametrize("MR,BN", [(32, 32), (32, 16), (64, 32)])
 @pytest.mark.parametrize("p,hkv,L", [c for c in CASES if not isinstance(c[0], BlockLayout)], ids=lambda x: repr(x)[:30])
 def test_gluon_forward_and_dq_visit_the_block_mask(p, hkv, L, MR, BN):

@@ -43,7 +43,7 @@ def test_tiny_end_to_end(reproduce, tmp_path, capsys):
     work, out = tmp_path / "work", tmp_path / "results"
     variants = (
         "full,hybrid_sinkwindow,hybrid_blocksparse,all_sparse,streaming_llm,hybrid_bottom,hybrid_interleave,"
-        "hybrid_nosink,hybrid_auto,hybrid_auto_loss,frontier_0.5,frontier_auto_0.5"
+        "hybrid_blocksparse_sink,hybrid_nosink,hybrid_auto,hybrid_auto_loss,frontier_0.5,frontier_auto_0.5"
     )
     args = ["--tiny", "--work-dir", str(work), "--out-dir", str(out), "--variants", variants]
     assert reproduce.main(["all", *args, "--commit", "abc123"]) == 0
@@ -54,7 +54,8 @@ def test_tiny_end_to_end(reproduce, tmp_path, capsys):
     assert (work / "tokenizer" / "tokenizer.json").is_file()
     assert (work / "data" / "train.jsonl").is_file() and len(list((work / "data" / "heldout").iterdir())) == 2
     trained = ("full", "hybrid_sinkwindow", "hybrid_blocksparse", "all_sparse", "hybrid_bottom", "hybrid_interleave",
-               "hybrid_nosink", "hybrid_auto", "hybrid_auto_loss", "frontier_0.5", "frontier_auto_0.5")  # fmt: skip
+               "hybrid_blocksparse_sink", "hybrid_nosink", "hybrid_auto", "hybrid_auto_loss", "frontier_0.5",
+               "frontier_auto_0.5")  # fmt: skip
     for run in ("pretrain", *trained):
         assert (work / "runs" / run / "final" / "model.safetensors").is_file()
         assert all(math.isfinite(x) and x > 0 for x in _losses(work / "runs" / run))
@@ -96,10 +97,11 @@ def test_tiny_end_to_end(reproduce, tmp_path, capsys):
     assert [f["placement"] for f in auto] == ["auto"] * 3 and [len(f["full_layers"]) for f in auto] == [0, 2, 3]
     assert auto[1]["full_layers"] == summary["variants"]["hybrid_auto"]["full_layers"]
     # bottom, interleaved and auto placement, and no sink tokens, against the SinkWindow hybrid on the same prompts,
-    # and auto against middle along the frontier: each length, then all lengths
+    # a sink block against the BlockSparse hybrid, and auto against middle along the frontier: each length, then all
     changed = ["hybrid_bottom", "hybrid_interleave", "hybrid_auto", "hybrid_auto_loss", "hybrid_nosink"]
     assert set(changed) <= set(trained)
-    against = [*((v, "hybrid_sinkwindow") for v in changed), ("frontier_auto_0.5", "frontier_0.5")]
+    against = [*((v, "hybrid_sinkwindow") for v in changed), ("hybrid_blocksparse_sink", "hybrid_blocksparse"),
+               ("frontier_auto_0.5", "frontier_0.5")]  # fmt: skip
     assert [(p["variant"], p["against"], p["lengths"]) for p in summary["placement"]] == [
         (v, a, lengths) for v, a in against for lengths in ([320], [512], [320, 512])
     ]
@@ -134,6 +136,8 @@ def test_tiny_end_to_end(reproduce, tmp_path, capsys):
     assert variants_out["hybrid_bottom"]["full_layers"] == [0, 1]
     assert variants_out["hybrid_interleave"]["full_layers"] == [1, 4]  # the middle of each half of 6 layers
     assert variants_out["hybrid_nosink"]["sparse_pattern"] == "SinkWindow(sink=0, window=32)"
+    layout = "BlockLayout(kv_heads=2, n_blocks=32, block_size=16)"  # BlockSparse's blocks at 512 tokens, a sink block
+    assert variants_out["hybrid_blocksparse_sink"]["sparse_pattern"] == layout
     assert len(variants_out["hybrid_auto"]["full_layers"]) == 2  # as many as the middle third, chosen by score
     assert len(variants_out["hybrid_auto_loss"]["full_layers"]) == 2
     for v in variants_out.values():
@@ -158,7 +162,7 @@ def test_tiny_end_to_end(reproduce, tmp_path, capsys):
     assert _losses(work / "runs" / "pretrain") == first
     capsys.readouterr()
     assert reproduce.main(["plan", *args]) == 0
-    assert "finished: 2/37 stages; next: extend-full" in capsys.readouterr().out
+    assert "finished: 2/40 stages; next: extend-full" in capsys.readouterr().out
     # with --variant, what `all --variant ...` has left: its extension, retrieval and perplexity
     assert reproduce.main(["plan", "--variant", "hybrid_bottom", *args]) == 0
     assert "finished: 2/5 stages; next: extend-hybrid_bottom" in capsys.readouterr().out
@@ -783,6 +787,29 @@ def test_the_plan_scales_the_measured_speeds_to_another_model_by_multiply_adds(r
     assert "scaled by multiply-adds" not in capsys.readouterr().out
 
 
+def test_the_sink_block_variant_is_blocksparse_with_the_first_block_seen_by_every_kv_head(reproduce):
+    """`hybrid_blocksparse_sink`'s pattern: the BlockSparse hybrid's block mask at --long-len, plus the first key
+    block for every KV head and query block (one head of four saw it before, through its strided blocks), and still
+    KV-cache efficient, so the compact cache serves it."""
+    import torch
+    from reproduction.settings import DEFAULT
+    from reproduction.stages import blocksparse_with_sink
+
+    from longgen.patterns import BlockSparse
+
+    s = DEFAULT
+    pattern = blocksparse_with_sink(s)
+    n = s.long_len // s.block_size
+    mine = pattern.block_mask(s.long_len, s.kv_heads)
+    plain = BlockSparse(s.block_size, s.local_blocks).block_mask(s.long_len, s.kv_heads)
+    assert mine.shape == plain.shape == (s.kv_heads, n, n)
+    assert bool(mine[:, :, 0].all()) and torch.equal(mine[:, :, 1:], plain[:, :, 1:])
+    assert plain[:, s.local_blocks :, 0].sum(dim=1).tolist() == [n - s.local_blocks, 0, 0, 0]
+    assert pattern.is_kv_cache_efficient(s.kv_heads)
+    with pytest.raises(ValueError, match="exceeds the BlockLayout's span"):
+        pattern.kv_retention(s.long_len + 1, s.kv_heads)
+
+
 def test_the_plan_costs_a_sparse_layer_by_the_pairs_its_pattern_keeps():
     """A sparse layer's planned attention time is the share of causal pairs its pattern keeps at --long-len
     (hand-counted here) times the time per pair fitted to the H100 runs, so the recorded patterns keep their fitted
@@ -798,6 +825,9 @@ def test_the_plan_costs_a_sparse_layer_by_the_pairs_its_pattern_keeps():
     # 512 blocks: 16 local a row (fewer in the first rows), and every 4th (4 KV heads) of the 496 x 497 / 2 others
     blocks = 16 * 17 // 2 + (512 - 16) * 16 + 496 * 497 / 2 / 4
     assert kept_share(DEFAULT, "hybrid_blocksparse") == pytest.approx(blocks / (512 * 513 / 2))
+    # a sink block: the first block for the 3 KV heads of 4 whose strided blocks miss it, in the 496 rows past it
+    sink_block = blocks + 496 * 3 / 4
+    assert kept_share(DEFAULT, "hybrid_blocksparse_sink") == pytest.approx(sink_block / (512 * 513 / 2))
     other = H100[True].not_attention
     assert extend_cost(DEFAULT, "all_sparse") == pytest.approx(other + (1 - other) * 0.07, rel=1e-5)
     hybrid = extend_cost(DEFAULT, "hybrid_blocksparse")

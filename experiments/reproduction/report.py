@@ -380,13 +380,14 @@ def frontier(s: Settings, variants: dict[str, dict], device: str) -> list[dict[s
 
 
 def placement(s: Settings, variants: dict[str, dict]) -> list[dict[str, Any]]:
-    """The variants that change one thing of a SinkWindow hybrid with full layers in the middle, against it on the
-    same prompts: bottom, interleaved and auto placement, and no sink tokens (what exporting to engines that know
-    only sliding windows costs), against `hybrid_sinkwindow`; along the frontier, auto against middle placement of
-    as many full layers (`frontier_auto_<f>` against `frontier_<f>`, one run's models). The paired difference by
-    length and over all lengths, with Newcombe's interval."""
+    """The variants that change one thing of a hybrid with full layers in the middle, against it on the same
+    prompts: bottom, interleaved and auto placement, and no sink tokens (what exporting to engines that know only
+    sliding windows costs), against `hybrid_sinkwindow`; a sink block, against `hybrid_blocksparse`; along the
+    frontier, auto against middle placement of as many full layers (`frontier_auto_<f>` against `frontier_<f>`, one
+    run's models). The paired difference by length and over all lengths, with Newcombe's interval."""
     pairs = [(v, "hybrid_sinkwindow") for v in ("hybrid_bottom", "hybrid_interleave", "hybrid_auto", "hybrid_auto_loss",
                                                  "hybrid_nosink")]  # fmt: skip
+    pairs.append(("hybrid_blocksparse_sink", "hybrid_blocksparse"))
     middle = {f: name for name, where, f in FRONTIER_POINTS if where == "middle"}
     pairs += [
         (name, middle[f]) for name, where, f in FRONTIER_POINTS if where == "auto" and middle[f] not in FRONTIER_ALIASES

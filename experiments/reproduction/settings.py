@@ -30,6 +30,7 @@ FRONTIER_ALIASES = {
 }
 VARIANTS = (
     *MAIN, "hybrid_bottom", "hybrid_nosink", "hybrid_auto", "hybrid_auto_loss", "hybrid_interleave",
+    "hybrid_blocksparse_sink",
     *(name for name, _, _ in FRONTIER_POINTS if name not in FRONTIER_ALIASES),
 )  # fmt: skip
 LABELS = {
@@ -43,6 +44,7 @@ LABELS = {
     "hybrid_auto": "8. SinkWindow hybrid, full layers chosen by calibration",
     "hybrid_auto_loss": "9. SinkWindow hybrid, full layers chosen by calibration (loss score)",
     "hybrid_interleave": "10. SinkWindow hybrid, full layers interleaved",
+    "hybrid_blocksparse_sink": "11. BlockSparse hybrid with a sink block",
     **{name: f"SinkWindow hybrid, {frac:.0%} full ({p})" for name, p, frac in FRONTIER_POINTS},
 }
 # the settings only the sparse patterns read (and StreamingLLM at inference): full attention's model and answers do
@@ -325,12 +327,17 @@ def kept_share(s: Settings, variant: str) -> float:
     """Share of causal attention's (query, key) pairs at --long-len that a sparse layer of `variant` computes.
     SinkWindow (every sparse variant but the BlockSparse hybrid; `hybrid_nosink` without sink tokens): a query's
     last --window keys and the first --sink. BlockSparse, counted in blocks: a query block's --local-blocks last
-    blocks and every stride-th of the others (stride: the KV heads, at most 64, as `longgen.patterns` resolves it)."""
+    blocks and every stride-th of the others (stride: the KV heads, at most 64, as `longgen.patterns` resolves it);
+    with a sink block (`hybrid_blocksparse_sink`) also the first block, for the heads whose strided blocks miss it."""
     n = s.long_len
-    if variant == "hybrid_blocksparse":
+    if variant in ("hybrid_blocksparse", "hybrid_blocksparse_sink"):
         blocks, stride = -(-n // s.block_size), min(s.kv_heads, 64)
+        step = max(1, stride // s.kv_heads)
         far = max(0, blocks - s.local_blocks)
         kept = _capped_sum(blocks, s.local_blocks) + far * (far + 1) / 2 / stride
+        if variant == "hybrid_blocksparse_sink":
+            missing = sum((g * step) % stride != 0 for g in range(s.kv_heads)) / s.kv_heads
+            kept += far * missing
         return kept / (blocks * (blocks + 1) / 2)
     sink = 0 if variant == "hybrid_nosink" else s.sink
     return (_capped_sum(n, s.window) + _capped_sum(n - s.window, sink)) / (n * (n + 1) / 2)
@@ -351,12 +358,14 @@ def extend_cost(s: Settings, variant: str) -> float:
     full attention 200K; SinkWindow hybrids with 0, 1/6, 1/4, 1/3, 1/2 of the layers full 307K, 289K, 277K, 260K,
     248K (predicted 309K, 283K, 272K, 262K, 243K); BlockSparse 238K (240K). For another model or length the
     not-attention share is `shape_cost`'s, and a narrower model runs slower than planned
-    (results/probes/2026-12-07-deeper-model); a guide."""
+    (results/probes/2026-12-07-deeper-model); `hybrid_blocksparse_sink` is planned at BlockSparse's time per pair,
+    though as a `BlockLayout` it runs on the Triton kernels, not the Hopper ones; a guide."""
     third = {v: 1 / 3 for v in ("hybrid_sinkwindow", "hybrid_blocksparse", "hybrid_bottom", "hybrid_nosink",
-                                "hybrid_auto", "hybrid_auto_loss", "hybrid_interleave")}  # fmt: skip
+                                "hybrid_auto", "hybrid_auto_loss", "hybrid_interleave",
+                                "hybrid_blocksparse_sink")}  # fmt: skip
     fractions = {"full": 1.0, "all_sparse": 0.0, **third, **{name: f for name, _, f in FRONTIER_POINTS}}
     full = round(s.layers * fractions[variant]) / s.layers
-    kind = "blocksparse" if variant == "hybrid_blocksparse" else "sinkwindow"
+    kind = "blocksparse" if variant.startswith("hybrid_blocksparse") else "sinkwindow"
     sparse_keep = min(1.0, PAIR_COST[kind] * kept_share(s, variant))
     other = shape_cost(s).not_attention
     return other + (1 - other) * (full + (1 - full) * sparse_keep)

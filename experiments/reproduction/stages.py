@@ -561,6 +561,8 @@ class Experiment:
             "full": None,
             "hybrid_sinkwindow": {"full_layers": "middle", "pattern": sink_window},
             "hybrid_blocksparse": {"full_layers": "middle", "pattern": BlockSparse(s.block_size, s.local_blocks)},
+            # the same with the first block visible to every KV head, as SinkWindow's sink tokens
+            "hybrid_blocksparse_sink": {"full_layers": "middle", "pattern": blocksparse_with_sink(s)},
             "all_sparse": {"full_fraction": 0.0, "pattern": sink_window},
             "hybrid_bottom": {"full_layers": "bottom", "pattern": sink_window},
             # one full layer in the middle of each of as many equal segments (12 layers: 1, 4, 7, 10)
@@ -672,6 +674,17 @@ class Heartbeat:
 
 def _rounded(d: dict[str, float], digits: int) -> dict[str, float]:
     return {k: round(v, digits) for k, v in d.items()}
+
+
+def blocksparse_with_sink(s: Settings):
+    """BlockSparse(--block-size, --local-blocks) with its first block visible to every KV head (BlockSparse alone
+    shows it to the heads whose strided blocks include it, one of four here): a `longgen.patterns.BlockLayout` over
+    --long-len, which the Triton kernels, the KV cache and the model's config take as they are."""
+    from longgen.patterns import BlockLayout, BlockSparse
+
+    mask = BlockSparse(s.block_size, s.local_blocks).block_mask(s.long_len, s.kv_heads)
+    mask[:, :, 0] = True
+    return BlockLayout(mask, block_size=s.block_size)
 
 
 def param_count(config: dict) -> int:

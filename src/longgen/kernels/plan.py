@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass
@@ -138,14 +139,11 @@ class Plan:
         self.n_lay = 1
         self.index: dict[str, tuple[torch.Tensor, torch.Tensor] | None] = {"fwd": None, "dq": None, "dkdv": None}
         if kind == K_LAYOUT:
-            # the kernels read the layout at the global head, the tile index is built for the local heads
-            self.layout = p.layout.expand(shape.global_kv_heads, -1, -1).to(device=device, dtype=torch.int8)
-            self.layout = self.layout.contiguous()
+            tiles = tuple(self.tiles.items())
+            self.layout, index = _layout_tensors(p, shape.global_kv_heads, hkv, off, self.max_len, shape.group, tiles,
+                                                 device)  # fmt: skip
+            self.index.update(index)
             self.n_lay = p.n_blocks
-            for name, t in self.tiles.items():
-                self.index[name] = layout_index(
-                    p, hkv, self.max_len, shape.group, t, device, transpose=name == "dkdv", kv_head_offset=off
-                )
 
     def launch_args(self, name: str) -> tuple:
         """(layout, n_lay, index, counts, index width) for kernel `name`."""
@@ -165,6 +163,28 @@ class Plan:
 
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=64)
+def _layout_tensors(
+    p: BlockLayout,
+    global_kv_heads: int,
+    hkv: int,
+    kv_head_offset: int,
+    max_len: int,
+    G: int,
+    tiles: tuple[tuple[str, Tiles], ...],
+    device: torch.device,
+) -> tuple[torch.Tensor, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """A BlockLayout call's device tensors: the layout at every global KV head (int8), which the kernels read, and
+    each kernel's tile index (`layout_index`) for the local heads. Kept for calls of the same layout and shape:
+    built on the host and copied to the device, they would cost a training step tens of milliseconds a layer."""
+    layout = p.layout.expand(global_kv_heads, -1, -1).to(device=device, dtype=torch.int8).contiguous()
+    index = {
+        name: layout_index(p, hkv, max_len, G, t, device, transpose=name == "dkdv", kv_head_offset=kv_head_offset)
+        for name, t in tiles
+    }
+    return layout, index
 
 
 def layout_index(
