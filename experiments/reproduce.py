@@ -204,6 +204,10 @@ def from_runs(args: argparse.Namespace, given: Sequence[str]) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     given = sys.argv[1:] if argv is None else list(argv)
+    if args.deadline_minutes is not None and not args.deadline_minutes > 0:
+        print(f"error: --deadline-minutes must be more than 0 (minutes from now), got {args.deadline_minutes:g}; "
+              "leave it out for no deadline", file=sys.stderr)  # fmt: skip
+        return 2
     if (args.stage in FROM_RUNS) != bool(args.runs):
         print("error: --from goes with the merge, replicas and compare stages, which need it (two or more "
               "reproduce.json)", file=sys.stderr)  # fmt: skip

@@ -271,6 +271,10 @@ def test_a_stage_that_cannot_finish_before_the_deadline_is_not_started(reproduce
     assert f"needs ~{TRAINING_START_S:.0f} s" in capsys.readouterr().out
     assert reproduce.main(["eval", "--variant", "full", *args, "--deadline-minutes", "5"]) == 0
     assert exp.current("eval-full-retrieval")
+    # a deadline already past (a wrapper's minutes left, gone negative) is an error that says so, not a traceback
+    for minutes in ("0", "-0.01"):
+        assert reproduce.main(["eval", "--variant", "full", *args, "--deadline-minutes", minutes]) == 2
+        assert "--deadline-minutes must be more than 0 (minutes from now)" in capsys.readouterr().err
 
 
 def test_all_evaluates_each_variant_as_soon_as_it_is_trained(reproduce, tmp_path):
@@ -451,6 +455,51 @@ def test_the_recorded_replicas_rebuild_to_their_committed_comparison(reproduce, 
     assert committed["commit"] == "3485a18 + d89aa38 + c7fe8fe"
 
 
+def _rerun(reproduce, command: str, out: Path) -> dict:
+    """A recorded `reproduce.py` command (merge or replicas) run again from the repository's files into `out`: the
+    JSON it writes (reproduce.json or replicas.json)."""
+    args = command.split()
+    assert args[:2] == ["python", "experiments/reproduce.py"] and args[-2] == "--out-dir"
+    given = [str(EXPERIMENTS.parent / a) if a.endswith(".json") else a for a in args[2:-2]]
+    assert reproduce.main([*given, "--out-dir", str(out)]) == 0
+    return json.loads((out / ("replicas.json" if args[2] == "replicas" else "reproduce.json")).read_text())
+
+
+def test_the_wider_windows_two_training_runs_rebuild_to_their_committed_mean(reproduce, tmp_path):
+    """The wider window's two training runs, each with the full attention of its replica of the recorded recipe
+    (merge takes it, and in replica 1 the BlockSparse hybrid too, which reads no window), compared as replicas: the
+    committed merges and replicas.json rebuild from their recorded commands; the replicas differ in the local blocks
+    (the first probe doubled them), so the BlockSparse hybrid is left out; the SinkWindow hybrid's mean at 32K is
+    what RUN.md quotes."""
+    folder = PROBES / "2026-12-07-wider-window-replica"
+    merged = {}
+    for name in ("replica0", "replica1"):
+        committed = json.loads((folder / name / "reproduce.json").read_text())
+        again = _rerun(reproduce, committed["command"], tmp_path / name)
+        assert {k: v for k, v in again.items() if k not in ("command", "files")} == {
+            k: v for k, v in committed.items() if k not in ("command", "files")
+        }
+        merged[name] = committed
+    assert [r["variants"] for r in merged["replica0"]["runs"]] == [
+        ["hybrid_sinkwindow", "hybrid_blocksparse"],
+        ["full"],
+    ]
+    assert [r["variants"] for r in merged["replica1"]["runs"]] == [
+        ["hybrid_sinkwindow"],
+        ["full", "hybrid_blocksparse"],
+    ]
+    assert merged["replica1"]["runs"][1]["differs"] == [["window", 2048, 1024]]
+    committed = json.loads((folder / "replicas.json").read_text())
+    again = _rerun(reproduce, committed["command"], tmp_path / "replicas")
+    assert {k: v for k, v in again.items() if k != "command"} == {k: v for k, v in committed.items() if k != "command"}
+    assert committed["pattern_differs"] == ["local_blocks"] and committed["left_out"] == ["hybrid_blocksparse"]
+    assert list(committed["variants"]) == ["hybrid_sinkwindow"]
+    (row,) = [r for r in committed["variants"]["hybrid_sinkwindow"] if r["lengths"] == [32768]]
+    assert [round(100 * row["mean"][k], 1) for k in ("diff", "ci_low", "ci_high")] == [-3.2, -5.4, -1.3]
+    text = (folder / "replicas.md").read_text()
+    assert "The replicas differ in local_blocks, which full attention does not read" in text
+
+
 @pytest.mark.parametrize(
     ("folder", "names"),
     [  # in RUN.md's order, main run first
@@ -463,6 +512,7 @@ def test_the_recorded_replicas_rebuild_to_their_committed_comparison(reproduce, 
                 "0140326_frontier_bottom.json",
                 "c7fe8fe_auto.json",
                 "c4ab611_interleave.json",
+                "d33db79_blocksparse_sink.json",
             ],
         ),
         ("replicas/replica1", ["d89aa38_full_sinkwindow.json", "c7fe8fe_blocksparse.json"]),
@@ -495,6 +545,10 @@ PROBES = EXPERIMENTS / "results" / "probes"
         ("2026-12-07-longer-chains", "| 16K | -0.2 (-2.9 to +2.4) | -7.3 (-10.3 to -4.5) | -7.0 (-11.2 to -3.0) |"),
         ("2026-12-07-deeper-model", "| 16K | -0.2 (-2.9 to +2.4) | -3.8 (-5.9 to -1.6) | -3.5 (-6.8 to -0.5) |"),
         ("2026-12-07-wider-window", "| 16K | -0.2 (-2.9 to +2.4) | -2.0 (-4.2 to +0.1) | -1.8 (-4.3 to +0.7) |"),
+        (
+            "2026-12-07-wider-window-replica",
+            "| 32K | -3.2 (-5.8 to -0.8) | -4.7 (-7.6 to -2.0) | -1.5 (-3.5 to +0.5) |",
+        ),
     ],
 )
 def test_the_probes_compare_to_their_committed_tables(reproduce, tmp_path, probe, line):
@@ -594,21 +648,31 @@ def test_compare_sets_runs_of_different_recipes_side_by_side(reproduce, tmp_path
     assert "no variant was evaluated by every run" in capsys.readouterr().err
 
 
-def test_full_attention_does_not_read_the_pattern_settings(reproduce, tmp_path, monkeypatch):
-    """What `compare` relies on to measure a pattern probe against run 1's full attention: every stage key that
-    decides full attention's model and answers is the same whatever PATTERN_SETTINGS hold, while the hybrids' and
-    StreamingLLM's change with them."""
-    from reproduction.settings import PATTERN_SETTINGS, TINY
+def test_each_variant_reads_the_pattern_settings_it_is_said_to(reproduce, tmp_path, monkeypatch):
+    """What `compare`, `merge` and `replicas` rely on to share a model between runs whose pattern settings differ:
+    with one of PATTERN_SETTINGS changed, the stage keys that decide a variant's model and answers change exactly for
+    the variants that `pattern_settings_read` says read it. Full attention reads none, so a pattern probe is measured
+    against run 1's; the BlockSparse hybrids do not read the window, the SinkWindow ones not the local blocks."""
+    from reproduction.settings import PATTERN_SETTINGS, TINY, VARIANTS, pattern_settings_read
     from reproduction.stages import Experiment
 
     monkeypatch.setattr(Experiment, "fingerprint", lambda self, name: f"finished {name}")
     base = dataclasses.replace(TINY, work_dir=str(tmp_path), out_dir=str(tmp_path))
-    other = dataclasses.replace(base, **{k: 2 * getattr(base, k) for k in PATTERN_SETTINGS})
-    shared = ["prepare", "pretrain", "extend-full", "eval-full-retrieval", "eval-full-ppl"]
-    changed = ["extend-hybrid_sinkwindow", "extend-hybrid_blocksparse", "eval-streaming_llm-retrieval"]
-    keys = [{name: Experiment(s).key(name) for name in shared + changed} for s in (base, other)]
-    assert all(keys[0][name] == keys[1][name] for name in shared)
-    assert all(keys[0][name] != keys[1][name] for name in changed)
+    trained = [v for v in VARIANTS if v != "streaming_llm"]
+    names = ["prepare", "pretrain", *(f"extend-{v}" for v in trained), "eval-streaming_llm-retrieval"]
+
+    def keys(s) -> dict[str, str]:
+        exp = Experiment(s)
+        return {name: json.dumps(exp.key(name), sort_keys=True) for name in names}
+
+    before = keys(base)
+    assert pattern_settings_read("full") == frozenset()
+    for setting in sorted(PATTERN_SETTINGS):
+        after = keys(dataclasses.replace(base, **{setting: 2 * getattr(base, setting)}))
+        assert before["prepare"] == after["prepare"] and before["pretrain"] == after["pretrain"]
+        for v in VARIANTS:
+            name = "eval-streaming_llm-retrieval" if v == "streaming_llm" else f"extend-{v}"
+            assert (before[name] != after[name]) == (setting in pattern_settings_read(v)), (setting, v)
 
 
 def _run_on(reproduce, capsys, stage: str, runs: list[dict], tmp_path: Path) -> tuple[str, dict]:

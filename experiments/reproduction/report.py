@@ -24,12 +24,12 @@ from .settings import (
     FRONTIER_POINTS,
     HELD_OUT_TASK,
     LABELS,
-    PATTERN_FREE,
     PATTERN_SETTINGS,
     PLACEMENTS,
     TASKS,
     VARIANTS,
     Settings,
+    pattern_settings_read,
 )
 from .stages import Experiment, log, write_json
 
@@ -146,14 +146,16 @@ def merge_reports(saved: Sequence[dict[str, Any]], out: Path, command: str) -> d
     `out`. A variant evaluated by several runs is taken from the first that has it. The runs must agree on every
     setting that decides the models and the prompts (all but `RUN_CONTROL`) and on the planned training steps;
     ValueError names what differs. One exception: a run may differ from run 1 in the sparse patterns' settings
-    (`PATTERN_SETTINGS`) too; from it only full attention, which reads none of them, is taken (a recipe that changes
-    a pattern keeps its full attention), and its other variants are left out. The report lists each run (commit,
-    date, device, command) with the variants taken from it, and for such a run the settings that differ and the
-    variants left out."""
+    (`PATTERN_SETTINGS`) too; from it only the variants that read none of the settings that differ
+    (`pattern_settings_read`) are taken: full attention always (a recipe that changes a pattern keeps its full
+    attention), the BlockSparse hybrid when only the window differs. Its other variants are left out. The report
+    lists each run (commit, date, device, command) with the variants taken from it, and for such a run the settings
+    that differ and the variants left out."""
     if len(saved) < 2:
         raise ValueError(f"merging needs the reports of at least two runs, got {len(saved)}")
     check_same_recipe(saved, RUN_CONTROL | PATTERN_SETTINGS, "merged (from a run that differs in "
-                      f"{', '.join(sorted(PATTERN_SETTINGS))}, only {', '.join(sorted(PATTERN_FREE))})")  # fmt: skip
+                      f"{', '.join(sorted(PATTERN_SETTINGS))}, only the variants that read none of those that "
+                      "differ, such as full attention)")  # fmt: skip
     first = saved[0]
     variants: dict[str, dict] = {}
     outcomes: dict[str, str] = {}
@@ -161,7 +163,8 @@ def merge_reports(saved: Sequence[dict[str, Any]], out: Path, command: str) -> d
     for run in saved:
         taken = [v for v in run["variants"] if v not in variants and saved_has_own_result(run, v)]
         differs = recipe_differences(first, run, RUN_CONTROL)
-        left_out = [v for v in taken if differs and v not in PATTERN_FREE]  # they read the settings that differ
+        differ = {d[0] for d in differs}
+        left_out = [v for v in taken if differ & pattern_settings_read(v)]  # they read settings that differ
         taken = [v for v in taken if v not in left_out]
         for v in taken:  # each variant keeps the device its throughput was measured on
             variants[v] = {**run["variants"][v], "device": run["variants"][v].get("device", run["device"])}

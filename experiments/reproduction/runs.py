@@ -41,7 +41,7 @@ from .report import (
     recipe_differences,
     records_from_outcomes,
 )
-from .settings import LABELS, PATTERN_SETTINGS, TASKS, VARIANTS
+from .settings import LABELS, PATTERN_SETTINGS, TASKS, VARIANTS, pattern_settings_read
 from .stages import write_json
 
 RESAMPLES = 10_000
@@ -162,12 +162,18 @@ def compare_replicas(saved: Sequence[dict[str, Any]]) -> dict[str, Any]:
     replicas = [ran_with(run)["extend_replica"] for run in saved]
     if len(set(replicas)) < len(replicas):
         raise ValueError(f"each run must be another --extend-replica; got replicas {replicas}")
-    check_same_recipe(saved, RUN_CONTROL | {"extend_replica"}, "compared as replicas")
+    check_same_recipe(saved, RUN_CONTROL | {"extend_replica"} | PATTERN_SETTINGS, "compared as replicas (those that "
+                      "differ in pattern settings, in the variants that read none of them)")  # fmt: skip
     if not all("full" in run["outcomes"] for run in saved):
         raise ValueError("every run must have evaluated full attention (`full`): the differences are against it")
-    variants = [v for v in _shared_variants(saved) if v != "full"]
+    control = RUN_CONTROL | {"extend_replica"}
+    differ = sorted({d[0] for run in saved[1:] for d in recipe_differences(saved[0], run, control)})
+    shared = [v for v in _shared_variants(saved) if v != "full"]
+    variants = [v for v in shared if not set(differ) & pattern_settings_read(v)]
+    left_out = [v for v in shared if v not in variants]
     if not variants:
-        raise ValueError("no variant besides full attention was evaluated by every run")
+        where = f" and reads none of {', '.join(differ)}, where the runs differ" if differ else ""
+        raise ValueError(f"no variant besides full attention was evaluated by every run{where}")
     runs = _Runs(saved, ["full", *variants], "replicas")
 
     out: dict[str, Any] = {}
@@ -186,7 +192,8 @@ def compare_replicas(saved: Sequence[dict[str, Any]]) -> dict[str, Any]:
         out[v] = table
     listed = [_listed(run) | {"extend_replica": r} for run, r in zip(saved, replicas, strict=True)]
     return {**_made_from(saved), "runs": listed, "lengths": runs.lengths, "resamples": RESAMPLES,
-            **_tolerances(saved[0]), "variants": out}  # fmt: skip
+            **_tolerances(saved[0]), "variants": out,
+            **({"pattern_differs": differ, "left_out": left_out} if differ else {})}  # fmt: skip
 
 
 def compare_runs(saved: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -272,6 +279,11 @@ def format_replicas(summary: dict[str, Any]) -> str:
         "resamples, the same prompts for every replica and model). All intervals cover the prompts' sampling only; "
         "where the spread's excludes 0, the training runs differ by more than the prompts explain.",
     ]
+    if summary.get("pattern_differs"):
+        left = summary["left_out"]
+        lines += ["", f"The replicas differ in {', '.join(summary['pattern_differs'])}, which full attention does not "
+                      "read; compared are the variants that read none of them"
+                      + (f" ({', '.join(left)} read some: left out)." if left else ".")]  # fmt: skip
     for v, rows in summary["variants"].items():
         head = ["lengths", "prompts", *(f"replica {r} − full" for r in reps), "mean − full",
                 *(f"replica {r} − replica {reps[0]}" for r in reps[1:])]  # fmt: skip

@@ -48,9 +48,23 @@ LABELS = {
     **{name: f"SinkWindow hybrid, {frac:.0%} full ({p})" for name, p, frac in FRONTIER_POINTS},
 }
 # the settings only the sparse patterns read (and StreamingLLM at inference): full attention's model and answers do
-# not depend on them, so runs that differ only in these share full attention (`reproduce.py compare` and `merge`)
+# not depend on them, so runs that differ only in these share full attention (`reproduce.py compare`), and a variant
+# that reads none of those that differ (`pattern_settings_read`) is one model in both (`merge`, `replicas`)
 PATTERN_SETTINGS = frozenset({"sink", "window", "block_size", "local_blocks"})
-PATTERN_FREE = frozenset({"full"})  # the variants that read none of PATTERN_SETTINGS
+
+
+def pattern_settings_read(variant: str) -> frozenset[str]:
+    """The `PATTERN_SETTINGS` that `variant`'s model and answers depend on: none for full attention; the block size
+    and local blocks for the BlockSparse hybrids; the window, and but for `hybrid_nosink` the sink, for the others,
+    whose sparse layers are SinkWindow (StreamingLLM: at inference on full attention's model). A test checks this
+    against the stage keys."""
+    if variant == "full":
+        return frozenset()
+    if variant.startswith("hybrid_blocksparse"):
+        return frozenset({"block_size", "local_blocks"})
+    return frozenset({"window"} if variant == "hybrid_nosink" else {"sink", "window"})
+
+
 # longgen.train.synthetic.CHAIN_MAX, the recorded runs' longest variable chain (not imported: it would load torch)
 CHAIN_MAX = 4
 TRAINED_TASKS = ("passkey", "niah", "niah_multikey", "variable_tracking")

@@ -236,7 +236,7 @@ class Experiment:
             spec = self.variant_spec(variant)
             return {
                 "pretrain": self.fingerprint("pretrain"),
-                "spec": None if spec is None else {k: repr(v) for k, v in spec.items()},
+                "spec": None if spec is None else {k: _key_text(v) for k, v in spec.items()},
                 "long_len": s.long_len,
                 "rope": s.rope,
                 "steps": self.plan["extend_steps"],
@@ -674,6 +674,16 @@ class Heartbeat:
 
 def _rounded(d: dict[str, float], digits: int) -> dict[str, float]:
     return {k: round(v, digits) for k, v in d.items()}
+
+
+def _key_text(value: Any) -> str:
+    """A conversion argument as a stage key holds it: its repr, and for a BlockLayout, whose repr gives only its
+    shape, a digest of its blocks too."""
+    from longgen.patterns import BlockLayout
+
+    if isinstance(value, BlockLayout):
+        return f"{value!r} {hashlib.sha256(value.layout.numpy().tobytes()).hexdigest()[:16]}"
+    return repr(value)
 
 
 def blocksparse_with_sink(s: Settings):
