@@ -148,7 +148,7 @@ def merge_reports(saved: Sequence[dict[str, Any]], out: Path, command: str) -> d
     ValueError names what differs. One exception: a run may differ from run 1 in the sparse patterns' settings
     (`PATTERN_SETTINGS`) too; from it only the variants that read none of the settings that differ
     (`pattern_settings_read`) are taken: full attention always (a recipe that changes a pattern keeps its full
-    attention), the BlockSparse hybrid when only the window differs. Its other variants are left out. The report
+    attention), the BlockSparse hybrids when only the sink or window differ. Its other variants are left out. The report
     lists each run (commit, date, device, command) with the variants taken from it, and for such a run the settings
     that differ and the variants left out."""
     if len(saved) < 2:
