@@ -1031,6 +1031,25 @@ def test_replicas_compare_training_runs_on_the_same_prompts(reproduce, tmp_path,
     assert same["spread"][0] | {"replica": 0} == {"replica": 0, "minus": 0, "diff": 0.0, "ci_low": 0.0, "ci_high": 0.0}
     assert same["per_run"][0]["diff"] == pytest.approx(same["mean"]["diff"])
     assert text.count("target applied to the mean over replicas") == 2  # the two hybrids, not the baselines
+    # a third replica (the recorded run again): the mean of three, and each later replica's spread from replica 0
+    third = {**saved, "commit": "ccccccc", "settings": {**saved["settings"], "extend_replica": 2}}
+    (tmp_path / "c.json").write_text(json.dumps(third))
+    three = ["--from", str(a), "--from", str(b), "--from", str(tmp_path / "c.json")]
+    assert reproduce.main(["replicas", *three, "--out-dir", str(tmp_path / "three")]) == 0
+    rows = json.loads((tmp_path / "three" / "replicas.json").read_text())["variants"]["hybrid_sinkwindow"]
+    (row3,) = [r for r in rows if r["lengths"] == [32768]]
+    assert [p["diff"] for p in row3["per_run"]] == pytest.approx([first["diff"], second["diff"], first["diff"]])
+    assert row3["mean"]["diff"] == pytest.approx((2 * first["diff"] + second["diff"]) / 3)
+    assert [(s["replica"], s["minus"]) for s in row3["spread"]] == [(1, 0), (2, 0)] and row3["spread"][1]["diff"] == 0
+    # a replica with another window: the variants that read it are left out, the BlockSparse hybrid is compared
+    wider = {**other, "settings": {**other["settings"], "window": 2048}}
+    (tmp_path / "w.json").write_text(json.dumps(wider))
+    assert reproduce.main(["replicas", "--from", str(a), "--from", str(tmp_path / "w.json"),
+                           "--out-dir", str(tmp_path / "wider")]) == 0  # fmt: skip
+    summary = json.loads((tmp_path / "wider" / "replicas.json").read_text())
+    assert list(summary["variants"]) == ["hybrid_blocksparse"] and summary["pattern_differs"] == ["window"]
+    assert summary["left_out"] == ["hybrid_sinkwindow", "all_sparse", "streaming_llm"]
+    assert "(hybrid_sinkwindow, all_sparse, streaming_llm read some: left out)" in capsys.readouterr().out
     # not replicas of one recipe, or not replicas at all
     other["settings"]["extend_lr"] = 1e-3
     b.write_text(json.dumps(other))
