@@ -165,7 +165,7 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=8)  # a few shapes at once (training: one); each entry holds device memory
 def _layout_tensors(
     p: BlockLayout,
     global_kv_heads: int,
@@ -178,7 +178,8 @@ def _layout_tensors(
 ) -> tuple[torch.Tensor, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
     """A BlockLayout call's device tensors: the layout at every global KV head (int8), which the kernels read, and
     each kernel's tile index (`layout_index`) for the local heads. Kept for calls of the same layout and shape:
-    built on the host and copied to the device, they would cost a training step tens of milliseconds a layer."""
+    built on the host and copied to the device, they would cost a training step tens of milliseconds a layer. The
+    last 8 are kept (calls of many lengths, as in serving, rebuild them as before)."""
     layout = p.layout.expand(global_kv_heads, -1, -1).to(device=device, dtype=torch.int8).contiguous()
     index = {
         name: layout_index(p, hkv, max_len, G, t, device, transpose=name == "dkdv", kv_head_offset=kv_head_offset)
