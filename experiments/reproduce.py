@@ -34,7 +34,8 @@ run checkpoint the step it is in):
     merge     one report in --out-dir from the reproduce.json of runs of the same recipe on different days
               (--from A/reproduce.json --from B/reproduce.json; a variant in several is taken from the first)
     replicas  replicas.md and replicas.json in --out-dir: how the variants' differences to full attention move
-              between runs that differ only in --extend-replica (--from A/reproduce.json --from B/reproduce.json)
+              between runs that differ only in --extend-replica (--from A/reproduce.json --from B/reproduce.json;
+              runs that also differ in a sparse pattern's settings: the variants that read none of them)
     compare   compare.md and compare.json in --out-dir: runs of different recipes on the same prompts (a probe
               against the recorded run; --from A/reproduce.json --from B/reproduce.json, A the reference)
 

@@ -6,7 +6,10 @@ training runs. For each variant against full attention, by length, at >= 8K and 
 difference (Newcombe's interval: the prompts' sampling only), the difference averaged over the runs, and each run's
 difference minus the first run's. The last two have percentile bootstrap intervals over prompts, the same resampled
 prompts for every run and model, so they too cover the prompts' sampling only: where the spread's interval excludes
-0, the training runs differ by more than the prompts can explain.
+0, the training runs differ by more than the prompts can explain. Runs that also differ in the sparse patterns'
+settings (`PATTERN_SETTINGS`: a pattern's two training runs, each merged with its replica's full attention) are
+compared in the variants that read none of the settings that differ (`pattern_settings_read`); the others are named
+as left out.
 
 `compare`: runs whose recipes may differ (a probe against the recorded run), as long as they asked the same prompts.
 It names the settings that differ from run 1's, and for each variant that every run evaluated gives: its accuracy in
