@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 MAIN = ("full", "hybrid_sinkwindow", "hybrid_blocksparse", "all_sparse", "streaming_llm")
+BLOCKSPARSE = ("hybrid_blocksparse", "hybrid_blocksparse_sink")  # the variants whose sparse layers are BlockSparse
 FRONTIER_FRACTIONS = (0.0, 1 / 6, 1 / 4, 1 / 3, 1 / 2)
 
 
@@ -60,7 +61,7 @@ def pattern_settings_read(variant: str) -> frozenset[str]:
     against the stage keys."""
     if variant == "full":
         return frozenset()
-    if variant.startswith("hybrid_blocksparse"):
+    if variant in BLOCKSPARSE:
         return frozenset({"block_size", "local_blocks"})
     return frozenset({"window"} if variant == "hybrid_nosink" else {"sink", "window"})
 
@@ -344,7 +345,7 @@ def kept_share(s: Settings, variant: str) -> float:
     blocks and every stride-th of the others (stride: the KV heads, at most 64, as `longgen.patterns` resolves it);
     with a sink block (`hybrid_blocksparse_sink`) also the first block, for the heads whose strided blocks miss it."""
     n = s.long_len
-    if variant in ("hybrid_blocksparse", "hybrid_blocksparse_sink"):
+    if variant in BLOCKSPARSE:
         blocks, stride = -(-n // s.block_size), min(s.kv_heads, 64)
         step = max(1, stride // s.kv_heads)
         far = max(0, blocks - s.local_blocks)
@@ -379,7 +380,7 @@ def extend_cost(s: Settings, variant: str) -> float:
                                 "hybrid_blocksparse_sink")}  # fmt: skip
     fractions = {"full": 1.0, "all_sparse": 0.0, **third, **{name: f for name, _, f in FRONTIER_POINTS}}
     full = round(s.layers * fractions[variant]) / s.layers
-    kind = "blocksparse" if variant.startswith("hybrid_blocksparse") else "sinkwindow"
+    kind = "blocksparse" if variant in BLOCKSPARSE else "sinkwindow"
     sparse_keep = min(1.0, PAIR_COST[kind] * kept_share(s, variant))
     other = shape_cost(s).not_attention
     return other + (1 - other) * (full + (1 - full) * sparse_keep)

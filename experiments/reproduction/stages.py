@@ -9,6 +9,7 @@ interrupted with the same key keeps its outputs, so a training run resumes from 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -689,12 +690,18 @@ def _key_text(value: Any) -> str:
 def blocksparse_with_sink(s: Settings):
     """BlockSparse(--block-size, --local-blocks) with its first block visible to every KV head (BlockSparse alone
     shows it to the heads whose strided blocks include it, one of four here): a `longgen.patterns.BlockLayout` over
-    --long-len, which the Triton kernels, the KV cache and the model's config take as they are."""
+    --long-len, which the Triton kernels, the KV cache and the model's config take as they are. Built once per
+    shape, since every stage key asks for the variants' conversion arguments."""
+    return _blocksparse_with_sink(s.block_size, s.local_blocks, s.long_len, s.kv_heads)
+
+
+@functools.lru_cache(maxsize=4)
+def _blocksparse_with_sink(block_size: int, local_blocks: int, long_len: int, kv_heads: int):
     from longgen.patterns import BlockLayout, BlockSparse
 
-    mask = BlockSparse(s.block_size, s.local_blocks).block_mask(s.long_len, s.kv_heads)
+    mask = BlockSparse(block_size, local_blocks).block_mask(long_len, kv_heads)
     mask[:, :, 0] = True
-    return BlockLayout(mask, block_size=s.block_size)
+    return BlockLayout(mask, block_size=block_size)
 
 
 def param_count(config: dict) -> int:

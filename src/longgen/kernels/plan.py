@@ -178,7 +178,7 @@ def _layout_tensors(
 ) -> tuple[torch.Tensor, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
     """A BlockLayout call's device tensors: the layout at every global KV head (int8), which the kernels read, and
     each kernel's tile index (`layout_index`) for the local heads. Kept for calls of the same layout and shape:
-    built on the host and copied to the device, they would cost a training step tens of milliseconds a layer. The
+    built on the host and copied to the device, they would be paid for by every sparse layer of every step. The
     last 8 are kept (calls of many lengths, as in serving, rebuild them as before)."""
     layout = p.layout.expand(global_kv_heads, -1, -1).to(device=device, dtype=torch.int8).contiguous()
     index = {
