@@ -360,8 +360,10 @@ def kept_share(s: Settings, variant: str) -> float:
 
 # time per kept pair relative to full attention's, fitted to the compiled H100 runs at 32K (commit 3485a18):
 # SinkWindow(64, 1024) took 7% of full attention's attention time for 6.5% of its pairs, BlockSparse(64, 16 local
-# blocks, stride 4) 35% for 29.6% (its per-block bookkeeping)
-PAIR_COST = {"sinkwindow": 0.07 / 0.065303, "blocksparse": 0.35 / 0.296098}
+# blocks, stride 4) 35% for 29.6% (its per-block bookkeeping). A `BlockLayout` (`hybrid_blocksparse_sink`) runs on
+# the Triton kernels: its extension (commit d33db79) ran at 212.6K tokens/s against the main run's full attention
+# at 254.2K, so its sparse layers took 155% of full attention's attention time for 29.9% of the pairs
+PAIR_COST = {"sinkwindow": 0.07 / 0.065303, "blocksparse": 0.35 / 0.296098, "blocklayout": 1.5538 / 0.298931}
 
 
 def extend_cost(s: Settings, variant: str) -> float:
@@ -373,15 +375,19 @@ def extend_cost(s: Settings, variant: str) -> float:
     full attention 200K; SinkWindow hybrids with 0, 1/6, 1/4, 1/3, 1/2 of the layers full 307K, 289K, 277K, 260K,
     248K (predicted 309K, 283K, 272K, 262K, 243K); BlockSparse 238K (240K). For another model or length the
     not-attention share is `shape_cost`'s, and a narrower model runs slower than planned
-    (results/probes/2026-12-07-deeper-model); `hybrid_blocksparse_sink` is planned at BlockSparse's time per pair,
-    though as a `BlockLayout` it runs on the Triton kernels, not the Hopper ones; a guide."""
+    (results/probes/2026-12-07-deeper-model). `hybrid_blocksparse_sink`, a `BlockLayout` on the Triton kernels,
+    is planned at its own measured time per pair (212.6K tokens/s, slower than full attention; nothing caps it at
+    a full layer's time as for the Hopper kernels); a guide."""
     third = {v: 1 / 3 for v in ("hybrid_sinkwindow", "hybrid_blocksparse", "hybrid_bottom", "hybrid_nosink",
                                 "hybrid_auto", "hybrid_auto_loss", "hybrid_interleave",
                                 "hybrid_blocksparse_sink")}  # fmt: skip
     fractions = {"full": 1.0, "all_sparse": 0.0, **third, **{name: f for name, _, f in FRONTIER_POINTS}}
     full = round(s.layers * fractions[variant]) / s.layers
-    kind = "blocksparse" if variant in BLOCKSPARSE else "sinkwindow"
-    sparse_keep = min(1.0, PAIR_COST[kind] * kept_share(s, variant))
+    if variant == "hybrid_blocksparse_sink":
+        sparse_keep = PAIR_COST["blocklayout"] * kept_share(s, variant)
+    else:  # the Hopper kernels: a sparse layer that keeps nearly every pair costs a full one
+        kind = "blocksparse" if variant in BLOCKSPARSE else "sinkwindow"
+        sparse_keep = min(1.0, PAIR_COST[kind] * kept_share(s, variant))
     other = shape_cost(s).not_attention
     return other + (1 - other) * (full + (1 - full) * sparse_keep)
 
