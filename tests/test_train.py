@@ -123,6 +123,32 @@ def test_two_process_fsdp_equals_one_process(workspace, tmp_path):
 
 
 @pytest.mark.slow
+def test_a_multi_process_run_ends_without_the_interpreters_shutdown(workspace, tmp_path):
+    """gloo's threads outlive `destroy_process_group` and could abort a finished run during the interpreter's
+    shutdown, so each rank of `longgen train` under torchrun leaves without it (an atexit handler never runs), its
+    output written and its exit code kept."""
+
+    def run(name: str, launch: list[str]) -> subprocess.CompletedProcess:
+        raw = config(workspace, tmp_path / name, train__steps=1, train__batch_size=1)
+        code = (
+            "import atexit, sys; from longgen.cli import main; "
+            "atexit.register(lambda: print('interpreter shutdown ran', flush=True)); "
+            f"sys.exit(main(['train', {str(write_toml(tmp_path / f'{name}.toml', raw))!r}]))"
+        )
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        return subprocess.run([*launch, sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                              env=env)  # fmt: skip
+
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--no-python"]
+    two = run("two", torchrun)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count(f"done: {tmp_path / 'two' / 'final'}") == 2, two.stdout[-3000:]
+    assert "interpreter shutdown ran" not in two.stdout
+    one = run("one", [])  # one process ends as usual
+    assert one.returncode == 0 and "interpreter shutdown ran" in one.stdout, one.stderr[-3000:]
+
+
+@pytest.mark.slow
 def test_kill_and_resume_ends_with_the_same_weights(workspace, tmp_path):
     steps = dict(train__steps=7, train__save_every=2)
     full = write_toml(tmp_path / "full.toml", config(workspace, tmp_path / "full", **steps))
