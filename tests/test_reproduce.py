@@ -394,6 +394,39 @@ def test_retrieval_document_lengths_and_whole_documents(reproduce, tmp_path):
         dataclasses.replace(DEFAULT, extend_chain_max=1).validate()
 
 
+def test_record_facts_reach_the_training_data_and_the_held_out_wording_never_does(reproduce, tmp_path):
+    """--fact-kinds with ``record`` mixes facts in many wordings into both stages' synthetic documents; no wording
+    of them is the held-out task's (`parcel_weight`: a parcel, its weight in grams), in the templates or in the
+    documents made. The default kinds keep the data key the recorded runs were made with; the settings' copies of
+    the library's constants are the library's."""
+    from reproduction.settings import CHAIN_MAX, DEFAULT, FACT_KINDS, RETRIEVAL_KINDS
+    from reproduction.stages import Experiment
+
+    import longgen.train.synthetic as synthetic
+
+    assert (CHAIN_MAX, RETRIEVAL_KINDS, FACT_KINDS) == (synthetic.CHAIN_MAX, synthetic.RETRIEVAL_KINDS,
+                                                       synthetic.FACT_KINDS)  # fmt: skip
+    held_out = re.compile(r"parcel|weigh|heavy|gram", re.I)
+    templates = (*synthetic.RECORD_ATTRIBUTES, *synthetic.RECORD_STATEMENTS, *synthetic.RECORD_QUESTIONS)
+    assert not [x for x in templates if held_out.search(x)]
+    kinds = "passkey,niah,variable_tracking,record"
+    args = ["--tiny", "--work-dir", str(tmp_path / "work"), "--out-dir", str(tmp_path / "out"), "--fact-kinds", kinds]
+    assert reproduce.main(["prepare", *args]) == 0
+    for stage in ("pretrain", "extend"):
+        path = tmp_path / "work" / "data" / f"retrieval-{stage}.jsonl"
+        text = "\n".join(json.loads(line)["text"] for line in path.read_text().splitlines())
+        records = re.findall(r"^(?:Repeat what was said of the|Which) (\w+) (?:of|was given for) (\w+)", text, re.M)
+        assert len(records) > 5, stage
+        assert not re.search(r"parcel weighs|How heavy is|\d grams\.", text)
+    records = dataclasses.replace(DEFAULT, fact_kinds=tuple(kinds.split(",")), work_dir=str(tmp_path))
+    keys = [Experiment(dataclasses.replace(DEFAULT, work_dir=str(tmp_path))).key("prepare"),
+            Experiment(records).key("prepare")]  # fmt: skip
+    assert "fact_kinds" not in keys[0] and keys[1] == {**keys[0], "fact_kinds": kinds.split(",")}
+    for bad in ((), ("passkey", "parcel"), ("niah", "niah")):
+        with pytest.raises(ValueError, match="--fact-kinds must name some of passkey, niah, variable_tracking, record"):
+            dataclasses.replace(DEFAULT, fact_kinds=bad).validate()
+
+
 def test_the_recorded_run_rebuilds_to_its_committed_summary(reproduce, tmp_path):
     """The committed results rebuild from their (merged) reproduce.json alone to the committed quality_summary.json,
     and a setting missing from a saved run (recorded before it existed) reads as what such runs did (no far facts)."""
@@ -471,13 +504,16 @@ def test_the_wider_windows_two_training_runs_rebuild_to_their_committed_mean(rep
     committed merges and replicas.json rebuild from their recorded commands; the replicas differ in the local blocks
     (the first probe doubled them), so the BlockSparse hybrid is left out; the SinkWindow hybrid's mean at 32K is
     what RUN.md quotes."""
+    from reproduction.report import ran_with
+
     folder = PROBES / "2026-12-07-wider-window-replica"
     merged = {}
     for name in ("replica0", "replica1"):
         committed = json.loads((folder / name / "reproduce.json").read_text())
         again = _rerun(reproduce, committed["command"], tmp_path / name)
+        # settings added since count as what the runs did (`ran_with`)
         assert {k: v for k, v in again.items() if k not in ("command", "files")} == {
-            k: v for k, v in committed.items() if k not in ("command", "files")
+            **{k: v for k, v in committed.items() if k not in ("command", "files")}, "settings": ran_with(committed)
         }
         merged[name] = committed
     assert [r["variants"] for r in merged["replica0"]["runs"]] == [

@@ -55,6 +55,44 @@ def test_variable_chains_resolve_to_the_asked_value():
         assert fact.question.endswith(f" {values[last]}.")
 
 
+def test_record_facts_vary_their_wording_and_answer_with_the_stated_number():
+    """A ``record`` fact states a number for a word and an attribute in one of many wordings and asks for it in
+    one of many others; every wording, attribute and pairing of the two comes up, and the answer is the number
+    stated. In a document each word keys one fact, so every question has one answer."""
+    from longgen.train.synthetic import RECORD_ATTRIBUTES, RECORD_QUESTIONS, RECORD_STATEMENTS
+
+    rng = random.Random(11)
+    seen = set()
+    for _ in range(20_000):
+        fact = make_fact("record", rng, "lantern")
+        (statement,) = fact.needles
+        value = re.search(r"\d+", statement).group()
+        assert "lantern" in statement and "lantern" in fact.question
+        assert fact.question.endswith((f" {value}.", f" {value}", statement)), (statement, fact.question)
+        attribute = next(a for a in RECORD_ATTRIBUTES if re.search(rf"\b{a}\b", statement))
+        s = next(i for i, f in enumerate(RECORD_STATEMENTS) if statement == f.format(a=attribute, w="lantern", v=value))
+        q = next(i for i, f in enumerate(RECORD_QUESTIONS)
+                 if fact.question == f.format(a=attribute, w="lantern", v=value, s=statement))  # fmt: skip
+        seen.add((attribute, s, q))
+    assert len(RECORD_ATTRIBUTES) * len(RECORD_STATEMENTS) * len(RECORD_QUESTIONS) > 2000
+    assert len({(s, q) for _, s, q in seen}) == len(RECORD_STATEMENTS) * len(RECORD_QUESTIONS)
+    assert {a for a, _, _ in seen} == set(RECORD_ATTRIBUTES)
+    # in documents: a word is stated once and asked after it, with the number stated
+    for seed in range(10):
+        doc = retrieval_document(random.Random(seed), FILLER, 3000, 3.0, 4.0, kinds=["record", "passkey"])
+        lines = [line for line in doc.split("\n") if line]
+        stated = {}
+        for i, line in enumerate(lines):
+            for f in RECORD_STATEMENTS:
+                pattern = re.escape(f).replace(r"\{a\}", r"(?P<a>\w+)").replace(r"\{w\}", r"(?P<w>\w+)")
+                if (m := re.fullmatch(pattern.replace(r"\{v\}", r"(?P<v>\d+)"), line)) and i not in stated:
+                    stated[i] = m
+        assert stated
+        for i, m in stated.items():
+            asked = [j for j, line in enumerate(lines) if j != i and m["w"] in line and m["v"] in line]
+            assert asked and min(asked) > i, (m.group(), asked)
+
+
 def _chain_lengths(doc: str) -> list[int]:
     """Names in each variable chain of a document: a chain starts where a name is set to a number."""
     starts = len(re.findall(r"^(?:VAR [A-Z]{5} = |Let [A-Z]{5} be )\d+\.$", doc, re.M))

@@ -66,8 +66,11 @@ def pattern_settings_read(variant: str) -> frozenset[str]:
     return frozenset({"window"} if variant == "hybrid_nosink" else {"sink", "window"})
 
 
-# longgen.train.synthetic.CHAIN_MAX, the recorded runs' longest variable chain (not imported: it would load torch)
+# longgen.train.synthetic's CHAIN_MAX, the recorded runs' longest variable chain, its RETRIEVAL_KINDS, the kinds of
+# fact of the recorded runs, and its FACT_KINDS, every kind (not imported: it would load torch; a test compares them)
 CHAIN_MAX = 4
+RETRIEVAL_KINDS = ("passkey", "niah", "variable_tracking")
+FACT_KINDS = (*RETRIEVAL_KINDS, "record")
 TRAINED_TASKS = ("passkey", "niah", "niah_multikey", "variable_tracking")
 HELD_OUT_TASK = "parcel_weight"  # a fact in a template the training data never contains
 TASKS = (*TRAINED_TASKS, HELD_OUT_TASK)
@@ -113,6 +116,13 @@ class Settings:
     )
     whole_docs: bool = field(default=True, metadata=_help("packing never cuts a document of retrieval length"))
     facts_per_1k: float = field(default=3.0, metadata=_help("facts stated and asked per 1K synthetic tokens"))
+    fact_kinds: tuple[str, ...] = field(
+        default=RETRIEVAL_KINDS,
+        metadata=_help(
+            f"kinds of synthetic fact, some of {', '.join(FACT_KINDS)} (record: a number in many wordings, none of "
+            "the held-out task's)"
+        ),
+    )
     # model
     hidden_size: int = 512
     layers: int = 12
@@ -187,6 +197,10 @@ class Settings:
             raise ValueError(f"--extend-far-share must lie in [0, 1], got {self.extend_far_share}")
         if not 0 < self.extend_retrieval_min <= 1:
             raise ValueError(f"--extend-retrieval-min must lie in (0, 1], got {self.extend_retrieval_min}")
+        kinds = self.fact_kinds
+        if not kinds or set(kinds) - set(FACT_KINDS) or len(set(kinds)) < len(kinds):
+            raise ValueError(f"--fact-kinds must name some of {', '.join(FACT_KINDS)}, each once; got "
+                             f"{','.join(self.fact_kinds) or 'none'}")  # fmt: skip
         if self.extend_chain_max < 2:
             raise ValueError(f"--extend-chain-max must be >= 2 (a value and one name), got {self.extend_chain_max}")
         for name in ("retrieval_share_pretrain", "retrieval_share_extend"):

@@ -28,6 +28,7 @@ from .settings import (
     CHAIN_MAX,
     FRONTIER_ALIASES,
     FRONTIER_POINTS,
+    RETRIEVAL_KINDS,
     TASKS,
     Settings,
     batch_shape,
@@ -226,6 +227,8 @@ class Experiment:
             key = {**{k: getattr(s, k) for k in fields}, "heldout_min_tokens": max(s.ppl_lengths), "format": 3}
             if s.extend_chain_max != CHAIN_MAX:  # the recipe's data keep the key they were made with
                 key["extend_chain_max"] = s.extend_chain_max
+            if s.fact_kinds != RETRIEVAL_KINDS:
+                key["fact_kinds"] = list(s.fact_kinds)
             return key
         if name == "pretrain":
             model = [s.hidden_size, s.layers, s.heads, s.kv_heads, s.intermediate_size, s.short_len]
@@ -421,8 +424,8 @@ class Experiment:
             path = self.data / f"retrieval-{stage}.jsonl"
             total = int(share / (1 - share) * real)  # tokens that make `share` of what the loader draws from
             made = write_retrieval_set(path, texts, total, span, chars_per_token, s.facts_per_1k, s.seed,
-                                       count_tokens=count_tokens, far_share=far_share(s, stage),
-                                       chain_max=chain_max(s, stage))  # fmt: skip
+                                       kinds=s.fact_kinds, count_tokens=count_tokens,
+                                       far_share=far_share(s, stage), chain_max=chain_max(s, stage))  # fmt: skip
             sources = [str(base.path), str(path)]
             combined = tokenize_corpus(sources, tokenizer, cache, progress=interactive())  # the loader's cache
             sets[stage] = {**made, "path": str(path), "sources": sources, "corpus_tokens": combined.n_tokens}

@@ -11,6 +11,14 @@ several wordings (the first wording of each is the one `longgen.eval`'s prompts 
 * ``variable_tracking`` — a chain ``VAR A = 12345. ... VAR B = A. ...`` of 2 to ``chain_max`` names
   (``CHAIN_MAX``, 4, unless given), asked for by its last name.
 
+and, only where `kinds` names it (``FACT_KINDS``; not in ``RETRIEVAL_KINDS``, the default):
+
+* ``record`` — a number stated for a word and an attribute in one of many wordings, asked in one of many others,
+  a third of them repeating the statement itself: ``RECORD_ATTRIBUTES`` x ``RECORD_STATEMENTS`` x
+  ``RECORD_QUESTIONS``, over 2,000 combinations, drawn at random. No template is taught: what generalises is
+  finding the earlier statement about a word, however worded, and copying its number, the skill an evaluation
+  task in a template never trained on asks for at every distance.
+
 Needles sit at uniformly random lines, including the first; half the questions come at the end of the document
 (as in an evaluation prompt, so the needle-question distance covers the whole length), the others at a random
 later line (so a piece of a document cut by packing still holds answerable questions). With ``far_share``, that
@@ -30,7 +38,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-RETRIEVAL_KINDS = ("passkey", "niah", "variable_tracking")
+RETRIEVAL_KINDS = ("passkey", "niah", "variable_tracking")  # the default kinds
+FACT_KINDS = (*RETRIEVAL_KINDS, "record")  # every kind
 CHAIN_MAX = 4  # names in the longest variable chain unless `chain_max` says otherwise
 _FALLBACK_WORDS = ("apple", "river", "castle", "garden", "silver", "window", "thunder", "lantern", "meadow", "harbor")
 _LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -61,6 +70,36 @@ NIAH_QUESTIONS = (
 VT_FIRST = ("VAR {a} = {v}.", "Let {a} be {v}.")
 VT_HOP = ("VAR {b} = {a}.", "Let {b} be {a}.")
 VT_QUESTIONS = ("What is the value of VAR {b}? The value of VAR {b} is {v}.", "Question: what is {b}? Answer: {v}.")
+RECORD_ATTRIBUTES = (
+    "code", "count", "price", "score", "level", "index", "serial", "balance", "rank", "total",
+    "budget", "quota", "offset", "limit", "version", "port", "seat", "ticket", "room", "batch",
+)  # fmt: skip
+RECORD_STATEMENTS = (
+    "The {a} of {w} is {v}.",
+    "{w} has a {a} of {v}.",
+    "{a} for {w}: {v}",
+    "Set the {a} of {w} to {v}.",
+    "[{w}] {a} = {v}",
+    "Record {w} lists {a} {v}.",
+    "Entry: {w}; {a}: {v}.",
+    "Note that {w} carries {a} {v}.",
+    "Under {w}, the {a} reads {v}.",
+    "{w}/{a} -> {v}",
+    "For the record, {w} got {a} {v}.",
+    "{v} is the {a} of {w}.",
+)
+RECORD_QUESTIONS = (  # {s}: the statement again, the number included
+    "What is the {a} of {w}? The {a} of {w} is {v}.",
+    "Q: the {a} for {w}? A: {v}.",
+    "Look up {w}. Its {a} is {v}.",
+    "Recall the {a} of {w}: {v}.",
+    "{w} {a}? {v}.",
+    "Asked for the {a} under {w}, the answer is {v}.",
+    "Which {a} was given for {w}? {v}.",
+    "Repeat what was said of the {a} of {w}. {s}",
+    "Quote the line on {w} and {a}: {s}",
+    "Find {w} ({a}) above: {s}",
+)
 
 
 @dataclass(frozen=True)
@@ -97,7 +136,11 @@ def make_fact(kind: str, rng: random.Random, word: str, chain_max: int = CHAIN_M
         needles = [VT_FIRST[style].format(a=names[0], v=v)]
         needles += [VT_HOP[style].format(a=a, b=b) for a, b in itertools.pairwise(names)]
         return Fact(tuple(needles), VT_QUESTIONS[style].format(b=names[-1], v=v))
-    raise ValueError(f"unknown kind of fact {kind!r}; choose from {RETRIEVAL_KINDS}")
+    if kind == "record":
+        a, v = rng.choice(RECORD_ATTRIBUTES), _number(rng, (4, 8))
+        statement = rng.choice(RECORD_STATEMENTS).format(a=a, w=word, v=v)
+        return Fact((statement,), rng.choice(RECORD_QUESTIONS).format(a=a, w=word, v=v, s=statement))
+    raise ValueError(f"unknown kind of fact {kind!r}; choose from {FACT_KINDS}")
 
 
 def _check_chain_max(chain_max: int) -> None:
@@ -141,9 +184,9 @@ def retrieval_document(
         raise ValueError("retrieval documents need some filler text; got no texts")
     if not 0 <= far_share <= 1:
         raise ValueError(f"far_share must lie in [0, 1], got {far_share}")
-    unknown = [k for k in kinds if k not in RETRIEVAL_KINDS]
+    unknown = [k for k in kinds if k not in FACT_KINDS]
     if unknown or not kinds:
-        raise ValueError(f"kinds must be some of {RETRIEVAL_KINDS}, got {list(kinds)}")
+        raise ValueError(f"kinds must be some of {FACT_KINDS}, got {list(kinds)}")
     _check_chain_max(chain_max)
     n_facts = max(1, round(n_tokens * facts_per_1k / 1024))
     lines = _filler(rng, texts, int(n_tokens * chars_per_token))
