@@ -513,7 +513,8 @@ def test_the_wider_windows_two_training_runs_rebuild_to_their_committed_mean(rep
         again = _rerun(reproduce, committed["command"], tmp_path / name)
         # settings added since count as what the runs did (`ran_with`)
         assert {k: v for k, v in again.items() if k not in ("command", "files")} == {
-            **{k: v for k, v in committed.items() if k not in ("command", "files")}, "settings": ran_with(committed)
+            **{k: v for k, v in committed.items() if k not in ("command", "files")},
+            "settings": ran_with(committed),
         }
         merged[name] = committed
     assert [r["variants"] for r in merged["replica0"]["runs"]] == [
