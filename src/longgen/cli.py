@@ -149,8 +149,8 @@ def _leave_without_shutdown(code: int) -> NoReturn:
     After `destroy_process_group` and a garbage collection the gloo group's threads still run (DTensor's sharding
     caches still hold FSDP's device mesh). They thus outlive the interpreter, and one that takes the GIL during its
     shutdown aborts the process ("terminate called without an active exception"), failing a run that has already
-    saved and exported everything (rarely: not once in 217 two-process runs on a loaded 2-core machine, once in a
-    test-suite run). Everything is written by now; stdout, stderr and logging are flushed first.
+    saved and exported everything (rarely: a test-suite run, once; a loop of two-process runs on a loaded 2-core
+    machine did not reproduce it). Everything is written by now; stdout, stderr and logging are flushed first.
     """
     import logging
 
