@@ -14,7 +14,7 @@ several wordings (the first wording of each is the one `longgen.eval`'s prompts 
 and, only where `kinds` names it (``FACT_KINDS``; not in ``RETRIEVAL_KINDS``, the default):
 
 * ``record`` — a number stated for a word and an attribute in one of many wordings, asked in one of many others,
-  a third of them repeating the statement itself: ``RECORD_ATTRIBUTES`` x ``RECORD_STATEMENTS`` x
+  three of the ten repeating the statement itself: ``RECORD_ATTRIBUTES`` x ``RECORD_STATEMENTS`` x
   ``RECORD_QUESTIONS``, over 2,000 combinations, drawn at random. No template is taught: what generalises is
   finding the earlier statement about a word, however worded, and copying its number, the skill an evaluation
   task in a template never trained on asks for at every distance.
