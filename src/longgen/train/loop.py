@@ -332,7 +332,9 @@ def train(cfg: TrainConfig) -> Path:
     tokens_per_step = t.batch_size * t.grad_accum * cp.dp_size * cfg.data.seq_len
     wrapped.train()
     tick = time.perf_counter()
-    with _Stops(out, t, bar) as stops, flush_denormals(t.flush_denormals):
+    # the metrics are closed (TensorBoard flushed) however the loop ends: a rank of a multi-process run then
+    # leaves without the interpreter's shutdown (`longgen.cli`)
+    with _Stops(out, t, bar) as stops, flush_denormals(t.flush_denormals), contextlib.closing(metrics):
         for step in range(start + 1, t.steps + 1):
             stops.step = step
             micro = [shard_batch(next(batches), cp.rank, cp.size) for _ in range(t.grad_accum)]
@@ -390,7 +392,6 @@ def train(cfg: TrainConfig) -> Path:
                 stops.stop_as_asked()
     if bar is not None:
         bar.close()
-    metrics.close()
     final = _export(out, wrapped, tokenizer, original_config, rank)
     if dist.is_initialized():
         dist.destroy_process_group()
