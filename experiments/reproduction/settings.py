@@ -200,7 +200,7 @@ class Settings:
         kinds = self.fact_kinds
         if not kinds or set(kinds) - set(FACT_KINDS) or len(set(kinds)) < len(kinds):
             raise ValueError(f"--fact-kinds must name some of {', '.join(FACT_KINDS)}, each once; got "
-                             f"{','.join(self.fact_kinds) or 'none'}")  # fmt: skip
+                             f"{','.join(kinds) or 'none'}")  # fmt: skip
         if self.extend_chain_max < 2:
             raise ValueError(f"--extend-chain-max must be >= 2 (a value and one name), got {self.extend_chain_max}")
         for name in ("retrieval_share_pretrain", "retrieval_share_extend"):

@@ -123,6 +123,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from longgen.train import NonFiniteLossError, TrainingInterrupted, load_config, train
+    from longgen.train.config import launched_processes
 
     flags = {"resume": args.resume, "overwrite": args.overwrite, "change_steps": args.change_steps}
     overrides = list(args.overrides) + [f"train.{name}=true" for name, on in flags.items() if on]
@@ -138,7 +139,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     else:
         print(f"done: {final}")
         code = 0
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if launched_processes() > 1:
         _leave_without_shutdown(code)
     return code
 

@@ -120,11 +120,16 @@ class TrainConfig:
         model_config = json.loads((Path(self.model.path).expanduser() / "config.json").read_text())
         check_context_parallel(
             cp,
-            world_size=int(os.environ.get("WORLD_SIZE", "1")),
+            world_size=launched_processes(),
             num_heads=model_config.get("num_attention_heads"),
             num_kv_heads=model_config.get("num_key_value_heads") or model_config.get("num_attention_heads"),
             seq_len=self.data.seq_len,
         )
+
+
+def launched_processes() -> int:
+    """How many processes the launcher started for this run (torchrun's WORLD_SIZE; 1 without one)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def _section(cls, values: dict, name: str):

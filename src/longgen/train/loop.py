@@ -35,7 +35,7 @@ from longgen.train.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from longgen.train.config import TrainConfig
+from longgen.train.config import TrainConfig, launched_processes
 from longgen.train.context_parallel import context_parallel_attention, setup_context_parallel, shard_batch
 from longgen.train.loss import IGNORE_INDEX, CausalLMLoss
 
@@ -160,7 +160,7 @@ def _check_resume(ckpt: Path, saved: dict[str, Any] | None, mine: dict[str, Any]
 
 
 def _dist_setup(cfg: TrainConfig) -> tuple[int, int, torch.device]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = launched_processes()
     want_cuda = cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available())
     if cfg.train.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("train.device='cuda' but no CUDA device is available")
