@@ -586,6 +586,7 @@ PROBES = EXPERIMENTS / "results" / "probes"
             "2026-12-07-wider-window-replica",
             "| 32K | -3.2 (-5.8 to -0.8) | -4.7 (-7.6 to -2.0) | -1.5 (-3.5 to +0.5) |",
         ),
+        ("2026-12-07-record-facts", "| 32K | -3.2 (-6.2 to -0.4) | +0.2 (-2.3 to +2.8) | +3.5 (+0.0 to +7.2) |"),
     ],
 )
 def test_the_probes_compare_to_their_committed_tables(reproduce, tmp_path, probe, line):
