@@ -15,9 +15,10 @@ and, only where `kinds` names it (``FACT_KINDS``; not in ``RETRIEVAL_KINDS``, th
 
 * ``record`` — a number stated for a word and an attribute in one of many wordings, asked in one of many others,
   three of the ten repeating the statement itself: ``RECORD_ATTRIBUTES`` x ``RECORD_STATEMENTS`` x
-  ``RECORD_QUESTIONS``, over 2,000 combinations, drawn at random. No template is taught: what generalises is
+  ``RECORD_QUESTIONS``, over 2,000 combinations, drawn at random. No template is taught: what can generalise is
   finding the earlier statement about a word, however worded, and copying its number, the skill an evaluation
-  task in a template never trained on asks for at every distance.
+  task in a template never trained on asks for. (In the quality experiment it carried to such a task within
+  about 12K tokens of the question, not beyond 16K: ``experiments/results/probes/2026-12-07-record-facts``.)
 
 Needles sit at uniformly random lines, including the first; half the questions come at the end of the document
 (as in an evaluation prompt, so the needle-question distance covers the whole length), the others at a random
