@@ -5,7 +5,14 @@ import math
 import numpy as np
 import pytest
 
-from longgen.eval.stats import bootstrap_interval, mcnemar_exact, paired_difference, wilson_interval
+from longgen.eval.stats import (
+    bootstrap_interval,
+    mcnemar_exact,
+    mean_interval,
+    paired_difference,
+    t_quantile,
+    wilson_interval,
+)
 
 
 @pytest.mark.parametrize(
@@ -100,3 +107,53 @@ def test_bootstrap_interval_bad_input_is_a_clear_error():
         bootstrap_interval(lambda rows: rows.mean(axis=1), 5, level=1.5)
     with pytest.raises(ValueError, match=r"one value per resample, shape \(100,\); got \(100, 5\)"):
         bootstrap_interval(lambda rows: rows, 5, resamples=100)
+
+
+@pytest.mark.parametrize(
+    ("level", "df", "t"),
+    [  # published two-sided quantiles of Student's t (e.g. NIST/SEMATECH e-Handbook, table 1.3.6.7.2)
+        (0.95, 1, 12.706),
+        (0.95, 2, 4.303),
+        (0.95, 3, 3.182),
+        (0.95, 4, 2.776),
+        (0.95, 10, 2.228),
+        (0.95, 30, 2.042),
+        (0.99, 7, 3.499),
+        (0.90, 5, 2.015),
+    ],
+)
+def test_t_quantile_matches_published_values(level, df, t):
+    assert t_quantile(level, df) == pytest.approx(t, abs=5e-4)
+
+
+def test_t_quantile_by_hand_and_towards_the_normal():
+    # df = 1 is Cauchy: P(|T| <= t) = 2 atan(t) / pi, so the 95% point is tan(0.475 pi)
+    # df = 2: P(|T| <= t) = t / sqrt(2 + t^2), so t = sqrt(2 / (1 / p^2 - 1))
+    assert t_quantile(0.95, 1) == pytest.approx(math.tan(0.475 * math.pi), rel=1e-12)
+    assert t_quantile(0.8, 2) == pytest.approx(math.sqrt(2 / (1 / 0.8**2 - 1)), rel=1e-12)
+    assert t_quantile(0.5, 1) == pytest.approx(1.0, rel=1e-12)
+    values = [t_quantile(0.95, df) for df in (1, 2, 5, 20, 200)]
+    assert values == sorted(values, reverse=True) and values[-1] == pytest.approx(1.972, abs=5e-4)
+
+
+def test_mean_interval_by_hand():
+    # -3.2, -3.2, -8.2: mean -4.8667, sd sqrt(8.3333) = 2.8868, half 4.3027 * 2.8868 / sqrt(3) = 7.171
+    mean, low, high = mean_interval([-3.2, -3.2, -8.2])
+    assert mean == pytest.approx(-4.8667, abs=1e-4)
+    assert (low, high) == pytest.approx((-12.0378, 2.3044), abs=1e-4)
+    assert mean_interval([1.0, 1.0]) == (1.0, 1.0, 1.0)  # no spread, no width
+    mean, low, high = mean_interval([0.0, 2.0], level=0.5)  # sd sqrt(2), t(0.5, 1) = 1: half sqrt(2) / sqrt(2) = 1
+    assert (mean, low, high) == pytest.approx((1.0, 0.0, 2.0))
+
+
+def test_t_bad_input_is_a_clear_error():
+    with pytest.raises(ValueError, match="df must be a positive int"):
+        t_quantile(0.95, 0)
+    with pytest.raises(ValueError, match="df must be a positive int"):
+        t_quantile(0.95, 2.0)
+    with pytest.raises(ValueError, match="level must lie in"):
+        t_quantile(1.0, 3)
+    with pytest.raises(ValueError, match="at least 2 finite numbers"):
+        mean_interval([1.0])
+    with pytest.raises(ValueError, match="at least 2 finite numbers"):
+        mean_interval([1.0, float("nan")])

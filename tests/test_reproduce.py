@@ -454,38 +454,45 @@ def test_the_recorded_run_rebuilds_to_its_committed_summary(reproduce, tmp_path)
 
 
 def test_the_recorded_replicas_rebuild_to_their_committed_comparison(reproduce, tmp_path):
-    """The committed second training run rebuilds from its reproduce.json to its committed summary, and
-    `replicas` over the two committed runs gives the committed replicas.json: the SinkWindow hybrid's mean
-    difference at 32K and its interval as RUN.md quotes them."""
+    """The committed second and third training runs rebuild from their reproduce.json to their committed summaries,
+    and `replicas` over the three committed runs gives the committed replicas.json: the hybrids' mean differences at
+    32K and their intervals as RUN.md quotes them, over prompts and with the runs as the unit."""
     from reproduction.report import rebuild_report
 
     replicas = EXPERIMENTS / "results" / "replicas"
-    run = replicas / "replica1"
-    rebuild_report(json.loads((run / "reproduce.json").read_text()), tmp_path / "run")
-    rebuilt = json.loads((tmp_path / "run" / "quality_summary.json").read_text())
-    assert rebuilt == json.loads((run / "quality_summary.json").read_text())
+    for name in ("replica1", "replica2"):
+        run = replicas / name
+        rebuild_report(json.loads((run / "reproduce.json").read_text()), tmp_path / name)
+        rebuilt = json.loads((tmp_path / name / "quality_summary.json").read_text())
+        assert rebuilt == json.loads((run / "quality_summary.json").read_text())
     committed = json.loads((replicas / "replicas.json").read_text())
-    froms = ["experiments/results/runs/3485a18_main.json", "experiments/results/replicas/replica1/reproduce.json"]
+    froms = [
+        "experiments/results/runs/3485a18_main.json",
+        "experiments/results/replicas/replica1/reproduce.json",
+        "experiments/results/replicas/replica2/reproduce.json",
+    ]
     assert committed["command"] == (
-        f"python experiments/reproduce.py replicas --from {froms[0]} --from {froms[1]} "
-        "--out-dir experiments/results/replicas"
-    )
-    root = EXPERIMENTS.parent
-    args = ["replicas", *(x for f in froms for x in ("--from", str(root / f))), "--out-dir", str(tmp_path / "cmp")]
-    assert reproduce.main(args) == 0
-    again = json.loads((tmp_path / "cmp" / "replicas.json").read_text())
+        "python experiments/reproduce.py replicas " + " ".join(f"--from {f}" for f in froms)
+        + " --out-dir experiments/results/replicas"
+    )  # fmt: skip
+    again = _rerun(reproduce, committed["command"], tmp_path / "cmp")
     assert {k: v for k, v in again.items() if k != "command"} == {k: v for k, v in committed.items() if k != "command"}
-    (row,) = [r for r in committed["variants"]["hybrid_sinkwindow"] if r["lengths"] == [32768]]
-    assert [round(100 * row["mean"][k], 1) for k in ("diff", "ci_low", "ci_high")] == [-3.2, -5.4, -1.3]
-    (row,) = [r for r in committed["variants"]["hybrid_blocksparse"] if r["lengths"] == [16384]]
-    assert [round(100 * row["mean"][k], 1) for k in ("diff", "ci_low", "ci_high")] == [-2.8, -4.6, -1.0]
+    quoted = {  # points: mean over the three runs with its bootstrap interval, and with the runs as the unit
+        "hybrid_sinkwindow": ([-4.9, -7.1, -2.9], [-12.1, 2.3]),
+        "hybrid_blocksparse": ([-4.4, -6.6, -2.4], [-14.3, 5.4]),
+    }
+    for variant, (mean, unit) in quoted.items():
+        (row,) = [r for r in committed["variants"][variant] if r["lengths"] == [32768]]
+        assert [round(100 * row["mean"][k], 1) for k in ("diff", "ci_low", "ci_high")] == mean
+        assert [round(100 * row["runs_as_unit"][k], 1) for k in ("ci_low", "ci_high")] == unit
+        assert [p["replica"] for p in row["per_run"]] == [0, 1, 2]
     # replica 1 is a merge of two runs on two GPUs: it is listed as both, with the later date
     assert {k: committed["runs"][1][k] for k in ("commit", "date", "device")} == {
         "commit": "d89aa38 + c7fe8fe",
         "date": "2026-12-07",
         "device": "NVIDIA H200 + NVIDIA H100 80GB HBM3",
     }
-    assert committed["commit"] == "3485a18 + d89aa38 + c7fe8fe"
+    assert committed["commit"] == "3485a18 + d89aa38 + c7fe8fe + c70b0c0"
 
 
 def _rerun(reproduce, command: str, out: Path) -> dict:
@@ -1081,6 +1088,17 @@ def test_replicas_compare_training_runs_on_the_same_prompts(reproduce, tmp_path,
     assert [p["diff"] for p in row3["per_run"]] == pytest.approx([first["diff"], second["diff"], first["diff"]])
     assert row3["mean"]["diff"] == pytest.approx((2 * first["diff"] + second["diff"]) / 3)
     assert [(s["replica"], s["minus"]) for s in row3["spread"]] == [(1, 0), (2, 0)] and row3["spread"][1]["diff"] == 0
+    # with three runs the mean also has a Student-t interval over the runs' differences (t(0.95, 2) = 4.3027): the
+    # runs differ by `gained` prompts in one of three, so sd = gained / n / sqrt(3)
+    unit, n = row3["runs_as_unit"], row3["n"]
+    assert unit["diff"] == pytest.approx(row3["mean"]["diff"])
+    assert unit["sd"] == pytest.approx(gained / n / math.sqrt(3))
+    assert unit["ci_high"] - unit["diff"] == pytest.approx(4.302653 * unit["sd"] / math.sqrt(3), rel=1e-6)
+    assert unit["ci_low"] < row3["mean"]["ci_low"]  # wider than the prompts' interval: the runs moved it
+    assert "runs_as_unit" not in row  # two runs: one degree of freedom, no such interval
+    text = (tmp_path / "three" / "replicas.md").read_text()
+    assert "| runs as the unit | sd |" in text and "(2 degrees of freedom)" in text
+    assert text.count("With the runs as the unit, the lowest interval end is") == 2
     # a replica with another window: the variants that read it are left out, the BlockSparse hybrid is compared
     wider = {**other, "settings": {**other["settings"], "window": 2048}}
     (tmp_path / "w.json").write_text(json.dumps(wider))

@@ -6,7 +6,10 @@ training runs. For each variant against full attention, by length, at >= 8K and 
 difference (Newcombe's interval: the prompts' sampling only), the difference averaged over the runs, and each run's
 difference minus the first run's. The last two have percentile bootstrap intervals over prompts, the same resampled
 prompts for every run and model, so they too cover the prompts' sampling only: where the spread's interval excludes
-0, the training runs differ by more than the prompts can explain. Runs that also differ in the sparse patterns'
+0, the training runs differ by more than the prompts can explain. With three runs or more, the mean also gets a
+Student-t interval with the runs as the unit (`mean_interval` over each run's difference, k - 1 degrees of freedom),
+which covers how much the training runs move the difference on these prompts (not the prompts' sampling, which the
+bootstrap covers). Runs that also differ in the sparse patterns'
 settings (`PATTERN_SETTINGS`: a pattern's two training runs, each merged with its replica's full attention) are
 compared in the variants that read none of the settings that differ (`pattern_settings_read`); the others are named
 as left out.
@@ -30,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from longgen.eval.stats import PairedDifference, bootstrap_interval, paired_difference
+from longgen.eval.stats import PairedDifference, bootstrap_interval, mean_interval, paired_difference
 
 from .report import (
     RUN_CONTROL,
@@ -48,6 +51,7 @@ from .settings import LABELS, PATTERN_SETTINGS, TASKS, VARIANTS, pattern_setting
 from .stages import write_json
 
 RESAMPLES = 10_000
+RUNS_AS_UNIT = 3  # from this many replicas on, the mean gets an interval over runs (two give one degree of freedom)
 TARGETED = ("hybrid_sinkwindow", "hybrid_blocksparse")  # the variants the hybrids' target is about
 FILES = ("replicas.json", "replicas.md")
 COMPARE_FILES = ("compare.json", "compare.md")
@@ -187,11 +191,17 @@ def compare_replicas(saved: Sequence[dict[str, Any]]) -> dict[str, Any]:
             n = d.shape[1]
             mean = d.mean(axis=0, dtype=np.float32)
             low, high = bootstrap_interval(lambda rows, m=mean: m[rows].mean(axis=1), n, resamples=RESAMPLES)
-            table.append({"lengths": group, "n": n,
-                          "per_run": [{"replica": r, **p} for r, p in zip(replicas, per_run, strict=True)],
-                          "mean": {"diff": float(d.mean()), "ci_low": low, "ci_high": high},
-                          "spread": [{"replica": r, "minus": replicas[0], **m}
-                                     for r, m in zip(replicas[1:], moved, strict=True)]})  # fmt: skip
+            row = {"lengths": group, "n": n,
+                   "per_run": [{"replica": r, **p} for r, p in zip(replicas, per_run, strict=True)],
+                   "mean": {"diff": float(d.mean()), "ci_low": low, "ci_high": high},
+                   "spread": [{"replica": r, "minus": replicas[0], **m}
+                              for r, m in zip(replicas[1:], moved, strict=True)]}  # fmt: skip
+            if len(saved) >= RUNS_AS_UNIT:
+                diffs = [p["diff"] for p in per_run]
+                mean_runs, lo_runs, hi_runs = mean_interval(diffs)
+                row["runs_as_unit"] = {"diff": mean_runs, "ci_low": lo_runs, "ci_high": hi_runs,
+                                       "sd": float(np.std(diffs, ddof=1))}  # fmt: skip
+            table.append(row)
         out[v] = table
     listed = [_listed(run) | {"extend_replica": r} for run, r in zip(saved, replicas, strict=True)]
     return {**_made_from(saved), "runs": listed, "lengths": runs.lengths, "resamples": RESAMPLES,
@@ -279,9 +289,15 @@ def format_replicas(summary: dict[str, Any]) -> str:
         "Each variant minus full attention on the same prompts, in points. Per replica: the paired difference with "
         "Newcombe's 95% interval. Mean: the difference averaged over the replicas; spread: a replica's difference "
         f"minus replica {reps[0]}'s; both with percentile bootstrap 95% intervals over prompts ({resamples} "
-        "resamples, the same prompts for every replica and model). All intervals cover the prompts' sampling only; "
+        "resamples, the same prompts for every replica and model). These intervals cover the prompts' sampling only; "
         "where the spread's excludes 0, the training runs differ by more than the prompts explain.",
     ]
+    as_unit = len(runs) >= RUNS_AS_UNIT
+    if as_unit:
+        lines[-1] += (f" Runs as the unit: the mean over the {len(runs)} replicas with its Student-t 95% interval over "
+                      f"their differences ({len(runs) - 1} degrees of freedom), which covers how much a training run "
+                      "moves the difference on these prompts; sd: the standard deviation of the replicas' "
+                      "differences.")  # fmt: skip
     if summary.get("pattern_differs"):
         left = summary["left_out"]
         lines += ["", f"The replicas differ in {', '.join(summary['pattern_differs'])}, which full attention does not "
@@ -289,9 +305,12 @@ def format_replicas(summary: dict[str, Any]) -> str:
                       + (f" ({', '.join(left)} read some: left out)." if left else ".")]  # fmt: skip
     for v, rows in summary["variants"].items():
         head = ["lengths", "prompts", *(f"replica {r} − full" for r in reps), "mean − full",
+                *(["runs as the unit", "sd"] if as_unit else []),
                 *(f"replica {r} − replica {reps[0]}" for r in reps[1:])]  # fmt: skip
         cells = [[_group_name(row["lengths"], lengths), str(row["n"]), *(_pts(p) for p in row["per_run"]),
-                  _pts(row["mean"]), *(_pts(s) for s in row["spread"])] for row in rows]  # fmt: skip
+                  _pts(row["mean"]),
+                  *([_pts(row["runs_as_unit"]), f"{100 * row['runs_as_unit']['sd']:.1f}"] if as_unit else []),
+                  *(_pts(s) for s in row["spread"])] for row in rows]  # fmt: skip
         lines += ["", f"## {LABELS[v]}", "", *_table(head, cells)]
         if v not in TARGETED:
             continue
@@ -299,6 +318,11 @@ def format_replicas(summary: dict[str, Any]) -> str:
         target = hybrid_target(single, summary["tolerance"], summary["ci_tolerance"])
         lines += ["", f"The hybrids' target applied to the mean over replicas ({_target_rule(summary)}): "
                       f"{_target_text(target)}."]  # fmt: skip
+        if as_unit:
+            runs_unit = [(row["lengths"][0], row["runs_as_unit"]) for row in rows if len(row["lengths"]) == 1]
+            lowest = min(runs_unit, key=lambda x: x[1]["ci_low"])
+            lines[-1] += (f" With the runs as the unit, the lowest interval end is {100 * lowest[1]['ci_low']:+.1f} at "
+                          f"{_k(lowest[0])}.")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 

@@ -6,7 +6,8 @@ Two models answering the same prompts are compared through their discordant pair
 phi correlation of the pairs), which stays sensible at 0 or 100% and with few discordant pairs, and McNemar's
 exact two-sided p-value. `bootstrap_interval` is for statistics of several models on the same prompts that have no
 closed-form interval (e.g. a difference averaged over training runs): prompts are resampled, the same resample for
-every model.
+every model. `mean_interval` treats a few independent values as the sample (e.g. one difference per training run):
+the Student-t interval of their mean, so it covers how much the values move from one to the next, whatever moves them.
 """
 
 from __future__ import annotations
@@ -106,3 +107,50 @@ def bootstrap_interval(
         raise ValueError(f"statistic must return one value per resample, shape ({resamples},); got {values.shape}")
     low, high = np.quantile(values, [(1 - level) / 2, (1 + level) / 2])
     return float(low), float(high)
+
+
+def t_quantile(level: float, df: int) -> float:
+    """The two-sided `level` quantile of Student's t with `df` degrees of freedom: the t with P(|T| <= t) = level.
+
+    P(|T| <= t) has a closed form for integer `df` (Abramowitz and Stegun 26.7.3 and 26.7.4, with theta =
+    atan(t / sqrt(df))); it rises with t, so t is found by bisection to double precision."""
+    if isinstance(df, bool) or not isinstance(df, int) or df < 1:
+        raise ValueError(f"df must be a positive int, got {df!r}")
+    if not 0 < level < 1:
+        raise ValueError(f"level must lie in (0, 1), got {level!r}")
+
+    def inside(t: float) -> float:
+        theta = math.atan(t / math.sqrt(df))
+        c2 = math.cos(theta) ** 2
+        if df % 2:  # odd: (2 / pi) (theta + sin cos (1 + 2/3 cos^2 + 2*4/(3*5) cos^4 + ...)), (df - 1) / 2 terms
+            term, series = 1.0, 0.0
+            for k in range(1, (df - 1) // 2 + 1):
+                series += term
+                term *= c2 * 2 * k / (2 * k + 1)
+            return 2 / math.pi * (theta + math.sin(theta) * math.cos(theta) * series)
+        term, series = 1.0, 0.0  # even: sin (1 + 1/2 cos^2 + 1*3/(2*4) cos^4 + ...), df / 2 terms
+        for k in range(1, df // 2 + 1):
+            series += term
+            term *= c2 * (2 * k - 1) / (2 * k)
+        return math.sin(theta) * series
+
+    low, high = 0.0, 1.0
+    while inside(high) < level:
+        high *= 2
+    for _ in range(200):
+        mid = (low + high) / 2
+        if mid in (low, high):
+            break
+        low, high = (mid, high) if inside(mid) < level else (low, mid)
+    return (low + high) / 2
+
+
+def mean_interval(values: Sequence[float], level: float = 0.95) -> tuple[float, float, float]:
+    """The mean of a few independent `values` (at least 2), with its Student-t interval: mean +- t(level, k - 1) *
+    sd / sqrt(k), sd the sample standard deviation of the k values. Returns (mean, low, high)."""
+    x = np.asarray(values, dtype=np.float64)
+    if x.ndim != 1 or len(x) < 2 or not np.isfinite(x).all():
+        raise ValueError(f"values must be at least 2 finite numbers, got {list(values)!r}")
+    mean = float(x.mean())
+    half = t_quantile(level, len(x) - 1) * float(x.std(ddof=1)) / math.sqrt(len(x))
+    return mean, mean - half, mean + half
