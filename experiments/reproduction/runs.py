@@ -9,10 +9,9 @@ prompts for every run and model, so they too cover the prompts' sampling only: w
 0, the training runs differ by more than the prompts can explain. With three runs or more, the mean also gets a
 Student-t interval with the runs as the unit (`mean_interval` over each run's difference, k - 1 degrees of freedom),
 which covers how much the training runs move the difference on these prompts (not the prompts' sampling, which the
-bootstrap covers). Runs that also differ in the sparse patterns'
-settings (`PATTERN_SETTINGS`: a pattern's two training runs, each merged with its replica's full attention) are
-compared in the variants that read none of the settings that differ (`pattern_settings_read`); the others are named
-as left out.
+bootstrap covers). Runs that also differ in the sparse patterns' settings (`PATTERN_SETTINGS`: a pattern's two
+training runs, each merged with its replica's full attention) are compared in the variants that read none of the
+settings that differ (`pattern_settings_read`); the others are named as left out.
 
 `compare`: runs whose recipes may differ (a probe against the recorded run), as long as they asked the same prompts.
 It names the settings that differ from run 1's, and for each variant that every run evaluated gives: its accuracy in
