@@ -319,9 +319,9 @@ def format_replicas(summary: dict[str, Any]) -> str:
                       f"{_target_text(target)}."]  # fmt: skip
         if as_unit:
             runs_unit = [(row["lengths"][0], row["runs_as_unit"]) for row in rows if len(row["lengths"]) == 1]
-            lowest = min(runs_unit, key=lambda x: x[1]["ci_low"])
-            lines[-1] += (f" With the runs as the unit, the lowest interval end is {100 * lowest[1]['ci_low']:+.1f} at "
-                          f"{_k(lowest[0])}.")  # fmt: skip
+            lowest = hybrid_target(runs_unit, summary["tolerance"], summary["ci_tolerance"])["lowest"]
+            lines[-1] += (f" With the runs as the unit, the lowest interval end is {100 * lowest['ci_low']:+.1f} at "
+                          f"{_k(lowest['length'])}.")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
