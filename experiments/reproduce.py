@@ -38,6 +38,8 @@ run checkpoint the step it is in):
               runs that also differ in a sparse pattern's settings: the variants that read none of them)
     compare   compare.md and compare.json in --out-dir: runs of different recipes on the same prompts (a probe
               against the recorded run; --from A/reproduce.json --from B/reproduce.json, A the reference)
+    (replicas and compare set side by side every variant all the runs evaluated, or only those of --variant;
+    replicas --against X measures them against variant X of the same run instead of full attention)
 
     PYTHONPATH=src python experiments/reproduce.py all --deadline-minutes 9    # GPU: see experiments/README.md
     PYTHONPATH=src python experiments/reproduce.py all --tiny                  # CPU, about a minute
@@ -91,7 +93,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("stage", choices=STAGES, help="what to run")
     p.add_argument("--tiny", action="store_true", help="tiny sizes: the whole pipeline on a CPU in about a minute")
-    p.add_argument("--variant", action="append", choices=VARIANTS, help="extend/eval: only this one (repeatable)")
+    p.add_argument(
+        "--variant",
+        action="append",
+        choices=VARIANTS,
+        help="extend/eval/all: only this one; replicas/compare: compare only this one (repeatable)",
+    )
+    p.add_argument(
+        "--against",
+        choices=VARIANTS,
+        default="full",
+        help="replicas: the variant of the same run the others are measured against (default full)",
+    )
     p.add_argument("--force", action="store_true", help="redo the stages run now even if they finished")
     p.add_argument(
         "--deadline-minutes",
@@ -194,11 +207,17 @@ def from_runs(args: argparse.Namespace, given: Sequence[str]) -> int:
     and `compare` (`write_compare`)."""
     from reproduction.runs import write_compare, write_replicas
 
+    if args.stage == "merge" and args.variant:
+        raise ValueError("--variant goes with replicas and compare here: merge takes every variant of each run")
     saved = load_reports(args.runs)
     out = Path(args.out_dir or DEFAULT.out_dir)
     command = shlex.join(["python", "experiments/reproduce.py", *given])
-    write = {"merge": merge_reports, "replicas": write_replicas, "compare": write_compare}[args.stage]
-    write(saved, out, command=command)
+    if args.stage == "merge":
+        merge_reports(saved, out, command=command)
+    elif args.stage == "replicas":
+        write_replicas(saved, out, command=command, picked=args.variant, against=args.against)
+    else:
+        write_compare(saved, out, command=command, picked=args.variant)
     return 0
 
 
@@ -212,6 +231,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if (args.stage in FROM_RUNS) != bool(args.runs):
         print("error: --from goes with the merge, replicas and compare stages, which need it (two or more "
               "reproduce.json)", file=sys.stderr)  # fmt: skip
+        return 2
+    if args.against != "full" and args.stage != "replicas":
+        print(f"error: --against goes with the replicas stage; {args.stage} does not read it", file=sys.stderr)
         return 2
     if args.stage in FROM_RUNS:
         try:

@@ -495,6 +495,42 @@ def test_the_recorded_replicas_rebuild_to_their_committed_comparison(reproduce, 
     assert committed["commit"] == "3485a18 + d89aa38 + c7fe8fe + c70b0c0"
 
 
+def test_the_candidates_training_runs_rebuild_to_their_committed_comparisons(reproduce, tmp_path):
+    """The interleaved layout's second and third training runs and the sink block's second (replicas/candidates):
+    each merge with its replica of the recorded recipe, and the three comparisons, rebuild from their recorded
+    commands; the numbers RUN.md quotes: the interleaved layout against full attention at 32K, against the middle
+    four and the sink block against the BlockSparse hybrid at >= 8K, with the spread each has over training runs."""
+    folder = EXPERIMENTS / "results" / "replicas" / "candidates"
+    for name in ("replica1", "replica2"):
+        committed = json.loads((folder / name / "reproduce.json").read_text())
+        again = _rerun(reproduce, committed["command"], tmp_path / name)
+        assert {k: v for k, v in again.items() if k not in ("command", "files")} == {
+            k: v for k, v in committed.items() if k not in ("command", "files")
+        }
+    assert [r["variants"] for r in committed["runs"]] == [
+        ["full", "hybrid_sinkwindow", "hybrid_blocksparse"],
+        ["hybrid_interleave"],
+    ]
+    quoted = {  # folder: variant, lengths, mean over runs with its bootstrap interval, runs as the unit and sd
+        ".": ("hybrid_interleave", [32768], [-5.3, -7.5, -3.3], [-14.7, 4.0, 3.8]),
+        "interleave_vs_middle": ("hybrid_interleave", [8192, 16384, 32768], [-0.9, -1.6, -0.2], [-2.5, 0.8, 0.7]),
+        "sink_vs_blocksparse": ("hybrid_blocksparse_sink", [8192, 16384, 32768], [0.5, -0.1, 1.0], None),
+    }
+    for sub, (variant, lengths, mean, unit) in quoted.items():
+        committed = json.loads((folder / sub / "replicas.json").read_text())
+        again = _rerun(reproduce, committed["command"], tmp_path / sub)
+        assert again == {**committed, "command": again["command"]}
+        assert list(committed["variants"]) == [variant]
+        (row,) = [r for r in committed["variants"][variant] if r["lengths"] == lengths]
+        assert [round(100 * row["mean"][k], 1) for k in ("diff", "ci_low", "ci_high")] == mean
+        if unit:
+            assert [round(100 * row["runs_as_unit"][k], 1) for k in ("ci_low", "ci_high", "sd")] == unit
+        else:
+            assert "runs_as_unit" not in row  # two runs
+    assert json.loads((folder / "replicas.json").read_text()).get("against") is None
+    assert json.loads((folder / "interleave_vs_middle" / "replicas.json").read_text())["against"] == "hybrid_sinkwindow"
+
+
 def _rerun(reproduce, command: str, out: Path) -> dict:
     """A recorded `reproduce.py` command (merge or replicas) run again from the repository's files into `out`: the
     JSON it writes (reproduce.json or replicas.json)."""
@@ -691,6 +727,91 @@ def test_compare_sets_runs_of_different_recipes_side_by_side(reproduce, tmp_path
     b.write_text(json.dumps(only_sw))
     assert reproduce.main(["compare", "--from", str(a), "--from", str(b), "--out-dir", str(out)]) == 2
     assert "no variant was evaluated by every run" in capsys.readouterr().err
+
+
+def test_replicas_and_compare_set_side_by_side_only_the_variants_asked_for(reproduce, tmp_path, capsys):
+    """`--variant` with `replicas` and `compare`: only those variants are compared, each the same as without it; a
+    variant some run did not evaluate, full attention as a replica's variant, one that reads a pattern setting where
+    replicas differ, and `--variant` with `merge` are refused, saying why and writing nothing."""
+    _recorded_and_sinkwindow_tracking_all(tmp_path, "bbbbbbb", extend_replica=1)
+    runs = ["--from", str(tmp_path / "a.json"), "--from", str(tmp_path / "b.json")]
+    for stage, name in (("replicas", "replicas.json"), ("compare", "compare.json")):
+        assert reproduce.main([stage, *runs, "--out-dir", str(tmp_path / stage)]) == 0
+        every = json.loads((tmp_path / stage / name).read_text())["variants"]
+        picked = ["--variant", "hybrid_blocksparse", "--variant", "hybrid_sinkwindow"]
+        assert reproduce.main([stage, *runs, *picked, "--out-dir", str(tmp_path / f"{stage}-two")]) == 0
+        two = json.loads((tmp_path / f"{stage}-two" / name).read_text())["variants"]
+        assert list(two) == ["hybrid_sinkwindow", "hybrid_blocksparse"]  # in the variants' order
+        assert two == {v: every[v] for v in two}
+        text = (tmp_path / f"{stage}-two" / name.replace(".json", ".md")).read_text()
+        assert "SinkWindow" in text and "all sparse" not in text.lower()
+    capsys.readouterr()
+    without_bs = json.loads((tmp_path / "b.json").read_text())
+    del without_bs["outcomes"]["hybrid_blocksparse"]
+    (tmp_path / "c.json").write_text(json.dumps(without_bs))
+    refused = [
+        (["replicas", "--variant", "hybrid_blocksparse"], "c.json",
+         "--variant hybrid_blocksparse: run 2 did not evaluate it; the runs evaluated hybrid_sinkwindow, "),
+        (["compare", "--variant", "hybrid_blocksparse"], "c.json", "--variant hybrid_blocksparse: run 2 did not"),
+        (["replicas", "--variant", "full"], "b.json", "--variant full: replicas measure each variant against full"),
+        (["merge", "--variant", "full"], "b.json", "--variant goes with replicas and compare here"),
+    ]  # fmt: skip
+    for args, second, says in refused:
+        out = tmp_path / "refused"
+        given = [args[0], "--from", str(tmp_path / "a.json"), "--from", str(tmp_path / second), *args[1:]]
+        assert reproduce.main([*given, "--out-dir", str(out)]) == 2
+        assert says in capsys.readouterr().err and not out.exists()
+    wider = json.loads((tmp_path / "b.json").read_text())
+    wider["settings"]["window"] = 2048
+    (tmp_path / "w.json").write_text(json.dumps(wider))
+    given = ["replicas", "--from", str(tmp_path / "a.json"), "--from", str(tmp_path / "w.json")]
+    assert reproduce.main([*given, "--variant", "hybrid_sinkwindow", "--out-dir", str(tmp_path / "refused")]) == 2
+    assert "--variant hybrid_sinkwindow reads window, where the runs differ" in capsys.readouterr().err
+
+
+def test_replicas_against_another_variant_of_the_same_run(reproduce, tmp_path, capsys):
+    """`replicas --against X`: each variant minus X of the same replica on the same prompts, as `paired_difference`
+    gives it from the two variants' outcomes, the spread from the gained prompts; no hybrids' target (that is
+    against full attention). A reference some run lacks, a reference that reads a setting where the replicas
+    differ, the reference as a --variant, and --against with another stage are refused."""
+    from reproduction.settings import TASKS
+
+    from longgen.eval.stats import paired_difference
+
+    saved, other, gained = _recorded_and_sinkwindow_tracking_all(tmp_path, "bbbbbbb", extend_replica=1)
+    runs = ["--from", str(tmp_path / "a.json"), "--from", str(tmp_path / "b.json")]
+    out = tmp_path / "against"
+    given = [*runs, "--against", "hybrid_blocksparse", "--variant", "hybrid_sinkwindow", "--out-dir", str(out)]
+    assert reproduce.main(["replicas", *given]) == 0
+    summary = json.loads((out / "replicas.json").read_text())
+    assert summary["against"] == "hybrid_blocksparse" and list(summary["variants"]) == ["hybrid_sinkwindow"]
+    (row,) = [r for r in summary["variants"]["hybrid_sinkwindow"] if r["lengths"] == [32768]]
+    for run, paired in zip((saved, other), row["per_run"], strict=True):
+        hits = {v: [c == "1" for t in TASKS for c in run["outcomes"][v][f"{t}@32768"]]
+                for v in ("hybrid_sinkwindow", "hybrid_blocksparse")}  # fmt: skip
+        expected = paired_difference(hits["hybrid_sinkwindow"], hits["hybrid_blocksparse"])
+        assert paired["diff"] == pytest.approx(expected.diff) and paired["ci_low"] == pytest.approx(expected.ci_low)
+        assert (paired["only_variant"], paired["only_hybrid_blocksparse"]) == (expected.a_only, expected.b_only)
+    assert row["spread"][0]["diff"] == pytest.approx(gained / row["n"])
+    text = (out / "replicas.md").read_text()
+    assert "Each variant minus `hybrid_blocksparse` of the same replica" in text
+    assert "| replica 0 − hybrid_blocksparse |" in text and "target" not in text
+    capsys.readouterr()
+    without_bs = {**other, "outcomes": {k: v for k, v in other["outcomes"].items() if k != "hybrid_blocksparse"}}
+    (tmp_path / "c.json").write_text(json.dumps(without_bs))
+    wider = {**other, "settings": {**other["settings"], "window": 2048}}
+    (tmp_path / "w.json").write_text(json.dumps(wider))
+    refused = [
+        ("c.json", ["--against", "hybrid_blocksparse"], "every run must have evaluated hybrid_blocksparse (run 2 did"),
+        ("w.json", ["--against", "hybrid_sinkwindow"], "--against hybrid_sinkwindow reads window, where the runs"),
+        ("b.json", ["--against", "all_sparse", "--variant", "all_sparse"], "--variant all_sparse: replicas measure"),
+    ]  # fmt: skip
+    for second, args, says in refused:
+        given = ["replicas", "--from", str(tmp_path / "a.json"), "--from", str(tmp_path / second), *args]
+        assert reproduce.main([*given, "--out-dir", str(tmp_path / "refused")]) == 2
+        assert says in capsys.readouterr().err and not (tmp_path / "refused").exists()
+    assert reproduce.main(["compare", *runs, "--against", "all_sparse", "--out-dir", str(tmp_path / "refused")]) == 2
+    assert "--against goes with the replicas stage; compare does not read it" in capsys.readouterr().err
 
 
 def test_each_variant_reads_the_pattern_settings_it_is_said_to(reproduce, tmp_path, monkeypatch):

@@ -175,7 +175,7 @@ def merge_reports(saved: Sequence[dict[str, Any]], out: Path, command: str) -> d
         runs.append({k: run[k] for k in ("commit", "date", "device", "command")} | {"variants": taken}
                     | ({"differs": [list(d) for d in differs], "left_out": left_out} if differs else {}))  # fmt: skip
     settings = {**first["settings"], "variants": [v for v in VARIANTS if v in variants]}
-    commit = " + ".join(run["commit"] for run in saved)
+    commit = " + ".join(dict.fromkeys(run["commit"] for run in saved))  # each commit once, in the runs' order
     return rebuild_report(
         first, out, variants=variants, outcomes=outcomes, settings=settings, commit=commit, command=command, runs=runs
     )

@@ -84,15 +84,16 @@ class _Runs:
     def hits(self, i: int, variant: str, group: list[int]) -> np.ndarray:
         return np.array(_pooled_over(self.records[i], variant, group))
 
-    def against_full(self, v: str, group: list[int]) -> tuple[np.ndarray, list[dict[str, Any]], list[dict[str, Any]]]:
-        """Per run and prompt `v`'s hit minus full attention's (+1, 0 or -1); each run's paired difference (Newcombe);
-        each later run's difference minus run 1's (bootstrap)."""
+    def against(self, v: str, group: list[int], ref: str = "full") -> tuple[np.ndarray, list[dict], list[dict]]:
+        """Per run and prompt `v`'s hit minus `ref`'s (+1, 0 or -1; full attention's from run `full_of[i]`, another
+        variant's from the same run); each run's paired difference (Newcombe, its discordant prompts as `only_variant`
+        and `only_<ref>`); each later run's difference minus run 1's (bootstrap)."""
         a = np.stack([self.hits(i, v, group) for i in range(len(self.records))])
-        b = np.stack([self.hits(j, "full", group) for j in self.full_of])
+        b = np.stack([self.hits(j, ref, group) for j in (self.full_of if ref == "full" else range(len(a)))])
         d = a.astype(np.int8) - b.astype(np.int8)
         per_run = []
         for x, y in zip(a, b, strict=True):
-            per_run.append(_paired(paired_difference(x.tolist(), y.tolist()), "only_variant", "only_full"))
+            per_run.append(_paired(paired_difference(x.tolist(), y.tolist()), "only_variant", f"only_{ref}"))
         moved = []
         for r in range(1, len(d)):
             gap = (d[r] - d[0]).astype(np.float32)
@@ -117,7 +118,7 @@ def _made_from(saved: Sequence[dict[str, Any]]) -> dict[str, str]:
     a saved report that is itself a merge counts as the runs it lists."""
     runs = [r for run in saved for r in (run.get("runs") or [run])]
     return {
-        "commit": " + ".join(str(run["commit"]) for run in runs),
+        "commit": " + ".join(dict.fromkeys(str(run["commit"]) for run in runs)),
         "device": " + ".join(dict.fromkeys(str(run["device"]) for run in runs)),
         "date": max(str(run["date"]) for run in runs),
     }
@@ -160,9 +161,24 @@ def _target_text(target: dict) -> str:
             f"lowest end {100 * lowest['ci_low']:+.1f} at {_k(lowest['length'])}")  # fmt: skip
 
 
-def compare_replicas(saved: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """The comparison of the saved ``reproduce.json`` of two or more replicas of one recipe; ValueError names what
-    does not fit (too few runs, a replica given twice, another recipe, a variant or full attention missing)."""
+def _picked(saved: Sequence[dict[str, Any]], shared: list[str], picked: Sequence[str] | None) -> list[str]:
+    """`shared` (the variants every run evaluated), or only the `picked` ones (--variant) when given; ValueError names a
+    picked variant that some run did not evaluate."""
+    if not picked:
+        return shared
+    for v in dict.fromkeys(picked):
+        if missing := [i + 1 for i, run in enumerate(saved) if v not in run["outcomes"]]:
+            raise ValueError(f"--variant {v}: run {', '.join(map(str, missing))} did not evaluate it; the runs "
+                             f"evaluated {', '.join(shared) or 'no variant'} in common")  # fmt: skip
+    return [v for v in shared if v in picked]
+
+
+def compare_replicas(saved: Sequence[dict[str, Any]], picked: Sequence[str] | None = None,
+                     against: str = "full") -> dict[str, Any]:  # fmt: skip
+    """The comparison of the saved ``reproduce.json`` of two or more replicas of one recipe, in every variant they all
+    evaluated or only in `picked`, each against `against` of the same run (full attention, or another variant: a
+    hybrid change against the recorded hybrid, the training run's own effect on both cancelling); ValueError names
+    what does not fit (too few runs, a replica given twice, another recipe, a variant or the reference missing)."""
     if len(saved) < 2:
         raise ValueError(f"comparing replicas needs the reports of at least two runs, got {len(saved)}")
     replicas = [ran_with(run)["extend_replica"] for run in saved]
@@ -170,23 +186,33 @@ def compare_replicas(saved: Sequence[dict[str, Any]]) -> dict[str, Any]:
         raise ValueError(f"each run must be another --extend-replica; got replicas {replicas}")
     check_same_recipe(saved, RUN_CONTROL | {"extend_replica"} | PATTERN_SETTINGS, "compared as replicas (those that "
                       "differ in pattern settings, in the variants that read none of them)")  # fmt: skip
-    if not all("full" in run["outcomes"] for run in saved):
-        raise ValueError("every run must have evaluated full attention (`full`): the differences are against it")
+    if missing := [i + 1 for i, run in enumerate(saved) if against not in run["outcomes"]]:
+        raise ValueError(f"every run must have evaluated {against} (run {', '.join(map(str, missing))} did not): the "
+                         "differences are against it")  # fmt: skip
     control = RUN_CONTROL | {"extend_replica"}
     differ = sorted({d[0] for run in saved[1:] for d in recipe_differences(saved[0], run, control)})
-    shared = [v for v in _shared_variants(saved) if v != "full"]
+    if reads := sorted(set(differ) & pattern_settings_read(against)):
+        raise ValueError(f"--against {against} reads {', '.join(reads)}, where the runs differ: no replicas of it")
+    if picked and against in picked:
+        raise ValueError(f"--variant {against}: replicas measure each variant against {against} (--against), which "
+                         "is always read")  # fmt: skip
+    shared = _picked(saved, [v for v in _shared_variants(saved) if v != against], picked)
     variants = [v for v in shared if not set(differ) & pattern_settings_read(v)]
     left_out = [v for v in shared if v not in variants]
+    if picked and left_out:
+        reads = sorted(set(differ) & pattern_settings_read(left_out[0]))
+        raise ValueError(f"--variant {left_out[0]} reads {', '.join(reads)}, where the runs differ: it has no replicas "
+                         "here")  # fmt: skip
     if not variants:
         where = f" and reads none of {', '.join(differ)}, where the runs differ" if differ else ""
-        raise ValueError(f"no variant besides full attention was evaluated by every run{where}")
-    runs = _Runs(saved, ["full", *variants], "replicas")
+        raise ValueError(f"no variant besides {against} was evaluated by every run{where}")
+    runs = _Runs(saved, [against, *variants], "replicas")
 
     out: dict[str, Any] = {}
     for v in variants:
         table = []
         for group in runs.groups:
-            d, per_run, moved = runs.against_full(v, group)
+            d, per_run, moved = runs.against(v, group, against)
             n = d.shape[1]
             mean = d.mean(axis=0, dtype=np.float32)
             low, high = bootstrap_interval(lambda rows, m=mean: m[rows].mean(axis=1), n, resamples=RESAMPLES)
@@ -204,14 +230,14 @@ def compare_replicas(saved: Sequence[dict[str, Any]]) -> dict[str, Any]:
         out[v] = table
     listed = [_listed(run) | {"extend_replica": r} for run, r in zip(saved, replicas, strict=True)]
     return {**_made_from(saved), "runs": listed, "lengths": runs.lengths, "resamples": RESAMPLES,
-            **_tolerances(saved[0]), "variants": out,
+            **_tolerances(saved[0]), **({"against": against} if against != "full" else {}), "variants": out,
             **({"pattern_differs": differ, "left_out": left_out} if differ else {})}  # fmt: skip
 
 
-def compare_runs(saved: Sequence[dict[str, Any]]) -> dict[str, Any]:
+def compare_runs(saved: Sequence[dict[str, Any]], picked: Sequence[str] | None = None) -> dict[str, Any]:
     """The comparison of the saved ``reproduce.json`` of two or more runs that asked the same prompts, their recipes
-    free to differ (see the module); ValueError names what does not fit (too few runs, other prompts, no variant
-    evaluated by every run)."""
+    free to differ (see the module), in every variant they all evaluated or only in `picked`; ValueError names what
+    does not fit (too few runs, other prompts, no variant evaluated by every run)."""
     if len(saved) < 2:
         raise ValueError(f"comparing runs needs the reports of at least two runs, got {len(saved)}")
     settings = [ran_with(run) for run in saved]
@@ -219,7 +245,7 @@ def compare_runs(saved: Sequence[dict[str, Any]]) -> dict[str, Any]:
         if differ := [k for k in PROMPTS if s.get(k) != settings[0].get(k)]:
             raise ValueError(f"run {i} (commit {saved[i - 1]['commit']}) asked other prompts than run 1: they differ "
                              f"in {', '.join(differ)}; runs are compared on the same prompts")  # fmt: skip
-    variants = _shared_variants(saved)
+    variants = _picked(saved, _shared_variants(saved), picked)
     if not variants:
         raise ValueError("no variant was evaluated by every run")
     full_of = _full_of(saved)
@@ -239,7 +265,7 @@ def compare_runs(saved: Sequence[dict[str, Any]]) -> dict[str, Any]:
             row: dict[str, Any] = {"lengths": group, "n": n, "accuracy": [accuracy_of(x.tolist()) for x in hits],
                                    "minus_first": minus_first}  # fmt: skip
             if v != "full" and full_of:
-                _, per_run, moved = runs.against_full(v, group)
+                _, per_run, moved = runs.against(v, group)
                 row["against_full"] = {"per_run": per_run, "moved": moved}
             rows.append(row)
         target = None
@@ -280,12 +306,15 @@ def format_replicas(summary: dict[str, Any]) -> str:
     runs, lengths = summary["runs"], summary["lengths"]
     reps = [r["extend_replica"] for r in runs]
     resamples = f"{summary['resamples']:,}"
+    ref = summary.get("against", "full")
+    ref_name = "full attention" if ref == "full" else f"`{ref}`"
     lines = [
         "# The comparison across training runs (`--extend-replica`)",
         "",
         *(f"- replica {r['extend_replica']}: commit {r['commit']}, {r['date']}, {r['device']}" for r in runs),
         "",
-        "Each variant minus full attention on the same prompts, in points. Per replica: the paired difference with "
+        f"Each variant minus {ref_name}{'' if ref == 'full' else ' of the same replica'} on the same prompts, in "
+        "points. Per replica: the paired difference with "
         "Newcombe's 95% interval. Mean: the difference averaged over the replicas; spread: a replica's difference "
         f"minus replica {reps[0]}'s; both with percentile bootstrap 95% intervals over prompts ({resamples} "
         "resamples, the same prompts for every replica and model). These intervals cover the prompts' sampling only; "
@@ -299,11 +328,11 @@ def format_replicas(summary: dict[str, Any]) -> str:
                       "differences.")  # fmt: skip
     if summary.get("pattern_differs"):
         left = summary["left_out"]
-        lines += ["", f"The replicas differ in {', '.join(summary['pattern_differs'])}, which full attention does not "
+        lines += ["", f"The replicas differ in {', '.join(summary['pattern_differs'])}, which {ref_name} does not "
                       "read; compared are the variants that read none of them"
                       + (f" ({', '.join(left)} read some: left out)." if left else ".")]  # fmt: skip
     for v, rows in summary["variants"].items():
-        head = ["lengths", "prompts", *(f"replica {r} − full" for r in reps), "mean − full",
+        head = ["lengths", "prompts", *(f"replica {r} − {ref}" for r in reps), f"mean − {ref}",
                 *(["runs as the unit", "sd"] if as_unit else []),
                 *(f"replica {r} − replica {reps[0]}" for r in reps[1:])]  # fmt: skip
         cells = [[_group_name(row["lengths"], lengths), str(row["n"]), *(_pts(p) for p in row["per_run"]),
@@ -311,7 +340,7 @@ def format_replicas(summary: dict[str, Any]) -> str:
                   *([_pts(row["runs_as_unit"]), f"{100 * row['runs_as_unit']['sd']:.1f}"] if as_unit else []),
                   *(_pts(s) for s in row["spread"])] for row in rows]  # fmt: skip
         lines += ["", f"## {LABELS[v]}", "", *_table(head, cells)]
-        if v not in TARGETED:
+        if v not in TARGETED or ref != "full":  # the hybrids' target is against full attention
             continue
         single = [(row["lengths"][0], row["mean"]) for row in rows if len(row["lengths"]) == 1]
         target = hybrid_target(single, summary["tolerance"], summary["ci_tolerance"])
@@ -399,13 +428,15 @@ def _write(summary: dict[str, Any], text: str, out: Path, files: tuple[str, str]
     return summary
 
 
-def write_replicas(saved: Sequence[dict[str, Any]], out: Path, command: str) -> dict[str, Any]:
+def write_replicas(saved: Sequence[dict[str, Any]], out: Path, command: str, picked: Sequence[str] | None = None,
+                   against: str = "full") -> dict[str, Any]:  # fmt: skip
     """`compare_replicas` written into `out` as ``FILES`` (with `command`); prints the markdown."""
-    summary = {**compare_replicas(saved), "command": command}
+    summary = {**compare_replicas(saved, picked, against), "command": command}
     return _write(summary, format_replicas(summary), out, FILES)
 
 
-def write_compare(saved: Sequence[dict[str, Any]], out: Path, command: str) -> dict[str, Any]:
+def write_compare(saved: Sequence[dict[str, Any]], out: Path, command: str,
+                  picked: Sequence[str] | None = None) -> dict[str, Any]:  # fmt: skip
     """`compare_runs` written into `out` as ``COMPARE_FILES`` (with `command`); prints the markdown."""
-    summary = {**compare_runs(saved), "command": command}
+    summary = {**compare_runs(saved, picked), "command": command}
     return _write(summary, format_compare(summary), out, COMPARE_FILES)
