@@ -11,7 +11,10 @@ Student-t interval with the runs as the unit (`mean_interval` over each run's di
 which covers how much the training runs move the difference on these prompts (not the prompts' sampling, which the
 bootstrap covers). Runs that also differ in the sparse patterns' settings (`PATTERN_SETTINGS`: a pattern's two
 training runs, each merged with its replica's full attention) are compared in the variants that read none of the
-settings that differ (`pattern_settings_read`); the others are named as left out.
+settings that differ (`pattern_settings_read`); the others are named as left out. With `against` (--against X) the
+variants are measured against variant X of the same run instead of full attention: a change on the hybrids' side
+against the recorded hybrid, where what a training run does to the hybrids of that run alike cancels (the hybrids'
+target, which is against full attention, is then not applied).
 
 `compare`: runs whose recipes may differ (a probe against the recorded run), as long as they asked the same prompts.
 It names the settings that differ from run 1's, and for each variant that every run evaluated gives: its accuracy in
