@@ -207,8 +207,6 @@ def from_runs(args: argparse.Namespace, given: Sequence[str]) -> int:
     and `compare` (`write_compare`)."""
     from reproduction.runs import write_compare, write_replicas
 
-    if args.stage == "merge" and args.variant:
-        raise ValueError("--variant goes with replicas and compare here: merge takes every variant of each run")
     saved = load_reports(args.runs)
     out = Path(args.out_dir or DEFAULT.out_dir)
     command = shlex.join(["python", "experiments/reproduce.py", *given])
@@ -234,6 +232,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.against != "full" and args.stage != "replicas":
         print(f"error: --against goes with the replicas stage; {args.stage} does not read it", file=sys.stderr)
+        return 2
+    if args.stage == "merge" and args.variant:
+        print("error: --variant goes with replicas and compare here: merge takes every variant of each run",
+              file=sys.stderr)  # fmt: skip
         return 2
     if args.stage in FROM_RUNS:
         try:
