@@ -164,14 +164,19 @@ def _target_text(target: dict) -> str:
             f"lowest end {100 * lowest['ci_low']:+.1f} at {_k(lowest['length'])}")  # fmt: skip
 
 
+def _lacking(saved: Sequence[dict[str, Any]], variant: str) -> str:
+    """The runs (numbered from 1) that did not evaluate `variant`, as a message lists them; "" when none."""
+    return ", ".join(str(i + 1) for i, run in enumerate(saved) if variant not in run["outcomes"])
+
+
 def _picked(saved: Sequence[dict[str, Any]], shared: list[str], picked: Sequence[str] | None) -> list[str]:
     """`shared` (the variants every run evaluated), or only the `picked` ones (--variant) when given; ValueError names a
     picked variant that some run did not evaluate."""
     if not picked:
         return shared
     for v in dict.fromkeys(picked):
-        if missing := [i + 1 for i, run in enumerate(saved) if v not in run["outcomes"]]:
-            raise ValueError(f"--variant {v}: run {', '.join(map(str, missing))} did not evaluate it; the runs "
+        if missing := _lacking(saved, v):
+            raise ValueError(f"--variant {v}: run {missing} did not evaluate it; the runs "
                              f"evaluated {', '.join(shared) or 'no variant'} in common")  # fmt: skip
     return [v for v in shared if v in picked]
 
@@ -189,23 +194,26 @@ def compare_replicas(saved: Sequence[dict[str, Any]], picked: Sequence[str] | No
         raise ValueError(f"each run must be another --extend-replica; got replicas {replicas}")
     check_same_recipe(saved, RUN_CONTROL | {"extend_replica"} | PATTERN_SETTINGS, "compared as replicas (those that "
                       "differ in pattern settings, in the variants that read none of them)")  # fmt: skip
-    if missing := [i + 1 for i, run in enumerate(saved) if against not in run["outcomes"]]:
-        raise ValueError(f"every run must have evaluated {against} (run {', '.join(map(str, missing))} did not): the "
-                         "differences are against it")  # fmt: skip
+    if missing := _lacking(saved, against):
+        raise ValueError(f"every run must have evaluated {against} (run {missing} did not): the differences are "
+                         "against it")  # fmt: skip
     control = RUN_CONTROL | {"extend_replica"}
     differ = sorted({d[0] for run in saved[1:] for d in recipe_differences(saved[0], run, control)})
-    if reads := sorted(set(differ) & pattern_settings_read(against)):
-        raise ValueError(f"--against {against} reads {', '.join(reads)}, where the runs differ: no replicas of it")
+
+    def reads(v: str) -> str:  # the settings `v` reads among those in which the runs differ
+        return ", ".join(sorted(set(differ) & pattern_settings_read(v)))
+
+    if reads(against):
+        raise ValueError(f"--against {against} reads {reads(against)}, where the runs differ: no replicas of it")
     if picked and against in picked:
         raise ValueError(f"--variant {against}: replicas measure each variant against {against} (--against), which "
                          "is always read")  # fmt: skip
     shared = _picked(saved, [v for v in _shared_variants(saved) if v != against], picked)
-    variants = [v for v in shared if not set(differ) & pattern_settings_read(v)]
+    variants = [v for v in shared if not reads(v)]
     left_out = [v for v in shared if v not in variants]
     if picked and left_out:
-        reads = sorted(set(differ) & pattern_settings_read(left_out[0]))
-        raise ValueError(f"--variant {left_out[0]} reads {', '.join(reads)}, where the runs differ: it has no replicas "
-                         "here")  # fmt: skip
+        raise ValueError(f"--variant {left_out[0]} reads {reads(left_out[0])}, where the runs differ: it has no "
+                         "replicas here")  # fmt: skip
     if not variants:
         where = f" and reads none of {', '.join(differ)}, where the runs differ" if differ else ""
         raise ValueError(f"no variant besides {against} was evaluated by every run{where}")
