@@ -38,6 +38,9 @@ run checkpoint the step it is in):
               runs that also differ in a sparse pattern's settings: the variants that read none of them)
     compare   compare.md and compare.json in --out-dir: runs of different recipes on the same prompts (a probe
               against the recorded run; --from A/reproduce.json --from B/reproduce.json, A the reference)
+    near      near.md and near.json in --out-dir: the near-question probe on trained variants (default full and
+              hybrid_sinkwindow): every fact within --near-span tokens before the question, each model as trained
+              and with its full layers limited to a window (--near-windows) at inference
     (replicas and compare set side by side every variant all the runs evaluated, or only those of --variant;
     replicas --against X measures them against variant X of the same run instead of full attention)
 
@@ -56,6 +59,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 if importlib.util.find_spec("longgen") is None:  # a checkout that is not installed: use its src/
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
@@ -64,7 +68,7 @@ from reproduction.report import build_report, load_reports, merge_reports
 from reproduction.settings import DEFAULT, MEASURED_SHAPE, TINY, VARIANTS, Settings
 from reproduction.stages import EVAL_STAGES, Deadline, DeadlineReached, Experiment, interactive, log
 
-STAGES = ("plan", "prepare", "pretrain", "extend", "eval", "report", "all", "merge", "replicas", "compare")
+STAGES = ("plan", "prepare", "pretrain", "extend", "eval", "report", "all", "merge", "replicas", "compare", "near")
 FROM_RUNS = ("merge", "replicas", "compare")  # the stages that read --from reports instead of a work folder
 EXIT_UNFINISHED = 75  # stopped at --deadline-minutes: run the same command again to continue
 
@@ -97,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--variant",
         action="append",
         choices=VARIANTS,
-        help="extend/eval/all: only this one; replicas/compare: compare only this one (repeatable)",
+        help="extend/eval/all: only this one; replicas/compare: compare only this one; near: probe this one "
+        "(repeatable)",
     )
     p.add_argument(
         "--against",
@@ -105,6 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
         default="full",
         help="replicas: the variant of the same run the others are measured against (default full)",
     )
+    p.add_argument("--near-span", type=int, help="near: every needle within this many tokens before the question "
+                   "(default three quarters of --window)")  # fmt: skip
+    p.add_argument("--near-windows", type=_list_of(int), help="near: the windows the full layers are limited to "
+                   "at inference, comma-separated (default --window and 8 x --window)")  # fmt: skip
     p.add_argument("--force", action="store_true", help="redo the stages run now even if they finished")
     p.add_argument(
         "--deadline-minutes",
@@ -180,8 +189,13 @@ def current_commit() -> str:
     return head + ("+changes" if dirty else "")
 
 
-def run(exp: Experiment, stage: str, picked: Sequence[str] | None, provenance: dict[str, str]) -> None:
+def run(exp: Experiment, stage: str, picked: Sequence[str] | None, provenance: dict[str, str],
+        near: dict[str, Any] | None = None) -> None:  # fmt: skip
     s = exp.s
+    if stage == "near":
+        from reproduction.near import run_near
+
+        run_near(exp, picked, **(near or {}), **provenance)
     if stage == "extend" and picked and "streaming_llm" in picked:  # before any work, not after the others
         raise ValueError("streaming_llm is not trained: it is model 1 (`full`) with StreamingLLM at inference")
     if stage == "all":  # each variant evaluated as soon as it is trained (`all --variant streaming_llm` trains full)
@@ -233,6 +247,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.against != "full" and args.stage != "replicas":
         print(f"error: --against goes with the replicas stage; {args.stage} does not read it", file=sys.stderr)
         return 2
+    if (args.near_span is not None or args.near_windows) and args.stage != "near":
+        print(f"error: --near-span and --near-windows go with the near stage; {args.stage} does not read them",
+              file=sys.stderr)  # fmt: skip
+        return 2
     if args.stage == "merge" and args.variant:
         print("error: --variant goes with replicas and compare here: merge takes every variant of each run",
               file=sys.stderr)  # fmt: skip
@@ -262,7 +280,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     t0 = time.perf_counter()
     try:
         with Deadline(args.deadline_minutes):
-            run(exp, args.stage, args.variant, provenance)
+            run(exp, args.stage, args.variant, provenance, {"span": args.near_span, "windows": args.near_windows})
     except DeadlineReached:
         log(f"\nstopped at the deadline after {time.perf_counter() - t0:.0f} s; finished stages are kept: run the "
             "same command again to continue")  # fmt: skip

@@ -15,6 +15,7 @@ from longgen.eval import (
     Haystack,
     build_prompt,
     first_number,
+    limit_full_layers,
     niah,
     passkey,
     passkey_score,
@@ -311,6 +312,32 @@ def test_streaming_llm_applies_to_a_conversion_whose_layers_are_all_full(workspa
     res = passkey(tmp_path / "full", lengths=[96], depths=[0.5], max_new_tokens=3, baseline="streaming", sink=4,
                   window=16, out_dir=tmp_path / "out", **FAST)  # fmt: skip
     assert res["settings"]["baseline"] == "streaming" and res["settings"]["kv_cache"] == "hybrid"
+
+
+def test_limit_full_layers_keeps_the_sparse_layers_and_cuts_the_full_ones_reach(workspace):
+    """A hybrid's full layer limited to SinkWindow(4, 16): the sparse layers' entries stay as they were, and the
+    last token's logits no longer depend on tokens beyond every layer's reach (sink + layers x window), which they
+    do with the full layer as trained."""
+    from longgen.model import load_model
+
+    root, _ = workspace
+    hybrid = load_model(root / "hybrid", dtype=torch.float32).eval()
+    layers = list(hybrid.config.longgen["layers"])
+    assert layers.count("full_attention") == 1
+    torch.manual_seed(1)
+    ids = torch.randint(5, hybrid.config.vocab_size, (1, 200))
+    changed = ids.clone()
+    changed[0, 20:100] = torch.randint(5, hybrid.config.vocab_size, (80,))  # past the sink, out of 3 x 32 reach
+
+    def last(model, x):
+        with torch.no_grad():
+            return model(x).logits[0, -1]
+
+    assert not torch.allclose(last(hybrid, ids), last(hybrid, changed))  # the full layer reads them
+    assert limit_full_layers(hybrid, sink=4, window=16) is hybrid
+    window = {"type": "sink_window", "sink": 4, "window": 16}
+    assert hybrid.config.longgen["layers"] == [window if e == "full_attention" else e for e in layers]
+    torch.testing.assert_close(last(hybrid, ids), last(hybrid, changed))
 
 
 # --- the CLI parser --------------------------------------------------------------------------------------------

@@ -1238,3 +1238,74 @@ def test_replicas_compare_training_runs_on_the_same_prompts(reproduce, tmp_path,
     assert "each run must be another --extend-replica; got replicas [0, 0]" in capsys.readouterr().err
     assert reproduce.main(["replicas", "--out-dir", str(out)]) == 2
     assert "--from goes with the merge, replicas and compare stages" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_the_near_question_probe_views_each_model_with_its_full_layers_limited(reproduce, tmp_path, capsys):
+    """`reproduce.py near`: prompts whose needles all lie within --near-span haystack tokens before the question,
+    on each trained variant as trained and with its full layers limited to SinkWindow(--sink, W). A window longer
+    than every prompt changes nothing; the tables are the outcomes' own accuracies and paired differences; untrained
+    or inference-only variants and misplaced arguments are refused."""
+    from reproduction.settings import TINY
+    from reproduction.stages import Experiment
+    from reproduction.tasks import _rng, _spec, build_items
+
+    from longgen.eval import build_prompt
+    from longgen.eval.stats import paired_difference
+    from longgen.model import load_tokenizer
+
+    work, out = tmp_path / "work", tmp_path / "out"
+    args = ["--tiny", "--work-dir", str(work), "--out-dir", str(out)]
+    assert reproduce.main(["near", *args]) == 2
+    assert "full is not trained in" in capsys.readouterr().err
+    assert reproduce.main(["all", "--variant", "full", "--variant", "hybrid_sinkwindow", *args]) == 0
+    capsys.readouterr()
+    refusals = {
+        ("near", "--variant", "streaming_llm"): "streaming_llm is full's model changed at inference",
+        ("near", "--variant", "hybrid_blocksparse"): "hybrid_blocksparse is not trained in",
+        ("near", "--near-span", "400"): "--near-span must lie between 0 and the shortest prompt (304 tokens)",
+        ("near", "--near-windows", "0,32"): "--near-windows must be positive token counts, got [0]",
+        ("report", "--near-span", "10"): "--near-span and --near-windows go with the near stage",
+    }
+    for argv, message in refusals.items():
+        assert reproduce.main([*argv, *args]) == 2
+        assert message in capsys.readouterr().err
+    assert not (out / "near.json").exists()
+
+    assert reproduce.main(["near", "--near-windows", "16,4096", "--commit", "abc123", *args]) == 0
+    summary = json.loads((out / "near.json").read_text())
+    assert summary["commit"] == "abc123" and "## Paired differences" in (out / "near.md").read_text()
+    outcomes = summary["outcomes"]
+    views = ["full", "full@16", "full@4096", "hybrid_sinkwindow", "hybrid_sinkwindow@16", "hybrid_sinkwindow@4096"]
+    assert list(outcomes) == views
+    assert summary["settings"]["span"] == 24 and summary["settings"]["windows"] == [16, 4096]  # 3/4 of 32
+    for v in ("full", "hybrid_sinkwindow"):  # a window past every prompt is the full layer itself
+        assert outcomes[f"{v}@4096"] == outcomes[v]
+    assert all(set(o) == {f"{t}@{n}" for t in ("niah", "variable_tracking") for n in (320, 512)} for o in
+               outcomes.values())  # fmt: skip
+    hits = {v: [c == "1" for k in ("variable_tracking@512",) for c in outcomes[v][k]] for v in views}
+    (row,) = [r for r in summary["rows"] if (r["view"], r["task"], r["length"]) ==
+              ("hybrid_sinkwindow@16", "variable_tracking", 512)]  # fmt: skip
+    assert (row["n"], row["correct"]) == (3, sum(hits["hybrid_sinkwindow@16"]))
+    pairs = {(p["view"], p["against"]) for p in summary["paired"] if (p["task"], p["length"]) == ("niah", ">=512")}
+    assert pairs == {("full@16", "full"), ("full@4096", "full"), ("hybrid_sinkwindow", "full"),
+                     ("hybrid_sinkwindow@16", "full"), ("hybrid_sinkwindow@16", "hybrid_sinkwindow"),
+                     ("hybrid_sinkwindow@4096", "full"), ("hybrid_sinkwindow@4096", "hybrid_sinkwindow")}  # fmt: skip
+    (p,) = [p for p in summary["paired"] if (p["view"], p["against"], p["task"], p["length"]) ==
+            ("hybrid_sinkwindow@16", "hybrid_sinkwindow", "variable_tracking", 512)]  # fmt: skip
+    expected = paired_difference(hits["hybrid_sinkwindow@16"], hits["hybrid_sinkwindow"])
+    assert (p["diff"], p["only_view"], p["only_against"]) == (expected.diff, expected.a_only, expected.b_only)
+
+    # every needle lies within the span: the haystack tokens from the first needle to the question are at most it
+    exp = Experiment(dataclasses.replace(TINY, work_dir=str(work), out_dir=str(out)))
+    tokenizer = load_tokenizer(exp.result("extend-full")["model"])
+    pool, words = exp.haystack(tokenizer, Path(exp.result("prepare")["heldout_dir"]))
+    items = build_items(tokenizer, pool, words, (320, 512), 3, 16, seed=0, tasks=("niah", "variable_tracking"), near=24)
+    spans = []
+    for it in items:
+        needles, _, question, prefix, _ = _spec(it.task, _rng(0, "near", it.task, it.length, it.index), 0.0, words)
+        fixed = build_prompt(tokenizer, 4000, [0] * 4000, needles, [1.0] * len(needles), question, prefix)
+        spans.append(it.reach - (4000 - fixed.haystack_tokens - fixed.head_tokens))
+    assert min(spans) >= 0 and max(spans) <= 24 and max(spans) > 12
+    with pytest.raises(ValueError, match="near must lie between 0 and the shortest prompt"):
+        build_items(tokenizer, pool, words, (320,), 3, 16, seed=0, near=304)

@@ -351,8 +351,13 @@ def records_from_outcomes(outcomes: dict[str, str], per_task: int) -> list[dict[
     return records
 
 
+def far_lengths(lengths: Sequence[int]) -> list[int]:
+    """The lengths the long-context verdicts pool over: from 8K on (the longest alone if none is)."""
+    return [n for n in lengths if n >= 8192] or [max(lengths)]
+
+
 def _far(s: Settings) -> list[int]:
-    return [n for n in s.eval_lengths if n >= 8192] or [max(s.eval_lengths)]
+    return far_lengths(s.eval_lengths)
 
 
 def _pooled_over(variants: dict, v: str, lengths: Sequence[int]) -> list[bool]:

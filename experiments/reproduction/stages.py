@@ -624,6 +624,16 @@ class Experiment:
             return {"summary": r["summary"], "files": r["files"]}
         return self._retrieval(model, options, Path(heldout), out)
 
+    @staticmethod
+    def haystack(tokenizer: Any, heldout: Path) -> tuple[list[int], list[str]]:
+        """The held-out documents as one pool of tokens the prompts' haystacks are cut from, and the words of it
+        that key the magic numbers."""
+        from .tasks import haystack_words
+
+        texts = [p.read_text(encoding="utf-8", errors="replace") for p in sorted(heldout.iterdir())]
+        pool = tokenizer("\n\n".join(texts), add_special_tokens=False)["input_ids"]
+        return pool, haystack_words(tokenizer, pool)
+
     def _retrieval(self, model_path: Path, options: dict[str, Any], heldout: Path, out: Path) -> dict:
         """Every task's prompts at every length, scored by `longgen.eval.forced.greedy_matches` (batched, no
         generation); writes ``records.json`` (one line per prompt: task, length, index, depth, correct)."""
@@ -631,13 +641,11 @@ class Experiment:
 
         from longgen.eval import load_for_eval
 
-        from .tasks import build_items, haystack_words, score_items
+        from .tasks import build_items, score_items
 
         s = self.s
         model, tokenizer = load_for_eval(model_path, device=self.device(), **options)
-        texts = [p.read_text(encoding="utf-8", errors="replace") for p in sorted(heldout.iterdir())]
-        pool = tokenizer("\n\n".join(texts), add_special_tokens=False)["input_ids"]
-        words = haystack_words(tokenizer, pool)
+        pool, words = self.haystack(tokenizer, heldout)
         items = build_items(tokenizer, pool, words, s.eval_lengths, s.prompts_per_task, s.answer_room, s.seed)
         t0 = time.perf_counter()
         records = score_items(model, tokenizer, items, s.eval_lengths, log)

@@ -46,6 +46,7 @@ class Item:
     input_ids: list[int]
     answer: str  # the text greedy decoding must continue the prompt with
     answer_ids: list[int]
+    reach: int = 0  # tokens from the first needle's start to the prompt's end
 
 
 def _rng(*parts: object) -> random.Random:
@@ -96,23 +97,33 @@ def _spec(task: str, rng: random.Random, depth: float, words: list[str]):
 
 
 def build_items(tokenizer: Any, pool: list[int], words: list[str], lengths, per_task: int, answer_room: int,
-                seed: int, tasks=TASKS) -> list[Item]:  # fmt: skip
+                seed: int, tasks=TASKS, near: int | None = None) -> list[Item]:  # fmt: skip
     """Every prompt of the evaluation: `per_task` per (task, length); a length-n prompt has n - answer_room tokens
-    (the answer and the token after it fit within n)."""
+    (the answer and the token after it fit within n).
+
+    `near` (the near-question probe's prompts, another set drawn from the same seed): every needle lies within
+    `near` haystack tokens before the question instead, at uniformly drawn distances, the first needle farthest
+    (a variable chain keeps its order); `Item.reach` says how far back the first one starts."""
+    if near is not None and not 0 < near < min(lengths) - answer_room:
+        raise ValueError(f"near must lie between 0 and the shortest prompt ({min(lengths) - answer_room}), got {near}")
     items = []
     for task in tasks:
         for n in lengths:
             size = n - answer_room
             for i in range(per_task):
-                rng = _rng(seed, task, n, i)
+                rng = _rng(seed, task, n, i) if near is None else _rng(seed, "near", task, n, i)
                 depth = i / (per_task - 1)
                 needles, depths, question, prefix, answer = _spec(task, rng, depth, words)
+                if near is not None:
+                    depths = sorted(1 - rng.uniform(0, near) / size for _ in needles)
+                    depth = depths[0]
                 if len(pool) < size:
                     raise ValueError(f"the haystack has {len(pool)} tokens; prompts of {size} tokens need more")
                 start = rng.randrange(len(pool) - size + 1)
                 prompt = build_prompt(tokenizer, size, pool[start : start + size], needles, depths, question, prefix)
                 answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
-                items.append(Item(task, n, i, depth, prompt.input_ids, answer, answer_ids))
+                reach = len(prompt.input_ids) - min(prompt.needle_starts)
+                items.append(Item(task, n, i, depth, prompt.input_ids, answer, answer_ids, reach))
     return items
 
 

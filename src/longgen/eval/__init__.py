@@ -4,7 +4,7 @@ Every task takes a model folder (a LongGen hybrid or a plain Hugging Face model;
 plain one into StreamingLLM), writes JSON (and PNG figures) to an output folder and returns the result dict.
 """
 
-from longgen.eval.baseline import load_for_eval, streaming_llm
+from longgen.eval.baseline import limit_full_layers, load_for_eval, streaming_llm
 from longgen.eval.perplexity import ppl, segment_loss_sums
 from longgen.eval.prompts import Haystack, Prompt, build_prompt
 from longgen.eval.results import write_result
@@ -22,6 +22,7 @@ __all__ = [
     "build_prompt",
     "first_number",
     "generate",
+    "limit_full_layers",
     "load_for_eval",
     "niah",
     "passkey",

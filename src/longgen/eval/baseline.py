@@ -18,15 +18,26 @@ def streaming_llm(model: Any, sink: int = 4, window: int = 2048) -> Any:
     """StreamingLLM (Xiao et al.): every layer of a full-attention model attends to `sink` first tokens and the
     last `window` tokens. Converts the loaded model in place (configuration only) and returns it: a plain model,
     or a LongGen conversion whose layers are all full (a full-attention model in longgen's layout)."""
-    pattern = SinkWindow(sink, window)
-    if not is_hybrid(model.config):
-        return convert(model, full_fraction=0.0, pattern=pattern)
-    if not is_full_attention(model.config):
+    if is_hybrid(model.config) and not is_full_attention(model.config):
         raise ValueError(
             "StreamingLLM is applied to a full-attention model; this one is a LongGen hybrid with sparse layers"
         )
+    return limit_full_layers(model, sink, window)
+
+
+def limit_full_layers(model: Any, sink: int, window: int) -> Any:
+    """The loaded model with every full-attention layer limited to SinkWindow(`sink`, `window`) and its sparse
+    layers as they are: for a full-attention model StreamingLLM, for a hybrid what its sparse layers alone do with
+    the help of windowed full layers (a diagnostic: which answers need the full layers' reach). Configuration only,
+    in place; returns the model."""
+    pattern = SinkWindow(sink, window)
+    if not is_hybrid(model.config):
+        return convert(model, full_fraction=0.0, pattern=pattern)
     record = dict(getattr(model.config, LAYOUT_KEY))
-    record["layers"] = [pattern.to_dict()] * len(record["layers"])
+    record["layers"] = [
+        pattern.to_dict() if isinstance(p, Full) else entry
+        for p, entry in zip(read_layout(model.config), record["layers"], strict=True)
+    ]
     setattr(model.config, LAYOUT_KEY, record)
     return model
 
