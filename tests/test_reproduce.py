@@ -1309,3 +1309,45 @@ def test_the_near_question_probe_views_each_model_with_its_full_layers_limited(r
     assert min(spans) >= 0 and max(spans) <= 24 and max(spans) > 12
     with pytest.raises(ValueError, match="near must lie between 0 and the shortest prompt"):
         build_items(tokenizer, pool, words, (320,), 3, 16, seed=0, near=304)
+
+
+def test_the_near_question_probe_and_the_fourth_run_rebuild_to_their_committed_files(reproduce, tmp_path):
+    """The near-question probe's tables and markdown come again from its committed outcomes, with the numbers its
+    RUN.md quotes; the fourth training run rebuilds to its summary and, with the three before it, to the committed
+    four-run comparison of the SinkWindow hybrid."""
+    from reproduction.near import format_near, near_tables
+    from reproduction.report import rebuild_report
+
+    probe = EXPERIMENTS / "results" / "probes" / "2026-12-07-near-question"
+    committed = json.loads((probe / "near.json").read_text())
+    assert {**committed, **near_tables(committed["outcomes"], committed["settings"])} == committed
+    assert format_near(committed) == (probe / "near.md").read_text()
+    assert committed["settings"]["span"] == 768 and committed["settings"]["windows"] == [1024, 8192]
+    assert max(high for _, high in committed["reach"].values()) < 1024  # every prompt's tail fits one window
+    acc = {(r["view"], r["task"], r["length"]): round(100 * r["accuracy"], 1) for r in committed["rows"]}
+    chains = {v: acc[(v, "variable_tracking", 32768)] for v in committed["outcomes"]}
+    assert chains == {"full": 65.0, "full@1024": 98.8, "full@8192": 90.0, "hybrid_sinkwindow": 55.0,
+                      "hybrid_sinkwindow@1024": 97.5, "hybrid_sinkwindow@8192": 81.2}  # fmt: skip
+    assert {acc[(v, "niah", n)] for v in committed["outcomes"] for n in committed["settings"]["lengths"]} == {98.8, 100}
+    paired = {(p["view"], p["against"], p["task"], p["length"]): [round(100 * p[k], 1) for k in
+              ("diff", "ci_low", "ci_high")] for p in committed["paired"]}  # fmt: skip
+    assert paired[("hybrid_sinkwindow", "full", "variable_tracking", ">=8K")] == [-6.7, -13.2, -0.1]
+    assert paired[("hybrid_sinkwindow", "full", "niah", ">=8K")] == [0.0, -1.9, 1.9]
+    assert paired[("hybrid_sinkwindow@1024", "hybrid_sinkwindow", "variable_tracking", ">=8K")] == [26.7, 21.3, 32.6]
+    assert paired[("hybrid_sinkwindow@8192", "hybrid_sinkwindow", "variable_tracking", ">=8K")] == [12.1, 8.0, 16.4]
+    assert paired[("full@1024", "full", "variable_tracking", ">=8K")] == [20.0, 15.0, 25.6]
+
+    run = EXPERIMENTS / "results" / "replicas" / "replica3"
+    saved = json.loads((run / "reproduce.json").read_text())
+    assert saved["settings"]["extend_replica"] == 3 and list(saved["variants"]) == ["full", "hybrid_sinkwindow"]
+    rebuild_report(saved, tmp_path / "replica3")
+    assert json.loads((tmp_path / "replica3" / "quality_summary.json").read_text()) == json.loads(
+        (run / "quality_summary.json").read_text()
+    )
+    four = json.loads((EXPERIMENTS / "results" / "replicas" / "four" / "replicas.json").read_text())
+    again = _rerun(reproduce, four["command"], tmp_path / "four")
+    assert again == {**four, "command": again["command"]}
+    rows = {tuple(r["lengths"]): r for r in four["variants"]["hybrid_sinkwindow"]}
+    assert [round(100 * rows[(32768,)]["mean"][k], 1) for k in ("diff", "ci_low", "ci_high")] == [-4.4, -6.3, -2.6]
+    assert [round(100 * rows[(32768,)]["runs_as_unit"][k], 1) for k in ("ci_low", "ci_high", "sd")] == [-8.5, -0.2, 2.6]
+    assert [p["replica"] for p in rows[(32768,)]["per_run"]] == [0, 1, 2, 3]
