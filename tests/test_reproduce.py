@@ -366,10 +366,10 @@ def test_each_record_holds_its_own_prompts_outcome(reproduce):
 
 def test_retrieval_document_lengths_and_whole_documents(reproduce, tmp_path):
     """Extension retrieval documents span --extend-retrieval-min of the extended context up to all of it (so
-    needle-question distances cover it evenly); packing keeps documents from an eighth of it on whole; far facts
-    and longer variable chains are the extension's settings."""
+    needle-question distances cover it evenly); packing keeps documents from an eighth of it on whole; far facts,
+    near facts and longer variable chains are the extension's settings."""
     from reproduction.settings import DEFAULT
-    from reproduction.stages import Experiment, chain_max, far_share, retrieval_lengths, whole_min
+    from reproduction.stages import Experiment, chain_max, far_share, near_share, retrieval_lengths, whole_min
 
     assert retrieval_lengths(DEFAULT, "pretrain") == (512, 2048)
     assert retrieval_lengths(DEFAULT, "extend") == (28672, 32768)
@@ -392,6 +392,14 @@ def test_retrieval_document_lengths_and_whole_documents(reproduce, tmp_path):
     assert "extend_chain_max" not in keys[0] and keys[1] == {**keys[0], "extend_chain_max": 6}
     with pytest.raises(ValueError, match=r"--extend-chain-max must be >= 2 .*, got 1"):
         dataclasses.replace(DEFAULT, extend_chain_max=1).validate()
+    # no near facts unless --extend-near-share says so, in the extension only, and the default keeps the data key;
+    # far and near are shares of the same facts
+    near = dataclasses.replace(DEFAULT, extend_near_share=0.125)
+    assert [near_share(s, st) for s in (DEFAULT, near) for st in ("pretrain", "extend")] == [0.0, 0.0, 0.0, 0.125]
+    key = Experiment(dataclasses.replace(near, work_dir=str(tmp_path))).key("prepare")
+    assert "extend_near_share" not in keys[0] and key == {**keys[0], "extend_near_share": 0.125}
+    with pytest.raises(ValueError, match=r"--extend-near-share must lie in \[0, 1 - --extend-far-share\]"):
+        dataclasses.replace(DEFAULT, extend_near_share=0.8).validate()
 
 
 def test_record_facts_reach_the_training_data_and_the_held_out_wording_never_does(reproduce, tmp_path):
@@ -500,12 +508,16 @@ def test_the_candidates_training_runs_rebuild_to_their_committed_comparisons(rep
     each merge with its replica of the recorded recipe, and the three comparisons, rebuild from their recorded
     commands; the numbers RUN.md quotes: the interleaved layout against full attention at 32K, against the middle
     four and the sink block against the BlockSparse hybrid at >= 8K, with the spread each has over training runs."""
+    from reproduction.report import ran_with
+
     folder = EXPERIMENTS / "results" / "replicas" / "candidates"
     for name in ("replica1", "replica2"):
         committed = json.loads((folder / name / "reproduce.json").read_text())
         again = _rerun(reproduce, committed["command"], tmp_path / name)
+        # a setting added since the merge was written appears at the value the runs ran with (`ran_with`)
         assert {k: v for k, v in again.items() if k not in ("command", "files")} == {
-            k: v for k, v in committed.items() if k not in ("command", "files")
+            **{k: v for k, v in committed.items() if k not in ("command", "files")},
+            "settings": ran_with(committed),
         }
     assert [r["variants"] for r in committed["runs"]] == [
         ["full", "hybrid_sinkwindow", "hybrid_blocksparse"],

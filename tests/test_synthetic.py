@@ -146,6 +146,39 @@ def test_far_facts_are_stated_in_the_first_eighth_and_asked_at_the_end():
         assert max(spread) > len(lines) / 2
 
 
+def _chain_spans(doc: str) -> list[tuple[int, int]]:
+    """(line of a variable chain's first statement, line of its question) for every chain of `doc`."""
+    first, spans = {}, []
+    for i, line in enumerate(doc.split("\n")):
+        if m := re.fullmatch(r"(?:VAR ([A-Z]+) = ([A-Z0-9]+)|Let ([A-Z]+) be ([A-Z0-9]+))\.", line):
+            name, value = (m[1], m[2]) if m[1] else (m[3], m[4])
+            first[name] = i if value.isdigit() else first[value]
+        elif m := re.match(r"(?:What is the value of VAR ([A-Z]+)\?|Question: what is ([A-Z]+)\?)", line):
+            spans.append((first[m[1] or m[2]], i))
+    return spans
+
+
+def test_near_facts_are_stated_just_before_their_question():
+    """With near_share=1 every chain lies within the thirty-second of the filler lines before its question; without
+    it the same documents spread their chains out; the shares of one fact add up to at most 1."""
+    for seed in range(5):
+        doc = retrieval_document(random.Random(seed), FILLER, 8000, 3.0, 3.0, kinds=["variable_tracking"],
+                                 near_share=1.0)  # fmt: skip
+        lines = doc.split("\n")
+        filler = [bool(line) and not re.match(r"VAR |Let |What is the value|Question: what", line) for line in lines]
+        spans = _chain_spans(doc)
+        assert len(spans) == round(8000 * 3.0 / 1024)
+        for start, ask in spans:
+            assert sum(filler[start:ask]) <= sum(filler) // 32 + 1
+        spread = _chain_spans(retrieval_document(random.Random(seed), FILLER, 8000, 3.0, 3.0,
+                                                 kinds=["variable_tracking"]))  # fmt: skip
+        assert max(ask - start for start, ask in spread) > len(lines) / 4
+    with pytest.raises(ValueError, match=r"far_share \+ near_share must be at most 1"):
+        retrieval_document(random.Random(0), FILLER, 100, 3.0, 3.0, far_share=0.5, near_share=0.6)
+    with pytest.raises(ValueError, match=r"near_share must lie in \[0, 1\], got -0.1"):
+        retrieval_document(random.Random(0), FILLER, 100, 3.0, 3.0, near_share=-0.1)
+
+
 def test_bad_input_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="unknown kind of fact 'x'"):
         make_fact("x", random.Random(0), "w")

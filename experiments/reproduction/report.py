@@ -60,7 +60,7 @@ def build_report(exp: Experiment, commit: str = "unknown", command: str = "") ->
 # settings added after runs were recorded, and what those runs did instead (a saved reproduce.json lacking one ran so)
 BEFORE_THE_SETTING = {
     "extend_retrieval_min": 0.125, "extend_far_share": 0.0, "extend_replica": 0, "extend_chain_max": CHAIN_MAX,
-    "fact_kinds": list(RETRIEVAL_KINDS),
+    "fact_kinds": list(RETRIEVAL_KINDS), "extend_near_share": 0.0,
 }  # fmt: skip
 
 

@@ -110,6 +110,13 @@ class Settings:
         default=0.25,
         metadata=_help("share of the extension's synthetic facts stated in the first eighth, asked at the end"),
     )
+    extend_near_share: float = field(
+        default=0.0,
+        metadata=_help(
+            "share of the extension's synthetic facts stated wholly within the 1/32 of the document "
+            "just before their question"
+        ),
+    )
     extend_chain_max: int = field(
         default=CHAIN_MAX,
         metadata=_help("names in the longest variable chain of the extension's synthetic documents (>= 2)"),
@@ -195,6 +202,11 @@ class Settings:
             raise ValueError("--hidden-size must be a multiple of --heads, and --heads a multiple of --kv-heads")
         if not 0 <= self.extend_far_share <= 1:
             raise ValueError(f"--extend-far-share must lie in [0, 1], got {self.extend_far_share}")
+        if not 0 <= self.extend_near_share <= 1 - self.extend_far_share:
+            raise ValueError(
+                f"--extend-near-share must lie in [0, 1 - --extend-far-share] (shares of the same facts), "
+                f"got {self.extend_near_share} with --extend-far-share {self.extend_far_share}"
+            )
         if not 0 < self.extend_retrieval_min <= 1:
             raise ValueError(f"--extend-retrieval-min must lie in (0, 1], got {self.extend_retrieval_min}")
         kinds = self.fact_kinds

@@ -148,6 +148,13 @@ def far_share(s: Settings, stage: str) -> float:
     return s.extend_far_share if stage == "extend" else 0.0
 
 
+def near_share(s: Settings, stage: str) -> float:
+    """Share of the stage's synthetic facts stated wholly just before their question (within a thirty-second of the
+    document): --extend-near-share in the extension, where a whole variable chain near its question is otherwise
+    all but absent; none in pre-training, whose short documents have many."""
+    return s.extend_near_share if stage == "extend" else 0.0
+
+
 def chain_max(s: Settings, stage: str) -> int:
     """Names in the longest variable chain of the stage's synthetic documents: --extend-chain-max in the extension,
     the library's default in pre-training."""
@@ -227,6 +234,8 @@ class Experiment:
             key = {**{k: getattr(s, k) for k in fields}, "heldout_min_tokens": max(s.ppl_lengths), "format": 3}
             if s.extend_chain_max != CHAIN_MAX:  # the recipe's data keep the key they were made with
                 key["extend_chain_max"] = s.extend_chain_max
+            if s.extend_near_share:
+                key["extend_near_share"] = s.extend_near_share
             if s.fact_kinds != RETRIEVAL_KINDS:
                 key["fact_kinds"] = list(s.fact_kinds)
             return key
@@ -425,7 +434,8 @@ class Experiment:
             total = int(share / (1 - share) * real)  # tokens that make `share` of what the loader draws from
             made = write_retrieval_set(path, texts, total, span, chars_per_token, s.facts_per_1k, s.seed,
                                        kinds=s.fact_kinds, count_tokens=count_tokens,
-                                       far_share=far_share(s, stage), chain_max=chain_max(s, stage))  # fmt: skip
+                                       far_share=far_share(s, stage), chain_max=chain_max(s, stage),
+                                       near_share=near_share(s, stage))  # fmt: skip
             sources = [str(base.path), str(path)]
             combined = tokenize_corpus(sources, tokenizer, cache, progress=interactive())  # the loader's cache
             sets[stage] = {**made, "path": str(path), "sources": sources, "corpus_tokens": combined.n_tokens}

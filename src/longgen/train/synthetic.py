@@ -24,7 +24,9 @@ Needles sit at uniformly random lines, including the first; half the questions c
 (as in an evaluation prompt, so the needle-question distance covers the whole length), the others at a random
 later line (so a piece of a document cut by packing still holds answerable questions). With ``far_share``, that
 share of the facts is stated in the first eighth of the document and asked at its end: the longest distances,
-rare under uniform placement.
+rare under uniform placement. With ``near_share``, that share is stated wholly within the thirty-second of the
+document's lines just before its question (asked at the end or at a random line): in a long document the shortest
+distances, which uniform placement all but never gives a variable chain.
 """
 
 from __future__ import annotations
@@ -175,16 +177,23 @@ def retrieval_document(
     kinds: Sequence[str] = RETRIEVAL_KINDS,
     far_share: float = 0.0,
     chain_max: int = CHAIN_MAX,
+    near_share: float = 0.0,
 ) -> str:
     """About `n_tokens` tokens of `texts` with ``facts_per_1k`` facts per 1,024 tokens (at least one) of the
     given `kinds`, each stated at random lines and asked for later (see the module's docstring). `far_share`:
     the share of facts, on average, whose needles sit in the first eighth of the lines and whose question comes
-    at the end: distances near the document's whole length, rare under uniform placement. `chain_max`: names in
-    the longest variable chain (at least 2)."""
+    at the end: distances near the document's whole length, rare under uniform placement. `near_share`: the share
+    whose needles all sit in the thirty-second of the lines just before their question: a whole variable chain
+    near its question, which uniform placement all but never gives in a long document. `chain_max`: names in the
+    longest variable chain (at least 2)."""
     if not texts:
         raise ValueError("retrieval documents need some filler text; got no texts")
-    if not 0 <= far_share <= 1:
-        raise ValueError(f"far_share must lie in [0, 1], got {far_share}")
+    for name, share in (("far_share", far_share), ("near_share", near_share)):
+        if not 0 <= share <= 1:
+            raise ValueError(f"{name} must lie in [0, 1], got {share}")
+    if far_share + near_share > 1:
+        raise ValueError(f"far_share + near_share must be at most 1 (shares of the same facts), got "
+                         f"{far_share} + {near_share}")  # fmt: skip
     unknown = [k for k in kinds if k not in FACT_KINDS]
     if unknown or not kinds:
         raise ValueError(f"kinds must be some of {FACT_KINDS}, got {list(kinds)}")
@@ -204,10 +213,16 @@ def retrieval_document(
     extra = sum(len(n) + 2 for f in facts for n in f.needles) + sum(len(f.question) + 2 for f in facts)
     lines = lines[: max(1, len(lines) - extra // 40)]
     events = []  # (line slot, order, text): needles before their question, in chain order
+    near = max(1, len(lines) // 32)  # lines of a near fact's span
     for j, fact in enumerate(facts):
-        if far_share and rng.random() < far_share:  # no draw at 0: documents without far facts stay as they were
+        # one draw decides far, near or anywhere; none when both shares are 0, so such documents stay as they were
+        u = rng.random() if far_share or near_share else 1.0
+        if u < far_share:
             slots = sorted(rng.randint(0, len(lines) // 8) for _ in fact.needles)
             ask = len(lines)
+        elif u < far_share + near_share:
+            ask = len(lines) if rng.random() < 0.5 else rng.randint(near, len(lines))
+            slots = sorted(rng.randint(max(0, ask - near), ask) for _ in fact.needles)
         else:
             slots = sorted(rng.randint(0, len(lines)) for _ in fact.needles)
             ask = len(lines) if rng.random() < 0.5 else rng.randint(slots[-1], len(lines))
@@ -248,6 +263,7 @@ def write_retrieval_set(
     count_tokens: Callable[[list[str]], list[int]] | None = None,
     far_share: float = 0.0,
     chain_max: int = CHAIN_MAX,
+    near_share: float = 0.0,
 ) -> dict[str, int]:
     """Retrieval documents of uniformly random lengths in `lengths` (tokens) until about `total_tokens`, written
     as ``.jsonl`` to `path`; returns their count and planned tokens.
@@ -258,7 +274,7 @@ def write_retrieval_set(
     call of the tokenizer) a document longer than ``lengths[1]`` tokens is made again from a plan shortened by
     its measured excess, up to 10 times (``remade`` counts the documents made again, ``too_long`` those still
     longer after that: their facts alone do not fit), and ``tokens`` is the measured total. `far_share`,
-    `chain_max`: see `retrieval_document`.
+    `near_share`, `chain_max`: see `retrieval_document`.
     """
     lo, hi = lengths
     if not 1 <= lo <= hi:
@@ -270,7 +286,7 @@ def write_retrieval_set(
         n_tokens += planned[-1]
     made = functools.partial(
         retrieval_document, rng, texts, chars_per_token=chars_per_token, facts_per_1k=facts_per_1k, kinds=kinds,
-        far_share=far_share, chain_max=chain_max,
+        far_share=far_share, chain_max=chain_max, near_share=near_share,
     )  # fmt: skip
     docs = [made(n_tokens=n) for n in planned]
     out: dict[str, int] = {"documents": len(docs), "planned_tokens": n_tokens}
