@@ -179,6 +179,18 @@ def test_near_facts_are_stated_just_before_their_question():
         retrieval_document(random.Random(0), FILLER, 100, 3.0, 3.0, near_share=-0.1)
 
 
+def test_without_near_facts_documents_are_those_the_recorded_runs_were_trained_on():
+    """near_share=0 draws nothing: the documents, with and without far facts, are byte for byte those of the
+    generator before near facts existed (the digest below was taken from it, commit 9036b92)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for far in (0.0, 0.25):
+        for seed in range(3):
+            h.update(retrieval_document(random.Random(seed), FILLER, 3000, 3.0, 3.0, far_share=far).encode())
+    assert h.hexdigest() == "dc6e2d86ba0c76cedb4a85b1231fd4147bde5fc35a20a3c295f575c6faa4b169"
+
+
 def test_bad_input_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="unknown kind of fact 'x'"):
         make_fact("x", random.Random(0), "w")
