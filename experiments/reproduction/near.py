@@ -4,10 +4,10 @@ SinkWindow(--sink, W) for each W of --near-windows (`longgen.eval.limit_full_lay
 StreamingLLM with that window).
 
 Why: in the recorded training runs every hybrid layout missed variable chains stated wholly near the question at
-32K, which full attention, all sparse and StreamingLLM answered (results/replicas/RUN.md). Those were a handful of
-the evaluation's prompts; here every prompt is one. If the hybrid's full layers are what fails there (what they
-read from the distant context), limiting them to a window brings the chains back; if it does not, the sparse
-layers have lost what all sparse keeps, or the hops need the full layers at any distance.
+32K, which full attention, all sparse and StreamingLLM answered. Those were a handful of the evaluation's prompts;
+here every prompt is one. If the full layers are what fails there (what they read from the distant context),
+limiting them to a window brings the chains back; if it does not, the sparse layers have lost what all sparse
+keeps. (It brought them back, in full attention too: results/probes/2026-12-07-near-question.)
 
 Writes ``near.json`` (settings, each view's per-prompt outcomes, accuracies with Wilson intervals, paired
 differences) and ``near.md`` into --out-dir.
