@@ -23,6 +23,7 @@ from typing import Any
 from longgen.eval.stats import paired_difference
 
 from .report import _k, _table, accuracy_of, environment, far_lengths, outcome_strings
+from .runs import _paired
 from .stages import Experiment, log, write_json
 
 NEAR_TASKS = ("niah", "variable_tracking")  # a single fact (the control) and the two-hop chain
@@ -93,10 +94,10 @@ def run_near(exp: Experiment, variants: Sequence[str] | None, span: int | None, 
             del model
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-    reach: dict[str, list[int]] = {}
+    reaches: dict[str, list[int]] = {}
     for it in items or []:
-        low, high = reach.setdefault(f"{it.task}@{it.length}", [it.reach, it.reach])
-        reach[f"{it.task}@{it.length}"] = [min(low, it.reach), max(high, it.reach)]
+        reaches.setdefault(f"{it.task}@{it.length}", []).append(it.reach)
+    reach = {key: [min(r), max(r)] for key, r in reaches.items()}
     summary = {"commit": commit, "command": command, **environment(), "settings": settings, "reach": reach,
                "seconds": seconds, **near_tables(outcomes, settings)}  # fmt: skip
     exp.out.mkdir(parents=True, exist_ok=True)
@@ -139,8 +140,7 @@ def near_tables(outcomes: dict[str, dict[str, str]], settings: dict[str, Any]) -
                 for other in against:
                     p = paired_difference(a, hits(other, task, group))
                     paired.append({"view": view, "against": other, "task": task, "length": name, "n": p.n,
-                                   "diff": p.diff, "ci_low": p.ci_low, "ci_high": p.ci_high, "only_view": p.a_only,
-                                   "only_against": p.b_only})  # fmt: skip
+                                   **_paired(p, "only_view", "only_against")})  # fmt: skip
     return {"pooled": pooled, "outcomes": outcomes, "rows": rows, "paired": paired}
 
 
