@@ -642,6 +642,11 @@ PROBES = EXPERIMENTS / "results" / "probes"
             "| 32K | -3.2 (-5.8 to -0.8) | -4.7 (-7.6 to -2.0) | -1.5 (-3.5 to +0.5) |",
         ),
         ("2026-12-07-record-facts", "| 32K | -3.2 (-6.2 to -0.4) | +0.2 (-2.3 to +2.8) | +3.5 (+0.0 to +7.2) |"),
+        (
+            "2026-12-07-near-share",
+            "| parcel_weight | 43 / 31 / 50 / 45 / 60 | 38 / 28 / 50 / 38 / 63 | 34 / 29 / 48 / 33 / 60 | "
+            "26 / 21 / 34 / 28 / 45 | 9 / 9 / 12 / 11 / 20 |",
+        ),
     ],
 )
 def test_the_probes_compare_to_their_committed_tables(reproduce, tmp_path, probe, line):
@@ -1363,3 +1368,58 @@ def test_the_near_question_probe_and_the_fourth_run_rebuild_to_their_committed_f
     assert [round(100 * rows[(32768,)]["mean"][k], 1) for k in ("diff", "ci_low", "ci_high")] == [-4.4, -6.3, -2.6]
     assert [round(100 * rows[(32768,)]["runs_as_unit"][k], 1) for k in ("ci_low", "ci_high", "sd")] == [-8.5, -0.2, 2.6]
     assert [p["replica"] for p in rows[(32768,)]["per_run"]] == [0, 1, 2, 3]
+
+
+def _held_out_by_distance(outcomes: dict) -> list[int]:
+    """Held-out prompts answered by the fact's distance before the question (0-4K, 4-8K, 8-12K, 12-16K, beyond),
+    over the five lengths: the fact's depth in prompt `i` of 80 is `i / 79`, as the probes' RUN.md count it."""
+    count = [0] * 5
+    for n in (2048, 4096, 8192, 16384, 32768):
+        for i, c in enumerate(outcomes[f"parcel_weight@{n}"]):
+            count[min(int((1 - i / 79) * n // 4096), 4)] += c == "1"
+    return count
+
+
+def test_the_near_share_run_rebuilds_with_the_numbers_its_run_md_quotes(reproduce, tmp_path):
+    """Full attention extended with near facts (`--extend-near-share 0.125`): its report and near probe rebuild from
+    the committed outcomes; the rules' numbers, the near chains paired with the near-question probe's on the same
+    prompts, and the held-out task by distance (none beyond 16K, in any run of either recipe) are what RUN.md says."""
+    from reproduction.near import format_near, near_tables
+    from reproduction.report import rebuild_report
+
+    from longgen.eval.stats import paired_difference
+
+    probe = PROBES / "2026-12-07-near-share"
+    saved = json.loads((probe / "reproduce.json").read_text())
+    assert saved["settings"]["extend_near_share"] == 0.125 and list(saved["variants"]) == ["full"]
+    rebuild_report(saved, tmp_path)
+    assert json.loads((tmp_path / "quality_summary.json").read_text()) == json.loads(
+        (probe / "quality_summary.json").read_text()
+    )
+    full = saved["outcomes"]["full"]
+    assert min(full[f"{t}@{n}"].count("1") for t in ("passkey", "niah") for n in (2048, 4096, 8192, 16384, 32768)) == 79
+    assert sum(full[f"variable_tracking@{n}"].count("1") for n in (8192, 16384, 32768)) == 232  # rule 3: >= 225
+
+    near = json.loads((probe / "near.json").read_text())
+    assert {**near, **near_tables(near["outcomes"], near["settings"])} == near
+    assert format_near(near) == (probe / "near.md").read_text()
+    before = json.loads((PROBES / "2026-12-07-near-question" / "near.json").read_text())
+    assert near["reach"] == before["reach"]  # the same prompts
+    far = (8192, 16384, 32768)
+    chains = {n: [d["outcomes"]["full"][f"variable_tracking@{n}"] for d in (near, before)] for n in far}
+    assert [c.count("1") for c in chains[32768]] == [77, 52]  # rule 2: 96.2% >= 95%, against 65.0%
+    for lengths, quoted in (((32768,), [31.2, 21.2, 41.8]), (far, [20.0, 15.2, 25.5])):
+        a, b = ("".join(chains[n][k] for n in lengths) for k in (0, 1))
+        d = paired_difference([c == "1" for c in a], [c == "1" for c in b])
+        assert [round(100 * x, 1) for x in (d.diff, d.ci_low, d.ci_high)] == quoted
+    paired = {(p["view"], p["task"], p["length"]): p for p in near["paired"]}
+    limited = paired[("full@1024", "variable_tracking", ">=8K")]
+    assert [round(100 * limited[k], 1) for k in ("diff", "ci_low", "ci_high")] == [0.8, -1.2, 3.2]
+
+    runs = ["runs/3485a18_main.json", *(f"replicas/replica{k}/reproduce.json" for k in (1, 2, 3)),
+            "probes/2026-12-07-record-facts/reproduce.json"]  # fmt: skip
+    recorded = [_held_out_by_distance(json.loads((EXPERIMENTS / "results" / r).read_text())["outcomes"]["full"])
+                for r in runs]  # fmt: skip
+    assert recorded == [[122, 22, 5, 1, 0], [95, 19, 3, 1, 0], [148, 35, 8, 3, 0], [124, 24, 5, 2, 0],
+                        [172, 44, 11, 4, 0]]  # fmt: skip
+    assert _held_out_by_distance(full) == [182, 51, 11, 4, 0]
