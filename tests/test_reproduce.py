@@ -1328,17 +1328,33 @@ def test_the_near_question_probe_views_each_model_with_its_full_layers_limited(r
         build_items(tokenizer, pool, words, (320,), 3, 16, seed=0, near=304)
 
 
+def _committed_near(folder: Path) -> dict:
+    """A committed near probe's near.json, after checking that its tables and near.md come again from its outcomes."""
+    from reproduction.near import format_near, near_tables
+
+    committed = json.loads((folder / "near.json").read_text())
+    assert {**committed, **near_tables(committed["outcomes"], committed["settings"])} == committed
+    assert format_near(committed) == (folder / "near.md").read_text()
+    return committed
+
+
+def _committed_run(folder: Path, out: Path) -> dict:
+    """A committed run's reproduce.json, after checking that its report rebuilds to its quality_summary.json."""
+    from reproduction.report import rebuild_report
+
+    saved = json.loads((folder / "reproduce.json").read_text())
+    rebuild_report(saved, out)
+    assert json.loads((out / "quality_summary.json").read_text()) == json.loads(
+        (folder / "quality_summary.json").read_text()
+    )
+    return saved
+
+
 def test_the_near_question_probe_and_the_fourth_run_rebuild_to_their_committed_files(reproduce, tmp_path):
     """The near-question probe's tables and markdown come again from its committed outcomes, with the numbers its
     RUN.md quotes; the fourth training run rebuilds to its summary and, with the three before it, to the committed
     four-run comparison of the SinkWindow hybrid."""
-    from reproduction.near import format_near, near_tables
-    from reproduction.report import rebuild_report
-
-    probe = EXPERIMENTS / "results" / "probes" / "2026-12-07-near-question"
-    committed = json.loads((probe / "near.json").read_text())
-    assert {**committed, **near_tables(committed["outcomes"], committed["settings"])} == committed
-    assert format_near(committed) == (probe / "near.md").read_text()
+    committed = _committed_near(PROBES / "2026-12-07-near-question")
     assert committed["settings"]["span"] == 768 and committed["settings"]["windows"] == [1024, 8192]
     assert max(high for _, high in committed["reach"].values()) < 1024  # every prompt's tail fits one window
     acc = {(r["view"], r["task"], r["length"]): round(100 * r["accuracy"], 1) for r in committed["rows"]}
@@ -1354,13 +1370,8 @@ def test_the_near_question_probe_and_the_fourth_run_rebuild_to_their_committed_f
     assert paired[("hybrid_sinkwindow@8192", "hybrid_sinkwindow", "variable_tracking", ">=8K")] == [12.1, 8.0, 16.4]
     assert paired[("full@1024", "full", "variable_tracking", ">=8K")] == [20.0, 15.0, 25.6]
 
-    run = EXPERIMENTS / "results" / "replicas" / "replica3"
-    saved = json.loads((run / "reproduce.json").read_text())
+    saved = _committed_run(EXPERIMENTS / "results" / "replicas" / "replica3", tmp_path / "replica3")
     assert saved["settings"]["extend_replica"] == 3 and list(saved["variants"]) == ["full", "hybrid_sinkwindow"]
-    rebuild_report(saved, tmp_path / "replica3")
-    assert json.loads((tmp_path / "replica3" / "quality_summary.json").read_text()) == json.loads(
-        (run / "quality_summary.json").read_text()
-    )
     four = json.loads((EXPERIMENTS / "results" / "replicas" / "four" / "replicas.json").read_text())
     again = _rerun(reproduce, four["command"], tmp_path / "four")
     assert again == {**four, "command": again["command"]}
@@ -1384,25 +1395,16 @@ def test_the_near_share_run_rebuilds_with_the_numbers_its_run_md_quotes(reproduc
     """Full attention extended with near facts (`--extend-near-share 0.125`): its report and near probe rebuild from
     the committed outcomes; the rules' numbers, the near chains paired with the near-question probe's on the same
     prompts, and the held-out task by distance (none beyond 16K, in any run of either recipe) are what RUN.md says."""
-    from reproduction.near import format_near, near_tables
-    from reproduction.report import rebuild_report
-
     from longgen.eval.stats import paired_difference
 
     probe = PROBES / "2026-12-07-near-share"
-    saved = json.loads((probe / "reproduce.json").read_text())
+    saved = _committed_run(probe, tmp_path)
     assert saved["settings"]["extend_near_share"] == 0.125 and list(saved["variants"]) == ["full"]
-    rebuild_report(saved, tmp_path)
-    assert json.loads((tmp_path / "quality_summary.json").read_text()) == json.loads(
-        (probe / "quality_summary.json").read_text()
-    )
     full = saved["outcomes"]["full"]
     assert min(full[f"{t}@{n}"].count("1") for t in ("passkey", "niah") for n in (2048, 4096, 8192, 16384, 32768)) == 79
     assert sum(full[f"variable_tracking@{n}"].count("1") for n in (8192, 16384, 32768)) == 232  # rule 3: >= 225
 
-    near = json.loads((probe / "near.json").read_text())
-    assert {**near, **near_tables(near["outcomes"], near["settings"])} == near
-    assert format_near(near) == (probe / "near.md").read_text()
+    near = _committed_near(probe)
     before = json.loads((PROBES / "2026-12-07-near-question" / "near.json").read_text())
     assert near["reach"] == before["reach"]  # the same prompts
     far = (8192, 16384, 32768)
