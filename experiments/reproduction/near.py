@@ -66,6 +66,7 @@ def run_near(exp: Experiment, variants: Sequence[str] | None, span: int | None, 
     import torch
 
     from longgen.eval import limit_full_layers, load_for_eval
+    from longgen.model import load_tokenizer
 
     from .tasks import build_items, score_items
 
@@ -73,8 +74,10 @@ def run_near(exp: Experiment, variants: Sequence[str] | None, span: int | None, 
     settings = near_settings(exp, span, windows)
     variants = list(dict.fromkeys(variants or NEAR_DEFAULT))
     models = {v: trained_model(exp, v) for v in variants}
-    heldout = Path(exp.result("prepare")["heldout_dir"])
-    items = None
+    tokenizer = load_tokenizer(models[variants[0]])  # the one tokenizer every variant was trained with
+    pool, words = exp.haystack(tokenizer, Path(exp.result("prepare")["heldout_dir"]))
+    items = build_items(tokenizer, pool, words, s.eval_lengths, s.prompts_per_task, s.answer_room, s.seed,
+                        tasks=NEAR_TASKS, near=settings["span"])  # fmt: skip
     outcomes: dict[str, dict[str, str]] = {}
     seconds: dict[str, float] = {}
     for v in variants:
@@ -83,10 +86,6 @@ def run_near(exp: Experiment, variants: Sequence[str] | None, span: int | None, 
             model, tokenizer = load_for_eval(models[v], device=exp.device())
             if window is not None:
                 limit_full_layers(model, s.sink, window)
-            if items is None:
-                pool, words = exp.haystack(tokenizer, heldout)
-                items = build_items(tokenizer, pool, words, s.eval_lengths, s.prompts_per_task, s.answer_room,
-                                    s.seed, tasks=NEAR_TASKS, near=settings["span"])  # fmt: skip
             log(f"{view}: {len(items)} near-question prompts")
             t0 = time.perf_counter()
             outcomes[view] = outcome_strings(score_items(model, tokenizer, items, s.eval_lengths, log))
@@ -95,7 +94,7 @@ def run_near(exp: Experiment, variants: Sequence[str] | None, span: int | None, 
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
     reaches: dict[str, list[int]] = {}
-    for it in items or []:
+    for it in items:
         reaches.setdefault(f"{it.task}@{it.length}", []).append(it.reach)
     reach = {key: [min(r), max(r)] for key, r in reaches.items()}
     summary = {"commit": commit, "command": command, **environment(), "settings": settings, "reach": reach,
@@ -188,7 +187,5 @@ def format_near(summary: dict[str, Any]) -> str:
 
 
 def _reach(summary: dict[str, Any]) -> str:
-    spans = summary.get("reach") or {}
-    if not spans:
-        return "?"
+    spans = summary["reach"]
     return f"{min(v[0] for v in spans.values())}-{max(v[1] for v in spans.values())}"
