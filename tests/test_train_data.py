@@ -15,7 +15,9 @@ from longgen.train.data import (
     DataConfig,
     PackedLoader,
     TokenCorpus,
+    _backend_encodes_alone,
     build_loader,
+    encode_texts,
     iter_documents,
     pack_documents,
     tokenize_corpus,
@@ -235,6 +237,39 @@ def test_failed_tokenization_leaves_no_temp_dir(tmp_path, tokenizer):
     with pytest.raises(RuntimeError, match="tokenizer failed"):
         tokenize_corpus(sources, CountingTokenizer(tokenizer, fail_after=1), cache, batch_size=1, progress=False)
     assert list(cache.iterdir()) == []
+
+
+def test_encode_texts_gives_the_tokenizers_own_ids_by_either_path(tokenizer):
+    """`encode_texts` is ``tokenizer(texts, add_special_tokens=False)["input_ids"]``: through the backend's
+    ``encode_batch_fast`` for a plain fast tokenizer, through the tokenizer's own call when its backend truncates,
+    splits special tokens differently, or the tokenizer is a wrapper or a subclass with its own encoding."""
+    texts = [*TEXTS, "", "a</s>b </s> c", " ".join(TEXTS) * 20]
+
+    def own(tok):
+        return tok(texts, add_special_tokens=False)["input_ids"]
+
+    assert _backend_encodes_alone(tokenizer) and encode_texts(tokenizer, texts) == own(tokenizer)
+    assert encode_texts(tokenizer, iter(texts)) == own(tokenizer)  # any iterable of strings
+
+    backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+    backend.enable_truncation(3)  # kept by the backend, switched off by the tokenizer's own call
+    truncating = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="</s>")
+    assert not _backend_encodes_alone(truncating)
+    assert encode_texts(truncating, texts) == own(tokenizer) and max(map(len, own(tokenizer))) > 3
+
+    splitting = PreTrainedTokenizerFast(tokenizer_object=tokenizer.backend_tokenizer, eos_token="</s>")
+    splitting.split_special_tokens = True  # "</s>" in the text is encoded as characters, not as the eos id
+    assert not _backend_encodes_alone(splitting) and encode_texts(splitting, texts) == own(splitting)
+    assert own(splitting)[5] != own(tokenizer)[5]
+
+    class OwnEncoding(PreTrainedTokenizerFast):
+        def _encode_plus(self, *args, **kwargs):
+            return super()._encode_plus(*args, **kwargs)
+
+    subclass = OwnEncoding(tokenizer_object=tokenizer.backend_tokenizer, eos_token="</s>")
+    counting = CountingTokenizer(tokenizer)
+    assert not _backend_encodes_alone(subclass) and not _backend_encodes_alone(counting)
+    assert encode_texts(subclass, texts) == encode_texts(counting, texts) == own(tokenizer) and counting.calls == 1
 
 
 def test_tokenizer_without_eos(tmp_path, tokenizer):

@@ -370,7 +370,7 @@ class Experiment:
         import numpy as np
         from transformers import AutoTokenizer
 
-        from longgen.train.data import tokenize_corpus
+        from longgen.train.data import encode_texts, tokenize_corpus
         from longgen.train.synthetic import write_jsonl, write_retrieval_set
         from longgen.train.tokenizer import train_bpe_tokenizer
 
@@ -420,7 +420,7 @@ class Experiment:
         t = time.perf_counter()
 
         def count_tokens(docs: list[str]) -> list[int]:  # none may exceed a training sequence (packing cuts it)
-            return [len(ids) for ids in tokenizer(docs, add_special_tokens=False)["input_ids"]]
+            return [len(ids) for ids in encode_texts(tokenizer, docs)]
 
         rules = extend_upsample(s)
         lengths = base.doc_lengths

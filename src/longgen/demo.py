@@ -191,6 +191,8 @@ def passkey_documents(tokenizer: Any, text: list[int], lengths: list[int], rng: 
     end-of-text token training appends: a span of `text` (token ids of training text) with a 5-digit key's needle
     at a random depth, then the question, the answer prefix and `` <key>.``, worded as the evaluation's prompts
     (`passkey_prompts`)."""
+    from longgen.train.data import encode_texts
+
     if lengths and len(text) <= max(lengths):
         raise ValueError(f"the training text has {len(text)} tokens; {max(lengths)}-token documents need more")
     docs: list[str] = []
@@ -205,7 +207,7 @@ def passkey_documents(tokenizer: Any, text: list[int], lengths: list[int], rng: 
             prompt = _passkey_prompt(tokenizer, length - 1 - len(answer), span, key, rng.random())
             batch.append(tokenizer.decode(prompt + answer))
         # decoding and tokenizing again almost always gives the same tokens; a document that does not is made anew
-        counts = [len(ids) for ids in tokenizer(batch, add_special_tokens=False)["input_ids"]]
+        counts = [len(ids) for ids in encode_texts(tokenizer, batch)]
         docs += [d for d, n, length in zip(batch, counts, todo, strict=True) if n == length - 1]
         todo = [length for n, length in zip(counts, todo, strict=True) if n != length - 1]
     return docs

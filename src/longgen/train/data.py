@@ -51,6 +51,7 @@ __all__ = [
     "PackedPlan",
     "TokenCorpus",
     "build_loader",
+    "encode_texts",
     "iter_documents",
     "pack_documents",
     "tokenize_corpus",
@@ -166,6 +167,42 @@ def _read_tokens(kind: str, path: Path) -> Iterator[np.ndarray]:
     yield array
 
 
+def encode_texts(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
+    """The token ids of each of `texts`, without special tokens: what ``tokenizer(texts, add_special_tokens=False)``
+    gives. A plain fast tokenizer (transformers' own class, or a subclass that changes none of its encoding methods)
+    whose backend neither truncates nor pads encodes through the backend's ``encode_batch_fast``: no character
+    offsets and no Python-side conversion, the same ids, about 2x faster on long documents. Any other tokenizer is
+    called as usual."""
+    texts = list(texts)
+    if _backend_encodes_alone(tokenizer):
+        return [
+            encoding.ids for encoding in tokenizer.backend_tokenizer.encode_batch_fast(texts, add_special_tokens=False)
+        ]
+    return tokenizer(texts, add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"]
+
+
+_ENCODING_METHODS = ("__call__", "_call_one", "encode_plus", "batch_encode_plus", "_encode_plus", "_batch_encode_plus")
+
+
+def _backend_encodes_alone(tokenizer: Any) -> bool:
+    """Whether ``tokenizer(texts, add_special_tokens=False)`` is the backend's ``encode_batch`` and nothing more."""
+    from transformers import PreTrainedTokenizerFast
+
+    if not isinstance(tokenizer, PreTrainedTokenizerFast):
+        return False
+    if any(
+        getattr(type(tokenizer), m, None) is not getattr(PreTrainedTokenizerFast, m, None) for m in _ENCODING_METHODS
+    ):
+        return False  # a subclass with its own encoding (code_llama, layoutlm, ...)
+    backend = tokenizer.backend_tokenizer
+    return (
+        hasattr(backend, "encode_batch_fast")
+        and backend.truncation is None
+        and backend.padding is None
+        and backend.encode_special_tokens == bool(getattr(tokenizer, "split_special_tokens", False))
+    )
+
+
 def tokenize_corpus(
     sources: Sequence[str | os.PathLike],
     tokenizer: Any,
@@ -274,8 +311,7 @@ def _write_tokens(
 
         def flush(texts: list[str]) -> None:
             if texts:
-                ids = tokenizer(texts, add_special_tokens=False, return_attention_mask=False, verbose=False)
-                for doc in ids["input_ids"]:
+                for doc in encode_texts(tokenizer, texts):
                     write(doc + eos)
                 texts.clear()
 
