@@ -83,7 +83,7 @@ def run_near(exp: Experiment, variants: Sequence[str] | None, span: int | None, 
     for v in variants:
         for window in (None, *settings["windows"]):
             view = v if window is None else f"{v}@{window}"
-            model, tokenizer = load_for_eval(models[v], device=exp.device())
+            model, _ = load_for_eval(models[v], device=exp.device())  # its tokenizer is `tokenizer`
             if window is not None:
                 limit_full_layers(model, s.sink, window)
             log(f"{view}: {len(items)} near-question prompts")
