@@ -22,8 +22,8 @@ from typing import Any
 
 from longgen.eval.stats import paired_difference
 
-from .report import _k, _table, accuracy_of, environment, far_lengths, outcome_strings
-from .runs import _paired
+from .report import accuracy_of, environment, far_lengths, length_label, markdown_table, outcome_strings
+from .runs import paired_record
 from .stages import Experiment, log, write_json
 
 NEAR_TASKS = ("niah", "variable_tracking")  # a single fact (the control) and the two-hop chain
@@ -122,7 +122,7 @@ def near_tables(outcomes: dict[str, dict[str, str]], settings: dict[str, Any]) -
     against its variant as trained (the same prompts)."""
     lengths = settings["lengths"]
     far = far_lengths(lengths)
-    pooled = f">={_k(far[0])}"
+    pooled = f">={length_label(far[0])}"
     groups = [(n, [n]) for n in lengths] + [(pooled, far)]
 
     def hits(view: str, task: str, group: list[int]) -> list[bool]:
@@ -139,14 +139,14 @@ def near_tables(outcomes: dict[str, dict[str, str]], settings: dict[str, Any]) -
                 for other in against:
                     p = paired_difference(a, hits(other, task, group))
                     paired.append({"view": view, "against": other, "task": task, "length": name, "n": p.n,
-                                   **_paired(p, "only_view", "only_against")})  # fmt: skip
+                                   **paired_record(p, "only_view", "only_against")})  # fmt: skip
     return {"pooled": pooled, "outcomes": outcomes, "rows": rows, "paired": paired}
 
 
 def format_near(summary: dict[str, Any]) -> str:
     st = summary["settings"]
     keys = [*st["lengths"], summary["pooled"]]
-    names = [*map(_k, st["lengths"]), summary["pooled"]]
+    names = [*map(length_label, st["lengths"]), summary["pooled"]]
     lines = [
         "# The near-question probe",
         "",
@@ -171,7 +171,7 @@ def format_near(summary: dict[str, Any]) -> str:
                 f"{100 * c['accuracy']:.1f}% ({100 * c['ci_low']:.0f}-{100 * c['ci_high']:.0f})"
                 for c in (cell[(view, task, k)] for k in keys)
             ])  # fmt: skip
-    lines += _table(["task", "view", *names], table, text_columns=2)
+    lines += markdown_table(["task", "view", *names], table, text_columns=2)
     lines += ["", "## Paired differences, points (95% interval; prompts only one side answered)", ""]
     pair = {(p["view"], p["against"], p["task"], p["length"]): p for p in summary["paired"]}
     table = []
@@ -182,7 +182,7 @@ def format_near(summary: dict[str, Any]) -> str:
                 f"{p['only_view']}/{p['only_against']})"
                 for p in (pair[(view, against, task, k)] for k in keys)
             ])  # fmt: skip
-    lines += _table(["task", "difference", *names], table, text_columns=2)
+    lines += markdown_table(["task", "difference", *names], table, text_columns=2)
     return "\n".join(lines) + "\n"
 
 

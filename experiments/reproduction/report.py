@@ -360,7 +360,7 @@ def _far(s: Settings) -> list[int]:
     return far_lengths(s.eval_lengths)
 
 
-def _pooled_over(variants: dict, v: str, lengths: Sequence[int]) -> list[bool]:
+def pooled_over(variants: dict, v: str, lengths: Sequence[int]) -> list[bool]:
     keyed = {(r["task"], r["length"], r["index"]): r["correct"] for r in variants[v]["records"]}
     return [keyed[k] for k in sorted(keyed) if k[1] in lengths]
 
@@ -376,7 +376,7 @@ def frontier(s: Settings, variants: dict[str, dict], device: str) -> list[dict[s
         r = variants.get(v)
         if not r or not r.get("records"):
             continue
-        hits = _pooled_over(variants, v, _far(s))
+        hits = pooled_over(variants, v, _far(s))
         acc = accuracy_of(hits)
         out.append({"variant": name, "model": v, "placement": where, "full_fraction": fraction,
                     "full_layers": r["full_layers"],
@@ -407,7 +407,7 @@ def placement(s: Settings, variants: dict[str, dict]) -> list[dict[str, Any]]:
         if not all((variants.get(x) or {}).get("records") for x in (v, against)):
             continue
         for lengths in [[n] for n in s.eval_lengths] + [list(s.eval_lengths)]:
-            mine, theirs = (_pooled_over(variants, x, lengths) for x in (v, against))
+            mine, theirs = (pooled_over(variants, x, lengths) for x in (v, against))
             d = paired_difference(mine, theirs)
             out.append({"variant": v, "against": against, "lengths": lengths, "n": d.n, "diff_vs_middle": d.diff,
                         "diff_ci_low": d.ci_low, "diff_ci_high": d.ci_high, "mcnemar_p": d.p_value})  # fmt: skip
@@ -447,7 +447,7 @@ def targets(s: Settings, rows: list, paired: list, variants: dict) -> list[dict[
         mine = [r for r in rows if r["variant"] == "full" and r["task"] in ("passkey", "niah")]
         worst = min(mine, key=lambda r: r["accuracy"])
         return all(at_least(r["accuracy"], s.retrieval_target) for r in mine), (
-            f"lowest {worst['accuracy']:.1%} ({worst['task']} at {_k(worst['length'])}, {worst['correct']}/"
+            f"lowest {worst['accuracy']:.1%} ({worst['task']} at {length_label(worst['length'])}, {worst['correct']}/"
             f"{worst['n']}, 95% CI {worst['ci_low']:.1%}-{worst['ci_high']:.1%})"
         )
 
@@ -460,9 +460,9 @@ def targets(s: Settings, rows: list, paired: list, variants: dict) -> list[dict[
                               s.tolerance, s.ci_tolerance)  # fmt: skip
             worst, low = t["worst"], t["lowest"]
             return t["met"], (
-                f"worst difference {100 * worst['diff']:+.1f} points at {_k(worst['length'])}; lowest interval end "
-                f"{100 * low['ci_low']:+.1f} points at {_k(low['length'])} ({mine[low['length']]['n']} paired prompts "
-                "a length)"
+                f"worst difference {100 * worst['diff']:+.1f} points at {length_label(worst['length'])}; "
+                f"lowest interval end {100 * low['ci_low']:+.1f} points at {length_label(low['length'])} "
+                f"({mine[low['length']]['n']} paired prompts a length)"
             )
 
         add(f"{LABELS[v]}: paired difference vs full >= {-100 * s.tolerance:+.0f} points at every length, interval "
@@ -470,17 +470,18 @@ def targets(s: Settings, rows: list, paired: list, variants: dict) -> list[dict[
     for v in ("all_sparse", "streaming_llm"):
 
         def far(v=v) -> tuple[bool, str]:
-            mine, full = (_pooled_over(variants, x, _far(s)) for x in (v, "full"))
+            mine, full = (pooled_over(variants, x, _far(s)) for x in (v, "full"))
             d = paired_difference(mine, full)
             return at_least(-d.diff, s.far_below), (
-                f"{sum(mine) / len(mine):.1%} vs {sum(full) / len(full):.1%} over {', '.join(map(_k, _far(s)))} "
+                f"{sum(mine) / len(mine):.1%} vs {sum(full) / len(full):.1%} "
+                f"over {', '.join(map(length_label, _far(s)))} "
                 f"(difference {100 * d.diff:+.1f} points, 95% CI {100 * d.ci_low:+.1f} to {100 * d.ci_high:+.1f})"
             )
 
         add(f"{LABELS[v]} >= {100 * s.far_below:.0f} points below full attention at >= 8K", [v, "full"], far)
 
     def middle_vs_bottom() -> tuple[bool, str]:
-        mid, bottom = (_pooled_over(variants, x, s.eval_lengths) for x in ("hybrid_sinkwindow", "hybrid_bottom"))
+        mid, bottom = (pooled_over(variants, x, s.eval_lengths) for x in ("hybrid_sinkwindow", "hybrid_bottom"))
         d = paired_difference(mid, bottom)
         return at_least(d.diff, 0.0), (
             f"{sum(mid) / len(mid):.1%} vs {sum(bottom) / len(bottom):.1%} over all lengths (difference "
@@ -511,7 +512,7 @@ def environment() -> dict[str, Any]:
     return env
 
 
-def _k(n: int | str) -> str:
+def length_label(n: int | str) -> str:
     n = int(n)
     return f"{n // 1024}K" if n % 1024 == 0 else str(n)
 
@@ -520,7 +521,7 @@ def _pct(x: float | None) -> str:
     return "—" if x is None else f"{100 * x:.0f}%"
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]], text_columns: int = 1) -> list[str]:
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]], text_columns: int = 1) -> list[str]:
     """A markdown table: the first `text_columns` columns left-aligned, the numbers right-aligned."""
     align = ["---"] * text_columns + ["---:"] * (len(header) - text_columns)
     return ["| " + " | ".join(r) + " |" for r in (header, align, *rows)]
@@ -538,8 +539,9 @@ def format_report(summary: dict, s: Settings) -> str:
     if pre:
         lines += [
             f"Llama, {pre['parameters'] / 1e6:.0f}M parameters ({s.layers} layers, hidden {s.hidden_size}, {s.heads} "
-            f"heads, {s.kv_heads} KV heads), pre-trained on {pre['tokens'] / 1e6:.1f}M tokens at {_k(s.short_len)}; "
-            f"each variant extended to {_k(s.long_len)} ({s.long_len // s.short_len}x, RoPE change {s.rope}) on the "
+            f"heads, {s.kv_heads} KV heads), pre-trained on {pre['tokens'] / 1e6:.1f}M tokens at "
+            f"{length_label(s.short_len)}; each variant extended to {length_label(s.long_len)} "
+            f"({s.long_len // s.short_len}x, RoPE change {s.rope}) on the "
             f"same {summary['plan']['extend_tokens_per_variant'] / 1e6:.1f}M tokens. {env['device']}, torch "
             f"{env['torch']}, commit {summary['commit']}, {env['date']}.",
             "",
@@ -560,7 +562,7 @@ def format_report(summary: dict, s: Settings) -> str:
     pooled = {(r["variant"], r["length"]): r for r in summary["pooled"]}
     rows = [[LABELS[v], *(f"{100 * p['accuracy']:.1f} ({_ci(p['ci_low'], p['ci_high'])})" if (p := pooled.get((v, n)))
                           else "—" for n in s.eval_lengths)] for v in variants]  # fmt: skip
-    lines += _table(["variant", *map(_k, s.eval_lengths)], rows)
+    lines += markdown_table(["variant", *map(length_label, s.eval_lengths)], rows)
     lines += ["", "## Paired difference against full attention on the same prompts (points; 95% interval, "
               "Newcombe; discordant prompts variant-only / full-only)", ""]  # fmt: skip
     paired = {(p["variant"], p["length"]): p for p in summary["paired"]}
@@ -568,13 +570,13 @@ def format_report(summary: dict, s: Settings) -> str:
                           f"{100 * p['diff_ci_high']:+.1f}; {p['only_variant']}/{p['only_full']})"
                           if (p := paired.get((v, n))) else "—" for n in s.eval_lengths)]
             for v in variants if v != "full"]  # fmt: skip
-    lines += _table(["variant", *map(_k, s.eval_lengths)], rows)
+    lines += markdown_table(["variant", *map(length_label, s.eval_lengths)], rows)
     lines += ["", f"## Accuracy by task and length ({s.prompts_per_task} prompts each; `{HELD_OUT_TASK}` is held out "
               "of training)", ""]  # fmt: skip
     by = {(r["variant"], r["task"], r["length"]): r for r in summary["accuracy"]}
     rows = [[LABELS[v], t, *(f"{100 * r['accuracy']:.0f}" if (r := by.get((v, t, n))) else "—" for n in s.eval_lengths)]
             for v in variants for t in TASKS]  # fmt: skip
-    lines += _table(["variant", "task", *map(_k, s.eval_lengths)], rows, text_columns=2)
+    lines += markdown_table(["variant", "task", *map(length_label, s.eval_lengths)], rows, text_columns=2)
     if summary["paired_by_task"]:  # empty without full attention
         lines += ["", "## Paired difference against full attention by task (points; discordant prompts variant-only / "
                   f"full-only of {s.prompts_per_task})", ""]  # fmt: skip
@@ -582,7 +584,7 @@ def format_report(summary: dict, s: Settings) -> str:
         rows = [[LABELS[v], t, *(f"{100 * p['diff_vs_full']:+.1f} ({p['only_variant']}/{p['only_full']})"
                                  if (p := by.get((v, t, n))) else "—" for n in s.eval_lengths)]
                 for v in variants if v != "full" and any(key[0] == v for key in by) for t in TASKS]  # fmt: skip
-        lines += _table(["variant", "task", *map(_k, s.eval_lengths)], rows, text_columns=2)
+        lines += markdown_table(["variant", "task", *map(length_label, s.eval_lengths)], rows, text_columns=2)
     if summary.get("placement"):
         title = "Against full layers in the middle (as many full layers), same prompts"
         lines += ["", f"## {title} (points; 95% interval, Newcombe)", ""]
@@ -592,7 +594,7 @@ def format_report(summary: dict, s: Settings) -> str:
                                               for key in [(n,) for n in s.eval_lengths] + [tuple(s.eval_lengths)])]
                 for v, against in dict.fromkeys((p["variant"], p["against"]) for p in summary["placement"])
                 ]  # fmt: skip
-        lines += _table(["variant", "against", *map(_k, s.eval_lengths), "all"], rows, text_columns=2)
+        lines += markdown_table(["variant", "against", *map(length_label, s.eval_lengths), "all"], rows, text_columns=2)
     devices = len({r["device"] for r in summary.get("runs", [])}) > 1  # merged runs on several GPUs: name each
     if summary["frontier"]:
         lines += ["", "## Cost-quality frontier: SinkWindow hybrids by share of full layers (middle or auto)", ""]
@@ -600,15 +602,20 @@ def format_report(summary: dict, s: Settings) -> str:
                  f"{100 * f['accuracy_far']:.1f} ({_ci(f['ci_low'], f['ci_high'])})", f"{f['kv_bytes'] / 2**20:,.1f}",
                  f"{f['extension_tokens_per_s']:,.0f}" + (f" ({f['device']})" if devices else "")]
                 for f in summary["frontier"]]  # fmt: skip
-        lines += _table(["variant", "full layers", f"accuracy >= 8K, % (n = {summary['frontier'][0]['n']})",
-                         f"KV MiB @{_k(s.long_len)}", "extension tokens/s" + (" (device)" if devices else "")],
-                        rows, text_columns=2)  # fmt: skip
+        header = [
+            "variant",
+            "full layers",
+            f"accuracy >= 8K, % (n = {summary['frontier'][0]['n']})",
+            f"KV MiB @{length_label(s.long_len)}",
+            "extension tokens/s" + (" (device)" if devices else ""),
+        ]
+        lines += markdown_table(header, rows, text_columns=2)
     lines += ["", "## Perplexity of held-out documents by context length", ""]
     rows = []
     for v, r in variants.items():
         by_len = (r.get("ppl") or {}).get("ppl_by_length", {})
         rows.append([LABELS[v], *(f"{by_len[str(n)]:.2f}" if str(n) in by_len else "—" for n in s.ppl_lengths)])
-    lines += _table(["variant", *map(_k, s.ppl_lengths)], rows)
+    lines += markdown_table(["variant", *map(length_label, s.ppl_lengths)], rows)
     lines += ["", "## Layout, extension training, KV cache (bf16, batch 1, analytic)", ""]
     rows = []
     for v, r in variants.items():
@@ -617,8 +624,8 @@ def format_report(summary: dict, s: Settings) -> str:
         tps += f" ({r['device']})" if devices and r["model_of"] == v else ""
         rows.append([LABELS[v], ",".join(map(str, r.get("full_layers", []))) or "none", r.get("sparse_pattern") or
                      "none", f"{ext['loss_final']:.3f}", tps, f"{kv[str(s.long_len)] / 2**20:,.1f}"])  # fmt: skip
-    lines += _table(["variant", "full layers", "sparse layers", "extension loss",
-                     "tokens/s" + (" (device)" if devices else ""), f"KV MiB @{_k(s.long_len)}"], rows,
+    lines += markdown_table(["variant", "full layers", "sparse layers", "extension loss",
+                     "tokens/s" + (" (device)" if devices else ""), f"KV MiB @{length_label(s.long_len)}"], rows,
                     text_columns=3)  # fmt: skip
     return "\n".join(lines)
 
@@ -653,7 +660,7 @@ def write_plots(out: Path, s: Settings, variants: dict[str, dict], summary: dict
                    [max(0.0, r["ci_high"] - a) for a, r in zip(y, pts, strict=True)]]  # fmt: skip
             ax.errorbar(x, y, yerr=err, capsize=3, label=LABELS[v], **_style(i))
     ax.set_xscale("log", base=2)
-    ax.set_xticks(list(s.eval_lengths), [_k(n) for n in s.eval_lengths])
+    ax.set_xticks(list(s.eval_lengths), [length_label(n) for n in s.eval_lengths])
     ax.set_xlabel("prompt length (tokens)")
     ax.set_ylabel(f"retrieval accuracy, {len(TASKS)} tasks pooled (95% CI)")
     ax.set_ylim(-0.03, 1.03)
@@ -687,11 +694,11 @@ def write_plots(out: Path, s: Settings, variants: dict[str, dict], summary: dict
                 labelled.add(f["model"])  # a model two series share (all sparse) is labelled once
         full = variants.get("full")
         if full and full.get("records"):
-            hits = _pooled_over(variants, "full", _far(s))
+            hits = pooled_over(variants, "full", _far(s))
             ax.scatter([full["kv_bytes"][str(s.long_len)] / 2**20], [sum(hits) / len(hits)], marker="*", s=120,
                        color="black", label="full attention", zorder=3)  # fmt: skip
         ax.legend(fontsize=8, loc="lower right")  # high KV, low accuracy: the empty corner
-    ax.set_xlabel(f"KV cache at {_k(s.long_len)} tokens (MiB, bf16, batch 1)")
+    ax.set_xlabel(f"KV cache at {length_label(s.long_len)} tokens (MiB, bf16, batch 1)")
     ax.set_ylabel("retrieval accuracy at >= 8K (95% CI)")
     ax.set_ylim(-0.03, 1.03)
     ax.grid(alpha=0.3)
@@ -717,7 +724,7 @@ def write_plots(out: Path, s: Settings, variants: dict[str, dict], summary: dict
         for i, line in enumerate(acc):
             for j, a in enumerate(line):
                 ax.text(j, i, f"{a:.2f}", ha="center", va="center", fontsize=6)
-        ax.set_xticks(range(len(s.eval_lengths)), [_k(n) for n in s.eval_lengths], fontsize=7)
+        ax.set_xticks(range(len(s.eval_lengths)), [length_label(n) for n in s.eval_lengths], fontsize=7)
         ax.set_yticks(range(bins), [f"{i / bins:.0%}-{(i + 1) / bins:.0%}" for i in range(bins)], fontsize=6)
         ax.set_title(textwrap.fill(LABELS[v], 26), fontsize=8)  # long labels on two lines, inside the panel
     fig.supxlabel("prompt length (tokens)")

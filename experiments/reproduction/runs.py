@@ -39,12 +39,12 @@ from longgen.eval.stats import PairedDifference, bootstrap_interval, mean_interv
 
 from .report import (
     RUN_CONTROL,
-    _k,
-    _pooled_over,
-    _table,
     accuracy_of,
     check_same_recipe,
     hybrid_target,
+    length_label,
+    markdown_table,
+    pooled_over,
     ran_with,
     recipe_differences,
     records_from_outcomes,
@@ -85,7 +85,7 @@ class _Runs:
         self.full_of = list(full_of or range(len(saved)))
 
     def hits(self, i: int, variant: str, group: list[int]) -> np.ndarray:
-        return np.array(_pooled_over(self.records[i], variant, group))
+        return np.array(pooled_over(self.records[i], variant, group))
 
     def against(self, v: str, group: list[int], ref: str = "full") -> tuple[np.ndarray, list[dict], list[dict]]:
         """Per run and prompt `v`'s hit minus `ref`'s (+1, 0 or -1; full attention's from run `full_of[i]`, another
@@ -96,7 +96,7 @@ class _Runs:
         d = a.astype(np.int8) - b.astype(np.int8)
         per_run = []
         for x, y in zip(a, b, strict=True):
-            per_run.append(_paired(paired_difference(x.tolist(), y.tolist()), "only_variant", f"only_{ref}"))
+            per_run.append(paired_record(paired_difference(x.tolist(), y.tolist()), "only_variant", f"only_{ref}"))
         moved = []
         for r in range(1, len(d)):
             gap = (d[r] - d[0]).astype(np.float32)
@@ -105,7 +105,7 @@ class _Runs:
         return d, per_run, moved
 
 
-def _paired(p: PairedDifference, only_a: str, only_b: str) -> dict[str, Any]:
+def paired_record(p: PairedDifference, only_a: str, only_b: str) -> dict[str, Any]:
     """A paired difference as the JSON gives it, its discordant prompts under the names `only_a` and `only_b`."""
     return {"diff": p.diff, "ci_low": p.ci_low, "ci_high": p.ci_high, only_a: p.a_only, only_b: p.b_only}
 
@@ -160,8 +160,9 @@ def _target_rule(summary: dict[str, Any]) -> str:
 
 def _target_text(target: dict) -> str:
     worst, lowest = target["worst"], target["lowest"]
-    return (f"{'met' if target['met'] else 'NOT met'}; worst {100 * worst['diff']:+.1f} at {_k(worst['length'])}, "
-            f"lowest end {100 * lowest['ci_low']:+.1f} at {_k(lowest['length'])}")  # fmt: skip
+    verdict = "met" if target["met"] else "NOT met"
+    return (f"{verdict}; worst {100 * worst['diff']:+.1f} at {length_label(worst['length'])}, "
+            f"lowest end {100 * lowest['ci_low']:+.1f} at {length_label(lowest['length'])}")  # fmt: skip
 
 
 def _lacking(saved: Sequence[dict[str, Any]], variant: str) -> str:
@@ -271,7 +272,7 @@ def compare_runs(saved: Sequence[dict[str, Any]], picked: Sequence[str] | None =
         for group in runs.groups:
             hits = [runs.hits(i, v, group) for i in range(len(saved))]
             n = len(hits[0])
-            minus_first = [_paired(paired_difference(x.tolist(), hits[0].tolist()), "only_this", "only_first")
+            minus_first = [paired_record(paired_difference(x.tolist(), hits[0].tolist()), "only_this", "only_first")
                            for x in hits[1:]]  # fmt: skip
             row: dict[str, Any] = {"lengths": group, "n": n, "accuracy": [accuracy_of(x.tolist()) for x in hits],
                                    "minus_first": minus_first}  # fmt: skip
@@ -304,8 +305,8 @@ def _group_name(group: list[int], lengths: list[int]) -> str:
     if group == lengths:
         return "all lengths"
     if len(group) == 1:
-        return _k(group[0])
-    return f">= {_k(group[0])}"
+        return length_label(group[0])
+    return f">= {length_label(group[0])}"
 
 
 def _pts(x: dict) -> str:
@@ -350,7 +351,7 @@ def format_replicas(summary: dict[str, Any]) -> str:
                   _pts(row["mean"]),
                   *([_pts(row["runs_as_unit"]), f"{100 * row['runs_as_unit']['sd']:.1f}"] if as_unit else []),
                   *(_pts(s) for s in row["spread"])] for row in rows]  # fmt: skip
-        lines += ["", f"## {LABELS[v]}", "", *_table(head, cells)]
+        lines += ["", f"## {LABELS[v]}", "", *markdown_table(head, cells)]
         if v not in TARGETED or ref != "full":  # the hybrids' target is against full attention
             continue
         single = [(row["lengths"][0], row["mean"]) for row in rows if len(row["lengths"]) == 1]
@@ -361,7 +362,7 @@ def format_replicas(summary: dict[str, Any]) -> str:
             runs_unit = [(row["lengths"][0], row["runs_as_unit"]) for row in rows if len(row["lengths"]) == 1]
             lowest = hybrid_target(runs_unit, summary["tolerance"], summary["ci_tolerance"])["lowest"]
             lines[-1] += (f" With the runs as the unit, the lowest interval end is {100 * lowest['ci_low']:+.1f} at "
-                          f"{_k(lowest['length'])}.")  # fmt: skip
+                          f"{length_label(lowest['length'])}.")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
@@ -410,23 +411,23 @@ def format_compare(summary: dict[str, Any]) -> str:
         head = ["lengths", "prompts", *names, *(f"{n} − run 1" for n in names[1:])]
         cells = [[_group_name(r["lengths"], lengths), str(r["n"]), *(pct(a) for a in r["accuracy"]),
                   *(paired(p) for p in r["minus_first"])] for r in rows]  # fmt: skip
-        lines += _table(head, cells)
+        lines += markdown_table(head, cells)
         if all("against_full" in r for r in rows):
             head = ["lengths", *(f"{n} − full" for n in names), *(f"moved: {n} − run 1" for n in names[1:])]
             cells = [[_group_name(r["lengths"], lengths), *(_pts(p) for p in r["against_full"]["per_run"]),
                       *(_pts(m) for m in r["against_full"]["moved"])] for r in rows]  # fmt: skip
-            lines += ["", *_table(head, cells)]
+            lines += ["", *markdown_table(head, cells)]
         if result.get("target"):
             lines += ["", f"The hybrids' target ({_target_rule(summary)}): " + "; ".join(
                 f"{n} {_target_text(x)}" for n, x in zip(names, result["target"], strict=True)) + "."]  # fmt: skip
         tasks = list(dict.fromkeys(key.rsplit("@", 1)[0] for key in result["by_task"]))
         cells = [[t, *(" / ".join(map(str, result["by_task"].get(f"{t}@{n}", []))) for n in lengths)] for t in tasks]
         lines += ["", f"Correct of {summary['per_task']} by task ({' / '.join(names)}):", "",
-                  *_table(["task", *(_k(n) for n in lengths)], cells)]  # fmt: skip
+                  *markdown_table(["task", *(length_label(n) for n in lengths)], cells)]  # fmt: skip
         if result["niah_missed"] is not None:
             depths = [(", ".join(f"{100 * x:.0f}%" for x in m) or "none") if len(m) <= MISSES_LISTED
                       else f"{len(m)} of {summary['per_task']}" for m in result["niah_missed"]]  # fmt: skip
-            lines += ["", f"Needles missed at {_k(lengths[-1])}, by depth: "
+            lines += ["", f"Needles missed at {length_label(lengths[-1])}, by depth: "
                           + "; ".join(f"{n} {d}" for n, d in zip(names, depths, strict=True)) + "."]  # fmt: skip
     return "\n".join(lines) + "\n"
 
