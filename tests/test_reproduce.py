@@ -1396,11 +1396,27 @@ def _held_out_by_distance(outcomes: dict) -> list[int]:
     return count
 
 
+def _near_chains_against_the_near_question_probe(near: dict, variant: str) -> tuple[list[int], list[list[float]]]:
+    """Near variable chains of `variant` in a near probe and in the near-question probe, on the same prompts: how
+    many each answered at 32K, and the paired difference (points, with its 95% interval) at 32K and at >= 8K."""
+    from longgen.eval.stats import paired_difference
+
+    before = json.loads((PROBES / "2026-12-07-near-question" / "near.json").read_text())
+    assert near["reach"] == before["reach"]  # the same prompts
+    far = (8192, 16384, 32768)
+    chains = {n: [d["outcomes"][variant][f"variable_tracking@{n}"] for d in (near, before)] for n in far}
+    diffs = []
+    for lengths in ((32768,), far):
+        a, b = ("".join(chains[n][k] for n in lengths) for k in (0, 1))
+        d = paired_difference([c == "1" for c in a], [c == "1" for c in b])
+        diffs.append([round(100 * x, 1) for x in (d.diff, d.ci_low, d.ci_high)])
+    return [c.count("1") for c in chains[32768]], diffs
+
+
 def test_the_near_share_run_rebuilds_with_the_numbers_its_run_md_quotes(reproduce, tmp_path):
     """Full attention extended with near facts (`--extend-near-share 0.125`): its report and near probe rebuild from
     the committed outcomes; the rules' numbers, the near chains paired with the near-question probe's on the same
     prompts, and the held-out task by distance (none beyond 16K, in any run of either recipe) are what RUN.md says."""
-    from longgen.eval.stats import paired_difference
 
     probe = PROBES / "2026-12-07-near-share"
     saved = _committed_run(probe, tmp_path)
@@ -1410,15 +1426,9 @@ def test_the_near_share_run_rebuilds_with_the_numbers_its_run_md_quotes(reproduc
     assert sum(full[f"variable_tracking@{n}"].count("1") for n in (8192, 16384, 32768)) == 232  # rule 3: >= 225
 
     near = _committed_near(probe)
-    before = json.loads((PROBES / "2026-12-07-near-question" / "near.json").read_text())
-    assert near["reach"] == before["reach"]  # the same prompts
-    far = (8192, 16384, 32768)
-    chains = {n: [d["outcomes"]["full"][f"variable_tracking@{n}"] for d in (near, before)] for n in far}
-    assert [c.count("1") for c in chains[32768]] == [77, 52]  # rule 2: 96.2% >= 95%, against 65.0%
-    for lengths, quoted in (((32768,), [31.2, 21.2, 41.8]), (far, [20.0, 15.2, 25.5])):
-        a, b = ("".join(chains[n][k] for n in lengths) for k in (0, 1))
-        d = paired_difference([c == "1" for c in a], [c == "1" for c in b])
-        assert [round(100 * x, 1) for x in (d.diff, d.ci_low, d.ci_high)] == quoted
+    counts, diffs = _near_chains_against_the_near_question_probe(near, "full")
+    assert counts == [77, 52]  # rule 2: 96.2% >= 95%, against 65.0%
+    assert diffs == [[31.2, 21.2, 41.8], [20.0, 15.2, 25.5]]
     paired = {(p["view"], p["task"], p["length"]): p for p in near["paired"]}
     limited = paired[("full@1024", "variable_tracking", ">=8K")]
     assert [round(100 * limited[k], 1) for k in ("diff", "ci_low", "ci_high")] == [0.8, -1.2, 3.2]
@@ -1468,14 +1478,10 @@ def test_the_near_share_sinkwindow_run_decides_by_the_rules_its_run_md_quotes(re
     assert [round(100 * x, 1) for x in (d.diff, d.ci_low, d.ci_high)] == [-2.2, -3.6, -0.7]  # rule 3: >= -6.8
 
     near = _committed_near(probe / "sinkwindow")
-    before = json.loads((PROBES / "2026-12-07-near-question" / "near.json").read_text())
-    assert near["reach"] == before["reach"] and near["settings"]["windows"] == [1024]  # the same prompts
-    chains = {n: [d["outcomes"]["hybrid_sinkwindow"][f"variable_tracking@{n}"] for d in (near, before)] for n in far}
-    assert [c.count("1") for c in chains[32768]] == [80, 44]  # rule 2: 100% >= 95%, against 55.0%
-    for lengths, quoted in (((32768,), [45.0, 33.6, 55.9]), (far, [27.9, 22.4, 33.9])):
-        a, b = ("".join(chains[n][k] for n in lengths) for k in (0, 1))
-        d = paired_difference([c == "1" for c in a], [c == "1" for c in b])
-        assert [round(100 * x, 1) for x in (d.diff, d.ci_low, d.ci_high)] == quoted
+    assert near["settings"]["windows"] == [1024]
+    counts, diffs = _near_chains_against_the_near_question_probe(near, "hybrid_sinkwindow")
+    assert counts == [80, 44]  # rule 2: 100% >= 95%, against 55.0%
+    assert diffs == [[45.0, 33.6, 55.9], [27.9, 22.4, 33.9]]
     assert {r["accuracy"] for r in near["rows"]} == {1.0}  # both views, both tasks, every length
 
     counted = [sum(hybrid[f"{t}@{n}"].count("1") for n in far) for t in ("variable_tracking", "parcel_weight")]
