@@ -22,8 +22,15 @@ from typing import Any
 
 from longgen.eval.stats import paired_difference
 
-from .report import accuracy_of, environment, far_lengths, length_label, markdown_table, outcome_strings
-from .runs import paired_record
+from .report import (
+    accuracy_of,
+    environment,
+    far_lengths,
+    length_label,
+    markdown_table,
+    outcome_strings,
+    paired_record,
+)
 from .stages import Experiment, log, write_json
 
 NEAR_TASKS = ("niah", "variable_tracking")  # a single fact (the control) and the two-hop chain

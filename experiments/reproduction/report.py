@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from longgen.eval.stats import paired_difference, wilson_interval
+from longgen.eval.stats import PairedDifference, paired_difference, wilson_interval
 
 from .settings import (
     CHAIN_MAX,
@@ -330,6 +330,11 @@ def accuracy_of(hits: Sequence[bool]) -> dict[str, Any]:
     correct = int(sum(hits))
     lo, hi = wilson_interval(correct, len(hits))
     return {"correct": correct, "accuracy": correct / len(hits), "ci_low": lo, "ci_high": hi}
+
+
+def paired_record(p: PairedDifference, only_a: str, only_b: str) -> dict[str, Any]:
+    """A paired difference as the JSON gives it, its discordant prompts under the names `only_a` and `only_b`."""
+    return {"diff": p.diff, "ci_low": p.ci_low, "ci_high": p.ci_high, only_a: p.a_only, only_b: p.b_only}
 
 
 def outcome_strings(records: list[dict]) -> dict[str, str]:

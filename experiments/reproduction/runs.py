@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from longgen.eval.stats import PairedDifference, bootstrap_interval, mean_interval, paired_difference
+from longgen.eval.stats import bootstrap_interval, mean_interval, paired_difference
 
 from .report import (
     RUN_CONTROL,
@@ -44,6 +44,7 @@ from .report import (
     hybrid_target,
     length_label,
     markdown_table,
+    paired_record,
     pooled_over,
     ran_with,
     recipe_differences,
@@ -103,11 +104,6 @@ class _Runs:
             lo, hi = bootstrap_interval(lambda rows, g=gap: g[rows].mean(axis=1), d.shape[1], resamples=RESAMPLES)
             moved.append({"diff": float((d[r] - d[0]).mean()), "ci_low": lo, "ci_high": hi})
         return d, per_run, moved
-
-
-def paired_record(p: PairedDifference, only_a: str, only_b: str) -> dict[str, Any]:
-    """A paired difference as the JSON gives it, its discordant prompts under the names `only_a` and `only_b`."""
-    return {"diff": p.diff, "ci_low": p.ci_low, "ci_high": p.ci_high, only_a: p.a_only, only_b: p.b_only}
 
 
 def _listed(run: dict[str, Any]) -> dict[str, Any]:
