@@ -41,6 +41,10 @@ run checkpoint the step it is in):
     near      near.md and near.json in --out-dir: the near-question probe on trained variants (default full and
               hybrid_sinkwindow): every fact within --near-span tokens before the question, each model as trained
               and with its full layers limited to a window (--near-windows) at inference
+    distance  distance.md and distance.json in --out-dir: answers by where the needles lie, pooled over one run or
+              more that asked the same prompts (--from A/reproduce.json ...): variable chains by their hops longer
+              than each variant's local window, single facts by their distance from the question; each variant
+              against full attention of the same run
     (replicas and compare set side by side every variant all the runs evaluated, or only those of --variant;
     replicas --against X measures them against variant X of the same run instead of full attention)
 
@@ -68,8 +72,9 @@ from reproduction.report import build_report, load_reports, merge_reports
 from reproduction.settings import DEFAULT, MEASURED_SHAPE, TINY, VARIANTS, Settings
 from reproduction.stages import EVAL_STAGES, Deadline, DeadlineReached, Experiment, interactive, log
 
-STAGES = ("plan", "prepare", "pretrain", "extend", "eval", "report", "all", "merge", "replicas", "compare", "near")
-FROM_RUNS = ("merge", "replicas", "compare")  # the stages that read --from reports instead of a work folder
+STAGES = ("plan", "prepare", "pretrain", "extend", "eval", "report", "all", "merge", "replicas", "compare", "near",
+          "distance")  # fmt: skip
+FROM_RUNS = ("merge", "replicas", "compare", "distance")  # the stages that read --from reports instead of a work folder
 EXIT_UNFINISHED = 75  # stopped at --deadline-minutes: run the same command again to continue
 
 
@@ -101,8 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--variant",
         action="append",
         choices=VARIANTS,
-        help="extend/eval/all: only this one; replicas/compare: compare only this one; near: probe this one "
-        "(repeatable)",
+        help="extend/eval/all: only this one; replicas/compare: compare only this one; near: probe this one; "
+        "distance: analyse only this one (repeatable)",
     )
     p.add_argument(
         "--against",
@@ -122,8 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--commit", help="the commit of the code that runs, for the results (default: git rev-parse HEAD)")
     p.add_argument("--from", dest="runs", action="append", metavar="REPRODUCE_JSON",
-                   help="merge, replicas, compare: a run's reproduce.json (two or more; merge: the main run "
-                        "first; compare: the reference first)")  # fmt: skip
+                   help="merge, replicas, compare, distance: a run's reproduce.json (two or more; distance: one "
+                        "or more; merge: the main run first; compare: the reference first)")  # fmt: skip
     group = p.add_argument_group("settings (defaults: the GPU preset; --tiny has its own)")
     for f in dataclasses.fields(Settings):
         default = getattr(DEFAULT, f.name)
@@ -217,8 +222,9 @@ def run(exp: Experiment, stage: str, picked: Sequence[str] | None, provenance: d
 
 
 def from_runs(args: argparse.Namespace, given: Sequence[str]) -> int:
-    """The stages that read --from files, into --out-dir: `merge` (`merge_reports`), `replicas` (`write_replicas`)
-    and `compare` (`write_compare`)."""
+    """The stages that read --from files, into --out-dir: `merge` (`merge_reports`), `replicas` (`write_replicas`),
+    `compare` (`write_compare`) and `distance` (`write_distance`)."""
+    from reproduction.distance import write_distance
     from reproduction.runs import write_compare, write_replicas
 
     saved = load_reports(args.runs)
@@ -228,6 +234,8 @@ def from_runs(args: argparse.Namespace, given: Sequence[str]) -> int:
         merge_reports(saved, out, command=command)
     elif args.stage == "replicas":
         write_replicas(saved, out, command=command, picked=args.variant, against=args.against)
+    elif args.stage == "distance":
+        write_distance(saved, out, command=command, picked=args.variant)
     else:
         write_compare(saved, out, command=command, picked=args.variant)
     return 0
@@ -241,8 +249,8 @@ def main(argv: Sequence[str] | None = None) -> int:
               "leave it out for no deadline", file=sys.stderr)  # fmt: skip
         return 2
     if (args.stage in FROM_RUNS) != bool(args.runs):
-        print("error: --from goes with the merge, replicas and compare stages, which need it (two or more "
-              "reproduce.json)", file=sys.stderr)  # fmt: skip
+        print("error: --from goes with the merge, replicas, compare and distance stages, which need it (two or "
+              "more reproduce.json; distance: one or more)", file=sys.stderr)  # fmt: skip
         return 2
     if args.against != "full" and args.stage != "replicas":
         print(f"error: --against goes with the replicas stage; {args.stage} does not read it", file=sys.stderr)

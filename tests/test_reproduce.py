@@ -2,6 +2,7 @@
 skipped; the same seed gives the same pre-training losses; stages resume after being stopped."""
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -10,6 +11,7 @@ import signal
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -327,13 +329,9 @@ def test_a_report_times_the_stages_of_the_variants_it_reports(reproduce, tmp_pat
     assert all(x > 0 for x in saved["stage_seconds"].values())
 
 
-def test_each_record_holds_its_own_prompts_outcome(reproduce):
-    """Prompts are scored length by length; each record must carry the outcome of its own prompt. Here every
-    other prompt's answer is what the model itself generates (True), the rest a wrong answer (False)."""
-    import torch
-    from reproduction.tasks import build_items, digit_ids, score_items
-    from transformers import LlamaConfig, LlamaForCausalLM
-
+@functools.cache
+def _source_tokenizer() -> tuple[Any, list[int]]:
+    """A small BPE tokenizer trained on 30 of the package's source files, and those files' tokens (a haystack)."""
     from longgen.train.tokenizer import train_bpe_tokenizer
 
     corpus = Path(__file__).resolve().parents[1] / "src" / "longgen"
@@ -342,7 +340,17 @@ def test_each_record_holds_its_own_prompts_outcome(reproduce):
         for i, text in enumerate(texts):
             Path(tmp, f"{i}.txt").write_text(text)
         tokenizer = train_bpe_tokenizer(tmp, 600)
-    pool = tokenizer("\n\n".join(texts), add_special_tokens=False)["input_ids"]
+    return tokenizer, tokenizer("\n\n".join(texts), add_special_tokens=False)["input_ids"]
+
+
+def test_each_record_holds_its_own_prompts_outcome(reproduce):
+    """Prompts are scored length by length; each record must carry the outcome of its own prompt. Here every
+    other prompt's answer is what the model itself generates (True), the rest a wrong answer (False)."""
+    import torch
+    from reproduction.tasks import build_items, digit_ids, score_items
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer, pool = _source_tokenizer()
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
                                          num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
@@ -1185,7 +1193,7 @@ def test_merge_refuses_runs_of_another_recipe_and_bad_input(reproduce, tmp_path,
     assert reproduce.main(["merge", "--from", str(a), "--from", str(tmp_path / "other.json")]) == 2
     assert "not a report of experiments/reproduce.py" in capsys.readouterr().err
     assert reproduce.main(["merge"]) == 2
-    assert "--from goes with the merge, replicas and compare" in capsys.readouterr().err
+    assert "--from goes with the merge, replicas, compare and distance" in capsys.readouterr().err
     assert reproduce.main(["plan", "--from", str(a)]) == 2 and "--from goes with" in capsys.readouterr().err
     assert not out.exists()
 
@@ -1259,7 +1267,7 @@ def test_replicas_compare_training_runs_on_the_same_prompts(reproduce, tmp_path,
     assert reproduce.main(["replicas", "--from", str(a), "--from", str(a), "--out-dir", str(out)]) == 2
     assert "each run must be another --extend-replica; got replicas [0, 0]" in capsys.readouterr().err
     assert reproduce.main(["replicas", "--out-dir", str(out)]) == 2
-    assert "--from goes with the merge, replicas and compare stages" in capsys.readouterr().err
+    assert "--from goes with the merge, replicas, compare and distance stages" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -1487,3 +1495,147 @@ def test_the_near_share_sinkwindow_run_decides_by_the_rules_its_run_md_quotes(re
     counted = [sum(hybrid[f"{t}@{n}"].count("1") for n in far) for t in ("variable_tracking", "parcel_weight")]
     assert counted == [224, 109]
     assert _held_out_by_distance(hybrid) == [180, 45, 10, 1, 0]
+
+
+def test_needle_depths_place_each_needle_where_the_built_prompt_has_it(reproduce):
+    """`tasks.needle_depths`, recomputed from the seed without the haystack (what `reproduce.py distance` reads),
+    gives the depths `build_items` drew with the haystack's words, and (1 - depth)(n - answer_room) is each such
+    needle's distance from the end of the built prompt to within the prompt's template, needles and question."""
+    from reproduction.tasks import _rng, _spec, build_items, needle_depths
+
+    tokenizer, pool = _source_tokenizer()
+    words = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot"]
+    per_task, room, seed = 5, 32, 3
+    items = build_items(tokenizer, pool, words, (1024, 4096), per_task, room, seed=seed)
+    checked = 0
+    for it in items:
+        depths = needle_depths(it.task, seed, it.length, it.index, per_task)
+        needles, drawn, *_ = _spec(it.task, _rng(seed, it.task, it.length, it.index), it.depth, words)
+        assert depths == drawn[: len(depths)]  # a chain's three; the asked needle first in the other tasks
+        for needle, depth in zip(needles, depths, strict=False):
+            ids = tokenizer(needle, add_special_tokens=False)["input_ids"]
+            starts = [k for k in range(len(it.input_ids)) if it.input_ids[k : k + len(ids)] == ids]
+            assert len(starts) == 1
+            distance = len(it.input_ids) - starts[0]
+            assert abs((1 - depth) * (it.length - room) - distance) <= 120  # this tokenizer's fixed parts: < 120
+            checked += 1
+    assert checked == 5 * 2 * per_task + 2 * 2 * per_task  # one needle a prompt, a chain's two more
+    with pytest.raises(ValueError, match="prompt index 5 out of range: 5 prompts per task"):
+        needle_depths("niah", seed, 1024, 5, per_task)
+    with pytest.raises(ValueError, match="unknown task 'kv_lookup'"):
+        needle_depths("kv_lookup", seed, 1024, 0, per_task)
+
+
+DISTANCE = EXPERIMENTS / "results" / "distance"
+
+
+@pytest.mark.parametrize("folder", ["recorded", "near-share", "layouts"])
+def test_the_distance_analyses_rebuild_from_their_recorded_commands(reproduce, tmp_path, folder):
+    """Each committed `distance` analysis is what its recorded command makes of the committed reports."""
+    committed = json.loads((DISTANCE / folder / "distance.json").read_text())
+    args = committed["command"].split()
+    assert args[:3] == ["python", "experiments/reproduce.py", "distance"]
+    assert args[-2:] == ["--out-dir", f"experiments/results/distance/{folder}"]
+    given = [str(EXPERIMENTS.parent / a) if a.endswith(".json") else a for a in args[2:-2]]
+    assert reproduce.main([*given, "--out-dir", str(tmp_path)]) == 0
+    again = json.loads((tmp_path / "distance.json").read_text())
+    assert {**again, "command": ""} == {**committed, "command": ""}
+    assert (tmp_path / "distance.md").read_text() == (DISTANCE / folder / "distance.md").read_text()
+
+
+def _chains_by_hops(files: list[str], variant: str, window: int = 1024) -> dict[str, list[int]]:
+    """Counted here on their own, from the committed outcomes: for the chains with at most one hop longer than
+    `window` and those with two or more, how many pairs (prompts x runs), answered only by full attention, and only by
+    `variant`; hops from `_spec`'s depths, the question at depth 1, a length-n prompt n - 32 tokens."""
+    from reproduction.tasks import _rng, _spec
+
+    counts = {"<= 1": [0, 0, 0], ">= 2": [0, 0, 0]}
+    for f in files:
+        outcomes = json.loads((EXPERIMENTS / "results" / f).read_text())["outcomes"]
+        for n in (2048, 4096, 8192, 16384, 32768):
+            key = f"variable_tracking@{n}"
+            for i, (h, full) in enumerate(zip(outcomes[variant][key], outcomes["full"][key], strict=True)):
+                _, depths, *_ = _spec("variable_tracking", _rng(0, "variable_tracking", n, i), i / 79, [])
+                at = [*depths, 1.0]
+                long = sum((at[k + 1] - at[k]) * (n - 32) > window for k in range(3))
+                c = counts[">= 2" if long >= 2 else "<= 1"]
+                c[0] += 1
+                c[1] += full == "1" and h == "0"
+                c[2] += h == "1" and full == "0"
+    return counts
+
+
+def test_the_hybrids_lose_the_chains_with_two_hops_beyond_their_window(reproduce):
+    """The numbers the distance analysis's RUN.md quotes: over the recorded recipe's training runs, both hybrids
+    answer the variable chains with at most one hop beyond the window about as full attention does and lose those
+    with two or more; the pair counts agree with a count made here on its own; the held-out task at 8K-16K."""
+    summary = json.loads((DISTANCE / "recorded" / "distance.json").read_text())
+    runs = ["runs/3485a18_main.json", *(f"replicas/replica{k}/reproduce.json" for k in (1, 2, 3))]
+    quoted = {  # variant: (its runs, <= 1 and >= 2 hops: points with 95% interval, the contrast)
+        "hybrid_sinkwindow": (runs, [-1.3, -4.1, 1.3], [-7.1, -10.4, -4.0], [-5.8, -10.1, -1.6]),
+        "hybrid_blocksparse": (runs[:3], [-0.7, -3.5, 1.9], [-8.1, -11.4, -5.0], [-7.4, -11.7, -3.2]),
+    }
+    for v, (files, low, high, contrast) in quoted.items():
+        result = summary["variants"][v]
+        assert result["window"] == 1024 and result["runs"] == list(range(1, len(files) + 1))
+        rows = {r["hops_beyond"]: r for r in result["chains"]}
+        for k, numbers in (("<= 1", low), (">= 2", high)):
+            assert [round(100 * rows[k][x], 1) for x in ("diff", "ci_low", "ci_high")] == numbers
+        assert [round(100 * result["contrast"][x], 1) for x in ("diff", "ci_low", "ci_high")] == contrast
+        counted = {k: [rows[k][x] for x in ("n", "only_full", "only_variant")] for k in ("<= 1", ">= 2")}
+        assert counted == _chains_by_hops(files, v)
+    assert _chains_by_hops(runs, "hybrid_sinkwindow") == {"<= 1": [908, 56, 44], ">= 2": [692, 56, 7]}
+    held_out = {v: summary["variants"][v]["facts"]["parcel_weight"][4] for v in quoted}
+    assert {v: [r["distance"], r["variant"], r["full"], r["n"]] for v, r in held_out.items()} == {
+        "hybrid_sinkwindow": [[8192, 16384], 10, 28, 240],
+        "hybrid_blocksparse": [[8192, 16384], 3, 21, 180],
+    }
+
+
+def test_distance_pools_runs_against_their_full_attention_and_refuses_what_does_not_fit(reproduce, tmp_path, capsys):
+    """A run that differs from run 1 only in a sparse pattern's settings borrows run 1's full attention, as compare
+    does; a variant with another local window in some run, runs that asked other prompts, no full attention, a
+    variant no run evaluated and a missing task are refused with what is wrong."""
+    saved = json.loads(MAIN_RUN.read_text())
+    sink = json.loads(json.dumps(saved))
+    sink["settings"]["sink"] = 128  # another sparse-pattern setting, the same local window
+    del sink["outcomes"]["full"], sink["variants"]["full"]
+    wider = {**json.loads(json.dumps(sink)), "settings": {**sink["settings"], "window": 2048}}
+    seeded = {**json.loads(json.dumps(saved)), "settings": {**saved["settings"], "seed": 1}}
+    lacking = json.loads(json.dumps(saved))
+    del lacking["outcomes"]["hybrid_sinkwindow"]["parcel_weight@4096"]
+    paths = {}
+    for name, run in (("main", saved), ("sink", sink), ("wider", wider), ("seeded", seeded), ("lacking", lacking)):
+        paths[name] = tmp_path / f"{name}.json"
+        paths[name].write_text(json.dumps(run))
+
+    def distance(*names: str, variant: str | None = None) -> int:
+        froms = [x for n in names for x in ("--from", str(paths[n]))]
+        picked = ["--variant", variant] if variant else []
+        return reproduce.main(["distance", *froms, *picked, "--out-dir", str(tmp_path / "out")])
+
+    assert distance("main", "sink", variant="hybrid_sinkwindow") == 0
+    result = json.loads((tmp_path / "out" / "distance.json").read_text())
+    assert list(result["variants"]) == ["hybrid_sinkwindow"]
+    sw = result["variants"]["hybrid_sinkwindow"]
+    assert sw["runs"] == [1, 2] and sw["full_of_runs"] == [1, 1]
+    one = {r["hops_beyond"]: r for r in sw["chains"]}
+    assert distance("main", variant="hybrid_sinkwindow") == 0
+    alone = {r["hops_beyond"]: r for r in json.loads((tmp_path / "out" / "distance.json").read_text())["variants"][
+        "hybrid_sinkwindow"]["chains"]}  # fmt: skip
+    for k, r in one.items():  # the same run twice: twice the pairs, the same difference
+        assert (r["n"], r["only_full"], r["diff"]) == (2 * alone[k]["n"], 2 * alone[k]["only_full"], alone[k]["diff"])
+    capsys.readouterr()
+    refusals = {
+        ("main", "wider"): "hybrid_sinkwindow has a local window of 2048 tokens in run 2 and 1024 in run 1",
+        ("main", "seeded"): "run 2 (commit 3485a18) asked other prompts than run 1: they differ in seed; runs are "
+        "pooled on the same prompts",
+        ("sink", "main"): "every run needs full attention to measure against",
+        ("lacking",): "run 1 did not evaluate hybrid_sinkwindow on parcel_weight@4096",
+    }
+    for names, message in refusals.items():
+        assert distance(*names) == 2
+        assert message in capsys.readouterr().err
+    assert distance("main", "wider", variant="hybrid_blocksparse") == 0  # BlockSparse reads no window
+    assert distance("main", variant="hybrid_nosink") == 2
+    assert "--variant hybrid_nosink: no run evaluated it besides full attention" in capsys.readouterr().err

@@ -106,13 +106,13 @@ class _Runs:
         return d, per_run, moved
 
 
-def _listed(run: dict[str, Any]) -> dict[str, Any]:
+def run_listing(run: dict[str, Any]) -> dict[str, Any]:
     """Where a saved run came from: its commit, date, device and command; for a merged report (`merge`), every
-    merged run's commit and GPU and the latest date, as `_made_from` names them."""
-    return {k: run.get(k) for k in ("commit", "date", "device", "command")} | _made_from([run])
+    merged run's commit and GPU and the latest date, as `made_from` names them."""
+    return {k: run.get(k) for k in ("commit", "date", "device", "command")} | made_from([run])
 
 
-def _made_from(saved: Sequence[dict[str, Any]]) -> dict[str, str]:
+def made_from(saved: Sequence[dict[str, Any]]) -> dict[str, str]:
     """What a comparison was made from, as a merged report names it: every run's commit and GPU, the latest date;
     a saved report that is itself a merge counts as the runs it lists."""
     runs = [r for run in saved for r in (run.get("runs") or [run])]
@@ -127,7 +127,7 @@ def _shared_variants(saved: Sequence[dict[str, Any]]) -> list[str]:
     return [v for v in VARIANTS if all(v in run["outcomes"] for run in saved)]
 
 
-def _full_of(saved: Sequence[dict[str, Any]]) -> list[int] | None:
+def full_attention_of(saved: Sequence[dict[str, Any]]) -> list[int] | None:
     """For each run, the index of the run whose full attention its variants are measured against: its own; run 1's
     when it did not evaluate full attention and its recipe differs from run 1's only in `PATTERN_SETTINGS`; None
     when a run has neither."""
@@ -142,6 +142,16 @@ def _full_of(saved: Sequence[dict[str, Any]]) -> list[int] | None:
         else:
             return None
     return out
+
+
+def check_same_prompts(saved: Sequence[dict[str, Any]], what: str) -> None:
+    """ValueError naming the first run that asked other prompts than run 1 (the `PROMPTS` settings differ): runs are
+    `what` (compared, pooled) on the same prompts."""
+    settings = [ran_with(run) for run in saved]
+    for i, s in enumerate(settings[1:], start=2):
+        if differ := [k for k in PROMPTS if s.get(k) != settings[0].get(k)]:
+            raise ValueError(f"run {i} (commit {saved[i - 1]['commit']}) asked other prompts than run 1: they differ "
+                             f"in {', '.join(differ)}; runs are {what} on the same prompts")  # fmt: skip
 
 
 def _tolerances(run: dict[str, Any]) -> dict[str, float]:
@@ -236,8 +246,8 @@ def compare_replicas(saved: Sequence[dict[str, Any]], picked: Sequence[str] | No
                                        "sd": float(np.std(diffs, ddof=1))}  # fmt: skip
             table.append(row)
         out[v] = table
-    listed = [_listed(run) | {"extend_replica": r} for run, r in zip(saved, replicas, strict=True)]
-    return {**_made_from(saved), "runs": listed, "lengths": runs.lengths, "resamples": RESAMPLES,
+    listed = [run_listing(run) | {"extend_replica": r} for run, r in zip(saved, replicas, strict=True)]
+    return {**made_from(saved), "runs": listed, "lengths": runs.lengths, "resamples": RESAMPLES,
             **_tolerances(saved[0]), **({"against": against} if against != "full" else {}), "variants": out,
             **({"pattern_differs": differ, "left_out": left_out} if differ else {})}  # fmt: skip
 
@@ -248,15 +258,11 @@ def compare_runs(saved: Sequence[dict[str, Any]], picked: Sequence[str] | None =
     does not fit (too few runs, other prompts, no variant evaluated by every run)."""
     if len(saved) < 2:
         raise ValueError(f"comparing runs needs the reports of at least two runs, got {len(saved)}")
-    settings = [ran_with(run) for run in saved]
-    for i, s in enumerate(settings[1:], start=2):
-        if differ := [k for k in PROMPTS if s.get(k) != settings[0].get(k)]:
-            raise ValueError(f"run {i} (commit {saved[i - 1]['commit']}) asked other prompts than run 1: they differ "
-                             f"in {', '.join(differ)}; runs are compared on the same prompts")  # fmt: skip
+    check_same_prompts(saved, "compared")
     variants = _picked(saved, _shared_variants(saved), picked)
     if not variants:
         raise ValueError("no variant was evaluated by every run")
-    full_of = _full_of(saved)
+    full_of = full_attention_of(saved)
     needed = [*variants, *(["full"] if full_of and "full" not in variants else [])]  # full: a run may borrow run 1's
     runs = _Runs(saved, needed, "compared runs", full_of)
     longest = runs.lengths[-1]
@@ -290,10 +296,10 @@ def compare_runs(saved: Sequence[dict[str, Any]], picked: Sequence[str] | None =
         extension = [run["variants"].get(v, {}).get("extension") or {} for run in saved]
         extension = [{k: e.get(k) for k in ("steps", "tokens", "loss_final")} for e in extension]
         out[v] = {"rows": rows, "by_task": by_task, "niah_missed": missed, "extension": extension, "target": target}
-    listed = [_listed(run) | {"differs": [list(d) for d in recipe_differences(saved[0], run, RUN_CONTROL)],
+    listed = [run_listing(run) | {"differs": [list(d) for d in recipe_differences(saved[0], run, RUN_CONTROL)],
                               "full_of_run": None if full_of is None else full_of[i] + 1}
               for i, run in enumerate(saved)]  # fmt: skip
-    return {**_made_from(saved), "runs": listed, "lengths": runs.lengths, "per_task": runs.per_task,
+    return {**made_from(saved), "runs": listed, "lengths": runs.lengths, "per_task": runs.per_task,
             "resamples": RESAMPLES, **tolerances, "variants": out}  # fmt: skip
 
 
@@ -428,7 +434,7 @@ def format_compare(summary: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _write(summary: dict[str, Any], text: str, out: Path, files: tuple[str, str]) -> dict[str, Any]:
+def write_outputs(summary: dict[str, Any], text: str, out: Path, files: tuple[str, str]) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     (out / files[1]).write_text(text)
     write_json(out / files[0], summary)
@@ -440,11 +446,11 @@ def write_replicas(saved: Sequence[dict[str, Any]], out: Path, command: str, pic
                    against: str = "full") -> dict[str, Any]:  # fmt: skip
     """`compare_replicas` written into `out` as ``FILES`` (with `command`); prints the markdown."""
     summary = {**compare_replicas(saved, picked, against), "command": command}
-    return _write(summary, format_replicas(summary), out, FILES)
+    return write_outputs(summary, format_replicas(summary), out, FILES)
 
 
 def write_compare(saved: Sequence[dict[str, Any]], out: Path, command: str,
                   picked: Sequence[str] | None = None) -> dict[str, Any]:  # fmt: skip
     """`compare_runs` written into `out` as ``COMPARE_FILES`` (with `command`); prints the markdown."""
     summary = {**compare_runs(saved, picked), "command": command}
-    return _write(summary, format_compare(summary), out, COMPARE_FILES)
+    return write_outputs(summary, format_compare(summary), out, COMPARE_FILES)

@@ -66,6 +66,17 @@ def pattern_settings_read(variant: str) -> frozenset[str]:
     return frozenset({"window"} if variant == "hybrid_nosink" else {"sink", "window"})
 
 
+def local_window(settings: dict[str, Any], variant: str) -> int | None:
+    """The tokens just before a query that every head of `variant`'s sparse layers sees (a saved run's `settings`):
+    SinkWindow's --window, BlockSparse's --block-size x --local-blocks; None for full attention, which has no sparse
+    layer. Beyond it a sparse layer sees only its sink tokens (SinkWindow) or a KV head's strided blocks."""
+    if variant == "full":
+        return None
+    if variant in BLOCKSPARSE:
+        return settings["block_size"] * settings["local_blocks"]
+    return settings["window"]
+
+
 # longgen.train.synthetic's CHAIN_MAX, the recorded runs' longest variable chain, its RETRIEVAL_KINDS, the kinds of
 # fact of the recorded runs, and its FACT_KINDS, every kind (not imported: it would load torch; a test compares them)
 CHAIN_MAX = 4

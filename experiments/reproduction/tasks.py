@@ -96,6 +96,21 @@ def _spec(task: str, rng: random.Random, depth: float, words: list[str]):
     raise ValueError(f"unknown task {task!r}; tasks: {TASKS}")
 
 
+def needle_depths(task: str, seed: int, length: int, index: int, per_task: int) -> list[float]:
+    """The depths of the needles that prompt `index` of (task, length) of the standard evaluation (not the near
+    probe's) needs for its answer, as `build_items` draws them: the asked needle's, and a variable chain's three in
+    order (its value, then each name). Recomputed from the seed without the haystack, which only the distractor
+    needles of ``niah_multikey`` read (their keys are the haystack's words), and they are not among them."""
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; tasks: {TASKS}")
+    if not 0 <= index < per_task:
+        raise ValueError(f"prompt index {index} out of range: {per_task} prompts per task")
+    depth = index / (per_task - 1)
+    if task == "variable_tracking":  # the chain's later needles are drawn after its value and names
+        return _spec(task, _rng(seed, task, length, index), depth, [])[1]
+    return [depth]
+
+
 def build_items(tokenizer: Any, pool: list[int], words: list[str], lengths, per_task: int, answer_room: int,
                 seed: int, tasks=TASKS, near: int | None = None) -> list[Item]:  # fmt: skip
     """Every prompt of the evaluation: `per_task` per (task, length); a length-n prompt has n - answer_room tokens
