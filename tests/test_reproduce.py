@@ -1529,7 +1529,9 @@ def test_needle_depths_place_each_needle_where_the_built_prompt_has_it(reproduce
 DISTANCE = EXPERIMENTS / "results" / "distance"
 
 
-@pytest.mark.parametrize("folder", ["recorded", "near-share", "layouts"])
+@pytest.mark.parametrize(
+    "folder", ["recorded", "near-share", "layouts", "deeper-model", "wider-window", "longer-chains", "record-facts"]
+)
 def test_the_distance_analyses_rebuild_from_their_recorded_commands(reproduce, tmp_path, folder):
     """Each committed `distance` analysis is what its recorded command makes of the committed reports."""
     committed = json.loads((DISTANCE / folder / "distance.json").read_text())

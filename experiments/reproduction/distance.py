@@ -104,6 +104,13 @@ def _contrast(a: np.ndarray, b: np.ndarray, high: np.ndarray) -> dict[str, Any] 
     return {"diff": float(diff), "ci_low": low, "ci_high": up}
 
 
+def _per_run(a: np.ndarray, b: np.ndarray, hops: np.ndarray) -> dict[str, Any]:
+    """One run's difference to full attention on the chains with at most one hop beyond the window and with two or
+    more, and the contrast between them (`a`, `b`: that run's hits, shape (1, prompts))."""
+    return {"<= 1": _row(a, b, hops <= 1)["diff"], ">= 2": _row(a, b, hops >= 2)["diff"],
+            "contrast": _contrast(a, b, hops >= 2)}  # fmt: skip
+
+
 def _window_of(saved: Sequence[dict[str, Any]], variant: str, runs: list[int]) -> int:
     windows = {i: local_window(ran_with(saved[i]), variant) for i in runs}
     first = windows[runs[0]]
@@ -158,7 +165,9 @@ def answers_by_distance(saved: Sequence[dict[str, Any]], picked: Sequence[str] |
             facts[task] = [{"distance": [edges[k - 1] if k else 0, edges[k]], **_row(a_t, b_t, place == k)}
                            for k in range(len(edges))]  # fmt: skip
         out[v] = {"runs": [i + 1 for i in runs], "full_of_runs": [full_of[i] + 1 for i in runs], "window": window,
-                  "chains": chains, "contrast": _contrast(a, b, hops >= 2), "facts": facts}  # fmt: skip
+                  "chains": chains, "contrast": _contrast(a, b, hops >= 2),
+                  "per_run": [_per_run(a[[k]], b[[k]], hops) | {"run": i + 1} for k, i in enumerate(runs)],
+                  "facts": facts}  # fmt: skip
     return {**made_from(saved), "runs": [run_listing(run) for run in saved], "lengths": lengths,
             "prompts_per_task": s["prompts_per_task"], "resamples": RESAMPLES, "fact_bins": edges,
             "variants": out}  # fmt: skip
@@ -168,6 +177,10 @@ def _pts(row: dict[str, Any]) -> str:
     if row.get("diff") is None:
         return "–"
     return f"{100 * row['diff']:+.1f} ({100 * row['ci_low']:+.1f}, {100 * row['ci_high']:+.1f})"
+
+
+def _signed(x: float | None) -> str:
+    return "–" if x is None else f"{100 * x:+.1f}"
 
 
 def _bin_label(lo: int, hi: int) -> str:
@@ -195,9 +208,12 @@ def format_distance(summary: dict[str, Any]) -> str:
     header = ["variant (window)", "hops beyond", "prompts x runs", "full", "variant", "only full", "only variant",
               "variant − full"]  # fmt: skip
     lines += markdown_table(header, rows, text_columns=2)
-    lines += [""] + [f"- {v}, runs {', '.join(map(str, r['runs']))}: chains with two or more hops beyond the window "
-                     f"minus those with at most one, {_pts(r['contrast']) if r['contrast'] else '– (too few prompts)'}"
-                     for v, r in summary["variants"].items()]  # fmt: skip
+    lines += ["", "Chains with two or more hops beyond the window minus those with at most one (points; each run's "
+              "own: at most one, two or more, the contrast):", ""]  # fmt: skip
+    for v, r in summary["variants"].items():
+        runs = "; ".join(f"run {x['run']} {_signed(x['<= 1'])}, {_signed(x['>= 2'])}, {_pts(x['contrast'] or {})}"
+                         for x in r["per_run"])  # fmt: skip
+        lines.append(f"- {v}: {_pts(r['contrast'] or {})}" + (f" ({runs})" if len(r["per_run"]) > 1 else ""))
     edges = summary["fact_bins"]
     bins = [_bin_label(edges[k - 1] if k else 0, e) for k, e in enumerate(edges)]
     lines += ["", "## Single facts by their distance from the question", "",
