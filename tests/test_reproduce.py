@@ -1592,6 +1592,15 @@ def test_the_hybrids_lose_the_chains_with_two_hops_beyond_their_window(reproduce
         "hybrid_sinkwindow": [[8192, 16384], 10, 28, 240],
         "hybrid_blocksparse": [[8192, 16384], 3, 21, 180],
     }
+    assert [summary["variants"]["hybrid_blocksparse"]["facts"]["parcel_weight"][3][k] for k in ("variant", "full", "n")
+            ] == [44, 75, 210]  # fmt: skip  # 4K-8K
+    facts = summary["variants"]["hybrid_sinkwindow"]["facts"]
+    within = {t: [sum(c[k] for c in facts[t][:5]) for k in ("variant", "full", "n")] for t in facts}  # to 16K
+    beyond = {t: [facts[t][5][k] for k in ("variant", "full", "n")] for t in facts}  # 16K-32K
+    assert within == {"passkey": [1440, 1436, 1440], "niah": [1436, 1438, 1440], "niah_multikey": [1434, 1427, 1440],
+                      "parcel_weight": [620, 617, 1440]}  # fmt: skip
+    assert beyond == {"passkey": [149, 158, 160], "niah": [150, 150, 160], "niah_multikey": [147, 153, 160],
+                      "parcel_weight": [0, 0, 160]}  # fmt: skip
 
 
 def test_distance_pools_runs_against_their_full_attention_and_refuses_what_does_not_fit(reproduce, tmp_path, capsys):
@@ -1641,3 +1650,45 @@ def test_distance_pools_runs_against_their_full_attention_and_refuses_what_does_
     assert distance("main", "wider", variant="hybrid_blocksparse") == 0  # BlockSparse reads no window
     assert distance("main", variant="hybrid_nosink") == 2
     assert "--variant hybrid_nosink: no run evaluated it besides full attention" in capsys.readouterr().err
+
+
+def test_the_distance_run_md_quotes_its_analyses(reproduce):
+    """The chains table of the distance RUN.md is what the committed analyses hold, and its code block prints what
+    its comment says (run from the repository's root)."""
+    import subprocess
+
+    text = (DISTANCE / "RUN.md").read_text()
+
+    def pts(r: dict) -> str:
+        return " ".join(f"{100 * r[k]:+.1f}" for k in ("diff", "ci_low", "ci_high")).replace("-", "−")
+
+    folders = {"recorded recipe": "recorded", "near-share data": "near-share", "wider window": "wider-window",
+               "18-layer model": "deeper-model", "longer chains": "longer-chains",
+               "`record` facts": "record-facts"}  # fmt: skip
+    quoted = 0
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) != 6 or cells[0].split(",")[0] not in folders:
+            continue
+        folder = folders[cells[0].split(",")[0]]
+        variant = "hybrid_blocksparse" if cells[1].startswith("BlockSparse") else "hybrid_sinkwindow"
+        result = json.loads((DISTANCE / folder / "distance.json").read_text())["variants"][variant]
+        rows = {r["hops_beyond"]: r for r in result["chains"]}
+        window = f"({result['window']:,})"
+        runs = len(result["runs"])
+        assert cells[1].endswith(window) and cells[0].endswith(f"{runs} run{'s' * (runs > 1)}")
+        for cell, row in ((cells[2], rows["<= 1"]), (cells[3], rows[">= 2"]), (cells[4], result["contrast"])):
+            numbers = re.sub(r"[(),*]", " ", cell.split("), ")[0] + ")").split()
+            assert " ".join(numbers[:3]) == pts(row), (cell, row)
+        for cell, row in ((cells[2], rows["<= 1"]), (cells[3], rows[">= 2"])):
+            assert cell.endswith(f", {row['n']:,}") or cell.endswith(f", {row['n']:,} pairs")
+        each = [f"{100 * r['>= 2']:+.1f}".replace("-", "−") for r in result["per_run"]]
+        assert cells[5] == (", ".join(each) if len(each) > 1 else "")
+        quoted += 1
+    assert quoted == 7
+    code = re.search(r"```python\n(.*?)```", text, re.S).group(1)
+    code = "\n".join(line.removeprefix("  ") for line in code.splitlines())
+    printed = subprocess.run([sys.executable, "-c", code], cwd=EXPERIMENTS.parent, capture_output=True, text=True,
+                             check=True).stdout.strip()  # fmt: skip
+    said = " ".join(line.strip().removeprefix("#").strip() for line in code.splitlines()[-2:])
+    assert printed == said
