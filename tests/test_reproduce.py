@@ -1692,3 +1692,17 @@ def test_the_distance_run_md_quotes_its_analyses(reproduce):
                              check=True).stdout.strip()  # fmt: skip
     said = " ".join(line.strip().removeprefix("#").strip() for line in code.splitlines()[-2:])
     assert printed == said
+
+
+def test_the_distance_run_md_plans_its_candidate_as_quoted(reproduce, tmp_path, capsys):
+    """The candidate the distance RUN.md writes rules for: its first command is a valid recipe, planned at the
+    minutes quoted; the second differs from it only in the extension replica and the output folder."""
+    text = (DISTANCE / "RUN.md").read_text()
+    block = re.search(r"```bash\n(  python3 experiments/reproduce.py all .*?)```", text, re.S).group(1)
+    commands = [c.split() for c in block.replace("\\\n", " ").splitlines() if c.strip()][:2]
+    first, second = ([str(tmp_path) if a == "W" else a.replace("W/", f"{tmp_path}/") for a in c[2:]] for c in commands)
+    assert reproduce.main(["plan", *first[1:]]) == 0
+    assert "finished: 0/8 stages; next: prepare; ~14.7 min of planned work left" in capsys.readouterr().out
+    assert "14.7 minutes of work" in " ".join(text.split())
+    extra = [a for a in second if a not in first]
+    assert extra == ["--extend-replica", "1", f"{tmp_path}/results_rn1"]
