@@ -151,6 +151,18 @@ def test_tiny_end_to_end(reproduce, tmp_path, capsys):
     rebuild_report(summary, tmp_path / "again")
     assert json.loads((tmp_path / "again" / "quality_summary.json").read_text()) == quality
 
+    # answers by where the needles lie, on the tiny run: every trained variant against full attention
+    assert reproduce.main(["distance", "--from", str(out / "reproduce.json"), "--out-dir", str(tmp_path / "d")]) == 0
+    by_distance = json.loads((tmp_path / "d" / "distance.json").read_text())
+    assert set(by_distance["variants"]) == set(summary["outcomes"]) - {"full"}
+    for v, r in by_distance["variants"].items():
+        rows = {c["hops_beyond"]: c for c in r["chains"]}
+        assert r["window"] == 32 and rows["<= 1"]["n"] + rows[">= 2"]["n"] == 2 * 3  # two lengths, three prompts
+        assert sum(c["n"] for c in r["facts"]["passkey"]) == 6
+        answered = sum(summary["outcomes"][v][f"variable_tracking@{n}"].count("1") for n in (320, 512))
+        assert rows["<= 1"]["variant"] + rows[">= 2"]["variant"] == answered
+    assert "## Variable chains by their hops beyond the local window" in (tmp_path / "d" / "distance.md").read_text()
+
     # a finished stage is skipped
     metrics = work / "runs" / "pretrain" / "metrics.jsonl"
     before = metrics.stat().st_mtime_ns
@@ -1650,6 +1662,8 @@ def test_distance_pools_runs_against_their_full_attention_and_refuses_what_does_
     assert distance("main", "wider", variant="hybrid_blocksparse") == 0  # BlockSparse reads no window
     assert distance("main", variant="hybrid_nosink") == 2
     assert "--variant hybrid_nosink: no run evaluated it besides full attention" in capsys.readouterr().err
+    assert distance("main", variant="full") == 2
+    assert "--variant full: full attention is what every variant is measured against" in capsys.readouterr().err
 
 
 def test_the_distance_run_md_quotes_its_analyses(reproduce):

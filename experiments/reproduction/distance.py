@@ -40,7 +40,6 @@ from .tasks import needle_depths
 FILES = ("distance.json", "distance.md")
 CHAIN = "variable_tracking"
 FACTS = tuple(t for t in TASKS if t != CHAIN)
-HOPS = ("0", "1", "2", "3", "<= 1", ">= 2")  # classes of chains by their hops beyond the window
 CONTRAST_MIN = 10  # prompts each class needs for the contrast between them
 
 
@@ -106,9 +105,12 @@ def _contrast(a: np.ndarray, b: np.ndarray, high: np.ndarray) -> dict[str, Any] 
 
 def _per_run(a: np.ndarray, b: np.ndarray, hops: np.ndarray) -> dict[str, Any]:
     """One run's difference to full attention on the chains with at most one hop beyond the window and with two or
-    more, and the contrast between them (`a`, `b`: that run's hits, shape (1, prompts))."""
-    return {"<= 1": _row(a, b, hops <= 1)["diff"], ">= 2": _row(a, b, hops >= 2)["diff"],
-            "contrast": _contrast(a, b, hops >= 2)}  # fmt: skip
+    more (None for a class without prompts), and the contrast between them (`a`, `b`: that run's hits, shape
+    (1, prompts))."""
+    d = (a.astype(np.float64) - b)[0]
+    low, high = hops <= 1, hops >= 2
+    return {"<= 1": float(d[low].mean()) if low.any() else None, ">= 2": float(d[high].mean()) if high.any() else None,
+            "contrast": _contrast(a, b, high)}  # fmt: skip
 
 
 def _window_of(saved: Sequence[dict[str, Any]], variant: str, runs: list[int]) -> int:
@@ -132,6 +134,8 @@ def answers_by_distance(saved: Sequence[dict[str, Any]], picked: Sequence[str] |
     if full_of is None:
         raise ValueError("every run needs full attention to measure against: its own, or run 1's when it differs "
                          "from run 1 only in a sparse pattern's settings")  # fmt: skip
+    if picked and "full" in picked:
+        raise ValueError("--variant full: full attention is what every variant is measured against; name the others")
     evaluated = [v for v in VARIANTS if v != "full" and any(v in run["outcomes"] for run in saved)]
     for v in dict.fromkeys(picked or ()):
         if v not in evaluated:
