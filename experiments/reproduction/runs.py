@@ -435,6 +435,8 @@ def format_compare(summary: dict[str, Any]) -> str:
 
 
 def write_outputs(summary: dict[str, Any], text: str, out: Path, files: tuple[str, str]) -> dict[str, Any]:
+    """`summary` and its markdown `text` written into `out` as `files` (the JSON's name, the markdown's); prints the
+    markdown and returns `summary`."""
     out.mkdir(parents=True, exist_ok=True)
     (out / files[1]).write_text(text)
     write_json(out / files[0], summary)
