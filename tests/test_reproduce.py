@@ -1720,3 +1720,38 @@ def test_the_distance_run_md_plans_its_candidate_as_quoted(reproduce, tmp_path, 
     assert "14.7 minutes of work" in " ".join(text.split())
     extra = [a for a in second if a not in first]
     assert extra == ["--extend-replica", "1", f"{tmp_path}/results_rn1"]
+
+
+def test_the_training_chain_check_finds_every_chain_of_a_synthetic_document():
+    """`retrieval_data_check.document_chains` (the training chains' hops that the distance RUN.md quotes) finds each
+    variable chain `retrieval_document` states, value first and its question last, in token order; the evaluation's
+    chains with two or more long hops are those `distance` counts."""
+    import random
+
+    sys.path.insert(0, str(EXPERIMENTS))
+    try:
+        import retrieval_data_check as check
+    finally:
+        sys.path.remove(str(EXPERIMENTS))
+    from longgen.train.synthetic import retrieval_document
+
+    tokenizer, _ = _source_tokenizer()
+    texts = [p.read_text() for p in sorted((EXPERIMENTS.parent / "src" / "longgen").rglob("*.py"))[:30]]
+    rng = random.Random(0)
+    found = 0
+    for tokens in (2048, 8192):
+        doc = retrieval_document(rng, texts, tokens, 3.0, 3.0, kinds=("variable_tracking",))
+        starts = [s for s, _ in tokenizer(doc, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]]
+        chains = check.document_chains(doc, starts)
+        assert len(chains) == round(tokens * 3 / 1024)  # every fact a chain, each found
+        for places in chains:
+            assert 3 <= len(places) <= 5 and places == sorted(places)  # 2-4 names and the question
+            assert doc[starts[places[0]] :].lstrip().startswith(("VAR", "Let"))
+            assert doc[starts[places[-1]] :].lstrip().startswith(("What is the value", "Question:"))
+        found += len(chains)
+    assert found == 6 + 24
+    evaluation = check.evaluation_chains(1024)
+    recorded = json.loads((DISTANCE / "recorded" / "distance.json").read_text())["variants"]["hybrid_sinkwindow"]
+    rows = {r["hops_beyond"]: r for r in recorded["chains"]}
+    assert sum(e["two_or_more"] for e in evaluation.values()) * 4 == rows[">= 2"]["n"]  # four runs
+    assert evaluation["32768"] == {"chains": 80, "two_or_more": 68}
