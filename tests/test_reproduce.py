@@ -1755,3 +1755,10 @@ def test_the_training_chain_check_finds_every_chain_of_a_synthetic_document():
     rows = {r["hops_beyond"]: r for r in recorded["chains"]}
     assert sum(e["two_or_more"] for e in evaluation.values()) * 4 == rows[">= 2"]["n"]  # four runs
     assert evaluation["32768"] == {"chains": 80, "two_or_more": 68}
+    committed = json.loads((DISTANCE / "training_chains.json").read_text())
+    assert committed["evaluation"] == evaluation and committed["window"] == 1024 and committed["documents"] == 100
+    three = {r: committed["training"][r]["3 names"] for r in ("recorded", "near_share_0.125")}
+    assert {r: (x["chains"], round(100 * x["share_two_or_more"], 1)) for r, x in three.items()} == {
+        "recorded": (1484, 91.1), "near_share_0.125": (1486, 79.5)}  # fmt: skip
+    for x in three.values():
+        assert sum(x["by_long_hops"].values()) == x["chains"]
