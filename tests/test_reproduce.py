@@ -3,6 +3,7 @@ skipped; the same seed gives the same pre-training losses; stages resume after b
 
 import dataclasses
 import functools
+import itertools
 import json
 import math
 import os
@@ -1599,6 +1600,9 @@ def test_the_hybrids_lose_the_chains_with_two_hops_beyond_their_window(reproduce
         counted = {k: [rows[k][x] for x in ("n", "only_full", "only_variant")] for k in ("<= 1", ">= 2")}
         assert counted == _chains_by_hops(files, v)
     assert _chains_by_hops(runs, "hybrid_sinkwindow") == {"<= 1": [908, 56, 44], ">= 2": [692, 56, 7]}
+    each = [r[">= 2"] for r in summary["variants"]["hybrid_sinkwindow"]["per_run"]]
+    pairs = [100 * (x + y) / 2 for x, y in itertools.combinations(each, 2)]  # two runs pooled, as rule 2 reads them
+    assert (round(min(pairs), 1), round(max(pairs), 1)) == (-9.5, -4.6)
     held_out = {v: summary["variants"][v]["facts"]["parcel_weight"][4] for v in quoted}
     assert {v: [r["distance"], r["variant"], r["full"], r["n"]] for v, r in held_out.items()} == {
         "hybrid_sinkwindow": [[8192, 16384], 10, 28, 240],
