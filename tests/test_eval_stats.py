@@ -98,6 +98,28 @@ def test_bootstrap_interval_of_a_mean_matches_the_normal_interval():
     assert low == pytest.approx(d.ci_low, abs=0.006) and high == pytest.approx(d.ci_high, abs=0.006)
 
 
+def test_bootstrap_interval_within_strata_keeps_each_groups_size():
+    """With strata every resampled prompt comes from its own position's group, so a difference between two groups of
+    fixed size (200 prompts 75% right, 100 prompts 50% right) gets the normal interval of two independent proportions
+    (0.25 ± 1.96 * sqrt(0.75 * 0.25 / 200 + 0.5 * 0.5 / 100) = 0.25 ± 0.1149); no strata draws across the groups."""
+    hits = np.array([1] * 150 + [0] * 50 + [1] * 50 + [0] * 50, dtype=float)
+    group = np.array(["a"] * 200 + ["b"] * 100)
+    seen = []
+
+    def gap(rows: np.ndarray) -> np.ndarray:
+        seen.append(rows)
+        return hits[rows[:, :200]].mean(axis=1) - hits[rows[:, 200:]].mean(axis=1)
+
+    low, high = bootstrap_interval(gap, 300, strata=group)
+    half = 1.959963984540054 * math.sqrt(0.75 * 0.25 / 200 + 0.5 * 0.5 / 100)
+    assert low == pytest.approx(0.25 - half, abs=0.006) and high == pytest.approx(0.25 + half, abs=0.006)
+    assert (seen[0][:, :200] < 200).all() and (seen[0][:, 200:] >= 200).all()
+    bootstrap_interval(gap, 300)
+    assert (seen[1][:, :200] >= 200).any()  # without strata the groups mix
+    with pytest.raises(ValueError, match=r"strata must give one label per prompt, 300 in all; got shape \(299,\)"):
+        bootstrap_interval(gap, 300, strata=group[:299])
+
+
 def test_bootstrap_interval_bad_input_is_a_clear_error():
     with pytest.raises(ValueError, match="n must be a positive int, got 0"):
         bootstrap_interval(lambda rows: rows.mean(axis=1), 0)

@@ -9,12 +9,18 @@ prompts (their ``reproduce.json``, read with --from; one run or more).
 * **Single facts by their distance from the question** (pass key, needle, the asked key of the multi-key needle,
   the held-out task), in bins whose edges double from run 1's --window to the longest prompt.
 
+Both are given **within each prompt length**, and for chains also pooled over the long lengths (`far_lengths`:
+from 8K on) and over all: the share of chains with long hops grows with the length, and so does the hybrids'
+deficit, so classes pooled over lengths compare lengths as much as hops. The contrast between chains with two or
+more long hops and chains with at most one is therefore taken within each long length and averaged over them
+(each length weighted by n1 n2 / (n1 + n2) of its two classes' prompts; lengths where a class has fewer than
+`CONTRAST_MIN` prompts are left out and named).
+
 Each variant (all but full attention, or those of --variant) is pooled over the runs that evaluated it, prompt by
 prompt against the full attention of the same run, or of run 1 for a run that differs from it only in a sparse
-pattern's settings (as `compare` measures it). Differences get 95% percentile bootstrap intervals over the prompts
-(a prompt's pairs in every run resampled together, within its class): they cover the prompts' sampling with the
-training runs fixed. The contrast between chains with two or more hops beyond the window and chains with at most
-one resamples the chain prompts of both classes together.
+pattern's settings (as `compare` measures it). Differences get 95% percentile bootstrap intervals over the prompts,
+a prompt's pairs in every run resampled together and within its length (and, for the contrast, its class): they
+cover the prompts' sampling with the training runs fixed.
 
 Positions are recomputed from the seed (`tasks.needle_depths`): a needle at depth d of a length-n prompt lies about
 (1 - d)(n - --answer-room) tokens before the question. The haystack is the prompt less its template, needles and
@@ -32,7 +38,7 @@ import numpy as np
 
 from longgen.eval.stats import bootstrap_interval
 
-from .report import length_label, markdown_table, ran_with
+from .report import far_lengths, length_label, markdown_table, ran_with
 from .runs import RESAMPLES, check_same_prompts, full_attention_of, made_from, run_listing, write_outputs
 from .settings import TASKS, VARIANTS, local_window
 from .tasks import needle_depths
@@ -74,8 +80,9 @@ def _pairs(saved: Sequence[dict[str, Any]], variant: str, task: str, runs: list[
     return a, np.stack([_hits(saved[full_of[i]], "full", task, lengths) for i in runs])
 
 
-def _row(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> dict[str, Any]:
-    """The pairs of the prompts in `mask`: `a` the variant's hits and `b` full attention's, shape (runs, prompts)."""
+def _row(a: np.ndarray, b: np.ndarray, mask: np.ndarray, length: np.ndarray) -> dict[str, Any]:
+    """The pairs of the prompts in `mask`: `a` the variant's hits and `b` full attention's, shape (runs, prompts);
+    `length` each prompt's length (the bootstrap's strata)."""
     a, b = a[:, mask], b[:, mask]
     prompts = int(mask.sum())
     row: dict[str, Any] = {"prompts": prompts, "n": int(a.size), "variant": int(a.sum()), "full": int(b.sum()),
@@ -83,34 +90,44 @@ def _row(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> dict[str, Any]:
     if not prompts:
         return row | {"diff": None, "ci_low": None, "ci_high": None}
     per_prompt = (a.astype(np.float64) - b).mean(axis=0)
-    low, high = bootstrap_interval(lambda rows: per_prompt[rows].mean(axis=1), prompts, resamples=RESAMPLES)
+    low, high = bootstrap_interval(lambda rows: per_prompt[rows].mean(axis=1), prompts, resamples=RESAMPLES,
+                                   strata=length[mask])  # fmt: skip
     return row | {"diff": float(per_prompt.mean()), "ci_low": low, "ci_high": high}
 
 
-def _contrast(a: np.ndarray, b: np.ndarray, high: np.ndarray) -> dict[str, Any] | None:
-    """The difference to full attention on the prompts in `high` minus that on the others, with its bootstrap
-    interval over all the prompts; None when either class has fewer than `CONTRAST_MIN` prompts."""
-    if min(high.sum(), (~high).sum()) < CONTRAST_MIN:
-        return None
-    per_prompt = (a.astype(np.float64) - b).mean(axis=0)
+def _contrast(a: np.ndarray, b: np.ndarray, high: np.ndarray, length: np.ndarray, far: Sequence[int]) -> dict:
+    """The difference to full attention on the chains in `high` minus that on the others, within each length of
+    `far` and averaged over them (weights n1 n2 / (n1 + n2) of the two classes' prompts), with its bootstrap interval
+    (strata: length and class); the lengths used, and diff None when no length has `CONTRAST_MIN` prompts in
+    both classes."""
+    used = [n for n in far if min(((length == n) & high).sum(), ((length == n) & ~high).sum()) >= CONTRAST_MIN]
+    if not used:
+        return {"lengths": [], "diff": None, "ci_low": None, "ci_high": None}
+    keep = np.isin(length, used)
+    x = (a.astype(np.float64) - b).mean(axis=0)[keep]
+    h, at = high[keep], length[keep]
+    cells = [((at == n) & h, (at == n) & ~h) for n in used]
+    weights = np.array([m1.sum() * m0.sum() / (m1.sum() + m0.sum()) for m1, m0 in cells])
 
-    def gap(rows: np.ndarray) -> np.ndarray:
-        x, h = per_prompt[rows], high[rows]
-        return (x * h).sum(axis=1) / h.sum(axis=1) - (x * ~h).sum(axis=1) / (~h).sum(axis=1)
+    def gap(rows: np.ndarray) -> np.ndarray:  # stratified rows keep every position's length and class
+        xs = x[rows]
+        within = [xs[:, m1].mean(axis=1) - xs[:, m0].mean(axis=1) for m1, m0 in cells]
+        return np.average(np.stack(within, axis=1), axis=1, weights=weights)
 
-    low, up = bootstrap_interval(gap, len(per_prompt), resamples=RESAMPLES)
-    diff = per_prompt[high].mean() - per_prompt[~high].mean()
-    return {"diff": float(diff), "ci_low": low, "ci_high": up}
+    low, up = bootstrap_interval(gap, len(x), resamples=RESAMPLES, strata=at * 2 + h)
+    diff = float(gap(np.arange(len(x))[None, :])[0])
+    return {"lengths": used, "diff": diff, "ci_low": low, "ci_high": up}
 
 
-def _per_run(a: np.ndarray, b: np.ndarray, hops: np.ndarray) -> dict[str, Any]:
-    """One run's difference to full attention on the chains with at most one hop beyond the window and with two or
-    more (None for a class without prompts), and the contrast between them (`a`, `b`: that run's hits, shape
-    (1, prompts))."""
+def _per_run(a: np.ndarray, b: np.ndarray, hops: np.ndarray, length: np.ndarray, far: Sequence[int]) -> dict:
+    """One run's difference to full attention at the `far` lengths on all chains, those with at most one hop beyond
+    the window and those with two or more (None for a class without prompts), and the contrast within lengths (`a`,
+    `b`: that run's hits, shape (1, prompts))."""
     d = (a.astype(np.float64) - b)[0]
-    low, high = hops <= 1, hops >= 2
-    return {"<= 1": float(d[low].mean()) if low.any() else None, ">= 2": float(d[high].mean()) if high.any() else None,
-            "contrast": _contrast(a, b, high)}  # fmt: skip
+    at_far = np.isin(length, far)
+    masks = {"any": at_far, "<= 1": at_far & (hops <= 1), ">= 2": at_far & (hops >= 2)}
+    return {**{k: float(d[m].mean()) if m.any() else None for k, m in masks.items()},
+            "contrast": _contrast(a, b, hops >= 2, length, far)}  # fmt: skip
 
 
 def _window_of(saved: Sequence[dict[str, Any]], variant: str, runs: list[int]) -> int:
@@ -152,6 +169,9 @@ def answers_by_distance(saved: Sequence[dict[str, Any]], picked: Sequence[str] |
                 raise ValueError(f"run {i + 1} did not evaluate {v} on {', '.join(missing)}: the analysis reads "
                                  f"the tasks {', '.join(TASKS)}")  # fmt: skip
     gaps = {t: _distances(t, s) for t in TASKS}
+    length = np.repeat(lengths, s["prompts_per_task"])  # each prompt's, in `_hits` order
+    far = far_lengths(lengths)
+    groups = {**{str(n): length == n for n in lengths}, "far": np.isin(length, far), "all": length > 0}
     edges = fact_bins(s["window"], max(lengths) - s["answer_room"])
     out: dict[str, Any] = {}
     for v in variants:
@@ -159,20 +179,22 @@ def answers_by_distance(saved: Sequence[dict[str, Any]], picked: Sequence[str] |
         window = _window_of(saved, v, runs)
         a, b = _pairs(saved, v, CHAIN, runs, full_of, lengths)
         hops = (gaps[CHAIN] > window).sum(axis=1)
-        classes = {"0": hops == 0, "1": hops == 1, "2": hops == 2, "3": hops == 3, "<= 1": hops <= 1,
-                   ">= 2": hops >= 2}  # fmt: skip
-        chains = [{"hops_beyond": k, **_row(a, b, m)} for k, m in classes.items()]
+        classes = {"any": hops >= 0, "0": hops == 0, "1": hops == 1, "2": hops == 2, "3": hops == 3,
+                   "<= 1": hops <= 1, ">= 2": hops >= 2}  # fmt: skip
+        chains = {g: [{"hops_beyond": k, **_row(a, b, m & c, length)} for k, c in classes.items()]
+                  for g, m in groups.items()}  # fmt: skip
         facts = {}
         for task in FACTS:
             a_t, b_t = _pairs(saved, v, task, runs, full_of, lengths)
             place = np.searchsorted(edges, gaps[task][:, 0])  # bin k: edges[k - 1] < distance <= edges[k]
-            facts[task] = [{"distance": [edges[k - 1] if k else 0, edges[k]], **_row(a_t, b_t, place == k)}
-                           for k in range(len(edges))]  # fmt: skip
+            cells = [(n, k, (length == n) & (place == k)) for n in lengths for k in range(len(edges))]
+            facts[task] = [{"length": int(n), "distance": [edges[k - 1] if k else 0, edges[k]],
+                            **_row(a_t, b_t, m, length)} for n, k, m in cells if m.any()]  # fmt: skip
         out[v] = {"runs": [i + 1 for i in runs], "full_of_runs": [full_of[i] + 1 for i in runs], "window": window,
-                  "chains": chains, "contrast": _contrast(a, b, hops >= 2),
-                  "per_run": [_per_run(a[[k]], b[[k]], hops) | {"run": i + 1} for k, i in enumerate(runs)],
+                  "chains": chains, "contrast": _contrast(a, b, hops >= 2, length, far),
+                  "per_run": [_per_run(a[[k]], b[[k]], hops, length, far) | {"run": i + 1} for k, i in enumerate(runs)],
                   "facts": facts}  # fmt: skip
-    return {**made_from(saved), "runs": [run_listing(run) for run in saved], "lengths": lengths,
+    return {**made_from(saved), "runs": [run_listing(run) for run in saved], "lengths": lengths, "far_lengths": far,
             "prompts_per_task": s["prompts_per_task"], "resamples": RESAMPLES, "fact_bins": edges,
             "variants": out}  # fmt: skip
 
@@ -191,42 +213,58 @@ def _bin_label(lo: int, hi: int) -> str:
     return f"≤ {length_label(hi)}" if lo == 0 else f"{length_label(lo)}-{length_label(hi)}"
 
 
+def _group_label(group: str, far: Sequence[int]) -> str:
+    if group == "far":
+        return f"≥ {length_label(far[0])}" if len(far) > 1 else length_label(far[0])
+    return "all lengths" if group == "all" else length_label(int(group))
+
+
 def format_distance(summary: dict[str, Any]) -> str:
-    runs = summary["runs"]
+    runs, far = summary["runs"], summary["far_lengths"]
+    far_label = _group_label("far", far)
     lines = ["# Answers by where the needles lie", "",
              f"{f'{len(runs)} runs, on the same prompts' if len(runs) > 1 else 'One run'} "
              f"({summary['prompts_per_task']} prompts a task and length at "
              f"{', '.join(length_label(n) for n in summary['lengths'])}); the command and each run's own are in "
-             "distance.json.", ""]  # fmt: skip
+             "distance.json, with every length and class.", ""]  # fmt: skip
     lines += [f"- run {i}: commit {r['commit']}, {r['device']}, {r['date']}" for i, r in enumerate(runs, 1)]
     lines += ["", "## Variable chains by their hops beyond the local window", "",
               "A chain's three hops (value to second name, to third name, to the question), counted when longer than "
               "the variant's local window; each variant pooled over the runs that evaluated it, against full "
-              "attention of the same run, prompt by prompt (prompts x runs). Points, 95% bootstrap interval over the "
-              "prompts.", ""]  # fmt: skip
+              "attention of the same run, prompt by prompt (prompts x runs), at the long lengths and at each. Points, "
+              "95% bootstrap interval over the prompts within lengths.", ""]  # fmt: skip
     rows = []
+    groups = ["far", *(str(n) for n in far)] if len(far) > 1 else ["far"]
     for v, r in summary["variants"].items():
-        for c in r["chains"]:
-            rows.append([f"{v} ({r['window']:,})", c["hops_beyond"], f"{c['n']:,}", f"{c['full']:,}",
-                         f"{c['variant']:,}", str(c["only_full"]), str(c["only_variant"]), _pts(c)])  # fmt: skip
-    header = ["variant (window)", "hops beyond", "prompts x runs", "full", "variant", "only full", "only variant",
-              "variant − full"]  # fmt: skip
-    lines += markdown_table(header, rows, text_columns=2)
-    lines += ["", "Chains with two or more hops beyond the window minus those with at most one (points; each run's "
-              "own: at most one, two or more, the contrast):", ""]  # fmt: skip
+        for g in groups:
+            for c in (c for c in r["chains"][g] if c["hops_beyond"] in ("any", "0", "1", ">= 2")):
+                rows.append([f"{v} ({r['window']:,})", _group_label(g, far), c["hops_beyond"], f"{c['n']:,}",
+                             f"{c['full']:,}", f"{c['variant']:,}", str(c["only_full"]), str(c["only_variant"]),
+                             _pts(c)])  # fmt: skip
+    header = ["variant (window)", "length", "hops beyond", "prompts x runs", "full", "variant", "only full",
+              "only variant", "variant − full"]  # fmt: skip
+    lines += markdown_table(header, rows, text_columns=3)
+    lines += ["", f"Chains with two or more hops beyond the window minus those with at most one, within each length "
+              f"({far_label}) and averaged over them (points; each run's own at {far_label}: all chains, at most one "
+              "long hop, two or more, the contrast):", ""]  # fmt: skip
     for v, r in summary["variants"].items():
-        runs = "; ".join(f"run {x['run']} {_signed(x['<= 1'])}, {_signed(x['>= 2'])}, {_pts(x['contrast'] or {})}"
-                         for x in r["per_run"])  # fmt: skip
-        lines.append(f"- {v}: {_pts(r['contrast'] or {})}" + (f" ({runs})" if len(r["per_run"]) > 1 else ""))
+        each = "; ".join(f"run {x['run']} {_signed(x['any'])}, {_signed(x['<= 1'])}, {_signed(x['>= 2'])}, "
+                         f"{_pts(x['contrast'])}" for x in r["per_run"])  # fmt: skip
+        used = ", ".join(length_label(n) for n in r["contrast"]["lengths"]) or "none with enough prompts"
+        lines.append(f"- {v}: {_pts(r['contrast'])} (lengths {used})" + (f"; {each}" if len(r["per_run"]) > 1 else ""))
     edges = summary["fact_bins"]
     bins = [_bin_label(edges[k - 1] if k else 0, e) for k, e in enumerate(edges)]
-    lines += ["", "## Single facts by their distance from the question", "",
+    lines += ["", f"## Single facts by their distance from the question, at {far_label}", "",
               "Answered by the variant / by full attention, of the prompts x runs in each bin.", ""]  # fmt: skip
     rows = []
     for v, r in summary["variants"].items():
         for task, cells in r["facts"].items():
-            rows.append([v, task, *(f"{c['variant']} / {c['full']} of {c['n']}" for c in cells)])
-    lines += markdown_table(["variant", "task", *bins], rows, text_columns=2)
+            for n in far:
+                at = {tuple(c["distance"]): c for c in cells if c["length"] == n}
+                rows.append([v, task, length_label(n), *(
+                    f"{at[e]['variant']} / {at[e]['full']} of {at[e]['n']}" if e in at else ""
+                    for e in ((edges[k - 1] if k else 0, x) for k, x in enumerate(edges)))])  # fmt: skip
+    lines += markdown_table(["variant", "task", "length", *bins], rows, text_columns=3)
     return "\n".join(lines) + "\n"
 
 

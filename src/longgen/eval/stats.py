@@ -91,17 +91,30 @@ def bootstrap_interval(
     resamples: int = 10_000,
     seed: int = 0,
     level: float = 0.95,
+    strata: Sequence[object] | np.ndarray | None = None,
 ) -> tuple[float, float]:
     """Percentile bootstrap interval of a statistic of `n` prompts: `statistic` gets a ``(resamples, n)`` array of
     prompt indices, each row drawn with replacement (seeded), and returns the statistic of each row; the interval is
-    the central `level` share of those values."""
+    the central `level` share of those values. With `strata` (a label per prompt) each row is drawn within each
+    label's prompts: position i of a row holds one of the prompts labelled as prompt i is, so every row keeps each
+    stratum's size (a statistic computed within groups never meets an empty one)."""
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be a positive int, got {n!r}")
     if isinstance(resamples, bool) or not isinstance(resamples, int) or resamples < 100:
         raise ValueError(f"resamples must be an int >= 100, got {resamples!r}")
     if not 0 < level < 1:
         raise ValueError(f"level must lie in (0, 1), got {level!r}")
-    rows = np.random.default_rng(seed).integers(0, n, size=(resamples, n))
+    rng = np.random.default_rng(seed)
+    if strata is None:
+        rows = rng.integers(0, n, size=(resamples, n))
+    else:
+        labels = np.asarray(strata)
+        if labels.shape != (n,):
+            raise ValueError(f"strata must give one label per prompt, {n} in all; got shape {labels.shape}")
+        rows = np.empty((resamples, n), dtype=np.int64)
+        for label in np.unique(labels):
+            members = np.flatnonzero(labels == label)
+            rows[:, members] = members[rng.integers(0, len(members), size=(resamples, len(members)))]
     values = np.asarray(statistic(rows), dtype=np.float64)
     if values.shape != (resamples,):
         raise ValueError(f"statistic must return one value per resample, shape ({resamples},); got {values.shape}")
