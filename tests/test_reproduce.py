@@ -1687,6 +1687,23 @@ def test_distance_pools_runs_against_their_full_attention_and_refuses_what_does_
     assert distance("main", variant="full") == 2
     assert "--variant full: full attention is what every variant is measured against" in capsys.readouterr().err
 
+    # a difference of lengths alone: the hybrid wrong on every chain at 32K and as full attention elsewhere. Pooled
+    # over lengths the chains with two or more long hops (mostly at 32K) look worse; within each length they are not
+    outcomes = json.loads(json.dumps(saved))["outcomes"]
+    for n in (2048, 4096, 8192, 16384, 32768):
+        key = f"variable_tracking@{n}"
+        outcomes["full"][key] = "1" * 80 if n == 32768 else outcomes["full"][key]
+        outcomes["hybrid_sinkwindow"][key] = "0" * 80 if n == 32768 else outcomes["full"][key]
+    paths["length"] = tmp_path / "length.json"
+    paths["length"].write_text(json.dumps({**saved, "outcomes": outcomes}))
+    assert distance("length", variant="hybrid_sinkwindow") == 0
+    sw = json.loads((tmp_path / "out" / "distance.json").read_text())["variants"]["hybrid_sinkwindow"]
+    pooled = {r["hops_beyond"]: r["diff"] for r in sw["chains"]["all"]}
+    assert pooled[">= 2"] < pooled["<= 1"] - 0.2
+    assert [sw["contrast"][k] for k in ("diff", "ci_low", "ci_high")] == [0.0, 0.0, 0.0]
+    at_32k = {r["hops_beyond"]: r["diff"] for r in sw["chains"]["32768"]}
+    assert at_32k["<= 1"] == at_32k[">= 2"] == -1.0
+
 
 def test_the_distance_run_md_quotes_its_analyses(reproduce):
     """The chains table of the distance RUN.md is what the committed analyses hold at 8K-32K."""
