@@ -1606,6 +1606,11 @@ def test_within_a_length_the_hybrids_lose_chains_whatever_their_hops(reproduce):
         assert [round(100 * r["any"], 1) for r in result["per_run"]] == each
         counted = {k: [rows[k][x] for x in ("n", "only_full", "only_variant")] for k in ("0", "1", ">= 2")}
         assert counted == _chains_by_hops(files, v)
+    chains_of = {v: summary["variants"][v]["chains"] for v in quoted}
+    by_length = {v: [round(100 * next(r for r in c[str(n)] if r["hops_beyond"] == "any")["diff"], 1)
+                     for n in (2048, 4096, 8192, 16384, 32768)] for v, c in chains_of.items()}  # fmt: skip
+    assert by_length == {"hybrid_sinkwindow": [4.1, 1.9, -5.3, -6.6, -13.1],
+                         "hybrid_blocksparse": [2.5, 0.0, -4.2, -5.0, -12.9]}  # fmt: skip
     sw = {r["hops_beyond"]: r for r in summary["variants"]["hybrid_sinkwindow"]["chains"]["far"]}
     assert [_points(sw[k]) for k in ("0", "1", ">= 2")] == [[-12.1, -21.4, -3.6], [-6.8, -12.5, -1.7],
                                                             [-7.9, -11.5, -4.8]]  # fmt: skip
