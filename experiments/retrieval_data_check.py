@@ -95,7 +95,7 @@ _ASKED = re.compile(r"What is the value of VAR ([A-Z]{5})\?|Question: what is ([
 def document_chains(doc: str, starts: list[int]) -> list[list[int]]:
     """Each variable chain of a synthetic document as the token indices of its statements, value first, then its
     question's (`starts`: each token's first character); chains whose names repeat are left out."""
-    at = {}  # name -> (its statement's character, the name it is set to, or None for the value)
+    at = {}  # name -> its statements: (character, the name it is set to, or None for the value)
     for m in _VALUE.finditer(doc):
         at.setdefault(m.group(1), []).append((m.start(), None))
     for m in _HOP.finditer(doc):
@@ -134,18 +134,17 @@ def chain_hops(texts: list[str], tokenizer: Any, chars_per_token: float, window:
     return out
 
 
-def evaluation_chains(window: int, lengths=(2048, 4096, 8192, 16384, 32768), per_task: int = 80,
-                      answer_room: int = 32) -> dict[str, Any]:  # fmt: skip
-    """The evaluation's variable chains (three names) with two or more hops longer than `window`, per length."""
-    from reproduction.tasks import needle_depths
+def evaluation_chains(window: int) -> dict[str, Any]:
+    """The evaluation's variable chains (three names, the GPU preset's prompts) with two or more hops longer than
+    `window`, per length."""
+    from reproduction.settings import DEFAULT as s
+    from reproduction.tasks import needle_gaps
 
     out = {}
-    for n in lengths:
-        long = 0
-        for i in range(per_task):
-            at = [*needle_depths("variable_tracking", 0, n, i, per_task), 1.0]
-            long += sum((b - a) * (n - answer_room) > window for a, b in itertools.pairwise(at)) >= 2
-        out[str(n)] = {"chains": per_task, "two_or_more": long}
+    for n in s.eval_lengths:
+        gaps = [needle_gaps("variable_tracking", s.seed, n, i, s.prompts_per_task, s.answer_room)
+                for i in range(s.prompts_per_task)]  # fmt: skip
+        out[str(n)] = {"chains": s.prompts_per_task, "two_or_more": sum(sum(g > window for g in x) >= 2 for x in gaps)}
     return out
 
 

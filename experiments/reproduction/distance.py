@@ -29,7 +29,6 @@ question (a few dozen tokens), so a distance is right to within that many tokens
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -41,7 +40,7 @@ from longgen.eval.stats import bootstrap_interval
 from .report import far_lengths, length_label, markdown_table, ran_with
 from .runs import RESAMPLES, check_same_prompts, full_attention_of, made_from, run_listing, write_outputs
 from .settings import TASKS, VARIANTS, local_window
-from .tasks import needle_depths
+from .tasks import needle_gaps
 
 FILES = ("distance.json", "distance.md")
 CHAIN = "variable_tracking"
@@ -60,13 +59,9 @@ def fact_bins(window: int, longest: int) -> list[int]:
 def _distances(task: str, s: dict[str, Any]) -> np.ndarray:
     """Per prompt of `task` (lengths, then indices, as `_hits` orders them): its needles' gaps in tokens, in the order
     the answer reads them, the last one to the question; shape (prompts, needles)."""
-    rows = []
-    for n in s["eval_lengths"]:
-        size = n - s["answer_room"]
-        for i in range(s["prompts_per_task"]):
-            at = [*needle_depths(task, s["seed"], n, i, s["prompts_per_task"]), 1.0]
-            rows.append([(b - a) * size for a, b in itertools.pairwise(at)])
-    return np.array(rows)
+    per_task = s["prompts_per_task"]
+    return np.array([needle_gaps(task, s["seed"], n, i, per_task, s["answer_room"]) for n in s["eval_lengths"]
+                     for i in range(per_task)])  # fmt: skip
 
 
 def _hits(run: dict[str, Any], variant: str, task: str, lengths: Sequence[int]) -> np.ndarray:

@@ -17,6 +17,7 @@ needle depth of prompt i of n is i / (n - 1): depths evenly cover the context fr
 
 from __future__ import annotations
 
+import itertools
 import random
 import re
 import time
@@ -109,6 +110,14 @@ def needle_depths(task: str, seed: int, length: int, index: int, per_task: int) 
     if task == "variable_tracking":  # the chain's later needles are drawn after its value and names
         return _spec(task, _rng(seed, task, length, index), depth, [])[1]
     return [depth]
+
+
+def needle_gaps(task: str, seed: int, length: int, index: int, per_task: int, answer_room: int) -> list[float]:
+    """The tokens between the needles `needle_depths` gives, in that order, the last gap to the question: a needle at
+    depth d of a length-n prompt lies about (1 - d)(n - answer_room) tokens before the question (the haystack is the
+    prompt less its template, needles and question, so to within those few dozen tokens)."""
+    at = [*needle_depths(task, seed, length, index, per_task), 1.0]
+    return [(b - a) * (length - answer_room) for a, b in itertools.pairwise(at)]
 
 
 def build_items(tokenizer: Any, pool: list[int], words: list[str], lengths, per_task: int, answer_room: int,
